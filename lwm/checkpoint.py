@@ -1,0 +1,605 @@
+"""Checkpoints: the original LWM streaming format, orbax for sharded runs, and the training `Checkpointer`.
+
+Streaming format (what `tux.StreamingCheckpointer` writes, and so what the official LWM checkpoints are):
+a file of concatenated msgpack 2-arrays `[key_path, flax.serialization.to_bytes(tensor)]`, no header, where
+`key_path` is the list of string keys of `flax.traverse_util.flatten_dict(to_state_dict(tree))`. Floating
+tensors are stored in `float_dtype` (the original's default: bf16); integers are stored as they are. Empty
+containers (optax's `EmptyState`) are not written; they are refilled from the target on load.
+
+    params::PATH             PATH holds the inner linen tree (keys `transformer/wte/embedding`, ...);
+                             loaded back as {'params': tree}.
+    trainstate::PATH         PATH holds a whole flax TrainState state dict (`step`, `params/params/...`,
+                             `opt_state/0/mu/params/...`).
+    trainstate_params::PATH  the `params/params/...` entries of a train-state file, as {'params': tree}.
+    flax_params::PATH        one `flax.serialization.msgpack_serialize` blob of the inner tree.
+    orbax::DIR               a directory written by `save_orbax` (parallel, sharded writes).
+
+Every tensor is read, checked against the target (key path, shape), cast and placed onto its sharding before
+the next one is read, so a 7B checkpoint never sits whole in host memory twice nor whole on one device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import flax.serialization
+import fsspec
+import jax
+import jax.numpy as jnp
+import msgpack
+import numpy as np
+from flax.traverse_util import empty_node, flatten_dict, unflatten_dict
+
+from lwm import safe_pickle
+
+_FLOAT_DTYPES = {
+    "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp16": jnp.float16, "float16": jnp.float16,
+    "fp32": jnp.float32, "float32": jnp.float32, "fp64": jnp.float64, "float64": jnp.float64,
+}
+_READ_SIZE = 16 * 2**20          # bytes read from the file at a time
+_MAX_RECORD_BYTES = 2**40        # one tensor may be this large (msgpack's default cap is 100 MiB)
+Key = tuple[str, ...]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory does not match what was asked of it."""
+
+
+def parse_float_dtype(name: Any) -> np.dtype | None:
+    """'bf16' | 'fp16' | 'fp32' | 'fp64' (or the long names, or a dtype) -> np.dtype; None or '' -> None."""
+    if name is None or name == "":
+        return None
+    if isinstance(name, str):
+        if name not in _FLOAT_DTYPES:
+            raise CheckpointError(f"float_dtype {name!r} is not one of {sorted(_FLOAT_DTYPES)}")
+        return np.dtype(_FLOAT_DTYPES[name])
+    dtype = np.dtype(name)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise CheckpointError(f"float_dtype {dtype} is not a floating dtype")
+    return dtype
+
+
+def _path_str(key: Key) -> str:
+    return "/".join(key)
+
+
+def _is_float(dtype) -> bool:
+    return jnp.issubdtype(np.dtype(dtype), jnp.floating)
+
+
+def _cast_float(x: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    """Cast floating tensors to `dtype` (as the original's `get_dtype` does); anything else is untouched."""
+    if dtype is None or not _is_float(x.dtype) or x.dtype == dtype:
+        return x
+    return x.astype(dtype)
+
+
+def _open(path: str, mode: str):
+    return fsspec.open(path, mode)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming format.
+
+
+def _to_host(x: Any, needed: bool) -> Any:
+    """Bring one leaf to host memory as numpy. Arrays spread over several processes are gathered first
+    (a collective: every process must call this in the same order); `needed=False` skips the copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    if not needed:
+        return None
+    if isinstance(x, (int, float, bool)) and not isinstance(x, np.generic):
+        return x                  # python scalars (TrainState.create's step=0) are stored as msgpack numbers
+    return np.asarray(jax.device_get(x))
+
+
+def _bin_header(n: int, key: Key) -> bytes:
+    """msgpack's header for a byte string of length n (the smallest of bin8/bin16/bin32, as msgpack packs)."""
+    if n < 2**8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 2**16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    if n < 2**32:
+        return b"\xc6" + n.to_bytes(4, "big")
+    raise CheckpointError(f"{_path_str(key)}: {n} bytes is over msgpack's 4 GiB limit for one tensor")
+
+
+def save_streaming(path: str, tree: Any, float_dtype: Any = None, *, write: bool | None = None) -> None:
+    """Write `tree` (a dict, FrozenDict or flax struct such as TrainState) in the streaming format.
+
+    Tensors are gathered, cast and written one at a time. Local files are written to `path.tmp` and renamed
+    over `path` at the end, so a crash never leaves a half-written file under `path`. In a multi-process
+    run every process must call this (gathering sharded arrays is collective); only `write=True` (default:
+    process 0) writes.
+    """
+    dtype = parse_float_dtype(float_dtype)
+    write = jax.process_index() == 0 if write is None else write
+    flat = flatten_dict(flax.serialization.to_state_dict(tree))
+    if not write:
+        for value in flat.values():
+            _to_host(value, needed=False)
+        return
+    local = _is_local(path)
+    tmp = f"{path}.tmp" if local else path
+    packer = msgpack.Packer()
+    try:
+        with _open(tmp, "wb") as f:
+            for key, value in flat.items():
+                value = _to_host(value, needed=True)
+                if isinstance(value, np.ndarray):
+                    value = _cast_float(value, dtype)
+                blob = flax.serialization.to_bytes(value)
+                # Same bytes as packer.pack((key, blob)), without a second copy of the tensor.
+                f.write(packer.pack_array_header(2))
+                f.write(packer.pack(list(key)))
+                f.write(_bin_header(len(blob), key))
+                f.write(blob)
+                del value, blob
+            if local:
+                f.flush()
+                os.fsync(f.fileno())
+        if local:
+            os.replace(tmp, path)
+    except BaseException:
+        if local and os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def iter_streaming(path: str) -> Iterator[tuple[Key, Any]]:
+    """Yield (key_path, value) from a streaming checkpoint, one tensor at a time, as numpy/python values."""
+    with _open(path, "rb") as f:
+        unpacker = msgpack.Unpacker(f, read_size=_READ_SIZE, max_buffer_size=_MAX_RECORD_BYTES)
+        for i, record in enumerate(unpacker):
+            if not (isinstance(record, list) and len(record) == 2 and isinstance(record[0], list)
+                    and isinstance(record[1], bytes)):
+                raise CheckpointError(
+                    f"{path}: record {i} is not a [key_path, bytes] pair; not a streaming checkpoint")
+            key = tuple(str(k) for k in record[0])
+            yield key, flax.serialization.from_bytes(None, record[1])
+        consumed, size = unpacker.tell(), f.tell()
+        if consumed != size:
+            raise CheckpointError(f"{path}: truncated, the last record stops at byte {consumed} of {size}")
+
+
+def _leaf_shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return tuple(leaf.shape), np.dtype(leaf.dtype)
+    arr = np.asarray(leaf)
+    return arr.shape, arr.dtype
+
+
+def _flat_shardings(shardings: Any) -> dict[Key, Any]:
+    if shardings is None:
+        return {}
+    flat = flatten_dict(flax.serialization.to_state_dict(shardings))
+    for key, s in flat.items():
+        if s is not None and not isinstance(s, jax.sharding.Sharding):
+            raise CheckpointError(f"shardings/{_path_str(key)}: expected a jax.sharding.Sharding or None, got "
+                                  f"{type(s).__name__} (build NamedSharding(mesh, spec) from a PartitionSpec)")
+    return flat
+
+
+def _place(value: np.ndarray, sharding: Any) -> Any:
+    """Put a host tensor onto `sharding`; each device receives only its own slice."""
+    if sharding is None:
+        return value
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+class _Assembler:
+    """Checks, casts and places tensors one at a time, then builds the tree (shared by both formats)."""
+
+    def __init__(self, source: str, target: Any, shardings: Any, float_dtype: Any):
+        self.source, self.target = source, target
+        self.dtype = parse_float_dtype(float_dtype)
+        self.shardings = _flat_shardings(shardings)
+        self.expected = (None if target is None else
+                         flatten_dict(flax.serialization.to_state_dict(target), keep_empty_nodes=True))
+        self.out: dict[Key, Any] = {}
+
+    def add(self, key: Key, value: Any) -> None:
+        where = f"{self.source}: {_path_str(key)}"
+        value = np.asarray(value)
+        dtype = self.dtype
+        if self.expected is not None:
+            if key not in self.expected or self.expected[key] is empty_node:
+                raise CheckpointError(f"{where}: unexpected key (shape {value.shape}) not in the target")
+            shape, target_dtype = _leaf_shape_dtype(self.expected[key])
+            if value.shape != shape:
+                raise CheckpointError(f"{where}: checkpoint shape {value.shape} != target shape {shape}")
+            if _is_float(value.dtype) != _is_float(target_dtype):
+                raise CheckpointError(f"{where}: checkpoint dtype {value.dtype} != target dtype {target_dtype}")
+            if dtype is None:
+                dtype = target_dtype
+            if not _is_float(value.dtype):
+                value = value.astype(target_dtype)
+        if key in self.out:
+            raise CheckpointError(f"{where}: key appears twice")
+        self.out[key] = _place(_cast_float(value, dtype), self.shardings.get(key))
+
+    def finish(self) -> Any:
+        if self.expected is not None:
+            for key, leaf in self.expected.items():
+                if leaf is empty_node:
+                    self.out[key] = {}
+                elif key not in self.out:
+                    raise CheckpointError(f"{self.source}: {_path_str(key)}: missing from the checkpoint "
+                                          f"(target shape {_leaf_shape_dtype(leaf)[0]})")
+        tree = unflatten_dict(self.out)
+        if self.target is None:
+            return tree
+        return flax.serialization.from_state_dict(self.target, tree)
+
+
+def load_streaming(path: str, target: Any = None, shardings: Any = None, float_dtype: Any = None, *,
+                   prefix: Key = ()) -> Any:
+    """Read a streaming checkpoint.
+
+    target: a tree of arrays or `jax.ShapeDtypeStruct` (e.g. from `jax.eval_shape`), used for checking
+      (every key present, nothing extra, same shapes) and as the structure of the result (dicts, TrainState).
+      Floats are cast to the target's dtype unless `float_dtype` says otherwise.
+    shardings: a tree like `target` of `jax.sharding.Sharding` (or None leaves); each tensor is placed on
+      its sharding as soon as it is read.
+    prefix: only entries under this key path are read, with the prefix removed.
+    Without a target the result is a nested dict of numpy arrays.
+    """
+    out = _Assembler(path, target, shardings, float_dtype)
+    for key, value in iter_streaming(path):
+        if key[:len(prefix)] != tuple(prefix):
+            continue
+        out.add(key[len(prefix):], value)
+    if not out.out and prefix:
+        raise CheckpointError(f"{path}: no entries under {_path_str(prefix)}/")
+    return out.finish()
+
+
+def load_flax_msgpack(path: str, target: Any = None, shardings: Any = None, float_dtype: Any = None) -> Any:
+    """Read a whole-tree `flax.serialization.msgpack_serialize` file (the original's `flax_params::`)."""
+    with _open(path, "rb") as f:
+        state = flax.serialization.msgpack_restore(f.read())
+    out = _Assembler(path, target, shardings, float_dtype)
+    for key, value in flatten_dict(state).items():
+        out.add(key, value)
+    return out.finish()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Orbax: every process writes its own shards in parallel.
+
+
+def save_orbax(directory: str, tree: Any) -> None:
+    """Save `tree` with orbax (each process writes its shards; dtypes kept). Call on every process.
+    Orbax writes into a temporary directory and renames it when complete."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(directory) if _is_local(directory) else directory,
+                   flax.serialization.to_state_dict(tree))
+        ckptr.wait_until_finished()
+
+
+def _orbax_saved_keys(path: str) -> dict[Key, Any]:
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return flatten_dict(ckptr.metadata(path).item_metadata.tree)
+
+
+def load_orbax(directory: str, target: Any, shardings: Any = None, float_dtype: Any = None, *,
+               prefix: Key = ()) -> Any:
+    """Restore an orbax checkpoint (or its part under `prefix`) onto `shardings` (default: each tensor on
+    the first local device). The target gives structure, shapes and dtypes, so a restore may use another
+    mesh than the save did; every process reads only the shards it holds."""
+    import orbax.checkpoint as ocp
+
+    if target is None:
+        raise CheckpointError(f"orbax::{directory}: a target (tree of shapes/dtypes) is needed to restore")
+    path = os.path.abspath(directory) if _is_local(directory) else directory
+    dtype = parse_float_dtype(float_dtype)
+    flat_shardings = _flat_shardings(shardings)
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    expected = flatten_dict(flax.serialization.to_state_dict(target), keep_empty_nodes=True)
+    saved = {key[len(prefix):]: meta for key, meta in _orbax_saved_keys(path).items()
+             if key[:len(prefix)] == tuple(prefix)}
+    abstract = {}
+    for key, leaf in expected.items():
+        if leaf is empty_node:
+            continue
+        shape, leaf_dtype = _leaf_shape_dtype(leaf)
+        where = f"orbax::{directory}: {_path_str(tuple(prefix) + key)}"
+        if key not in saved:
+            raise CheckpointError(f"{where}: missing from the checkpoint (target shape {shape})")
+        if tuple(saved[key].shape) != shape:
+            raise CheckpointError(f"{where}: checkpoint shape {tuple(saved[key].shape)} != target shape {shape}")
+        if dtype is not None and _is_float(leaf_dtype):
+            leaf_dtype = dtype
+        abstract[tuple(prefix) + key] = jax.ShapeDtypeStruct(shape, leaf_dtype,
+                                                            sharding=flat_shardings.get(key) or default)
+    for key in saved:
+        if key not in expected:
+            raise CheckpointError(f"orbax::{directory}: {_path_str(tuple(prefix) + key)}: unexpected key "
+                                  f"(shape {tuple(saved[key].shape)}) not in the target")
+    item = unflatten_dict(abstract)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    out = {key[len(prefix):]: value for key, value in flatten_dict(restored).items()}
+    for key, leaf in expected.items():
+        if leaf is empty_node:
+            out[key] = {}
+    return flax.serialization.from_state_dict(target, unflatten_dict(out))
+
+
+def _orbax_params_prefix(path: str) -> Key:
+    """Where the params sit in an orbax tree: a wrapped train state, an unwrapped one, or bare params."""
+    keys = _orbax_saved_keys(os.path.abspath(path) if _is_local(path) else path)
+    heads = {key[:2] for key in keys}
+    if ("params", "params") in heads:
+        return ("params", "params")
+    return ("params",) if ("step",) in keys else ()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `--load_checkpoint` specs.
+
+
+def _inner_params(params: Any) -> Any:
+    """The original keeps `train_state.params == {'params': tree}`; return `tree` either way."""
+    if isinstance(params, Mapping) and set(params.keys()) == {"params"}:
+        return params["params"]
+    return params
+
+
+def load_checkpoint(spec: str, *, train_state_target: Any = None, train_state_shardings: Any = None,
+                    params_target: Any = None, params_shardings: Any = None, float_dtype: Any = None,
+                    disallow_trainstate: bool = False) -> tuple[Any, Any]:
+    """Load what an original `--load_checkpoint TYPE::PATH` flag names. Returns (train_state, params):
+    one of them is None; params come back as {'params': tree}, as the original's loader returns them.
+
+    params_target / params_shardings default to `train_state_target.params` (with its {'params': ...}
+    wrapper removed) and the same part of `train_state_shardings`.
+
+    >>> _, params = load_checkpoint("params::/ckpt/streaming_params", params_target=shapes)  # doctest: +SKIP
+    """
+    if "::" not in spec:
+        raise CheckpointError(f"--load_checkpoint {spec!r}: expected TYPE::PATH with TYPE one of params, "
+                              "trainstate, trainstate_params, flax_params, orbax")
+    kind, path = spec.split("::", 1)
+    if params_target is None and train_state_target is not None:
+        params_target = _inner_params(train_state_target.params)
+    if params_shardings is None and train_state_shardings is not None:
+        params_shardings = _inner_params(train_state_shardings.params)
+    if kind == "trainstate" and disallow_trainstate:
+        raise CheckpointError(f"--load_checkpoint {spec!r}: a whole train state is not accepted here; use "
+                              "params:: or trainstate_params::")
+    if kind == "trainstate":
+        return load_streaming(path, train_state_target, train_state_shardings, float_dtype), None
+    if kind == "orbax":
+        if train_state_target is not None and not disallow_trainstate:
+            return load_orbax(path, train_state_target, train_state_shardings, float_dtype), None
+        params = load_orbax(path, params_target, params_shardings, float_dtype,
+                            prefix=_orbax_params_prefix(path))
+        return None, {"params": params}
+    if kind == "params":
+        params = load_streaming(path, params_target, params_shardings, float_dtype)
+    elif kind == "trainstate_params":
+        try:
+            params = load_streaming(path, params_target, params_shardings, float_dtype, prefix=("params", "params"))
+        except CheckpointError as e:
+            if "no entries under" not in str(e):
+                raise
+            # A train state whose params are not wrapped in {'params': ...}.
+            params = load_streaming(path, params_target, params_shardings, float_dtype, prefix=("params",))
+    elif kind == "flax_params":
+        params = load_flax_msgpack(path, params_target, params_shardings, float_dtype)
+    else:
+        raise CheckpointError(f"--load_checkpoint {spec!r}: unknown type {kind!r}; expected params, "
+                              "trainstate, trainstate_params, flax_params or orbax")
+    return None, {"params": params}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training loop's checkpointer: one directory per checkpoint, written aside and renamed into place.
+
+_MARKER = "checkpoint.json"
+_DIR_RE = re.compile(r"^(?P<old>\.old-)?(?P<kind>step|milestone)_(?P<step>\d+)$")
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(x).tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def _write_json(path: str, obj: Any, what: str) -> Any:
+    """Write `obj` as JSON (numpy/jax arrays become lists); returns the plain-data version written."""
+    try:
+        text = json.dumps(obj, default=_json_default, indent=1, sort_keys=True)
+    except TypeError as e:
+        raise CheckpointError(f"{what}: {e}; keep it to dicts, lists, numbers, strings and arrays") from e
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return json.loads(text)
+
+
+def _write_pickle(path: str, obj: Any) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _complete(path: str) -> dict | None:
+    try:
+        with open(os.path.join(path, _MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _checkpoint_dirs(save_dir: str) -> list[tuple[int, bool, bool, str]]:
+    """(step, is_current_name, is_milestone, path) for every complete checkpoint directory."""
+    if not os.path.isdir(save_dir):
+        return []
+    found = []
+    for name in os.listdir(save_dir):
+        m = _DIR_RE.match(name)
+        path = os.path.join(save_dir, name)
+        if m and _complete(path) is not None:
+            found.append((int(m["step"]), not m["old"], m["kind"] == "milestone", path))
+    return sorted(found)
+
+
+def latest(save_dir: str) -> str | None:
+    """The newest complete checkpoint directory under `save_dir` (partial saves are skipped), or None."""
+    found = _checkpoint_dirs(save_dir)        # at equal steps prefer a current name, then step_ over milestone_
+    return max(found, key=lambda d: (d[0], d[1], not d[2]))[3] if found else None
+
+
+def checkpoint_spec(checkpoint_dir: str) -> str:
+    """The `--load_checkpoint` spec for a directory written by `Checkpointer`, e.g. for autoresume."""
+    info = _complete(checkpoint_dir)
+    if info is None:
+        raise CheckpointError(f"{checkpoint_dir}: no {_MARKER}; not a complete checkpoint")
+    kind = {"train_state": "trainstate", "params": "params"}[info["kind"]]
+    if info["format"] == "orbax":
+        kind = "orbax"
+    return f"{kind}::{os.path.join(checkpoint_dir, info['file'])}"
+
+
+def read_metadata(checkpoint_dir: str) -> dict:
+    with open(os.path.join(checkpoint_dir, "metadata.json")) as f:
+        return json.load(f)
+
+
+def read_dataset_state(path: str) -> Any:
+    """Dataset state from a checkpoint directory (its dataset.json), a .json file, or a pickle written by
+    the original (read with the restricted unpickler: plain data only)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "dataset.json")
+    if path.endswith(".json"):
+        with _open(path, "r") as f:
+            return json.load(f)
+    return safe_pickle.load_path(path)
+
+
+class Checkpointer:
+    """Saves `save_dir/step_<N>/` (the last `keep` are kept) and `save_dir/milestone_<N>/` (kept forever).
+
+    Each directory holds `streaming_params` (or `streaming_train_state` with `save_optimizer_state`, or
+    `orbax/` with `format='orbax'`), `metadata.json` + `metadata.pkl`, `dataset.json` + `dataset.pkl`, and
+    `checkpoint.json`, written last. Everything is written to `save_dir/.tmp-<name>/` and renamed into
+    place, so a kill mid-save leaves the previous checkpoint as `latest()`.
+    float_dtype applies to the streaming format (the original's default bf16 is lossy for a resumed
+    optimizer: use 'fp32' for exact resumption); orbax keeps every dtype.
+    """
+
+    def __init__(self, save_dir: str, *, float_dtype: Any = "bf16", save_optimizer_state: bool = False,
+                 format: str = "streaming", keep: int = 1):
+        if format not in ("streaming", "orbax"):
+            raise CheckpointError(f"checkpoint format {format!r}: expected 'streaming' or 'orbax'")
+        if keep < 1:
+            raise CheckpointError(f"keep={keep}: at least the newest checkpoint must be kept")
+        if not _is_local(save_dir):
+            raise CheckpointError(f"{save_dir}: Checkpointer needs a local (or mounted) directory for its "
+                                  "atomic renames; use save_streaming/save_orbax for object stores")
+        self.save_dir, self.format, self.keep = save_dir, format, keep
+        self.float_dtype = parse_float_dtype(float_dtype)
+        self.save_optimizer_state = save_optimizer_state
+        self.is_writer = jax.process_index() == 0
+
+    def save(self, step: int, train_state: Any, dataset_state: Any = None, metadata: dict | None = None,
+             milestone: bool = False) -> str:
+        """Write one checkpoint of `train_state` (a TrainState, or a params tree) and return its directory.
+        Call on every process."""
+        step = int(step)
+        name = f"{'milestone' if milestone else 'step'}_{step:08d}"
+        final, tmp = os.path.join(self.save_dir, name), os.path.join(self.save_dir, f".tmp-{name}")
+        if self.is_writer:
+            os.makedirs(self.save_dir, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)     # left by a killed save of the same step
+            os.makedirs(tmp)
+        _barrier(f"lwm_checkpoint_start_{name}")
+        try:
+            if self.save_optimizer_state:
+                state, kind, file = train_state, "train_state", "streaming_train_state"
+            else:
+                params = train_state.params if hasattr(train_state, "params") else train_state
+                state, kind, file = _inner_params(params), "params", "streaming_params"
+            if self.format == "orbax":
+                file = "orbax"
+                save_orbax(os.path.join(tmp, file), state)
+            else:
+                save_streaming(os.path.join(tmp, file), state, self.float_dtype, write=self.is_writer)
+            if self.is_writer:
+                self._write_side_files(tmp, step, metadata, dataset_state)
+                info = dict(format=self.format, kind=kind, file=file, step=step, milestone=milestone,
+                            float_dtype=None if self.float_dtype is None else self.float_dtype.name)
+                _write_json(os.path.join(tmp, _MARKER), info, f"{tmp}/{_MARKER}")
+                _fsync_dir(tmp)
+            _barrier(f"lwm_checkpoint_written_{name}")
+            if self.is_writer:
+                self._move_into_place(tmp, final)
+                self._prune()
+        except BaseException:
+            if self.is_writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _barrier(f"lwm_checkpoint_done_{name}")
+        return final
+
+    def _write_side_files(self, tmp: str, step: int, metadata: dict | None, dataset_state: Any) -> None:
+        meta = _write_json(os.path.join(tmp, "metadata.json"), {**(metadata or {}), "step": step},
+                           "checkpoint metadata")
+        data = _write_json(os.path.join(tmp, "dataset.json"), dataset_state, "dataset state")
+        # For the original's tools (`tux.load_pickle`); plain data only, so `safe_pickle` reads them back.
+        _write_pickle(os.path.join(tmp, "metadata.pkl"), meta)
+        _write_pickle(os.path.join(tmp, "dataset.pkl"), data)
+
+    def _move_into_place(self, tmp: str, final: str) -> None:
+        old = os.path.join(self.save_dir, f".old-{os.path.basename(final)}")
+        if os.path.exists(final):               # same step saved again: keep the old one until the new is in
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(self.save_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _prune(self) -> None:
+        regular = [path for step, current, milestone, path in _checkpoint_dirs(self.save_dir)
+                   if current and not milestone]
+        stale = [path for _, current, _, path in _checkpoint_dirs(self.save_dir) if not current]
+        for path in regular[:-self.keep] + stale:
+            shutil.rmtree(path, ignore_errors=True)

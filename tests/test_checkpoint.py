@@ -1,0 +1,280 @@
+"""Checkpoint formats: streaming msgpack (the original's), orbax, the atomic Checkpointer."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import msgpack
+import numpy as np
+import optax
+import pytest
+from flax.training.train_state import TrainState
+from flax.traverse_util import flatten_dict
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lwm import checkpoint as ckpt
+from lwm import safe_pickle
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(seed=0):
+    """A tiny LWM-shaped linen tree (scanned layers on axis 0), with values that are not bf16-exact."""
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    return {
+        "transformer": {
+            "wte": {"embedding": f(16, 8)},
+            "h": {"scan_decoder": {"attention": {"wq": {"kernel": f(2, 8, 8)}, "wo": {"kernel": f(2, 8, 8)}},
+                                   "attention_norm": {"kernel": f(2, 8)}}},
+            "ln_f": {"kernel": f(8)},
+        },
+        "lm_head": {"kernel": f(8, 16)},
+    }
+
+
+@pytest.fixture(scope="module")
+def train_state():
+    """A TrainState as the original keeps it (params wrapped in {'params': ...}), after one adamw step."""
+    state = TrainState.create(apply_fn=None, params={"params": _params()}, tx=optax.adamw(1e-2))
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    return state.apply_gradients(grads=grads)
+
+
+def _assert_trees_equal(a, b):
+    fa, fb = flatten_dict(flax.serialization.to_state_dict(a)), flatten_dict(flax.serialization.to_state_dict(b))
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        x, y = np.asarray(fa[key]), np.asarray(fb[key])
+        if not isinstance(fb[key], int):                # TrainState.create's python int step loads as int32
+            assert x.dtype == y.dtype, key
+        assert x.shape == y.shape, key
+        np.testing.assert_array_equal(x, y, err_msg=str(key))
+
+
+def _independent_write(path, tree, dtype=None):
+    """The format as the original writes it, with msgpack and flax.serialization directly."""
+    with open(path, "wb") as f:
+        for key, value in flatten_dict(flax.serialization.to_state_dict(tree)).items():
+            value = np.asarray(value)
+            if dtype is not None and value.dtype == np.float32:
+                value = value.astype(dtype)
+            f.write(msgpack.packb((list(key), flax.serialization.to_bytes(value))))
+
+
+def test_params_round_trip_fp32_and_bf16(tmp_path):
+    params = _params()
+    target = jax.eval_shape(lambda: params)
+    ckpt.save_streaming(str(tmp_path / "fp32"), params, float_dtype="fp32")
+    _, loaded = ckpt.load_checkpoint(f"params::{tmp_path / 'fp32'}", params_target=target)
+    _assert_trees_equal(loaded["params"], params)
+
+    ckpt.save_streaming(str(tmp_path / "bf16"), params)                 # no cast: stored as they are
+    ckpt.save_streaming(str(tmp_path / "bf16"), params, float_dtype="bf16")
+    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    _assert_trees_equal(ckpt.load_streaming(str(tmp_path / "bf16")), rounded)   # no target: stored dtype
+    as_f32 = ckpt.load_streaming(str(tmp_path / "bf16"), target)                # target dtype wins
+    _assert_trees_equal(as_f32, jax.tree.map(lambda x: x.astype(jnp.float32), rounded))
+    # Negative control: bf16 really lost bits, so the fp32 comparison above is not vacuous.
+    assert not np.array_equal(as_f32["lm_head"]["kernel"], params["lm_head"]["kernel"])
+    assert not os.path.exists(tmp_path / "bf16.tmp")
+
+
+def test_train_state_round_trip_and_trainstate_params(tmp_path, train_state):
+    path = str(tmp_path / "streaming_train_state")
+    ckpt.save_streaming(path, train_state)
+    keys = [k for k, _ in ckpt.iter_streaming(path)]
+    assert ("step",) in keys and ("params", "params", "lm_head", "kernel") in keys
+    assert ("opt_state", "0", "mu", "params", "transformer", "wte", "embedding") in keys
+    target = jax.eval_shape(lambda: train_state)
+    restored, params = ckpt.load_checkpoint(f"trainstate::{path}", train_state_target=target)
+    assert params is None and isinstance(restored, TrainState)
+    _assert_trees_equal(restored, train_state)          # step, params, adam mu/nu/count, empty states
+    assert int(restored.step) == 1
+
+    state, params = ckpt.load_checkpoint(f"trainstate_params::{path}", train_state_target=target)
+    assert state is None
+    _assert_trees_equal(params["params"], train_state.params["params"])
+    with pytest.raises(ckpt.CheckpointError, match="whole train state"):
+        ckpt.load_checkpoint(f"trainstate::{path}", disallow_trainstate=True)
+
+
+def test_reads_independently_written_file_and_writes_the_same_bytes(tmp_path):
+    params = _params(1)
+    _independent_write(tmp_path / "theirs", params, dtype=jnp.bfloat16)
+    _, loaded = ckpt.load_checkpoint(f"params::{tmp_path / 'theirs'}")
+    _assert_trees_equal(loaded["params"], jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    ckpt.save_streaming(str(tmp_path / "ours"), params, float_dtype="bf16")
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
+
+
+def test_errors_name_the_key(tmp_path):
+    params = _params()
+    path = str(tmp_path / "p")
+    ckpt.save_streaming(path, params)
+    target = jax.eval_shape(lambda: params)
+    ckpt.load_streaming(path, target)                   # control: the right target loads
+    bad = jax.eval_shape(lambda: params)
+    bad["lm_head"]["kernel"] = jax.ShapeDtypeStruct((8, 32), jnp.float32)
+    with pytest.raises(ckpt.CheckpointError, match=r"lm_head/kernel: checkpoint shape \(8, 16\) != target "
+                                                   r"shape \(8, 32\)"):
+        ckpt.load_streaming(path, bad)
+    bigger = jax.eval_shape(lambda: {**params, "extra": {"kernel": jnp.zeros(3)}})
+    with pytest.raises(ckpt.CheckpointError, match=r"extra/kernel: missing from the checkpoint"):
+        ckpt.load_streaming(path, bigger)
+    smaller = jax.eval_shape(lambda: {"transformer": params["transformer"]})
+    with pytest.raises(ckpt.CheckpointError, match=r"lm_head/kernel: unexpected key"):
+        ckpt.load_streaming(path, smaller)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-5])
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.load_streaming(path)
+    with pytest.raises(ckpt.CheckpointError, match="unknown type 'param'"):
+        ckpt.load_checkpoint(f"param::{path}")
+    with pytest.raises(ckpt.CheckpointError, match="float_dtype 'bf17'"):
+        ckpt.save_streaming(path, params, float_dtype="bf17")
+
+
+def test_load_places_each_tensor_on_its_sharding(tmp_path):
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("fsdp", "tp"))
+    params = _params()
+    ckpt.save_streaming(str(tmp_path / "p"), params)
+    specs = {"transformer": {"wte": {"embedding": P("tp", "fsdp")},
+                             "h": {"scan_decoder": {"attention": {"wq": {"kernel": P(None, "fsdp", "tp")},
+                                                                  "wo": {"kernel": P(None, "tp", "fsdp")}},
+                                                    "attention_norm": {"kernel": P()}}},
+                             "ln_f": {"kernel": P()}},
+             "lm_head": {"kernel": P("fsdp", "tp")}}
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    loaded = ckpt.load_streaming(str(tmp_path / "p"), jax.eval_shape(lambda: params), shardings)
+    wq = loaded["transformer"]["h"]["scan_decoder"]["attention"]["wq"]["kernel"]
+    assert wq.sharding == shardings["transformer"]["h"]["scan_decoder"]["attention"]["wq"]["kernel"]
+    assert wq.addressable_shards[0].data.shape == (2, 4, 4)
+    _assert_trees_equal(jax.device_get(loaded), params)
+    with pytest.raises(ckpt.CheckpointError, match="PartitionSpec"):
+        ckpt.load_streaming(str(tmp_path / "p"), jax.eval_shape(lambda: params), specs)
+
+
+def test_checkpointer_metadata_retention_and_failed_save(tmp_path, train_state, monkeypatch):
+    save_dir = str(tmp_path / "run")
+    c = ckpt.Checkpointer(save_dir, float_dtype="fp32", save_optimizer_state=True, keep=2)
+    dataset_state = {"index": np.int64(7), "files": ["a.jsonl"]}
+    for step in (1, 2, 3):
+        c.save(step, train_state, dataset_state, metadata={"rng": jax.random.key(step)})
+    c.save(3, train_state, dataset_state, milestone=True)
+    c.save(3, train_state, dataset_state)               # same step again replaces it
+    assert sorted(os.listdir(save_dir)) == ["milestone_00000003", "step_00000002", "step_00000003"]
+    newest = ckpt.latest(save_dir)
+    assert newest.endswith("step_00000003")
+    meta = ckpt.read_metadata(os.path.join(save_dir, "step_00000002"))
+    assert meta["step"] == 2 and meta["rng"] == jax.random.key_data(jax.random.key(2)).tolist()
+    assert ckpt.read_dataset_state(newest) == {"index": 7, "files": ["a.jsonl"]}
+    assert ckpt.read_dataset_state(os.path.join(newest, "dataset.pkl")) == {"index": 7, "files": ["a.jsonl"]}
+    assert safe_pickle.load_path(os.path.join(newest, "metadata.pkl"))["step"] == 3
+    spec = ckpt.checkpoint_spec(newest)
+    assert spec == f"trainstate::{newest}/streaming_train_state"
+    restored, _ = ckpt.load_checkpoint(spec, train_state_target=jax.eval_shape(lambda: train_state))
+    _assert_trees_equal(restored, train_state)
+
+    # A save that fails midway (after some tensors are written) leaves the last checkpoint in place.
+    calls = []
+
+    def failing_to_bytes(x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(x))
+
+    monkeypatch.setattr(ckpt.flax.serialization, "to_bytes", failing_to_bytes)
+    with pytest.raises(RuntimeError, match="disk full"):
+        c.save(4, train_state, dataset_state)
+    monkeypatch.undo()
+    assert ckpt.latest(save_dir) == newest
+    assert not any(name.startswith(".tmp") for name in os.listdir(save_dir))
+
+    params_only = ckpt.Checkpointer(str(tmp_path / "p"))              # the original's defaults: bf16 params
+    d = params_only.save(5, train_state)
+    _, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(d))
+    assert params["params"]["lm_head"]["kernel"].dtype == jnp.bfloat16
+
+
+_KILLED_SAVER = textwrap.dedent("""
+    import sys, time
+    import jax.numpy as jnp
+    from lwm import checkpoint as ckpt
+    save_dir, flag = sys.argv[1], sys.argv[2]
+    params = {"a": {"kernel": jnp.ones((64, 64))}, "b": {"kernel": jnp.full((64,), 2.0)}}
+    c = ckpt.Checkpointer(save_dir, float_dtype="fp32")
+    c.save(1, params, {"i": 1})
+    real = ckpt.flax.serialization.to_bytes
+    def slow(x):
+        if x.shape == (64,):          # the second tensor: signal the parent, then hang mid-file
+            open(flag, "w").close()
+            time.sleep(600)
+        return real(x)
+    ckpt.flax.serialization.to_bytes = slow
+    c.save(2, {"a": {"kernel": jnp.zeros((64, 64))}, "b": {"kernel": jnp.zeros((64,))}}, {"i": 2})
+""")
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
+    save_dir, flag = str(tmp_path / "run"), str(tmp_path / "writing")
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVER, save_dir, flag], env=env)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(flag):
+            assert proc.poll() is None, "saver exited before reaching the second save"
+            assert time.time() < deadline, "saver never reached the second save"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert ".tmp-step_00000002" in os.listdir(save_dir)          # the partial save is there ...
+    newest = ckpt.latest(save_dir)                               # ... and skipped
+    assert newest.endswith("step_00000001")
+    _, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(newest))
+    np.testing.assert_array_equal(params["params"]["a"]["kernel"], np.ones((64, 64), np.float32))
+    assert ckpt.read_dataset_state(newest) == {"i": 1}
+    # The next run saves over the debris.
+    ckpt.Checkpointer(save_dir).save(2, {"a": {"kernel": jnp.zeros(2)}})
+    assert ckpt.latest(save_dir).endswith("step_00000002")
+    assert not any(name.startswith(".tmp") for name in os.listdir(save_dir))
+
+
+def test_orbax_round_trip_onto_another_sharding(tmp_path, train_state):
+    devices = np.array(jax.devices()[:4])
+    save_mesh = Mesh(devices.reshape(4), ("fsdp",))
+    load_mesh = Mesh(devices.reshape(2, 2), ("fsdp", "tp"))
+
+    def shard(tree, mesh, spec_fn):
+        return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec_fn(x))), tree)
+
+    rows = lambda x: P("fsdp") if np.ndim(x) and x.shape[0] % 4 == 0 else P()
+    sharded = shard(train_state, save_mesh, rows)
+    c = ckpt.Checkpointer(str(tmp_path / "run"), save_optimizer_state=True, format="orbax")
+    d = c.save(1, sharded, {"i": 0})
+    spec = ckpt.checkpoint_spec(d)
+    assert spec.startswith("orbax::")
+
+    cols = lambda x: NamedSharding(load_mesh, P(*([None] * (x.ndim - 1)), "tp") if x.ndim else P())
+    target = jax.eval_shape(lambda: train_state)
+    shardings = jax.tree.map(cols, target)
+    restored, _ = ckpt.load_checkpoint(spec, train_state_target=target, train_state_shardings=shardings)
+    _assert_trees_equal(jax.device_get(restored), train_state)      # orbax keeps float32: exact
+    kernel = restored.params["params"]["lm_head"]["kernel"]
+    assert kernel.sharding == shardings.params["params"]["lm_head"]["kernel"]
+
+    _, params = ckpt.load_checkpoint(spec, params_target=target.params["params"])    # params only
+    _assert_trees_equal(jax.device_get(params["params"]), train_state.params["params"])
+    bad = jax.tree.map(lambda x: x, target.params["params"])
+    bad["lm_head"]["kernel"] = jax.ShapeDtypeStruct((4, 16), jnp.float32)
+    with pytest.raises(ckpt.CheckpointError, match=r"params/params/lm_head/kernel: checkpoint shape"):
+        ckpt.load_checkpoint(spec, params_target=bad)
