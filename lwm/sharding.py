@@ -1,0 +1,198 @@
+"""The device mesh (`--mesh_dim`), the one parameter-sharding table, and logical activation constraints.
+
+Mesh axes, in this order everywhere: dp (data), fsdp (fully-sharded data), tp (tensor), sp (sequence: the
+ring). Parameters are sharded over ('fsdp', 'sp') on their model dimension and over 'tp' on heads / hidden
+units, as in the original LWM. Activations name their dimensions logically ('batch', 'seq', 'heads', ...)
+and `LOGICAL_AXES` maps those names to mesh axes in one place.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("dp", "fsdp", "tp", "sp")
+
+# Ordered: the first rule whose regex is found in a parameter's '/'-joined path wins. Specs are for the
+# unscanned parameter; scanned parameters (under 'scan_decoder') get None inserted at the layer axis.
+PARAM_RULES: tuple[tuple[str, P], ...] = (
+    # embeddings (V, D)
+    (r"transformer/wte/embedding$", P("tp", ("fsdp", "sp"))),
+    (r"transformer/vte/embedding$", P("tp", ("fsdp", "sp"))),
+    # attention: wq (D, N*H), wk/wv (D, K*H), wo (N*H, D)
+    (r"attention/(wq|wk|wv)/kernel$", P(("fsdp", "sp"), "tp")),
+    (r"attention/wo/kernel$", P("tp", ("fsdp", "sp"))),
+    # feed-forward: w1/w3 (D, F), w2 (F, D)
+    (r"feed_forward/(w1|w3)/kernel$", P(("fsdp", "sp"), "tp")),
+    (r"feed_forward/w2/kernel$", P("tp", ("fsdp", "sp"))),
+    # norms (D,)
+    (r"(attention_norm|ffn_norm)/kernel$", P(None)),
+    (r"transformer/ln_f/kernel$", P(None)),
+    # output heads (D, V)
+    (r"lm_head/kernel$", P(("fsdp", "sp"), "tp")),
+    (r"vision_head/kernel$", P(("fsdp", "sp"), "tp")),
+)
+
+# Logical activation dimension -> mesh axes.
+LOGICAL_AXES: dict[str, Any] = {
+    "batch": ("dp", "fsdp"),
+    "seq": "sp",
+    "heads": "tp",
+    "kv_heads": "tp",
+    "mlp": "tp",
+    "vocab": "tp",
+    "embed": None,
+    "head_dim": None,
+}
+
+
+class MeshError(ValueError):
+    """A mesh that does not fit the devices, the model or the batch."""
+
+
+def parse_mesh_dim(mesh_dim: str, num_devices: int) -> tuple[tuple[int, ...], bool]:
+    """'1,-1,4,1' -> (1, n/4, 4, 1). Also 'dp:1,fsdp:-1,tp:4,sp:1'. A leading '!' allows splitting
+    physical device axes (as in the original). Returns (dims in MESH_AXES order, allow_split)."""
+    text = mesh_dim.strip()
+    allow_split = text.startswith("!")
+    text = text.lstrip("!")
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if any(":" in p for p in parts):
+        named = {}
+        for p in parts:
+            name, _, value = p.partition(":")
+            if name not in MESH_AXES:
+                raise MeshError(f"--mesh_dim={mesh_dim!r}: unknown axis {name!r}; axes are {MESH_AXES}")
+            named[name] = value
+        parts = [named.get(a, "1") for a in MESH_AXES]
+    if len(parts) != len(MESH_AXES):
+        raise MeshError(f"--mesh_dim={mesh_dim!r}: expected {len(MESH_AXES)} sizes for axes {MESH_AXES}")
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        raise MeshError(f"--mesh_dim={mesh_dim!r}: sizes must be integers (one may be -1)") from None
+    if dims.count(-1) > 1:
+        raise MeshError(f"--mesh_dim={mesh_dim!r}: at most one axis may be -1")
+    if any(d == 0 or d < -1 for d in dims):
+        raise MeshError(f"--mesh_dim={mesh_dim!r}: sizes must be positive (or a single -1)")
+    known = math.prod(d for d in dims if d != -1)
+    if -1 in dims:
+        if num_devices % known:
+            raise MeshError(f"--mesh_dim={mesh_dim!r}: {num_devices} devices are not divisible by {known}")
+        dims[dims.index(-1)] = num_devices // known
+    if math.prod(dims) != num_devices:
+        raise MeshError(f"--mesh_dim={mesh_dim!r} needs {math.prod(dims)} devices but {num_devices} are "
+                        "available")
+    return tuple(dims), allow_split
+
+
+def make_mesh(mesh_dim: str = "1,-1,1,1", devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the ('dp','fsdp','tp','sp') mesh with Auto axes (jax.make_mesh defaults to Explicit)."""
+    devices = list(jax.devices() if devices is None else devices)
+    dims, allow_split = parse_mesh_dim(mesh_dim, len(devices))
+    try:
+        grid = mesh_utils.create_device_mesh(dims, devices, allow_split_physical_axes=allow_split)
+    except (AssertionError, ValueError, NotImplementedError):
+        grid = np.asarray(devices).reshape(dims)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def axis_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def param_spec(path: str, ndim: int, scan_axis: int = 0) -> P:
+    """The PartitionSpec of one parameter from PARAM_RULES; raises if no rule matches."""
+    for pattern, spec in PARAM_RULES:
+        if re.search(pattern, path):
+            spec = tuple(spec)
+            if "scan_decoder" in path:
+                spec = spec[:scan_axis] + (None,) + spec[scan_axis:]
+            if len(spec) > ndim:
+                raise MeshError(f"parameter {path}: rule {pattern!r} gives {len(spec)} dims, array has {ndim}")
+            return P(*spec)
+    raise MeshError(f"parameter {path!r} matches no rule in lwm.sharding.PARAM_RULES; add one")
+
+
+def match_partition_rules(tree, scan_axis: int = 0):
+    """PartitionSpecs for a parameter tree or any tree whose leaf paths end in parameter paths (optimizer
+    states). Scalars and size-1 leaves (step counters) are replicated; any other unmatched leaf raises."""
+
+    def spec(path, leaf):
+        shape = np.shape(leaf)
+        if len(shape) == 0 or math.prod(shape) == 1:
+            return P()
+        return param_spec(_path_str(path), len(shape), scan_axis)
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def check_divisible(tree, specs, mesh) -> None:
+    """Raise before compiling when a sharded dimension is not divisible by its mesh axes."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    flat_specs = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    for (path, leaf), spec in zip(flat, flat_specs):
+        for dim, axes in zip(np.shape(leaf), tuple(spec)):
+            n = axis_size(mesh, axes)
+            if dim % n:
+                raise MeshError(f"parameter {_path_str(path)} dim {dim} is not divisible by mesh axes {axes} "
+                                f"of size {n}")
+
+
+def named_shardings(specs, mesh: Mesh):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def logical_spec(logical: Sequence[str | None]) -> P:
+    return P(*(LOGICAL_AXES[name] if name is not None else None for name in logical))
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """with_sharding_constraint by logical names; a no-op when no mesh is set (single-device use)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(logical))
+
+
+def check_model_mesh(config, mesh: Mesh, *, seq_len: int | None = None, batch_size: int | None = None) -> None:
+    """Clear errors, before any compile, when the mesh does not divide the heads, batch or sequence."""
+    tp, sp = mesh.shape["tp"], mesh.shape["sp"]
+    batch_shards = mesh.shape["dp"] * mesh.shape["fsdp"]
+    if config.num_attention_heads % tp:
+        raise MeshError(f"num_attention_heads={config.num_attention_heads} is not divisible by tp={tp}")
+    if config.kv_heads % tp:
+        raise MeshError(f"num_key_value_heads={config.kv_heads} is not divisible by tp={tp}")
+    if batch_size is not None and batch_size % batch_shards:
+        raise MeshError(f"batch size {batch_size} is not divisible by dp*fsdp={batch_shards}")
+    if seq_len is not None:
+        if seq_len % sp:
+            raise MeshError(f"sequence length {seq_len} is not divisible by sp={sp}")
+        local = seq_len // sp
+        if config.attention_impl != "dense":
+            for name in ("scan_query_chunk_size", "scan_key_chunk_size"):
+                chunk = getattr(config, name)
+                if local > chunk and local % chunk:
+                    raise MeshError(
+                        f"sequence length {seq_len} / sp={sp} = {local} tokens per device is not a multiple "
+                        f"of {name}={chunk}")
