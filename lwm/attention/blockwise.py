@@ -144,7 +144,7 @@ def block_forward(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, q_offset=
 
     init = (jnp.full((B, K, G, qc), -jnp.inf, acc_dtype), jnp.zeros((B, K, G, qc), acc_dtype),
             jnp.zeros((B, K, G, qc, H), acc_dtype))
-    init = _match_vma(init, q_i, kh)
+    init = match_vma(init, q_i, kh)
     hi = _num_visible_k_chunks(q_offset + (i + 1) * qc - 1, k_offset, kc, nk, causal)
     m, l, acc = lax.fori_loop(0, hi, body, init)
     out = acc / jnp.where(l == 0, 1.0, l)[..., None]
@@ -220,12 +220,12 @@ def block_backward(q, k, v, o, lse, do, q_segment_ids=None, kv_segment_ids=None,
       dq = lax.dynamic_update_slice_in_dim(dq, sl(dq) + dq_i, i * qc, axis=3)
       return dq, dk_j, dv_j
 
-    zeros_kv = _match_vma(jnp.zeros((B, K, kc, H), acc_dtype), k_j, qh)
+    zeros_kv = match_vma(jnp.zeros((B, K, kc, H), acc_dtype), k_j, qh)
     lo = _first_visible_q_chunk(q_offset, k_offset + j * kc, qc, nq, causal)
     dq, dk_j, dv_j = lax.fori_loop(lo, nq, body, (dq, zeros_kv, zeros_kv))
     return dq, (dk_j, dv_j)
 
-  dq0 = _match_vma(jnp.zeros((B, K, G, Tp, H), acc_dtype), qh, kh)
+  dq0 = match_vma(jnp.zeros((B, K, G, Tp, H), acc_dtype), qh, kh)
   dq, (dk, dv) = lax.scan(one_k_chunk, dq0, jnp.arange(nk))  # dk, dv: (nk, B, K, kc, H)
   dk = jnp.moveaxis(dk, 0, 2).reshape(B, K, Sp, H).transpose(0, 2, 1, 3)[:, :S]
   dv = jnp.moveaxis(dv, 0, 2).reshape(B, K, Sp, H).transpose(0, 2, 1, 3)[:, :S]
@@ -245,7 +245,7 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
   return out_a * w_a + out_b * w_b, lse
 
 
-def _varying_axes(x) -> frozenset:
+def varying_axes(x) -> frozenset:
   """Manual mesh axes along which x varies inside shard_map (empty outside it)."""
   aval = jax.typeof(x)
   mat = getattr(aval, "manual_axis_type", None)
@@ -254,17 +254,17 @@ def _varying_axes(x) -> frozenset:
   return frozenset(getattr(aval, "vma", ()) or ())
 
 
-def _match_vma(init, *like):
+def match_vma(init, *like):
   """Gives zero-initialised loop carries the manual-axis variance of `like` (needed under shard_map
   with check_vma=True: a loop carry must keep one type, and the loop body mixes in varying values).
   Outside shard_map this returns `init` unchanged.
   """
-  axes = frozenset().union(*(_varying_axes(x) for x in like))
+  axes = frozenset().union(*(varying_axes(x) for x in like))
   if not axes:
     return init
 
   def cast(x):
-    missing = tuple(sorted(axes - _varying_axes(x)))
+    missing = tuple(sorted(axes - varying_axes(x)))
     return lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(cast, init)

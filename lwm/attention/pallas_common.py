@@ -56,3 +56,4 @@ def next_power_of_2(n: int) -> int:
 def as_offset(x):
   """A global position offset (python int or traced scalar) as an int32 scalar array."""
   return jnp.asarray(x, jnp.int32).reshape(())
+

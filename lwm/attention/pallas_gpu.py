@@ -253,7 +253,7 @@ def block_backward(q, k, v, o, lse, do, q_segment_ids=None, kv_segment_ids=None,
   delta_t = pad_to(delta.transpose(0, 2, 1), bq, 2)
   has_seg = q_seg is not None
   kw = dict(causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=Sp != S, scale=H ** -0.5)
-  offsets = (as_offset(q_offset), as_offset(k_offset))
+  args = (as_offset(q_offset), as_offset(k_offset), qp, kp, vp, q_seg, k_seg, dop, lse_t, delta_t)
   params = None if interpret else _compiler_params(Hp)
 
   dq = pl.pallas_call(
@@ -272,7 +272,7 @@ def block_backward(q, k, v, o, lse, do, q_segment_ids=None, kv_segment_ids=None,
       out_specs=pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
       out_shape=jax.ShapeDtypeStruct((B, Tp, N, Hp), jnp.float32),
       compiler_params=params, interpret=interpret, name="lwm_flash_dq",
-  )(*offsets, qp, kp, vp, q_seg, k_seg, dop, lse_t, delta_t)
+  )(*args)
 
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, **kw), grid=(B, K, Sp // bk),
@@ -290,7 +290,7 @@ def block_backward(q, k, v, o, lse, do, q_segment_ids=None, kv_segment_ids=None,
       out_specs=[pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0))] * 2,
       out_shape=[jax.ShapeDtypeStruct((B, Sp, K, Hp), jnp.float32)] * 2,
       compiler_params=params, interpret=interpret, name="lwm_flash_dkv",
-  )(*offsets, qp, kp, vp, q_seg, k_seg, dop, lse_t, delta_t)
+  )(*args)
   return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H]
 
 

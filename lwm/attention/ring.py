@@ -109,7 +109,7 @@ def _ring_forward(cfg: RingConfig, q, k, v, seg):
 
   o0 = jnp.zeros((B, T, N, H), acc_dtype)
   lse0 = jnp.full((B, T, N), -jnp.inf, jnp.float32)
-  o0, lse0 = blockwise._match_vma((o0, lse0), q, k)
+  o0, lse0 = blockwise.match_vma((o0, lse0), q, k)
   carry = (o0, lse0, k, v, seg)
   carry, _ = lax.scan(step_and_rotate, carry, jnp.arange(sp - 1))
   o, lse, k_blk, v_blk, seg_blk = carry
@@ -139,7 +139,7 @@ def _ring_backward(cfg: RingConfig, q, k, v, seg, o, lse, do):
     k_blk, v_blk, seg_blk, dk_blk, dv_blk = _rotate(cfg, sp, k_blk, v_blk, seg_blk, dk_blk, dv_blk)
     return (dq, k_blk, v_blk, seg_blk, dk_blk, dv_blk), None
 
-  zeros = blockwise._match_vma(
+  zeros = blockwise.match_vma(
       (jnp.zeros(q.shape, acc_dtype), jnp.zeros(k.shape, acc_dtype), jnp.zeros(v.shape, acc_dtype)), q, k)
   carry = (zeros[0], k, v, seg, zeros[1], zeros[2])
   carry, _ = lax.scan(step_and_rotate, carry, jnp.arange(sp - 1))
@@ -223,9 +223,13 @@ def ring_attention(q, k, v, segment_ids=None, *, causal: bool = True, q_chunk: i
                    pallas_interpret=pallas_interpret, global_offsets=global_offsets)
   _block_fns(cfg)  # validates block_impl / backend before tracing the shard_map
   local = functools.partial(_ring_local, cfg)
+  # Pallas interpret mode (jax 0.10) fails shard_map's varying-axes check inside the kernel
+  # interpreter, and pallas_call outputs would need explicit variance; the jnp path is fully checked.
+  check_vma = block_impl != "pallas"
   if segment_ids is None:
-    fn = jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh,
-                       in_specs=(qkv_spec,) * 3, out_specs=qkv_spec)
+    fn = jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=(qkv_spec,) * 3,
+                       out_specs=qkv_spec, check_vma=check_vma)
     return fn(q, k, v)
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec,
+                     check_vma=check_vma)
   return fn(q, k, v, segment_ids)
