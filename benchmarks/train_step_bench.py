@@ -1,0 +1,136 @@
+"""Tokens/s, MFU and peak memory of one full training step (forward, backward, AdamW) of a preset.
+
+Purpose: the core model's speed/memory figures (the `lwm.train` entry point has its own benchmark).
+Hardware: any; defaults are for a 2-core CPU. Expected on 2 CPU cores, `debug` preset, batch 1, fp32:
+  ~2x the original's 950 tok/s at 2K, memory linear in sequence length (see docs/benchmarks.md).
+Usage: python benchmarks/train_step_bench.py --seq 2048,8192 [--devices 4 --mesh_dim 1,1,1,4 --impl ring]
+Each row runs in a fresh subprocess so its peak RSS is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def _child(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from lwm.llama import LLaMAConfig, LLaMAForCausalLM, output_head_kernel
+    from lwm.loss import cross_entropy_sums
+    from lwm.sharding import check_model_mesh, make_mesh, match_partition_rules, named_shardings
+    from jax.sharding import PartitionSpec as P
+
+    # Matmul rate of this machine, measured in the same process: fp32 (n x n) @ (n x n).
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:
+        mm(a).block_until_ready()
+        reps += 1
+    matmul_flops = 2 * n**3 * reps / (time.perf_counter() - t0)
+
+    seq = args.row
+    updates = dict(attention_impl=args.impl, scan_query_chunk_size=args.chunk, scan_key_chunk_size=args.chunk,
+                   max_sequence_length=max(seq, 2048), remat_block=args.remat, scan_mlp=args.scan_mlp,
+                   scan_mlp_chunk_size=args.chunk)
+    cfg = LLaMAConfig.load(args.preset).replace(**updates)
+    model = LLaMAForCausalLM(cfg)
+    mesh = make_mesh(args.mesh_dim)
+    check_model_mesh(cfg, mesh, seq_len=seq, batch_size=args.batch)
+    tx = optax.adamw(1e-4)
+
+    def loss_fn(params, batch):
+        hidden = model.apply({"params": params}, batch["input_tokens"], return_hidden=True)
+        loss_sum, _ = cross_entropy_sums(hidden, output_head_kernel(params, cfg), batch["target_tokens"],
+                                         batch["loss_masks"], chunk_size=args.loss_chunk)
+        return loss_sum / jnp.sum(batch["loss_masks"])
+
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    with jax.set_mesh(mesh):
+        params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"])()
+        p_shard = named_shardings(match_partition_rules(params), mesh)
+        params = jax.device_put(params, p_shard)
+        opt_state = tx.init(params)
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, cfg.vocab_size, (args.batch, seq + 1))
+        batch = dict(input_tokens=tokens[:, :-1], target_tokens=tokens[:, 1:],
+                     loss_masks=np.ones((args.batch, seq), np.float32))
+        batch = jax.device_put(batch, named_shardings({k: P(("dp", "fsdp"), "sp") for k in batch}, mesh))
+        step = jax.jit(train_step, donate_argnums=(0, 1))
+        compiled = step.lower(params, opt_state, batch).compile()
+        mem = compiled.memory_analysis()
+        params, opt_state, loss = step(params, opt_state, batch)
+        loss.block_until_ready()
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            params, opt_state, loss = step(params, opt_state, batch)
+            loss.block_until_ready()
+            times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    tok_s = args.batch * seq / dt
+    d, f, v, l = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    kvd = cfg.kv_heads * cfg.head_dim
+    n_matmul_params = l * (2 * d * d + 2 * d * kvd + 3 * d * f) + d * v  # embedding lookup has no FLOPs
+    flops_per_token = 6 * n_matmul_params + 6 * l * seq * d  # causal attention: half of 12 * L * T * D
+    temp = getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0) + \
+        getattr(mem, "output_size_in_bytes", 0)
+    return dict(seq=seq, devices=len(jax.devices()), mesh=args.mesh_dim, impl=args.impl, step_s=dt,
+                tokens_per_s=tok_s, mfu=tok_s * flops_per_token / matmul_flops,
+                matmul_gflops=matmul_flops / 1e9, compiled_gb=temp / 1e9,
+                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, loss=float(loss))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="debug")
+    p.add_argument("--seq", default="2048,8192")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--mesh_dim", default="1,-1,1,1")
+    p.add_argument("--impl", default="blockwise")
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--loss_chunk", type=int, default=1024)
+    p.add_argument("--remat", default="")
+    p.add_argument("--scan_mlp", action="store_true")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.row is not None:
+        print("RESULT " + json.dumps(_child(args)), flush=True)
+        return
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}",
+               JAX_PLATFORMS="cpu")
+    print(f"preset={args.preset} batch={args.batch} impl={args.impl} mesh={args.mesh_dim} "
+          f"devices={args.devices} chunk={args.chunk} remat={args.remat or 'off'}")
+    print("| seq | step s | tokens/s | MFU | matmul GFLOP/s | compiled GB | peak RSS GB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for seq in [int(s) for s in args.seq.split(",")]:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--row", str(seq)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode != 0 or not lines:
+            reason = (out.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1][:80]
+            print(f"| {seq} | failed: {reason} | | | | | |")
+            continue
+        r = json.loads(lines[-1][7:])
+        print(f"| {seq} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.0f}% | "
+              f"{r['matmul_gflops']:.0f} | {r['compiled_gb']:.2f} | {r['peak_rss_gb']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
