@@ -113,15 +113,11 @@ def _to_host(x: Any, needed: bool) -> Any:
     return np.asarray(jax.device_get(x))
 
 
-def _bin_header(n: int, key: Key) -> bytes:
-    """msgpack's header for a byte string of length n (the smallest of bin8/bin16/bin32, as msgpack packs)."""
+def _bin_header(n: int) -> bytes:
+    """msgpack's header for a byte string of length n < 4 GiB (the smallest form, as msgpack packs it)."""
     if n < 2**8:
         return b"\xc4" + n.to_bytes(1, "big")
-    if n < 2**16:
-        return b"\xc5" + n.to_bytes(2, "big")
-    if n < 2**32:
-        return b"\xc6" + n.to_bytes(4, "big")
-    raise CheckpointError(f"{_path_str(key)}: {n} bytes is over msgpack's 4 GiB limit for one tensor")
+    return b"\xc5" + n.to_bytes(2, "big") if n < 2**16 else b"\xc6" + n.to_bytes(4, "big")
 
 
 def save_streaming(path: str, tree: Any, float_dtype: Any = None, *, write: bool | None = None) -> None:
@@ -148,11 +144,15 @@ def save_streaming(path: str, tree: Any, float_dtype: Any = None, *, write: bool
                 value = _to_host(value, needed=True)
                 if isinstance(value, np.ndarray):
                     value = _cast_float(value, dtype)
+                    if value.nbytes > 2**32 - 2**10:
+                        raise CheckpointError(
+                            f"{path}: {_path_str(key)} is {value.nbytes / 2**30:.1f} GiB; one msgpack record "
+                            "holds under 4 GiB (the original's limit too): save in bf16 or use save_orbax")
                 blob = flax.serialization.to_bytes(value)
                 # Same bytes as packer.pack((key, blob)), without a second copy of the tensor.
                 f.write(packer.pack_array_header(2))
                 f.write(packer.pack(list(key)))
-                f.write(_bin_header(len(blob), key))
+                f.write(_bin_header(len(blob)))
                 f.write(blob)
                 del value, blob
             if local:
@@ -396,11 +396,10 @@ def load_checkpoint(spec: str, *, train_state_target: Any = None, train_state_sh
     if kind == "trainstate":
         return load_streaming(path, train_state_target, train_state_shardings, float_dtype), None
     if kind == "orbax":
-        if train_state_target is not None and not disallow_trainstate:
+        prefix = _orbax_params_prefix(path)
+        if prefix and train_state_target is not None and not disallow_trainstate:     # a whole train state
             return load_orbax(path, train_state_target, train_state_shardings, float_dtype), None
-        params = load_orbax(path, params_target, params_shardings, float_dtype,
-                            prefix=_orbax_params_prefix(path))
-        return None, {"params": params}
+        return None, {"params": load_orbax(path, params_target, params_shardings, float_dtype, prefix=prefix)}
     if kind == "params":
         params = load_streaming(path, params_target, params_shardings, float_dtype)
     elif kind == "trainstate_params":
@@ -601,5 +600,7 @@ class Checkpointer:
         regular = [path for step, current, milestone, path in _checkpoint_dirs(self.save_dir)
                    if current and not milestone]
         stale = [path for _, current, _, path in _checkpoint_dirs(self.save_dir) if not current]
+        stale += [os.path.join(self.save_dir, name) for name in os.listdir(self.save_dir)
+                  if name.startswith(".tmp-")]               # left by killed saves; ours is renamed by now
         for path in regular[:-self.keep] + stale:
             shutil.rmtree(path, ignore_errors=True)

@@ -243,9 +243,9 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     _, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(newest))
     np.testing.assert_array_equal(params["params"]["a"]["kernel"], np.ones((64, 64), np.float32))
     assert ckpt.read_dataset_state(newest) == {"i": 1}
-    # The next run saves over the debris.
-    ckpt.Checkpointer(save_dir).save(2, {"a": {"kernel": jnp.zeros(2)}})
-    assert ckpt.latest(save_dir).endswith("step_00000002")
+    # The next successful save clears the debris.
+    ckpt.Checkpointer(save_dir).save(3, {"a": {"kernel": jnp.zeros(2)}})
+    assert ckpt.latest(save_dir).endswith("step_00000003")
     assert not any(name.startswith(".tmp") for name in os.listdir(save_dir))
 
 
@@ -274,6 +274,14 @@ def test_orbax_round_trip_onto_another_sharding(tmp_path, train_state):
 
     _, params = ckpt.load_checkpoint(spec, params_target=target.params["params"])    # params only
     _assert_trees_equal(jax.device_get(params["params"]), train_state.params["params"])
+    # A params-only orbax checkpoint, resumed by a loop that passes its train-state target.
+    d = ckpt.Checkpointer(str(tmp_path / "params_run"), format="orbax").save(2, sharded)
+    state, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(d), train_state_target=target,
+                                         train_state_shardings=shardings)
+    assert state is None
+    _assert_trees_equal(jax.device_get(params["params"]), train_state.params["params"])
+    assert params["params"]["lm_head"]["kernel"].sharding == kernel.sharding
+
     bad = jax.tree.map(lambda x: x, target.params["params"])
     bad["lm_head"]["kernel"] = jax.ShapeDtypeStruct((4, 16), jnp.float32)
     with pytest.raises(ckpt.CheckpointError, match=r"params/params/lm_head/kernel: checkpoint shape"):
