@@ -169,13 +169,14 @@ def save_streaming(path: str, tree: Any, float_dtype: Any = None, *, write: bool
 def iter_streaming(path: str) -> Iterator[tuple[Key, Any]]:
     """Yield (key_path, value) from a streaming checkpoint, one tensor at a time, as numpy/python values."""
     with _open(path, "rb") as f:
-        unpacker = msgpack.Unpacker(f, read_size=_READ_SIZE, max_buffer_size=_MAX_RECORD_BYTES)
+        # raw=True: msgpack < 1.0 packed bytes as the str type; keys are decoded below, tensors stay bytes.
+        unpacker = msgpack.Unpacker(f, read_size=_READ_SIZE, max_buffer_size=_MAX_RECORD_BYTES, raw=True)
         for i, record in enumerate(unpacker):
             if not (isinstance(record, list) and len(record) == 2 and isinstance(record[0], list)
-                    and isinstance(record[1], bytes)):
+                    and isinstance(record[1], bytes) and all(isinstance(k, bytes) for k in record[0])):
                 raise CheckpointError(
                     f"{path}: record {i} is not a [key_path, bytes] pair; not a streaming checkpoint")
-            key = tuple(str(k) for k in record[0])
+            key = tuple(k.decode("utf-8") for k in record[0])
             yield key, flax.serialization.from_bytes(None, record[1])
         consumed, size = unpacker.tell(), f.tell()
         if consumed != size:

@@ -57,14 +57,16 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(x, y, err_msg=str(key))
 
 
-def _independent_write(path, tree, dtype=None):
-    """The format as the original writes it, with msgpack and flax.serialization directly."""
+def _independent_write(path, tree, dtype=None, use_bin_type=True):
+    """The format as the original writes it, with msgpack and flax.serialization directly
+    (use_bin_type=False: how msgpack < 1.0 packed bytes)."""
+    packer = msgpack.Packer(use_bin_type=use_bin_type)
     with open(path, "wb") as f:
         for key, value in flatten_dict(flax.serialization.to_state_dict(tree)).items():
             value = np.asarray(value)
             if dtype is not None and value.dtype == np.float32:
                 value = value.astype(dtype)
-            f.write(msgpack.packb((list(key), flax.serialization.to_bytes(value))))
+            f.write(packer.pack((key, flax.serialization.to_bytes(value))))
 
 
 def test_params_round_trip_fp32_and_bf16(tmp_path):
@@ -111,6 +113,8 @@ def test_reads_independently_written_file_and_writes_the_same_bytes(tmp_path):
     _assert_trees_equal(loaded["params"], jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
     ckpt.save_streaming(str(tmp_path / "ours"), params, float_dtype="bf16")
     assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
+    _independent_write(tmp_path / "old_msgpack", params, use_bin_type=False)
+    _assert_trees_equal(ckpt.load_streaming(str(tmp_path / "old_msgpack")), params)
 
 
 def test_errors_name_the_key(tmp_path):
