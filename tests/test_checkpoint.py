@@ -290,3 +290,55 @@ def test_orbax_round_trip_onto_another_sharding(tmp_path, train_state):
     bad["lm_head"]["kernel"] = jax.ShapeDtypeStruct((4, 16), jnp.float32)
     with pytest.raises(ckpt.CheckpointError, match=r"params/params/lm_head/kernel: checkpoint shape"):
         ckpt.load_checkpoint(spec, params_target=bad)
+
+
+_PROCESS = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process_id, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from lwm import checkpoint as ckpt
+    mesh = Mesh(np.array(jax.devices()).reshape(4), ("fsdp",))          # 2 processes x 2 devices
+    x = np.arange(32, dtype=np.float32).reshape(8, 4)
+    tree = {"w": {"kernel": jax.make_array_from_callback(x.shape, NamedSharding(mesh, P("fsdp")),
+                                                         lambda index: x[index])}}
+    target = jax.eval_shape(lambda: tree)
+    by_columns = {"w": {"kernel": NamedSharding(mesh, P(None, "fsdp"))}}
+    for fmt in ("orbax", "streaming"):
+        d = ckpt.Checkpointer(f"{root}/{fmt}", format=fmt, float_dtype="fp32").save(1, tree, {"i": 0})
+        _, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(d), params_target=target,
+                                         params_shardings=by_columns)
+        kernel = params["params"]["w"]["kernel"]
+        assert kernel.sharding == by_columns["w"]["kernel"] and len(kernel.addressable_shards) == 2
+        for shard in kernel.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), x[shard.index])
+        print(fmt, "ok", flush=True)
+""")
+
+
+def test_two_processes_save_and_restore_onto_another_sharding(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(i), port, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "orbax ok" in out and "streaming ok" in out, out[-3000:]
+    for fmt, file in (("orbax", "orbax"), ("streaming", "streaming_params")):
+        assert os.listdir(tmp_path / fmt) == ["step_00000001"]        # one directory, written once
+        assert os.path.exists(tmp_path / fmt / "step_00000001" / file)
