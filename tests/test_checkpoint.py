@@ -115,6 +115,9 @@ def test_reads_independently_written_file_and_writes_the_same_bytes(tmp_path):
     assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
     _independent_write(tmp_path / "old_msgpack", params, use_bin_type=False)
     _assert_trees_equal(ckpt.load_streaming(str(tmp_path / "old_msgpack")), params)
+    (tmp_path / "flax").write_bytes(flax.serialization.to_bytes(params))      # the original's flax_params::
+    _, loaded = ckpt.load_checkpoint(f"flax_params::{tmp_path / 'flax'}", params_target=jax.eval_shape(lambda: params))
+    _assert_trees_equal(loaded["params"], params)
 
 
 def test_errors_name_the_key(tmp_path):
