@@ -92,10 +92,10 @@ def test_sharded_train_step_equals_unsharded():
     seg = np.repeat(np.array([[1] * 40 + [2] * 24]), b, axis=0)
     batch = dict(input_tokens=jnp.asarray(tokens[:, :-1]), target_tokens=jnp.asarray(tokens[:, 1:]),
                  loss_masks=jnp.asarray(rng.random((b, t)) > 0.2, jnp.float32), segment_ids=jnp.asarray(seg))
-    params = model.init(jax.random.PRNGKey(0), batch["input_tokens"][:1, :16])["params"]
+    dense = LLaMAForCausalLM(cfg.replace(attention_impl="dense"))
+    params = dense.init(jax.random.PRNGKey(0), batch["input_tokens"][:1, :16])["params"]
     tx = optax.adamw(1e-2)
 
-    dense = LLaMAForCausalLM(cfg.replace(attention_impl="dense"))
     ref_step = jax.jit(_train_step(dense, cfg, tx))
     p_ref, o_ref, losses_ref = params, tx.init(params), []
     for _ in range(2):
