@@ -116,7 +116,8 @@ def test_reads_independently_written_file_and_writes_the_same_bytes(tmp_path):
     _independent_write(tmp_path / "old_msgpack", params, use_bin_type=False)
     _assert_trees_equal(ckpt.load_streaming(str(tmp_path / "old_msgpack")), params)
     (tmp_path / "flax").write_bytes(flax.serialization.to_bytes(params))      # the original's flax_params::
-    _, loaded = ckpt.load_checkpoint(f"flax_params::{tmp_path / 'flax'}", params_target=jax.eval_shape(lambda: params))
+    _, loaded = ckpt.load_checkpoint(f"flax_params::{tmp_path / 'flax'}",
+                                     params_target=jax.eval_shape(lambda: params))
     _assert_trees_equal(loaded["params"], params)
 
 
