@@ -1,0 +1,471 @@
+"""`python -m lwm.train`: train the text or vision+text LWM with the original's flags.
+
+    python -m lwm.train --modality=text --mesh_dim=1,-1,1,1 --load_llama_config=tiny --total_steps=100 \
+        --tokenizer=/data/tokenizer.model --train_dataset.type=json \
+        --train_dataset.text_processor.fields=text --train_dataset.json_dataset.path=/data/train.jsonl \
+        --logger.output_dir=/runs --logger.experiment_id=demo --logger.append_uuid=False --autoresume=True
+
+From Python: `lwm.train.main(["--modality=text", ...])` or `lwm.train.train(config)` with a ConfigDict from
+`get_default_config()`. Sections: flags, then the run (setup, restore, the loop). The step functions are
+in `lwm.train_state`, the optimizer in `lwm.optimizer`, metrics in `lwm.logging_utils`. See docs/train.md.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from ml_collections import ConfigDict
+
+from lwm import logging_utils
+from lwm import optimizer as optimizer_lib
+from lwm.data import DatasetFactory
+
+logger = logging.getLogger("lwm.train")
+
+
+class FlagError(ValueError):
+    """A command-line flag that does not exist or does not parse."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or gradient norm became NaN or inf; nothing after the last good checkpoint was saved."""
+
+
+# --------------------------------------------------------------------------------------------- flags
+
+def get_default_config() -> ConfigDict:
+    """Every flag and its default; the names are the original LWM's."""
+    c = ConfigDict()
+    c.modality = "text"                        # 'text' | 'vision,text'
+    c.use_data_sharded_loader = True           # each process builds only its share of every batch
+    c.seed = 42
+    c.mesh_dim = "1,-1,1,1"                    # dp, fsdp, tp, sp
+    c.dtype = "fp32"                           # compute dtype (parameters and optimizer stay fp32)
+    c.total_steps = 10000
+    c.load_llama_config = ""                   # a preset ('tiny', 'debug', '7b', ...) or json::path
+    c.update_llama_config = ""                 # "dict(theta=...,max_sequence_length=...)" or a dict/JSON literal
+    c.load_checkpoint = ""                     # params::PATH | trainstate::PATH | trainstate_params::PATH | ...
+    c.load_dataset_state = ""                  # a dataset.pkl / dataset.json / checkpoint folder
+    c.log_freq = 50
+    c.save_model_freq = 0
+    c.save_milestone_freq = 0
+    c.eval_steps = 0                           # eval batches per log step (eval_dataset.*)
+    c.tokenizer = "LargeWorldModel/LWM-Text-1M"  # tokenizer.model, a folder, or a hub id in the local cache
+    c.train_dataset = DatasetFactory.get_default_config()
+    c.eval_dataset = DatasetFactory.get_default_config()
+    c.optimizer = optimizer_lib.get_default_config()
+    c.checkpointer = ConfigDict(dict(
+        float_dtype="",                        # '' keeps every tensor's dtype (exact resume); 'bf16' as the original
+        save_optimizer_state=False,            # the whole train state (needed for exact resume) or params only
+        format="streaming",                    # 'streaming' (the original's files) | 'orbax' (sharded)
+        keep=1,                                # regular checkpoints kept; milestones are never removed
+    ))
+    c.llama = ConfigDict()                     # --llama.<field>=value: any model config field
+    c.logger = logging_utils.get_default_config()
+    c.log_all_worker = False
+    c.jax_distributed = ConfigDict(dict(
+        initialize_jax_distributed=False, coordinator_address="", num_processes=-1, process_id=-1,
+        local_device_ids=""))
+    c.autoresume = False                       # continue from the newest complete checkpoint in the output folder
+    c.loss_chunk_size = 1024                   # tokens per chunk of the blockwise cross-entropy
+    c.peak_flops = 0.0                         # FLOP/s of the run's hardware for MFU; 0 = measure a matmul
+    c.lock()
+    return c
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "t"):
+        return True
+    if lowered in ("false", "0", "no", "f"):
+        return False
+    raise FlagError(f"--{name}={text!r}: expected True or False")
+
+
+def convert_value(name: str, text: Any, template: Any, template_type: Optional[type] = None) -> Any:
+    """A flag's text -> the type of its default (`template`); None defaults take a Python literal or text."""
+    if not isinstance(text, str):
+        return text
+    kind = template_type or (type(template) if template is not None else None)
+    try:
+        if kind is bool:
+            return _parse_bool(name, text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+    except ValueError:
+        raise FlagError(f"--{name}={text!r}: expected {kind.__name__}") from None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _known_flags(config: ConfigDict, prefix: str = "") -> list[str]:
+    names = []
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, ConfigDict) and key != "llama":
+            names += _known_flags(value, f"{prefix}{key}.")
+        else:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def set_flag(config: ConfigDict, name: str, text: Any) -> None:
+    """config[name] = text converted to the field's type; `llama.<field>` is checked later, against the
+    model config. Unknown names raise FlagError with the closest known ones."""
+    node, parts = config, name.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if node is config.llama and len(parts) == 2:
+            with config.llama.unlocked():
+                config.llama[part] = text
+            return
+        if not isinstance(node, ConfigDict) or part not in node:
+            close = difflib.get_close_matches(name, _known_flags(config), n=3)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise FlagError(f"unknown flag --{name}{hint}")
+        if last:
+            if isinstance(node[part], ConfigDict):
+                raise FlagError(f"--{name} is a group of flags; set its fields (--{name}.<field>=...)")
+            ref = node._fields.get(part)
+            ref_type = ref.get_type() if hasattr(ref, "get_type") else None
+            try:
+                node[part] = convert_value(name, text, node[part], ref_type)
+            except TypeError as e:
+                raise FlagError(f"--{name}={text!r}: {e}") from None
+            return
+        node = node[part]
+
+
+def parse_flags(argv: list[str], config: Optional[ConfigDict] = None) -> ConfigDict:
+    """`--name=value`, `--name value`, `--name` / `--noname` (booleans). Returns the updated config."""
+    config = config if config is not None else get_default_config()
+    known = set(_known_flags(config))
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise FlagError(f"unexpected argument {arg!r}: flags look like --name=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if name not in known and name.startswith("no") and name[2:] in known:
+                name, value = name[2:], "false"
+            elif name in known and isinstance(_get(config, name), bool):
+                value = "true"
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i, value = i + 1, argv[i + 1]
+            else:
+                raise FlagError(f"--{name} needs a value (--{name}=...)")
+        set_flag(config, name, value)
+        i += 1
+    return config
+
+
+def _get(config: ConfigDict, name: str) -> Any:
+    for part in name.split("."):
+        config = config[part]
+    return config
+
+
+def parse_literal_dict(text: str, flag: str = "update_llama_config") -> dict:
+    """"dict(theta=5e7, max_sequence_length=32768)", "{'theta': 5e7}" or JSON -> dict. Literal values only:
+    nothing is evaluated; anything else raises naming the flag."""
+    text = text.strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict):
+            return value
+    except ValueError:
+        pass
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError as e:
+        raise FlagError(f"--{flag}={text!r}: not a dict literal ({e.msg})") from None
+    try:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+            if node.args or any(kw.arg is None for kw in node.keywords):
+                raise ValueError("only keyword arguments are allowed in dict(...)")
+            return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+        if isinstance(node, ast.Dict):
+            value = ast.literal_eval(node)
+            if all(isinstance(k, str) for k in value):
+                return value
+            raise ValueError("keys must be strings")
+    except ValueError as e:
+        raise FlagError(f"--{flag}={text!r}: only literal values are accepted ({e})") from None
+    raise FlagError(f"--{flag}={text!r}: expected dict(key=value, ...) or a {{'key': value}} literal")
+
+
+def model_config_from_flags(config: ConfigDict, tokenizer=None):
+    """load_llama_config, then --llama.* overrides, then update_llama_config, then the tokenizer's ids."""
+    import dataclasses
+
+    from lwm.train_state import model_config_class
+
+    cls = model_config_class(config.modality)
+    model_config = cls.load(config.load_llama_config) if config.load_llama_config else cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    overrides = {}
+    for key, text in config.llama.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            raise FlagError(f"unknown flag --llama.{key}: not a {cls.__name__} field"
+                            + (f"; did you mean {', '.join('llama.' + c for c in close)}?" if close else ""))
+        overrides[key] = convert_value(f"llama.{key}", text, getattr(model_config, key))
+    updates = parse_literal_dict(config.update_llama_config)
+    for source, values in (("--llama.*", overrides), ("--update_llama_config", updates)):
+        try:
+            model_config = model_config.replace(**values)
+        except (ValueError, TypeError) as e:
+            raise FlagError(f"{source}: {e}") from None
+    if tokenizer is not None:
+        model_config = model_config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                            vocab_size=max(model_config.vocab_size, tokenizer.vocab_size))
+    return model_config
+
+
+def _check_flags(config: ConfigDict) -> None:
+    if config.total_steps < 0 or config.log_freq < 1:
+        raise FlagError(f"--total_steps={config.total_steps} must be >= 0 and --log_freq={config.log_freq} >= 1")
+    if config.save_model_freq < 0 or config.save_milestone_freq < 0 or config.eval_steps < 0:
+        raise FlagError("--save_model_freq, --save_milestone_freq and --eval_steps must be >= 0")
+    if config.autoresume and (config.logger.append_uuid or not config.logger.experiment_id):
+        raise FlagError("--autoresume=True needs a fixed output folder: set --logger.experiment_id and "
+                        "--logger.append_uuid=False")
+    if config.loss_chunk_size < 1:
+        raise FlagError(f"--loss_chunk_size={config.loss_chunk_size} must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+def _distributed_config(config: ConfigDict):
+    from lwm.distributed import DistributedConfig
+
+    c = config.jax_distributed
+    return DistributedConfig(initialize=c.initialize_jax_distributed,
+                             coordinator_address=c.coordinator_address or None,
+                             num_processes=None if c.num_processes < 0 else c.num_processes,
+                             process_id=None if c.process_id < 0 else c.process_id,
+                             local_device_ids=c.local_device_ids or None)
+
+
+def train(config: ConfigDict) -> dict:
+    """Run training as configured (a ConfigDict from get_default_config(), flags applied). Returns a
+    summary: output folder, last step, last metrics."""
+    from lwm import distributed
+
+    _check_flags(config)
+    distributed.initialize(_distributed_config(config))   # before any other JAX call
+    return _run(config)
+
+
+def _restore(config, output_dir, dataset, eval_dataset, shapes, shardings, tx):
+    """The state to start from: the newest checkpoint in the output folder (--autoresume), else
+    --load_checkpoint, else None. Returns (state or None, params or None, metadata, checkpoint folder)."""
+    from lwm import checkpoint as ckpt
+    from lwm.train_state import process_state
+
+    resume_dir = ckpt.latest(output_dir) if config.autoresume else None
+    if resume_dir is not None:
+        logger.info("autoresume: continuing from %s", resume_dir)
+        meta = ckpt.read_metadata(resume_dir)
+        if "rng" not in meta:
+            logger.warning("%s has no RNG state: the resumed run will not repeat the uninterrupted one", resume_dir)
+        state, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(resume_dir), train_state_target=shapes,
+                                             train_state_shardings=shardings)
+        if state is None:
+            logger.warning("%s holds parameters only (--checkpointer.save_optimizer_state=False): the optimizer "
+                           "state starts afresh and the run will not repeat the uninterrupted one", resume_dir)
+        dataset.load_state_dict(process_state(ckpt.read_dataset_state(resume_dir)))
+        if eval_dataset is not None and meta.get("eval_dataset_state") is not None:
+            eval_dataset.load_state_dict(process_state(meta["eval_dataset_state"]))
+        return state, params, meta, resume_dir
+    state = params = None
+    if config.load_checkpoint:
+        state, params = ckpt.load_checkpoint(config.load_checkpoint, train_state_target=shapes,
+                                             train_state_shardings=shardings)
+    if config.load_dataset_state:
+        dataset.load_state_dict(process_state(ckpt.read_dataset_state(config.load_dataset_state)))
+    return state, params, {}, None
+
+
+def _evaluate(eval_fn, params, eval_iter, steps: int, to_global) -> dict:
+    """Mean of each metric over `steps` eval batches, names prefixed with eval_."""
+    from lwm.train_state import host_value
+
+    rows = [eval_fn(params, to_global(next(eval_iter)[0])) for _ in range(steps)]
+    return {f"eval_{k}": float(sum(float(host_value(r[k])) for r in rows) / steps) for k in rows[0]}
+
+
+def _run(config: ConfigDict) -> dict:
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from tqdm import tqdm
+
+    from lwm import checkpoint as ckpt
+    from lwm import train_state as ts
+    from lwm.data import HostShard, host_shard_from_mesh
+    from lwm.sharding import check_divisible, check_model_mesh, make_mesh, match_partition_rules, named_shardings
+    from lwm.tokenizer import load_tokenizer
+
+    is_main = jax.process_index() == 0
+    run_id = logging_utils.experiment_id(config.logger, logging_utils.shared_uuid())
+    metrics_log = logging_utils.MetricsLogger(config.logger, config.to_dict(), run_id=run_id,
+                                              enable=is_main or config.log_all_worker,
+                                              process_index=jax.process_index())
+    output_dir = metrics_log.output_dir
+    mesh = make_mesh(config.mesh_dim)
+    host = host_shard_from_mesh(mesh) if config.use_data_sharded_loader else HostShard()
+    tokenizer = load_tokenizer(config.tokenizer)
+    dataset = DatasetFactory.load_dataset(config.train_dataset, tokenizer, host=host)
+    eval_dataset = (DatasetFactory.load_dataset(config.eval_dataset, tokenizer, host=host)
+                    if config.eval_steps > 0 else None)
+    model_config = model_config_from_flags(config, tokenizer)
+    seq_len, batch_size = dataset.seq_length, dataset.config.batch_size
+    check_model_mesh(model_config, mesh, seq_len=seq_len, batch_size=batch_size)
+    dtype = ckpt.parse_float_dtype(config.dtype)
+    if dtype is None:
+        raise FlagError("--dtype is empty; use fp32, bf16 or fp16")
+    weights = dataset.loss_weights
+    task = ts.Task(ts.build_model(config.modality, model_config, dtype), config.modality, weights["text"],
+                   weights["vision"], config.loss_chunk_size)
+    tx, schedule = optimizer_lib.make_optimizer(config.optimizer)
+    to_global = functools.partial(ts.global_batch, mesh=mesh, host=host,
+                                  sharded_loader=config.use_data_sharded_loader)
+    c = config.checkpointer
+    checkpointer = ckpt.Checkpointer(output_dir, float_dtype=c.float_dtype or None,
+                                     save_optimizer_state=c.save_optimizer_state, format=c.format, keep=c.keep)
+
+    with jax.set_mesh(mesh):
+        init_rng, rng = np.asarray(jax.random.split(jax.random.PRNGKey(config.seed)))
+        init_fn = functools.partial(ts.init_train_state, task=task, tx=tx)
+        shapes = jax.eval_shape(init_fn, init_rng)
+        specs = match_partition_rules(shapes)
+        check_divisible(shapes, specs, mesh)
+        shardings = named_shardings(specs, mesh)
+        replicated = NamedSharding(mesh, P())
+        batch_sharding = NamedSharding(mesh, P(("dp", "fsdp"), "sp"))
+
+        state, params, meta, last_checkpoint = _restore(config, output_dir, dataset, eval_dataset, shapes,
+                                                        shardings, tx)
+        if state is None and params is None:
+            state = jax.jit(init_fn, out_shardings=shardings)(ts.replicate(init_rng, replicated))
+        elif state is None:
+            from_params = functools.partial(ts.state_from_params, tx=tx, step=int(meta.get("step", 0)))
+            state = jax.jit(from_params, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+            del params
+        rng = ts.replicate(np.asarray(meta.get("rng", rng), np.uint32), replicated)
+
+        train_fn = jax.jit(
+            functools.partial(ts.train_step, task=task, schedule=schedule,
+                              accumulate_steps=config.optimizer.accumulate_gradient_steps),
+            in_shardings=(shardings, replicated, batch_sharding), out_shardings=(shardings, replicated, replicated),
+            donate_argnums=(0, 1))
+        eval_fn = jax.jit(functools.partial(ts.eval_step, task=task), in_shardings=(shardings.params, batch_sharding),
+                          out_shardings=replicated)
+
+        peak = config.peak_flops or logging_utils.peak_flops_of_run(logging_utils.measure_matmul_flops())
+        timer = logging_utils.StepTimer(batch_size * seq_len,
+                                        ts.flops_per_token(shapes.params["params"], model_config, seq_len), peak)
+
+        def save(step: int, milestone: bool = False) -> str:
+            metadata = dict(rng=ts.host_value(rng), modality=config.modality, flags=config.to_dict(),
+                            llama_config=model_config.to_dict(), process_count=jax.process_count(),
+                            eval_dataset_state=None if eval_dataset is None else
+                            ts.gather_process_states(eval_dataset.get_state_dict()))
+            return checkpointer.save(step, state, ts.gather_process_states(dataset.get_state_dict()),
+                                     metadata, milestone=milestone)
+
+        start_step = int(ts.host_value(state.step))
+        logger.info("training %s steps %d..%d in %s (mesh %s, %d processes, peak %.3g FLOP/s)",
+                    config.modality, start_step, config.total_steps, output_dir, dict(mesh.shape),
+                    jax.process_count(), peak)
+        data_iter = iter(dataset)
+        eval_iter = iter(eval_dataset) if eval_dataset is not None else None
+        bar = tqdm(total=config.total_steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
+        row, saved_step = {}, start_step if last_checkpoint else None
+        try:
+            for step in range(start_step, config.total_steps):
+                local_batch, data_metrics = next(data_iter)
+                batch = to_global(local_batch)
+                t0 = time.perf_counter()
+                state, rng, metrics = train_fn(state, rng, batch)
+                jax.block_until_ready((state, rng, metrics))
+                timer.add(time.perf_counter() - t0)
+                bar.update(1)
+                metrics = {k: float(ts.host_value(v)) for k, v in metrics.items()}
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["gradient_norm"])):
+                    metrics_log.log({"step": step, **metrics, **data_metrics})
+                    raise TrainingDiverged(
+                        f"step {step}: loss {metrics['loss']}, gradient norm {metrics['gradient_norm']}. Stopped "
+                        f"without saving; the last good checkpoint is {last_checkpoint or 'none (nothing saved yet)'}")
+                if step % config.log_freq == 0:
+                    row = {"step": step, **metrics, **timer.summary(), **data_metrics}
+                    if eval_iter is not None:
+                        row.update(_evaluate(eval_fn, state.params, eval_iter, config.eval_steps, to_global))
+                    metrics_log.log(row)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                done = step + 1
+                if config.save_milestone_freq > 0 and done % config.save_milestone_freq == 0:
+                    last_checkpoint, saved_step = save(done, milestone=True), done
+                elif config.save_model_freq > 0 and done % config.save_model_freq == 0:
+                    last_checkpoint, saved_step = save(done), done
+            final_step = int(ts.host_value(state.step))
+            if config.save_model_freq > 0 and saved_step != final_step:
+                last_checkpoint = save(final_step)
+        finally:
+            bar.close()
+            metrics_log.close()
+    return {"output_dir": output_dir, "step": int(ts.host_value(state.step)), "last_row": row,
+            "last_checkpoint": last_checkpoint}
+
+
+def _usage() -> str:
+    lines = ["python -m lwm.train [--flag=value ...]; flags and defaults:"]
+    defaults = get_default_config()
+    for name in _known_flags(defaults):
+        lines.append(f"  --{name}={_get(defaults, name)!r}" if name != "llama" else
+                     "  --llama.<field>=value   (any model config field)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Parse flags (default: sys.argv[1:]) and train."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(_usage())
+        return {}
+    return train(parse_flags(argv))
+
+
+def _cli() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        main()
+    except FlagError as e:
+        print(f"lwm.train: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"lwm.train: stopped: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())
