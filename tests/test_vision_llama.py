@@ -1,5 +1,6 @@
 """Vision-language LLaMA: text path equals the text model, vision masks route embeddings and heads (checked
 against a text LLaMA over the joint vocabulary), KV-cache decoding, tied heads, config and parameter tree."""
+import dataclasses
 import json
 
 import jax
@@ -17,9 +18,15 @@ from lwm.vision_llama import (END_OF_FRAME, END_OF_VISION, VisionLLaMAConfig, Vi
 B, T = 2, 16
 
 
+def _text_config(cfg, **updates):
+    """The LLaMAConfig part of a VisionLLaMAConfig."""
+    fields = {f.name for f in dataclasses.fields(LLaMAConfig)}
+    return LLaMAConfig.from_dict({**{k: v for k, v in cfg.to_dict().items() if k in fields}, **updates})
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = VisionLLaMAConfig.load("tiny")
+    cfg = VisionLLaMAConfig.load("tiny").replace(attention_impl="dense")  # attention impls: tested elsewhere
     model = VisionLLaMAForCausalLM(cfg)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), bool))["params"]
     # Interleaved modalities: row 0 is text, a 2-frame clip with its markers, text; row 1 starts with vision.
@@ -38,7 +45,7 @@ def _joint_reference(cfg, params, ids, masks):
     """The same network as a text-only LLaMA over the joint vocabulary [text (V) | vision (W)]: vision id i
     becomes V + i, the embedding and output tables are the two stacked. Returns (text (B,T,V), vision (B,T,W))."""
     v = cfg.vocab_size
-    joint_cfg = LLaMAConfig.from_dict({**PRESETS["tiny"], "vocab_size": v + cfg.vision_vocab_size})
+    joint_cfg = _text_config(cfg, vocab_size=v + cfg.vision_vocab_size)
     text_k, vision_k = output_head_kernels(params, cfg)
     joint = {
         "transformer": {
@@ -55,7 +62,7 @@ def test_text_path_equals_text_model(tiny):
     cfg, model, params, ids, _ = tiny
     text_ids = jnp.where(ids < cfg.vocab_size, ids, 7)
     no_vision = jnp.zeros_like(text_ids, bool)
-    text_model = LLaMAForCausalLM(LLaMAConfig.load("tiny"))
+    text_model = LLaMAForCausalLM(_text_config(cfg))
     text_params = {"transformer": {k: params["transformer"][k] for k in ("wte", "h", "ln_f")},
                    "lm_head": params["lm_head"]}
     expected = text_model.apply({"params": text_params}, text_ids)                     # (B, T, V)
