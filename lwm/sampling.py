@@ -222,7 +222,7 @@ class Sampler:
                       logits_processor=logits_processor, stream=stream)
 
     @staticmethod
-    def _mesh_sizes() -> tuple[int, int]:
+    def mesh_sizes() -> tuple[int, int]:
         """(data-parallel size dp*fsdp, sequence-parallel size sp) of the ambient mesh, (1, 1) without one."""
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
@@ -241,7 +241,7 @@ class Sampler:
                 "--update_llama_config='{\"max_sequence_length\": N}')")
 
     def padded_length(self, prompt_len: int) -> int:
-        _, sp = self._mesh_sizes()
+        _, sp = self.mesh_sizes()
         block = max(self.config.scan_query_chunk_size, self.config.scan_key_chunk_size)
         return bucket_length(prompt_len, sp, block)
 
@@ -257,7 +257,7 @@ class Sampler:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         longest = max(len(p) for p in prompts)
         self.check_length(longest, max_new_tokens)
-        data, sp = self._mesh_sizes()
+        data, sp = self.mesh_sizes()
         t = padded_length or self.padded_length(longest)
         if t % sp:
             raise ValueError(f"padded_length={t} is not divisible by the mesh's sp={sp}")
@@ -292,3 +292,25 @@ class Sampler:
 def cast_params(params, dtype):
     """Cast floating leaves of a parameter tree to `dtype` (integers untouched)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def load_model(config: LLaMAConfig, load_checkpoint: str, dtype=jnp.float32, mesh=None):
+    """(model, params) for inference: parameters read from a `--load_checkpoint` spec (params::PATH,
+    trainstate_params::PATH, flax_params::PATH, orbax::DIR), checked against the model's shapes, cast to
+    `dtype` and, with a mesh, placed by the sharding table one tensor at a time."""
+    from lwm.checkpoint import load_checkpoint as read_checkpoint
+    from lwm.sharding import check_divisible, match_partition_rules, named_shardings
+
+    if not load_checkpoint:
+        raise ValueError("--load_checkpoint is empty: give params::PATH (or trainstate_params::, flax_params::, "
+                         "orbax::) of a trained model")
+    model = LLaMAForCausalLM(config, dtype=dtype, param_dtype=dtype)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    shardings = None
+    if mesh is not None:
+        specs = match_partition_rules(shapes, config.param_scan_axis)
+        check_divisible(shapes, specs, mesh)
+        shardings = named_shardings(specs, mesh)
+    _, params = read_checkpoint(load_checkpoint, params_target=shapes, params_shardings=shardings,
+                                float_dtype=dtype, disallow_trainstate=True)
+    return model, params["params"]
