@@ -25,7 +25,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lwm.llama import (LLaMABlockCollection, LLaMAConfig, RMSNorm, _positions_and_cache_mode,
+from lwm.llama import (LLaMABlockCollection, LLaMAConfig, RMSNorm, _dense, _positions_and_cache_mode,
                        output_head_kernel)
 from lwm.sharding import constrain
 
@@ -63,11 +63,6 @@ class VisionLLaMAConfig(LLaMAConfig):
 def _embed(vocab_size: int, config: VisionLLaMAConfig, dtype, param_dtype, name: str) -> nn.Embed:
     return nn.Embed(vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
                     embedding_init=nn.initializers.normal(config.initializer_range), name=name)
-
-
-def _head(vocab_size: int, config: VisionLLaMAConfig, dtype, param_dtype, name: str) -> nn.Dense:
-    return nn.Dense(vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.initializers.normal(config.initializer_range))
 
 
 class VisionLLaMAModule(nn.Module):
@@ -116,9 +111,9 @@ class VisionLLaMAForCausalLM(nn.Module):
         cfg = self.config
         self.transformer = VisionLLaMAModule(cfg, self.dtype, self.param_dtype)
         if not cfg.tie_vision_embeddings:
-            self.vision_head = _head(cfg.vision_vocab_size, cfg, self.dtype, self.param_dtype, "vision_head")
+            self.vision_head = _dense(cfg.vision_vocab_size, cfg, self.dtype, self.param_dtype, "vision_head")
         if not cfg.tie_word_embeddings:
-            self.lm_head = _head(cfg.vocab_size, cfg, self.dtype, self.param_dtype, "lm_head")
+            self.lm_head = _dense(cfg.vocab_size, cfg, self.dtype, self.param_dtype, "lm_head")
 
     def _logits(self, hidden, tied: bool, table: str, head: Optional[nn.Dense]):
         if tied:
