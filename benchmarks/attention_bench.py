@@ -38,7 +38,7 @@ def parse_args(argv=None):
   p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up (median)")
   p.add_argument("--mem_fraction", type=float, default=0.6,
                  help="skip rows whose estimated bytes exceed this fraction of available memory")
-  p.add_argument("--row_timeout", type=float, default=600.0, help="seconds per row before it is skipped")
+  p.add_argument("--row_timeout", type=float, default=1800.0, help="seconds per row before it is skipped")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one row, print JSON
   args = p.parse_args(argv)
   args.kv_heads = args.kv_heads or args.heads

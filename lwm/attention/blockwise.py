@@ -31,15 +31,18 @@ def chunk_size(requested: int, length: int) -> int:
   return min(requested, length)
 
 
-def _pad_seq(x, multiple: int, axis: int, value=0):
-  """Pads `axis` of x up to a multiple of `multiple` (no-op when already a multiple or x is None)."""
+def pad_to(x, multiple: int, axis: int, value=0):
+  """Pads `axis` of x with `value` up to a multiple of `multiple`; None and exact multiples pass through.
+
+  Example: pad_to(jnp.arange(5)[None], 4, axis=1) -> [[0, 1, 2, 3, 4, 0, 0, 0]].
+  """
   if x is None:
     return None
   pad = -x.shape[axis] % multiple
   if pad == 0:
     return x
   widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
+  widths[axis % x.ndim] = (0, pad)
   return jnp.pad(x, widths, constant_values=value)
 
 
@@ -111,13 +114,14 @@ def block_forward(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, q_offset=
     raise ValueError("block_forward: pass both q_segment_ids and kv_segment_ids, or neither")
   acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
   qc, kc = chunk_size(q_chunk, T), chunk_size(k_chunk, S)
-  q, q_seg = _pad_seq(q, qc, 1), _pad_seq(q_segment_ids, qc, 1)
-  k, v, k_seg = _pad_seq(k, kc, 1), _pad_seq(v, kc, 1), _pad_seq(kv_segment_ids, kc, 1)
+  q, q_seg = pad_to(q, qc, 1), pad_to(q_segment_ids, qc, 1)
+  k, v, k_seg = pad_to(k, kc, 1), pad_to(v, kc, 1), pad_to(kv_segment_ids, kc, 1)
   nq, nk = q.shape[1] // qc, k.shape[1] // kc
   k_valid_all = jnp.arange(k.shape[1]) < S if k.shape[1] != S else None
 
-  qh, kh, vh = _heads_first(q * jnp.asarray(H ** -0.5, q.dtype), k, v)  # (B,K,G,Tp,H), (B,K,Sp,H)
+  qh, kh, vh = _heads_first(q, k, v)  # (B, K, G, Tp, H), (B, K, Sp, H)
   G = N // K
+  scale = H ** -0.5
 
   def one_q_chunk(i):
     q_i = lax.dynamic_slice_in_dim(qh, i * qc, qc, axis=3)  # (B, K, G, qc, H)
@@ -128,7 +132,7 @@ def block_forward(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, q_offset=
       m, l, acc = carry
       k_j = lax.dynamic_slice_in_dim(kh, j * kc, kc, axis=2)  # (B, K, kc, H)
       v_j = lax.dynamic_slice_in_dim(vh, j * kc, kc, axis=2)
-      s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype)
+      s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype) * scale
       k_seg_j = None if k_seg is None else lax.dynamic_slice_in_dim(k_seg, j * kc, kc, axis=1)
       k_valid = None if k_valid_all is None else lax.dynamic_slice_in_dim(k_valid_all, j * kc, kc)
       mask = _mask(q_pos, k_offset + j * kc + jnp.arange(kc), q_seg_i, k_seg_j, k_valid, causal)
@@ -183,9 +187,9 @@ def block_backward(q, k, v, o, lse, do, q_segment_ids=None, kv_segment_ids=None,
 
   delta = jnp.sum(o.astype(acc_dtype) * do.astype(acc_dtype), axis=-1)  # (B, T, N)
   lse = jnp.where(jnp.isneginf(lse), 0.0, lse)  # rows with no key: every P is exp(-inf) = 0 anyway
-  q, do, q_seg = _pad_seq(q, qc, 1), _pad_seq(do, qc, 1), _pad_seq(q_segment_ids, qc, 1)
-  lse, delta = _pad_seq(lse, qc, 1), _pad_seq(delta, qc, 1)
-  k, v, k_seg = _pad_seq(k, kc, 1), _pad_seq(v, kc, 1), _pad_seq(kv_segment_ids, kc, 1)
+  q, do, q_seg = pad_to(q, qc, 1), pad_to(do, qc, 1), pad_to(q_segment_ids, qc, 1)
+  lse, delta = pad_to(lse, qc, 1), pad_to(delta, qc, 1)
+  k, v, k_seg = pad_to(k, kc, 1), pad_to(v, kc, 1), pad_to(kv_segment_ids, kc, 1)
   Tp, Sp = q.shape[1], k.shape[1]
   nq, nk = Tp // qc, Sp // kc
   k_valid_all = jnp.arange(Sp) < S if Sp != S else None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lwm.attention.blockwise import pad_to  # noqa: F401  (re-exported for the kernels)
+
 
 def kernel_module(interpret: bool):
   """The Pallas kernel module for the default backend.
@@ -35,18 +37,6 @@ def kernel_module(interpret: bool):
       f"attention impl 'pallas'/'ring_pallas' needs a GPU or TPU backend, found {backend!r}; pass "
       "pallas_interpret=True to run the GPU kernel in Pallas interpret mode (slow, for tests), or use "
       "impl='blockwise'/'ring'")
-
-
-def pad_to(x, multiple: int, axis: int, value=0):
-  """Pads `axis` of x with `value` up to a multiple of `multiple`; None and exact multiples pass through."""
-  if x is None:
-    return None
-  pad = -x.shape[axis] % multiple
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis % x.ndim] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def next_power_of_2(n: int) -> int:
