@@ -185,7 +185,7 @@ def apply_rotary(x, positions, theta: float):
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def _dense(features, config, dtype, param_dtype, name):
+def dense_layer(features, config, dtype, param_dtype, name):
     return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=nn.initializers.normal(config.initializer_range))
 
@@ -202,9 +202,9 @@ class LLaMAAttention(nn.Module):
         cfg = self.config
         b, t, _ = x.shape
         n, k, h = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
-        q = _dense(n * h, cfg, self.dtype, self.param_dtype, "wq")(x).reshape(b, t, n, h)
-        key = _dense(k * h, cfg, self.dtype, self.param_dtype, "wk")(x).reshape(b, t, k, h)
-        val = _dense(k * h, cfg, self.dtype, self.param_dtype, "wv")(x).reshape(b, t, k, h)
+        q = dense_layer(n * h, cfg, self.dtype, self.param_dtype, "wq")(x).reshape(b, t, n, h)
+        key = dense_layer(k * h, cfg, self.dtype, self.param_dtype, "wk")(x).reshape(b, t, k, h)
+        val = dense_layer(k * h, cfg, self.dtype, self.param_dtype, "wv")(x).reshape(b, t, k, h)
         q = apply_rotary(q, position_ids, cfg.theta)
         key = apply_rotary(key, position_ids, cfg.theta)
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
@@ -225,7 +225,7 @@ class LLaMAAttention(nn.Module):
                 new_cache = dict(k=layer_cache["k"].at[:, :t].set(key.astype(layer_cache["k"].dtype)),
                                  v=layer_cache["v"].at[:, :t].set(val.astype(layer_cache["v"].dtype)))
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
-        out = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out.reshape(b, t, n * h))
+        out = dense_layer(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out.reshape(b, t, n * h))
         out = nn.Dropout(rate=cfg.resid_pdrop)(out, deterministic=self.deterministic)
         return out, new_cache
 
@@ -239,9 +239,9 @@ class LLaMAMLP(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.w1 = _dense(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "w1")
-        self.w3 = _dense(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "w3")
-        self.w2 = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "w2")
+        self.w1 = dense_layer(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "w1")
+        self.w3 = dense_layer(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "w3")
+        self.w2 = dense_layer(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "w2")
         self.dropout = nn.Dropout(rate=cfg.resid_pdrop)
 
     def _ff(self, x):  # (B, C, D) -> (B, C, D)
@@ -337,7 +337,7 @@ def init_cache(config: LLaMAConfig, batch_size: int, max_length: int, dtype=jnp.
                 segment_ids=jnp.zeros((batch_size, max_length), jnp.int32))
 
 
-def _positions_and_cache_mode(input_shape, position_ids, cache, cache_index):
+def positions_and_cache_mode(input_shape, position_ids, cache, cache_index):
     b, t = input_shape
     if cache is None:
         mode = None
@@ -361,7 +361,7 @@ class LLaMAModule(nn.Module):
     def __call__(self, input_ids, position_ids=None, segment_ids=None, cache=None, cache_index=None,
                  deterministic=True):
         cfg = self.config
-        position_ids, mode = _positions_and_cache_mode(input_ids.shape, position_ids, cache, cache_index)
+        position_ids, mode = positions_and_cache_mode(input_ids.shape, position_ids, cache, cache_index)
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                      embedding_init=nn.initializers.normal(cfg.initializer_range), name="wte")(
             input_ids.astype(jnp.int32))
@@ -385,7 +385,7 @@ class LLaMAForCausalLM(nn.Module):
         cfg = self.config
         self.transformer = LLaMAModule(cfg, self.dtype, self.param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _dense(cfg.vocab_size, cfg, self.dtype, self.param_dtype, "lm_head")
+            self.lm_head = dense_layer(cfg.vocab_size, cfg, self.dtype, self.param_dtype, "lm_head")
 
     def logits(self, hidden):
         """(B, T, D) -> (B, T, V) float32."""

@@ -27,6 +27,11 @@ _ALLOWED_GLOBALS = {
 }
 
 
+# Immutable mappings from libraries that parameter pickles may hold; rebuilt as plain dicts without
+# importing the library.
+_AS_DICT = {("flax.core.frozen_dict", "FrozenDict")}
+
+
 class UnsafePickleError(pickle.UnpicklingError):
     """The pickle references a global that plain data never needs."""
 
@@ -39,6 +44,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) in _AS_DICT:  # flax FrozenDict pickles as FrozenDict(dict): read it as a dict
+            return dict
         raise UnsafePickleError(
             f"{self._source}: refusing to unpickle global {module}.{name}; only plain containers and "
             "numpy arrays are accepted (convert the file with a trusted tool if you wrote it yourself)")

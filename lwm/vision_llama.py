@@ -25,7 +25,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lwm.llama import (LLaMABlockCollection, LLaMAConfig, RMSNorm, _dense, _positions_and_cache_mode,
+from lwm.llama import (LLaMABlockCollection, LLaMAConfig, RMSNorm, dense_layer, positions_and_cache_mode,
                        output_head_kernel)
 from lwm.sharding import constrain
 
@@ -76,7 +76,7 @@ class VisionLLaMAModule(nn.Module):
     def __call__(self, input_ids, vision_masks=None, position_ids=None, segment_ids=None, cache=None,
                  cache_index=None, deterministic=True):
         cfg = self.config
-        position_ids, mode = _positions_and_cache_mode(input_ids.shape, position_ids, cache, cache_index)
+        position_ids, mode = positions_and_cache_mode(input_ids.shape, position_ids, cache, cache_index)
         if vision_masks is None:
             if cfg.sample_mode == "all":
                 raise ValueError("vision_masks are required with sample_mode='all' (which positions are vision "
@@ -111,9 +111,9 @@ class VisionLLaMAForCausalLM(nn.Module):
         cfg = self.config
         self.transformer = VisionLLaMAModule(cfg, self.dtype, self.param_dtype)
         if not cfg.tie_vision_embeddings:
-            self.vision_head = _dense(cfg.vision_vocab_size, cfg, self.dtype, self.param_dtype, "vision_head")
+            self.vision_head = dense_layer(cfg.vision_vocab_size, cfg, self.dtype, self.param_dtype, "vision_head")
         if not cfg.tie_word_embeddings:
-            self.lm_head = _dense(cfg.vocab_size, cfg, self.dtype, self.param_dtype, "lm_head")
+            self.lm_head = dense_layer(cfg.vocab_size, cfg, self.dtype, self.param_dtype, "lm_head")
 
     def _logits(self, hidden, tied: bool, table: str, head: Optional[nn.Dense]):
         if tied:
