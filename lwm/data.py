@@ -18,6 +18,7 @@ See docs/data.md for the modes (`no_pad`, `pad`, `pack`), loss weighting and how
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing
@@ -477,21 +478,27 @@ def _worker_process(item):
 
 def _parallel_process(lines, processor, source: str, processes: int, batch_size: int, chunk_size: int):
     """`_process_line` over `lines` in `processes` worker processes, results in input order. Two batches of
-    `batch_size` lines are in flight while the caller consumes a third."""
+    `batch_size` lines are in flight while the caller consumes a third. A worker that dies raises
+    BrokenProcessPool instead of hanging."""
+    from concurrent.futures import ProcessPoolExecutor
+
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may run JAX threads
-    with ctx.Pool(processes, initializer=_worker_init, initargs=(processor, source)) as pool:
-        in_flight = deque()
+    pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_init, initargs=(processor, source))
+    in_flight = deque()
 
-        def submit():
-            batch = [item for _, item in zip(range(batch_size), lines)]
-            if batch:
-                in_flight.append(pool.map_async(_worker_process, batch, chunksize=chunk_size))
+    def submit():
+        batch = list(itertools.islice(lines, batch_size))
+        if batch:
+            in_flight.append(pool.map(_worker_process, batch, chunksize=chunk_size))
 
+    try:
         submit(), submit()
         while in_flight:
-            results = in_flight.popleft().get()
+            results = in_flight.popleft()
             submit()
             yield from results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class JsonDataset(_BaseDataset):

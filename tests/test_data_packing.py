@@ -145,55 +145,51 @@ def test_pad_mode_one_example_per_row(tok, data_file):
 def test_packed_batch_gives_each_example_its_own_loss_and_gradient(tok, data_file):
     from lwm.llama import LLaMAConfig, LLaMAForCausalLM
 
-    ds = DatasetFactory.load_dataset(text_config(data_file, mode="pack", loss_weighting="example"), tok)
-    batch, _ = next(iter(ds))
+    cfg = text_config(data_file, mode="pack", loss_weighting="example", seq_length=128)
+    batch, _ = next(iter(DatasetFactory.load_dataset(cfg, tok)))
     segs = list(segments(batch))
-    assert len(segs) >= 4 and max(s for _, s, *_ in segs) >= 2  # rows really hold several examples
-    e, t = len(segs), batch["input_tokens"].shape[1]
-    alone_in, alone_tgt, alone_mask = (np.zeros((e, t), np.int32) for _ in range(3))
-    seg_weights = np.zeros((e, *batch["loss_masks"].shape), np.float32)  # (E, B, T): example e's part of w
+    e, (b, t) = len(segs), batch["input_tokens"].shape
+    assert e >= 4 and max(s for _, s, *_ in segs) >= 2  # rows really hold several examples
+    # Both runs use one (E, T) layout so one compiled function serves them: the packed batch gets E - B
+    # empty rows (segment 0, no loss); "alone" puts example k by itself in row k, right-padded.
+    packed = {k: np.zeros((e, t), v.dtype) for k, v in batch.items()}
+    for k, v in batch.items():
+        packed[k][:b] = v
+    alone = {k: np.zeros((e, t), v.dtype) for k, v in packed.items()}
+    packed_w, alone_w = np.zeros((2, e, e, t), np.float32)  # [k]: example k's loss weights
     for k, (r, s, tokens, w, _) in enumerate(segs):
         n = len(tokens) - 1
-        alone_in[k, :n], alone_tgt[k, :n], alone_mask[k, :n] = tokens[:-1], tokens[1:], w > 0
-        seg_weights[k, r] = np.where(batch["segment_ids"][r] == s, batch["loss_masks"][r], 0)
+        alone["input_tokens"][k, :n], alone["target_tokens"][k, :n] = tokens[:-1], tokens[1:]
+        alone["position_ids"][k] = np.arange(t)
+        alone["segment_ids"][k, :n] = 1  # one example: the same as no segment ids under causal attention
+        alone_w[k, k, :n] = (w > 0) / np.sum(w > 0)  # that example's own mean loss
+        packed_w[k, r] = np.where(packed["segment_ids"][r] == s, packed["loss_masks"][r], 0)
 
-    cfg = LLaMAConfig.load("tiny").replace(attention_impl="dense")
-    model = LLaMAForCausalLM(cfg, dtype=jnp.float32)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    model = LLaMAForCausalLM(LLaMAConfig.load("tiny").replace(attention_impl="dense"), dtype=jnp.float32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
 
-    def token_nll(p, inputs, targets, **kw):  # (B, T): plain log-softmax cross-entropy
-        logits = model.apply({"params": p}, inputs, **kw)
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    def weighted_nll(p, x, w, segment_ids):  # plain log-softmax cross-entropy, weighted sum
+        logits = model.apply({"params": p}, x["input_tokens"], position_ids=x["position_ids"], segment_ids=segment_ids)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), x["target_tokens"][..., None], -1)[..., 0]
+        return jnp.sum(w * nll)
 
-    packed = dict(inputs=batch["input_tokens"], targets=batch["target_tokens"],
-                  position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
-
-    @jax.jit
-    def packed_losses(p, w):  # w: (B, T) weights -> weighted sum
-        return jnp.sum(w * token_nll(p, **packed))
-
-    @jax.jit
-    def alone_losses(p):  # (E,): each example in its own row, nothing else in the row
-        nll = token_nll(p, alone_in, alone_tgt)
-        return jnp.sum(alone_mask * nll, 1) / jnp.sum(alone_mask, 1)
-
-    per_example_packed = jax.vmap(packed_losses, (None, 0))(params, seg_weights)
-    per_example_alone = alone_losses(params)
-    np.testing.assert_allclose(per_example_packed, per_example_alone, atol=1e-5, rtol=0)
-    # the batch loss, as lwm.loss computes it (weighted mean), is the mean over examples
-    w = batch["loss_masks"]
-    assert float(packed_losses(params, w) / w.sum()) == pytest.approx(float(per_example_alone.mean()), abs=1e-5)
-
-    grads_packed = jax.vmap(jax.grad(packed_losses), (None, 0))(params, seg_weights)
-    grads_alone = jax.jacrev(alone_losses)(params)
-    for gp, ga in zip(jax.tree.leaves(grads_packed), jax.tree.leaves(grads_alone)):
-        np.testing.assert_allclose(gp, ga, atol=1e-5, rtol=0)
-        assert float(jnp.abs(ga).max()) > 1e-4  # the comparison is not between zeros
-
-    # negative control: the same packed batch without segment ids lets examples see their row-mates
-    no_segments = dict(packed, segment_ids=None)
-    leaky = jax.vmap(lambda ww: jnp.sum(ww * token_nll(params, **no_segments)))(seg_weights)
-    assert float(jnp.abs(leaky - per_example_alone).max()) > 1e-3
+    loss_and_grad = jax.jit(jax.value_and_grad(weighted_nll))
+    alone_losses = []
+    for k in range(e):
+        lp, gp = loss_and_grad(params, packed, packed_w[k], packed["segment_ids"])
+        la, ga = loss_and_grad(params, alone, alone_w[k], alone["segment_ids"])
+        assert abs(float(lp) - float(la)) < 1e-5, (k, float(lp), float(la))
+        alone_losses.append(float(la))
+        for x, y in zip(jax.tree.leaves(gp), jax.tree.leaves(ga)):
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+        assert max(float(jnp.abs(y).max()) for y in jax.tree.leaves(ga)) > 1e-3  # not comparing zeros
+    # the batch loss as lwm.loss computes it (weighted mean) is the mean of the examples' own losses
+    batch_loss = float(loss_and_grad(params, packed, packed["loss_masks"], packed["segment_ids"])[0])
+    assert batch_loss / packed["loss_masks"].sum() == pytest.approx(np.mean(alone_losses), abs=1e-5)
+    # negative control: without segment ids, examples see their row-mates and the losses move
+    leaky = jax.jit(weighted_nll, static_argnums=3)
+    moved = [abs(float(leaky(params, packed, packed_w[k], None)) - alone_losses[k]) for k in range(e)]
+    assert max(moved) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------- resume
