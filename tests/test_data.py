@@ -195,6 +195,45 @@ def test_json_text_matches_original(tok, qa_file, processes):
     assert m["dataset_accumulated_tps"] > 0 and m["dataset_average_tps"] > 0
 
 
+def test_start_position_options(tok, qa_file):
+    """start_seek_loc / example_index_at_start start a fresh run at a line; tokens_count_at_start the count."""
+    lines = open(qa_file, "rb").readlines()
+    k = 20
+    cfg = {"type": "json", "text_processor": {"fields": "[question],answer"},
+           "json_dataset": {"path": qa_file, "seq_length": 512, "batch_size": 2, "mode": "pad",
+                            "start_seek_loc": sum(map(len, lines[:k])), "example_index_at_start": k,
+                            "tokens_count_at_start": 1000}}
+    batch, metrics = next(iter(DatasetFactory.load_dataset(cfg, tok)))
+    proc = TextProcessor({"fields": "[question],answer"}, tok)
+    for row, line in enumerate(lines[k:k + 2]):
+        ex = proc(json.loads(line))
+        assert batch["target_tokens"][row, :len(ex) - 1].tolist() == ex.tokens[1:].tolist()
+    assert metrics["dataset_example_index"] == k + 1 and metrics["dataset_total_tokens"] == 1000 + 2 * 512
+
+
+def test_vision_no_pad_is_the_concatenated_stream(tok, tmp_path):
+    rng = random.Random(4)
+    lines = [json.dumps({"cap": sentence(rng), "vision": [rng.randrange(8192) for _ in range(8 * rng.randint(1, 3))],
+                         "fields": rng.choice(["[cap],vision", "vision,cap"])}) for _ in range(12)]
+    path = write_lines(tmp_path / "v.jsonl", lines)
+    proc_cfg = {"fields_from_example": "fields", "n_tokens_per_frame": 8}
+    ds = DatasetFactory.load_dataset({"type": "json_vision", "vision_text_processor": proc_cfg,
+                                      "json_vision_dataset": {"path": path, "seq_length": 16, "batch_size": 2,
+                                                              "mode": "no_pad"}}, tok)
+    proc = VisionTextProcessor(proc_cfg, tok)
+    exs = [proc(json.loads(line), i) for i, line in enumerate(lines)]
+    tokens, masks, vision = (np.concatenate([getattr(e, f) for e in exs]) for f in ("tokens", "loss_masks", "vision_masks"))
+    for i, (batch, _) in zip(range(len(tokens) // 32 - 1), ds):
+        cut = slice(32 * i, 32 * i + 32)
+        nxt = slice(32 * i + 1, 32 * i + 33)
+        np.testing.assert_array_equal(batch["input_tokens"].ravel(), tokens[cut])
+        np.testing.assert_array_equal(batch["target_tokens"].ravel(), tokens[nxt])
+        np.testing.assert_array_equal(batch["loss_masks"].ravel(), masks[nxt])
+        np.testing.assert_array_equal(batch["input_vision_masks"].ravel(), vision[cut])
+        np.testing.assert_array_equal(batch["target_vision_masks"].ravel(), vision[nxt])
+    assert vision.any() and (~vision).any()
+
+
 def test_huggingface_local_file_matches_json(tok, tmp_path):
     rng = random.Random(2)
     path = write_lines(tmp_path / "hf.jsonl", [json.dumps({"question": sentence(rng), "answer": sentence(rng)})
@@ -237,9 +276,10 @@ def test_malformed_line_is_skipped_counted_and_reported(tok, tmp_path, caplog):
 def test_bad_input_errors(tok, tmp_path):
     good = json.dumps({"question": "the fox", "answer": "jumps"})
     missing = write_lines(tmp_path / "m.jsonl", [good, good, json.dumps({"question": "q"})])
-    with pytest.raises(DataFormatError, match=r"m.jsonl, line 3: missing field 'answer'"):
-        for _ in _json_ds(tok, missing):
-            pass
+    for processes in (1, 2):  # also raised from a worker process
+        with pytest.raises(DataFormatError, match=r"m.jsonl, line 3: missing field 'answer'"):
+            for _ in _json_ds(tok, missing, tokenizer_processes=processes):
+                pass
     with pytest.raises(FileNotFoundError, match="json_dataset.path=.*no such file"):
         _json_ds(tok, str(tmp_path / "nope.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")
