@@ -87,11 +87,12 @@ def _parse_field(field: str) -> tuple[str, float]:
 
 
 class TextProcessor:
-    """Example dict -> (tokens, loss_masks, vision_masks) following the field syntax (module docstring).
+    """Example dict -> Example(tokens, loss_masks, vision_masks) following the field syntax (module doc).
 
-    >>> # tokenizer: 'Q?' -> [7, 8], 'A.' -> [9]; bos 1, eos 2; fields '[q],a'
-    >>> # tokens     1  7  8  9  2
-    >>> # loss_masks 0  0  0  1  1      (target of a position is the next token: see lwm/packing.py)
+    With a tokenizer where 'Q?' -> [7, 8] and 'A.' -> [9], BOS 1, EOS 2, fields '[q],a' and the example
+    {"q": "Q?", "a": "A."}:
+        tokens      1  7  8  9  2
+        loss_masks  0  0  0  1  1      (the weight of predicting each token; see lwm/packing.py)
     """
 
     @staticmethod
@@ -384,7 +385,7 @@ class _BaseDataset:
     def load_state_dict(self, state: Mapping) -> None:
         saved = state.get("config", {})
         for key in ("path", "seq_length", "batch_size", "mode", "pack_overflow", "loss_weighting"):
-            if key in saved and saved[key] != self.config[key] and not (key == "mode" and saved.get("pad")):
+            if key in saved and saved[key] != self.config[key]:
                 raise ValueError(f"dataset state was saved with {self.section}.{key}={saved[key]!r}, "
                                  f"this run has {self.config[key]!r}; resuming would not continue the same stream")
         if "host" in state and state["host"] != self.host.to_dict():
