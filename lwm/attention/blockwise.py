@@ -102,7 +102,8 @@ def block_forward(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, q_offset=
 
   Returns:
     out: (B, T, N, H) float32 (float64 for float64 inputs), normalised over this key block.
-    lse: (B, T, N) float32 log-sum-exp of the scaled scores over this key block; -inf where no key is allowed.
+    lse: (B, T, N), same dtype: log-sum-exp of the scaled scores over this key block; -inf for a row
+      with no allowed key.
 
   Example: with T = S = 4, q_offset = 4, k_offset = 0 and causal=True every query sees all four keys
   (the key block lies wholly in the past); with q_offset = 0, k_offset = 4 no key is visible and the
