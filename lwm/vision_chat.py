@@ -1,0 +1,151 @@
+"""`python -m lwm.vision_chat`: answer a question about an image or a video with the vision-language LWM.
+
+    python -m lwm.vision_chat --prompt='What is the video about?' --input_file=clip.mp4 --max_n_frames=8 \
+        --load_llama_config=7b --update_llama_config="dict(theta=50000000, max_sequence_length=131072)" \
+        --load_checkpoint=params::/ckpt/params --vqgan_checkpoint=/ckpt/vqgan --tokenizer=/ckpt/tokenizer.model
+
+Tiny and random, on a CPU: --load_llama_config=tiny --vqgan_config=tiny (no --load_checkpoint: random weights).
+
+Steps (the original's, docs/vision_chat.md):
+  1. Frames: the image, or at most max_n_frames of the video spread evenly from first to last; each one's
+     shorter side scaled to the VQGAN resolution (256) and the centre square cut out (lwm.vision_io).
+  2. VQGAN codes -> vision tokens: each frame's h*w codes and END_OF_FRAME, END_OF_VISION after the last.
+  3. The prompt, one BOS then the original's template:
+         <s>You are a helpful assistant. USER: {question}\\n<vision>{vision tokens}</vision> ASSISTANT:
+     (`<vision>`, `</vision>` and the text are tokenized text; only the vision tokens use the vision vocabulary).
+  4. Prefill with the vision masks, decode text over the KV cache until EOS or max_new_tokens; print it.
+The prompt + max_new_tokens budget is checked before anything is compiled.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from lwm.sampling import Sampler, bucket_length, decode, sample_logits
+from lwm.vision_generation import (SYSTEM_PROMPT, Prompt, base_flags, check_budget, load_vision_model,
+                                   pad_prompts, parse_args, prefill_vision, setup_runtime, text_prompt,
+                                   vision_model_config)
+from lwm.vision_llama import END_OF_FRAME, END_OF_VISION, VisionLLaMAForCausalLM
+
+
+def vision_tokens(codes: np.ndarray) -> np.ndarray:
+    """Codes (T, h, w) -> vision ids (T * (h*w + 1),): each frame's codes row by row, then END_OF_FRAME,
+    END_OF_VISION closing the last frame. E.g. two 1x2 frames [[a, b]], [[c, d]] -> a b 8192 c d 8193."""
+    codes = np.asarray(codes, np.int32)
+    t = codes.shape[0]
+    ends = np.full((t, 1), END_OF_FRAME, np.int32)
+    ends[-1] = END_OF_VISION
+    return np.concatenate([codes.reshape(t, -1), ends], axis=1).reshape(-1)
+
+
+def chat_prompt(tokenizer, question: str, vision: np.ndarray) -> Prompt:
+    """BOS + "You are a helpful assistant. USER: {question}\\n" + "<vision>" + vision ids + "</vision>"
+    + " ASSISTANT:"; each text piece tokenized separately, as the original does."""
+    prompt = text_prompt(tokenizer, f"{SYSTEM_PROMPT} USER: {question}\n")
+    prompt = prompt.extend(tokenizer.encode("<vision>"), False).extend(vision, True)
+    return prompt.extend(tokenizer.encode("</vision>"), False).extend(tokenizer.encode(" ASSISTANT:"), False)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "cache_len", "eos_id",
+                                             "pad_id"))
+def _answer(params, ids, vision, segment_ids, position_ids, rng, *, model, max_new_tokens, temperature, cache_len,
+            eos_id, pad_id):
+    """Prefill (vision masks routing the embeddings), then text decoding; (tokens (R, N), counts (R,))."""
+    logits, cache = prefill_vision(model, params, ids, vision, segment_ids, position_ids, cache_len, "text")
+    sample_fn = lambda lg, key, step: sample_logits(lg, key, temperature)
+    return decode(model, params, cache, logits, segment_ids.sum(axis=1), ids.shape[1], rng,
+                  max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sample_fn=sample_fn)
+
+
+def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,
+           rng: jax.Array, eos_id: int, pad_id: int, stats: Optional[dict] = None) -> list[int]:
+    """New text ids after `prompt` (model with sample_mode='text'), up to and without EOS. Raises
+    PromptTooLongError before compiling when len(prompt) + max_new_tokens > max_sequence_length."""
+    config = model.config
+    if config.sample_mode != "text":
+        raise ValueError(f"answer needs a model with sample_mode='text', not {config.sample_mode!r}")
+    if max_new_tokens < 1 or temperature < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 and temperature={temperature} >= 0")
+    check_budget(len(prompt), max_new_tokens, config.max_sequence_length, f"--max_new_tokens={max_new_tokens}")
+    data, sp = Sampler.mesh_sizes()
+    t = bucket_length(len(prompt), sp, max(config.scan_query_chunk_size, config.scan_key_chunk_size))
+    ids, vision, seg, pos = pad_prompts([prompt] * data, t, pad_id)      # one row per data shard
+    args = (params, ids, vision, seg, pos, rng)
+    static = dict(model=model, max_new_tokens=max_new_tokens, temperature=float(temperature),
+                  cache_len=t + sp * math.ceil(max_new_tokens / sp), eos_id=eos_id, pad_id=pad_id)
+    t0 = time.perf_counter()
+    compiled = _answer.lower(*args, **static).compile()
+    t1 = time.perf_counter()
+    tokens, num = jax.device_get(compiled(*args))
+    t2 = time.perf_counter()
+    row = np.asarray(tokens[0, :num[0]]).tolist()
+    if stats is not None:
+        stats.update(compile_s=t1 - t0, generate_s=t2 - t1, prompt_tokens=len(prompt), new_tokens=int(num[0]))
+    return row[:-1] if row and row[-1] == eos_id else row
+
+
+def get_default_config() -> ConfigDict:
+    c = base_flags()
+    c.input_file = ""                          # an image (.png/.jpg/...) or a video (anything FFmpeg reads)
+    c.max_n_frames = 8                         # longer videos are sampled uniformly down to this many frames
+    c.temperature = 0.2                        # 0 = greedy
+    c.max_new_tokens = 512
+    c.lock()
+    return c
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the entry point; returns the answer text, its token ids, the prompt and timings."""
+    from lwm.sharding import check_model_mesh
+    from lwm.vision_io import load_frames
+    from lwm.vqgan import VQGAN, VQGANConfig
+
+    start = time.perf_counter()
+    config = parse_args(sys.argv[1:] if argv is None else argv, get_default_config())
+    if not config.prompt:
+        raise ValueError("--prompt is required: the question to ask about --input_file")
+    if not config.input_file:
+        raise ValueError("--input_file is required: an image (.png/.jpg) or a video file")
+    if config.max_n_frames < 1:
+        raise ValueError(f"--max_n_frames={config.max_n_frames} must be >= 1")
+    vq_config = VQGANConfig.load(config.vqgan_config)
+    tokenizer, dtype, mesh = setup_runtime(config)
+    llama_config = vision_model_config(config, tokenizer, "text")
+    check_model_mesh(llama_config, mesh)
+
+    stats: dict = {}
+    t0 = time.perf_counter()
+    frames = load_frames(config.input_file, vq_config.resolution, config.max_n_frames)   # (T, S, S, 3)
+    side = vq_config.codes_per_side
+    placeholder = vision_tokens(np.zeros((len(frames), side, side), np.int32))           # same length, no compile
+    check_budget(len(chat_prompt(tokenizer, config.prompt, placeholder)), config.max_new_tokens,
+                 llama_config.max_sequence_length,
+                 f"--input_file with {len(frames)} frame(s) and --max_new_tokens={config.max_new_tokens}")
+    vqgan = VQGAN.load(config.vqgan_checkpoint or None, vq_config, seed=config.seed)
+    _, codes = vqgan.encode(frames)                                                      # (T, h, w)
+    prompt = chat_prompt(tokenizer, config.prompt, vision_tokens(np.asarray(codes)))
+    stats.update(frames=len(frames), encode_s=time.perf_counter() - t0)
+
+    with jax.set_mesh(mesh):
+        model, params = load_vision_model(llama_config, config.load_checkpoint, dtype, mesh, config.seed)
+        ids = answer(model, params, prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                     rng=jax.random.PRNGKey(config.seed), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                     stats=stats)
+    text = tokenizer.decode(ids)
+    stats["total_s"] = time.perf_counter() - start
+    print(f"Question: {config.prompt}\nAnswer: {text}", flush=True)
+    print(f"({stats['frames']} frame(s), {stats['prompt_tokens']} prompt tokens, {stats['new_tokens']} new tokens in "
+          f"{stats['generate_s']:.2f} s after {stats['compile_s']:.1f} s compiling; {stats['total_s']:.1f} s in all)",
+          file=sys.stderr, flush=True)
+    return dict(answer=text, tokens=ids, prompt=prompt, stats=stats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""`python -m lwm.vision_generation`: text -> image (PNG/JPEG) or video (MP4) with the vision-language LWM.
+
+    python -m lwm.vision_generation --prompt='Fireworks over the city' --output_file=fireworks.mp4 \
+        --n_frames=8 --cfg_scale_image=5 --load_llama_config=7b \
+        --update_llama_config="dict(theta=50000000, max_sequence_length=32768)" \
+        --load_checkpoint=params::/ckpt/params --vqgan_checkpoint=/ckpt/vqgan --tokenizer=/ckpt/tokenizer.model
+
+Tiny and random, on a CPU: --load_llama_config=tiny --vqgan_config=tiny (no --load_checkpoint: random weights).
+
+The recipe is the original's (docs/vision_generation.md):
+  1. First frame. The conditional prompt "<s>You are a helpful assistant. USER: Generate an image of {prompt}
+     ASSISTANT: <vision>" and the unconditional "<s><vision>" are one batch. Each step mixes their vision logits,
+     l = l_uncond + s * (l_cond - l_uncond) with s = cfg_scale_image, draws one code and feeds it to both
+     rows. A frame is h*w codes (drawn among the codebook ids only) and an end-of-frame token, forced.
+  2. Frames 2..n_frames. "... Generate a video of {prompt} ASSISTANT: <vision>" + frame 1, against
+     "<s><vision>" + frame 1, decoded in one pass over the KV cache: frame i sees frames 1..i-1.
+  3. VQGAN decode; write the image or the MP4.
+The whole sequence budget (prompt + n_frames * tokens per frame) is checked before anything is compiled.
+
+Library functions (used by lwm.vision_chat and the tests): `generation_prompts`, `generate_frames`,
+`prefill_vision`, `load_vision_model`, `vision_model_config`. Letters: B prompts, R rows (2B with guidance),
+T padded prompt length, W vision vocabulary, F tokens per frame (h*w + 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from lwm.llama import init_cache
+from lwm.sampling import (PromptTooLongError, Sampler, _constrain_cache, bucket_length, decode, left_pad,
+                          sample_logits)
+from lwm.vision_llama import END_OF_FRAME, NUM_VISION_CODES, VisionLLaMAConfig, VisionLLaMAForCausalLM
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One prompt row: ids (T,) int32 and vision (T,) bool, True where ids are vision ids."""
+    ids: np.ndarray
+    vision: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extend(self, ids: Sequence[int], vision: bool) -> "Prompt":
+        ids = np.asarray(ids, np.int32).reshape(-1)
+        return Prompt(np.concatenate([self.ids, ids]), np.concatenate([self.vision, np.full(len(ids), vision)]))
+
+
+def text_prompt(tokenizer, text: str, bos: bool = True) -> Prompt:
+    """`text` tokenized (`encode` adds no special tokens), after one BOS: the original's leading "<s>"."""
+    ids = ([tokenizer.bos_id] if bos else []) + list(tokenizer.encode(text))
+    return Prompt(np.asarray(ids, np.int32), np.zeros(len(ids), bool))
+
+
+def generation_prompts(tokenizer, caption: str, kind: str) -> tuple[Prompt, Prompt]:
+    """(conditional, unconditional) prompts for kind 'image' (the first frame) or 'video' (the rest)."""
+    what = {"image": "an image", "video": "a video"}[kind]
+    cond = text_prompt(tokenizer, f"{SYSTEM_PROMPT} USER: Generate {what} of {caption} ASSISTANT: <vision>")
+    return cond, text_prompt(tokenizer, "<vision>")
+
+
+def check_budget(prompt_len: int, new_tokens: int, max_sequence_length: int, what: str) -> None:
+    """PromptTooLongError unless prompt + new tokens fit the model's positions."""
+    if prompt_len + new_tokens > max_sequence_length:
+        raise PromptTooLongError(
+            f"{what}: a prompt of {prompt_len} tokens + {new_tokens} new tokens = {prompt_len + new_tokens} exceeds "
+            f"the model's max_sequence_length={max_sequence_length}; lower it, or raise max_sequence_length "
+            "(--update_llama_config=\"dict(max_sequence_length=N)\")")
+
+
+def pad_prompts(prompts: Sequence[Prompt], length: int, pad_id: int):
+    """Left-pad rows to `length` (see lwm.sampling.left_pad): ids, vision, segment_ids, position_ids (R, T)."""
+    ids, seg, pos = left_pad([p.ids for p in prompts], length, pad_id)
+    vision = np.zeros(ids.shape, bool)
+    for r, p in enumerate(prompts):
+        vision[r, length - len(p):] = p.vision
+    return ids, vision, seg, pos
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+@dataclasses.dataclass(frozen=True)
+class FrameSampling:
+    """temperature 0 = greedy; top_k 0 = every code; cfg_scale 1 = plain sampling (no unconditional rows)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    cfg_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = all codes)")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale={self.cfg_scale}: must be finite")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+def prefill_vision(model: VisionLLaMAForCausalLM, params, ids, vision, segment_ids, position_ids, cache_len: int,
+                   head: str):
+    """Run left-padded prompts (R, T) with their vision masks through the model, filling cache slots [0, T).
+    Returns (logits (R, W) of the `head` ('vision' or 'text') at the last slot, cache)."""
+    cache = _constrain_cache(init_cache(model.config, ids.shape[0], cache_len, model.dtype), model.config)
+    hidden, cache = model.apply({"params": params}, ids, vision, position_ids=position_ids,
+                                segment_ids=segment_ids, cache=cache, cache_index=0, return_hidden=True)
+    method = {"vision": VisionLLaMAForCausalLM.vision_logits, "text": VisionLLaMAForCausalLM.text_logits}[head]
+    logits = model.apply({"params": params}, hidden[:, -1:], method=method)
+    return logits[:, 0], _constrain_cache(cache, model.config)
+
+
+def guided_logits(logits: jax.Array, cfg_scale: float) -> jax.Array:
+    """(2B, W) rows [cond; uncond] -> (B, W) = uncond + s * (cond - uncond), written as
+    cond + (s - 1) * (cond - uncond) so that s = 1 gives the conditional logits exactly."""
+    cond, uncond = jnp.split(logits, 2, axis=0)
+    return cond + (cfg_scale - 1.0) * (cond - uncond)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "n_new", "tokens_per_frame", "num_codes", "sampling",
+                                             "cache_len", "pad_id"))
+def _generate(params, ids, vision, segment_ids, position_ids, rng, *, model, n_new, tokens_per_frame, num_codes,
+              sampling: FrameSampling, cache_len, pad_id):
+    """Prefill, then n_new decode steps; returns the drawn vision ids (R, n_new)."""
+    logits, cache = prefill_vision(model, params, ids, vision, segment_ids, position_ids, cache_len, "vision")
+
+    def sample_fn(logits, key, step):                         # (R, W) -> (R,)
+        if sampling.guided:
+            logits = guided_logits(logits, sampling.cfg_scale)
+        tok = sample_logits(logits[:, :num_codes], key, sampling.temperature, sampling.top_k)
+        tok = jnp.where((step + 1) % tokens_per_frame == 0, END_OF_FRAME, tok)   # every frame's last token
+        return jnp.concatenate([tok, tok]) if sampling.guided else tok            # both halves see it
+
+    tokens, _ = decode(model, params, cache, logits, segment_ids.sum(axis=1), ids.shape[1], rng,
+                       max_new_tokens=n_new, eos_id=-1, pad_id=pad_id, sample_fn=sample_fn)
+    return tokens
+
+
+def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt],
+                    uncond: Optional[Sequence[Prompt]], *, n_frames: int, tokens_per_frame: int,
+                    sampling: FrameSampling, rng: jax.Array, pad_id: int, num_codes: int = NUM_VISION_CODES,
+                    stats: Optional[dict] = None) -> np.ndarray:
+    """Draw `n_frames` frames after each conditional prompt, with classifier-free guidance against `uncond`
+    (one per cond prompt) when sampling.cfg_scale != 1. The model must have sample_mode='vision'.
+
+    Returns (B, n_frames, F) int32 vision ids: F - 1 codes in [0, num_codes), then END_OF_FRAME. Raises
+    PromptTooLongError before compiling when a prompt + n_frames * F exceeds max_sequence_length. With an
+    ambient mesh the rows are padded (with copies) to a multiple of dp*fsdp and T to a multiple of sp.
+    `stats` (optional) receives compile_s, generate_s, new_tokens (B * n_frames * F) and rows."""
+    config = model.config
+    if config.sample_mode != "vision":
+        raise ValueError(f"generate_frames needs a model with sample_mode='vision', not {config.sample_mode!r}")
+    if not 0 < num_codes <= NUM_VISION_CODES:
+        raise ValueError(f"num_codes={num_codes} must be in [1, {NUM_VISION_CODES}]")
+    cond = list(cond)
+    if sampling.guided and (uncond is None or len(uncond) != len(cond)):
+        raise ValueError(f"cfg_scale={sampling.cfg_scale} needs one unconditional prompt per conditional one")
+    halves = [cond] + ([list(uncond)] if sampling.guided else [])
+    n_new = n_frames * tokens_per_frame
+    longest = max(len(p) for half in halves for p in half)
+    check_budget(longest, n_new, config.max_sequence_length, f"{n_frames} frame(s) of {tokens_per_frame} tokens")
+
+    data, sp = Sampler.mesh_sizes()
+    b = len(cond)
+    per_half = data // math.gcd(data, len(halves))             # rows per half must make R divisible by data
+    b_pad = per_half * math.ceil(b / per_half)
+    rows = [p for half in halves for p in half + [half[0]] * (b_pad - b)]
+    t = bucket_length(longest, sp, max(config.scan_query_chunk_size, config.scan_key_chunk_size))
+    ids, vision, seg, pos = pad_prompts(rows, t, pad_id)
+    args = (params, ids, vision, seg, pos, rng)
+    static = dict(model=model, n_new=n_new, tokens_per_frame=tokens_per_frame, num_codes=num_codes,
+                  sampling=sampling, cache_len=t + sp * math.ceil(n_new / sp), pad_id=pad_id)
+
+    t0 = time.perf_counter()
+    compiled = _generate.lower(*args, **static).compile()
+    t1 = time.perf_counter()
+    tokens = np.asarray(jax.device_get(compiled(*args)))
+    t2 = time.perf_counter()
+    if stats is not None:
+        stats.update(compile_s=t1 - t0, generate_s=t2 - t1, new_tokens=b * n_new, rows=len(rows))
+    return tokens[:b].reshape(b, n_frames, tokens_per_frame)
+
+
+# ------------------------------------------------------------------------------------------ model loading
+
+def vision_model_config(flags: ConfigDict, tokenizer, sample_mode: str) -> VisionLLaMAConfig:
+    """--load_llama_config, --llama.*, --update_llama_config (literals only), the tokenizer's ids, and the
+    sample_mode this entry point needs (the original's scripts set it through update_llama_config)."""
+    from lwm.train import model_config_from_flags
+
+    view = ConfigDict(dict(modality="vision,text", load_llama_config=flags.load_llama_config,
+                           llama=flags.llama, update_llama_config=flags.update_llama_config))
+    return model_config_from_flags(view, tokenizer).replace(sample_mode=sample_mode)
+
+
+def random_params(shapes, config: VisionLLaMAConfig, shardings=None, seed: int = 0):
+    """Host-drawn random weights with the model's init law (normal(initializer_range), norms at one),
+    each placed on its sharding; nothing is compiled. For demos, tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape, sharding):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if re.search(r"(norm|ln_f)/kernel$", name):
+            value = np.ones(shape.shape, np.float32)
+        else:
+            value = rng.standard_normal(shape.shape, np.float32) * np.float32(config.initializer_range)
+        return jax.device_put(value.astype(shape.dtype), sharding)
+
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: None, shapes)
+    return jax.tree_util.tree_map_with_path(draw, shapes, shardings)
+
+
+def load_vision_model(config: VisionLLaMAConfig, load_checkpoint: str, dtype=jnp.float32, mesh=None,
+                      seed: int = 0):
+    """(model, params): weights from a --load_checkpoint spec (params::, trainstate_params::, flax_params::,
+    orbax::), or random (`random_params`) when the spec is empty; cast to `dtype` and, with a mesh, placed
+    by the sharding table one tensor at a time."""
+    from lwm.checkpoint import load_checkpoint as read_checkpoint
+    from lwm.sharding import check_divisible, match_partition_rules, named_shardings
+
+    model = VisionLLaMAForCausalLM(config, dtype=dtype, param_dtype=dtype)
+    one = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), one, one.astype(bool)))["params"]
+    shardings = None
+    if mesh is not None:
+        specs = match_partition_rules(shapes, config.param_scan_axis)
+        check_divisible(shapes, specs, mesh)
+        shardings = named_shardings(specs, mesh)
+    if not load_checkpoint:
+        return model, random_params(shapes, config, shardings, seed)
+    _, params = read_checkpoint(load_checkpoint, params_target=shapes, params_shardings=shardings,
+                                float_dtype=dtype, disallow_trainstate=True)
+    return model, params["params"]
+
+
+# ------------------------------------------------------------------------------------------------- flags
+
+def base_flags() -> ConfigDict:
+    """Flags both vision entry points share, with the original's names and defaults."""
+    c = ConfigDict()
+    c.prompt = ""
+    c.vqgan_checkpoint = ""                    # '' = random VQGAN weights (demos); else the released pickle / .msgpack
+    c.vqgan_config = "released"                # VQGAN preset ('released', 'tiny') or json::path
+    c.seed = 1234
+    c.mesh_dim = "1,-1,1,1"                    # dp, fsdp, tp, sp
+    c.dtype = "fp32"                           # fp32 | bf16 | fp16 for the language model
+    c.load_llama_config = ""                   # preset ('tiny', 'debug', '7b', ...) or json::path
+    c.update_llama_config = ""                 # "dict(theta=50000000, max_sequence_length=32768)": literals only
+    c.load_checkpoint = ""                     # params::PATH ...; '' = random weights (demos)
+    c.tokenizer = "LargeWorldModel/LWM-Text-1M"  # tokenizer.model, a folder, or a hub id in the local cache
+    c.llama = ConfigDict()                     # --llama.<field>=value
+    c.jax_distributed = ConfigDict(dict(initialize_jax_distributed=False, coordinator_address="",
+                                        num_processes=-1, process_id=-1, local_device_ids=""))
+    return c
+
+
+def get_default_config() -> ConfigDict:
+    c = base_flags()
+    c.prompt = "Fireworks over the city"
+    c.output_file = ""                         # .png / .jpg (n_frames = 1) or .mp4 (n_frames > 1)
+    c.n_frames = 1
+    c.fps = 4                                  # MP4 frame rate
+    c.temperature_image = 1.0
+    c.temperature_video = 1.0
+    c.top_k_image = 8192
+    c.top_k_video = 100
+    c.cfg_scale_image = 1.0
+    c.cfg_scale_video = 1.0
+    c.lock()
+    return c
+
+
+def parse_args(argv: Sequence[str], config: ConfigDict) -> ConfigDict:
+    """The original's flags; `--tokenizer.vocab_file=X` (the original scripts' spelling) means --tokenizer=X."""
+    from lwm.train import parse_flags
+
+    argv = [re.sub(r"^--tokenizer\.vocab_file(?==|$)", "--tokenizer", a) for a in argv]
+    return parse_flags(list(argv), config)
+
+
+def setup_runtime(config: ConfigDict):
+    """jax.distributed (if asked), the tokenizer, the model dtype and the mesh. Returns (tokenizer, dtype, mesh)."""
+    from lwm import distributed
+    from lwm.checkpoint import parse_float_dtype
+    from lwm.sharding import make_mesh
+    from lwm.tokenizer import load_tokenizer
+
+    d = config.jax_distributed
+    distributed.initialize(distributed.DistributedConfig(
+        initialize=d.initialize_jax_distributed, coordinator_address=d.coordinator_address or None,
+        num_processes=None if d.num_processes < 0 else d.num_processes,
+        process_id=None if d.process_id < 0 else d.process_id, local_device_ids=d.local_device_ids or None))
+    dtype = parse_float_dtype(config.dtype)
+    if dtype is None:
+        raise ValueError("--dtype is empty: use fp32, bf16 or fp16")
+    return load_tokenizer(config.tokenizer), jnp.dtype(dtype), make_mesh(config.mesh_dim)
+
+
+def _check_output(config: ConfigDict) -> None:
+    from lwm.vision_io import IMAGE_EXTENSIONS
+
+    out, n = config.output_file, config.n_frames
+    if not out:
+        raise ValueError("--output_file is required: a .png/.jpg path (n_frames=1) or an .mp4 path (n_frames>1)")
+    if n < 1:
+        raise ValueError(f"--n_frames={n} must be >= 1")
+    if out.lower().endswith(".mp4"):
+        if n == 1:
+            raise ValueError(f"--output_file={out} is a video but --n_frames=1; use .png/.jpg or raise --n_frames")
+    elif out.lower().endswith(IMAGE_EXTENSIONS):
+        if n != 1:
+            raise ValueError(f"--output_file={out} is an image but --n_frames={n}; use an .mp4 path")
+    else:
+        raise ValueError(f"--output_file={out}: unsupported extension; use .png, .jpg or .mp4")
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the entry point; returns tokens (n_frames, F), frames (n_frames, H, W, 3) uint8 and timings."""
+    from lwm.sharding import check_model_mesh
+    from lwm.vision_io import to_uint8, write_image, write_video
+    from lwm.vqgan import VQGAN, VQGANConfig
+
+    start = time.perf_counter()
+    config = parse_args(sys.argv[1:] if argv is None else argv, get_default_config())
+    _check_output(config)
+    vq_config = VQGANConfig.load(config.vqgan_config)
+    if vq_config.num_embeddings > NUM_VISION_CODES:
+        raise ValueError(f"--vqgan_config: num_embeddings={vq_config.num_embeddings} exceeds the {NUM_VISION_CODES} "
+                         "vision codes the language model has")
+    side = vq_config.codes_per_side
+    per_frame = side * side + 1                                  # 257 for the released VQGAN
+    tokenizer, dtype, mesh = setup_runtime(config)
+    llama_config = vision_model_config(config, tokenizer, "vision")
+    check_model_mesh(llama_config, mesh)
+    image = FrameSampling(config.temperature_image, config.top_k_image, config.cfg_scale_image)
+    video = FrameSampling(config.temperature_video, config.top_k_video, config.cfg_scale_video)
+    image_cond, uncond = generation_prompts(tokenizer, config.prompt, "image")
+    video_cond, _ = generation_prompts(tokenizer, config.prompt, "video")
+    limit, n = llama_config.max_sequence_length, config.n_frames
+    check_budget(len(image_cond), per_frame, limit, "--n_frames: the first frame")      # before any compile
+    if n > 1:
+        check_budget(len(video_cond) + per_frame, (n - 1) * per_frame, limit, f"--n_frames={n}")
+
+    rng_image, rng_video = jax.random.split(jax.random.PRNGKey(config.seed))
+    stats: dict = {"tokens_per_frame": per_frame}
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        model, params = load_vision_model(llama_config, config.load_checkpoint, dtype, mesh, config.seed)
+        stats["load_model_s"] = time.perf_counter() - t0
+        kw = dict(tokens_per_frame=per_frame, pad_id=tokenizer.pad_id, num_codes=vq_config.num_embeddings)
+        first_stats, rest_stats = {}, {}
+        tokens = generate_frames(model, params, [image_cond], [uncond], n_frames=1, sampling=image,
+                                 rng=rng_image, stats=first_stats, **kw)[0]                # (1, F)
+        if n > 1:
+            context = tokens[0]
+            rest = generate_frames(model, params, [video_cond.extend(context, True)],
+                                   [uncond.extend(context, True)], n_frames=n - 1, sampling=video,
+                                   rng=rng_video, stats=rest_stats, **kw)[0]
+            tokens = np.concatenate([tokens, rest])                                          # (n, F)
+    for key in ("compile_s", "generate_s", "new_tokens"):
+        stats[key] = first_stats[key] + rest_stats.get(key, 0)
+    stats["tokens_per_s"] = stats["new_tokens"] / stats["generate_s"]
+
+    t0 = time.perf_counter()
+    vqgan = VQGAN.load(config.vqgan_checkpoint or None, vq_config, seed=config.seed)
+    stats["load_vqgan_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frames = to_uint8(vqgan.decode(tokens[:, :-1].reshape(n, side, side)))
+    stats["vqgan_decode_s"] = time.perf_counter() - t0
+    if jax.process_index() == 0:
+        if n == 1:
+            write_image(config.output_file, frames[0])
+        else:
+            write_video(config.output_file, frames, fps=config.fps)
+    stats["total_s"] = time.perf_counter() - start
+    print(f"wrote {config.output_file}: {n} frame(s) of {frames.shape[1]}x{frames.shape[2]}, {stats['new_tokens']} "
+          f"tokens in {stats['generate_s']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s) after "
+          f"{stats['compile_s']:.1f} s compiling; {stats['total_s']:.1f} s in all", flush=True)
+    print("vision_generation stats: " + json.dumps({k: round(v, 4) for k, v in stats.items()}), flush=True)
+    return dict(tokens=tokens, frames=frames, stats=stats)
+
+
+if __name__ == "__main__":
+    main()
