@@ -68,6 +68,15 @@ def test_pack_rows_worked_example():
     assert weighted["loss_masks"].tolist() == [[0, .5, .5, .5, .5, 0, 0, 0]]
 
 
+def test_docstring_examples():
+    import doctest
+
+    import lwm.packing
+
+    result = doctest.testmod(lwm.packing)
+    assert result.attempted >= 4 and result.failed == 0
+
+
 def segments(batch):
     """Yield (row, segment id, full token array, target weights, target vision masks) per packed example."""
     for r in range(batch["segment_ids"].shape[0]):
