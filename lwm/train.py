@@ -95,9 +95,9 @@ def convert_value(name: str, text: Any, template: Any, template_type: Optional[t
     if not isinstance(text, str):
         return text
     kind = template_type or (type(template) if template is not None else None)
+    if kind is bool:
+        return _parse_bool(name, text)
     try:
-        if kind is bool:
-            return _parse_bool(name, text)
         if kind is int:
             return int(text)
         if kind is float:
