@@ -53,20 +53,23 @@ def chat_prompt(tokenizer, question: str, vision: np.ndarray) -> Prompt:
     return prompt.extend(tokenizer.encode("</vision>"), False).extend(tokenizer.encode(" ASSISTANT:"), False)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "cache_len", "eos_id",
-                                             "pad_id"))
-def _answer(params, ids, vision, segment_ids, position_ids, rng, *, model, max_new_tokens, temperature, cache_len,
-            eos_id, pad_id):
-    """Prefill (vision masks routing the embeddings), then text decoding; (tokens (R, N), counts (R,))."""
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "num_text", "cache_len",
+                                             "eos_id", "pad_id"))
+def _answer(params, ids, vision, segment_ids, position_ids, rng, *, model, max_new_tokens, temperature, num_text,
+            cache_len, eos_id, pad_id):
+    """Prefill (vision masks routing the embeddings), then text decoding among ids [0, num_text);
+    returns (tokens (R, N), counts (R,))."""
     logits, cache = prefill_vision(model, params, ids, vision, segment_ids, position_ids, cache_len, "text")
-    sample_fn = lambda lg, key, step: sample_logits(lg, key, temperature)
+    sample_fn = lambda lg, key, step: sample_logits(lg[:, :num_text], key, temperature)
     return decode(model, params, cache, logits, segment_ids.sum(axis=1), ids.shape[1], rng,
                   max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sample_fn=sample_fn)
 
 
 def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,
-           rng: jax.Array, eos_id: int, pad_id: int, stats: Optional[dict] = None) -> list[int]:
-    """New text ids after `prompt` (model with sample_mode='text'), up to and without EOS. Raises
+           rng: jax.Array, eos_id: int, pad_id: int, num_text: Optional[int] = None,
+           stats: Optional[dict] = None) -> list[int]:
+    """New text ids after `prompt` (model with sample_mode='text'), up to and without EOS, drawn among the
+    first `num_text` ids (the tokenizer's vocabulary when the model's is padded; default all). Raises
     PromptTooLongError before compiling when len(prompt) + max_new_tokens > max_sequence_length."""
     config = model.config
     if config.sample_mode != "text":
@@ -79,7 +82,7 @@ def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tok
     ids, vision, seg, pos = pad_prompts([prompt] * data, t, pad_id)      # one row per data shard
     args = (params, ids, vision, seg, pos, rng)
     static = dict(model=model, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                  cache_len=t + sp * math.ceil(max_new_tokens / sp), eos_id=eos_id, pad_id=pad_id)
+                  num_text=min(num_text or config.vocab_size, config.vocab_size), cache_len=t + sp * math.ceil(max_new_tokens / sp), eos_id=eos_id, pad_id=pad_id)
     t0 = time.perf_counter()
     compiled = _answer.lower(*args, **static).compile()
     t1 = time.perf_counter()
@@ -137,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         model, params = load_vision_model(llama_config, config.load_checkpoint, dtype, mesh, config.seed)
         ids = answer(model, params, prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                      rng=jax.random.PRNGKey(config.seed), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                     stats=stats)
+                     num_text=tokenizer.vocab_size, stats=stats)
     text = tokenizer.decode(ids)
     stats["total_s"] = time.perf_counter() - start
     print(f"Question: {config.prompt}\nAnswer: {text}", flush=True)

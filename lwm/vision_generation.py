@@ -96,7 +96,8 @@ def pad_prompts(prompts: Sequence[Prompt], length: int, pad_id: int):
 
 @dataclasses.dataclass(frozen=True)
 class FrameSampling:
-    """temperature 0 = greedy; top_k 0 = every code; cfg_scale 1 = plain sampling (no unconditional rows)."""
+    """temperature 0 = greedy; top_k 0 = every code; cfg_scale: guidance strength s (s = 1 is the
+    conditional distribution itself, so the entry point then runs no unconditional rows)."""
     temperature: float = 1.0
     top_k: int = 0
     cfg_scale: float = 1.0
@@ -108,10 +109,6 @@ class FrameSampling:
             raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = all codes)")
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale={self.cfg_scale}: must be finite")
-
-    @property
-    def guided(self) -> bool:
-        return self.cfg_scale != 1.0
 
 
 def prefill_vision(model: VisionLLaMAForCausalLM, params, ids, vision, segment_ids, position_ids, cache_len: int,
@@ -134,18 +131,19 @@ def guided_logits(logits: jax.Array, cfg_scale: float) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n_new", "tokens_per_frame", "num_codes", "sampling",
-                                             "cache_len", "pad_id"))
+                                             "guided", "cache_len", "pad_id"))
 def _generate(params, ids, vision, segment_ids, position_ids, rng, *, model, n_new, tokens_per_frame, num_codes,
-              sampling: FrameSampling, cache_len, pad_id):
-    """Prefill, then n_new decode steps; returns the drawn vision ids (R, n_new)."""
+              sampling: FrameSampling, guided: bool, cache_len, pad_id):
+    """Prefill, then n_new decode steps; returns the drawn vision ids (R, n_new). With `guided`, rows are
+    [conditional; unconditional] halves."""
     logits, cache = prefill_vision(model, params, ids, vision, segment_ids, position_ids, cache_len, "vision")
 
     def sample_fn(logits, key, step):                         # (R, W) -> (R,)
-        if sampling.guided:
+        if guided:
             logits = guided_logits(logits, sampling.cfg_scale)
         tok = sample_logits(logits[:, :num_codes], key, sampling.temperature, sampling.top_k)
         tok = jnp.where((step + 1) % tokens_per_frame == 0, END_OF_FRAME, tok)   # every frame's last token
-        return jnp.concatenate([tok, tok]) if sampling.guided else tok            # both halves see it
+        return jnp.concatenate([tok, tok]) if guided else tok                     # both halves see it
 
     tokens, _ = decode(model, params, cache, logits, segment_ids.sum(axis=1), ids.shape[1], rng,
                        max_new_tokens=n_new, eos_id=-1, pad_id=pad_id, sample_fn=sample_fn)
@@ -156,8 +154,9 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
                     uncond: Optional[Sequence[Prompt]], *, n_frames: int, tokens_per_frame: int,
                     sampling: FrameSampling, rng: jax.Array, pad_id: int, num_codes: int = NUM_VISION_CODES,
                     stats: Optional[dict] = None) -> np.ndarray:
-    """Draw `n_frames` frames after each conditional prompt, with classifier-free guidance against `uncond`
-    (one per cond prompt) when sampling.cfg_scale != 1. The model must have sample_mode='vision'.
+    """Draw `n_frames` frames after each conditional prompt: with classifier-free guidance (scale
+    sampling.cfg_scale) against `uncond` (one per cond prompt), or plain sampling when `uncond` is None.
+    The model must have sample_mode='vision'.
 
     Returns (B, n_frames, F) int32 vision ids: F - 1 codes in [0, num_codes), then END_OF_FRAME. Raises
     PromptTooLongError before compiling when a prompt + n_frames * F exceeds max_sequence_length. With an
@@ -168,10 +167,10 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
         raise ValueError(f"generate_frames needs a model with sample_mode='vision', not {config.sample_mode!r}")
     if not 0 < num_codes <= NUM_VISION_CODES:
         raise ValueError(f"num_codes={num_codes} must be in [1, {NUM_VISION_CODES}]")
-    cond = list(cond)
-    if sampling.guided and (uncond is None or len(uncond) != len(cond)):
-        raise ValueError(f"cfg_scale={sampling.cfg_scale} needs one unconditional prompt per conditional one")
-    halves = [cond] + ([list(uncond)] if sampling.guided else [])
+    cond, guided = list(cond), uncond is not None
+    if guided and len(uncond) != len(cond):
+        raise ValueError(f"{len(cond)} conditional but {len(uncond)} unconditional prompts; give one of each")
+    halves = [cond] + ([list(uncond)] if guided else [])
     n_new = n_frames * tokens_per_frame
     longest = max(len(p) for half in halves for p in half)
     check_budget(longest, n_new, config.max_sequence_length, f"{n_frames} frame(s) of {tokens_per_frame} tokens")
@@ -185,7 +184,7 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     ids, vision, seg, pos = pad_prompts(rows, t, pad_id)
     args = (params, ids, vision, seg, pos, rng)
     static = dict(model=model, n_new=n_new, tokens_per_frame=tokens_per_frame, num_codes=num_codes,
-                  sampling=sampling, cache_len=t + sp * math.ceil(n_new / sp), pad_id=pad_id)
+                  sampling=sampling, guided=guided, cache_len=t + sp * math.ceil(n_new / sp), pad_id=pad_id)
 
     t0 = time.perf_counter()
     compiled = _generate.lower(*args, **static).compile()
@@ -368,13 +367,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         stats["load_model_s"] = time.perf_counter() - t0
         kw = dict(tokens_per_frame=per_frame, pad_id=tokenizer.pad_id, num_codes=vq_config.num_embeddings)
         first_stats, rest_stats = {}, {}
-        tokens = generate_frames(model, params, [image_cond], [uncond], n_frames=1, sampling=image,
-                                 rng=rng_image, stats=first_stats, **kw)[0]                # (1, F)
+        tokens = generate_frames(model, params, [image_cond], [uncond] if image.cfg_scale != 1 else None,
+                                 n_frames=1, sampling=image, rng=rng_image, stats=first_stats, **kw)[0]  # (1, F)
         if n > 1:
             context = tokens[0]
             rest = generate_frames(model, params, [video_cond.extend(context, True)],
-                                   [uncond.extend(context, True)], n_frames=n - 1, sampling=video,
-                                   rng=rng_video, stats=rest_stats, **kw)[0]
+                                   [uncond.extend(context, True)] if video.cfg_scale != 1 else None,
+                                   n_frames=n - 1, sampling=video, rng=rng_video, stats=rest_stats, **kw)[0]
             tokens = np.concatenate([tokens, rest])                                          # (n, F)
     for key in ("compile_s", "generate_s", "new_tokens"):
         stats[key] = first_stats[key] + rest_stats.get(key, 0)
