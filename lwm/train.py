@@ -352,6 +352,8 @@ def _run(config: ConfigDict) -> dict:
     checkpointer = ckpt.Checkpointer(output_dir, float_dtype=c.float_dtype or None,
                                      save_optimizer_state=c.save_optimizer_state, format=c.format, keep=c.keep)
 
+    # Measured outside the mesh context: a one-device jit inside jax.set_mesh is refused.
+    peak = config.peak_flops or logging_utils.peak_flops_of_run(logging_utils.measure_matmul_flops())
     with jax.set_mesh(mesh):
         init_rng, rng = np.asarray(jax.random.split(jax.random.PRNGKey(config.seed)))
         init_fn = functools.partial(ts.init_train_state, task=task, tx=tx)
@@ -380,7 +382,6 @@ def _run(config: ConfigDict) -> dict:
         eval_fn = jax.jit(functools.partial(ts.eval_step, task=task), in_shardings=(shardings.params, batch_sharding),
                           out_shardings=replicated)
 
-        peak = config.peak_flops or logging_utils.peak_flops_of_run(logging_utils.measure_matmul_flops())
         timer = logging_utils.StepTimer(batch_size * seq_len,
                                         ts.flops_per_token(shapes.params["params"], model_config, seq_len), peak)
 

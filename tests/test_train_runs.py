@@ -107,6 +107,11 @@ def test_text_trains_evaluates_logs_and_checkpoints(corpus, tmp_path):
     assert meta["step"] == 12 and len(meta["rng"]) == 2 and meta["modality"] == "text"
     assert ckpt.read_dataset_state(newest)["total_tokens"] == 12 * 4 * 64
     assert ckpt.checkpoint_spec(newest).startswith("trainstate::")
+    # --load_checkpoint=trainstate_params:: starts a new run (step 0, fresh optimizer) from the trained weights.
+    spec = f"trainstate_params::{newest}/streaming_train_state"
+    run_train(corpus, [*args, "--logger.experiment_id=finetune", "--total_steps=1", f"--load_checkpoint={spec}"])
+    (row,) = read_metrics(str(tmp_path / "finetune"))
+    assert row["step"] == 0 and row["loss"] < rows[0]["loss"] - 1.0
 
 
 def test_vision_text_trains_both_losses_fall(corpus, tmp_path):
