@@ -12,6 +12,7 @@ in `lwm.train_state`, the optimizer in `lwm.optimizer`, metrics in `lwm.logging_
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import functools
 import json
@@ -213,8 +214,6 @@ def parse_literal_dict(text: str, flag: str = "update_llama_config") -> dict:
 
 def model_config_from_flags(config: ConfigDict, tokenizer=None):
     """load_llama_config, then --llama.* overrides, then update_llama_config, then the tokenizer's ids."""
-    import dataclasses
-
     from lwm.train_state import model_config_class
 
     cls = model_config_class(config.modality)
