@@ -365,6 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         t0 = time.perf_counter()
         model, params = load_vision_model(llama_config, config.load_checkpoint, dtype, mesh, config.seed)
         stats["load_model_s"] = time.perf_counter() - t0
+        stats["params_m"] = sum(x.size for x in jax.tree.leaves(params)) / 1e6
         kw = dict(tokens_per_frame=per_frame, pad_id=tokenizer.pad_id, num_codes=vq_config.num_embeddings)
         first_stats, rest_stats = {}, {}
         tokens = generate_frames(model, params, [image_cond], [uncond] if image.cfg_scale != 1 else None,
