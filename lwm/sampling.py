@@ -5,6 +5,7 @@ The pieces, each usable alone (the vision generator builds classifier-free guida
 end-of-frame tokens from them):
 
   sample_logits(logits, rng, temperature, top_k, top_p)  (B, V) -> (B,) tokens; greedy when temperature == 0
+  filter_logits(logits, temperature, top_k, top_p)       the temperature / top-k / top-p rule alone
   left_pad(prompts, length, pad_id)                      ragged prompts -> ids, segment_ids, position_ids (B, T)
   prefill(model, params, ids, seg, pos, cache_len)       -> next-token logits (B, V), filled cache
   decode(model, params, cache, logits, ...)              -> new tokens (B, N), counts (B,); one while_loop with
@@ -57,18 +58,12 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-    """Draw one token per row. logits: (B, V) -> (B,) int32. Python-number settings (static under jit).
-
-    temperature == 0: argmax. Otherwise logits / temperature, then keep the top_k largest (top_k > 0), then
-    the smallest set of tokens whose probability mass reaches top_p (top_p < 1; the most likely token is
-    always kept), and draw from what is left."""
-    logits = logits.astype(jnp.float32)
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
+def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """logits / temperature, then -inf outside the top_k largest (top_k > 0) and outside the smallest set of
+    tokens whose probability mass reaches top_p (top_p < 1; the most likely token is always kept).
+    (B, V) -> (B, V) float32. The same rule as transformers' Temperature/TopK/TopP warpers."""
+    logits = logits.astype(jnp.float32) / temperature
+    if 0 < top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]                        # (B, 1)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
@@ -78,7 +73,17 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 0.0, t
         kept = jnp.where(mass_before < top_p, ordered, jnp.inf)
         threshold = jnp.min(kept, axis=-1, keepdims=True)                        # smallest kept logit
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+    """Draw one token per row: (B, V) -> (B,) int32. Settings are Python numbers (static under jit).
+    temperature == 0 is argmax; otherwise a draw from `filter_logits(...)`."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
@@ -146,7 +151,8 @@ def decode(model: LLaMAForCausalLM, params, cache, logits, next_positions, start
     sample_fn -> write token; a row is finished after it emits eos_id (later slots hold pad_id); the loop
     ends when every row is finished or the budget is spent. Then the token goes through the model at slot
     start_index + i, which gives the next logits. stream(step, tokens (B,)) is called on the host after
-    each step (an ordered `jax.debug.callback`), for printing tokens as they come.
+    each step (a `jax.debug.callback`: ordered effects are refused on several devices, so calls carry
+    their step), for printing tokens as they come.
     Returns (tokens (B, max_new_tokens) int32, num_tokens (B,) int32 including the EOS)."""
     b = logits.shape[0]
 
@@ -164,7 +170,7 @@ def decode(model: LLaMAForCausalLM, params, cache, logits, next_positions, start
         num = num + (~done).astype(jnp.int32)
         done = done | (tok == eos_id)
         if stream is not None:
-            jax.debug.callback(stream, step, tok, ordered=True)
+            jax.debug.callback(stream, step, tok)
         out, cache = model.apply({"params": params}, tok[:, None], position_ids=pos[:, None],
                                  segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache,
                                  cache_index=jnp.asarray(start_index + step, jnp.int32))
