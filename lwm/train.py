@@ -18,16 +18,23 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 import time
 from typing import Any, Optional
 
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
+from tqdm import tqdm
 
-from lwm import logging_utils
+from lwm import checkpoint as ckpt
+from lwm import distributed, logging_utils
 from lwm import optimizer as optimizer_lib
-from lwm.data import DatasetFactory
+from lwm import train_state as ts
+from lwm.data import DatasetFactory, HostShard, host_shard_from_mesh
+from lwm.sharding import check_divisible, check_model_mesh, make_mesh, match_partition_rules, named_shardings
+from lwm.tokenizer import load_tokenizer
 
 logger = logging.getLogger("lwm.train")
 
@@ -214,9 +221,7 @@ def parse_literal_dict(text: str, flag: str = "update_llama_config") -> dict:
 
 def model_config_from_flags(config: ConfigDict, tokenizer=None):
     """load_llama_config, then --llama.* overrides, then update_llama_config, then the tokenizer's ids."""
-    from lwm.train_state import model_config_class
-
-    cls = model_config_class(config.modality)
+    cls = ts.model_config_class(config.modality)
     model_config = cls.load(config.load_llama_config) if config.load_llama_config else cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     overrides = {}
@@ -252,11 +257,9 @@ def _check_flags(config: ConfigDict) -> None:
 
 # ------------------------------------------------------------------------------------------------- run
 
-def _distributed_config(config: ConfigDict):
-    from lwm.distributed import DistributedConfig
-
+def _distributed_config(config: ConfigDict) -> distributed.DistributedConfig:
     c = config.jax_distributed
-    return DistributedConfig(initialize=c.initialize_jax_distributed,
+    return distributed.DistributedConfig(initialize=c.initialize_jax_distributed,
                              coordinator_address=c.coordinator_address or None,
                              num_processes=None if c.num_processes < 0 else c.num_processes,
                              process_id=None if c.process_id < 0 else c.process_id,
@@ -266,8 +269,6 @@ def _distributed_config(config: ConfigDict):
 def train(config: ConfigDict) -> dict:
     """Run training as configured (a ConfigDict from get_default_config(), flags applied). Returns a
     summary: output folder, last step, last metrics."""
-    from lwm import distributed
-
     _check_flags(config)
     distributed.initialize(_distributed_config(config))   # before any other JAX call
     return _run(config)
@@ -276,9 +277,6 @@ def train(config: ConfigDict) -> dict:
 def _restore(config, output_dir, dataset, eval_dataset, shapes, shardings, tx):
     """The state to start from: the newest checkpoint in the output folder (--autoresume), else
     --load_checkpoint, else None. Returns (state or None, params or None, metadata, checkpoint folder)."""
-    from lwm import checkpoint as ckpt
-    from lwm.train_state import process_state
-
     resume_dir = ckpt.latest(output_dir) if config.autoresume else None
     if resume_dir is not None:
         logger.info("autoresume: continuing from %s", resume_dir)
@@ -290,39 +288,26 @@ def _restore(config, output_dir, dataset, eval_dataset, shapes, shardings, tx):
         if state is None:
             logger.warning("%s holds parameters only (--checkpointer.save_optimizer_state=False): the optimizer "
                            "state starts afresh and the run will not repeat the uninterrupted one", resume_dir)
-        dataset.load_state_dict(process_state(ckpt.read_dataset_state(resume_dir)))
+        dataset.load_state_dict(ts.process_state(ckpt.read_dataset_state(resume_dir)))
         if eval_dataset is not None and meta.get("eval_dataset_state") is not None:
-            eval_dataset.load_state_dict(process_state(meta["eval_dataset_state"]))
+            eval_dataset.load_state_dict(ts.process_state(meta["eval_dataset_state"]))
         return state, params, meta, resume_dir
     state = params = None
     if config.load_checkpoint:
         state, params = ckpt.load_checkpoint(config.load_checkpoint, train_state_target=shapes,
                                              train_state_shardings=shardings)
     if config.load_dataset_state:
-        dataset.load_state_dict(process_state(ckpt.read_dataset_state(config.load_dataset_state)))
+        dataset.load_state_dict(ts.process_state(ckpt.read_dataset_state(config.load_dataset_state)))
     return state, params, {}, None
 
 
 def _evaluate(eval_fn, params, eval_iter, steps: int, to_global) -> dict:
     """Mean of each metric over `steps` eval batches, names prefixed with eval_."""
-    from lwm.train_state import host_value
-
     rows = [eval_fn(params, to_global(next(eval_iter)[0])) for _ in range(steps)]
-    return {f"eval_{k}": float(sum(float(host_value(r[k])) for r in rows) / steps) for k in rows[0]}
+    return {f"eval_{k}": float(sum(float(ts.host_value(r[k])) for r in rows) / steps) for k in rows[0]}
 
 
 def _run(config: ConfigDict) -> dict:
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from tqdm import tqdm
-
-    from lwm import checkpoint as ckpt
-    from lwm import train_state as ts
-    from lwm.data import HostShard, host_shard_from_mesh
-    from lwm.sharding import check_divisible, check_model_mesh, make_mesh, match_partition_rules, named_shardings
-    from lwm.tokenizer import load_tokenizer
-
     is_main = jax.process_index() == 0
     run_id = logging_utils.experiment_id(config.logger, logging_utils.shared_uuid())
     metrics_log = logging_utils.MetricsLogger(config.logger, config.to_dict(), run_id=run_id,

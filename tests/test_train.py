@@ -6,7 +6,6 @@ import functools
 import math
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
