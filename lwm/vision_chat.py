@@ -29,8 +29,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from lwm.sampling import Sampler, bucket_length, decode, sample_logits
-from lwm.vision_generation import (SYSTEM_PROMPT, Prompt, base_flags, check_budget, load_vision_model,
-                                   pad_prompts, parse_args, prefill_vision, setup_runtime, text_prompt,
+from lwm.vision_generation import (SYSTEM_PROMPT, Prompt, base_flags, check_budget, host_copy, load_vision_model,
+                                   pad_prompts, parse_args, prefill_vision, replicated, setup_runtime, text_prompt,
                                    vision_model_config)
 from lwm.vision_llama import END_OF_FRAME, END_OF_VISION, VisionLLaMAForCausalLM
 
@@ -61,8 +61,9 @@ def _answer(params, ids, vision, segment_ids, position_ids, rng, *, model, max_n
     returns (tokens (R, N), counts (R,))."""
     logits, cache = prefill_vision(model, params, ids, vision, segment_ids, position_ids, cache_len, "text")
     sample_fn = lambda lg, key, step: sample_logits(lg[:, :num_text], key, temperature)
-    return decode(model, params, cache, logits, segment_ids.sum(axis=1), ids.shape[1], rng,
-                  max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sample_fn=sample_fn)
+    tokens, num = decode(model, params, cache, logits, segment_ids.sum(axis=1), ids.shape[1], rng,
+                         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sample_fn=sample_fn)
+    return replicated(tokens), replicated(num)
 
 
 def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,
@@ -82,11 +83,12 @@ def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tok
     ids, vision, seg, pos = pad_prompts([prompt] * data, t, pad_id)      # one row per data shard
     args = (params, ids, vision, seg, pos, rng)
     static = dict(model=model, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                  num_text=min(num_text or config.vocab_size, config.vocab_size), cache_len=t + sp * math.ceil(max_new_tokens / sp), eos_id=eos_id, pad_id=pad_id)
+                  num_text=min(num_text or config.vocab_size, config.vocab_size),
+                  cache_len=t + sp * math.ceil(max_new_tokens / sp), eos_id=eos_id, pad_id=pad_id)
     t0 = time.perf_counter()
     compiled = _answer.lower(*args, **static).compile()
     t1 = time.perf_counter()
-    tokens, num = jax.device_get(compiled(*args))
+    tokens, num = map(host_copy, compiled(*args))
     t2 = time.perf_counter()
     row = np.asarray(tokens[0, :num[0]]).tolist()
     if stats is not None:

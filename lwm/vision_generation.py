@@ -130,24 +130,37 @@ def guided_logits(logits: jax.Array, cfg_scale: float) -> jax.Array:
     return cond + (cfg_scale - 1.0) * (cond - uncond)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_new", "tokens_per_frame", "num_codes", "sampling",
-                                             "guided", "cache_len", "pad_id"))
-def _generate(params, ids, vision, segment_ids, position_ids, rng, *, model, n_new, tokens_per_frame, num_codes,
-              sampling: FrameSampling, guided: bool, cache_len, pad_id):
+@functools.partial(jax.jit, static_argnames=("model", "n_new", "tokens_per_frame", "num_codes", "temperature",
+                                             "top_k", "guided", "cache_len", "pad_id"))
+def _generate(params, ids, vision, segment_ids, position_ids, rng, cfg_scale, *, model, n_new, tokens_per_frame,
+              num_codes, temperature, top_k, guided: bool, cache_len, pad_id):
     """Prefill, then n_new decode steps; returns the drawn vision ids (R, n_new). With `guided`, rows are
-    [conditional; unconditional] halves."""
+    [conditional; unconditional] halves mixed with the (traced: no recompile per value) cfg_scale."""
     logits, cache = prefill_vision(model, params, ids, vision, segment_ids, position_ids, cache_len, "vision")
 
     def sample_fn(logits, key, step):                         # (R, W) -> (R,)
         if guided:
-            logits = guided_logits(logits, sampling.cfg_scale)
-        tok = sample_logits(logits[:, :num_codes], key, sampling.temperature, sampling.top_k)
+            logits = guided_logits(logits, cfg_scale)
+        tok = sample_logits(logits[:, :num_codes], key, temperature, top_k)
         tok = jnp.where((step + 1) % tokens_per_frame == 0, END_OF_FRAME, tok)   # every frame's last token
         return jnp.concatenate([tok, tok]) if guided else tok                     # both halves see it
 
     tokens, _ = decode(model, params, cache, logits, segment_ids.sum(axis=1), ids.shape[1], rng,
                        max_new_tokens=n_new, eos_id=-1, pad_id=pad_id, sample_fn=sample_fn)
-    return tokens
+    return replicated(tokens)
+
+
+def replicated(x: jax.Array) -> jax.Array:
+    """Under a mesh, ask for a full copy on every device, so that every process can read the result with
+    `host_copy` (the original's out_shardings=PS()); without a mesh, x."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+
+
+def host_copy(x: jax.Array) -> np.ndarray:
+    """A numpy copy of a `replicated` (or single-device) array, read from this process's first device."""
+    return np.asarray(x.addressable_data(0))
 
 
 def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt],
@@ -182,14 +195,15 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     rows = [p for half in halves for p in half + [half[0]] * (b_pad - b)]
     t = bucket_length(longest, sp, max(config.scan_query_chunk_size, config.scan_key_chunk_size))
     ids, vision, seg, pos = pad_prompts(rows, t, pad_id)
-    args = (params, ids, vision, seg, pos, rng)
+    args = (params, ids, vision, seg, pos, rng, jnp.float32(sampling.cfg_scale))
     static = dict(model=model, n_new=n_new, tokens_per_frame=tokens_per_frame, num_codes=num_codes,
-                  sampling=sampling, guided=guided, cache_len=t + sp * math.ceil(n_new / sp), pad_id=pad_id)
+                  temperature=float(sampling.temperature), top_k=int(sampling.top_k), guided=guided,
+                  cache_len=t + sp * math.ceil(n_new / sp), pad_id=pad_id)
 
     t0 = time.perf_counter()
     compiled = _generate.lower(*args, **static).compile()
     t1 = time.perf_counter()
-    tokens = np.asarray(jax.device_get(compiled(*args)))
+    tokens = host_copy(compiled(*args))
     t2 = time.perf_counter()
     if stats is not None:
         stats.update(compile_s=t1 - t0, generate_s=t2 - t1, new_tokens=b * n_new, rows=len(rows))
@@ -255,7 +269,7 @@ def base_flags() -> ConfigDict:
     """Flags both vision entry points share, with the original's names and defaults."""
     c = ConfigDict()
     c.prompt = ""
-    c.vqgan_checkpoint = ""                    # '' = random VQGAN weights (demos); else the released pickle / .msgpack
+    c.vqgan_checkpoint = ""                    # the released pickle or a .msgpack; '' = random weights (demos)
     c.vqgan_config = "released"                # VQGAN preset ('released', 'tiny') or json::path
     c.seed = 1234
     c.mesh_dim = "1,-1,1,1"                    # dp, fsdp, tp, sp
