@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -280,3 +281,22 @@ def test_flops_per_token_counts_matmul_parameters():
     tied = dataclasses.replace(cfg, tie_word_embeddings=True)
     tied_params = jax.eval_shape(lambda: LLaMAForCausalLM(tied).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), int)))
     assert ts.matmul_params(tied_params["params"], tied) == matmul               # the embedding does the head's work
+
+
+def test_metrics_logger_json_lines_and_missing_wandb(tmp_path, monkeypatch):
+    from lwm import logging_utils
+
+    cfg = logging_utils.get_default_config({"output_dir": str(tmp_path), "experiment_id": "run"})
+    assert logging_utils.experiment_id(cfg, "abc") == "run_abc"                 # append_uuid by default
+    cfg.append_uuid = False
+    log = logging_utils.MetricsLogger(cfg, {}, run_id=logging_utils.experiment_id(cfg, "abc"))
+    log.log({"step": 3, "loss": np.float32(2.5), "mfu": jnp.asarray(0.25), "dataset_epoch": 1})
+    log.close()
+    assert logging_utils.read_metrics(str(tmp_path / "run")) == [
+        {"step": 3, "loss": 2.5, "mfu": 0.25, "dataset_epoch": 1}]
+    monkeypatch.setitem(sys.modules, "wandb", None)                           # as if not installed
+    cfg.use_wandb = True
+    with pytest.raises(ImportError, match="use_wandb=True but wandb is not installed"):
+        logging_utils.MetricsLogger(cfg, {}, run_id="run")
+    with pytest.raises(KeyError, match="unknown flag logger.project"):
+        logging_utils.get_default_config({"project": "x"})
