@@ -249,8 +249,9 @@ def load_vision_model(config: VisionLLaMAConfig, load_checkpoint: str, dtype=jnp
     from lwm.sharding import check_divisible, match_partition_rules, named_shardings
 
     model = VisionLLaMAForCausalLM(config, dtype=dtype, param_dtype=dtype)
-    one = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), one, one.astype(bool)))["params"]
+    shaper = VisionLLaMAForCausalLM(config.replace(attention_impl="dense", scan_attention=False), dtype, dtype)
+    one = jnp.zeros((1, 1), jnp.int32)                 # (the parameter shapes do not depend on the attention)
+    shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), one, one.astype(bool)))["params"]
     shardings = None
     if mesh is not None:
         specs = match_partition_rules(shapes, config.param_scan_axis)
