@@ -3,7 +3,8 @@
 Purpose: the training entry point's end-to-end speed (data pipeline, sharded step, logging included), to set
   against the original LWM on the same machine. Each row is a fresh `python -m lwm.train` subprocess:
   tokens/s and MFU are the ones it logs (timed with block_until_ready around each step; the median over the
-  steps after the first, which compiles), MFU against the fp32 matmul rate that run measures at start-up,
+  steps after the first, which compiles), MFU against the fp32 matmul rate that run measures at start-up
+  (best of ~1 s of 2048^3 matmuls, shown as matmul GFLOP/s),
   and the peak memory is that subprocess's max RSS (os.wait4).
 Hardware: any; defaults are for CPU (1 device, and 4 simulated devices with sp=4 and the ring).
 Expected (the original on a 2-core CPU, batch 1, fp32): ~950 tok/s at 2K (1.9 GB), 660 at 8K (5.2 GB), 220 at
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shlex
 import statistics
 import subprocess
@@ -74,6 +76,7 @@ def run_row(seq: int, devices: int, steps: int, tok: str, data: str, out: str, e
     if proc.returncode != 0:
         errors = [ln for ln in err.splitlines() if "Error" in ln or "error:" in ln]
         return {"error": (errors or [f"exit {proc.returncode} (killed: out of memory?)"])[-1][:100]}
+    peak = re.search(r"peak ([0-9.e+]+) FLOP/s", err)
     with open(os.path.join(out, f"seq{seq}_dev{devices}", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     timed = rows[1:]                               # row 0 is the compiling step
@@ -81,6 +84,7 @@ def run_row(seq: int, devices: int, steps: int, tok: str, data: str, out: str, e
             "mfu": statistics.median(r["mfu"] for r in timed),
             "step_time": statistics.median(r["step_time"] for r in timed),
             "compile_step_time": rows[0]["step_time"],
+            "matmul_gflops": float(peak.group(1)) / 1e9 if peak else float("nan"),
             "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,          # ru_maxrss is in KiB on Linux
             "loss": rows[-1]["loss"]}
 
@@ -99,19 +103,19 @@ def main():
         steps_for = lambda seq: args.steps or (6 if seq <= 4096 else 4 if seq <= 16384 else 3)
         tok, data = make_data(tmp, max(seq * (steps_for(seq) + 1) for seq in seqs) + 10_000)
         print(f"lwm.train, debug preset, batch 1, fp32, {os.cpu_count()} CPUs; extra flags: {args.extra or 'none'}")
-        print("| seq | devices | tokens/s | anchor tok/s | x anchor | MFU | step s | compile step s | peak RSS GB "
-              "| anchor GB | loss |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| seq | devices | tokens/s | anchor tok/s | x anchor | MFU | matmul GFLOP/s | step s | compile step s "
+              "| peak RSS GB | anchor GB | loss |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for seq in seqs:
             for devices in device_counts:
                 r = run_row(seq, devices, steps_for(seq), tok, data, os.path.join(tmp, "runs"), extra)
                 anchor_tps, anchor_gb = ANCHOR.get((seq, devices), (None, None))
                 if "error" in r:
-                    print(f"| {seq} | {devices} | failed: {r['error']} | | | | | | | | |", flush=True)
+                    print(f"| {seq} | {devices} | failed: {r['error']} | | | | | | | | | |", flush=True)
                     continue
                 ratio = f"{r['tokens_per_second'] / anchor_tps:.2f}" if anchor_tps else "-"
                 print(f"| {seq} | {devices} | {r['tokens_per_second']:.0f} | {anchor_tps or '-'} | {ratio} | "
-                      f"{100 * r['mfu']:.1f}% | {r['step_time']:.3f} | {r['compile_step_time']:.1f} | "
+                      f"{100 * r['mfu']:.1f}% | {r['matmul_gflops']:.0f} | {r['step_time']:.3f} | {r['compile_step_time']:.1f} | "
                       f"{r['peak_rss_gb']:.2f} | {anchor_gb or '-'} | {r['loss']:.3f} |", flush=True)
 
 

@@ -274,7 +274,7 @@ def train(config: ConfigDict) -> dict:
     return _run(config)
 
 
-def _restore(config, output_dir, dataset, eval_dataset, shapes, shardings, tx):
+def _restore(config, output_dir, dataset, eval_dataset, shapes, shardings):
     """The state to start from: the newest checkpoint in the output folder (--autoresume), else
     --load_checkpoint, else None. Returns (state or None, params or None, metadata, checkpoint folder)."""
     resume_dir = ckpt.latest(output_dir) if config.autoresume else None
@@ -349,7 +349,7 @@ def _run(config: ConfigDict) -> dict:
         batch_sharding = NamedSharding(mesh, P(("dp", "fsdp"), "sp"))
 
         state, params, meta, last_checkpoint = _restore(config, output_dir, dataset, eval_dataset, shapes,
-                                                        shardings, tx)
+                                                        shardings)
         if state is None and params is None:
             state = jax.jit(init_fn, out_shardings=shardings)(ts.replicate(init_rng, replicated))
         elif state is None:
