@@ -215,7 +215,7 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
 def vision_model_config(flags: ConfigDict, tokenizer, sample_mode: str) -> VisionLLaMAConfig:
     """--load_llama_config, --llama.*, --update_llama_config (literals only), the tokenizer's ids, and the
     sample_mode this entry point needs (the original's scripts set it through update_llama_config)."""
-    from lwm.train import model_config_from_flags
+    from lwm.flags import model_config_from_flags
 
     view = ConfigDict(dict(modality="vision,text", load_llama_config=flags.load_llama_config,
                            llama=flags.llama, update_llama_config=flags.update_llama_config))
@@ -303,7 +303,7 @@ def get_default_config() -> ConfigDict:
 
 def parse_args(argv: Sequence[str], config: ConfigDict) -> ConfigDict:
     """The original's flags; `--tokenizer.vocab_file=X` (the original scripts' spelling) means --tokenizer=X."""
-    from lwm.train import parse_flags
+    from lwm.flags import parse_flags
 
     argv = [re.sub(r"^--tokenizer\.vocab_file(?==|$)", "--tokenizer", a) for a in argv]
     return parse_flags(list(argv), config)

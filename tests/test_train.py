@@ -18,7 +18,8 @@ from lwm import optimizer as optimizer_lib
 from lwm import train_state as ts
 from lwm.llama import LLaMAConfig, LLaMAForCausalLM
 from lwm.sharding import check_divisible, make_mesh, match_partition_rules
-from lwm.train import FlagError, model_config_from_flags, parse_flags, parse_literal_dict
+from lwm.flags import FlagError, model_config_from_flags, parse_literal_dict
+from lwm.train import parse_flags
 from lwm.vision_llama import VisionLLaMAConfig, VisionLLaMAForCausalLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
