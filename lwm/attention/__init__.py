@@ -13,6 +13,7 @@
 Nothing is chosen behind the caller's back: an unknown impl, or 'pallas' on CPU without
 pallas_interpret=True, raises ValueError.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -24,98 +25,131 @@ from lwm.attention.ring import ring_attention
 
 ATTENTION_IMPLS = ("dense", "blockwise", "pallas", "ring", "ring_pallas")
 
-__all__ = ["ATTENTION_IMPLS", "attention", "cached_attention", "dense_attention", "blockwise_attention",
-           "ring_attention"]
+__all__ = [
+    "ATTENTION_IMPLS",
+    "attention",
+    "cached_attention",
+    "dense_attention",
+    "blockwise_attention",
+    "ring_attention",
+]
 
 
 def _check_impl(impl: str, what: str):
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"{what}: unknown attention impl {impl!r}; allowed values: {ATTENTION_IMPLS}")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"{what}: unknown attention impl {impl!r}; allowed values: {ATTENTION_IMPLS}")
 
 
 def _check_heads(what: str, q, k, v):
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"{what}: q, k, v must be rank 4 (B, T, N|K, H); got shapes {q.shape}, {k.shape}, "
-                     f"{v.shape}")
-  if k.shape != v.shape:
-    raise ValueError(f"{what}: k and v shapes differ: {k.shape} vs {v.shape}")
-  B, _, N, H = q.shape
-  if k.shape[0] != B or k.shape[3] != H:
-    raise ValueError(f"{what}: q {q.shape} and k {k.shape} disagree on batch or head dim")
-  if N % k.shape[2]:
-    raise ValueError(f"{what}: query heads N={N} must be a multiple of kv heads K={k.shape[2]}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"{what}: q, k, v must be rank 4 (B, T, N|K, H); got shapes {q.shape}, {k.shape}, {v.shape}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"{what}: k and v shapes differ: {k.shape} vs {v.shape}")
+    B, _, N, H = q.shape
+    if k.shape[0] != B or k.shape[3] != H:
+        raise ValueError(f"{what}: q {q.shape} and k {k.shape} disagree on batch or head dim")
+    if N % k.shape[2]:
+        raise ValueError(f"{what}: query heads N={N} must be a multiple of kv heads K={k.shape[2]}")
 
 
 def _check_segments(what: str, name: str, seg, shape):
-  if seg is not None and tuple(seg.shape) != tuple(shape):
-    raise ValueError(f"{what}: {name} must have shape {tuple(shape)}, got {tuple(seg.shape)}")
+    if seg is not None and tuple(seg.shape) != tuple(shape):
+        raise ValueError(f"{what}: {name} must have shape {tuple(shape)}, got {tuple(seg.shape)}")
 
 
-def attention(q, k, v, segment_ids=None, *, impl: str, causal: bool = True, q_chunk: int = 512,
-              k_chunk: int = 512, pallas_interpret: bool = False):
-  """Self-attention. q: (B, T, N, H); k, v: (B, T, K, H), N % K == 0 (grouped-query attention).
+def attention(
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    impl: str,
+    causal: bool = True,
+    q_chunk: int = 512,
+    k_chunk: int = 512,
+    pallas_interpret: bool = False,
+):
+    """Self-attention. q: (B, T, N, H); k, v: (B, T, K, H), N % K == 0 (grouped-query attention).
 
-  segment_ids: (B, T) int or None. A query attends to a key only when their segment ids are equal
-  (packed sequences; padding is just another segment id, 0 by convention) and, if causal, when the key's
-  index in the row is <= the query's index. Scale 1/sqrt(H) is applied inside. Returns (B, T, N, H) in
-  q.dtype; softmax statistics are kept in float32. A row with no allowed key returns zeros.
+    segment_ids: (B, T) int or None. A query attends to a key only when their segment ids are equal
+    (packed sequences; padding is just another segment id, 0 by convention) and, if causal, when the key's
+    index in the row is <= the query's index. Scale 1/sqrt(H) is applied inside. Returns (B, T, N, H) in
+    q.dtype; softmax statistics are kept in float32. A row with no allowed key returns zeros.
 
-  q_chunk, k_chunk: block sizes of the blockwise / Pallas / ring paths (ignored by 'dense'). The Triton
-    kernel caps them at `pallas_gpu.MAX_BLOCK` and rounds them to powers of two.
-  pallas_interpret: for 'pallas' / 'ring_pallas' on CPU, run the GPU kernel in Pallas interpret mode
-    (slow; this is how the tests run it). Without it, 'pallas' on CPU raises.
-  impl 'ring' / 'ring_pallas' run under jax.shard_map over the ambient mesh (jax.set_mesh) with q/k/v
-  sharded P(('dp','fsdp'), 'sp', 'tp', None) and segment ids P(('dp','fsdp'), 'sp'); they raise when no
-  mesh with an 'sp' axis is set.
-  """
-  what = f"attention(impl={impl!r})"
-  _check_impl(impl, "attention")
-  _check_heads(what, q, k, v)
-  if k.shape[1] != q.shape[1]:
-    raise ValueError(f"{what}: self-attention needs k, v of the same length as q: T={q.shape[1]}, "
-                     f"S={k.shape[1]} (use cached_attention for a KV cache)")
-  _check_segments(what, "segment_ids", segment_ids, q.shape[:2])
-  chunks = dict(q_chunk=q_chunk, k_chunk=k_chunk)
-  if impl == "dense":
-    return dense_attention(q, k, v, segment_ids, causal=causal)
-  if impl == "blockwise":
-    return blockwise_attention(q, k, v, segment_ids, causal=causal, **chunks)
-  if impl == "pallas":
-    from lwm.attention import pallas_common
-    kernels = pallas_common.kernel_module(pallas_interpret)
-    return kernels.flash_attention(q, k, v, segment_ids, causal=causal, interpret=pallas_interpret,
-                                   **chunks)
-  block_impl = "pallas" if impl == "ring_pallas" else "blockwise"
-  return ring_attention(q, k, v, segment_ids, causal=causal, block_impl=block_impl,
-                        pallas_interpret=pallas_interpret, **chunks)
+    q_chunk, k_chunk: block sizes of the blockwise / Pallas / ring paths (ignored by 'dense'). The Triton
+      kernel caps them at `pallas_gpu.MAX_BLOCK` and rounds them to powers of two.
+    pallas_interpret: for 'pallas' / 'ring_pallas' on CPU, run the GPU kernel in Pallas interpret mode
+      (slow; this is how the tests run it). Without it, 'pallas' on CPU raises.
+    impl 'ring' / 'ring_pallas' run under jax.shard_map over the ambient mesh (jax.set_mesh) with q/k/v
+    sharded P(('dp','fsdp'), 'sp', 'tp', None) and segment ids P(('dp','fsdp'), 'sp'); they raise when no
+    mesh with an 'sp' axis is set.
+    """
+    what = f"attention(impl={impl!r})"
+    _check_impl(impl, "attention")
+    _check_heads(what, q, k, v)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"{what}: self-attention needs k, v of the same length as q: T={q.shape[1]}, "
+            f"S={k.shape[1]} (use cached_attention for a KV cache)"
+        )
+    _check_segments(what, "segment_ids", segment_ids, q.shape[:2])
+    chunks = dict(q_chunk=q_chunk, k_chunk=k_chunk)
+    if impl == "dense":
+        return dense_attention(q, k, v, segment_ids, causal=causal)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, segment_ids, causal=causal, **chunks)
+    if impl == "pallas":
+        from lwm.attention import pallas_common
+
+        kernels = pallas_common.kernel_module(pallas_interpret)
+        return kernels.flash_attention(q, k, v, segment_ids, causal=causal, interpret=pallas_interpret, **chunks)
+    block_impl = "pallas" if impl == "ring_pallas" else "blockwise"
+    return ring_attention(
+        q, k, v, segment_ids, causal=causal, block_impl=block_impl, pallas_interpret=pallas_interpret, **chunks
+    )
 
 
-def cached_attention(q, k_new, v_new, cache_k, cache_v, cache_segment_ids, q_segment_ids, index, *,
-                     impl: str, q_chunk: int = 512, k_chunk: int = 512):
-  """Decoding step(s) through a KV cache. Returns (out (B, T, N, H), cache_k, cache_v, cache_segment_ids).
+def cached_attention(
+    q,
+    k_new,
+    v_new,
+    cache_k,
+    cache_v,
+    cache_segment_ids,
+    q_segment_ids,
+    index,
+    *,
+    impl: str,
+    q_chunk: int = 512,
+    k_chunk: int = 512,
+):
+    """Decoding step(s) through a KV cache. Returns (out (B, T, N, H), cache_k, cache_v, cache_segment_ids).
 
-  q, k_new, v_new: (B, T, N|K, H) for query positions index .. index+T-1 (index: int or int32 scalar).
-  cache_k, cache_v: (B, S, K, H); cache_segment_ids: (B, S) int32 (0 = empty/padding).
-  q_segment_ids: (B, T) int32 segment ids of the new tokens (None means all 1: one real sequence).
-  Writes k_new/v_new/q_segment_ids at slots [index, index+T) (slots >= S are dropped) and attends over the
-  cache with the causal rule key_slot <= query_slot and equal segment ids.
-  impl 'dense': dense reference over the cache. 'blockwise' / 'pallas': the jnp blockwise path (decode is
-  memory-bound; no kernel is used). 'ring' / 'ring_pallas': the cache is sharded along S over 'sp' (and
-  batch over dp/fsdp, kv heads over tp); each shard attends to its slice and the partial results are
-  merged by log-sum-exp.
-  """
-  what = f"cached_attention(impl={impl!r})"
-  _check_impl(impl, "cached_attention")
-  _check_heads(what, q, k_new, v_new)
-  if cache_k.shape != cache_v.shape or cache_k.shape[0] != q.shape[0] or \
-      cache_k.shape[2:] != k_new.shape[2:]:
-    raise ValueError(f"{what}: cache_k {cache_k.shape} / cache_v {cache_v.shape} must be (B, S, K, H) "
-                     f"matching k_new {k_new.shape}")
-  _check_segments(what, "cache_segment_ids", cache_segment_ids, cache_k.shape[:2])
-  if q_segment_ids is None:
-    q_segment_ids = jnp.ones(q.shape[:2], cache_segment_ids.dtype)
-  _check_segments(what, "q_segment_ids", q_segment_ids, q.shape[:2])
-  args = (q, k_new, v_new, cache_k, cache_v, cache_segment_ids, q_segment_ids, index)
-  if impl in ("ring", "ring_pallas"):
-    return decode.cached_attention_sharded(*args, q_chunk=q_chunk, k_chunk=k_chunk)
-  return decode.cached_attention_local(*args, dense=impl == "dense", q_chunk=q_chunk, k_chunk=k_chunk)
+    q, k_new, v_new: (B, T, N|K, H) for query positions index .. index+T-1 (index: int or int32 scalar).
+    cache_k, cache_v: (B, S, K, H); cache_segment_ids: (B, S) int32 (0 = empty/padding).
+    q_segment_ids: (B, T) int32 segment ids of the new tokens (None means all 1: one real sequence).
+    Writes k_new/v_new/q_segment_ids at slots [index, index+T) (slots >= S are dropped) and attends over the
+    cache with the causal rule key_slot <= query_slot and equal segment ids.
+    impl 'dense': dense reference over the cache. 'blockwise' / 'pallas': the jnp blockwise path (decode is
+    memory-bound; no kernel is used). 'ring' / 'ring_pallas': the cache is sharded along S over 'sp' (and
+    batch over dp/fsdp, kv heads over tp); each shard attends to its slice and the partial results are
+    merged by log-sum-exp.
+    """
+    what = f"cached_attention(impl={impl!r})"
+    _check_impl(impl, "cached_attention")
+    _check_heads(what, q, k_new, v_new)
+    if cache_k.shape != cache_v.shape or cache_k.shape[0] != q.shape[0] or cache_k.shape[2:] != k_new.shape[2:]:
+        raise ValueError(
+            f"{what}: cache_k {cache_k.shape} / cache_v {cache_v.shape} must be (B, S, K, H) "
+            f"matching k_new {k_new.shape}"
+        )
+    _check_segments(what, "cache_segment_ids", cache_segment_ids, cache_k.shape[:2])
+    if q_segment_ids is None:
+        q_segment_ids = jnp.ones(q.shape[:2], cache_segment_ids.dtype)
+    _check_segments(what, "q_segment_ids", q_segment_ids, q.shape[:2])
+    args = (q, k_new, v_new, cache_k, cache_v, cache_segment_ids, q_segment_ids, index)
+    if impl in ("ring", "ring_pallas"):
+        return decode.cached_attention_sharded(*args, q_chunk=q_chunk, k_chunk=k_chunk)
+    return decode.cached_attention_local(*args, dense=impl == "dense", q_chunk=q_chunk, k_chunk=k_chunk)

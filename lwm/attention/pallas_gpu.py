@@ -14,6 +14,7 @@ were written); they are tested there against the dense reference, forward and gr
 operations the Triton lowering supports (2-D loads via pl.ds, jnp.dot, where/exp/max), but they have not
 been compiled by Triton or timed on a GPU.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,296 +30,410 @@ MAX_BLOCK = 128  # Triton blocks beyond this spill registers / shared memory for
 
 
 def _blocks(q_chunk: int, k_chunk: int, T: int, S: int):
-  """Power-of-two block sizes (Triton needs them), capped by MAX_BLOCK and the padded lengths."""
-  bq = min(next_power_of_2(min(q_chunk, MAX_BLOCK)), next_power_of_2(T))
-  bk = min(next_power_of_2(min(k_chunk, MAX_BLOCK)), next_power_of_2(S))
-  return bq, bk
+    """Power-of-two block sizes (Triton needs them), capped by MAX_BLOCK and the padded lengths."""
+    bq = min(next_power_of_2(min(q_chunk, MAX_BLOCK)), next_power_of_2(T))
+    bk = min(next_power_of_2(min(k_chunk, MAX_BLOCK)), next_power_of_2(S))
+    return bq, bk
 
 
 def _compiler_params(H: int):
-  from jax.experimental.pallas import triton as plgpu
-  return plgpu.CompilerParams(num_warps=4 if H <= 64 else 8, num_stages=2)
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=4 if H <= 64 else 8, num_stages=2)
 
 
 def _num_visible_k_blocks(q_last, k_offset, bk: int, nk: int, causal: bool):
-  """Key blocks holding a key at global position <= q_last (non-negative integer division only)."""
-  if not causal:
-    return nk
-  d = q_last - k_offset
-  return jnp.where(d < 0, 0, jnp.minimum(lax.div(d, bk) + 1, nk))
+    """Key blocks holding a key at global position <= q_last (non-negative integer division only)."""
+    if not causal:
+        return nk
+    d = q_last - k_offset
+    return jnp.where(d < 0, 0, jnp.minimum(lax.div(d, bk) + 1, nk))
 
 
 def _first_visible_q_block(q_offset, k_first, bq: int, nq: int, causal: bool):
-  """First query block whose last query is at or after global key position k_first."""
-  if not causal:
-    return 0
-  d = k_first - q_offset
-  return jnp.where(d < 0, 0, jnp.minimum(lax.div(d, bq), nq))
+    """First query block whose last query is at or after global key position k_first."""
+    if not causal:
+        return 0
+    d = k_first - q_offset
+    return jnp.where(d < 0, 0, jnp.minimum(lax.div(d, bq), nq))
 
 
 def _mask(q_pos, k_pos, k_local, q_seg, k_seg, causal: bool, kv_len: int, k_padded: bool):
-  """(bq, bk) bool mask of allowed pairs, or None when everything is allowed."""
-  mask = None
-  if causal:
-    mask = k_pos[None, :] <= q_pos[:, None]
-  if q_seg is not None:
-    seg = q_seg[:, None] == k_seg[None, :]
-    mask = seg if mask is None else mask & seg
-  if k_padded:
-    valid = jnp.broadcast_to((k_local < kv_len)[None, :], (q_pos.shape[0], k_pos.shape[0]))
-    mask = valid if mask is None else mask & valid
-  return mask
+    """(bq, bk) bool mask of allowed pairs, or None when everything is allowed."""
+    mask = None
+    if causal:
+        mask = k_pos[None, :] <= q_pos[:, None]
+    if q_seg is not None:
+        seg = q_seg[:, None] == k_seg[None, :]
+        mask = seg if mask is None else mask & seg
+    if k_padded:
+        valid = jnp.broadcast_to((k_local < kv_len)[None, :], (q_pos.shape[0], k_pos.shape[0]))
+        mask = valid if mask is None else mask & valid
+    return mask
 
 
-def _fwd_kernel(q_off_ref, k_off_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *,
-                causal: bool, bq: int, bk: int, kv_len: int, k_padded: bool,
-                scale: float):
-  # q_ref (bq, H); k_ref, v_ref (Sp, H); q_seg_ref (bq,); k_seg_ref (Sp,); o_ref (bq, H); lse_ref (bq,)
-  i = pl.program_id(2)
-  q_offset, k_offset = q_off_ref[()], k_off_ref[()]
-  nk = k_ref.shape[0] // bk
-  q = q_ref[...]
-  q_pos = q_offset + i * bq + jnp.arange(bq)
-  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+def _fwd_kernel(
+    q_off_ref,
+    k_off_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    q_seg_ref,
+    k_seg_ref,
+    o_ref,
+    lse_ref,
+    *,
+    causal: bool,
+    bq: int,
+    bk: int,
+    kv_len: int,
+    k_padded: bool,
+    scale: float,
+):
+    # q_ref (bq, H); k_ref, v_ref (Sp, H); q_seg_ref (bq,); k_seg_ref (Sp,); o_ref (bq, H); lse_ref (bq,)
+    i = pl.program_id(2)
+    q_offset, k_offset = q_off_ref[()], k_off_ref[()]
+    nk = k_ref.shape[0] // bk
+    q = q_ref[...]
+    q_pos = q_offset + i * bq + jnp.arange(bq)
+    q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
-  def body(j, carry):
-    m, l, acc = carry
+    def body(j, carry):
+        m, l, acc = carry
+        k_local = j * bk + jnp.arange(bk)
+        k = k_ref[pl.ds(j * bk, bk), :]
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # (bq, bk)
+        k_seg = None if k_seg_ref is None else k_seg_ref[pl.ds(j * bk, bk)]
+        mask = _mask(q_pos, k_offset + k_local, k_local, q_seg, k_seg, causal, kv_len, k_padded)
+        if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe[:, None])
+        correction = jnp.exp(m - m_safe)
+        v = v_ref[pl.ds(j * bk, bk), :]
+        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l * correction + jnp.sum(p, axis=1), acc * correction[:, None] + pv
+
+    init = (
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+        jnp.zeros((bq, q.shape[-1]), jnp.float32),
+    )
+    hi = _num_visible_k_blocks(q_offset + (i + 1) * bq - 1, k_offset, bk, nk, causal)
+    m, l, acc = lax.fori_loop(0, hi, body, init)
+    empty = l == 0.0  # no allowed key in this whole key block
+    o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+
+
+def _dq_kernel(
+    q_off_ref,
+    k_off_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    q_seg_ref,
+    k_seg_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    causal: bool,
+    bq: int,
+    bk: int,
+    kv_len: int,
+    k_padded: bool,
+    scale: float,
+):
+    # q_ref, do_ref, dq_ref (bq, H); k_ref, v_ref (Sp, H); lse_ref, delta_ref (bq,)
+    i = pl.program_id(2)
+    q_offset, k_offset = q_off_ref[()], k_off_ref[()]
+    nk = k_ref.shape[0] // bk
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_pos = q_offset + i * bq + jnp.arange(bq)
+    q_seg = None if q_seg_ref is None else q_seg_ref[...]
+
+    def body(j, dq):
+        k_local = j * bk + jnp.arange(bk)
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+        k_seg = None if k_seg_ref is None else k_seg_ref[pl.ds(j * bk, bk)]
+        mask = _mask(q_pos, k_offset + k_local, k_local, q_seg, k_seg, causal, kv_len, k_padded)
+        if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
+        p = jnp.exp(s - lse[:, None])  # (bq, bk)
+        dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[:, None]) * scale
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    hi = _num_visible_k_blocks(q_offset + (i + 1) * bq - 1, k_offset, bk, nk, causal)
+    dq = lax.fori_loop(0, hi, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    q_off_ref,
+    k_off_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    q_seg_ref,
+    k_seg_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    causal: bool,
+    bq: int,
+    bk: int,
+    kv_len: int,
+    k_padded: bool,
+    scale: float,
+):
+    # q_ref, do_ref (Tp, G, H): the G query heads sharing this kv head; lse_ref, delta_ref (G, Tp);
+    # k_ref, v_ref, dk_ref, dv_ref (bk, H); q_seg_ref (Tp,); k_seg_ref (bk,)
+    j = pl.program_id(2)
+    q_offset, k_offset = q_off_ref[()], k_off_ref[()]
+    G = q_ref.shape[1]
+    nq = q_ref.shape[0] // bq
+    k, v = k_ref[...], v_ref[...]
     k_local = j * bk + jnp.arange(bk)
-    k = k_ref[pl.ds(j * bk, bk), :]
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # (bq, bk)
-    k_seg = None if k_seg_ref is None else k_seg_ref[pl.ds(j * bk, bk)]
-    mask = _mask(q_pos, k_offset + k_local, k_local, q_seg, k_seg, causal, kv_len,
-                 k_padded)
-    if mask is not None:
-      s = jnp.where(mask, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[:, None])
-    correction = jnp.exp(m - m_safe)
-    v = v_ref[pl.ds(j * bk, bk), :]
-    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return m_new, l * correction + jnp.sum(p, axis=1), acc * correction[:, None] + pv
+    k_pos = k_offset + k_local
+    k_seg = None if k_seg_ref is None else k_seg_ref[...]
 
-  init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
-          jnp.zeros((bq, q.shape[-1]), jnp.float32))
-  hi = _num_visible_k_blocks(q_offset + (i + 1) * bq - 1, k_offset, bk, nk, causal)
-  m, l, acc = lax.fori_loop(0, hi, body, init)
-  empty = l == 0.0  # no allowed key in this whole key block
-  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+    def q_block(i, carry, g):
+        dk, dv = carry
+        q = q_ref[pl.ds(i * bq, bq), g, :]
+        do = do_ref[pl.ds(i * bq, bq), g, :]
+        lse = lse_ref[g, pl.ds(i * bq, bq)]
+        delta = delta_ref[g, pl.ds(i * bq, bq)]
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # (bq, bk)
+        q_seg = None if q_seg_ref is None else q_seg_ref[pl.ds(i * bq, bq)]
+        mask = _mask(q_offset + i * bq + jnp.arange(bq), k_pos, k_local, q_seg, k_seg, causal, kv_len, k_padded)
+        if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
+        p = jnp.exp(s - lse[:, None])
+        dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[:, None]) * scale
+        dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        return dk, dv
 
+    lo = _first_visible_q_block(q_offset, k_offset + j * bk, bq, nq, causal)
 
-def _dq_kernel(q_off_ref, k_off_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, causal: bool, bq: int, bk: int, kv_len: int, k_padded: bool,
-               scale: float):
-  # q_ref, do_ref, dq_ref (bq, H); k_ref, v_ref (Sp, H); lse_ref, delta_ref (bq,)
-  i = pl.program_id(2)
-  q_offset, k_offset = q_off_ref[()], k_off_ref[()]
-  nk = k_ref.shape[0] // bk
-  q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
-  q_pos = q_offset + i * bq + jnp.arange(bq)
-  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+    def head(g, carry):
+        return lax.fori_loop(lo, nq, functools.partial(q_block, g=g), carry)
 
-  def body(j, dq):
-    k_local = j * bk + jnp.arange(bk)
-    k = k_ref[pl.ds(j * bk, bk), :]
-    v = v_ref[pl.ds(j * bk, bk), :]
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    k_seg = None if k_seg_ref is None else k_seg_ref[pl.ds(j * bk, bk)]
-    mask = _mask(q_pos, k_offset + k_local, k_local, q_seg, k_seg, causal, kv_len,
-                 k_padded)
-    if mask is not None:
-      s = jnp.where(mask, s, -jnp.inf)
-    p = jnp.exp(s - lse[:, None])  # (bq, bk)
-    dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[:, None]) * scale
-    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-
-  hi = _num_visible_k_blocks(q_offset + (i + 1) * bq - 1, k_offset, bk, nk, causal)
-  dq = lax.fori_loop(0, hi, body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = dq.astype(dq_ref.dtype)
-
-
-def _dkv_kernel(q_off_ref, k_off_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, *, causal: bool, bq: int, bk: int, kv_len: int,
-                k_padded: bool, scale: float):
-  # q_ref, do_ref (Tp, G, H): the G query heads sharing this kv head; lse_ref, delta_ref (G, Tp);
-  # k_ref, v_ref, dk_ref, dv_ref (bk, H); q_seg_ref (Tp,); k_seg_ref (bk,)
-  j = pl.program_id(2)
-  q_offset, k_offset = q_off_ref[()], k_off_ref[()]
-  G = q_ref.shape[1]
-  nq = q_ref.shape[0] // bq
-  k, v = k_ref[...], v_ref[...]
-  k_local = j * bk + jnp.arange(bk)
-  k_pos = k_offset + k_local
-  k_seg = None if k_seg_ref is None else k_seg_ref[...]
-
-  def q_block(i, carry, g):
-    dk, dv = carry
-    q = q_ref[pl.ds(i * bq, bq), g, :]
-    do = do_ref[pl.ds(i * bq, bq), g, :]
-    lse = lse_ref[g, pl.ds(i * bq, bq)]
-    delta = delta_ref[g, pl.ds(i * bq, bq)]
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # (bq, bk)
-    q_seg = None if q_seg_ref is None else q_seg_ref[pl.ds(i * bq, bq)]
-    mask = _mask(q_offset + i * bq + jnp.arange(bq), k_pos, k_local, q_seg, k_seg, causal, kv_len,
-                 k_padded)
-    if mask is not None:
-      s = jnp.where(mask, s, -jnp.inf)
-    p = jnp.exp(s - lse[:, None])
-    dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[:, None]) * scale
-    dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
-    return dk, dv
-
-  lo = _first_visible_q_block(q_offset, k_offset + j * bk, bq, nq, causal)
-
-  def head(g, carry):
-    return lax.fori_loop(lo, nq, functools.partial(q_block, g=g), carry)
-
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, G, head, (zeros, zeros))
-  dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, G, head, (zeros, zeros))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk):
-  """Pads T, S to the block sizes and H to a power of two (Triton's rule); zeros change no dot product."""
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  if N % K:
-    raise ValueError(f"pallas_gpu: query heads N={N} must be a multiple of kv heads K={K}")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("pallas_gpu: pass both q_segment_ids and kv_segment_ids, or neither")
-  bq, bk = _blocks(q_chunk, k_chunk, T, S)
-  Hp = next_power_of_2(H)
-  q = pad_to(pad_to(q, bq, 1), Hp, 3)
-  k = pad_to(pad_to(k, bk, 1), Hp, 3)
-  v = pad_to(pad_to(v, bk, 1), Hp, 3)
-  q_seg = pad_to(q_segment_ids, bq, 1)
-  k_seg = pad_to(kv_segment_ids, bk, 1)
-  return q, k, v, q_seg, k_seg, bq, bk
+    """Pads T, S to the block sizes and H to a power of two (Triton's rule); zeros change no dot product."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if N % K:
+        raise ValueError(f"pallas_gpu: query heads N={N} must be a multiple of kv heads K={K}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pallas_gpu: pass both q_segment_ids and kv_segment_ids, or neither")
+    bq, bk = _blocks(q_chunk, k_chunk, T, S)
+    Hp = next_power_of_2(H)
+    q = pad_to(pad_to(q, bq, 1), Hp, 3)
+    k = pad_to(pad_to(k, bk, 1), Hp, 3)
+    v = pad_to(pad_to(v, bk, 1), Hp, 3)
+    q_seg = pad_to(q_segment_ids, bq, 1)
+    k_seg = pad_to(kv_segment_ids, bk, 1)
+    return q, k, v, q_seg, k_seg, bq, bk
 
 
 def _scalar_spec():
-  return pl.BlockSpec((), lambda *_: ())
+    return pl.BlockSpec((), lambda *_: ())
 
 
-def block_forward(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, q_offset=0, k_offset=0,
-                  causal: bool = True, q_chunk: int = 128, k_chunk: int = 128, interpret: bool = False):
-  """Fused-kernel version of `blockwise.block_forward`: (out (B, T, N, H) f32, lse (B, T, N) f32)."""
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  G = N // K
-  qp, kp, vp, q_seg, k_seg, bq, bk = _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk)
-  Tp, Sp, Hp = qp.shape[1], kp.shape[1], qp.shape[3]
-  has_seg = q_seg is not None
-  kernel = functools.partial(_fwd_kernel, causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=Sp != S,
-                             scale=H ** -0.5)
-  in_specs = [
-      _scalar_spec(), _scalar_spec(),
-      pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
-      pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
-      pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
-      pl.BlockSpec((None, bq), lambda b, n, i: (b, i)) if has_seg else None,
-      pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)) if has_seg else None,
-  ]
-  out_specs = [pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
-               pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))]
-  out_shape = [jax.ShapeDtypeStruct((B, Tp, N, Hp), jnp.float32),
-               jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)]
-  out, lse = pl.pallas_call(
-      kernel, grid=(B, N, Tp // bq), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=None if interpret else _compiler_params(Hp), interpret=interpret,
-      name="lwm_flash_fwd",
-  )(as_offset(q_offset), as_offset(k_offset), qp, kp, vp, q_seg, k_seg)
-  return out[:, :T, :, :H], lse[:, :, :T].transpose(0, 2, 1)
+def block_forward(
+    q,
+    k,
+    v,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    *,
+    q_offset=0,
+    k_offset=0,
+    causal: bool = True,
+    q_chunk: int = 128,
+    k_chunk: int = 128,
+    interpret: bool = False,
+):
+    """Fused-kernel version of `blockwise.block_forward`: (out (B, T, N, H) f32, lse (B, T, N) f32)."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    qp, kp, vp, q_seg, k_seg, bq, bk = _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk)
+    Tp, Sp, Hp = qp.shape[1], kp.shape[1], qp.shape[3]
+    has_seg = q_seg is not None
+    kernel = functools.partial(_fwd_kernel, causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=Sp != S, scale=H**-0.5)
+    in_specs = [
+        _scalar_spec(),
+        _scalar_spec(),
+        pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
+        pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
+        pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
+        pl.BlockSpec((None, bq), lambda b, n, i: (b, i)) if has_seg else None,
+        pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)) if has_seg else None,
+    ]
+    out_specs = [
+        pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
+        pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
+    ]
+    out_shape = [jax.ShapeDtypeStruct((B, Tp, N, Hp), jnp.float32), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)]
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(B, N, Tp // bq),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=None if interpret else _compiler_params(Hp),
+        interpret=interpret,
+        name="lwm_flash_fwd",
+    )(as_offset(q_offset), as_offset(k_offset), qp, kp, vp, q_seg, k_seg)
+    return out[:, :T, :, :H], lse[:, :, :T].transpose(0, 2, 1)
 
 
-def block_backward(q, k, v, o, lse, do, q_segment_ids=None, kv_segment_ids=None, *, q_offset=0,
-                   k_offset=0, causal: bool = True, q_chunk: int = 128, k_chunk: int = 128,
-                   interpret: bool = False):
-  """Fused-kernel version of `blockwise.block_backward`: (dq, dk, dv) float32, two kernels."""
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  G = N // K
-  qp, kp, vp, q_seg, k_seg, bq, bk = _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk)
-  Tp, Sp, Hp = qp.shape[1], kp.shape[1], qp.shape[3]
-  dop = pad_to(pad_to(do, bq, 1), Hp, 3)
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # (B, T, N)
-  lse = jnp.where(lse == -jnp.inf, 0.0, lse)  # rows with no allowed key: all P are 0 anyway
-  lse_t = pad_to(lse.transpose(0, 2, 1), bq, 2)  # (B, N, Tp)
-  delta_t = pad_to(delta.transpose(0, 2, 1), bq, 2)
-  has_seg = q_seg is not None
-  kw = dict(causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=Sp != S, scale=H ** -0.5)
-  args = (as_offset(q_offset), as_offset(k_offset), qp, kp, vp, q_seg, k_seg, dop, lse_t, delta_t)
-  params = None if interpret else _compiler_params(Hp)
+def block_backward(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    do,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    *,
+    q_offset=0,
+    k_offset=0,
+    causal: bool = True,
+    q_chunk: int = 128,
+    k_chunk: int = 128,
+    interpret: bool = False,
+):
+    """Fused-kernel version of `blockwise.block_backward`: (dq, dk, dv) float32, two kernels."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    qp, kp, vp, q_seg, k_seg, bq, bk = _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk)
+    Tp, Sp, Hp = qp.shape[1], kp.shape[1], qp.shape[3]
+    dop = pad_to(pad_to(do, bq, 1), Hp, 3)
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # (B, T, N)
+    lse = jnp.where(lse == -jnp.inf, 0.0, lse)  # rows with no allowed key: all P are 0 anyway
+    lse_t = pad_to(lse.transpose(0, 2, 1), bq, 2)  # (B, N, Tp)
+    delta_t = pad_to(delta.transpose(0, 2, 1), bq, 2)
+    has_seg = q_seg is not None
+    kw = dict(causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=Sp != S, scale=H**-0.5)
+    args = (as_offset(q_offset), as_offset(k_offset), qp, kp, vp, q_seg, k_seg, dop, lse_t, delta_t)
+    params = None if interpret else _compiler_params(Hp)
 
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, **kw), grid=(B, N, Tp // bq),
-      in_specs=[
-          _scalar_spec(), _scalar_spec(),
-          pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
-          pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
-          pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
-          pl.BlockSpec((None, bq), lambda b, n, i: (b, i)) if has_seg else None,
-          pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)) if has_seg else None,
-          pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
-          pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
-          pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
-      ],
-      out_specs=pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, Tp, N, Hp), jnp.float32),
-      compiler_params=params, interpret=interpret, name="lwm_flash_dq",
-  )(*args)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, **kw),
+        grid=(B, N, Tp // bq),
+        in_specs=[
+            _scalar_spec(),
+            _scalar_spec(),
+            pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
+            pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
+            pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
+            pl.BlockSpec((None, bq), lambda b, n, i: (b, i)) if has_seg else None,
+            pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)) if has_seg else None,
+            pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
+            pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
+            pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
+        ],
+        out_specs=pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, Tp, N, Hp), jnp.float32),
+        compiler_params=params,
+        interpret=interpret,
+        name="lwm_flash_dq",
+    )(*args)
 
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, **kw), grid=(B, K, Sp // bk),
-      in_specs=[
-          _scalar_spec(), _scalar_spec(),
-          pl.BlockSpec((None, Tp, G, Hp), lambda b, h, j: (b, 0, h, 0)),
-          pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0)),
-          pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0)),
-          pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)) if has_seg else None,
-          pl.BlockSpec((None, bk), lambda b, h, j: (b, j)) if has_seg else None,
-          pl.BlockSpec((None, Tp, G, Hp), lambda b, h, j: (b, 0, h, 0)),
-          pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
-          pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
-      ],
-      out_specs=[pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0))] * 2,
-      out_shape=[jax.ShapeDtypeStruct((B, Sp, K, Hp), jnp.float32)] * 2,
-      compiler_params=params, interpret=interpret, name="lwm_flash_dkv",
-  )(*args)
-  return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H]
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, **kw),
+        grid=(B, K, Sp // bk),
+        in_specs=[
+            _scalar_spec(),
+            _scalar_spec(),
+            pl.BlockSpec((None, Tp, G, Hp), lambda b, h, j: (b, 0, h, 0)),
+            pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0)),
+            pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0)),
+            pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)) if has_seg else None,
+            pl.BlockSpec((None, bk), lambda b, h, j: (b, j)) if has_seg else None,
+            pl.BlockSpec((None, Tp, G, Hp), lambda b, h, j: (b, 0, h, 0)),
+            pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
+            pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0))] * 2,
+        out_shape=[jax.ShapeDtypeStruct((B, Sp, K, Hp), jnp.float32)] * 2,
+        compiler_params=params,
+        interpret=interpret,
+        name="lwm_flash_dkv",
+    )(*args)
+    return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _flash(q, k, v, segment_ids, causal, q_chunk, k_chunk, interpret):
-  out, _ = block_forward(q, k, v, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk,
-                         k_chunk=k_chunk, interpret=interpret)
-  return out.astype(q.dtype)
+    out, _ = block_forward(
+        q, k, v, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, interpret=interpret
+    )
+    return out.astype(q.dtype)
 
 
 def _flash_fwd(q, k, v, segment_ids, causal, q_chunk, k_chunk, interpret):
-  out, lse = block_forward(q, k, v, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk,
-                           k_chunk=k_chunk, interpret=interpret)
-  out = out.astype(q.dtype)
-  return out, (q, k, v, segment_ids, out, lse)
+    out, lse = block_forward(
+        q, k, v, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, interpret=interpret
+    )
+    out = out.astype(q.dtype)
+    return out, (q, k, v, segment_ids, out, lse)
 
 
 def _flash_bwd(causal, q_chunk, k_chunk, interpret, res, do):
-  q, k, v, segment_ids, out, lse = res
-  dq, dk, dv = block_backward(q, k, v, out, lse, do, segment_ids, segment_ids, causal=causal,
-                              q_chunk=q_chunk, k_chunk=k_chunk, interpret=interpret)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    q, k, v, segment_ids, out, lse = res
+    dq, dk, dv = block_backward(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        do,
+        segment_ids,
+        segment_ids,
+        causal=causal,
+        q_chunk=q_chunk,
+        k_chunk=k_chunk,
+        interpret=interpret,
+    )
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q, k, v, segment_ids=None, *, causal: bool = True, q_chunk: int = 128,
-                    k_chunk: int = 128, interpret: bool = False):
-  """q (B, T, N, H), k/v (B, T, K, H) -> (B, T, N, H): the Pallas GPU kernels under one custom_vjp."""
-  return _flash(q, k, v, segment_ids, causal, q_chunk, k_chunk, interpret)
+def flash_attention(
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    causal: bool = True,
+    q_chunk: int = 128,
+    k_chunk: int = 128,
+    interpret: bool = False,
+):
+    """q (B, T, N, H), k/v (B, T, K, H) -> (B, T, N, H): the Pallas GPU kernels under one custom_vjp."""
+    return _flash(q, k, v, segment_ids, causal, q_chunk, k_chunk, interpret)
