@@ -4,6 +4,7 @@ No GPU or TPU is available to these tests: the Triton-style kernels (`pallas_gpu
 interpret mode, the Mosaic kernels (`pallas_tpu`) in TPU interpret mode (which simulates VMEM, SMEM and the
 block pipeline). Both are checked for output and gradients wrt q, k, v, and for causal block skipping.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,86 +17,94 @@ B, N, K = 2, 4, 2
 
 
 def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def make_data(T, H, seed=0):
-  rng = np.random.default_rng(seed)
-  q, k, v, do = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                 for s in [(B, T, N, H), (B, T, K, H), (B, T, K, H), (B, T, N, H)])
-  seg = jnp.asarray(np.sort(rng.integers(0, 4, size=(B, T)), axis=1).astype(np.int32))
-  return q, k, v, do, seg
+    rng = np.random.default_rng(seed)
+    q, k, v, do = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32)
+        for s in [(B, T, N, H), (B, T, K, H), (B, T, K, H), (B, T, N, H)]
+    )
+    seg = jnp.asarray(np.sort(rng.integers(0, 4, size=(B, T)), axis=1).astype(np.int32))
+    return q, k, v, do, seg
 
 
 def value_and_grads(fn, q, k, v, do):
-  out, vjp = jax.vjp(fn, q, k, v)
-  return (out, *vjp(do))
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out, *vjp(do))
 
 
 def check_against_dense(flash, T, H, causal, use_seg, q_chunk, k_chunk):
-  q, k, v, do, seg = make_data(T, H)
-  seg = seg if use_seg else None
-  want = jax.jit(lambda *a: value_and_grads(
-      lambda q, k, v: dense_attention(q, k, v, seg, causal=causal), *a))(q, k, v, do)
-  got = jax.jit(lambda *a: value_and_grads(
-      lambda q, k, v: flash(q, k, v, seg, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk,
-                            interpret=True), *a))(q, k, v, do)
-  for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
-    assert rel_err(g, w) < RTOL, (name, rel_err(g, w))
-  return q, k, v, seg, want[0]
+    q, k, v, do, seg = make_data(T, H)
+    seg = seg if use_seg else None
+    want = jax.jit(lambda *a: value_and_grads(lambda q, k, v: dense_attention(q, k, v, seg, causal=causal), *a))(
+        q, k, v, do
+    )
+    got = jax.jit(
+        lambda *a: value_and_grads(
+            lambda q, k, v: flash(q, k, v, seg, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, interpret=True),
+            *a,
+        )
+    )(q, k, v, do)
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        assert rel_err(g, w) < RTOL, (name, rel_err(g, w))
+    return q, k, v, seg, want[0]
 
 
-@pytest.mark.parametrize("T,H,causal,use_seg,q_chunk,k_chunk", [
-    (64, 16, True, True, 16, 32),
-    (72, 24, True, False, 16, 32),   # T and H padded (H to a power of two for Triton)
-    (64, 16, False, True, 32, 16),
-])
+@pytest.mark.parametrize(
+    "T,H,causal,use_seg,q_chunk,k_chunk",
+    [
+        (64, 16, True, True, 16, 32),
+        (72, 24, True, False, 16, 32),  # T and H padded (H to a power of two for Triton)
+        (64, 16, False, True, 32, 16),
+    ],
+)
 def test_gpu_kernel_interpret_matches_dense(T, H, causal, use_seg, q_chunk, k_chunk):
-  check_against_dense(pallas_gpu.flash_attention, T, H, causal, use_seg, q_chunk, k_chunk)
+    check_against_dense(pallas_gpu.flash_attention, T, H, causal, use_seg, q_chunk, k_chunk)
 
 
 def test_tpu_kernel_interpret_matches_dense():
-  """One TPU-interpret case (slow: every grid step is simulated): causal, packed segments, GQA, padding."""
-  check_against_dense(pallas_tpu.flash_attention, 40, 16, True, True, 16, 32)
+    """One TPU-interpret case (slow: every grid step is simulated): causal, packed segments, GQA, padding."""
+    check_against_dense(pallas_tpu.flash_attention, 40, 16, True, True, 16, 32)
 
 
 def test_gpu_kernel_wrong_segments_fail():
-  """Negative control: the kernel given shuffled segment ids must fail the parity check."""
-  q, k, v, _, seg = make_data(64, 16)
-  want = dense_attention(q, k, v, seg, causal=True)
-  shuffled = jnp.asarray(np.random.default_rng(1).permuted(np.asarray(seg), axis=1))
-  fn = jax.jit(lambda s: pallas_gpu.flash_attention(q, k, v, s, q_chunk=16, k_chunk=16, interpret=True))
-  assert rel_err(fn(seg), want) < RTOL
-  assert rel_err(fn(shuffled), want) > 1e-2
+    """Negative control: the kernel given shuffled segment ids must fail the parity check."""
+    q, k, v, _, seg = make_data(64, 16)
+    want = dense_attention(q, k, v, seg, causal=True)
+    shuffled = jnp.asarray(np.random.default_rng(1).permuted(np.asarray(seg), axis=1))
+    fn = jax.jit(lambda s: pallas_gpu.flash_attention(q, k, v, s, q_chunk=16, k_chunk=16, interpret=True))
+    assert rel_err(fn(seg), want) < RTOL
+    assert rel_err(fn(shuffled), want) > 1e-2
 
 
 @pytest.mark.parametrize("kernels", [pallas_gpu, pallas_tpu], ids=["gpu", "tpu"])
 def test_kernels_skip_future_key_blocks(kernels):
-  """Key blocks past the causal diagonal are never read into the math: NaNs placed there would turn the
-  result into NaN (0 * NaN) if they were multiplied and then masked."""
-  q, k, v, do, _ = make_data(64, 16)
-  q, do = q[:, :16], do[:, :16]
-  k, v = k.at[:, 16:].set(jnp.nan), v.at[:, 16:].set(jnp.nan)
-  kw = dict(q_offset=0, k_offset=0, causal=True, q_chunk=16, k_chunk=16, interpret=True)
-  out, lse = jax.jit(lambda q, k, v: kernels.block_forward(q, k, v, **kw))(q, k, v)
-  assert rel_err(out, dense_attention(q, k[:, :16], v[:, :16])) < RTOL
-  dq, dk, dv = jax.jit(lambda *a: kernels.block_backward(*a, **kw))(q, k, v, out, lse, do)
-  assert np.all(np.isfinite(np.asarray(dq))) and np.all(np.isfinite(np.asarray(dk[:, :16])))
+    """Key blocks past the causal diagonal are never read into the math: NaNs placed there would turn the
+    result into NaN (0 * NaN) if they were multiplied and then masked."""
+    q, k, v, do, _ = make_data(64, 16)
+    q, do = q[:, :16], do[:, :16]
+    k, v = k.at[:, 16:].set(jnp.nan), v.at[:, 16:].set(jnp.nan)
+    kw = dict(q_offset=0, k_offset=0, causal=True, q_chunk=16, k_chunk=16, interpret=True)
+    out, lse = jax.jit(lambda q, k, v: kernels.block_forward(q, k, v, **kw))(q, k, v)
+    assert rel_err(out, dense_attention(q, k[:, :16], v[:, :16])) < RTOL
+    dq, dk, dv = jax.jit(lambda *a: kernels.block_backward(*a, **kw))(q, k, v, out, lse, do)
+    assert np.all(np.isfinite(np.asarray(dq))) and np.all(np.isfinite(np.asarray(dk[:, :16])))
 
 
 def test_gpu_kernel_offsets_and_empty_rows():
-  q, k, v, do, _ = make_data(32, 16)
-  kw = dict(causal=True, q_chunk=16, k_chunk=16, interpret=True)
-  fwd = jax.jit(lambda q_off, k_off: pallas_gpu.block_forward(q, k, v, q_offset=q_off, k_offset=k_off,
-                                                              **kw))
-  out, _ = fwd(32, 0)  # keys wholly in the past: non-causal attention
-  assert rel_err(out, dense_attention(q, k, v, causal=False)) < RTOL
-  out, lse = fwd(0, 32)  # keys wholly in the future: empty rows
-  assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
+    q, k, v, do, _ = make_data(32, 16)
+    kw = dict(causal=True, q_chunk=16, k_chunk=16, interpret=True)
+    fwd = jax.jit(lambda q_off, k_off: pallas_gpu.block_forward(q, k, v, q_offset=q_off, k_offset=k_off, **kw))
+    out, _ = fwd(32, 0)  # keys wholly in the past: non-causal attention
+    assert rel_err(out, dense_attention(q, k, v, causal=False)) < RTOL
+    out, lse = fwd(0, 32)  # keys wholly in the future: empty rows
+    assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
 
 
 def test_dispatch_pallas_interpret_on_cpu():
-  q, k, v, _, seg = make_data(32, 16)
-  out = attention(q, k, v, seg, impl="pallas", pallas_interpret=True, q_chunk=16, k_chunk=16)
-  assert rel_err(out, dense_attention(q, k, v, seg)) < RTOL
+    q, k, v, _, seg = make_data(32, 16)
+    out = attention(q, k, v, seg, impl="pallas", pallas_interpret=True, q_chunk=16, k_chunk=16)
+    assert rel_err(out, dense_attention(q, k, v, seg)) < RTOL
