@@ -15,22 +15,19 @@ its tokens no loss; `<|bos|>` / `<|eos|>` insert those ids; `prepend_text` goes 
 when `add_bos_token` / `add_eos_token`. Vision-text examples also accept fields whose name contains
 `vision`: lists of VQ codes, `n_tokens_per_frame` per frame, written `<vision> f0 eof f1 ... eov </vision>`.
 See docs/data.md for the modes (`no_pad`, `pad`, `pack`), loss weighting and how they differ from the original.
+The readers (JSON lines, Hugging Face `datasets`) are in lwm/data_sources.py, the batchers in lwm/packing.py.
 """
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-import multiprocessing
-import os
 import random
 import time
-from collections import deque
 from collections.abc import Mapping
 
 import numpy as np
 from ml_collections import ConfigDict
 
+from lwm.data_sources import DataFormatError, check_json_file, hf_records, json_records, load_hf
 from lwm.packing import (LOSS_WEIGHTINGS, PACK_OVERFLOW, ConcatBatcher, Example, HostShard, PackBatcher,
                           host_layout, host_shard_from_mesh, make_global_batch)
 
@@ -40,10 +37,6 @@ __all__ = ["DatasetFactory", "TextProcessor", "VisionTextProcessor", "JsonDatase
 
 logger = logging.getLogger(__name__)
 MODES = ("no_pad", "pad", "pack")
-
-
-class DataFormatError(ValueError):
-    """An example that cannot be turned into tokens: names the file (or dataset), line and field."""
 
 
 def _updated(config: ConfigDict, updates, section: str) -> ConfigDict:
@@ -286,8 +279,9 @@ class _Throughput:
 
 class _BaseDataset:
     """Shared by the JSON and Hugging Face datasets: records -> batcher -> batches, with the state needed
-    for exact resume. Subclasses provide `_records()`, yielding (kind, example, loc, index, epoch) with kind
-    'ok', 'blank' or 'bad' (then `example` is the error text), in stream order."""
+    for exact resume. Subclasses provide `_records()` (a reader of lwm/data_sources.py), yielding
+    (kind, example, loc, index, epoch) with kind 'ok', 'blank' or 'bad' (then `example` is the error text),
+    in stream order."""
 
     section = "dataset"
     source = ""
@@ -424,83 +418,7 @@ class _BaseDataset:
         return {"text": float(self.config.text_loss_weight), "vision": float(self.config.vision_loss_weight)}
 
 
-# ------------------------------------------------------------------------------------------ JSON lines
-
-def _read_lines(path: str, loc: int, index: int, epoch: int, host: HostShard):
-    """Raw lines of this data-parallel shard (line index % dp_size == dp_rank) from byte offset `loc`,
-    starting over at EOF: yields (line bytes, offset after the line, line index, epoch)."""
-    import fsspec
-
-    with fsspec.open(path, "rb") as f:
-        f.seek(loc)
-        full_pass, found = loc == 0, False
-        while True:
-            line = f.readline()
-            if not line:
-                if full_pass and not found:
-                    raise ValueError(f"{path}: a full pass found no line for data-parallel rank {host.dp_rank} of "
-                                     f"{host.dp_size} (file has {index} lines)")
-                f.seek(0)
-                index, epoch, full_pass, found = 0, epoch + 1, True, False
-                continue
-            if index % host.dp_size == host.dp_rank:
-                found = True
-                yield line, f.tell(), index, epoch
-            index += 1
-
-
-def _process_line(processor, source: str, line: bytes, loc: int, index: int, epoch: int):
-    """One raw line -> ('ok', Example, ...), ('blank', None, ...) or ('bad', reason, ...)."""
-    if not line.strip():
-        return "blank", None, loc, index, epoch
-    try:
-        example = json.loads(line)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        return "bad", f"{type(e).__name__}: {e}", loc, index, epoch
-    if not isinstance(example, dict):
-        return "bad", f"expected a JSON object, got {type(example).__name__}", loc, index, epoch
-    try:
-        return "ok", processor(example, index), loc, index, epoch
-    except DataFormatError as e:
-        raise DataFormatError(f"{source}, line {index + 1}: {e}") from None
-
-
-_WORKER: tuple = ()
-
-
-def _worker_init(processor, source):
-    global _WORKER
-    _WORKER = (processor, source)
-
-
-def _worker_process(item):
-    return _process_line(*_WORKER, *item)
-
-
-def _parallel_process(lines, processor, source: str, processes: int, batch_size: int, chunk_size: int):
-    """`_process_line` over `lines` in `processes` worker processes, results in input order. Two batches of
-    `batch_size` lines are in flight while the caller consumes a third. A worker that dies raises
-    BrokenProcessPool instead of hanging."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may run JAX threads
-    pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_init, initargs=(processor, source))
-    in_flight = deque()
-
-    def submit():
-        batch = list(itertools.islice(lines, batch_size))
-        if batch:
-            in_flight.append(pool.map(_worker_process, batch, chunksize=chunk_size))
-
-    try:
-        submit(), submit()
-        while in_flight:
-            results = in_flight.popleft()
-            submit()
-            yield from results
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
+# ------------------------------------------- JSON lines and Hugging Face (their readers: lwm/data_sources.py)
 
 class JsonDataset(_BaseDataset):
     """Newline-delimited JSON, one example per line, local or any fsspec URL (`path`). Lines of other
@@ -518,27 +436,17 @@ class JsonDataset(_BaseDataset):
 
     def __init__(self, config, tokenizer, processor, host: HostShard | None = None):
         self.config = self.get_default_config(config)
-        self.source = path = self.config.path
-        if not path:
-            raise ValueError(f"{self.section}.path is empty: give a JSON-lines file (local path or fsspec URL)")
-        import fsspec
-
-        fs, fs_path = fsspec.core.url_to_fs(path)
-        if not fs.exists(fs_path) or fs.isdir(fs_path):
-            raise FileNotFoundError(f"{self.section}.path={path!r}: no such file")
-        if fs.size(fs_path) == 0:
-            raise ValueError(f"{self.section}.path={path!r}: the file is empty")
+        self.source = self.config.path
+        check_json_file(self.config.path, self.section)
         if self.config.tokenizer_processes < 1:
             raise ValueError(f"{self.section}.tokenizer_processes={self.config.tokenizer_processes}: must be >= 1")
         super().__init__(self.config, tokenizer, processor, host)
 
     def _records(self):
-        c = self.config
-        lines = _read_lines(c.path, self._pos["file_loc"], self._pos["next_index"], self._pos["epoch"], self.host)
-        if c.tokenizer_processes == 1:
-            return (_process_line(self._processor, self.source, *item) for item in lines)
-        return _parallel_process(lines, self._processor, self.source, c.tokenizer_processes,
-                                 c.tokenizer_parallel_batch_size, c.tokenizer_parallel_chunk_size)
+        c, pos = self.config, self._pos
+        return json_records(c.path, self._processor, self.source, pos["file_loc"], pos["next_index"], pos["epoch"],
+                            self.host, c.tokenizer_processes, c.tokenizer_parallel_batch_size,
+                            c.tokenizer_parallel_chunk_size)
 
 
 class JsonVisionDataset(JsonDataset):
@@ -551,32 +459,6 @@ class JsonVisionDataset(JsonDataset):
         config = _dataset_config("json_vision_dataset", 384, 4, "pad", None)
         config.text_loss_weight = config.vision_loss_weight = 0.5
         return _updated(config, updates, "json_vision_dataset")
-
-
-# ---------------------------------------------------------------------------------------- Hugging Face
-
-_DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
-                       ".arrow": "arrow"}
-
-
-def _load_hf(path: str, name: str, split: str, streaming: bool):
-    import datasets
-
-    if not split:
-        raise ValueError("huggingface_dataset.split is empty: name one split (e.g. 'train')")
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if os.path.isfile(path):  # a local data file: `name` does not apply
-            if ext not in _DATA_FILE_BUILDERS:
-                raise ValueError(f"huggingface_dataset.path={path!r}: unknown data file type {ext!r}; expected "
-                                 f"one of {sorted(_DATA_FILE_BUILDERS)}")
-            return datasets.load_dataset(_DATA_FILE_BUILDERS[ext], data_files=path, split=split, streaming=streaming)
-        if os.path.isdir(path):
-            return datasets.load_dataset(path, split=split, streaming=streaming)
-        return datasets.load_dataset(path, name or None, split=split, streaming=streaming)
-    except (FileNotFoundError, ConnectionError, OSError) as e:
-        raise FileNotFoundError(f"huggingface_dataset.path={path!r}: not a local file or directory and not "
-                                f"available offline ({type(e).__name__}: {e})") from None
 
 
 class HuggingfaceDataset(_BaseDataset):
@@ -601,26 +483,12 @@ class HuggingfaceDataset(_BaseDataset):
         self.config = self.get_default_config(config)
         c = self.config
         self.source = f"huggingface dataset {c.path!r} split {c.split!r}"
-        self._dataset = _load_hf(c.path, c.name, c.split, c.streaming)
+        self._dataset = load_hf(c.path, c.name, c.split, c.streaming)
         super().__init__(self.config, tokenizer, processor, host)
 
     def _records(self):
-        index, epoch, h = self._pos["next_index"], self._pos["epoch"], self.host
-        while True:
-            seen = found = 0
-            for i, example in enumerate(self._dataset.skip(index) if index else self._dataset, start=index):
-                seen += 1
-                if i % h.dp_size != h.dp_rank:
-                    continue
-                found += 1
-                try:
-                    yield "ok", self._processor(example, i), 0, i, epoch
-                except DataFormatError as e:
-                    raise DataFormatError(f"{self.source}, example {i}: {e}") from None
-            if index == 0 and not found:
-                raise ValueError(f"{self.source}: a full pass ({seen} examples) found none for data-parallel "
-                                 f"rank {h.dp_rank} of {h.dp_size}")
-            index, epoch = 0, epoch + 1
+        return hf_records(self._dataset, self._processor, self.source, self._pos["next_index"], self._pos["epoch"],
+                          self.host)
 
     @property
     def dataset(self):
