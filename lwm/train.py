@@ -29,6 +29,7 @@ from lwm import distributed, flags, logging_utils
 from lwm.flags import FlagError, model_config_from_flags
 from lwm import optimizer as optimizer_lib
 from lwm import train_state as ts
+from lwm.checkpointer import Checkpointer, checkpoint_spec, latest, read_dataset_state, read_metadata
 from lwm.data import DatasetFactory, HostShard, host_shard_from_mesh
 from lwm.sharding import check_divisible, check_model_mesh, make_mesh, match_partition_rules, named_shardings
 from lwm.tokenizer import load_tokenizer
@@ -121,18 +122,18 @@ def train(config: ConfigDict) -> dict:
 def _restore(config, output_dir, dataset, eval_dataset, shapes, shardings):
     """The state to start from: the newest checkpoint in the output folder (--autoresume), else
     --load_checkpoint, else None. Returns (state or None, params or None, metadata, checkpoint folder)."""
-    resume_dir = ckpt.latest(output_dir) if config.autoresume else None
+    resume_dir = latest(output_dir) if config.autoresume else None
     if resume_dir is not None:
         logger.info("autoresume: continuing from %s", resume_dir)
-        meta = ckpt.read_metadata(resume_dir)
+        meta = read_metadata(resume_dir)
         if "rng" not in meta:
             logger.warning("%s has no RNG state: the resumed run will not repeat the uninterrupted one", resume_dir)
-        state, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(resume_dir), train_state_target=shapes,
+        state, params = ckpt.load_checkpoint(checkpoint_spec(resume_dir), train_state_target=shapes,
                                              train_state_shardings=shardings)
         if state is None:
             logger.warning("%s holds parameters only (--checkpointer.save_optimizer_state=False): the optimizer "
                            "state starts afresh and the run will not repeat the uninterrupted one", resume_dir)
-        dataset.load_state_dict(ts.process_state(ckpt.read_dataset_state(resume_dir)))
+        dataset.load_state_dict(ts.process_state(read_dataset_state(resume_dir)))
         if eval_dataset is not None and meta.get("eval_dataset_state") is not None:
             eval_dataset.load_state_dict(ts.process_state(meta["eval_dataset_state"]))
         return state, params, meta, resume_dir
@@ -141,7 +142,7 @@ def _restore(config, output_dir, dataset, eval_dataset, shapes, shardings):
         state, params = ckpt.load_checkpoint(config.load_checkpoint, train_state_target=shapes,
                                              train_state_shardings=shardings)
     if config.load_dataset_state:
-        dataset.load_state_dict(ts.process_state(ckpt.read_dataset_state(config.load_dataset_state)))
+        dataset.load_state_dict(ts.process_state(read_dataset_state(config.load_dataset_state)))
     return state, params, {}, None
 
 
@@ -177,8 +178,8 @@ def _run(config: ConfigDict) -> dict:
     to_global = functools.partial(ts.global_batch, mesh=mesh, host=host,
                                   sharded_loader=config.use_data_sharded_loader)
     c = config.checkpointer
-    checkpointer = ckpt.Checkpointer(output_dir, float_dtype=c.float_dtype or None,
-                                     save_optimizer_state=c.save_optimizer_state, format=c.format, keep=c.keep)
+    checkpointer = Checkpointer(output_dir, float_dtype=c.float_dtype or None,
+                                save_optimizer_state=c.save_optimizer_state, format=c.format, keep=c.keep)
 
     # Measured outside the mesh context: a one-device jit inside jax.set_mesh is refused.
     peak = config.peak_flops or logging_utils.peak_flops_of_run(logging_utils.measure_matmul_flops())

@@ -1,4 +1,5 @@
-"""Checkpoint formats: streaming msgpack (the original's), orbax, the atomic Checkpointer."""
+"""Checkpoint formats: streaming msgpack (the original's), orbax (lwm/checkpoint.py); the atomic Checkpointer
+(lwm/checkpointer.py)."""
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lwm import checkpoint as ckpt
 from lwm import safe_pickle
+from lwm.checkpointer import Checkpointer, checkpoint_spec, latest, read_dataset_state, read_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,21 +172,21 @@ def test_load_places_each_tensor_on_its_sharding(tmp_path):
 
 def test_checkpointer_metadata_retention_and_failed_save(tmp_path, train_state, monkeypatch):
     save_dir = str(tmp_path / "run")
-    c = ckpt.Checkpointer(save_dir, float_dtype="fp32", save_optimizer_state=True, keep=2)
+    c = Checkpointer(save_dir, float_dtype="fp32", save_optimizer_state=True, keep=2)
     dataset_state = {"index": np.int64(7), "files": ["a.jsonl"]}
     for step in (1, 2, 3):
         c.save(step, train_state, dataset_state, metadata={"rng": jax.random.key(step)})
     c.save(3, train_state, dataset_state, milestone=True)
     c.save(3, train_state, dataset_state)               # same step again replaces it
     assert sorted(os.listdir(save_dir)) == ["milestone_00000003", "step_00000002", "step_00000003"]
-    newest = ckpt.latest(save_dir)
+    newest = latest(save_dir)
     assert newest.endswith("step_00000003")
-    meta = ckpt.read_metadata(os.path.join(save_dir, "step_00000002"))
+    meta = read_metadata(os.path.join(save_dir, "step_00000002"))
     assert meta["step"] == 2 and meta["rng"] == jax.random.key_data(jax.random.key(2)).tolist()
-    assert ckpt.read_dataset_state(newest) == {"index": 7, "files": ["a.jsonl"]}
-    assert ckpt.read_dataset_state(os.path.join(newest, "dataset.pkl")) == {"index": 7, "files": ["a.jsonl"]}
+    assert read_dataset_state(newest) == {"index": 7, "files": ["a.jsonl"]}
+    assert read_dataset_state(os.path.join(newest, "dataset.pkl")) == {"index": 7, "files": ["a.jsonl"]}
     assert safe_pickle.load_path(os.path.join(newest, "metadata.pkl"))["step"] == 3
-    spec = ckpt.checkpoint_spec(newest)
+    spec = checkpoint_spec(newest)
     assert spec == f"trainstate::{newest}/streaming_train_state"
     restored, _ = ckpt.load_checkpoint(spec, train_state_target=jax.eval_shape(lambda: train_state))
     _assert_trees_equal(restored, train_state)
@@ -202,12 +204,12 @@ def test_checkpointer_metadata_retention_and_failed_save(tmp_path, train_state, 
     with pytest.raises(RuntimeError, match="disk full"):
         c.save(4, train_state, dataset_state)
     monkeypatch.undo()
-    assert ckpt.latest(save_dir) == newest
+    assert latest(save_dir) == newest
     assert not any(name.startswith(".tmp") for name in os.listdir(save_dir))
 
-    params_only = ckpt.Checkpointer(str(tmp_path / "p"))              # the original's defaults: bf16 params
+    params_only = Checkpointer(str(tmp_path / "p"))                   # the original's defaults: bf16 params
     d = params_only.save(5, train_state)
-    _, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(d))
+    _, params = ckpt.load_checkpoint(checkpoint_spec(d))
     assert params["params"]["lm_head"]["kernel"].dtype == jnp.bfloat16
 
 
@@ -215,9 +217,10 @@ _KILLED_SAVER = textwrap.dedent("""
     import sys, time
     import jax.numpy as jnp
     from lwm import checkpoint as ckpt
+    from lwm.checkpointer import Checkpointer
     save_dir, flag = sys.argv[1], sys.argv[2]
     params = {"a": {"kernel": jnp.ones((64, 64))}, "b": {"kernel": jnp.full((64,), 2.0)}}
-    c = ckpt.Checkpointer(save_dir, float_dtype="fp32")
+    c = Checkpointer(save_dir, float_dtype="fp32")
     c.save(1, params, {"i": 1})
     real = ckpt.flax.serialization.to_bytes
     def slow(x):
@@ -246,14 +249,14 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert ".tmp-step_00000002" in os.listdir(save_dir)          # the partial save is there ...
-    newest = ckpt.latest(save_dir)                               # ... and skipped
+    newest = latest(save_dir)                                    # ... and skipped
     assert newest.endswith("step_00000001")
-    _, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(newest))
+    _, params = ckpt.load_checkpoint(checkpoint_spec(newest))
     np.testing.assert_array_equal(params["params"]["a"]["kernel"], np.ones((64, 64), np.float32))
-    assert ckpt.read_dataset_state(newest) == {"i": 1}
+    assert read_dataset_state(newest) == {"i": 1}
     # The next successful save clears the debris.
-    ckpt.Checkpointer(save_dir).save(3, {"a": {"kernel": jnp.zeros(2)}})
-    assert ckpt.latest(save_dir).endswith("step_00000003")
+    Checkpointer(save_dir).save(3, {"a": {"kernel": jnp.zeros(2)}})
+    assert latest(save_dir).endswith("step_00000003")
     assert not any(name.startswith(".tmp") for name in os.listdir(save_dir))
 
 
@@ -267,9 +270,9 @@ def test_orbax_round_trip_onto_another_sharding(tmp_path, train_state):
 
     rows = lambda x: P("fsdp") if np.ndim(x) and x.shape[0] % 4 == 0 else P()
     sharded = shard(train_state, save_mesh, rows)
-    c = ckpt.Checkpointer(str(tmp_path / "run"), save_optimizer_state=True, format="orbax")
+    c = Checkpointer(str(tmp_path / "run"), save_optimizer_state=True, format="orbax")
     d = c.save(1, sharded, {"i": 0})
-    spec = ckpt.checkpoint_spec(d)
+    spec = checkpoint_spec(d)
     assert spec.startswith("orbax::")
 
     cols = lambda x: NamedSharding(load_mesh, P(*([None] * (x.ndim - 1)), "tp") if x.ndim else P())
@@ -283,8 +286,8 @@ def test_orbax_round_trip_onto_another_sharding(tmp_path, train_state):
     _, params = ckpt.load_checkpoint(spec, params_target=target.params["params"])    # params only
     _assert_trees_equal(jax.device_get(params["params"]), train_state.params["params"])
     # A params-only orbax checkpoint, resumed by a loop that passes its train-state target.
-    d = ckpt.Checkpointer(str(tmp_path / "params_run"), format="orbax").save(2, sharded)
-    state, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(d), train_state_target=target,
+    d = Checkpointer(str(tmp_path / "params_run"), format="orbax").save(2, sharded)
+    state, params = ckpt.load_checkpoint(checkpoint_spec(d), train_state_target=target,
                                          train_state_shardings=shardings)
     assert state is None
     _assert_trees_equal(jax.device_get(params["params"]), train_state.params["params"])
@@ -305,6 +308,7 @@ _PROCESS = textwrap.dedent("""
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from lwm import checkpoint as ckpt
+    from lwm.checkpointer import Checkpointer, checkpoint_spec
     mesh = Mesh(np.array(jax.devices()).reshape(4), ("fsdp",))          # 2 processes x 2 devices
     x = np.arange(32, dtype=np.float32).reshape(8, 4)
     tree = {"w": {"kernel": jax.make_array_from_callback(x.shape, NamedSharding(mesh, P("fsdp")),
@@ -312,8 +316,8 @@ _PROCESS = textwrap.dedent("""
     target = jax.eval_shape(lambda: tree)
     by_columns = {"w": {"kernel": NamedSharding(mesh, P(None, "fsdp"))}}
     for fmt in ("orbax", "streaming"):
-        d = ckpt.Checkpointer(f"{root}/{fmt}", format=fmt, float_dtype="fp32").save(1, tree, {"i": 0})
-        _, params = ckpt.load_checkpoint(ckpt.checkpoint_spec(d), params_target=target,
+        d = Checkpointer(f"{root}/{fmt}", format=fmt, float_dtype="fp32").save(1, tree, {"i": 0})
+        _, params = ckpt.load_checkpoint(checkpoint_spec(d), params_target=target,
                                          params_shardings=by_columns)
         kernel = params["params"]["w"]["kernel"]
         assert kernel.sharding == by_columns["w"]["kernel"] and len(kernel.addressable_shards) == 2

@@ -14,14 +14,14 @@ import sys
 
 import pytest
 
-from lwm import checkpoint as ckpt
+from lwm import checkpointer as ckpt
 from lwm.logging_utils import read_metrics
 
 WORDS = ("the quick brown fox jumps over a lazy dog while world models read long videos and text in one "
          "million token context with ring attention packing").split()
 FAULT_WRAPPER = r'''
 import os, signal, sys
-from lwm import checkpoint, logging_utils
+from lwm import checkpointer, logging_utils
 kill_after_step = int(os.environ.get("KILL_AFTER_STEP", "-1"))
 kill_in_save = int(os.environ.get("KILL_IN_SAVE", "-1"))
 log = logging_utils.MetricsLogger.log
@@ -30,12 +30,12 @@ def log_then_maybe_die(self, row):
     if row.get("step") == kill_after_step:
         os.kill(os.getpid(), signal.SIGKILL)
 logging_utils.MetricsLogger.log = log_then_maybe_die
-write_json = checkpoint._write_json
+write_json = checkpointer._write_json
 def write_json_or_die(path, obj, what):     # the marker is the last file of a save: all else is on disk
     if path.endswith("checkpoint.json") and obj.get("step") == kill_in_save:
         os.kill(os.getpid(), signal.SIGKILL)
     return write_json(path, obj, what)
-checkpoint._write_json = write_json_or_die
+checkpointer._write_json = write_json_or_die
 from lwm.train import _cli
 sys.exit(_cli())
 '''
