@@ -7,22 +7,14 @@ import random
 import numpy as np
 import pytest
 
+from _data_fixtures import sentence, small_tokenizer
 from lwm.data import DataFormatError, DatasetFactory, TextProcessor, VisionTextProcessor
-from lwm.tokenizer import get_tokenizer_config, load_tokenizer, train_sentencepiece
-
-WORDS = ("the quick brown fox jumps over a lazy dog while world models read long videos and text "
-         "in one million token context with ring attention packing").split()
-
-
-def sentence(rng, lo=2, hi=30):
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+from lwm.tokenizer import get_tokenizer_config, load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    return train_sentencepiece([sentence(rng) for _ in range(400)], str(path), vocab_size=400)
+    return small_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
