@@ -175,6 +175,18 @@ class Upsample(nn.Module):
         return x
 
 
+def _res_blocks(x, cfg: VQGANConfig, block_idx: int, n: int, dtype):
+    """`n` residual blocks of level `block_idx`'s width, each followed by attention when the image side is in
+    `attn_resolutions`. Called inside a compact `__call__`, so the blocks belong to that module (ResnetBlock_0,
+    AttnBlock_0, ...: the released checkpoint's names)."""
+    width = cfg.hidden_channels * cfg.channel_mult[block_idx]
+    for _ in range(n):
+        x = ResnetBlock(width, dtype=dtype)(x)
+        if x.shape[1] in cfg.attn_resolutions:
+            x = AttnBlock(dtype=dtype)(x)
+    return x
+
+
 class DownsamplingBlock(nn.Module):
     """Encoder level `block_idx`: residual blocks (+ attention at chosen sizes), then downsample."""
 
@@ -185,11 +197,7 @@ class DownsamplingBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        width = cfg.hidden_channels * cfg.channel_mult[self.block_idx]
-        for _ in range(cfg.num_res_blocks):
-            x = ResnetBlock(width, dtype=self.dtype)(x)
-            if x.shape[1] in cfg.attn_resolutions:
-                x = AttnBlock(dtype=self.dtype)(x)
+        x = _res_blocks(x, cfg, self.block_idx, cfg.num_res_blocks, self.dtype)
         if self.block_idx != cfg.num_resolutions - 1:
             x = Downsample(cfg.resample_with_conv, dtype=self.dtype)(x)
         return x
@@ -205,11 +213,7 @@ class UpsamplingBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        width = cfg.hidden_channels * cfg.channel_mult[self.block_idx]
-        for _ in range(cfg.num_res_blocks + 1):
-            x = ResnetBlock(width, dtype=self.dtype)(x)
-            if x.shape[1] in cfg.attn_resolutions:
-                x = AttnBlock(dtype=self.dtype)(x)
+        x = _res_blocks(x, cfg, self.block_idx, cfg.num_res_blocks + 1, self.dtype)
         if self.block_idx != 0:
             x = Upsample(cfg.resample_with_conv, dtype=self.dtype)(x)
         return x
