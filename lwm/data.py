@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import numpy as np
 from ml_collections import ConfigDict
 
+from lwm.config_utils import update_locked
 from lwm.data_sources import DataFormatError, check_json_file, hf_records, json_records, load_hf
 from lwm.packing import (LOSS_WEIGHTINGS, PACK_OVERFLOW, ConcatBatcher, Example, HostShard, PackBatcher,
                           host_layout, host_shard_from_mesh, make_global_batch)
@@ -37,21 +38,6 @@ __all__ = ["DatasetFactory", "TextProcessor", "VisionTextProcessor", "JsonDatase
 
 logger = logging.getLogger(__name__)
 MODES = ("no_pad", "pad", "pack")
-
-
-def _updated(config: ConfigDict, updates, section: str) -> ConfigDict:
-    """Apply `updates` to a default config; an unknown key raises, naming `section.key`."""
-    config.lock()
-    if updates is not None:
-        updates = updates.to_dict() if isinstance(updates, ConfigDict) else dict(updates)
-        for key, value in updates.items():
-            if key not in config:
-                raise KeyError(f"unknown config field {section}.{key}; known: {sorted(config.keys())}")
-            if isinstance(config[key], ConfigDict):
-                _updated(config[key], value, f"{section}.{key}")
-            else:
-                config[key] = value
-    return config
 
 
 # ----------------------------------------------------------------------------------------------- processors
@@ -97,7 +83,7 @@ class TextProcessor:
         config.add_bos_token = True
         config.add_eos_token = True
         config.prepend_text = ""
-        return _updated(config, updates, "text_processor")
+        return update_locked(config, updates, "text_processor")
 
     def __init__(self, config, tokenizer):
         self.config = self.get_default_config(config)
@@ -173,7 +159,7 @@ class VisionTextProcessor(TextProcessor):
         config.eov_token = 8193  # end of the vision span
         config.n_tokens_per_frame = 256  # 16 x 16 VQ codes
         config.max_n_frames = -1
-        return _updated(config, updates, "vision_text_processor")
+        return update_locked(config, updates, "vision_text_processor")
 
     def __init__(self, config, tokenizer):
         self.config = self.get_default_config(config)
@@ -258,7 +244,7 @@ def _dataset_config(section: str, seq_length: int, batch_size: int, mode: str, u
     config.loss_weighting = "token"  # token | example (pad/pack only)
     config.text_loss_weight = 1.0  # how the trainer mixes per-modality losses
     config.vision_loss_weight = 1.0
-    return _updated(config, updates, section)
+    return update_locked(config, updates, section)
 
 
 class _Throughput:
@@ -432,7 +418,7 @@ class JsonDataset(_BaseDataset):
     def get_default_config(updates=None) -> ConfigDict:
         config = _dataset_config("json_dataset", 1024, 8, "no_pad", None)
         config.vision_loss_weight = 0.0
-        return _updated(config, updates, "json_dataset")
+        return update_locked(config, updates, "json_dataset")
 
     def __init__(self, config, tokenizer, processor, host: HostShard | None = None):
         self.config = self.get_default_config(config)
@@ -458,7 +444,7 @@ class JsonVisionDataset(JsonDataset):
     def get_default_config(updates=None) -> ConfigDict:
         config = _dataset_config("json_vision_dataset", 384, 4, "pad", None)
         config.text_loss_weight = config.vision_loss_weight = 0.5
-        return _updated(config, updates, "json_vision_dataset")
+        return update_locked(config, updates, "json_vision_dataset")
 
 
 class HuggingfaceDataset(_BaseDataset):
@@ -477,7 +463,7 @@ class HuggingfaceDataset(_BaseDataset):
             config.name = "en"
             config.split = "train"
             config.streaming = False
-        return _updated(config, updates, "huggingface_dataset")
+        return update_locked(config, updates, "huggingface_dataset")
 
     def __init__(self, config, tokenizer, processor, host: HostShard | None = None):
         self.config = self.get_default_config(config)
@@ -507,7 +493,7 @@ class DatasetFactory:
         config.json_dataset = JsonDataset.get_default_config()
         config.vision_text_processor = VisionTextProcessor.get_default_config()
         config.json_vision_dataset = JsonVisionDataset.get_default_config()
-        return _updated(config, updates, "train_dataset")
+        return update_locked(config, updates, "train_dataset")
 
     @classmethod
     def load_dataset(cls, config, tokenizer, host: HostShard | None = None):

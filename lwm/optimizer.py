@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
+from lwm.config_utils import update_locked
+
 SCHEDULES = ("warmup_cosine_decay", "warmup_constant")
 
 
@@ -36,21 +38,7 @@ def get_default_config(updates=None) -> ConfigDict:
     config.type = "adamw"
     config.accumulate_gradient_steps = 1
     config.adamw_optimizer = adamw
-    config.lock()
-    if updates is not None:
-        _update(config, updates, "optimizer")
-    return config
-
-
-def _update(config: ConfigDict, updates, where: str) -> None:
-    updates = updates.to_dict() if isinstance(updates, ConfigDict) else dict(updates)
-    for key, value in updates.items():
-        if key not in config:
-            raise KeyError(f"unknown flag {where}.{key}; known: {sorted(config.keys())}")
-        if isinstance(config[key], ConfigDict):
-            _update(config[key], value, f"{where}.{key}")
-        else:
-            config[key] = value
+    return update_locked(config, updates, "optimizer", noun="flag")
 
 
 def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
