@@ -304,27 +304,39 @@ def match_vma(init, *like):
     return jax.tree.map(cast, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _blockwise(q, k, v, segment_ids, causal, q_chunk, k_chunk):
-    out, _ = block_forward(q, k, v, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk)
-    return out.astype(q.dtype)
+def attention_with_vjp(block_forward, block_backward):
+    """Self-attention under one custom_vjp, built from a (block_forward, block_backward) pair.
+
+    Returns attend(q, k, v, segment_ids, **opts): q (B, T, N, H), k/v (B, T, K, H) -> (B, T, N, H) in
+    q.dtype. The forward keeps (q, k, v, segment_ids, out, lse) for the backward, which calls
+    block_backward with the final lse (B, T, N), so no (T, T) scores are stored. opts (causal, the chunks,
+    interpret, ...) are static, hashable keywords passed to both block functions. Serves
+    `blockwise_attention` here and `flash_attention` of both Pallas kernels.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def attend(q, k, v, segment_ids, opts):
+        return attend_fwd(q, k, v, segment_ids, opts)[0]
+
+    def attend_fwd(q, k, v, segment_ids, opts):
+        out, lse = block_forward(q, k, v, segment_ids, segment_ids, **dict(opts))
+        out = out.astype(q.dtype)
+        return out, (q, k, v, segment_ids, out, lse)
+
+    def attend_bwd(opts, res, do):
+        q, k, v, segment_ids, out, lse = res
+        dq, dk, dv = block_backward(q, k, v, out, lse, do, segment_ids, segment_ids, **dict(opts))
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+    attend.defvjp(attend_fwd, attend_bwd)
+
+    def call(q, k, v, segment_ids, **opts):
+        return attend(q, k, v, segment_ids, tuple(sorted(opts.items())))
+
+    return call
 
 
-def _blockwise_fwd(q, k, v, segment_ids, causal, q_chunk, k_chunk):
-    out, lse = block_forward(q, k, v, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk)
-    out = out.astype(q.dtype)
-    return out, (q, k, v, segment_ids, out, lse)
-
-
-def _blockwise_bwd(causal, q_chunk, k_chunk, res, do):
-    q, k, v, segment_ids, out, lse = res
-    dq, dk, dv = block_backward(
-        q, k, v, out, lse, do, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk
-    )
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+_blockwise = attention_with_vjp(block_forward, block_backward)
 
 
 def blockwise_attention(q, k, v, segment_ids=None, *, causal: bool = True, q_chunk: int = 512, k_chunk: int = 512):
@@ -333,4 +345,4 @@ def blockwise_attention(q, k, v, segment_ids=None, *, causal: bool = True, q_chu
     Same semantics as `dense.dense_attention`; forward and backward both run in O(chunk) working memory
     (plus the inputs and the (B, T, N) softmax statistics saved for the backward).
     """
-    return _blockwise(q, k, v, segment_ids, causal, q_chunk, k_chunk)
+    return _blockwise(q, k, v, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk)

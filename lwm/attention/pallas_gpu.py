@@ -24,7 +24,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lwm.attention.pallas_common import as_offset, next_power_of_2, pad_to
+from lwm.attention.pallas_common import (
+    as_offset,
+    attention_with_vjp,
+    backward_rows,
+    check_inputs,
+    next_power_of_2,
+    pad_to,
+)
 
 MAX_BLOCK = 128  # Triton blocks beyond this spill registers / shared memory for H = 128
 
@@ -236,14 +243,15 @@ def _dkv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk):
-    """Pads T, S to the block sizes and H to a power of two (Triton's rule); zeros change no dot product."""
-    B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    if N % K:
-        raise ValueError(f"pallas_gpu: query heads N={N} must be a multiple of kv heads K={K}")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("pallas_gpu: pass both q_segment_ids and kv_segment_ids, or neither")
+def _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk):
+    """Pads T, S to the block sizes and H to a power of two (Triton's rule); zeros change no dot product.
+
+    Returns q (B, Tp, N, Hp), k/v (B, Sp, K, Hp), q_seg (B, Tp), k_seg (B, Sp) (or None) and the kernels'
+    static keywords (causal, bq, bk, kv_len, k_padded, scale).
+    """
+    T, H = q.shape[1], q.shape[3]
+    S = k.shape[1]
+    check_inputs("pallas_gpu", q, k, q_segment_ids, kv_segment_ids)
     bq, bk = _blocks(q_chunk, k_chunk, T, S)
     Hp = next_power_of_2(H)
     q = pad_to(pad_to(q, bq, 1), Hp, 3)
@@ -251,11 +259,34 @@ def _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk):
     v = pad_to(pad_to(v, bk, 1), Hp, 3)
     q_seg = pad_to(q_segment_ids, bq, 1)
     k_seg = pad_to(kv_segment_ids, bk, 1)
-    return q, k, v, q_seg, k_seg, bq, bk
+    kw = dict(causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=k.shape[1] != S, scale=H**-0.5)
+    return q, k, v, q_seg, k_seg, kw
 
 
 def _scalar_spec():
     return pl.BlockSpec((), lambda *_: ())
+
+
+def _q_block_specs(bq: int, Sp: int, Hp: int, G: int, has_seg: bool):
+    """BlockSpecs over the grid (B, N, Tp/bq) of the forward and dq kernels.
+
+    Returns (inputs, rows, stats): inputs for (q_offset, k_offset, q, k, v, q_seg, k_seg), with query
+    block i of head n and all Sp keys/values of its kv head n // G; rows (bq, Hp) and stats (bq,) of
+    query block i of head n, for the other per-query arrays.
+    """
+    rows = pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0))
+    stats = pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))
+    kv = pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0))
+    inputs = [
+        _scalar_spec(),
+        _scalar_spec(),
+        rows,
+        kv,
+        kv,
+        pl.BlockSpec((None, bq), lambda b, n, i: (b, i)) if has_seg else None,
+        pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)) if has_seg else None,
+    ]
+    return inputs, rows, stats
 
 
 def block_forward(
@@ -274,31 +305,16 @@ def block_forward(
 ):
     """Fused-kernel version of `blockwise.block_forward`: (out (B, T, N, H) f32, lse (B, T, N) f32)."""
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = N // K
-    qp, kp, vp, q_seg, k_seg, bq, bk = _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk)
-    Tp, Sp, Hp = qp.shape[1], kp.shape[1], qp.shape[3]
-    has_seg = q_seg is not None
-    kernel = functools.partial(_fwd_kernel, causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=Sp != S, scale=H**-0.5)
-    in_specs = [
-        _scalar_spec(),
-        _scalar_spec(),
-        pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
-        pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
-        pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
-        pl.BlockSpec((None, bq), lambda b, n, i: (b, i)) if has_seg else None,
-        pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)) if has_seg else None,
-    ]
-    out_specs = [
-        pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
-        pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
-    ]
+    G = N // k.shape[2]
+    qp, kp, vp, q_seg, k_seg, kw = _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk)
+    Tp, Sp, Hp, bq = qp.shape[1], kp.shape[1], qp.shape[3], kw["bq"]
+    inputs, rows, stats = _q_block_specs(bq, Sp, Hp, G, q_seg is not None)
     out_shape = [jax.ShapeDtypeStruct((B, Tp, N, Hp), jnp.float32), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)]
     out, lse = pl.pallas_call(
-        kernel,
+        functools.partial(_fwd_kernel, **kw),
         grid=(B, N, Tp // bq),
-        in_specs=in_specs,
-        out_specs=out_specs,
+        in_specs=inputs,
+        out_specs=[rows, stats],
         out_shape=out_shape,
         compiler_params=None if interpret else _compiler_params(Hp),
         interpret=interpret,
@@ -328,56 +344,46 @@ def block_backward(
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
-    qp, kp, vp, q_seg, k_seg, bq, bk = _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk)
-    Tp, Sp, Hp = qp.shape[1], kp.shape[1], qp.shape[3]
+    qp, kp, vp, q_seg, k_seg, kw = _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk)
+    Tp, Sp, Hp, bq, bk = qp.shape[1], kp.shape[1], qp.shape[3], kw["bq"], kw["bk"]
     dop = pad_to(pad_to(do, bq, 1), Hp, 3)
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # (B, T, N)
-    lse = jnp.where(lse == -jnp.inf, 0.0, lse)  # rows with no allowed key: all P are 0 anyway
-    lse_t = pad_to(lse.transpose(0, 2, 1), bq, 2)  # (B, N, Tp)
-    delta_t = pad_to(delta.transpose(0, 2, 1), bq, 2)
+    lse_t, delta_t = backward_rows(o, lse, do, bq)  # (B, N, Tp)
     has_seg = q_seg is not None
-    kw = dict(causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=Sp != S, scale=H**-0.5)
     args = (as_offset(q_offset), as_offset(k_offset), qp, kp, vp, q_seg, k_seg, dop, lse_t, delta_t)
     params = None if interpret else _compiler_params(Hp)
 
+    inputs, rows, stats = _q_block_specs(bq, Sp, Hp, G, has_seg)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **kw),
         grid=(B, N, Tp // bq),
-        in_specs=[
-            _scalar_spec(),
-            _scalar_spec(),
-            pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
-            pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
-            pl.BlockSpec((None, Sp, None, Hp), lambda b, n, i: (b, 0, n // G, 0)),
-            pl.BlockSpec((None, bq), lambda b, n, i: (b, i)) if has_seg else None,
-            pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)) if has_seg else None,
-            pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
-            pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
-            pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
-        ],
-        out_specs=pl.BlockSpec((None, bq, None, Hp), lambda b, n, i: (b, i, n, 0)),
+        in_specs=inputs + [rows, stats, stats],
+        out_specs=rows,
         out_shape=jax.ShapeDtypeStruct((B, Tp, N, Hp), jnp.float32),
         compiler_params=params,
         interpret=interpret,
         name="lwm_flash_dq",
     )(*args)
 
+    # grid (B, K, Sp/bk): key block j of kv head h, with all Tp rows of its G query heads
+    group_rows = pl.BlockSpec((None, Tp, G, Hp), lambda b, h, j: (b, 0, h, 0))
+    group_stats = pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0))
+    kv_rows = pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, **kw),
         grid=(B, K, Sp // bk),
         in_specs=[
             _scalar_spec(),
             _scalar_spec(),
-            pl.BlockSpec((None, Tp, G, Hp), lambda b, h, j: (b, 0, h, 0)),
-            pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0)),
-            pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0)),
+            group_rows,
+            kv_rows,
+            kv_rows,
             pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)) if has_seg else None,
             pl.BlockSpec((None, bk), lambda b, h, j: (b, j)) if has_seg else None,
-            pl.BlockSpec((None, Tp, G, Hp), lambda b, h, j: (b, 0, h, 0)),
-            pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
-            pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
+            group_rows,
+            group_stats,
+            group_stats,
         ],
-        out_specs=[pl.BlockSpec((None, bk, None, Hp), lambda b, h, j: (b, j, h, 0))] * 2,
+        out_specs=[kv_rows] * 2,
         out_shape=[jax.ShapeDtypeStruct((B, Sp, K, Hp), jnp.float32)] * 2,
         compiler_params=params,
         interpret=interpret,
@@ -386,42 +392,7 @@ def block_backward(
     return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash(q, k, v, segment_ids, causal, q_chunk, k_chunk, interpret):
-    out, _ = block_forward(
-        q, k, v, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, interpret=interpret
-    )
-    return out.astype(q.dtype)
-
-
-def _flash_fwd(q, k, v, segment_ids, causal, q_chunk, k_chunk, interpret):
-    out, lse = block_forward(
-        q, k, v, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, interpret=interpret
-    )
-    out = out.astype(q.dtype)
-    return out, (q, k, v, segment_ids, out, lse)
-
-
-def _flash_bwd(causal, q_chunk, k_chunk, interpret, res, do):
-    q, k, v, segment_ids, out, lse = res
-    dq, dk, dv = block_backward(
-        q,
-        k,
-        v,
-        out,
-        lse,
-        do,
-        segment_ids,
-        segment_ids,
-        causal=causal,
-        q_chunk=q_chunk,
-        k_chunk=k_chunk,
-        interpret=interpret,
-    )
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = attention_with_vjp(block_forward, block_backward)
 
 
 def flash_attention(
@@ -436,4 +407,4 @@ def flash_attention(
     interpret: bool = False,
 ):
     """q (B, T, N, H), k/v (B, T, K, H) -> (B, T, N, H): the Pallas GPU kernels under one custom_vjp."""
-    return _flash(q, k, v, segment_ids, causal, q_chunk, k_chunk, interpret)
+    return _flash(q, k, v, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, interpret=interpret)

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from lwm.attention.pallas_common import pad_to
+from lwm.attention.pallas_common import attention_with_vjp, backward_rows, check_inputs, pad_to
 
 
 def _last_visible_k_block(q_last, k_offset, bk: int):
@@ -246,21 +246,27 @@ def _dkv_kernel(
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk):
-    """Heads-first, padded layout: q (B, N, Tp, H), k/v (B, K, Sp, H), q_seg (B, Tp, 1), k_seg (B, 1, Sp)."""
-    T, N = q.shape[1], q.shape[2]
-    S, K = k.shape[1], k.shape[2]
-    if N % K:
-        raise ValueError(f"pallas_tpu: query heads N={N} must be a multiple of kv heads K={K}")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("pallas_tpu: pass both q_segment_ids and kv_segment_ids, or neither")
+def _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk):
+    """Heads-first, padded layout: q (B, N, Tp, H), k/v (B, K, Sp, H), q_seg (B, Tp, 1), k_seg (B, 1, Sp).
+
+    Also returns the kernels' static keywords (causal, bq, bk, kv_len, k_padded, scale).
+    """
+    T, H = q.shape[1], q.shape[3]
+    S = k.shape[1]
+    check_inputs("pallas_tpu", q, k, q_segment_ids, kv_segment_ids)
     bq, bk = min(q_chunk, T), min(k_chunk, S)
     qh = pad_to(q.transpose(0, 2, 1, 3), bq, 2)
     kh = pad_to(k.transpose(0, 2, 1, 3), bk, 2)
     vh = pad_to(v.transpose(0, 2, 1, 3), bk, 2)
     q_seg = None if q_segment_ids is None else pad_to(q_segment_ids, bq, 1)[:, :, None]
     k_seg = None if kv_segment_ids is None else pad_to(kv_segment_ids, bk, 1)[:, None, :]
-    return qh, kh, vh, q_seg, k_seg, bq, bk
+    kw = dict(causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=kh.shape[2] != S, scale=H**-0.5)
+    return qh, kh, vh, q_seg, k_seg, kw
+
+
+def _heads_last(x, n: int):
+    """(B, N, Tp, H) -> (B, n, N, H): drops the padding rows."""
+    return x[:, :, :n].transpose(0, 2, 1, 3)
 
 
 def _offsets(q_offset, k_offset):
@@ -283,6 +289,38 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, inte
 _PAR3_ARB = ("parallel", "parallel", "parallel", "arbitrary")
 
 
+def _q_row(b, n, i, j, off):
+    """Index map of query block i of head n over the grid (B, N, Tp/bq, Sp/bk)."""
+    return (b, n, i, 0)
+
+
+def _q_major_specs(bq: int, bk: int, H: int, G: int, causal: bool, has_seg: bool):
+    """BlockSpecs over the grid (B, N, Tp/bq, Sp/bk) of the forward and dq kernels.
+
+    Returns (inputs, rows, stats): inputs for (q, k, v, q_seg, k_seg), where query block i of head n
+    meets key block j of its kv head n // G; rows (bq, H) and stats (bq, 1) of query block i of head n,
+    for the other per-query arrays. Causal steps past the diagonal are clamped to the last visible key
+    block, so the pipeline issues no new DMA for them.
+    """
+
+    def kv_block(i, j, off):
+        if not causal:
+            return j
+        return jnp.clip(_last_visible_k_block(off[0] + (i + 1) * bq - 1, off[1], bk), 0, j)
+
+    rows = pl.BlockSpec((None, None, bq, H), _q_row)
+    stats = pl.BlockSpec((None, None, bq, 1), _q_row)
+    kv = pl.BlockSpec((None, None, bk, H), lambda b, n, i, j, off: (b, n // G, kv_block(i, j, off), 0))
+    inputs = [
+        rows,
+        kv,
+        kv,
+        pl.BlockSpec((None, bq, 1), lambda b, n, i, j, off: (b, i, 0)) if has_seg else None,
+        pl.BlockSpec((None, 1, bk), lambda b, n, i, j, off: (b, 0, kv_block(i, j, off))) if has_seg else None,
+    ]
+    return inputs, rows, stats
+
+
 def block_forward(
     q,
     k,
@@ -299,31 +337,10 @@ def block_forward(
 ):
     """Mosaic version of `blockwise.block_forward`: (out (B, T, N, H) f32, lse (B, T, N) f32)."""
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = N // K
-    qh, kh, vh, q_seg, k_seg, bq, bk = _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk)
-    Tp, Sp = qh.shape[2], kh.shape[2]
-    kw = dict(causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=Sp != S, scale=H**-0.5)
-
-    def kv_block(b, n, i, j, off):  # clamp skipped causal steps to the last visible block: no new DMA
-        if not causal:
-            return j
-        return jnp.clip(_last_visible_k_block(off[0] + (i + 1) * bq - 1, off[1], bk), 0, j)
-
-    has_seg = q_seg is not None
-    in_specs = [
-        pl.BlockSpec((None, None, bq, H), lambda b, n, i, j, off: (b, n, i, 0)),
-        pl.BlockSpec((None, None, bk, H), lambda b, n, i, j, off: (b, n // G, kv_block(b, n, i, j, off), 0)),
-        pl.BlockSpec((None, None, bk, H), lambda b, n, i, j, off: (b, n // G, kv_block(b, n, i, j, off), 0)),
-        pl.BlockSpec((None, bq, 1), lambda b, n, i, j, off: (b, i, 0)) if has_seg else None,
-        pl.BlockSpec((None, 1, bk), lambda b, n, i, j, off: (b, 0, kv_block(b, n, i, j, off)))
-        if has_seg
-        else None,
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, bq, H), lambda b, n, i, j, off: (b, n, i, 0)),
-        pl.BlockSpec((None, None, bq, 1), lambda b, n, i, j, off: (b, n, i, 0)),
-    ]
+    G = N // k.shape[2]
+    qh, kh, vh, q_seg, k_seg, kw = _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk)
+    Tp, Sp, bq, bk = qh.shape[2], kh.shape[2], kw["bq"], kw["bk"]
+    inputs, rows, stats = _q_major_specs(bq, bk, H, G, causal, q_seg is not None)
     out_shape = [
         jax.ShapeDtypeStruct((B, N, Tp, H), jnp.float32),
         jax.ShapeDtypeStruct((B, N, Tp, 1), jnp.float32),
@@ -336,15 +353,15 @@ def block_forward(
     out, lse = _call(
         functools.partial(_fwd_kernel, **kw),
         (B, N, Tp // bq, Sp // bk),
-        in_specs,
-        out_specs,
+        inputs,
+        [rows, stats],
         out_shape,
         scratch,
         _PAR3_ARB,
         interpret,
         "lwm_tpu_flash_fwd",
     )(_offsets(q_offset, k_offset), qh, kh, vh, q_seg, k_seg)
-    return out[:, :, :T].transpose(0, 2, 1, 3), lse[:, :, :T, 0].transpose(0, 2, 1)
+    return _heads_last(out, T), lse[:, :, :T, 0].transpose(0, 2, 1)
 
 
 def block_backward(
@@ -368,40 +385,21 @@ def block_backward(
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
-    qh, kh, vh, q_seg, k_seg, bq, bk = _prepare(q, k, v, q_segment_ids, kv_segment_ids, q_chunk, k_chunk)
-    Tp, Sp = qh.shape[2], kh.shape[2]
+    qh, kh, vh, q_seg, k_seg, kw = _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk)
+    Tp, Sp, bq, bk = qh.shape[2], kh.shape[2], kw["bq"], kw["bk"]
     nq, nk = Tp // bq, Sp // bk
     doh = pad_to(do.transpose(0, 2, 1, 3), bq, 2)  # (B, N, Tp, H)
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # (B, T, N)
-    lse = jnp.where(lse == -jnp.inf, 0.0, lse)  # rows with no allowed key: all P are 0 anyway
-    lse_h = pad_to(lse.transpose(0, 2, 1), bq, 2)[..., None]  # (B, N, Tp, 1)
-    delta_h = pad_to(delta.transpose(0, 2, 1), bq, 2)[..., None]
-    kw = dict(causal=causal, bq=bq, bk=bk, kv_len=S, k_padded=Sp != S, scale=H**-0.5)
+    lse_t, delta_t = backward_rows(o, lse, do, bq)  # (B, N, Tp)
+    lse_h, delta_h = lse_t[..., None], delta_t[..., None]  # (B, N, Tp, 1)
     offsets = _offsets(q_offset, k_offset)
     has_seg = q_seg is not None
 
-    def kv_block(b, n, i, j, off):
-        if not causal:
-            return j
-        return jnp.clip(_last_visible_k_block(off[0] + (i + 1) * bq - 1, off[1], bk), 0, j)
-
-    q_row = lambda b, n, i, j, off: (b, n, i, 0)
+    inputs, rows, stats = _q_major_specs(bq, bk, H, G, causal, has_seg)
     dq = _call(
         functools.partial(_dq_kernel, **kw),
         (B, N, nq, nk),
-        [
-            pl.BlockSpec((None, None, bq, H), q_row),
-            pl.BlockSpec((None, None, bk, H), lambda b, n, i, j, off: (b, n // G, kv_block(b, n, i, j, off), 0)),
-            pl.BlockSpec((None, None, bk, H), lambda b, n, i, j, off: (b, n // G, kv_block(b, n, i, j, off), 0)),
-            pl.BlockSpec((None, bq, 1), lambda b, n, i, j, off: (b, i, 0)) if has_seg else None,
-            pl.BlockSpec((None, 1, bk), lambda b, n, i, j, off: (b, 0, kv_block(b, n, i, j, off)))
-            if has_seg
-            else None,
-            pl.BlockSpec((None, None, bq, H), q_row),
-            pl.BlockSpec((None, None, bq, 1), q_row),
-            pl.BlockSpec((None, None, bq, 1), q_row),
-        ],
-        pl.BlockSpec((None, None, bq, H), q_row),
+        inputs + [rows, stats, stats],
+        rows,
         jax.ShapeDtypeStruct((B, N, Tp, H), jnp.float32),
         [pltpu.VMEM((bq, H), jnp.float32)],
         _PAR3_ARB,
@@ -416,69 +414,35 @@ def block_backward(
         return jnp.clip(_first_visible_q_block(off[0], off[1] + j * bk, bq), i, nq - 1)
 
     q_head_row = lambda b, h, j, r, off: (b, h * G + r // nq, q_block(b, h, j, r, off), 0)
-    kv_row = lambda b, h, j, r, off: (b, h, j, 0)
+    head_rows = pl.BlockSpec((None, None, bq, H), q_head_row)
+    head_stats = pl.BlockSpec((None, None, bq, 1), q_head_row)
+    kv_rows = pl.BlockSpec((None, None, bk, H), lambda b, h, j, r, off: (b, h, j, 0))
     dk, dv = _call(
         functools.partial(_dkv_kernel, nq=nq, **kw),
         (B, K, nk, G * nq),
         [
-            pl.BlockSpec((None, None, bq, H), q_head_row),
-            pl.BlockSpec((None, None, bk, H), kv_row),
-            pl.BlockSpec((None, None, bk, H), kv_row),
+            head_rows,
+            kv_rows,
+            kv_rows,
             pl.BlockSpec((None, bq, 1), lambda b, h, j, r, off: (b, q_block(b, h, j, r, off), 0))
             if has_seg
             else None,
             pl.BlockSpec((None, 1, bk), lambda b, h, j, r, off: (b, 0, j)) if has_seg else None,
-            pl.BlockSpec((None, None, bq, H), q_head_row),
-            pl.BlockSpec((None, None, bq, 1), q_head_row),
-            pl.BlockSpec((None, None, bq, 1), q_head_row),
+            head_rows,
+            head_stats,
+            head_stats,
         ],
-        [pl.BlockSpec((None, None, bk, H), kv_row)] * 2,
+        [kv_rows] * 2,
         [jax.ShapeDtypeStruct((B, K, Sp, H), jnp.float32)] * 2,
         [pltpu.VMEM((bk, H), jnp.float32)] * 2,
         _PAR3_ARB,
         interpret,
         "lwm_tpu_flash_dkv",
     )(offsets, qh, kh, vh, q_seg, k_seg, doh, lse_h, delta_h)
-    heads_last = lambda x, n: x[:, :, :n].transpose(0, 2, 1, 3)
-    return heads_last(dq, T), heads_last(dk, S), heads_last(dv, S)
+    return _heads_last(dq, T), _heads_last(dk, S), _heads_last(dv, S)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash(q, k, v, segment_ids, causal, q_chunk, k_chunk, interpret):
-    out, _ = block_forward(
-        q, k, v, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, interpret=interpret
-    )
-    return out.astype(q.dtype)
-
-
-def _flash_fwd(q, k, v, segment_ids, causal, q_chunk, k_chunk, interpret):
-    out, lse = block_forward(
-        q, k, v, segment_ids, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, interpret=interpret
-    )
-    out = out.astype(q.dtype)
-    return out, (q, k, v, segment_ids, out, lse)
-
-
-def _flash_bwd(causal, q_chunk, k_chunk, interpret, res, do):
-    q, k, v, segment_ids, out, lse = res
-    dq, dk, dv = block_backward(
-        q,
-        k,
-        v,
-        out,
-        lse,
-        do,
-        segment_ids,
-        segment_ids,
-        causal=causal,
-        q_chunk=q_chunk,
-        k_chunk=k_chunk,
-        interpret=interpret,
-    )
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = attention_with_vjp(block_forward, block_backward)
 
 
 def flash_attention(
@@ -496,4 +460,4 @@ def flash_attention(
 
     interpret=True runs them on CPU in TPU interpret mode (slow; for tests).
     """
-    return _flash(q, k, v, segment_ids, causal, q_chunk, k_chunk, interpret)
+    return _flash(q, k, v, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, interpret=interpret)
