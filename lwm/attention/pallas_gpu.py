@@ -65,8 +65,9 @@ def _first_visible_q_block(q_offset, k_first, bq: int, nq: int, causal: bool):
     return jnp.where(d < 0, 0, jnp.minimum(lax.div(d, bq), nq))
 
 
-def _mask(q_pos, k_pos, k_local, q_seg, k_seg, causal: bool, kv_len: int, k_padded: bool):
-    """(bq, bk) bool mask of allowed pairs, or None when everything is allowed."""
+def _scores(q, k, q_pos, k_pos, k_local, q_seg, k_seg, causal: bool, kv_len: int, k_padded: bool, scale: float):
+    """Scaled scores (bq, bk) f32 of one block pair; pairs that are not allowed are -inf."""
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
     mask = None
     if causal:
         mask = k_pos[None, :] <= q_pos[:, None]
@@ -76,7 +77,7 @@ def _mask(q_pos, k_pos, k_local, q_seg, k_seg, causal: bool, kv_len: int, k_padd
     if k_padded:
         valid = jnp.broadcast_to((k_local < kv_len)[None, :], (q_pos.shape[0], k_pos.shape[0]))
         mask = valid if mask is None else mask & valid
-    return mask
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
 def _fwd_kernel(
@@ -109,11 +110,8 @@ def _fwd_kernel(
         m, l, acc = carry
         k_local = j * bk + jnp.arange(bk)
         k = k_ref[pl.ds(j * bk, bk), :]
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # (bq, bk)
         k_seg = None if k_seg_ref is None else k_seg_ref[pl.ds(j * bk, bk)]
-        mask = _mask(q_pos, k_offset + k_local, k_local, q_seg, k_seg, causal, kv_len, k_padded)
-        if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
+        s = _scores(q, k, q_pos, k_offset + k_local, k_local, q_seg, k_seg, causal, kv_len, k_padded, scale)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe[:, None])
@@ -167,11 +165,8 @@ def _dq_kernel(
         k_local = j * bk + jnp.arange(bk)
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
         k_seg = None if k_seg_ref is None else k_seg_ref[pl.ds(j * bk, bk)]
-        mask = _mask(q_pos, k_offset + k_local, k_local, q_seg, k_seg, causal, kv_len, k_padded)
-        if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
+        s = _scores(q, k, q_pos, k_offset + k_local, k_local, q_seg, k_seg, causal, kv_len, k_padded, scale)
         p = jnp.exp(s - lse[:, None])  # (bq, bk)
         dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
         ds = p * (dp - delta[:, None]) * scale
@@ -220,11 +215,9 @@ def _dkv_kernel(
         do = do_ref[pl.ds(i * bq, bq), g, :]
         lse = lse_ref[g, pl.ds(i * bq, bq)]
         delta = delta_ref[g, pl.ds(i * bq, bq)]
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # (bq, bk)
+        q_pos = q_offset + i * bq + jnp.arange(bq)
         q_seg = None if q_seg_ref is None else q_seg_ref[pl.ds(i * bq, bq)]
-        mask = _mask(q_offset + i * bq + jnp.arange(bq), k_pos, k_local, q_seg, k_seg, causal, kv_len, k_padded)
-        if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
+        s = _scores(q, k, q_pos, k_pos, k_local, q_seg, k_seg, causal, kv_len, k_padded, scale)  # (bq, bk)
         p = jnp.exp(s - lse[:, None])
         dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
