@@ -161,8 +161,8 @@ def test_jit_compiles_once_per_shape(vqgan, frames):
     VQGAN(CFG, vqgan.params).encode(frames * 0.5)                          # same config: shared cache
     vqgan.encode(frames[0])                                                # 2 images = 1 video of 2 frames
     assert _encode._cache_size() == n
-    three = jnp.concatenate([frames[0], frames[0, :1]])                  # 3 frames: used nowhere else
-    vqgan.encode(three), vqgan.encode(three[None])
+    odd = jnp.concatenate([frames[0]] * 6 + [frames[0, :1]])              # 13 frames: used nowhere else
+    vqgan.encode(odd), vqgan.encode(odd[None])
     assert _encode._cache_size() == n + 1                                  # new frame count: one more
     m = _decode._cache_size()
     codes = jnp.zeros((1, CFG.codes_per_side, CFG.codes_per_side), jnp.int32)
