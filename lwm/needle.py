@@ -144,7 +144,7 @@ def insert_needles(haystack: Sequence[int], needles: Sequence[tuple[Sequence[int
     ([5, 9, 7, 7, 5, 9], [2])
     """
     budget = context_length - buffer - sum(len(t) for t, _ in needles)
-    if budget < 1:
+    if budget < 0:
         raise ValueError(f"context length {context_length} leaves no room for the haystack after the "
                          f"{buffer}-token buffer and {sum(len(t) for t, _ in needles)} needle tokens")
     base = list(haystack[:budget])

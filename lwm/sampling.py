@@ -204,10 +204,13 @@ class Sampler:
     to multiples of sp; `params` should already be placed on the mesh. `last_stats` holds the timings of
     the latest call (prefill_s, decode_s, prompt_tokens, new_tokens, padded_length)."""
 
-    def __init__(self, model: LLaMAForCausalLM, params, *, eos_id: int, pad_id: int, cache_dtype=None):
+    def __init__(self, model: LLaMAForCausalLM, params, *, eos_id: int, pad_id: int, cache_dtype=None,
+                 vocab_size: Optional[int] = None):
         self.model, self.params = model, params
         self.config: LLaMAConfig = model.config
         self.eos_id, self.pad_id = int(eos_id), int(pad_id)
+        # Ids the tokenizer can decode; a model vocabulary padded beyond it never emits the extra ids.
+        self.vocab_size = self.config.vocab_size if vocab_size is None else int(vocab_size)
         self.cache_dtype = cache_dtype or model.dtype
         self.last_stats: dict = {}
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
@@ -223,9 +226,14 @@ class Sampler:
                      logits_processor, stream):
         sample_fn = lambda lg, key, step: sample_logits(lg, key, sampling.temperature, sampling.top_k,
                                                         sampling.top_p)
+        processor = logits_processor
+        if self.vocab_size < self.config.vocab_size:
+            def processor(lg, step):
+                lg = lg.at[:, self.vocab_size:].set(-jnp.inf)
+                return lg if logits_processor is None else logits_processor(lg, step)
         return decode(self.model, params, cache, logits, next_pos, start, rng, max_new_tokens=max_new_tokens,
-                      eos_id=self.eos_id, pad_id=self.pad_id, sample_fn=sample_fn,
-                      logits_processor=logits_processor, stream=stream)
+                      eos_id=self.eos_id, pad_id=self.pad_id, sample_fn=sample_fn, logits_processor=processor,
+                      stream=stream)
 
     @staticmethod
     def mesh_sizes() -> tuple[int, int]:

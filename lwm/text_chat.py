@@ -130,7 +130,8 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
     answers = []
     with jax.set_mesh(mesh):
         model, params = load_model(model_config, config.load_checkpoint, dtype, mesh)
-        sampler = Sampler(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        sampler = Sampler(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                      vocab_size=tokenizer.vocab_size)
         printer = TokenPrinter(tokenizer, stdout) if config.stream else None
         chat = Chat(sampler, tokenizer, sampling, config.max_new_tokens, config.seed, printer)
         messages = [config.prompt] if config.prompt else None

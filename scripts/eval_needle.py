@@ -71,7 +71,8 @@ def setup(config: ConfigDict):
     check_model_mesh(model_config, mesh)
     with jax.set_mesh(mesh):
         model, params = load_model(model_config, config.load_checkpoint, dtype, mesh)
-    sampler = Sampler(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    sampler = Sampler(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                      vocab_size=tokenizer.vocab_size)
     return mesh, tokenizer, sampler
 
 

@@ -1,0 +1,275 @@
+"""`python -m lwm.demo`: the offline main job. Train a tiny LWM from scratch with RingAttention on 4 simulated
+CPU devices to retrieve needles from a haystack, then run the single-needle eval over a grid.
+
+Hardware: 2 CPU cores, about 15 minutes end to end (`bash scripts/run_demo.sh` also installs the package and
+writes the haystack). Steps, each printing where its output is:
+  1. split the haystack JSONL: held-out documents for the eval, the rest for training;
+  2. train a sentencepiece tokenizer (digits are single tokens) on the training documents;
+  3. write the curriculum (JSONL): needle examples (a random city and 7-digit number placed at a random
+     depth of a haystack passage, the original eval's template and question, loss on the answer only) whose
+     haystack grows over the file, mixed with plain passages (loss on every token) that teach the model to
+     read text; packed several to a row;
+  4. train through `lwm.train` (a subprocess: its own 4 simulated devices, mesh sp=4, attention 'ring'),
+     in stages of growing sequence length, each stage starting from the previous checkpoint;
+  5. evaluate with scripts/eval_needle.py (fresh random needles on the held-out documents) and write the
+     JSON of every trial and the heatmap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Model: the tiny preset with theta raised for long contexts (LWM itself raises theta as context grows).
+MODEL_UPDATES = dict(theta=1_000_000, max_sequence_length=16384, scan_query_chunk_size=128,
+                     scan_key_chunk_size=128)
+# (sequence length, batch size, steps, (min, max) haystack tokens of the needle examples, learning rate)
+STAGES = ((512, 8, 1500, (0, 300), 3e-3), (2048, 4, 200, (200, 1800), 1e-3), (4096, 2, 250, (1000, 3850), 5e-4))
+EDGE_DEPTHS = 0.15   # share of needle examples at depth 0, and again at depth 100
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--haystack_file", required=True, help="JSONL with a \"text\" field per line")
+    p.add_argument("--workdir", default="demo_out")
+    p.add_argument("--eval_documents", type=int, default=8, help="documents held out for the eval")
+    p.add_argument("--val_documents", type=int, default=4, help="documents held out for the logged needle loss")
+    p.add_argument("--vocab_size", type=int, default=512)
+    p.add_argument("--stages", default="", help="override STAGES: 'seq:batch:steps:min:max:lr;...'")
+    p.add_argument("--lm_fraction", type=float, default=0.5, help="share of plain-passage examples")
+    p.add_argument("--max_digits", type=int, default=16, help="training numbers have 7..max_digits digits")
+    p.add_argument("--eval_examples", type=int, default=64,
+                   help="validation needle examples (7 digits) whose loss lwm.train logs; 0 = none")
+    p.add_argument("--devices", type=int, default=4, help="simulated CPU devices for training (mesh sp)")
+    p.add_argument("--context_lengths", default="500:4000:8", help="eval grid: min:max:n")
+    p.add_argument("--depths", type=int, default=11, help="eval depths 0..100")
+    p.add_argument("--n_rounds", type=int, default=2)
+    p.add_argument("--eval_mesh_dim", default="1,1,1,-1")
+    p.add_argument("--eval_attention_impl", default="ring")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--load_checkpoint", default="", help="params::PATH to start the first stage from")
+    p.add_argument("--skip_eval", action="store_true", help="train only")
+    return p.parse_args(argv)
+
+
+def parse_stages(text: str):
+    if not text:
+        return STAGES
+    stages = []
+    for i, part in enumerate(p for p in text.split(";") if p.strip()):
+        fields = part.split(":")
+        if len(fields) != 6:
+            raise SystemExit(f"--stages: stage {i} {part!r} needs seq:batch:steps:min:max:lr")
+        try:
+            seq, batch, steps, lo, hi = (int(x) for x in fields[:5])
+            lr = float(fields[5])
+        except ValueError:
+            raise SystemExit(f"--stages: stage {i} {part!r}: numbers expected") from None
+        stages.append((seq, batch, steps, (lo, hi), lr))
+    return tuple(stages)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def split_haystack(path: str, eval_documents: int, val_documents: int, workdir: str):
+    """(training documents, validation documents, path of the eval haystack JSONL). The eval documents
+    (the file's first ones, which the eval reads) and the validation documents (whose needle loss training
+    logs) are never trained on."""
+    from lwm.needle import iter_haystack_texts
+
+    docs = list(iter_haystack_texts(path))
+    if len(docs) <= eval_documents + val_documents:
+        raise SystemExit(f"{path}: {len(docs)} documents; need more than --eval_documents={eval_documents} + "
+                         f"--val_documents={val_documents}")
+    eval_path = os.path.join(workdir, "eval_haystack.jsonl")
+    with open(eval_path, "w") as f:
+        for doc in docs[:eval_documents]:
+            f.write(json.dumps({"text": doc}) + "\n")
+    split = eval_documents + val_documents
+    return docs[split:], docs[eval_documents:split], eval_path
+
+
+def make_tokenizer(docs: Sequence[str], path: str, vocab_size: int):
+    """sentencepiece BPE (LLaMA layout, digits split) on the training documents plus the eval's fixed text."""
+    from lwm import needle
+    from lwm.tokenizer import train_sentencepiece
+
+    fixed = [needle.TEMPLATE, needle.QUESTION, needle.NEEDLE] + list(needle.CITIES)
+    return train_sentencepiece(list(docs) + fixed, path, vocab_size)
+
+
+def needle_example(rng: random.Random, stream: Sequence[int], length: int, tokenizer, periods,
+                   digits: tuple[int, int] = (7, 7)) -> dict:
+    """A fresh needle (random city, random number of digits[0]..digits[1] digits) at a random depth of a
+    random passage of `length` haystack tokens, in the eval's template; loss on the number only."""
+    from lwm import needle
+
+    start = rng.randrange(0, len(stream) - length)
+    city, number = rng.choice(needle.CITIES), needle.random_number(rng, rng.randint(*digits))
+    needle_tokens = needle.encode_needle(tokenizer, city, number)
+    edge = rng.random()        # the ends of the haystack get extra weight: 0% and 100% are the hardest depths
+    depth = 0.0 if edge < EDGE_DEPTHS else 100.0 if edge < 2 * EDGE_DEPTHS else rng.uniform(0, 100)
+    context, _ = needle.insert_needles(stream[start:start + length], [(needle_tokens, depth)],
+                                       length + len(needle_tokens), periods, buffer=0)
+    prompt = needle.TEMPLATE.format(context=tokenizer.decode(context), question=needle.QUESTION.format(city=city))
+    return {"fields": "[prompt],answer", "prompt": prompt, "answer": number}
+
+
+def passage_example(rng: random.Random, stream: Sequence[int], length: int, tokenizer) -> dict:
+    start = rng.randrange(0, len(stream) - length)
+    return {"fields": "text", "text": tokenizer.decode(stream[start:start + length])}
+
+
+def write_curriculum(path: str, stream: Sequence[int], tokenizer, n_examples: int, lengths: tuple[int, int],
+                     lm_fraction: float, seed: int, digits: tuple[int, int] = (7, 7), grow: bool = True,
+                     progress: bool = True) -> str:
+    """n_examples lines; the needle examples' haystack grows from lengths[0] to lengths[1] over the first
+    two thirds of the file (then stays uniform over the range; grow=False: uniform throughout), so
+    training sees short contexts first. Longer numbers than the eval's 7 digits give more copy targets."""
+    from tqdm import tqdm
+
+    from lwm.needle import period_token_ids
+
+    rng = random.Random(seed)
+    periods = period_token_ids(tokenizer)
+    lo, hi = lengths
+    with open(path, "w") as f:
+        for i in tqdm(range(n_examples), desc=f"curriculum {os.path.basename(path)}", disable=not progress):
+            if rng.random() < lm_fraction:
+                example = passage_example(rng, stream, rng.randint(64, 256), tokenizer)
+            else:
+                top = lo + (hi - lo) * min(1.0, 1.5 * i / n_examples) if grow else hi
+                example = needle_example(rng, stream, rng.randint(lo, int(top)), tokenizer, periods, digits)
+            f.write(json.dumps(example) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+    # XLA:CPU runs concurrent collectives of the simulated devices on one thread pool sized by NPROC
+    # (default: the core count); with fewer threads than collectives in flight, they wait on each other.
+    env.setdefault("NPROC", str(max(16, 4 * devices)))
+    return env
+
+
+def _run(cmd: list[str], env: dict, what: str) -> None:
+    print(f"\n== {what}\n   {' '.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"demo: {what} failed with exit code {proc.returncode}")
+
+
+def train_stage(i: int, stage, data: str, tokenizer_path: str, workdir: str, devices: int, init: str,
+                seed: int, eval_data: str = "") -> str:
+    """One `lwm.train` run; returns the params checkpoint spec it saved."""
+    seq, batch, steps, _, lr = stage
+    updates = ",".join(f"{k}={v}" for k, v in MODEL_UPDATES.items())
+    cmd = [sys.executable, "-m", "lwm.train", "--modality=text", f"--mesh_dim=1,1,1,{devices}",
+           "--load_llama_config=tiny", f"--update_llama_config=dict({updates},attention_impl='ring')",
+           f"--tokenizer={tokenizer_path}", "--train_dataset.type=json",
+           "--train_dataset.text_processor.fields_from_example=fields",
+           f"--train_dataset.json_dataset.path={data}", f"--train_dataset.json_dataset.seq_length={seq}",
+           f"--train_dataset.json_dataset.batch_size={batch}", "--train_dataset.json_dataset.mode=pack",
+           "--train_dataset.json_dataset.loss_weighting=example", f"--total_steps={steps}", "--log_freq=25",
+           f"--optimizer.adamw_optimizer.lr={lr}", "--optimizer.adamw_optimizer.lr_warmup_steps=20",
+           f"--optimizer.adamw_optimizer.lr_decay_steps={steps}", f"--optimizer.adamw_optimizer.end_lr={lr / 10}",
+           "--optimizer.adamw_optimizer.weight_decay=0.0", f"--save_model_freq={steps}",
+           "--checkpointer.float_dtype=fp32", f"--logger.output_dir={workdir}/train",
+           f"--logger.experiment_id=stage{i}", "--logger.append_uuid=False", "--peak_flops=1e11", f"--seed={seed + i}"]
+    if init:
+        cmd.append(f"--load_checkpoint={init}")
+    if eval_data:
+        cmd += ["--eval_steps=1", "--eval_dataset.type=json", "--eval_dataset.text_processor.fields_from_example=fields",
+                f"--eval_dataset.json_dataset.path={eval_data}", f"--eval_dataset.json_dataset.seq_length={seq}",
+                f"--eval_dataset.json_dataset.batch_size={batch}", "--eval_dataset.json_dataset.mode=pack",
+                "--eval_dataset.json_dataset.loss_weighting=example"]
+    _run(cmd, _env(devices), f"training stage {i}: {steps} steps of {batch} x {seq} tokens")
+    from lwm.checkpointer import checkpoint_spec, latest
+
+    ckpt = latest(os.path.join(workdir, "train", f"stage{i}"))
+    if ckpt is None:
+        raise SystemExit(f"demo: stage {i} wrote no checkpoint under {workdir}/train/stage{i}")
+    return checkpoint_spec(ckpt)
+
+
+def evaluate(args, checkpoint: str, tokenizer_path: str, haystack: str, workdir: str) -> str:
+    lo, hi, n = (int(x) for x in args.context_lengths.split(":"))
+    updates = ",".join(f"{k}={v}" for k, v in MODEL_UPDATES.items())
+    out = os.path.join(workdir, "needle_results.json")
+    if os.path.exists(out):
+        os.remove(out)                       # a fresh eval, not a resume of an older model's results
+    cmd = [sys.executable, "scripts/eval_needle.py", "--load_llama_config=tiny",
+           f"--update_llama_config=dict({updates},attention_impl='{args.eval_attention_impl}')",
+           f"--load_checkpoint={checkpoint}", f"--tokenizer={tokenizer_path}", f"--haystack_file={haystack}",
+           f"--output_file={out}", f"--context_lengths_min={lo}", f"--context_lengths_max={hi}",
+           f"--n_context_length_intervals={n}", f"--n_document_depth_intervals={args.depths}",
+           f"--n_rounds={args.n_rounds}", "--max_new_tokens=12", "--max_tokens_per_batch=50000",
+           f"--mesh_dim={args.eval_mesh_dim}", "--final_context_length_buffer=200", f"--seed={args.seed + 1234}"]
+    _run(cmd, _env(args.devices), "single-needle eval")
+    return out
+
+
+def main(argv=None) -> dict:
+    from lwm import needle
+
+    args = parse_args(argv)
+    stages = parse_stages(args.stages)
+    start = time.time()
+    os.makedirs(args.workdir, exist_ok=True)
+    workdir = os.path.abspath(args.workdir)
+    train_docs, val_docs, eval_haystack = split_haystack(args.haystack_file, args.eval_documents,
+                                                         args.val_documents, workdir)
+    tokenizer_path = os.path.join(workdir, "tokenizer.model")
+    tokenizer = make_tokenizer(train_docs, tokenizer_path, args.vocab_size)
+    print(f"demo: tokenizer {tokenizer_path} ({tokenizer.vocab_size} pieces); eval haystack {eval_haystack}")
+    stream = [t for doc in train_docs for t in tokenizer.encode(doc)]
+    val_stream = [t for doc in val_docs for t in tokenizer.encode(doc)]
+    checkpoint = args.load_checkpoint
+    for i, stage in enumerate(stages):
+        eval_data = ""
+        if args.eval_examples:   # fresh needles in validation text, at this stage's longer haystacks
+            eval_data = write_curriculum(os.path.join(workdir, f"validation_stage{i}.jsonl"), val_stream, tokenizer,
+                                         args.eval_examples, (stage[3][1] // 2, stage[3][1]), 0.0,
+                                         args.seed + 100 * i + 7, grow=False, progress=False)
+        seq, batch, steps, lengths, _ = stage
+        if lengths[1] + 200 > seq:
+            raise SystemExit(f"demo: stage {i}: needle examples of up to {lengths[1]} haystack tokens do not fit "
+                             f"rows of {seq} tokens")
+        per_row = max(1, seq // (sum(lengths) // 2 + 150))
+        n_examples = int(steps * batch * per_row * 1.6) + 64
+        data = write_curriculum(os.path.join(workdir, f"curriculum_stage{i}.jsonl"), stream, tokenizer,
+                                n_examples, lengths, args.lm_fraction, args.seed + 100 * i, (7, args.max_digits))
+        checkpoint = train_stage(i, stage, data, tokenizer_path, workdir, args.devices, checkpoint, args.seed,
+                                 eval_data)
+    train_s = time.time() - start
+    if args.skip_eval:
+        print(f"demo: trained in {train_s:.0f} s; checkpoint {checkpoint}")
+        return dict(checkpoint=checkpoint, tokenizer=tokenizer_path, train_seconds=round(train_s, 1))
+    results_path = evaluate(args, checkpoint, tokenizer_path, eval_haystack, workdir)
+    results = needle.load_results(results_path)
+    heatmap = os.path.splitext(results_path)[0] + ".png"
+    summary = dict(results=results_path, heatmap=heatmap, checkpoint=checkpoint, tokenizer=tokenizer_path,
+                   accuracy=needle.mean_accuracy(results), trials=len(results),
+                   train_seconds=round(train_s, 1), total_seconds=round(time.time() - start, 1))
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\n== demo done in {summary['total_seconds']:.0f} s (training {train_s:.0f} s)")
+    print(needle.summary_table(results))
+    for key in ("results", "heatmap", "checkpoint", "tokenizer"):
+        print(f"{key:>10}: {summary[key]}")
+    print(f"{'summary':>10}: {os.path.join(workdir, 'summary.json')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

