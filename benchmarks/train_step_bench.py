@@ -73,6 +73,12 @@ def _child(args) -> dict:
         step = jax.jit(train_step, donate_argnums=(0, 1))
         compiled = step.lower(params, opt_state, batch).compile()
         mem = compiled.memory_analysis()
+        if args.compile_only:  # memory plan of the step without running it (for lengths too slow to time)
+            temp = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+            return dict(seq=seq, devices=len(jax.devices()), mesh=args.mesh_dim, impl=args.impl, step_s=float("nan"),
+                        tokens_per_s=float("nan"), mfu=float("nan"), matmul_gflops=matmul_flops / 1e9,
+                        compiled_gb=temp / 1e9, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                        loss=float("nan"))
         params, opt_state, loss = step(params, opt_state, batch)
         loss.block_until_ready()
         times = []
@@ -108,6 +114,7 @@ def main():
     p.add_argument("--remat", default="")
     p.add_argument("--scan_mlp", action="store_true")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--compile_only", action="store_true", help="report the compiled memory plan, do not run")
     p.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.row is not None:
