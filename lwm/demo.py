@@ -173,6 +173,7 @@ def train_stage(i: int, stage, data: str, tokenizer_path: str, workdir: str, dev
                 seed: int, eval_data: str = "") -> str:
     """One `lwm.train` run; returns the params checkpoint spec it saved."""
     seq, batch, steps, _, lr = stage
+    warmup = min(20, steps // 5)
     updates = ",".join(f"{k}={v}" for k, v in MODEL_UPDATES.items())
     cmd = [sys.executable, "-m", "lwm.train", "--modality=text", f"--mesh_dim=1,1,1,{devices}",
            "--load_llama_config=tiny", f"--update_llama_config=dict({updates},attention_impl='ring')",
@@ -181,8 +182,8 @@ def train_stage(i: int, stage, data: str, tokenizer_path: str, workdir: str, dev
            f"--train_dataset.json_dataset.path={data}", f"--train_dataset.json_dataset.seq_length={seq}",
            f"--train_dataset.json_dataset.batch_size={batch}", "--train_dataset.json_dataset.mode=pack",
            "--train_dataset.json_dataset.loss_weighting=example", f"--total_steps={steps}", "--log_freq=25",
-           f"--optimizer.adamw_optimizer.lr={lr}", "--optimizer.adamw_optimizer.lr_warmup_steps=20",
-           f"--optimizer.adamw_optimizer.lr_decay_steps={steps}", f"--optimizer.adamw_optimizer.end_lr={lr / 10}",
+           f"--optimizer.adamw_optimizer.lr={lr}", f"--optimizer.adamw_optimizer.lr_warmup_steps={warmup}",
+           f"--optimizer.adamw_optimizer.lr_decay_steps={max(steps, warmup + 1)}", f"--optimizer.adamw_optimizer.end_lr={lr / 10}",
            "--optimizer.adamw_optimizer.weight_decay=0.0", f"--save_model_freq={steps}",
            "--checkpointer.float_dtype=fp32", f"--logger.output_dir={workdir}/train",
            f"--logger.experiment_id=stage{i}", "--logger.append_uuid=False", "--peak_flops=1e11", f"--seed={seed + i}"]

@@ -70,7 +70,7 @@ class TokenPrinter:
                 self.finished = True
                 break
             self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
+        text = self.tokenizer.decode(self.tokens).rstrip("\ufffd")   # hold back a character still incomplete
         if text.startswith(self.printed) and len(text) > len(self.printed):
             self.out.write(text[len(self.printed):])
             self.out.flush()
@@ -152,8 +152,12 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
             stdout.write("ASSISTANT:")
             stdout.flush()
             answer = chat.reply(message)
-            if printer is None or printer.printed != answer:
-                stdout.write(answer if printer is None else answer[len(printer.printed):])
+            if printer is None:
+                stdout.write(answer)
+            elif answer.startswith(printer.printed):
+                stdout.write(answer[len(printer.printed):])        # what the last callback held back
+            else:
+                stdout.write("\n" + answer)
             stdout.write("\n")
             stdout.flush()
             answers.append(answer)

@@ -54,7 +54,7 @@ def test_curriculum_examples_and_split(haystack, tmp_path):
     assert "Document 0." not in text and "Document 2." not in text     # eval and validation text held out
     # The haystack grows along the file: late needle prompts are longer than early ones.
     lengths = [len(tok.encode(r["prompt"])) for r in needles]
-    assert sum(lengths[-20:]) > 1.3 * sum(lengths[:20])
+    assert sum(lengths[-20:]) - sum(lengths[:20]) > 20 * 20    # 20+ more haystack tokens each, on average
 
 
 def test_stage_flags():

@@ -2,6 +2,9 @@
 heatmap, the haystack writer, and both eval scripts end to end on the tiny model (JSON + PNG, resume)."""
 import json
 import os
+
+os.environ.setdefault("NPROC", "32")   # room for concurrent CPU collectives of the simulated devices (see test_sampling)
+
 import random
 import re
 import sys
