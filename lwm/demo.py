@@ -3,16 +3,20 @@ CPU devices to retrieve needles from a haystack, then run the single-needle eval
 
 Hardware: 2 CPU cores, about 15 minutes end to end (`bash scripts/run_demo.sh` also installs the package and
 writes the haystack). Steps, each printing where its output is:
-  1. split the haystack JSONL: held-out documents for the eval, the rest for training;
+  1. split the haystack JSONL: the first documents for the eval, the next ones for validation, the rest
+     for training (the eval and validation text is never trained on);
   2. train a sentencepiece tokenizer (digits are single tokens) on the training documents;
-  3. write the curriculum (JSONL): needle examples (a random city and 7-digit number placed at a random
-     depth of a haystack passage, the original eval's template and question, loss on the answer only) whose
-     haystack grows over the file, mixed with plain passages (loss on every token) that teach the model to
-     read text; packed several to a row;
-  4. train through `lwm.train` (a subprocess: its own 4 simulated devices, mesh sp=4, attention 'ring'),
-     in stages of growing sequence length, each stage starting from the previous checkpoint;
-  5. evaluate with scripts/eval_needle.py (fresh random needles on the held-out documents) and write the
-     JSON of every trial and the heatmap.
+  3. write the curriculum (JSONL, packed several examples to a row, each example weighing the same):
+     needle examples (a random city and a random 7..16-digit number at a random depth of a haystack
+     passage, depth 0% and 100% over-weighted, in the original eval's template and question, loss on the
+     number and EOS only), their haystack growing over the file, mixed half and half with plain passages
+     (loss on every token) from which the model learns to read text before it can learn to copy;
+  4. train through `lwm.train` (a subprocess: 4 simulated devices, mesh sp=4, attention 'ring') in stages of
+     growing sequence length (STAGES), each starting from the previous stage's checkpoint; lwm.train logs
+     the loss on fresh validation needles (eval_text_loss) as it goes;
+  5. evaluate with scripts/eval_needle.py (fresh random needles in the held-out eval documents, RingAttention
+     prefill over sp=4) and write the JSON of every trial and the heatmap.
+Nothing in the recipe was tuned on the eval documents: choices were made on the validation documents.
 """
 from __future__ import annotations
 
@@ -31,14 +35,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_UPDATES = dict(theta=1_000_000, max_sequence_length=16384, scan_query_chunk_size=128,
                      scan_key_chunk_size=128)
 # (sequence length, batch size, steps, (min, max) haystack tokens of the needle examples, learning rate)
-STAGES = ((512, 8, 1500, (0, 300), 3e-3), (2048, 4, 200, (200, 1800), 1e-3), (4096, 2, 250, (1000, 3850), 5e-4))
+# Stage 0 teaches retrieval at short range (the copy mechanism appears after ~1000 steps); stage 1 stretches
+# it to 4K tokens, the haystack growing over the stage and biased to the long end (LONG_BIAS).
+STAGES = ((512, 8, 1500, (0, 300), 3e-3), (4096, 2, 350, (300, 3850), 1e-3))
+LONG_BIAS = 0.5      # haystack length = lo + (top - lo) * u ** LONG_BIAS, except in a first stage from scratch
 EDGE_DEPTHS = 0.15   # share of needle examples at depth 0, and again at depth 100
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--haystack_file", required=True, help="JSONL with a \"text\" field per line")
-    p.add_argument("--workdir", default="demo_out")
+    p.add_argument("--workdir", default="outputs/demo")
     p.add_argument("--eval_documents", type=int, default=8, help="documents held out for the eval")
     p.add_argument("--val_documents", type=int, default=4, help="documents held out for the logged needle loss")
     p.add_argument("--vocab_size", type=int, default=512)
@@ -129,10 +136,11 @@ def passage_example(rng: random.Random, stream: Sequence[int], length: int, toke
 
 def write_curriculum(path: str, stream: Sequence[int], tokenizer, n_examples: int, lengths: tuple[int, int],
                      lm_fraction: float, seed: int, digits: tuple[int, int] = (7, 7), grow: bool = True,
-                     progress: bool = True) -> str:
-    """n_examples lines; the needle examples' haystack grows from lengths[0] to lengths[1] over the first
-    two thirds of the file (then stays uniform over the range; grow=False: uniform throughout), so
-    training sees short contexts first. Longer numbers than the eval's 7 digits give more copy targets."""
+                     bias: float = 1.0, progress: bool = True) -> str:
+    """n_examples lines; the needle examples' haystack length is lo + (top - lo) * u ** bias (u uniform;
+    bias 1 = uniform, < 1 favours long ones), where top grows from lengths[0] to lengths[1] over the first
+    two thirds of the file (grow=False: top = lengths[1] throughout), so training sees short contexts first.
+    Longer numbers than the eval's 7 digits give more copy targets."""
     from tqdm import tqdm
 
     from lwm.needle import period_token_ids
@@ -146,7 +154,8 @@ def write_curriculum(path: str, stream: Sequence[int], tokenizer, n_examples: in
                 example = passage_example(rng, stream, rng.randint(64, 256), tokenizer)
             else:
                 top = lo + (hi - lo) * min(1.0, 1.5 * i / n_examples) if grow else hi
-                example = needle_example(rng, stream, rng.randint(lo, int(top)), tokenizer, periods, digits)
+                length = lo + int((top - lo) * rng.random() ** bias)
+                example = needle_example(rng, stream, length, tokenizer, periods, digits)
             f.write(json.dumps(example) + "\n")
     return path
 
@@ -249,7 +258,8 @@ def main(argv=None) -> dict:
         per_row = max(1, seq // (sum(lengths) // 2 + 150))
         n_examples = int(steps * batch * per_row * 1.6) + 64
         data = write_curriculum(os.path.join(workdir, f"curriculum_stage{i}.jsonl"), stream, tokenizer,
-                                n_examples, lengths, args.lm_fraction, args.seed + 100 * i, (7, args.max_digits))
+                                n_examples, lengths, args.lm_fraction, args.seed + 100 * i, (7, args.max_digits),
+                                bias=1.0 if i == 0 and not args.load_checkpoint else LONG_BIAS)
         checkpoint = train_stage(i, stage, data, tokenizer_path, workdir, args.devices, checkpoint, args.seed,
                                  eval_data)
     train_s = time.time() - start
