@@ -37,7 +37,7 @@ MODEL_UPDATES = dict(theta=1_000_000, max_sequence_length=16384, scan_query_chun
 # (sequence length, batch size, steps, (min, max) haystack tokens of the needle examples, learning rate)
 # Stage 0 teaches retrieval at short range (the copy mechanism appears after ~1000 steps); stage 1 stretches
 # it to 4K tokens, the haystack growing over the stage and biased to the long end (LONG_BIAS).
-STAGES = ((512, 8, 1500, (0, 300), 3e-3), (4096, 2, 350, (300, 3850), 1e-3))
+STAGES = ((512, 8, 1500, (0, 300), 3e-3), (4096, 2, 600, (300, 3850), 1e-3))
 LONG_BIAS = 0.5      # haystack length = lo + (top - lo) * u ** LONG_BIAS, except in a first stage from scratch
 EDGE_DEPTHS = 0.15   # share of needle examples at depth 0, and again at depth 100
 
