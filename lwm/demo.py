@@ -39,7 +39,9 @@ MODEL_UPDATES = dict(theta=1_000_000, max_sequence_length=16384, scan_query_chun
 # it to 4K tokens, the haystack growing over the stage and biased to the long end (LONG_BIAS).
 STAGES = ((512, 8, 1500, (0, 300), 3e-3), (4096, 2, 600, (300, 3850), 1e-3))
 LONG_BIAS = 0.5      # haystack length = lo + (top - lo) * u ** LONG_BIAS, except in a first stage from scratch
-EDGE_DEPTHS = 0.15   # share of needle examples at depth 0, and again at depth 100
+# Shares of needle examples at depth 0% and at 100% (the rest uniform): the first stage from scratch, then
+# the long stages, where the needle at the start of the haystack (the farthest from the question) is hardest.
+EDGE_DEPTHS = ((0.15, 0.15), (0.25, 0.10))
 
 
 def parse_args(argv=None):
@@ -113,7 +115,7 @@ def make_tokenizer(docs: Sequence[str], path: str, vocab_size: int):
 
 
 def needle_example(rng: random.Random, stream: Sequence[int], length: int, tokenizer, periods,
-                   digits: tuple[int, int] = (7, 7)) -> dict:
+                   digits: tuple[int, int] = (7, 7), edges: tuple[float, float] = (0.0, 0.0)) -> dict:
     """A fresh needle (random city, random number of digits[0]..digits[1] digits) at a random depth of a
     random passage of `length` haystack tokens, in the eval's template; loss on the number only."""
     from lwm import needle
@@ -121,8 +123,8 @@ def needle_example(rng: random.Random, stream: Sequence[int], length: int, token
     start = rng.randrange(0, len(stream) - length)
     city, number = rng.choice(needle.CITIES), needle.random_number(rng, rng.randint(*digits))
     needle_tokens = needle.encode_needle(tokenizer, city, number)
-    edge = rng.random()        # the ends of the haystack get extra weight: 0% and 100% are the hardest depths
-    depth = 0.0 if edge < EDGE_DEPTHS else 100.0 if edge < 2 * EDGE_DEPTHS else rng.uniform(0, 100)
+    edge = rng.random()        # the ends of the haystack get extra weight (edges: shares at 0% and 100%)
+    depth = 0.0 if edge < edges[0] else 100.0 if edge < edges[0] + edges[1] else rng.uniform(0, 100)
     context, _ = needle.insert_needles(stream[start:start + length], [(needle_tokens, depth)],
                                        length + len(needle_tokens), periods, buffer=0)
     prompt = needle.TEMPLATE.format(context=tokenizer.decode(context), question=needle.QUESTION.format(city=city))
@@ -136,7 +138,7 @@ def passage_example(rng: random.Random, stream: Sequence[int], length: int, toke
 
 def write_curriculum(path: str, stream: Sequence[int], tokenizer, n_examples: int, lengths: tuple[int, int],
                      lm_fraction: float, seed: int, digits: tuple[int, int] = (7, 7), grow: bool = True,
-                     bias: float = 1.0, progress: bool = True) -> str:
+                     bias: float = 1.0, edges: tuple[float, float] = (0.0, 0.0), progress: bool = True) -> str:
     """n_examples lines; the needle examples' haystack length is lo + (top - lo) * u ** bias (u uniform;
     bias 1 = uniform, < 1 favours long ones), where top grows from lengths[0] to lengths[1] over the first
     two thirds of the file (grow=False: top = lengths[1] throughout), so training sees short contexts first.
@@ -155,7 +157,7 @@ def write_curriculum(path: str, stream: Sequence[int], tokenizer, n_examples: in
             else:
                 top = lo + (hi - lo) * min(1.0, 1.5 * i / n_examples) if grow else hi
                 length = lo + int((top - lo) * rng.random() ** bias)
-                example = needle_example(rng, stream, length, tokenizer, periods, digits)
+                example = needle_example(rng, stream, length, tokenizer, periods, digits, edges)
             f.write(json.dumps(example) + "\n")
     return path
 
@@ -252,6 +254,7 @@ def main(argv=None) -> dict:
                                          args.eval_examples, (stage[3][1] // 2, stage[3][1]), 0.0,
                                          args.seed + 100 * i + 7, grow=False, progress=False)
         seq, batch, steps, lengths, _ = stage
+        first = i == 0 and not args.load_checkpoint      # the stage that learns from scratch
         if lengths[1] + 200 > seq:
             raise SystemExit(f"demo: stage {i}: needle examples of up to {lengths[1]} haystack tokens do not fit "
                              f"rows of {seq} tokens")
@@ -259,7 +262,7 @@ def main(argv=None) -> dict:
         n_examples = int(steps * batch * per_row * 1.6) + 64
         data = write_curriculum(os.path.join(workdir, f"curriculum_stage{i}.jsonl"), stream, tokenizer,
                                 n_examples, lengths, args.lm_fraction, args.seed + 100 * i, (7, args.max_digits),
-                                bias=1.0 if i == 0 and not args.load_checkpoint else LONG_BIAS)
+                                bias=1.0 if first else LONG_BIAS, edges=EDGE_DEPTHS[0 if first else 1])
         checkpoint = train_stage(i, stage, data, tokenizer_path, workdir, args.devices, checkpoint, args.seed,
                                  eval_data)
     train_s = time.time() - start
