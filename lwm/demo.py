@@ -8,8 +8,9 @@ writes the haystack). Steps, each printing where its output is:
   2. train a sentencepiece tokenizer (digits are single tokens) on the training documents;
   3. write the curriculum (JSONL, packed several examples to a row, each example weighing the same):
      needle examples (a random city and a random 7..16-digit number at a random depth of a haystack
-     passage, depth 0% and 100% over-weighted, in the original eval's template and question, loss on the
-     number and EOS only), their haystack growing over the file, mixed half and half with plain passages
+     passage, depth 0% and 100% over-weighted, half of them with decoy numbers scattered in the passage, in
+     the original eval's template and question, loss on the number and EOS only), their haystack growing
+     over the file, mixed half and half with plain passages
      (loss on every token) from which the model learns to read text before it can learn to copy;
   4. train through `lwm.train` (a subprocess: 4 simulated devices, mesh sp=4, attention 'ring') in stages of
      growing sequence length (STAGES), each starting from the previous stage's checkpoint; lwm.train logs
@@ -42,6 +43,7 @@ LONG_BIAS = 0.5      # haystack length = lo + (top - lo) * u ** LONG_BIAS, excep
 # Shares of needle examples at depth 0% and at 100% (the rest uniform): the first stage from scratch, then
 # the long stages, where the needle at the start of the haystack (the farthest from the question) is hardest.
 EDGE_DEPTHS = ((0.15, 0.15), (0.25, 0.10))
+DECOYS = 0.5         # share of needle examples with 1-3 other numbers scattered in the haystack
 
 
 def parse_args(argv=None):
@@ -115,9 +117,12 @@ def make_tokenizer(docs: Sequence[str], path: str, vocab_size: int):
 
 
 def needle_example(rng: random.Random, stream: Sequence[int], length: int, tokenizer, periods,
-                   digits: tuple[int, int] = (7, 7), edges: tuple[float, float] = (0.0, 0.0)) -> dict:
+                   digits: tuple[int, int] = (7, 7), edges: tuple[float, float] = (0.0, 0.0),
+                   decoys: float = 0.0) -> dict:
     """A fresh needle (random city, random number of digits[0]..digits[1] digits) at a random depth of a
-    random passage of `length` haystack tokens, in the eval's template; loss on the number only."""
+    random passage of `length` haystack tokens, in the eval's template; loss on the number only. With
+    probability `decoys`, 1-3 other numbers are scattered in the passage too, so that "a number after a
+    space" is not enough to find the needle (real haystacks hold numbers: years, prices, counts)."""
     from lwm import needle
 
     start = rng.randrange(0, len(stream) - length)
@@ -125,8 +130,12 @@ def needle_example(rng: random.Random, stream: Sequence[int], length: int, token
     needle_tokens = needle.encode_needle(tokenizer, city, number)
     edge = rng.random()        # the ends of the haystack get extra weight (edges: shares at 0% and 100%)
     depth = 0.0 if edge < edges[0] else 100.0 if edge < edges[0] + edges[1] else rng.uniform(0, 100)
-    context, _ = needle.insert_needles(stream[start:start + length], [(needle_tokens, depth)],
-                                       length + len(needle_tokens), periods, buffer=0)
+    pieces = [(needle_tokens, depth)]
+    if rng.random() < decoys:
+        pieces += [(tokenizer.encode(needle.random_number(rng, rng.randint(1, 8))), rng.uniform(0, 100))
+                   for _ in range(rng.randint(1, 3))]
+    extra = sum(len(t) for t, _ in pieces)
+    context, _ = needle.insert_needles(stream[start:start + length], pieces, length + extra, periods, buffer=0)
     prompt = needle.TEMPLATE.format(context=tokenizer.decode(context), question=needle.QUESTION.format(city=city))
     return {"fields": "[prompt],answer", "prompt": prompt, "answer": number}
 
@@ -138,7 +147,8 @@ def passage_example(rng: random.Random, stream: Sequence[int], length: int, toke
 
 def write_curriculum(path: str, stream: Sequence[int], tokenizer, n_examples: int, lengths: tuple[int, int],
                      lm_fraction: float, seed: int, digits: tuple[int, int] = (7, 7), grow: bool = True,
-                     bias: float = 1.0, edges: tuple[float, float] = (0.0, 0.0), progress: bool = True) -> str:
+                     bias: float = 1.0, edges: tuple[float, float] = (0.0, 0.0), decoys: float = 0.0,
+                     progress: bool = True) -> str:
     """n_examples lines; the needle examples' haystack length is lo + (top - lo) * u ** bias (u uniform;
     bias 1 = uniform, < 1 favours long ones), where top grows from lengths[0] to lengths[1] over the first
     two thirds of the file (grow=False: top = lengths[1] throughout), so training sees short contexts first.
@@ -157,7 +167,7 @@ def write_curriculum(path: str, stream: Sequence[int], tokenizer, n_examples: in
             else:
                 top = lo + (hi - lo) * min(1.0, 1.5 * i / n_examples) if grow else hi
                 length = lo + int((top - lo) * rng.random() ** bias)
-                example = needle_example(rng, stream, length, tokenizer, periods, digits, edges)
+                example = needle_example(rng, stream, length, tokenizer, periods, digits, edges, decoys)
             f.write(json.dumps(example) + "\n")
     return path
 
@@ -262,7 +272,8 @@ def main(argv=None) -> dict:
         n_examples = int(steps * batch * per_row * 1.6) + 64
         data = write_curriculum(os.path.join(workdir, f"curriculum_stage{i}.jsonl"), stream, tokenizer,
                                 n_examples, lengths, args.lm_fraction, args.seed + 100 * i, (7, args.max_digits),
-                                bias=1.0 if first else LONG_BIAS, edges=EDGE_DEPTHS[0 if first else 1])
+                                bias=1.0 if first else LONG_BIAS, edges=EDGE_DEPTHS[0 if first else 1],
+                                decoys=DECOYS)
         checkpoint = train_stage(i, stage, data, tokenizer_path, workdir, args.devices, checkpoint, args.seed,
                                  eval_data)
     train_s = time.time() - start

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 
 import pytest
 
@@ -52,6 +53,10 @@ def test_curriculum_examples_and_split(haystack, tmp_path):
         assert r["prompt"].startswith("You are a helpful assistant. USER: ") and r["prompt"].endswith("ASSISTANT: ")
     text = " ".join(r.get("prompt", r.get("text")) for r in rows)
     assert "Document 0." not in text and "Document 2." not in text     # eval and validation text held out
+    # Decoys: other numbers scattered in the haystack; the needle's number stays the answer.
+    decoyed = demo.needle_example(random.Random(0), stream, 100, tok, needle.period_token_ids(tok), decoys=1.0)
+    context = decoyed["prompt"].split("USER: ")[1].split(" What is the special")[0]
+    assert len(re.findall(r"\d+", context)) >= 2 and decoyed["answer"] in context
     # The haystack grows along the file: late needle prompts are longer than early ones.
     lengths = [len(tok.encode(r["prompt"])) for r in needles]
     assert sum(lengths[-20:]) - sum(lengths[:20]) > 20 * 20    # 20+ more haystack tokens each, on average
