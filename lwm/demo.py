@@ -8,8 +8,9 @@ writes the haystack). Steps, each printing where its output is:
   2. train a sentencepiece tokenizer (digits are single tokens) on the training documents;
   3. write the curriculum (JSONL, packed several examples to a row, each example weighing the same):
      needle examples (a random city and a random 7..16-digit number at a random depth of a haystack
-     passage, depth 0% and 100% over-weighted, half of them with decoy numbers scattered in the passage, in
-     the original eval's template and question, loss on the number and EOS only), their haystack growing
+     passage, depth 0% and 100% over-weighted, after the first stage half of them with decoy numbers in
+     the passage, in the original eval's template and question, loss on the number and EOS only), their
+     haystack growing
      over the file, mixed half and half with plain passages
      (loss on every token) from which the model learns to read text before it can learn to copy;
   4. train through `lwm.train` (a subprocess: 4 simulated devices, mesh sp=4, attention 'ring') in stages of
@@ -43,7 +44,10 @@ LONG_BIAS = 0.5      # haystack length = lo + (top - lo) * u ** LONG_BIAS, excep
 # Shares of needle examples at depth 0% and at 100% (the rest uniform): the first stage from scratch, then
 # the long stages, where the needle at the start of the haystack (the farthest from the question) is hardest.
 EDGE_DEPTHS = ((0.15, 0.15), (0.25, 0.10))
-DECOYS = 0.5         # share of needle examples with 1-3 other numbers scattered in the haystack
+# Share of needle examples with 1-3 other numbers scattered in the haystack, in the stages after the first
+# (from scratch the model first finds the needle as "the number after a space"; decoys from the start keep
+# it from learning to copy at all within the budget).
+DECOYS = 0.5
 
 
 def parse_args(argv=None):
@@ -273,7 +277,7 @@ def main(argv=None) -> dict:
         data = write_curriculum(os.path.join(workdir, f"curriculum_stage{i}.jsonl"), stream, tokenizer,
                                 n_examples, lengths, args.lm_fraction, args.seed + 100 * i, (7, args.max_digits),
                                 bias=1.0 if first else LONG_BIAS, edges=EDGE_DEPTHS[0 if first else 1],
-                                decoys=DECOYS)
+                                decoys=0.0 if first else DECOYS)
         checkpoint = train_stage(i, stage, data, tokenizer_path, workdir, args.devices, checkpoint, args.seed,
                                  eval_data)
     train_s = time.time() - start
