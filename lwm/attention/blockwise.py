@@ -12,6 +12,12 @@ chunk from (q, k, lse), so memory stays O(chunk^2) plus the O(T) inputs, never O
 
 The ring (`ring.py`) calls both with per-device offsets; `blockwise_attention` wraps them in a custom_vjp.
 
+For speed on CPU: the scale is folded into q once; only chunk pairs that straddle the causal diagonal (or
+carry segment ids or padded keys) build a mask, chunk pairs wholly in the past run unmasked; the G query
+heads that share a kv head are stacked as rows of one matmul; and q, k, v, dO are laid out once, chunk
+index first and in both orientations, so every per-tile matmul reads its operands without a copy (the
+backward works on transposed tiles, keys by queries, so that no (kc, qc) tile is ever transposed).
+
 Masking uses -inf and guards every exp, so a query row with no allowed key gives out = 0 and lse = -inf
 (and zero gradients), never NaN.
 """
@@ -47,32 +53,51 @@ def pad_to(x, multiple: int, axis: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _heads_first(q, k, v):
-    """(B, T, N, H), (B, S, K, H) -> (B, K, G, T, H), (B, K, S, H): one transpose so chunks slice one axis."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    qh = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+def _q_chunks(x, qc: int, K: int, transpose: bool = False):
+    """(B, Tp, N, ...) -> (nq, B, K, G * qc, ...): query chunks first, the G query heads of one kv head
+    stacked along the rows (row g * qc + t is query t of head g). With transpose, (B, Tp, N, H) ->
+    (nq, B, K, H, G * qc), the layout whose chunk is the right operand of a plain matmul."""
+    B, Tp, N = x.shape[:3]
+    rest = x.shape[3:]
+    x = x.reshape(B, Tp // qc, qc, K, N // K, *rest)
+    x = jnp.moveaxis(x, (1, 3, 4), (0, 2, 3))  # (nq, B, K, G, qc, ...)
+    x = x.reshape(Tp // qc, B, K, N // K * qc, *rest)
+    return jnp.swapaxes(x, -1, -2) if transpose else x
 
 
-def _heads_last(x):
-    """(B, K, G, T, ...) -> (B, T, N, ...)."""
-    B, K, G, T = x.shape[:4]
-    return jnp.moveaxis(x, 3, 1).reshape(B, T, K * G, *x.shape[4:])
+def _q_unchunk(x, K: int, G: int):
+    """Inverse of `_q_chunks` (without transpose): (nq, B, K, G * qc, ...) -> (B, nq * qc, K * G, ...)."""
+    nq, B = x.shape[:2]
+    rest = x.shape[4:]
+    x = x.reshape(nq, B, K, G, x.shape[3] // G, *rest)
+    x = jnp.moveaxis(x, (0, 2, 3), (1, 3, 4))  # (B, nq, qc, K, G, ...)
+    return x.reshape(B, -1, K * G, *rest)
 
 
-def _mask(q_pos, k_pos, q_seg, k_seg, k_valid, causal):
-    """Allowed (query, key) pairs of one chunk pair: (B|1, 1, 1, qc, kc) bool, or None if all allowed."""
+def _k_chunks(x, kc: int, transpose: bool = False):
+    """(B, Sp, K, H) -> (nk, B, K, kc, H), or (nk, B, K, H, kc) with transpose."""
+    B, Sp, K, H = x.shape
+    x = x.reshape(B, Sp // kc, kc, K, H).transpose(1, 0, 3, 2, 4)
+    return jnp.swapaxes(x, -1, -2) if transpose else x
+
+
+def _mask(q_pos, k_pos, q_seg, k_seg, k_valid, causal, keys_first=False):
+    """Allowed (query, key) pairs of one chunk pair, or None if all are allowed.
+
+    q_pos (R,), q_seg (B, R) for the R = G * qc query rows; k_pos, k_valid (kc,), k_seg (B, kc).
+    Returns (B|1, 1, R, kc) bool, or (B|1, 1, kc, R) with keys_first.
+    """
+    qa, ka = (0, 1) if keys_first else (1, 0)  # the axis each side is expanded along (of the 2-D tile)
     mask = None
     if causal:
-        mask = (k_pos[None, :] <= q_pos[:, None])[None]  # (1, qc, kc)
+        mask = (jnp.expand_dims(k_pos, ka) <= jnp.expand_dims(q_pos, qa))[None]  # (1, R, kc) or (1, kc, R)
     if q_seg is not None:
-        seg = q_seg[:, :, None] == k_seg[:, None, :]  # (B, qc, kc)
+        seg = jnp.expand_dims(q_seg, qa + 1) == jnp.expand_dims(k_seg, ka + 1)  # (B, R, kc) or (B, kc, R)
         mask = seg if mask is None else mask & seg
     if k_valid is not None:
-        valid = jnp.broadcast_to(k_valid[None, None, :], (1, q_pos.shape[0], k_pos.shape[0]))
+        valid = jnp.expand_dims(k_valid, ka)[None]
         mask = valid if mask is None else mask & valid
-    return None if mask is None else mask[:, None, None]
+    return None if mask is None else mask[:, None]
 
 
 def _first_visible_q_chunk(q_offset, k_start, qc, nq, causal):
@@ -87,6 +112,22 @@ def _num_visible_k_chunks(q_end, k_offset, kc, nk, causal):
     if not causal:
         return nk
     return jnp.clip((q_end - k_offset) // kc + 1, 0, nk)
+
+
+def _num_whole_k_chunks(q_start, k_offset, kc, nk, causal):
+    """Number of leading key chunks wholly visible to the query at global position q_start (and to all later
+    queries): every key at a global position <= q_start."""
+    if not causal:
+        return nk
+    return jnp.clip((q_start - k_offset + 1) // kc, 0, nk)
+
+
+def _first_whole_q_chunk(q_offset, k_end, qc, nq, causal):
+    """Index of the first query chunk whose first query sees the key at global position k_end (and so every
+    earlier key): ceil((k_end - q_offset) / qc), clipped to [0, nq]."""
+    if not causal:
+        return 0
+    return jnp.clip(-((q_offset - k_end) // qc), 0, nq)
 
 
 def block_forward(
@@ -123,6 +164,7 @@ def block_forward(
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
+    G = N // K
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("block_forward: pass both q_segment_ids and kv_segment_ids, or neither")
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
@@ -132,49 +174,56 @@ def block_forward(
     nq, nk = q.shape[1] // qc, k.shape[1] // kc
     k_valid_all = jnp.arange(k.shape[1]) < S if k.shape[1] != S else None
 
-    qh, kh, vh = _heads_first(q, k, v)  # (B, K, G, Tp, H), (B, K, Sp, H)
-    G = N // K
-    scale = H**-0.5
+    q = q * jnp.asarray(H**-0.5, q.dtype)  # the softmax scale once, not on every score (rounded to q.dtype)
+    q_all = _q_chunks(q, qc, K)  # (nq, B, K, R, H), R = G * qc rows per chunk
+    kT_all, v_all = _k_chunks(k, kc, transpose=True), _k_chunks(v, kc)  # (nk, B, K, H, kc), (nk, B, K, kc, H)
+    q_seg_all = None if q_seg is None else jnp.tile(q_seg.reshape(B, nq, qc), (1, 1, G))  # (B, nq, R)
 
     def one_q_chunk(i):
-        q_i = lax.dynamic_slice_in_dim(qh, i * qc, qc, axis=3)  # (B, K, G, qc, H)
-        q_pos = q_offset + i * qc + jnp.arange(qc)
-        q_seg_i = None if q_seg is None else lax.dynamic_slice_in_dim(q_seg, i * qc, qc, axis=1)
+        q_i = lax.dynamic_index_in_dim(q_all, i, keepdims=False)  # (B, K, R, H)
+        q_pos = jnp.tile(q_offset + i * qc + jnp.arange(qc), G)  # (R,)
+        q_seg_i = None if q_seg is None else lax.dynamic_index_in_dim(q_seg_all, i, 1, False)
 
-        def body(j, carry):
-            m, l, acc = carry
-            k_j = lax.dynamic_slice_in_dim(kh, j * kc, kc, axis=2)  # (B, K, kc, H)
-            v_j = lax.dynamic_slice_in_dim(vh, j * kc, kc, axis=2)
-            s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype) * scale
-            k_seg_j = None if k_seg is None else lax.dynamic_slice_in_dim(k_seg, j * kc, kc, axis=1)
-            k_valid = None if k_valid_all is None else lax.dynamic_slice_in_dim(k_valid_all, j * kc, kc)
-            mask = _mask(q_pos, k_offset + j * kc + jnp.arange(kc), q_seg_i, k_seg_j, k_valid, causal)
-            if mask is not None:
-                s = jnp.where(mask, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(-1))  # (B, K, G, qc)
-            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+        def body(j, carry, masked):
+            m, l, acc = carry  # running max, sum of exp, unnormalised output: (B, K, R), (B, K, R), (B, K, R, H)
+            kT_j = lax.dynamic_index_in_dim(kT_all, j, keepdims=False)  # (B, K, H, kc)
+            v_j = lax.dynamic_index_in_dim(v_all, j, keepdims=False)  # (B, K, kc, H)
+            s = jnp.einsum("bkrh,bkhs->bkrs", q_i, kT_j, preferred_element_type=acc_dtype)
+            if masked:
+                k_seg_j = None if k_seg is None else lax.dynamic_slice_in_dim(k_seg, j * kc, kc, axis=1)
+                k_valid = None if k_valid_all is None else lax.dynamic_slice_in_dim(k_valid_all, j * kc, kc)
+                mask = _mask(q_pos, k_offset + j * kc + jnp.arange(kc), q_seg_i, k_seg_j, k_valid, causal)
+                s = s if mask is None else jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))  # finite after any unmasked chunk
+            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new) if masked else m_new
             p = jnp.exp(s - m_safe[..., None])
             correction = jnp.exp(m - m_safe)
             l = l * correction + p.sum(-1)
-            pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=acc_dtype)
+            pv = jnp.einsum("bkrs,bksh->bkrh", p.astype(v.dtype), v_j, preferred_element_type=acc_dtype)
             return m_new, l, acc * correction[..., None] + pv
 
+        R = G * qc
         init = (
-            jnp.full((B, K, G, qc), -jnp.inf, acc_dtype),
-            jnp.zeros((B, K, G, qc), acc_dtype),
-            jnp.zeros((B, K, G, qc, H), acc_dtype),
+            jnp.full((B, K, R), -jnp.inf, acc_dtype),
+            jnp.zeros((B, K, R), acc_dtype),
+            jnp.zeros((B, K, R, H), acc_dtype),
         )
-        init = match_vma(init, q_i, kh)
+        init = match_vma(init, q_i, kT_all)
+        # Key chunks [0, mid) lie wholly in the past of every query of this chunk: no mask to build. Chunks
+        # [mid, hi) straddle the diagonal (or hold padding or segment ids) and are masked.
         hi = _num_visible_k_chunks(q_offset + (i + 1) * qc - 1, k_offset, kc, nk, causal)
-        m, l, acc = lax.fori_loop(0, hi, body, init)
+        mid = 0 if q_seg is not None else _num_whole_k_chunks(q_offset + i * qc, k_offset, kc, nk, causal)
+        if k_valid_all is not None:
+            mid = jnp.minimum(mid, nk - 1)  # the last key chunk holds the padding
+        mid = jnp.minimum(mid, hi)
+        carry = lax.fori_loop(0, mid, functools.partial(body, masked=False), init)
+        m, l, acc = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
         out = acc / jnp.where(l == 0, 1.0, l)[..., None]
         lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
         return out, lse
 
-    out, lse = lax.map(one_q_chunk, jnp.arange(nq))  # (nq, B, K, G, qc, H), (nq, B, K, G, qc)
-    out = jnp.moveaxis(out, 0, 3).reshape(B, K, G, nq * qc, H)
-    lse = jnp.moveaxis(lse, 0, 3).reshape(B, K, G, nq * qc)
-    return _heads_last(out)[:, :T], _heads_last(lse)[:, :T]
+    out, lse = lax.map(one_q_chunk, jnp.arange(nq))  # (nq, B, K, R, H), (nq, B, K, R)
+    return _q_unchunk(out, K, G)[:, :T], _q_unchunk(lse, K, G)[:, :T]
 
 
 def block_backward(
@@ -206,7 +255,10 @@ def block_backward(
       contribution of this key block. Summed over key blocks they are the exact gradients.
 
     Key chunks are the outer loop (a `lax.scan` that emits dk, dv per chunk); for each, only the query
-    chunks at or after the causal diagonal are visited, and dq is accumulated into one (B, T, N, H) buffer.
+    chunks at or after the causal diagonal are visited, and dq is accumulated into one buffer. Tiles are
+    computed transposed, keys by queries (P^T = exp(k q^T - lse)), so that all five matmuls per tile take
+    their operands in plain (rows, contraction) x (contraction, cols) form and no (kc, qc) tile is ever
+    transposed: dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T.
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -224,46 +276,60 @@ def block_backward(
     nq, nk = Tp // qc, Sp // kc
     k_valid_all = jnp.arange(Sp) < S if Sp != S else None
 
-    qh, kh, vh = _heads_first(q, k, v)  # (B, K, G, Tp, H), (B, K, Sp, H)
-    doh = do.reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, Tp, H)
-    lse_h = lse.reshape(B, Tp, K, G).transpose(0, 2, 3, 1)  # (B, K, G, Tp)
-    delta_h = delta.reshape(B, Tp, K, G).transpose(0, 2, 3, 1)
+    q = q * jnp.asarray(scale, q.dtype)  # scores k q^T come out scaled; then dK = dS^T q needs no scale
+    q_all, qT_all = _q_chunks(q, qc, K), _q_chunks(q, qc, K, transpose=True)  # (nq, B, K, R, H), (.., H, R)
+    do_all, doT_all = _q_chunks(do, qc, K), _q_chunks(do, qc, K, transpose=True)
+    lse_all, delta_all = _q_chunks(lse, qc, K), _q_chunks(delta, qc, K)  # (nq, B, K, R)
+    q_seg_all = None if q_seg is None else jnp.tile(q_seg.reshape(B, nq, qc), (1, 1, G))  # (B, nq, R)
+    k_all, kT_all, v_all = _k_chunks(k, kc), _k_chunks(k, kc, transpose=True), _k_chunks(v, kc)
 
-    def one_k_chunk(dq, j):
-        k_j = lax.dynamic_slice_in_dim(kh, j * kc, kc, axis=2)  # (B, K, kc, H)
-        v_j = lax.dynamic_slice_in_dim(vh, j * kc, kc, axis=2)
+    def one_k_chunk(dqT, xs):
+        j, k_j, kT_j, v_j = xs  # (B, K, kc, H), (B, K, H, kc), (B, K, kc, H)
         k_pos = k_offset + j * kc + jnp.arange(kc)
         k_seg_j = None if k_seg is None else lax.dynamic_slice_in_dim(k_seg, j * kc, kc, axis=1)
         k_valid = None if k_valid_all is None else lax.dynamic_slice_in_dim(k_valid_all, j * kc, kc)
 
-        def body(i, carry):
-            dq, dk_j, dv_j = carry
-            sl = functools.partial(lax.dynamic_slice_in_dim, start_index=i * qc, slice_size=qc, axis=3)
-            q_i, do_i, lse_i, delta_i = sl(qh), sl(doh), sl(lse_h), sl(delta_h)
-            s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype) * scale
-            q_seg_i = None if q_seg is None else lax.dynamic_slice_in_dim(q_seg, i * qc, qc, axis=1)
-            mask = _mask(q_offset + i * qc + jnp.arange(qc), k_pos, q_seg_i, k_seg_j, k_valid, causal)
-            if mask is not None:
-                s = jnp.where(mask, s, -jnp.inf)
-            p = jnp.exp(s - lse_i[..., None])  # (B, K, G, qc, kc)
-            dv_j = dv_j + jnp.einsum("bkgqs,bkgqh->bksh", p, do_i, preferred_element_type=acc_dtype)
-            dp = jnp.einsum("bkgqh,bksh->bkgqs", do_i, v_j, preferred_element_type=acc_dtype)
-            ds = p * (dp - delta_i[..., None]) * scale
-            dk_j = dk_j + jnp.einsum("bkgqs,bkgqh->bksh", ds, q_i, preferred_element_type=acc_dtype)
-            dq_i = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_j, preferred_element_type=acc_dtype)
-            dq = lax.dynamic_update_slice_in_dim(dq, sl(dq) + dq_i, i * qc, axis=3)
-            return dq, dk_j, dv_j
+        def body(i, carry, masked):
+            dqT, dk_j, dv_j = carry  # dqT: (nq, B, K, H, R) without the softmax scale (applied at the end)
+            q_i, qT_i, do_i, doT_i, lse_i, delta_i = (
+                lax.dynamic_index_in_dim(x, i, keepdims=False)
+                for x in (q_all, qT_all, do_all, doT_all, lse_all, delta_all)
+            )
+            sT = jnp.einsum("bksh,bkhr->bksr", k_j, qT_i, preferred_element_type=acc_dtype)  # (B, K, kc, R)
+            if masked:
+                q_pos = jnp.tile(q_offset + i * qc + jnp.arange(qc), G)
+                q_seg_i = None if q_seg is None else lax.dynamic_index_in_dim(q_seg_all, i, 1, False)
+                mask = _mask(q_pos, k_pos, q_seg_i, k_seg_j, k_valid, causal, keys_first=True)
+                sT = sT if mask is None else jnp.where(mask, sT, -jnp.inf)
+            pT = jnp.exp(sT - lse_i[:, :, None, :])
+            dv_j = dv_j + jnp.einsum("bksr,bkrh->bksh", pT, do_i, preferred_element_type=acc_dtype)
+            dpT = jnp.einsum("bksh,bkhr->bksr", v_j, doT_i, preferred_element_type=acc_dtype)
+            dsT = pT * (dpT - delta_i[:, :, None, :])
+            dk_j = dk_j + jnp.einsum("bksr,bkrh->bksh", dsT, q_i, preferred_element_type=acc_dtype)
+            dqT_i = jnp.einsum("bkhs,bksr->bkhr", kT_j, dsT, preferred_element_type=acc_dtype)
+            dqT = lax.dynamic_update_index_in_dim(dqT, lax.dynamic_index_in_dim(dqT, i, 0, False) + dqT_i, i, 0)
+            return dqT, dk_j, dv_j
 
-        zeros_kv = match_vma(jnp.zeros((B, K, kc, H), acc_dtype), k_j, qh)
+        zeros_kv = match_vma(jnp.zeros((B, K, kc, H), acc_dtype), k_j, q_all)
+        # Query chunks [lo, mid) straddle the diagonal (or hold segment ids or see padded keys) and are
+        # masked; from mid on, every query sees every key of this chunk.
         lo = _first_visible_q_chunk(q_offset, k_offset + j * kc, qc, nq, causal)
-        dq, dk_j, dv_j = lax.fori_loop(lo, nq, body, (dq, zeros_kv, zeros_kv))
-        return dq, (dk_j, dv_j)
+        mid = _first_whole_q_chunk(q_offset, k_offset + (j + 1) * kc - 1, qc, nq, causal)
+        if q_seg is not None:
+            mid = nq
+        elif k_valid_all is not None:
+            mid = jnp.where(j == nk - 1, nq, mid)
+        mid = jnp.maximum(mid, lo)
+        carry = lax.fori_loop(lo, mid, functools.partial(body, masked=True), (dqT, zeros_kv, zeros_kv))
+        dqT, dk_j, dv_j = lax.fori_loop(mid, nq, functools.partial(body, masked=False), carry)
+        return dqT, (dk_j, dv_j)
 
-    dq0 = match_vma(jnp.zeros((B, K, G, Tp, H), acc_dtype), qh, kh)
-    dq, (dk, dv) = lax.scan(one_k_chunk, dq0, jnp.arange(nk))  # dk, dv: (nk, B, K, kc, H)
-    dk = jnp.moveaxis(dk, 0, 2).reshape(B, K, Sp, H).transpose(0, 2, 1, 3)[:, :S]
-    dv = jnp.moveaxis(dv, 0, 2).reshape(B, K, Sp, H).transpose(0, 2, 1, 3)[:, :S]
-    return _heads_last(dq)[:, :T], dk, dv
+    dqT0 = match_vma(jnp.zeros((nq, B, K, H, G * qc), acc_dtype), q_all, k_all)
+    dqT, (dk, dv) = lax.scan(one_k_chunk, dqT0, (jnp.arange(nk), k_all, kT_all, v_all))  # dk: (nk, B, K, kc, H)
+    dq = _q_unchunk(jnp.swapaxes(dqT, -1, -2) * scale, K, G)[:, :T]
+    dk = dk.transpose(1, 0, 3, 2, 4).reshape(B, Sp, K, H)[:, :S]
+    dv = dv.transpose(1, 0, 3, 2, 4).reshape(B, Sp, K, H)[:, :S]
+    return dq, dk, dv
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
