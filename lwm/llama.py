@@ -29,8 +29,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_attention_heads=4, num_key_value_heads=2, max_sequence_length=2048, initializer_range=0.02,
                  rms_norm_eps=1e-6, tie_word_embeddings=False, scan_query_chunk_size=64,
                  scan_key_chunk_size=64, scan_mlp_chunk_size=64),
+    # CPU-sized; chunk 512: the fastest blockwise attention chunk on CPU, 2K..32K (benchmarks/train_step_bench.py).
     "debug": dict(_COMMON, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                  max_sequence_length=2048),
+                  max_sequence_length=2048, scan_query_chunk_size=512, scan_key_chunk_size=512),
     "200m": dict(_COMMON, hidden_size=1024, intermediate_size=2048, num_hidden_layers=14, num_attention_heads=8,
                  max_sequence_length=2048),
     "1b": dict(_COMMON, hidden_size=2048, intermediate_size=5504, num_hidden_layers=22, num_attention_heads=16,
