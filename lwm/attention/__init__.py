@@ -79,7 +79,7 @@ def attention(
     q.dtype; softmax statistics are kept in float32. A row with no allowed key returns zeros.
 
     q_chunk, k_chunk: block sizes of the blockwise / Pallas / ring paths (ignored by 'dense'). The Triton
-      kernel caps them at `pallas_gpu.MAX_BLOCK` and rounds them to powers of two.
+      kernel caps them (`pallas_gpu.FWD` / `BWD` block sizes) and rounds them to powers of two.
     pallas_interpret: for 'pallas' / 'ring_pallas' on CPU, run the GPU kernel in Pallas interpret mode
       (slow; this is how the tests run it). Without it, 'pallas' on CPU raises.
     impl 'ring' / 'ring_pallas' run under jax.shard_map over the ambient mesh (jax.set_mesh) with q/k/v

@@ -9,10 +9,10 @@ offsets (so the ring can run them at every step):
   _dkv_kernel  grid (B, K, S/bk): one key block; loops over the G query heads that share it and over the
                query blocks at or after the diagonal, accumulating dK = dS^T Q and dV = P^T dO.
 
-Status: these kernels have been run only in Pallas interpret mode on CPU (no GPU was available while they
-were written); they are tested there against the dense reference, forward and gradients. They use only
-operations the Triton lowering supports (2-D loads via pl.ds, jnp.dot, where/exp/max), but they have not
-been compiled by Triton or timed on a GPU.
+Status: the CPU tests run them in Pallas interpret mode against the dense reference (forward and
+gradients). On a GPU they were compiled by Triton and checked on an H100 (fp32 and bf16, GQA, segment ids,
+padding, ring offsets, the model with 'pallas' and 'ring_pallas') and timed against cuDNN's fused attention
+with `benchmarks/pallas_gpu_bench.py`; see docs/ring_attention.md for the figures.
 """
 
 from __future__ import annotations
@@ -33,20 +33,29 @@ from lwm.attention.pallas_common import (
     pad_to,
 )
 
-MAX_BLOCK = 128  # Triton blocks beyond this spill registers / shared memory for H = 128
+# Block caps and Triton launch settings of the forward and of the two backward kernels, for 2-byte inputs
+# (bf16/fp16); 4-byte inputs halve the block caps to stay inside shared memory. The backward kernels hold
+# more tiles live (dk and dv accumulators, or dq with p and dp), so they get smaller blocks. Tuned on an
+# H100 at H = 128 with `benchmarks/pallas_gpu_bench.py --parts tune` (docs/ring_attention.md).
+FWD = dict(block=128, num_warps=8, num_stages=3)
+BWD = dict(block=64, num_warps=4, num_stages=2)
 
 
-def _blocks(q_chunk: int, k_chunk: int, T: int, S: int):
-    """Power-of-two block sizes (Triton needs them), capped by MAX_BLOCK and the padded lengths."""
-    bq = min(next_power_of_2(min(q_chunk, MAX_BLOCK)), next_power_of_2(T))
-    bk = min(next_power_of_2(min(k_chunk, MAX_BLOCK)), next_power_of_2(S))
+def _block_cap(launch: dict, dtype) -> int:
+    return launch["block"] if jnp.dtype(dtype).itemsize <= 2 else launch["block"] // 2
+
+
+def _blocks(q_chunk: int, k_chunk: int, T: int, S: int, cap: int):
+    """Power-of-two block sizes (Triton needs them), capped by `cap` and the padded lengths."""
+    bq = min(next_power_of_2(min(q_chunk, cap)), next_power_of_2(T))
+    bk = min(next_power_of_2(min(k_chunk, cap)), next_power_of_2(S))
     return bq, bk
 
 
-def _compiler_params(H: int):
+def _compiler_params(H: int, launch: dict):
     from jax.experimental.pallas import triton as plgpu
 
-    return plgpu.CompilerParams(num_warps=4 if H <= 64 else 8, num_stages=2)
+    return plgpu.CompilerParams(num_warps=4 if H <= 64 else launch["num_warps"], num_stages=launch["num_stages"])
 
 
 def _num_visible_k_blocks(q_last, k_offset, bk: int, nk: int, causal: bool):
@@ -236,7 +245,7 @@ def _dkv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk):
+def _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk, cap):
     """Pads T, S to the block sizes and H to a power of two (Triton's rule); zeros change no dot product.
 
     Returns q (B, Tp, N, Hp), k/v (B, Sp, K, Hp), q_seg (B, Tp), k_seg (B, Sp) (or None) and the kernels'
@@ -245,7 +254,7 @@ def _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk):
     T, H = q.shape[1], q.shape[3]
     S = k.shape[1]
     check_inputs("pallas_gpu", q, k, q_segment_ids, kv_segment_ids)
-    bq, bk = _blocks(q_chunk, k_chunk, T, S)
+    bq, bk = _blocks(q_chunk, k_chunk, T, S, cap)
     Hp = next_power_of_2(H)
     q = pad_to(pad_to(q, bq, 1), Hp, 3)
     k = pad_to(pad_to(k, bk, 1), Hp, 3)
@@ -299,7 +308,8 @@ def block_forward(
     """Fused-kernel version of `blockwise.block_forward`: (out (B, T, N, H) f32, lse (B, T, N) f32)."""
     B, T, N, H = q.shape
     G = N // k.shape[2]
-    qp, kp, vp, q_seg, k_seg, kw = _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk)
+    qp, kp, vp, q_seg, k_seg, kw = _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk,
+                                            _block_cap(FWD, q.dtype))
     Tp, Sp, Hp, bq = qp.shape[1], kp.shape[1], qp.shape[3], kw["bq"]
     inputs, rows, stats = _q_block_specs(bq, Sp, Hp, G, q_seg is not None)
     out_shape = [jax.ShapeDtypeStruct((B, Tp, N, Hp), jnp.float32), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)]
@@ -309,7 +319,7 @@ def block_forward(
         in_specs=inputs,
         out_specs=[rows, stats],
         out_shape=out_shape,
-        compiler_params=None if interpret else _compiler_params(Hp),
+        compiler_params=None if interpret else _compiler_params(Hp, FWD),
         interpret=interpret,
         name="lwm_flash_fwd",
     )(as_offset(q_offset), as_offset(k_offset), qp, kp, vp, q_seg, k_seg)
@@ -337,13 +347,14 @@ def block_backward(
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
-    qp, kp, vp, q_seg, k_seg, kw = _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk)
+    qp, kp, vp, q_seg, k_seg, kw = _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk,
+                                            _block_cap(BWD, q.dtype))
     Tp, Sp, Hp, bq, bk = qp.shape[1], kp.shape[1], qp.shape[3], kw["bq"], kw["bk"]
     dop = pad_to(pad_to(do, bq, 1), Hp, 3)
     lse_t, delta_t = backward_rows(o, lse, do, bq)  # (B, N, Tp)
     has_seg = q_seg is not None
     args = (as_offset(q_offset), as_offset(k_offset), qp, kp, vp, q_seg, k_seg, dop, lse_t, delta_t)
-    params = None if interpret else _compiler_params(Hp)
+    params = None if interpret else _compiler_params(Hp, BWD)
 
     inputs, rows, stats = _q_block_specs(bq, Sp, Hp, G, has_seg)
     dq = pl.pallas_call(
