@@ -22,6 +22,21 @@ class DistributedConfig:
     local_device_ids: Optional[str] = None  # "0,1"
 
 
+def default_flags() -> dict:
+    """The original's `--jax_distributed.*` flags and their defaults (empty / -1 = not given)."""
+    return dict(initialize_jax_distributed=False, coordinator_address="", num_processes=-1, process_id=-1,
+                local_device_ids="")
+
+
+def config_from_flags(flags) -> DistributedConfig:
+    """`--jax_distributed.*` flags (any object with the `default_flags()` attributes) -> DistributedConfig."""
+    return DistributedConfig(initialize=flags.initialize_jax_distributed,
+                             coordinator_address=flags.coordinator_address or None,
+                             num_processes=None if flags.num_processes < 0 else flags.num_processes,
+                             process_id=None if flags.process_id < 0 else flags.process_id,
+                             local_device_ids=flags.local_device_ids or None)
+
+
 def _env_int(name: str) -> Optional[int]:
     value = os.environ.get(name)
     if value is None or value == "":

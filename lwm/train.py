@@ -73,9 +73,7 @@ def get_default_config() -> ConfigDict:
     c.llama = ConfigDict()                     # --llama.<field>=value: any model config field
     c.logger = logging_utils.get_default_config()
     c.log_all_worker = False
-    c.jax_distributed = ConfigDict(dict(
-        initialize_jax_distributed=False, coordinator_address="", num_processes=-1, process_id=-1,
-        local_device_ids=""))
+    c.jax_distributed = ConfigDict(distributed.default_flags())
     c.autoresume = False                       # continue from the newest complete checkpoint in the output folder
     c.loss_chunk_size = 1024                   # tokens per chunk of the blockwise cross-entropy
     c.peak_flops = 0.0                         # FLOP/s of the run's hardware for MFU; 0 = measure a matmul
@@ -102,20 +100,11 @@ def _check_flags(config: ConfigDict) -> None:
 
 # ------------------------------------------------------------------------------------------------- run
 
-def _distributed_config(config: ConfigDict) -> distributed.DistributedConfig:
-    c = config.jax_distributed
-    return distributed.DistributedConfig(initialize=c.initialize_jax_distributed,
-                             coordinator_address=c.coordinator_address or None,
-                             num_processes=None if c.num_processes < 0 else c.num_processes,
-                             process_id=None if c.process_id < 0 else c.process_id,
-                             local_device_ids=c.local_device_ids or None)
-
-
 def train(config: ConfigDict) -> dict:
     """Run training as configured (a ConfigDict from get_default_config(), flags applied). Returns a
     summary: output folder, last step, last metrics."""
     _check_flags(config)
-    distributed.initialize(_distributed_config(config))   # before any other JAX call
+    distributed.initialize(distributed.config_from_flags(config.jax_distributed))   # before any other JAX call
     return _run(config)
 
 

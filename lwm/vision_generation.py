@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from lwm import distributed
 from lwm.llama import init_cache
 from lwm.sampling import (PromptTooLongError, Sampler, _constrain_cache, bucket_length, decode, left_pad,
                           sample_logits)
@@ -280,8 +281,7 @@ def base_flags() -> ConfigDict:
     c.load_checkpoint = ""                     # params::PATH ...; '' = random weights (demos)
     c.tokenizer = "LargeWorldModel/LWM-Text-1M"  # tokenizer.model, a folder, or a hub id in the local cache
     c.llama = ConfigDict()                     # --llama.<field>=value
-    c.jax_distributed = ConfigDict(dict(initialize_jax_distributed=False, coordinator_address="",
-                                        num_processes=-1, process_id=-1, local_device_ids=""))
+    c.jax_distributed = ConfigDict(distributed.default_flags())
     return c
 
 
@@ -311,16 +311,11 @@ def parse_args(argv: Sequence[str], config: ConfigDict) -> ConfigDict:
 
 def setup_runtime(config: ConfigDict):
     """jax.distributed (if asked), the tokenizer, the model dtype and the mesh. Returns (tokenizer, dtype, mesh)."""
-    from lwm import distributed
     from lwm.checkpoint import parse_float_dtype
     from lwm.sharding import make_mesh
     from lwm.tokenizer import load_tokenizer
 
-    d = config.jax_distributed
-    distributed.initialize(distributed.DistributedConfig(
-        initialize=d.initialize_jax_distributed, coordinator_address=d.coordinator_address or None,
-        num_processes=None if d.num_processes < 0 else d.num_processes,
-        process_id=None if d.process_id < 0 else d.process_id, local_device_ids=d.local_device_ids or None))
+    distributed.initialize(distributed.config_from_flags(config.jax_distributed))
     dtype = parse_float_dtype(config.dtype)
     if dtype is None:
         raise ValueError("--dtype is empty: use fp32, bf16 or fp16")

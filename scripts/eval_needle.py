@@ -16,6 +16,8 @@ import sys
 
 from ml_collections import ConfigDict
 
+from lwm import distributed
+
 
 def get_default_config() -> ConfigDict:
     c = ConfigDict()
@@ -39,8 +41,7 @@ def get_default_config() -> ConfigDict:
     c.final_context_length_buffer = 200       # haystack tokens left out for the template and question
     c.progress = True
     c.llama = ConfigDict()                    # --llama.<field>=value
-    c.jax_distributed = ConfigDict(dict(initialize_jax_distributed=False, coordinator_address="",
-                                        num_processes=-1, process_id=-1, local_device_ids=""))
+    c.jax_distributed = ConfigDict(distributed.default_flags())
     return c
 
 
@@ -48,18 +49,13 @@ def setup(config: ConfigDict):
     """Flags -> (mesh, tokenizer, Sampler), shared with eval_needle_multi.py."""
     import jax
 
-    from lwm import distributed
     from lwm.checkpoint import parse_float_dtype
     from lwm.sampling import Sampler, load_model
     from lwm.sharding import check_model_mesh, make_mesh
     from lwm.tokenizer import load_tokenizer
     from lwm.train import model_config_from_flags
 
-    d = config.jax_distributed
-    distributed.initialize(distributed.DistributedConfig(
-        initialize=d.initialize_jax_distributed, coordinator_address=d.coordinator_address or None,
-        num_processes=None if d.num_processes < 0 else d.num_processes,
-        process_id=None if d.process_id < 0 else d.process_id, local_device_ids=d.local_device_ids or None))
+    distributed.initialize(distributed.config_from_flags(config.jax_distributed))
     dtype = parse_float_dtype(config.dtype)
     if dtype is None:
         raise ValueError("--dtype is empty; use fp32, bf16 or fp16")
