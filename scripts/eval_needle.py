@@ -86,7 +86,6 @@ def check_flags(config: ConfigDict) -> None:
 
 
 def main(argv=None) -> list:
-    import jax
 
     from lwm import needle
     from lwm.train import parse_flags
@@ -97,7 +96,6 @@ def main(argv=None) -> list:
                                      config.n_context_length_intervals)
     depths = needle.depth_percents(config.n_document_depth_intervals)
     mesh, tokenizer, sampler = setup(config)
-    is_main = jax.process_index() == 0
     results = needle.load_results(config.output_file)
     done = frozenset((r["context_length"], r["depth_percent"], r["seed"]) for r in results)
     print(f"needle eval: {len(lengths)} context lengths {lengths[0]}..{lengths[-1]}, depths {depths}, "
@@ -105,6 +103,17 @@ def main(argv=None) -> list:
     haystacks = needle.read_haystacks(config.haystack_file, config.n_rounds, max(lengths), tokenizer)
     trials = needle.single_needle_trials(haystacks, tokenizer, lengths, depths, random.Random(config.seed),
                                          config.final_context_length_buffer, done)
+    return run_and_write(config, mesh, sampler, tokenizer, trials, results, title="Single needle")
+
+
+def run_and_write(config, mesh, sampler, tokenizer, trials, results: list, *, title: str) -> list:
+    """Runs the trials (saving the JSON after every batch), then writes the JSON and the heatmap and prints
+    the summary; shared with eval_needle_multi.py. Returns all results, earlier ones included."""
+    import jax
+
+    from lwm import needle
+
+    is_main = jax.process_index() == 0
     save = (lambda rs: needle.write_json(config.output_file, rs)) if is_main else None
     with jax.set_mesh(mesh):
         results = needle.run_trials(trials, sampler, tokenizer, max_tokens_per_batch=config.max_tokens_per_batch,
@@ -113,7 +122,7 @@ def main(argv=None) -> list:
     if is_main:
         needle.write_json(config.output_file, results)
         heatmap = config.heatmap_file or os.path.splitext(config.output_file)[0] + ".png"
-        needle.plot_heatmap(results, heatmap, title="Single needle")
+        needle.plot_heatmap(results, heatmap, title=title)
         print(needle.summary_table(results))
         print(f"results: {os.path.abspath(config.output_file)}\nheatmap: {os.path.abspath(heatmap)}")
     return results

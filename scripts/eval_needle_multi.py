@@ -27,7 +27,6 @@ def get_default_config():
 
 
 def main(argv=None) -> list:
-    import jax
 
     from lwm import needle
     from lwm.train import parse_flags
@@ -44,7 +43,6 @@ def main(argv=None) -> list:
         raise ValueError(f"--n_needles_total={config.n_needles_total} needles need as many distinct depths; "
                          f"raise --n_document_depth_intervals (now {config.n_document_depth_intervals})")
     mesh, tokenizer, sampler = eval_needle.setup(config)
-    is_main = jax.process_index() == 0
     results = needle.load_results(config.output_file)
     done = frozenset((r["context_length"], r["seed"]) for r in results)
     print(f"multi-needle eval: {config.n_needles_total} needles, {config.n_needles_retrieve} asked; lengths "
@@ -53,18 +51,8 @@ def main(argv=None) -> list:
     trials = needle.multi_needle_trials(haystacks, tokenizer, lengths, depths, random.Random(config.seed),
                                         config.n_needles_total, config.n_needles_retrieve,
                                         config.final_context_length_buffer, done)
-    save = (lambda rs: needle.write_json(config.output_file, rs)) if is_main else None
-    with jax.set_mesh(mesh):
-        results = needle.run_trials(trials, sampler, tokenizer, max_tokens_per_batch=config.max_tokens_per_batch,
-                                    max_new_tokens=config.max_new_tokens, results=results, on_batch=save,
-                                    progress=config.progress and is_main)
-    if is_main:
-        needle.write_json(config.output_file, results)
-        heatmap = config.heatmap_file or os.path.splitext(config.output_file)[0] + ".png"
-        needle.plot_heatmap(results, heatmap, title=f"{config.n_needles_retrieve} of {config.n_needles_total} needles")
-        print(needle.summary_table(results))
-        print(f"results: {os.path.abspath(config.output_file)}\nheatmap: {os.path.abspath(heatmap)}")
-    return results
+    title = f"{config.n_needles_retrieve} of {config.n_needles_total} needles"
+    return eval_needle.run_and_write(config, mesh, sampler, tokenizer, trials, results, title=title)
 
 
 if __name__ == "__main__":
