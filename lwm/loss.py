@@ -30,10 +30,13 @@ def _unchunk(x):
 def _chunk_stats(h, kernel, targets, weights):
     """h (B, C, D), kernel (D, V) -> logits (B, C, V) f32, log-sum-exp, weighted nll and correct sums."""
     logits = jnp.einsum("bcd,dv->bcv", h, kernel, preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    top = jnp.max(logits, axis=-1)
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     loss = jnp.sum(weights * (lse - target_logit))
-    correct = jnp.sum(weights * (jnp.argmax(logits, axis=-1) == targets))
+    # The target is the argmax when its logit is the maximum (a tie counts as correct): this reuses the max
+    # of the log-sum-exp instead of a separate argmax pass over the (B, C, V) logits.
+    correct = jnp.sum(weights * (target_logit >= top))
     return logits, lse, loss, correct
 
 
@@ -102,7 +105,8 @@ def cross_entropy_sums(hidden, kernel, targets, weights, *, chunk_size: int = 10
 
     hidden: (B, T, D) final hidden states; kernel: (D, V) output projection; targets: (B, T) int;
     weights: (B, T) float (0 = no loss; per-example weights from the data pipeline).
-    Returns (loss_sum, correct_sum) in float32: sum_t w_t * -log p(targets_t) and sum_t w_t * [argmax = target].
+    Returns (loss_sum, correct_sum) in float32: sum_t w_t * -log p(targets_t) and sum_t w_t * [target logit = max logit]
+    (the argmax, ties counted as hits).
     Differentiable in hidden and kernel (weights are treated as constants).
     """
     return _ce_sums(hidden, kernel, targets.astype(jnp.int32), weights.astype(jnp.float32), chunk_size)
