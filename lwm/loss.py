@@ -105,8 +105,8 @@ def cross_entropy_sums(hidden, kernel, targets, weights, *, chunk_size: int = 10
 
     hidden: (B, T, D) final hidden states; kernel: (D, V) output projection; targets: (B, T) int;
     weights: (B, T) float (0 = no loss; per-example weights from the data pipeline).
-    Returns (loss_sum, correct_sum) in float32: sum_t w_t * -log p(targets_t) and sum_t w_t * [target logit = max logit]
-    (the argmax, ties counted as hits).
+    Returns (loss_sum, correct_sum) in float32: sum_t w_t * -log p(targets_t) and
+    sum_t w_t * [target logit = max logit] (the argmax hit count; a tie counts as a hit).
     Differentiable in hidden and kernel (weights are treated as constants).
     """
     return _ce_sums(hidden, kernel, targets.astype(jnp.int32), weights.astype(jnp.float32), chunk_size)
