@@ -80,9 +80,11 @@ def run_row(seq: int, devices: int, steps: int, tok: str, data: str, out: str, e
     with open(os.path.join(out, f"seq{seq}_dev{devices}", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     timed = rows[1:]                               # row 0 is the compiling step
-    return {"tokens_per_second": statistics.median(r["tokens_per_second"] for r in timed),
-            "mfu": statistics.median(r["mfu"] for r in timed),
-            "step_time": statistics.median(r["step_time"] for r in timed),
+
+    def median(key):  # --steps 1 (e.g. 128K, where a step takes minutes): only the compiling step, no median
+        return statistics.median(r[key] for r in timed) if timed else float("nan")
+
+    return {"tokens_per_second": median("tokens_per_second"), "mfu": median("mfu"), "step_time": median("step_time"),
             "compile_step_time": rows[0]["step_time"],
             "matmul_gflops": float(peak.group(1)) / 1e9 if peak else float("nan"),
             "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,          # ru_maxrss is in KiB on Linux
