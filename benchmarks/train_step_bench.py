@@ -2,8 +2,8 @@
 
 Purpose: the core model's speed/memory figures (the `lwm.train` entry point has its own benchmark).
 Hardware: any; defaults are for a 2-core CPU. Expected on 2 CPU cores, `debug` preset, batch 1, fp32:
-  ~2x the original's 950 tok/s at 2K; ~2200 / ~1800 / ~470 tok/s at 2K / 8K / 32K with chunk 512 (measured
-  with the machine loaded by other jobs); memory linear in sequence length (see docs/benchmarks.md).
+  ~2200 / ~1700 / ~950 tok/s at 2K / 8K / 32K with chunk 512 (quiet; the original: 950 / 660 / 220), MFU
+  ~67-72%, memory linear in sequence length (see docs/ring_attention.md and docs/train.md).
 Usage: python benchmarks/train_step_bench.py --seq 2048,8192 [--devices 4 --mesh_dim 1,1,1,4 --impl ring]
 Each row runs in a fresh subprocess so its peak RSS is its own.
 """

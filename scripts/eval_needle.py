@@ -86,7 +86,6 @@ def check_flags(config: ConfigDict) -> None:
 
 
 def main(argv=None) -> list:
-
     from lwm import needle
     from lwm.train import parse_flags
 

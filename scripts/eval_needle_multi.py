@@ -27,7 +27,6 @@ def get_default_config():
 
 
 def main(argv=None) -> list:
-
     from lwm import needle
     from lwm.train import parse_flags
 
