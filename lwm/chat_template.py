@@ -1,0 +1,82 @@
+"""The LWM chat template: the one copy, used by text and vision chat, the needle evals, the server, the PyTorch
+sampling script and the Hugging Face export.
+
+The original's format (LWM-Text-Chat and LWM-Chat), one BOS, then:
+
+    You are a helpful assistant. USER: {user 1} ASSISTANT: {answer 1}</s>USER: {user 2} ASSISTANT:
+
+Each piece is tokenized on its own (the original's practice): the first user turn with the system prompt,
+every later turn as "USER: ... ASSISTANT:" (the tokenizer's word-start marker supplies the space after the
+previous EOS), and each answer closed by EOS. A system message replaces the default system prompt. For
+vision chat the vision tokens sit between "\\n<vision>" and "</vision>" at the end of the user's text.
+
+Worked example (ids symbolic): messages [user "Hi", assistant "Hello", user "Bye"] ->
+    [bos] + enc("You are a helpful assistant. USER: Hi ASSISTANT:") + enc("Hello") + [eos]
+          + enc("USER: Bye ASSISTANT:")
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+USER_TURN = "USER: {message} ASSISTANT:"
+
+# The same format for transformers' `apply_chat_template` (the Hugging Face export writes it into
+# tokenizer_config.json). It renders the text that `conversation_ids` tokenizes, piece by piece.
+HF_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set rest = messages[1:] %}{% else %}{% set system = '" + SYSTEM_PROMPT + "' %}"
+    "{% set rest = messages %}{% endif %}"
+    "{% for m in rest %}"
+    "{% if m['role'] == 'user' %}{% if loop.first %}{{ system + ' ' }}{% endif %}"
+    "{{ 'USER: ' + m['content'] + ' ASSISTANT:' }}"
+    "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def user_turn_text(message: str, first: bool, system: str = SYSTEM_PROMPT) -> str:
+    """The text of one user turn: "You are a helpful assistant. USER: Hi ASSISTANT:" for the first,
+    "USER: Hi ASSISTANT:" for later ones."""
+    turn = USER_TURN.format(message=message)
+    return f"{system} {turn}" if first else turn
+
+
+def user_turn_ids(tokenizer, message: str, first: bool, system: str = SYSTEM_PROMPT) -> list[int]:
+    """Token ids of one user turn; the first carries BOS and the system prompt (`tokenizer.encode` adds no
+    special tokens)."""
+    ids = list(tokenizer.encode(user_turn_text(message, first, system)))
+    return [tokenizer.bos_id] + ids if first else ids
+
+
+def conversation_ids(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a conversation ending with a user turn, ready for generation.
+
+    messages: dicts with 'role' in {'system', 'user', 'assistant'} and 'content' (str). A system message may
+    only come first; user and assistant turns alternate, starting and ending with a user turn.
+    Raises ValueError naming the message index and the problem otherwise."""
+    system = SYSTEM_PROMPT
+    msgs = list(messages)
+    if msgs and msgs[0].get("role") == "system":
+        system = str(msgs[0].get("content", ""))
+        msgs = msgs[1:]
+    offset = len(messages) - len(msgs)
+    if not msgs:
+        raise ValueError("messages: no user message to answer")
+    ids: list[int] = []
+    for i, m in enumerate(msgs):
+        role, content = m.get("role"), m.get("content")
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            raise ValueError(f"messages[{i + offset}]: role {role!r} where {want!r} was expected (a system message "
+                             "may only come first; user and assistant turns alternate, starting with user)")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i + offset}]: content must be a string, not {type(content).__name__}")
+        if role == "user":
+            ids += user_turn_ids(tokenizer, content, first=(i == 0), system=system)
+        else:
+            ids += list(tokenizer.encode(content)) + [tokenizer.eos_id]
+    if msgs[-1]["role"] != "user":
+        raise ValueError(f"messages[{len(messages) - 1}]: the last message must be the user's")
+    return ids
