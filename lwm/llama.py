@@ -66,37 +66,34 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class LLaMAConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: Optional[int] = None  # None: = num_attention_heads (no grouped-query attention)
-    max_sequence_length: int = 4096
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
-    theta: float = 10000.0
-    tie_word_embeddings: bool = False
-    bos_token_id: int = 0
-    eos_token_id: int = 1
-    embd_pdrop: float = 0.0
-    resid_pdrop: float = 0.0
-    attn_pdrop: float = 0.0
-    # Memory: rematerialisation policies ('' = off), see REMAT_POLICIES.
-    remat_block: str = ""
-    remat_attention: str = ""
-    remat_mlp: str = ""
-    # Blockwise compute. attention_impl picks the attention path explicitly (see lwm.attention);
-    # scan_attention is the original's switch, accepted for old configs (True contradicts 'dense').
-    attention_impl: str = "blockwise"
-    scan_attention: bool = False
-    scan_query_chunk_size: int = 1024
-    scan_key_chunk_size: int = 1024
-    pallas_interpret: bool = False
-    scan_mlp: bool = False
-    scan_mlp_chunk_size: int = 1024
-    scan_layers: bool = True
-    param_scan_axis: int = 0
+    vocab_size: int = 32000                    # V: token ids 0 .. V-1 (embedding rows and lm_head columns)
+    hidden_size: int = 4096                    # D: model width
+    intermediate_size: int = 11008             # F: SwiGLU feed-forward width
+    num_hidden_layers: int = 32                # L: decoder layers
+    num_attention_heads: int = 32              # N: query heads; head dim H = D // N
+    num_key_value_heads: Optional[int] = None  # K: key/value heads; None = N (no grouped-query attention)
+    max_sequence_length: int = 4096            # longest sequence the run plans for (read by the entry points)
+    rms_norm_eps: float = 1e-6                 # epsilon inside RMSNorm's rsqrt
+    initializer_range: float = 0.02            # std of the normal init of every kernel and the embedding
+    theta: float = 10000.0                     # rotary base (rope_theta in transformers' configs)
+    tie_word_embeddings: bool = False          # True: logits use the embedding matrix, no lm_head
+    bos_token_id: int = 0                      # begin-of-sequence id (the tokenizer's, set by the entry points)
+    eos_token_id: int = 1                      # end-of-sequence id (ditto)
+    embd_pdrop: float = 0.0                    # dropout on the embedding output (training only)
+    resid_pdrop: float = 0.0                   # dropout on each attention and feed-forward output (training only)
+    attn_pdrop: float = 0.0                    # attention-probability dropout: not implemented, > 0 raises in training
+    remat_block: str = ""                      # remat policy of a whole layer ('' = off), see REMAT_POLICIES
+    remat_attention: str = ""                  # remat policy of the attention sublayer
+    remat_mlp: str = ""                        # remat policy of the feed-forward sublayer
+    attention_impl: str = "blockwise"          # the attention path, one of ATTENTION_IMPLS (see lwm.attention)
+    scan_attention: bool = False               # the original's switch, only checked: True rejects impl "dense"
+    scan_query_chunk_size: int = 1024          # query block size of the blockwise / ring / Pallas attention
+    scan_key_chunk_size: int = 1024            # key block size of the same
+    pallas_interpret: bool = False             # run the Pallas kernel in interpret mode (CPU tests)
+    scan_mlp: bool = False                     # feed-forward in chunks of scan_mlp_chunk_size tokens (T padded up)
+    scan_mlp_chunk_size: int = 1024            # tokens per feed-forward chunk
+    scan_layers: bool = True                   # nn.scan over layers: params h/scan_decoder/... with a layer axis
+    param_scan_axis: int = 0                   # where that layer axis sits in each scanned parameter (0 or 1)
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -208,6 +205,11 @@ class LLaMAAttention(nn.Module):
         val = dense_layer(k * h, cfg, self.dtype, self.param_dtype, "wv")(x).reshape(b, t, k, h)
         q = apply_rotary(q, position_ids, cfg.theta)
         key = apply_rotary(key, position_ids, cfg.theta)
+        if cfg.attn_pdrop > 0 and not self.deterministic:
+            raise ValueError(
+                f"attn_pdrop={cfg.attn_pdrop}: dropout on the attention probabilities is not implemented by the "
+                "blockwise, ring or Pallas attention (the original LWM drew a (B, N, T, S) Bernoulli mask and "
+                "masked dropped scores before the softmax); set attn_pdrop=0 (resid_pdrop and embd_pdrop apply)")
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         key = constrain(key, ("batch", "seq", "kv_heads", "head_dim"))
         val = constrain(val, ("batch", "seq", "kv_heads", "head_dim"))
@@ -232,7 +234,9 @@ class LLaMAAttention(nn.Module):
 
 
 class LLaMAMLP(nn.Module):
-    """SwiGLU feed-forward; with scan_mlp, applied to sequence chunks in a scan so memory is O(chunk * F)."""
+    """SwiGLU feed-forward. With scan_mlp it runs over chunks of scan_mlp_chunk_size tokens in a remat'd
+    scan, so memory is O(chunk * F) instead of O(T * F); a T that is not a multiple of the chunk is padded
+    (the feed-forward is per token). The original did the same with T a multiple of the chunk."""
     config: LLaMAConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -252,13 +256,16 @@ class LLaMAMLP(nn.Module):
     def __call__(self, x):
         b, t, d = x.shape
         chunk = self.config.scan_mlp_chunk_size
-        if not (self.config.scan_mlp and t > chunk and t % chunk == 0) or self.is_initializing():
-            return self._ff(x)
+        if not (self.config.scan_mlp and t > chunk) or self.is_initializing():
+            return self._ff(x)  # one chunk holds the whole sequence: the same computation as a scan of one
+        # The feed-forward is per token, so padding T up to a multiple of the chunk changes no real row.
+        n_chunks = -(-t // chunk)
+        xp = jnp.pad(x, ((0, 0), (0, n_chunks * chunk - t), (0, 0)))
         body = nn.remat(lambda mdl, carry, xc: (carry, mdl._ff(xc)), prevent_cse=False)
         scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False, "dropout": True},
                        in_axes=1, out_axes=1)
-        _, y = scan(self, None, x.reshape(b, t // chunk, chunk, d))
-        return y.reshape(b, t, d)
+        _, y = scan(self, None, xp.reshape(b, n_chunks, chunk, d))
+        return y.reshape(b, n_chunks * chunk, d)[:, :t]
 
 
 def _remat(module_cls, policy_name: str, config: LLaMAConfig, static_argnums=()):

@@ -88,6 +88,41 @@ def test_scan_and_unrolled_layers_agree(tiny):
         np.testing.assert_allclose(out, logits, atol=1e-5, err_msg=str(update))
 
 
+def test_attn_pdrop_refused_in_training_only(tiny):
+    cfg, _, params, ids = tiny
+    model = LLaMAForCausalLM(cfg.replace(attn_pdrop=0.1))
+    eval_logits = model.apply({"params": params}, ids)  # deterministic: the setting has nothing to do
+    np.testing.assert_allclose(eval_logits, LLaMAForCausalLM(cfg).apply({"params": params}, ids), atol=1e-6)
+    with pytest.raises(ValueError, match="attn_pdrop=0.1: dropout on the attention probabilities"):
+        model.apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    # resid_pdrop is applied: training output differs from eval output.
+    drop = LLaMAForCausalLM(cfg.replace(resid_pdrop=0.5)).apply(
+        {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    assert float(jnp.abs(drop - eval_logits).max()) > 1e-3
+
+
+def _count_scans(cfg, params, ids):
+    jaxpr = jax.make_jaxpr(lambda p: LLaMAForCausalLM(cfg).apply({"params": p}, ids))(params)
+    return str(jaxpr).count("scan[")
+
+
+def test_scan_mlp_applies_to_any_length(tiny):
+    """scan_mlp chunks the feed-forward even when T is not a multiple of the chunk (T is padded)."""
+    cfg, _, params, ids = tiny
+    unrolled = {**params, "transformer": {**params["transformer"], "h": {
+        str(i): jax.tree.map(lambda x: x[i], params["transformer"]["h"]["scan_decoder"])
+        for i in range(cfg.num_hidden_layers)}}}
+    base = cfg.replace(scan_layers=False, attention_impl="dense")
+    ids = ids[:, :30]  # 30 = 3 chunks of 8 + 6
+    plain = LLaMAForCausalLM(base).apply({"params": unrolled}, ids)
+    chunked_cfg = base.replace(scan_mlp=True, scan_mlp_chunk_size=8)
+    chunked = LLaMAForCausalLM(chunked_cfg).apply({"params": unrolled}, ids)
+    np.testing.assert_allclose(chunked, plain, atol=1e-5)
+    # One scan per layer's feed-forward, and none without scan_mlp (the negative control).
+    assert _count_scans(chunked_cfg, unrolled, ids) == cfg.num_hidden_layers
+    assert _count_scans(base, unrolled, ids) == 0
+
+
 def _decode_token_by_token(model, params, cfg, ids, prompt_len, cache_len):
     cache = init_cache(cfg, ids.shape[0], cache_len)
     logits, cache = model.apply({"params": params}, ids[:, :prompt_len], cache=cache, cache_index=0)
