@@ -7,6 +7,7 @@ and `LOGICAL_AXES` maps those names to mesh axes in one place.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any, Sequence
@@ -97,7 +98,11 @@ def make_mesh(mesh_dim: str = "1,-1,1,1", devices: Sequence[jax.Device] | None =
     dims, allow_split = parse_mesh_dim(mesh_dim, len(devices))
     try:
         grid = mesh_utils.create_device_mesh(dims, devices, allow_split_physical_axes=allow_split)
-    except (AssertionError, ValueError, NotImplementedError):
+    except (AssertionError, ValueError, NotImplementedError) as e:
+        logging.getLogger(__name__).warning(
+            "--mesh_dim=%s: jax's topology-aware device mesh failed (%s: %s); devices are laid out in their "
+            "listed order instead, so mesh neighbours may not be physical neighbours", mesh_dim,
+            type(e).__name__, e)
         grid = np.asarray(devices).reshape(dims)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 

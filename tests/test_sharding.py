@@ -120,3 +120,22 @@ def test_sharded_train_step_equals_unsharded():
         assert wq.sharding.spec == P(None, ("fsdp", "sp"), "tp")
     np.testing.assert_allclose(losses, losses_ref, rtol=1e-5)
     assert losses[1] < losses[0]
+
+
+def test_mesh_fallback_is_reported(monkeypatch, caplog):
+    """When jax's topology-aware layout fails, the plain reshape is used and a warning says so."""
+    import lwm.sharding as sharding
+
+    with caplog.at_level("WARNING", logger="lwm.sharding"):
+        sharding.make_mesh("1,1,1,4", jax.devices()[:4])
+    assert not caplog.records  # negative control: the normal path says nothing
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no topology for these devices")
+
+    monkeypatch.setattr(sharding.mesh_utils, "create_device_mesh", refuse)
+    with caplog.at_level("WARNING", logger="lwm.sharding"):
+        mesh = sharding.make_mesh("1,1,1,4", jax.devices()[:4])
+    assert dict(mesh.shape) == dict(dp=1, fsdp=1, tp=1, sp=4)
+    assert len(caplog.records) == 1
+    assert "--mesh_dim=1,1,1,4" in caplog.text and "no topology for these devices" in caplog.text
