@@ -79,7 +79,7 @@ def _open(path: str, mode: str):
     return fsspec.open(path, mode)
 
 
-def _is_local(path: str) -> bool:
+def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
@@ -123,7 +123,7 @@ def save_streaming(path: str, tree: Any, float_dtype: Any = None, *, write: bool
         for value in flat.values():
             _to_host(value, needed=False)
         return
-    local = _is_local(path)
+    local = is_local(path)
     tmp = f"{path}.tmp" if local else path
     packer = msgpack.Packer()
     try:
@@ -283,7 +283,7 @@ def save_orbax(directory: str, tree: Any) -> None:
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(directory) if _is_local(directory) else directory,
+        ckptr.save(os.path.abspath(directory) if is_local(directory) else directory,
                    flax.serialization.to_state_dict(tree))
         ckptr.wait_until_finished()
 
@@ -304,7 +304,7 @@ def load_orbax(directory: str, target: Any, shardings: Any = None, float_dtype: 
 
     if target is None:
         raise CheckpointError(f"orbax::{directory}: a target (tree of shapes/dtypes) is needed to restore")
-    path = os.path.abspath(directory) if _is_local(directory) else directory
+    path = os.path.abspath(directory) if is_local(directory) else directory
     dtype = parse_float_dtype(float_dtype)
     flat_shardings = _flat_shardings(shardings)
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -342,7 +342,7 @@ def load_orbax(directory: str, target: Any, shardings: Any = None, float_dtype: 
 
 def _orbax_params_prefix(path: str) -> Key:
     """Where the params sit in an orbax tree: a wrapped train state, an unwrapped one, or bare params."""
-    keys = _orbax_saved_keys(os.path.abspath(path) if _is_local(path) else path)
+    keys = _orbax_saved_keys(os.path.abspath(path) if is_local(path) else path)
     heads = {key[:2] for key in keys}
     if ("params", "params") in heads:
         return ("params", "params")
@@ -353,7 +353,7 @@ def _orbax_params_prefix(path: str) -> Key:
 # `--load_checkpoint` specs.
 
 
-def _inner_params(params: Any) -> Any:
+def inner_params(params: Any) -> Any:
     """The original keeps `train_state.params == {'params': tree}`; return `tree` either way."""
     if isinstance(params, Mapping) and set(params.keys()) == {"params"}:
         return params["params"]
@@ -376,9 +376,9 @@ def load_checkpoint(spec: str, *, train_state_target: Any = None, train_state_sh
                               "trainstate, trainstate_params, flax_params, orbax")
     kind, path = spec.split("::", 1)
     if params_target is None and train_state_target is not None:
-        params_target = _inner_params(train_state_target.params)
+        params_target = inner_params(train_state_target.params)
     if params_shardings is None and train_state_shardings is not None:
-        params_shardings = _inner_params(train_state_shardings.params)
+        params_shardings = inner_params(train_state_shardings.params)
     if kind == "trainstate" and disallow_trainstate:
         raise CheckpointError(f"--load_checkpoint {spec!r}: a whole train state is not accepted here; use "
                               "params:: or trainstate_params::")

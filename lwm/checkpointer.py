@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwm import safe_pickle
-from lwm.checkpoint import CheckpointError, _inner_params, _is_local, parse_float_dtype, save_orbax, save_streaming
+from lwm.checkpoint import CheckpointError, inner_params, is_local, parse_float_dtype, save_orbax, save_streaming
 
 _MARKER = "checkpoint.json"
 _DIR_RE = re.compile(r"^(?P<old>\.old-)?(?P<kind>step|milestone)_(?P<step>\d+)$")
@@ -145,7 +145,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint format {format!r}: expected 'streaming' or 'orbax'")
         if keep < 1:
             raise CheckpointError(f"keep={keep}: at least the newest checkpoint must be kept")
-        if not _is_local(save_dir):
+        if not is_local(save_dir):
             raise CheckpointError(f"{save_dir}: Checkpointer needs a local (or mounted) directory for its "
                                   "atomic renames; use save_streaming/save_orbax for object stores")
         self.save_dir, self.format, self.keep = save_dir, format, keep
@@ -170,7 +170,7 @@ class Checkpointer:
                 state, kind, file = train_state, "train_state", "streaming_train_state"
             else:
                 params = train_state.params if hasattr(train_state, "params") else train_state
-                state, kind, file = _inner_params(params), "params", "streaming_params"
+                state, kind, file = inner_params(params), "params", "streaming_params"
             if self.format == "orbax":
                 file = "orbax"
                 save_orbax(os.path.join(tmp, file), state)

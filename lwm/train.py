@@ -273,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return train(parse_flags(argv))
 
 
-def _cli() -> int:
+def cli() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         main()
@@ -287,4 +287,4 @@ def _cli() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli())
+    sys.exit(cli())

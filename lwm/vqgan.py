@@ -330,12 +330,12 @@ class VQGANModel(nn.Module):
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _encode(model: VQGANModel, params, pixels):
+def encode_jit(model: VQGANModel, params, pixels):
     return model.apply({"params": params}, pixels, method=VQGANModel.encode)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "is_codebook_indices"))
-def _decode(model: VQGANModel, params, encoding, is_codebook_indices: bool = True):
+def decode_jit(model: VQGANModel, params, encoding, is_codebook_indices: bool = True):
     return model.apply({"params": params}, encoding, is_codebook_indices, method=VQGANModel.decode)
 
 
@@ -440,7 +440,7 @@ class VQGAN:
         pixels = jnp.asarray(pixels, jnp.float32)
         self._check_pixels(pixels)
         lead = pixels.shape[:-3]
-        quantized, codes = _encode(self.model, self.params, pixels.reshape(-1, *pixels.shape[-3:]))
+        quantized, codes = encode_jit(self.model, self.params, pixels.reshape(-1, *pixels.shape[-3:]))
         return quantized.reshape(*lead, *quantized.shape[1:]), codes.reshape(*lead, *codes.shape[1:])
 
     def decode(self, codes) -> jax.Array:
@@ -457,12 +457,12 @@ class VQGAN:
             if lo < 0 or hi >= self.config.num_embeddings:
                 raise ValueError(f"VQGAN.decode: codes must lie in [0, {self.config.num_embeddings}); "
                                  f"got values in [{lo}, {hi}]")
-        pixels = _decode(self.model, self.params, codes.reshape(-1, side, side).astype(jnp.int32))
+        pixels = decode_jit(self.model, self.params, codes.reshape(-1, side, side).astype(jnp.int32))
         return pixels.reshape(*codes.shape[:-2], *pixels.shape[1:])
 
     def decode_vectors(self, quantized) -> jax.Array:
         """Quantized vectors (B[, T], h, w, E) -> frames, as the original's decode(..., False)."""
         quantized = jnp.asarray(quantized, jnp.float32)
-        pixels = _decode(self.model, self.params, quantized.reshape(-1, *quantized.shape[-3:]),
+        pixels = decode_jit(self.model, self.params, quantized.reshape(-1, *quantized.shape[-3:]),
                          is_codebook_indices=False)
         return pixels.reshape(*quantized.shape[:-3], *pixels.shape[1:])

@@ -36,8 +36,8 @@ def write_json_or_die(path, obj, what):     # the marker is the last file of a s
         os.kill(os.getpid(), signal.SIGKILL)
     return write_json(path, obj, what)
 checkpointer._write_json = write_json_or_die
-from lwm.train import _cli
-sys.exit(_cli())
+from lwm.train import cli
+sys.exit(cli())
 '''
 
 

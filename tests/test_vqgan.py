@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from flax.traverse_util import flatten_dict
 
 from lwm import safe_pickle
-from lwm.vqgan import VQGAN, VQGANConfig, _decode, _encode, param_shapes
+from lwm.vqgan import VQGAN, VQGANConfig, decode_jit, encode_jit, param_shapes
 
 CFG = VQGANConfig.load("tiny")  # 32x32 frames -> 8x8 codes, attention in two levels and the mid blocks
 
@@ -157,17 +157,17 @@ def test_matches_float64_torch_reference(vqgan, frames):
 
 def test_jit_compiles_once_per_shape(vqgan, frames):
     vqgan.encode(frames)
-    n = _encode._cache_size()
+    n = encode_jit._cache_size()
     VQGAN(CFG, vqgan.params).encode(frames * 0.5)                          # same config: shared cache
     vqgan.encode(frames[0])                                                # 2 images = 1 video of 2 frames
-    assert _encode._cache_size() == n
+    assert encode_jit._cache_size() == n
     odd = jnp.concatenate([frames[0]] * 6 + [frames[0, :1]])              # 13 frames: used nowhere else
     vqgan.encode(odd), vqgan.encode(odd[None])
-    assert _encode._cache_size() == n + 1                                  # new frame count: one more
-    m = _decode._cache_size()
+    assert encode_jit._cache_size() == n + 1                                  # new frame count: one more
+    m = decode_jit._cache_size()
     codes = jnp.zeros((1, CFG.codes_per_side, CFG.codes_per_side), jnp.int32)
     vqgan.decode(codes), vqgan.decode(codes + 5), vqgan.decode(codes[None])
-    assert _decode._cache_size() <= m + 1
+    assert decode_jit._cache_size() <= m + 1
 
 
 def test_released_config_shapes():
