@@ -196,45 +196,104 @@ def _place(value: np.ndarray, sharding: Any) -> Any:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
+_TRAIN_STATE_HINT = ("; this looks like a whole train state (keys step, params/params/..., opt_state/...): "
+                     "load its parameters with trainstate_params::PATH")
+
+
+def _is_layer_index(part: str) -> bool:
+    return part.isdigit()
+
+
+class TreeValidator:
+    """The one check of checkpoint entries against a target tree, shared by every format (streaming,
+    flax_params, orbax): each entry must be a target key with the target's shape (and a float where the
+    target is a float), no key twice, and `missing()` names what the checkpoint lacks. Errors are
+    CheckpointError lines `SOURCE: key/path: problem`, with a hint when the checkpoint was saved with the
+    other layer layout (`scan_layers`, `param_scan_axis`) or is a train state read as params."""
+
+    def __init__(self, source: str, target: Any, prefix: Key = ()):
+        self.source, self.prefix = source, tuple(prefix)
+        self.expected = flatten_dict(flax.serialization.to_state_dict(target), keep_empty_nodes=True)
+        self.seen: set[Key] = set()
+
+    def _where(self, key: Key) -> str:
+        return f"{self.source}: {_path_str(self.prefix + key)}"
+
+    def _layout_hint(self, key: Key) -> str:
+        """Why `key` may be absent from the target: the other `scan_layers` layout, or a train state."""
+        keys = [k for k, leaf in self.expected.items() if leaf is not empty_node]
+        target_scanned = any("scan_decoder" in k for k in keys)
+        target_unrolled = any(_is_layer_index(p) for k in keys for p in k)
+        if "scan_decoder" in key and not target_scanned and target_unrolled:
+            return ("; the checkpoint stacks the layers under h/scan_decoder (saved with scan_layers=True): "
+                    "load it with --llama.scan_layers=True")
+        if any(_is_layer_index(p) for p in key) and target_scanned:
+            return ("; the checkpoint has one entry per layer (h/<i>/..., saved with scan_layers=False): load it "
+                    "with --llama.scan_layers=False")
+        if not self.prefix and (key[:1] in (("step",), ("opt_state",)) or key[:2] == ("params", "params")):
+            return _TRAIN_STATE_HINT
+        return ""
+
+    def check(self, key: Key, shape: tuple[int, ...], dtype: Any = None) -> tuple[tuple[int, ...], np.dtype]:
+        """Validate one checkpoint entry; returns the target's (shape, dtype) for it."""
+        where, shape = self._where(key), tuple(shape)
+        if key not in self.expected or self.expected[key] is empty_node:
+            raise CheckpointError(f"{where}: unexpected key (shape {shape}) not in the target"
+                                  + self._layout_hint(key))
+        target_shape, target_dtype = _leaf_shape_dtype(self.expected[key])
+        if shape != target_shape:
+            hint = ""
+            swapped = len(shape) >= 2 and (shape[1], shape[0]) + shape[2:] == target_shape
+            if "scan_decoder" in key and swapped:
+                hint = ("; the layer axis is at the other position (saved with the other param_scan_axis): "
+                        "flip --llama.param_scan_axis (0 <-> 1)")
+            raise CheckpointError(f"{where}: checkpoint shape {shape} != target shape {target_shape}{hint}")
+        if dtype is not None and _is_float(dtype) != _is_float(target_dtype):
+            raise CheckpointError(f"{where}: checkpoint dtype {np.dtype(dtype)} != target dtype {target_dtype}")
+        if key in self.seen:
+            raise CheckpointError(f"{where}: key appears twice")
+        self.seen.add(key)
+        return target_shape, target_dtype
+
+    def missing(self) -> None:
+        """Raise for the first target leaf no entry was given for (empty containers are not stored)."""
+        for key, leaf in self.expected.items():
+            if leaf is not empty_node and key not in self.seen:
+                raise CheckpointError(f"{self._where(key)}: missing from the checkpoint "
+                                      f"(target shape {_leaf_shape_dtype(leaf)[0]})")
+
+    def empty_keys(self) -> list[Key]:
+        return [key for key, leaf in self.expected.items() if leaf is empty_node]
+
+
 class _Assembler:
-    """Checks, casts and places tensors one at a time, then builds the tree (shared by both formats)."""
+    """Checks (TreeValidator), casts and places tensors one at a time, then builds the tree."""
 
     def __init__(self, source: str, target: Any, shardings: Any, float_dtype: Any):
         self.source, self.target = source, target
         self.dtype = parse_float_dtype(float_dtype)
         self.shardings = _flat_shardings(shardings)
-        self.expected = (None if target is None else
-                         flatten_dict(flax.serialization.to_state_dict(target), keep_empty_nodes=True))
+        self.validator = None if target is None else TreeValidator(source, target)
         self.out: dict[Key, Any] = {}
 
     def add(self, key: Key, value: Any) -> None:
-        where = f"{self.source}: {_path_str(key)}"
         value = np.asarray(value)
         dtype = self.dtype
-        if self.expected is not None:
-            if key not in self.expected or self.expected[key] is empty_node:
-                raise CheckpointError(f"{where}: unexpected key (shape {value.shape}) not in the target")
-            shape, target_dtype = _leaf_shape_dtype(self.expected[key])
-            if value.shape != shape:
-                raise CheckpointError(f"{where}: checkpoint shape {value.shape} != target shape {shape}")
-            if _is_float(value.dtype) != _is_float(target_dtype):
-                raise CheckpointError(f"{where}: checkpoint dtype {value.dtype} != target dtype {target_dtype}")
+        if self.validator is not None:
+            _, target_dtype = self.validator.check(key, value.shape, value.dtype)
             if dtype is None:
                 dtype = target_dtype
             if not _is_float(value.dtype):
                 value = value.astype(target_dtype)
-        if key in self.out:
-            raise CheckpointError(f"{where}: key appears twice")
+        elif key in self.out:
+            raise CheckpointError(f"{self.source}: {_path_str(key)}: key appears twice")
         self.out[key] = _place(_cast_float(value, dtype), self.shardings.get(key))
 
     def finish(self) -> Any:
-        if self.expected is not None:
-            for key, leaf in self.expected.items():
-                if leaf is empty_node:
-                    self.out[key] = {}
-                elif key not in self.out:
-                    raise CheckpointError(f"{self.source}: {_path_str(key)}: missing from the checkpoint "
-                                          f"(target shape {_leaf_shape_dtype(leaf)[0]})")
+        if self.validator is not None:
+            self.validator.missing()
+            for key in self.validator.empty_keys():
+                self.out[key] = {}
         tree = unflatten_dict(self.out)
         if self.target is None:
             return tree
@@ -308,35 +367,25 @@ def load_orbax(directory: str, target: Any, shardings: Any = None, float_dtype: 
     dtype = parse_float_dtype(float_dtype)
     flat_shardings = _flat_shardings(shardings)
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    expected = flatten_dict(flax.serialization.to_state_dict(target), keep_empty_nodes=True)
-    saved = {key[len(prefix):]: meta for key, meta in _orbax_saved_keys(path).items()
-             if key[:len(prefix)] == tuple(prefix)}
+    validator = TreeValidator(f"orbax::{directory}", target, prefix)
     abstract = {}
-    for key, leaf in expected.items():
-        if leaf is empty_node:
+    for key, meta in _orbax_saved_keys(path).items():
+        if key[:len(prefix)] != tuple(prefix):
             continue
-        shape, leaf_dtype = _leaf_shape_dtype(leaf)
-        where = f"orbax::{directory}: {_path_str(tuple(prefix) + key)}"
-        if key not in saved:
-            raise CheckpointError(f"{where}: missing from the checkpoint (target shape {shape})")
-        if tuple(saved[key].shape) != shape:
-            raise CheckpointError(f"{where}: checkpoint shape {tuple(saved[key].shape)} != target shape {shape}")
+        key = key[len(prefix):]
+        shape, leaf_dtype = validator.check(key, tuple(meta.shape))
         if dtype is not None and _is_float(leaf_dtype):
             leaf_dtype = dtype
         abstract[tuple(prefix) + key] = jax.ShapeDtypeStruct(shape, leaf_dtype,
                                                             sharding=flat_shardings.get(key) or default)
-    for key in saved:
-        if key not in expected:
-            raise CheckpointError(f"orbax::{directory}: {_path_str(tuple(prefix) + key)}: unexpected key "
-                                  f"(shape {tuple(saved[key].shape)}) not in the target")
+    validator.missing()
     item = unflatten_dict(abstract)
     with ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
     out = {key[len(prefix):]: value for key, value in flatten_dict(restored).items()}
-    for key, leaf in expected.items():
-        if leaf is empty_node:
-            out[key] = {}
+    for key in validator.empty_keys():
+        out[key] = {}
     return flax.serialization.from_state_dict(target, unflatten_dict(out))
 
 
@@ -391,6 +440,8 @@ def load_checkpoint(spec: str, *, train_state_target: Any = None, train_state_sh
         return None, {"params": load_orbax(path, params_target, params_shardings, float_dtype, prefix=prefix)}
     if kind == "params":
         params = load_streaming(path, params_target, params_shardings, float_dtype)
+        if params_target is None and isinstance(params, Mapping) and {"step", "opt_state"} <= set(params):
+            raise CheckpointError(f"--load_checkpoint {spec!r}: not a params file" + _TRAIN_STATE_HINT)
     elif kind == "trainstate_params":
         try:
             params = load_streaming(path, params_target, params_shardings, float_dtype, prefix=("params", "params"))

@@ -150,6 +150,37 @@ def test_errors_name_the_key(tmp_path):
         ckpt.save_streaming(path, params, float_dtype="bf17")
 
 
+def _model_shapes(**updates):
+    from lwm.llama import LLaMAConfig, LLaMAForCausalLM
+
+    cfg = LLaMAConfig.load("tiny").replace(**updates)
+    return jax.eval_shape(lambda: LLaMAForCausalLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))[
+        "params"]
+
+
+def test_layer_layout_and_train_state_errors_name_the_setting(tmp_path, train_state):
+    layouts = {"scanned": dict(), "unrolled": dict(scan_layers=False), "axis1": dict(param_scan_axis=1)}
+    shapes = {name: _model_shapes(**u) for name, u in layouts.items()}
+    for name, tree in shapes.items():
+        ckpt.save_streaming(str(tmp_path / name), jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree))
+        ckpt.load_streaming(str(tmp_path / name), tree)               # control: the same layout loads
+    cases = [("scanned", "unrolled", r"saved with scan_layers=True\): load it with --llama.scan_layers=True"),
+             ("unrolled", "scanned", r"saved with scan_layers=False\): load it with --llama.scan_layers=False"),
+             ("axis1", "scanned", r"scan_decoder/.*other param_scan_axis\): flip --llama.param_scan_axis"),
+             ("scanned", "axis1", r"other param_scan_axis")]
+    for saved, target, message in cases:
+        with pytest.raises(ckpt.CheckpointError, match=message):
+            ckpt.load_checkpoint(f"params::{tmp_path / saved}", params_target=shapes[target])
+    # A whole train state named with params:: (with and without a target) points at trainstate_params::.
+    ckpt.save_streaming(str(tmp_path / "state"), train_state)
+    target = jax.eval_shape(lambda: _params())
+    for kw in (dict(params_target=target), {}):
+        with pytest.raises(ckpt.CheckpointError, match="load its parameters with trainstate_params::PATH"):
+            ckpt.load_checkpoint(f"params::{tmp_path / 'state'}", **kw)
+    _, params = ckpt.load_checkpoint(f"trainstate_params::{tmp_path / 'state'}", params_target=target)
+    assert params["params"]["lm_head"]["kernel"].shape == (8, 16)
+
+
 def test_load_places_each_tensor_on_its_sharding(tmp_path):
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("fsdp", "tp"))
     params = _params()
