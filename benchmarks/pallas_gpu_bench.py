@@ -241,10 +241,10 @@ def part_train(preset, lengths, impls, remat):
     import optax
 
     from lwm.llama import LLaMAConfig
+    from lwm.models import build_model
     from lwm.sharding import make_mesh
     from lwm.train_state import (
         Task,
-        build_model,
         flops_per_token,
         init_train_state,
         train_step,

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from ml_collections import ConfigDict
 
-from lwm.train_state import model_config_class
+from lwm.models import model_config_class
 
 
 class FlagError(ValueError):

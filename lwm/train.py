@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from lwm import checkpoint as ckpt
-from lwm import distributed, flags, logging_utils
+from lwm import distributed, flags, logging_utils, models
 from lwm.flags import FlagError, model_config_from_flags
 from lwm import optimizer as optimizer_lib
 from lwm import train_state as ts
@@ -161,7 +161,7 @@ def _run(config: ConfigDict) -> dict:
     if dtype is None:
         raise FlagError("--dtype is empty; use fp32, bf16 or fp16")
     weights = dataset.loss_weights
-    task = ts.Task(ts.build_model(config.modality, model_config, dtype), config.modality, weights["text"],
+    task = ts.Task(models.build_model(config.modality, model_config, dtype), config.modality, weights["text"],
                    weights["vision"], config.loss_chunk_size)
     tx, schedule = optimizer_lib.make_optimizer(config.optimizer)
     to_global = functools.partial(ts.global_batch, mesh=mesh, host=host,

@@ -26,10 +26,9 @@ import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
-from lwm.llama import LLaMAConfig, LLaMAForCausalLM, output_head_kernel
+from lwm.llama import LLaMAConfig, output_head_kernel
 from lwm.loss import cross_entropy_sums
-
-MODALITIES = ("text", "vision,text")
+from lwm.models import MODALITIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,26 +52,6 @@ class Task:
     def uses_dropout(self) -> bool:
         c = self.config
         return max(c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) > 0
-
-
-def build_model(modality: str, config: LLaMAConfig, dtype: Any = jnp.float32) -> nn.Module:
-    if modality == "text":
-        return LLaMAForCausalLM(config, dtype=dtype)
-    if modality == "vision,text":
-        from lwm.vision_llama import VisionLLaMAForCausalLM
-
-        return VisionLLaMAForCausalLM(config, dtype=dtype)
-    raise ValueError(f"--modality={modality!r}; choose one of {MODALITIES}")
-
-
-def model_config_class(modality: str):
-    if modality == "vision,text":
-        from lwm.vision_llama import VisionLLaMAConfig
-
-        return VisionLLaMAConfig
-    if modality == "text":
-        return LLaMAConfig
-    raise ValueError(f"--modality={modality!r}; choose one of {MODALITIES}")
 
 
 def _hidden(task: Task, params, batch, dropout_rng) -> jax.Array:

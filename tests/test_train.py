@@ -17,6 +17,7 @@ import pytest
 from lwm import optimizer as optimizer_lib
 from lwm import train_state as ts
 from lwm.llama import LLaMAConfig, LLaMAForCausalLM
+from lwm.models import build_model
 from lwm.sharding import check_divisible, make_mesh, match_partition_rules
 from lwm.flags import FlagError, model_config_from_flags, parse_literal_dict
 from lwm.train import parse_flags
@@ -95,7 +96,7 @@ def test_run_script_flags_parse_and_big_presets_shape_check(tmp_path, script, mo
         config = parse_flags(_script_args(tmp_path, script, llama_config=preset))
         assert config.modality == modality and config.load_llama_config == preset
         model_config = model_config_from_flags(config)
-        task = ts.Task(ts.build_model(modality, model_config), modality)
+        task = ts.Task(build_model(modality, model_config), modality)
         tx, _ = optimizer_lib.make_optimizer(config.optimizer)
         shapes = jax.eval_shape(functools.partial(ts.init_train_state, task=task, tx=tx), jax.random.PRNGKey(0))
         specs = match_partition_rules(shapes)            # every parameter and optimizer leaf has a rule
