@@ -24,14 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lwm.attention.pallas_common import (
-    as_offset,
-    attention_with_vjp,
-    backward_rows,
-    check_inputs,
-    next_power_of_2,
-    pad_to,
-)
+from lwm.attention.blockwise import attention_with_vjp, pad_to
+from lwm.attention.pallas_shared import as_offset, backward_rows, check_inputs, next_power_of_2
 
 # Block caps and Triton launch settings of the forward and of the two backward kernels, for 2-byte inputs
 # (bf16/fp16); 4-byte inputs halve the block caps to stay inside shared memory. The backward kernels hold

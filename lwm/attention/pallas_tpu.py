@@ -27,7 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from lwm.attention.pallas_common import attention_with_vjp, backward_rows, check_inputs, pad_to
+from lwm.attention.blockwise import attention_with_vjp, pad_to
+from lwm.attention.pallas_shared import backward_rows, check_inputs
 
 
 def _last_visible_k_block(q_last, k_offset, bk: int):
