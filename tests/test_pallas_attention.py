@@ -70,12 +70,13 @@ def test_tpu_kernel_interpret_matches_dense():
     check_against_dense(pallas_tpu.flash_attention, 40, 16, True, True, 16, 32)
 
 
-def test_gpu_kernel_wrong_segments_fail():
+@pytest.mark.parametrize("kernels", [pallas_gpu, pallas_tpu], ids=["gpu", "tpu"])
+def test_kernel_wrong_segments_fail(kernels):
     """Negative control: the kernel given shuffled segment ids must fail the parity check."""
     q, k, v, _, seg = make_data(64, 16)
     want = dense_attention(q, k, v, seg, causal=True)
     shuffled = jnp.asarray(np.random.default_rng(1).permuted(np.asarray(seg), axis=1))
-    fn = jax.jit(lambda s: pallas_gpu.flash_attention(q, k, v, s, q_chunk=16, k_chunk=16, interpret=True))
+    fn = jax.jit(lambda s: kernels.flash_attention(q, k, v, s, q_chunk=16, k_chunk=16, interpret=True))
     assert rel_err(fn(seg), want) < RTOL
     assert rel_err(fn(shuffled), want) > 1e-2
 
