@@ -1,6 +1,6 @@
 """From a stream of tokenized examples to fixed-shape batches.
 
-Three batchers share one interface (`add(example)`, then `pop()` until it returns None; `state_dict()` /
+Two batchers, serving the three dataset modes, share one interface (`add(example)`, then `pop()` until it returns None; `state_dict()` /
 `load_state_dict()` capture everything buffered, so a restored batcher emits exactly the batches the
 uninterrupted one would have):
 
