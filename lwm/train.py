@@ -22,7 +22,6 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
-from tqdm import tqdm
 
 from lwm import checkpoint as ckpt
 from lwm import distributed, flags, logging_utils, models
@@ -217,7 +216,8 @@ def _run(config: ConfigDict) -> dict:
                     jax.process_count(), peak)
         data_iter = iter(dataset)
         eval_iter = iter(eval_dataset) if eval_dataset is not None else None
-        bar = tqdm(total=config.total_steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
+        bar = logging_utils.progress(total=config.total_steps, initial=start_step, desc="train", unit="step",
+                                     disable=not is_main)
         row, saved_step = {}, start_step if last_checkpoint else None
         try:
             for step in range(start_step, config.total_steps):

@@ -302,3 +302,35 @@ def test_metrics_logger_json_lines_and_missing_wandb(tmp_path, monkeypatch):
         logging_utils.MetricsLogger(cfg, {}, run_id="run")
     with pytest.raises(KeyError, match="unknown flag logger.project"):
         logging_utils.get_default_config({"project": "x"})
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log(monkeypatch):
+    import io
+
+    from tqdm import tqdm
+
+    from lwm import logging_utils
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar = logging_utils.progress(total=10, file=Terminal(), desc="train")
+    assert isinstance(bar, tqdm)                              # control: a terminal keeps tqdm's bar
+    bar.close()
+    now = [0.0]
+    monkeypatch.setattr(logging_utils.time, "monotonic", lambda: now[0])
+    log = io.StringIO()
+    bar = logging_utils.progress(total=100, initial=20, file=log, desc="train", unit="step", interval=25.0)
+    for t in range(10, 70, 10):                               # one step every 10 s
+        now[0] = float(t)
+        bar.update(1)
+        bar.set_postfix(loss="2.3000")
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    # Steps at t = 10 .. 60 s: a line at 30 s (25 s after the start) and at 60 s, none again at close.
+    assert len(lines) == 2, lines
+    assert lines[0] == "train:  23% 23/100 [00:30<12:50, 10.00s/step, loss=2.3000]"
+    assert lines[1].startswith("train:  26% 26/100 [01:00<")
+    assert list(logging_utils.progress(range(3), file=io.StringIO())) == [0, 1, 2]
