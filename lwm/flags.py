@@ -10,6 +10,8 @@ import ast
 import dataclasses
 import difflib
 import json
+import os
+import sys
 from typing import Any, Optional
 
 from ml_collections import ConfigDict
@@ -90,9 +92,28 @@ def set_flag(config: ConfigDict, name: str, text: Any) -> None:
         node = node[part]
 
 
-def parse_flags(argv: list[str], config: ConfigDict) -> ConfigDict:
+def _program() -> str:
+    """How this process was started: 'python -m lwm.text_chat' or 'python eval_needle.py'."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name else f"python {os.path.basename(sys.argv[0])}"
+
+
+def usage(config: ConfigDict, prog: str = "") -> str:
+    """Every flag of `config` with its default, one per line (what `--help` prints)."""
+    lines = [f"{prog or 'usage'} [--flag=value ...]; flags and defaults:"]
+    for name in known_flags(config):
+        lines.append(f"  --{name}={get_flag(config, name)!r}" if name != "llama" else
+                     "  --llama.<field>=value   (any model config field)")
+    return "\n".join(lines)
+
+
+def parse_flags(argv: list[str], config: ConfigDict, prog: str = "") -> ConfigDict:
     """`--name=value`, `--name value`, `--name` / `--noname` (booleans) applied to `config` (a locked
-    ConfigDict of defaults). Returns the updated config."""
+    ConfigDict of defaults). Returns the updated config. `--help` / `-h` prints `usage(config, prog)` to
+    stdout and exits 0, as argparse does."""
+    if "--help" in argv or "-h" in argv:
+        print(usage(config, prog or _program()))
+        raise SystemExit(0)
     known = set(known_flags(config))
     i = 0
     while i < len(argv):

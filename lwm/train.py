@@ -256,12 +256,7 @@ def _run(config: ConfigDict) -> dict:
 
 
 def _usage() -> str:
-    lines = ["python -m lwm.train [--flag=value ...]; flags and defaults:"]
-    defaults = get_default_config()
-    for name in flags.known_flags(defaults):
-        lines.append(f"  --{name}={flags.get_flag(defaults, name)!r}" if name != "llama" else
-                     "  --llama.<field>=value   (any model config field)")
-    return "\n".join(lines)
+    return flags.usage(get_default_config(), "python -m lwm.train")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -334,3 +334,14 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log(monkeypatch):
     assert lines[0] == "train:  23% 23/100 [00:30<12:50, 10.00s/step, loss=2.3000]"
     assert lines[1].startswith("train:  26% 26/100 [01:00<")
     assert list(logging_utils.progress(range(3), file=io.StringIO())) == [0, 1, 2]
+
+
+def test_help_flag_prints_every_flag_and_exits_zero(capsys):
+    from lwm.train import get_default_config
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_flags(["--total_steps=3", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--total_steps=" in out and "--llama.<field>=value" in out and "--tokenizer=" in out
+    assert parse_flags(["--total_steps=3"], get_default_config()).total_steps == 3   # control: no --help
