@@ -70,6 +70,8 @@ def read_graph(root: pathlib.Path):
                 # `from lwm.attention import ring` names the submodule when there is one, else the package.
                 targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
                            for a in node.names]
+            if name.startswith("scripts."):      # a script's bare `import eval_needle` is its sibling script
+                targets = [f"scripts.{t}" if f"scripts.{t.split('.')[0]}" in modules else t for t in targets]
             for target in targets:
                 if target.split(".")[0] in ("lwm", "scripts") and target != name:
                     edges.setdefault((name, target), node.lineno)
@@ -149,6 +151,7 @@ def test_every_rule_catches_a_violation(tmp_path):
         "lwm/attention/pallas_common.py": "def k():\n    from lwm.attention import pallas_gpu\n",
         "lwm/attention/pallas_gpu.py": "from lwm.attention.pallas_common import check_inputs\n",
         "scripts/eval.py": "from lwm.train import parse_flags\n",
+        "scripts/eval_multi.py": "import eval\n",
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +162,7 @@ def test_every_rule_catches_a_violation(tmp_path):
         "lwm.flags imports lwm.train: a library imports an entry point",
         "lwm.chat imports lwm.train: an entry point imports another entry point",
         "scripts.eval imports lwm.train: an entry point imports another entry point",
+        "scripts.eval_multi imports scripts.eval: an entry point imports another entry point",
         "import cycle: lwm.attention.pallas_common -> lwm.attention.pallas_gpu -> lwm.attention.pallas_common",
         "import cycle: lwm.train_state -> lwm.llama -> lwm.train_state",
         "lwm.demo runs a file from scripts/ ('scripts/eval.py')",
