@@ -264,6 +264,7 @@ _KILLED_SAVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     save_dir, flag = str(tmp_path / "run"), str(tmp_path / "writing")
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -358,6 +359,7 @@ _PROCESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_save_and_restore_onto_another_sharding(tmp_path):
     import socket
 

@@ -69,6 +69,7 @@ def test_stage_flags():
         demo.parse_stages("256:4:3")
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(haystack, tmp_path):
     work = tmp_path / "out"
     summary = demo.main([f"--haystack_file={haystack}", f"--workdir={work}", "--stages=256:4:3:0:40:3e-3",

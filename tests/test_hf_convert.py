@@ -167,6 +167,7 @@ def _run(script, *args):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_convert_and_sample_scripts_end_to_end(tmp_path, tiny):
     _, _, tiny_params = tiny
     vocab = _train_tokenizer(tmp_path / "tokenizer.model")

@@ -187,6 +187,7 @@ def _script_flags(d, out, extra=()):
             "--progress=False", *extra]
 
 
+@pytest.mark.slow
 def test_eval_needle_script_end_to_end(workdir):
     import eval_needle
 
@@ -204,6 +205,7 @@ def test_eval_needle_script_end_to_end(workdir):
     assert eval_needle.main(_script_flags(d, out)) == saved
 
 
+@pytest.mark.slow
 def test_eval_needle_multi_script_end_to_end(workdir):
     import eval_needle_multi
 

@@ -164,6 +164,7 @@ def test_ring_sampler_matches_single_device(tiny, greedy_batch):
         assert ring.last_stats["batch"] == 4 and ring.last_stats["padded_length"] % 4 == 0
 
 
+@pytest.mark.slow
 def test_text_chat_streams_the_answer(tiny, tmp_path):
     from lwm import text_chat
     from lwm.checkpoint import save_streaming

@@ -87,6 +87,7 @@ def _script_args(tmp_path, script: str, **env) -> list[str]:
 
 @pytest.mark.parametrize("script, modality", [("run_train_text.sh", "text"),
                                               ("run_train_vision_text.sh", "vision,text")])
+@pytest.mark.slow
 def test_run_script_flags_parse_and_big_presets_shape_check(tmp_path, script, modality):
     text = open(os.path.join(REPO, "scripts", script)).read()
     assert not any(line.strip() == "read" for line in text.splitlines())  # no stray `read`

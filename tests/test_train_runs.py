@@ -17,6 +17,8 @@ import pytest
 from lwm import checkpointer as ckpt
 from lwm.logging_utils import read_metrics
 
+pytestmark = pytest.mark.slow          # every test here runs lwm.train in subprocesses
+
 WORDS = ("the quick brown fox jumps over a lazy dog while world models read long videos and text in one "
          "million token context with ring attention packing").split()
 FAULT_WRAPPER = r'''

@@ -113,6 +113,7 @@ def _chat(tok_path, input_file, *extra):
                     "--seed=5", "--update_llama_config=dict(initializer_range=0.1)", *extra])
 
 
+@pytest.mark.slow
 def test_chat_answers_on_an_image(tok_path, media, capsys):
     result = _chat(tok_path, media / "picture.png")
     out = capsys.readouterr().out
@@ -122,6 +123,7 @@ def test_chat_answers_on_an_image(tok_path, media, capsys):
     assert _check_greedy_answer(tok_path, result, seed=5) == 1.0
 
 
+@pytest.mark.slow
 def test_chat_answers_on_a_short_video(tok_path, media):
     result = _chat(tok_path, media / "clip.mp4", "--max_n_frames=3")
     prompt = result["prompt"]

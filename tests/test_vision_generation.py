@@ -150,6 +150,7 @@ def test_budget_is_checked_before_compiling(tok_path, tmp_path):
         vg.main(_flags(tok_path, tmp_path / "x.png", "--vqgan_config=tiny", "--n_frames=2"))
 
 
+@pytest.mark.slow
 def test_image_entry_point_writes_a_256x256_png(tok_path, tmp_path):
     """A VQGAN with the released token layout (256x256 -> 16x16 codes, 257 tokens per frame) at 1/4 of
     the released width, so that its decoder runs in seconds on a CPU."""
@@ -166,6 +167,7 @@ def test_image_entry_point_writes_a_256x256_png(tok_path, tmp_path):
     assert np.asarray(image).std() > 1                   # a decoded picture, not a constant
 
 
+@pytest.mark.slow
 def test_video_entry_point_writes_an_mp4_with_n_frames(tok_path, tmp_path):
     out = tmp_path / "fireworks.mp4"
     result = vg.main(_flags(tok_path, out, "--vqgan_config=tiny", "--n_frames=3", "--cfg_scale_image=3.0",
