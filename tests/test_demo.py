@@ -83,4 +83,9 @@ def test_demo_end_to_end(haystack, tmp_path):
     metrics = [json.loads(line) for line in open(work / "train" / "stage0" / "metrics.jsonl")]
     assert metrics[0]["step"] == 0 and "eval_loss" in metrics[0]
     assert json.loads(open(work / "summary.json").read())["trials"] == 2
-    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["accuracy"] == needle.mean_accuracy(results)
+    # Scored here independently of lwm.needle: a trial is right when the response contains the number.
+    assert all(r["correct"] == (r["answer"] in r["response"]) for r in results)
+    assert summary["accuracy"] == sum(r["answer"] in r["response"] for r in results) / len(results)
+    # Three training steps cannot retrieve a 7-digit number from 300 tokens: a right answer here would mean the
+    # number leaks into what is scored (the prompt echoed into the response, say).
+    assert summary["accuracy"] == 0.0

@@ -26,7 +26,16 @@ def test_incomplete_or_bad_settings_raise(monkeypatch):
 
 
 def test_nothing_configured_is_a_no_op(monkeypatch):
-    for var in ("LWM_COORDINATOR_ADDRESS", "LWM_NUM_PROCESSES", "LWM_PROCESS_ID"):
+    import jax
+
+    for var in ("LWM_COORDINATOR_ADDRESS", "LWM_NUM_PROCESSES", "LWM_PROCESS_ID", "LWM_LOCAL_DEVICE_IDS"):
         monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     assert resolve(DistributedConfig()).initialize is False
-    initialize(DistributedConfig())  # must not touch jax.distributed
+    initialize(DistributedConfig())
+    assert calls == []                                     # nothing configured: jax.distributed untouched
+    # Control: configured, it is called once with the resolved settings (recorded, not connected).
+    monkeypatch.setenv("LWM_LOCAL_DEVICE_IDS", "0,1")
+    initialize(DistributedConfig(coordinator_address="127.0.0.1:1", num_processes=2, process_id=1))
+    assert calls == [dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=1, local_device_ids=[0, 1])]
