@@ -1,11 +1,27 @@
-"""What tests/test_data.py and tests/test_data_packing.py share: a small word list, random sentences from
-it, and a 400-piece sentencepiece tokenizer trained on 400 of them (each module's `tok` fixture)."""
+"""What the tests share, in one place: the relative error and the value-and-gradients helper of the attention
+tests, a small word list and random sentences from it, and a 400-piece sentencepiece tokenizer trained on 400
+of them (each module's `tok` fixture)."""
 import random
+
+import jax
+import numpy as np
 
 from lwm.tokenizer import train_sentencepiece
 
 WORDS = ("the quick brown fox jumps over a lazy dog while world models read long videos and text "
          "in one million token context with ring attention packing").split()
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64 (the attention tests' parity measure)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def value_and_grads(fn, q, k, v, do):
+    """fn(q, k, v) and the gradients of <fn(q, k, v), do> with respect to q, k, v: (out, dq, dk, dv)."""
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out, *vjp(do))
 
 
 def sentence(rng, lo=2, hi=30):

@@ -12,14 +12,10 @@ from jax.sharding import Mesh
 
 from lwm.attention import ATTENTION_IMPLS, attention, blockwise, dense_attention
 from lwm.attention.blockwise import blockwise_attention
+from _data_fixtures import rel_err, value_and_grads
 
 RTOL = 1e-5
 B, T, N, K, H = 2, 72, 4, 2, 16  # T = 72 is not a multiple of the chunks below: padding is exercised
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def packed_segments(rng, batch, length, max_segments=4):
@@ -36,12 +32,6 @@ def data():
     do = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
     seg = jnp.asarray(packed_segments(rng, B, T))
     return dict(q=q, k=k, v=v, do=do, seg=seg)
-
-
-def value_and_grads(fn, q, k, v, do):
-    """Output and d<out, do>/d(q, k, v) of fn(q, k, v)."""
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out, *vjp(do))
 
 
 @jax.jit(static_argnames="causal")

@@ -13,15 +13,11 @@ from jax.sharding import Mesh
 
 from lwm.attention import cached_attention, dense_attention
 from lwm.attention.decode import write_rows
+from _data_fixtures import rel_err
 
 RTOL = 1e-5
 B, T, N, K, H, S = 2, 14, 4, 2, 16, 16
 PREFILL = 6  # slots 0..5: straddles the first two shards of a 16-slot cache over sp=4
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

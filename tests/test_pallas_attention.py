@@ -11,14 +11,10 @@ import numpy as np
 import pytest
 
 from lwm.attention import attention, dense_attention, pallas_gpu, pallas_tpu
+from _data_fixtures import rel_err, value_and_grads
 
 RTOL = 1e-5
 B, N, K = 2, 4, 2
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def make_data(T, H, seed=0):
@@ -29,11 +25,6 @@ def make_data(T, H, seed=0):
     )
     seg = jnp.asarray(np.sort(rng.integers(0, 4, size=(B, T)), axis=1).astype(np.int32))
     return q, k, v, do, seg
-
-
-def value_and_grads(fn, q, k, v, do):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out, *vjp(do))
 
 
 def check_against_dense(flash, T, H, causal, use_seg, q_chunk, k_chunk):

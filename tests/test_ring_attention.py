@@ -12,25 +12,16 @@ import pytest
 from jax.sharding import Mesh
 
 from lwm.attention import attention, dense_attention, ring_attention
+from _data_fixtures import rel_err, value_and_grads
 
 RTOL = 1e-5
 B, T, N, K, H = 2, 128, 4, 2, 16
 CHUNKS = dict(q_chunk=16, k_chunk=32)
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def make_mesh(shape):
     devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
     return Mesh(devices, ("dp", "fsdp", "tp", "sp"))
-
-
-def value_and_grads(fn, q, k, v, do):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out, *vjp(do))
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,12 @@ import sys
 
 import pytest
 
+from _data_fixtures import WORDS
 from lwm import checkpointer as ckpt
 from lwm.logging_utils import read_metrics
 
 pytestmark = pytest.mark.slow          # every test here runs lwm.train in subprocesses
 
-WORDS = ("the quick brown fox jumps over a lazy dog while world models read long videos and text in one "
-         "million token context with ring attention packing").split()
 FAULT_WRAPPER = r'''
 import os, signal, sys
 from lwm import checkpointer, logging_utils
