@@ -139,12 +139,13 @@ def check_model():
 
     print("== check: debug model, attention_impl pallas / ring_pallas vs dense (float32)", flush=True)
     cfg = LLaMAConfig.load("debug").replace(max_sequence_length=2048, scan_query_chunk_size=128,
-                                            scan_key_chunk_size=128, pallas_interpret=INTERPRET["interpret"])
+                                            scan_key_chunk_size=128)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 1024)), jnp.int32)
     params = LLaMAForCausalLM(cfg.replace(attention_impl="dense")).init(jax.random.PRNGKey(0), tokens[:, :8])
 
     def loss_and_grad(impl):
-        model = LLaMAForCausalLM(cfg.replace(attention_impl=impl))
+        interpret = impl != "dense" and INTERPRET["interpret"]   # pallas_interpret applies to Pallas impls only
+        model = LLaMAForCausalLM(cfg.replace(attention_impl=impl, pallas_interpret=interpret))
 
         def loss(p):
             logits = model.apply(p, tokens)

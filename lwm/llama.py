@@ -100,6 +100,9 @@ class LLaMAConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
         if self.attention_impl == "dense" and self.scan_attention:
             raise ValueError("scan_attention=True asks for blockwise attention but attention_impl='dense'")
+        if self.pallas_interpret and self.attention_impl not in ("pallas", "ring_pallas"):
+            raise ValueError(f"pallas_interpret=True applies only to attention_impl 'pallas' or 'ring_pallas', "
+                             f"not {self.attention_impl!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}")

@@ -30,6 +30,9 @@ def test_config_presets_and_errors(tmp_path):
         cfg.replace(attention_impl="flash3")
     with pytest.raises(ValueError, match="scan_attention=True"):
         cfg.replace(attention_impl="dense", scan_attention=True)
+    with pytest.raises(ValueError, match="pallas_interpret=True applies only"):
+        cfg.replace(pallas_interpret=True)                  # 'blockwise' has no Pallas kernel to interpret
+    assert cfg.replace(attention_impl="ring_pallas", pallas_interpret=True).pallas_interpret
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         cfg.replace(num_key_value_heads=5)
     path = tmp_path / "config.json"

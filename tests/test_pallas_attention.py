@@ -100,3 +100,14 @@ def test_dispatch_pallas_interpret_on_cpu():
     q, k, v, _, seg = make_data(32, 16)
     out = attention(q, k, v, seg, impl="pallas", pallas_interpret=True, q_chunk=16, k_chunk=16)
     assert rel_err(out, dense_attention(q, k, v, seg)) < RTOL
+
+
+def test_chunk_above_the_triton_cap_is_reported_once(caplog):
+    q, k, v, _, seg = make_data(32, 16)
+    with caplog.at_level("WARNING", logger="lwm.attention.pallas_gpu"):
+        for _ in range(2):
+            pallas_gpu.block_forward(q, k, v, q_chunk=16, k_chunk=16, interpret=True)  # control: under the cap
+            assert not caplog.records
+        for _ in range(2):
+            pallas_gpu.block_forward(q, k, v, q_chunk=512, k_chunk=16, interpret=True)  # fp32 forward cap: 64
+    assert len(caplog.records) == 1 and "q_chunk=512 is above the Triton kernel's block cap 64" in caplog.text

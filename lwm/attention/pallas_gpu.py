@@ -18,6 +18,7 @@ with `benchmarks/pallas_gpu_bench.py`; see docs/ring_attention.md for the figure
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,18 @@ def _block_cap(launch: dict, dtype) -> int:
     return launch["block"] if jnp.dtype(dtype).itemsize <= 2 else launch["block"] // 2
 
 
+_REPORTED: set = set()
+
+
 def _blocks(q_chunk: int, k_chunk: int, T: int, S: int, cap: int):
-    """Power-of-two block sizes (Triton needs them), capped by `cap` and the padded lengths."""
+    """Power-of-two block sizes (Triton needs them), capped by `cap` and the padded lengths. A chunk above
+    the cap is reported once per (chunk, cap) by a logging warning, since the kernel then uses another size."""
+    for name, chunk in (("q_chunk", q_chunk), ("k_chunk", k_chunk)):
+        if chunk > cap and (name, chunk, cap) not in _REPORTED:
+            _REPORTED.add((name, chunk, cap))
+            logging.getLogger(__name__).warning(
+                "%s=%d is above the Triton kernel's block cap %d for these inputs (pallas_gpu.FWD / BWD, "
+                "halved for 4-byte dtypes): blocks of %d are used", name, chunk, cap, cap)
     bq = min(next_power_of_2(min(q_chunk, cap)), next_power_of_2(T))
     bk = min(next_power_of_2(min(k_chunk, cap)), next_power_of_2(S))
     return bq, bk
