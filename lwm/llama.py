@@ -362,6 +362,19 @@ def positions_and_cache_mode(input_shape, position_ids, cache, cache_index):
     return position_ids, mode
 
 
+def decoder_stack(module: nn.Module, x, mode, deterministic, position_ids, segment_ids, cache, cache_index):
+    """What follows the embedding in `transformer` (text and vision models alike): embedding dropout, the
+    layers `h`, the final norm `ln_f`. Called inside `module`'s compact __call__, so `h` and `ln_f` are its
+    children. x: (B, T, D) embeddings -> (hidden (B, T, D) after ln_f, new cache or None)."""
+    cfg = module.config
+    x = nn.Dropout(rate=cfg.embd_pdrop)(x, deterministic=deterministic)
+    x = constrain(x, ("batch", "seq", "embed"))
+    x, new_cache = LLaMABlockCollection(cfg, module.dtype, module.param_dtype, mode, deterministic, name="h")(
+        x, position_ids, segment_ids, cache, cache_index)
+    x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, module.dtype, module.param_dtype, name="ln_f")(x)
+    return x, new_cache
+
+
 class LLaMAModule(nn.Module):
     """`transformer`: embedding, layers, final norm. Returns (hidden (B, T, D) after ln_f, new cache)."""
     config: LLaMAConfig
@@ -376,12 +389,7 @@ class LLaMAModule(nn.Module):
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                      embedding_init=nn.initializers.normal(cfg.initializer_range), name="wte")(
             input_ids.astype(jnp.int32))
-        x = nn.Dropout(rate=cfg.embd_pdrop)(x, deterministic=deterministic)
-        x = constrain(x, ("batch", "seq", "embed"))
-        x, new_cache = LLaMABlockCollection(cfg, self.dtype, self.param_dtype, mode, deterministic, name="h")(
-            x, position_ids, segment_ids, cache, cache_index)
-        x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ln_f")(x)
-        return x, new_cache
+        return decoder_stack(self, x, mode, deterministic, position_ids, segment_ids, cache, cache_index)
 
 
 class LLaMAForCausalLM(nn.Module):

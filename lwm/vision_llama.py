@@ -25,8 +25,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lwm.llama import (LLaMABlockCollection, LLaMAConfig, RMSNorm, dense_layer, positions_and_cache_mode,
-                       output_head_kernel)
+from lwm.llama import LLaMAConfig, decoder_stack, dense_layer, output_head_kernel, positions_and_cache_mode
 from lwm.sharding import constrain
 
 NUM_VISION_CODES = 8192          # VQGAN codebook size; codes are vision ids 0..8191
@@ -91,12 +90,7 @@ class VisionLLaMAModule(nn.Module):
         vision = _embed(cfg.vision_vocab_size, cfg, self.dtype, self.param_dtype, "vte")(
             jnp.where(vision_masks, ids, 0))
         x = jnp.where(vision_masks[..., None], vision, text)                                   # (B, T, D)
-        x = nn.Dropout(rate=cfg.embd_pdrop)(x, deterministic=deterministic)
-        x = constrain(x, ("batch", "seq", "embed"))
-        x, new_cache = LLaMABlockCollection(cfg, self.dtype, self.param_dtype, mode, deterministic, name="h")(
-            x, position_ids, segment_ids, cache, cache_index)
-        x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ln_f")(x)
-        return x, new_cache
+        return decoder_stack(self, x, mode, deterministic, position_ids, segment_ids, cache, cache_index)
 
 
 class VisionLLaMAForCausalLM(nn.Module):

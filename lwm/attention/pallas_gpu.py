@@ -296,20 +296,8 @@ def _q_block_specs(bq: int, Sp: int, Hp: int, G: int, has_seg: bool):
     return inputs, rows, stats
 
 
-def block_forward(
-    q,
-    k,
-    v,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    *,
-    q_offset=0,
-    k_offset=0,
-    causal: bool = True,
-    q_chunk: int = 128,
-    k_chunk: int = 128,
-    interpret: bool = False,
-):
+def block_forward(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, q_offset=0, k_offset=0, causal: bool = True,
+                  q_chunk: int = 128, k_chunk: int = 128, interpret: bool = False):
     """Fused-kernel version of `blockwise.block_forward`: (out (B, T, N, H) f32, lse (B, T, N) f32)."""
     B, T, N, H = q.shape
     G = N // k.shape[2]
@@ -331,23 +319,8 @@ def block_forward(
     return out[:, :T, :, :H], lse[:, :, :T].transpose(0, 2, 1)
 
 
-def block_backward(
-    q,
-    k,
-    v,
-    o,
-    lse,
-    do,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    *,
-    q_offset=0,
-    k_offset=0,
-    causal: bool = True,
-    q_chunk: int = 128,
-    k_chunk: int = 128,
-    interpret: bool = False,
-):
+def block_backward(q, k, v, o, lse, do, q_segment_ids=None, kv_segment_ids=None, *, q_offset=0, k_offset=0,
+                   causal: bool = True, q_chunk: int = 128, k_chunk: int = 128, interpret: bool = False):
     """Fused-kernel version of `blockwise.block_backward`: (dq, dk, dv) float32, two kernels."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -404,16 +377,7 @@ def block_backward(
 _flash = attention_with_vjp(block_forward, block_backward)
 
 
-def flash_attention(
-    q,
-    k,
-    v,
-    segment_ids=None,
-    *,
-    causal: bool = True,
-    q_chunk: int = 128,
-    k_chunk: int = 128,
-    interpret: bool = False,
-):
+def flash_attention(q, k, v, segment_ids=None, *, causal: bool = True, q_chunk: int = 128, k_chunk: int = 128,
+                    interpret: bool = False):
     """q (B, T, N, H), k/v (B, T, K, H) -> (B, T, N, H): the Pallas GPU kernels under one custom_vjp."""
     return _flash(q, k, v, segment_ids, causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, interpret=interpret)

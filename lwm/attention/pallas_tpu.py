@@ -322,20 +322,8 @@ def _q_major_specs(bq: int, bk: int, H: int, G: int, causal: bool, has_seg: bool
     return inputs, rows, stats
 
 
-def block_forward(
-    q,
-    k,
-    v,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    *,
-    q_offset=0,
-    k_offset=0,
-    causal: bool = True,
-    q_chunk: int = 128,
-    k_chunk: int = 128,
-    interpret: bool = False,
-):
+def block_forward(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, q_offset=0, k_offset=0, causal: bool = True,
+                  q_chunk: int = 128, k_chunk: int = 128, interpret: bool = False):
     """Mosaic version of `blockwise.block_forward`: (out (B, T, N, H) f32, lse (B, T, N) f32)."""
     B, T, N, H = q.shape
     G = N // k.shape[2]
@@ -365,23 +353,8 @@ def block_forward(
     return _heads_last(out, T), lse[:, :, :T, 0].transpose(0, 2, 1)
 
 
-def block_backward(
-    q,
-    k,
-    v,
-    o,
-    lse,
-    do,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    *,
-    q_offset=0,
-    k_offset=0,
-    causal: bool = True,
-    q_chunk: int = 128,
-    k_chunk: int = 128,
-    interpret: bool = False,
-):
+def block_backward(q, k, v, o, lse, do, q_segment_ids=None, kv_segment_ids=None, *, q_offset=0, k_offset=0,
+                   causal: bool = True, q_chunk: int = 128, k_chunk: int = 128, interpret: bool = False):
     """Mosaic version of `blockwise.block_backward`: (dq, dk, dv) float32 from a dq and a dk/dv kernel."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -446,17 +419,8 @@ def block_backward(
 _flash = attention_with_vjp(block_forward, block_backward)
 
 
-def flash_attention(
-    q,
-    k,
-    v,
-    segment_ids=None,
-    *,
-    causal: bool = True,
-    q_chunk: int = 128,
-    k_chunk: int = 128,
-    interpret: bool = False,
-):
+def flash_attention(q, k, v, segment_ids=None, *, causal: bool = True, q_chunk: int = 128, k_chunk: int = 128,
+                    interpret: bool = False):
     """q (B, T, N, H), k/v (B, T, K, H) -> (B, T, N, H): the Mosaic kernels under one custom_vjp.
 
     interpret=True runs them on CPU in TPU interpret mode (slow; for tests).
