@@ -23,6 +23,14 @@ from lwm.attention import ATTENTION_IMPLS, attention, cached_attention
 from lwm.sharding import constrain
 
 _COMMON = dict(vocab_size=32000, initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+def _size(d: int, f: int, layers: int, heads: int, **extra) -> dict[str, Any]:
+    """One LLaMA size: width D, feed-forward F, layers L, heads N (the original's table), 2K planned length."""
+    return {**_COMMON, "hidden_size": d, "intermediate_size": f, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "max_sequence_length": 2048, **extra}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests: a few thousand parameters per layer, GQA on, chunks small enough to exercise blocking.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -30,22 +38,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                  rms_norm_eps=1e-6, tie_word_embeddings=False, scan_query_chunk_size=64,
                  scan_key_chunk_size=64, scan_mlp_chunk_size=64),
     # CPU-sized; chunk 512: the fastest blockwise attention chunk on CPU, 2K..32K (benchmarks/train_step_bench.py).
-    "debug": dict(_COMMON, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                  max_sequence_length=2048, scan_query_chunk_size=512, scan_key_chunk_size=512),
-    "200m": dict(_COMMON, hidden_size=1024, intermediate_size=2048, num_hidden_layers=14, num_attention_heads=8,
-                 max_sequence_length=2048),
-    "1b": dict(_COMMON, hidden_size=2048, intermediate_size=5504, num_hidden_layers=22, num_attention_heads=16,
-               max_sequence_length=2048),
-    "3b": dict(_COMMON, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
-               max_sequence_length=2048),
-    "7b": dict(_COMMON, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               max_sequence_length=4096),
-    "13b": dict(_COMMON, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                max_sequence_length=2048),
-    "30b": dict(_COMMON, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
-                max_sequence_length=2048),
-    "65b": dict(_COMMON, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
-                max_sequence_length=2048, rms_norm_eps=1e-5),
+    "debug": _size(256, 256, 2, 2, scan_query_chunk_size=512, scan_key_chunk_size=512),
+    #               D      F      L   N
+    "200m": _size(1024, 2048, 14, 8),
+    "1b": _size(2048, 5504, 22, 16),
+    "3b": _size(3200, 8640, 26, 32),
+    "7b": _size(4096, 11008, 32, 32, max_sequence_length=4096),
+    "13b": _size(5120, 13824, 40, 40),
+    "30b": _size(6656, 17920, 60, 52),
+    "65b": _size(8192, 22016, 80, 64, rms_norm_eps=1e-5),
 }
 
 # Keys that appear in the original's / transformers' config files but mean nothing to this model.
