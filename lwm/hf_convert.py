@@ -367,6 +367,8 @@ def to_torch(x: np.ndarray):
     import torch
 
     x = np.ascontiguousarray(x)
+    if not x.flags.writeable:         # torch wants writable memory (a safetensors/mmap read is not)
+        x = x.copy()
     if x.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(x)
