@@ -13,21 +13,21 @@ table) and the norms replicated, s the bytes of the compute dtype:
   training   parameters  P_dev * 4          (parameters are float32 in training; --dtype is the compute dtype)
              optimizer   P_dev * (4 + 4)    AdamW mu and nu (mu 2 bytes with --bf16_momentum); 0 without
              gradients   P_dev * 4
-             activations L * n * saved_layer * s  +  n * working * 4  +  loss (D * V_dev * 4 + n * D * 4)
-               saved_layer: what the backward keeps per token and layer, read from jax's saved residuals
+             activations the largest of three phases (PHASES below) less the gradients, where
+               residuals = L * n * saved_layer * s + n * TOP_LEVEL * 4, and saved_layer, what the backward
+               keeps per token and layer, is read from jax's saved residuals
                (`jax.ad_checkpoint.print_saved_residuals` on lwm.train_state.loss_fn):
-                 no remat          11 D + 2 K H / tp + 6 F / tp + N / tp  (+ 4 scalars)
+                 no remat          11 D + 2 K H / tp + 6 F / tp + N / tp + 4
                  nothing_saveable  D (the layer input)
-                 checkpoint_dots   the matmul outputs: 4 D + 2 K H / tp + 3 F / tp
-               working: one layer's forward/backward temporaries at the peak, per token, in float32
-               (WORKING_* below; measured against XLA's buffer assignment on CPU for tiny and debug)
+                 checkpoint_dots   the matmul outputs: 3 D + 2 K H / tp + 2 F / tp
   inference  parameters  P_dev * s
              KV cache    2 * L * b * S * K * H * s / (sp * tp)   S the cache length (prompt + new tokens)
-             activations n * prefill_working * 4 (one layer at a time, no backward)
+             activations n * PREFILL_WORKING * D * s (one layer at a time, no backward) + score tiles
+               + the last position's logits
 
 XLA's own numbers (`--check_xla`): peak = arguments + outputs - aliased (donated) + temporaries, from
 `jax.jit(step).lower(...).compile().memory_analysis()`. The CPU compiler fuses less than the TPU/GPU ones,
-so on accelerators these estimates are upper bounds for the activations (docs/memory.md).
+so activations on TPU and GPU may be smaller; that is not checked here (docs/memory.md).
 """
 from __future__ import annotations
 
@@ -51,7 +51,14 @@ REMATS = ("", "nothing_saveable", "checkpoint_dots", "everything_saveable", "che
 # points they were fitted on and those they were not.
 LOSS_LOGITS, LOSS_KERNEL = 2.0, 2.0
 BACKWARD_WORKING, REMAT_WORKING, UPDATE_TEMPS = 0.85, 0.25, 1.0
-PREFILL_WORKING = 1.0
+# Prefill keeps no residuals: one layer's temporaries, PREFILL_WORKING * D elements per token (XLA on CPU:
+# 7.3 D for tiny, 6.3 D for debug per extra token), plus PREFILL_TILES float32 attention score tiles of
+# (q_chunk, k_chunk) per head (debug, chunks 512: 6 MB whatever the length).
+PREFILL_WORKING, PREFILL_TILES = 7.0, 3.0
+
+
+def kc_len(c, seq_len: int) -> int:
+    return min(c.scan_key_chunk_size, seq_len)
 
 
 def TOP_LEVEL(d: int, h: int) -> int:
@@ -112,7 +119,7 @@ def _saved_per_layer(c, remat: str, tp: int) -> float:
     if remat == "nothing_saveable":
         return d
     if remat in ("checkpoint_dots", "checkpoint_dots_with_no_batch_dims"):
-        return 4 * d + 2 * kh / tp + 3 * f / tp
+        return 3 * d + 2 * kh / tp + 2 * f / tp
     return 11 * d + 2 * kh / tp + 6 * f / tp + n / tp + 4
 
 
@@ -154,7 +161,8 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     train = dict(parameters=p_dev * 4, optimizer=opt, gradients=grads,
                  activations=max(peak - grads, 0.0) + batch, kv_cache=0.0)
     cache = 2 * L * b * (plan.seq_len + plan.new_tokens) * c.kv_heads * h * s / (sp * tp)
-    prefill = n * (PREFILL_WORKING * full_layer * s + TOP_LEVEL(d, h) * 4) + attn_extra * s + b * v_dev * 4
+    tiles = PREFILL_TILES * b * c.scan_query_chunk_size * kc_len(c, plan.seq_len) * c.num_attention_heads / tp * 4
+    prefill = n * PREFILL_WORKING * d * s + tiles + attn_extra * s + b * v_dev * 4
     infer = dict(parameters=p_dev * s, optimizer=0.0, gradients=0.0, activations=prefill, kv_cache=cache)
     for part in (train, infer):
         part["total"] = sum(part.values())
@@ -352,18 +360,21 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"lwm.memory: {e}")
     parts = ("parameters", "optimizer", "gradients", "activations", "kv_cache", "total")
+    small = max(estimate(p)["train"]["total"] for p in plans) < 2**30
+    unit, scale = ("MiB", 2**20) if small else ("GiB", 2**30)
+    fmt = lambda x: f"{x / scale:.2f}"
     print(f"# {args.llama_config}, mesh dp,fsdp,tp,sp = {args.mesh_dim}, {args.sp_strategy}, {args.dtype}, "
-          f"batch {args.batch_size}, remat '{plans[0].config.remat_block}'; GiB per device")
+          f"batch {args.batch_size}, remat '{plans[0].config.remat_block}'; {unit} per device")
     header = "| seq_len | mode | " + " | ".join(parts) + (" | XLA peak | estimate / XLA |" if args.check_xla else " |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for plan in plans:
         est = estimate(plan)
         for mode in ("train", "inference"):
-            row = f"| {plan.seq_len} | {mode} | " + " | ".join(gib(est[mode][k]) for k in parts) + " |"
+            row = f"| {plan.seq_len} | {mode} | " + " | ".join(fmt(est[mode][k]) for k in parts) + " |"
             if args.check_xla:
                 xla = (xla_train if mode == "train" else xla_prefill)(plan)["peak"]
-                row += f" {gib(xla)} | {est[mode]['total'] / xla:.2f} |"
+                row += f" {fmt(xla)} | {est[mode]['total'] / xla:.2f} |"
             print(row)
     if device:
         for mode in ("train", "inference"):
