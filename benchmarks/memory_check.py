@@ -14,45 +14,48 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-# mode, preset, seq_len, mesh (dp, fsdp, tp, sp), batch, remat_block
+# mode, preset, seq_len, mesh (dp, fsdp, tp, sp), batch, remat_block, compute dtype bytes
 GRID = [
-    ("train", "tiny", 1024, (1, 1, 1, 1), 1, ""),
-    ("train", "tiny", 4096, (1, 1, 1, 1), 1, ""),
-    ("train", "tiny", 4096, (1, 1, 1, 1), 1, "nothing_saveable"),
-    ("train", "tiny", 4096, (1, 2, 1, 1), 2, ""),
-    ("train", "tiny", 4096, (1, 1, 1, 4), 1, ""),
-    ("train", "tiny", 8192, (1, 1, 2, 2), 1, ""),
-    ("train", "debug", 1024, (1, 1, 1, 1), 1, ""),
-    ("train", "debug", 4096, (1, 1, 1, 1), 1, ""),
-    ("train", "debug", 4096, (1, 1, 1, 1), 1, "nothing_saveable"),
-    ("train", "debug", 4096, (1, 1, 1, 4), 1, ""),
-    ("train", "debug", 4096, (1, 2, 1, 2), 2, "nothing_saveable"),
-    ("prefill", "tiny", 4096, (1, 1, 1, 1), 1, ""),
-    ("prefill", "tiny", 16384, (1, 1, 1, 1), 1, ""),
-    ("prefill", "tiny", 8192, (1, 1, 1, 4), 1, ""),
-    ("prefill", "debug", 1024, (1, 1, 1, 1), 1, ""),
-    ("prefill", "debug", 4096, (1, 1, 1, 1), 1, ""),
-    ("prefill", "debug", 4096, (1, 2, 1, 1), 2, ""),
-    ("prefill", "debug", 8192, (1, 1, 1, 4), 1, ""),
+    ("train", "tiny", 1024, (1, 1, 1, 1), 1, "", 4),
+    ("train", "tiny", 4096, (1, 1, 1, 1), 1, "", 4),
+    ("train", "tiny", 4096, (1, 1, 1, 1), 1, "nothing_saveable", 4),
+    ("train", "tiny", 4096, (1, 2, 1, 1), 2, "", 4),
+    ("train", "tiny", 4096, (1, 1, 1, 4), 1, "", 4),
+    ("train", "tiny", 8192, (1, 1, 2, 2), 1, "", 4),
+    ("train", "debug", 1024, (1, 1, 1, 1), 1, "", 4),
+    ("train", "debug", 4096, (1, 1, 1, 1), 1, "", 4),
+    ("train", "debug", 4096, (1, 1, 1, 1), 1, "nothing_saveable", 4),
+    ("train", "debug", 4096, (1, 1, 1, 4), 1, "", 4),
+    ("train", "debug", 4096, (1, 2, 1, 2), 2, "nothing_saveable", 4),
+    ("train", "debug", 4096, (1, 1, 1, 1), 1, "", 2),
+    ("prefill", "tiny", 4096, (1, 1, 1, 1), 1, "", 4),
+    ("prefill", "tiny", 8192, (1, 1, 1, 4), 1, "", 4),
+    ("prefill", "debug", 1024, (1, 1, 1, 1), 1, "", 4),
+    ("prefill", "debug", 4096, (1, 1, 1, 1), 1, "", 4),
+    ("prefill", "debug", 4096, (1, 2, 1, 1), 2, "", 4),
+    ("prefill", "debug", 8192, (1, 1, 1, 4), 1, "", 4),
+    ("prefill", "debug", 4096, (1, 1, 1, 1), 1, "", 2),
 ]
 
 
 def check_grid(rows):
     from lwm.llama import LLaMAConfig
-    from lwm.memory import Plan, estimate, gib, xla_prefill, xla_train
+    from lwm.memory import Plan, estimate, xla_prefill, xla_train
 
-    print("| mode | preset | seq_len | mesh dp,fsdp,tp,sp | batch | remat | estimate GiB | XLA peak GiB | estimate / XLA |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mode | preset | seq_len | mesh dp,fsdp,tp,sp | batch | remat | dtype | estimate MiB | XLA peak MiB | "
+          "estimate / XLA |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
-    for mode, preset, t, mesh, b, remat in rows:
+    for mode, preset, t, mesh, b, remat, dtype_bytes in rows:
         config = LLaMAConfig.load(preset).replace(remat_block=remat,
                                                   attention_impl="ring" if mesh[3] > 1 else "blockwise")
-        plan = Plan(config, t, mesh, b, 4)
+        plan = Plan(config, t, mesh, b, dtype_bytes)
         est = estimate(plan)["train" if mode == "train" else "inference"]["total"]
         xla = (xla_train if mode == "train" else xla_prefill)(plan)["peak"]
         worst = max(worst, abs(est / xla - 1))
-        print(f"| {mode} | {preset} | {t} | {','.join(map(str, mesh))} | {b} | {remat or '-'} | {gib(est)} | "
-              f"{gib(xla)} | {est / xla:.2f} |", flush=True)
+        print(f"| {mode} | {preset} | {t} | {','.join(map(str, mesh))} | {b} | {remat or '-'} | "
+              f"{'fp32' if dtype_bytes == 4 else 'bf16'} | {est / 2**20:.1f} | {xla / 2**20:.1f} | {est / xla:.2f} |",
+              flush=True)
     print(f"\nlargest deviation: {worst:.1%}")
 
 

@@ -22,8 +22,8 @@ table) and the norms replicated, s the bytes of the compute dtype:
                  checkpoint_dots   the matmul outputs: 3 D + 2 K H / tp + 2 F / tp
   inference  parameters  P_dev * s
              KV cache    2 * L * b * S * K * H * s / (sp * tp)   S the cache length (prompt + new tokens)
-             activations n * PREFILL_WORKING * D * s (one layer at a time, no backward) + score tiles
-               + the last position's logits
+             activations n * PREFILL_WORKING_BYTES * D (one layer at a time, no backward) + score tiles
+               + the last position's logits + with fsdp * sp > 1 the embedding table all-gathered (V D s / tp)
 
 XLA's own numbers (`--check_xla`): peak = arguments + outputs - aliased (donated) + temporaries, from
 `jax.jit(step).lower(...).compile().memory_analysis()`. The CPU compiler fuses less than the TPU/GPU ones,
@@ -51,10 +51,11 @@ REMATS = ("", "nothing_saveable", "checkpoint_dots", "everything_saveable", "che
 # points they were fitted on and those they were not.
 LOSS_LOGITS, LOSS_KERNEL = 2.0, 2.0
 BACKWARD_WORKING, REMAT_WORKING, UPDATE_TEMPS = 0.85, 0.25, 1.0
-# Prefill keeps no residuals: one layer's temporaries, PREFILL_WORKING * D elements per token (XLA on CPU:
-# 7.3 D for tiny, 6.3 D for debug per extra token), plus PREFILL_TILES float32 attention score tiles of
-# (q_chunk, k_chunk) per head (debug, chunks 512: 6 MB whatever the length).
-PREFILL_WORKING, PREFILL_TILES = 7.0, 3.0
+# Prefill keeps no residuals: one layer's temporaries, PREFILL_WORKING_BYTES[s] * D bytes per token (XLA on
+# CPU, float32: 7.3 D elements for tiny, 6.3 D for debug per extra token; bfloat16 needs more on CPU, which
+# computes bf16 dots through float32 copies: 52 bytes per D for debug), plus PREFILL_TILES float32 attention
+# score tiles of (q_chunk, k_chunk) per head (debug, chunks 512: 6 MB whatever the length).
+PREFILL_WORKING_BYTES, PREFILL_TILES = {4: 28.0, 2: 52.0}, 3.0
 
 
 def kc_len(c, seq_len: int) -> int:
@@ -162,7 +163,8 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
                  activations=max(peak - grads, 0.0) + batch, kv_cache=0.0)
     cache = 2 * L * b * (plan.seq_len + plan.new_tokens) * c.kv_heads * h * s / (sp * tp)
     tiles = PREFILL_TILES * b * c.scan_query_chunk_size * kc_len(c, plan.seq_len) * c.num_attention_heads / tp * 4
-    prefill = n * PREFILL_WORKING * d * s + tiles + attn_extra * s + b * v_dev * 4
+    gathered = v_dev * d * s if fsdp * sp > 1 else 0.0   # the embedding table, all-gathered for the lookup
+    prefill = n * PREFILL_WORKING_BYTES[s] * d + tiles + gathered + attn_extra * s + b * v_dev * 4
     infer = dict(parameters=p_dev * s, optimizer=0.0, gradients=0.0, activations=prefill, kv_cache=cache)
     for part in (train, infer):
         part["total"] = sum(part.values())
@@ -298,7 +300,8 @@ def parse_args(argv=None):
     p.add_argument("--update_llama_config", default="", help="JSON object of config fields to change")
     p.add_argument("--seq_len", default="32768", help="tokens per sequence; a comma list for several")
     p.add_argument("--mesh_dim", default="1,1,1,1", help="dp,fsdp,tp,sp sizes (no -1: the planner has no devices)")
-    p.add_argument("--sp_strategy", default="ring", choices=SP_STRATEGIES,
+    p.add_argument("--sp_strategy", "--context_parallel_strategy", dest="sp_strategy", default="ring",
+                   choices=SP_STRATEGIES,
                    help="context parallelism over sp: ring (K/V blocks passed round), all_gather (full K/V on "
                         "every device), ulysses (all-to-all: full sequence, heads / sp)")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="compute dtype (and inference weights)")
@@ -339,6 +342,11 @@ def _plans(args):
         updates["remat_block"] = args.remat_block
     if mesh[3] > 1 and args.check_xla:
         updates.setdefault("attention_impl", "ring")
+        if args.sp_strategy != "ring":          # the model's own setting, where this build has it
+            if "context_parallel_strategy" not in config.to_dict():
+                raise ValueError(f"--check_xla with --sp_strategy={args.sp_strategy}: this build's LLaMAConfig has "
+                                 "no context_parallel_strategy, so only the ring can be compiled")
+            updates["context_parallel_strategy"] = args.sp_strategy
     config = config.replace(**updates)
     for t in args.seq_len.split(","):
         yield Plan(config, int(t), mesh, args.batch_size, 4 if args.dtype == "fp32" else 2, args.sp_strategy,
