@@ -15,6 +15,8 @@ containers (optax's `EmptyState`) are not written; they are refilled from the ta
     trainstate_params::PATH  the `params/params/...` entries of a train-state file, as {'params': tree}.
     flax_params::PATH        one `flax.serialization.msgpack_serialize` blob of the inner tree.
     orbax::DIR               a directory written by `save_orbax` (parallel, sharded writes).
+    hf::DIR                  a local Hugging Face folder of a LLaMA-family model, or our vision export
+                             (`lwm.hf_io`); loaded as {'params': tree} in the target's layer layout.
 
 Every tensor is read, checked against the target (key path, shape), cast and placed onto its sharding before
 the next one is read, so a 7B checkpoint never sits whole in host memory twice nor whole on one device.
@@ -399,6 +401,30 @@ def _orbax_params_prefix(path: str) -> Key:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Hugging Face folders.
+
+
+def load_hf(directory: str, target: Any = None, shardings: Any = None, float_dtype: Any = None) -> Any:
+    """Read a local Hugging Face folder (safetensors or .bin, sharded or not; see `lwm.hf_io`) one LWM
+    tensor at a time into the target's layout: scanned (`h/scan_decoder`, on the target's layer axis) or
+    unscanned (`h/<i>`). Without a target: scanned on axis 0, numpy arrays in the stored dtype."""
+    from lwm.hf_io import iter_hf_params, lwm_config_from_hf
+
+    scan, axis = True, 0
+    if target is not None:
+        layers = _inner_params(target)["transformer"]["h"]
+        scan = "scan_decoder" in layers
+        if scan:
+            norm = layers["scan_decoder"]["attention_norm"]["kernel"]
+            num_layers = lwm_config_from_hf(directory).num_hidden_layers
+            axis = 0 if _leaf_shape_dtype(norm)[0][0] == num_layers else 1
+    out = _Assembler(f"hf::{directory}", target, shardings, float_dtype)
+    for key, value in iter_hf_params(directory, scan_layers=scan, param_scan_axis=axis):
+        out.add(key, value)
+    return out.finish()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # `--load_checkpoint` specs.
 
 
@@ -422,7 +448,7 @@ def load_checkpoint(spec: str, *, train_state_target: Any = None, train_state_sh
     """
     if "::" not in spec:
         raise CheckpointError(f"--load_checkpoint {spec!r}: expected TYPE::PATH with TYPE one of params, "
-                              "trainstate, trainstate_params, flax_params, orbax")
+                              "trainstate, trainstate_params, flax_params, orbax, hf")
     kind, path = spec.split("::", 1)
     if params_target is None and train_state_target is not None:
         params_target = inner_params(train_state_target.params)
@@ -452,7 +478,9 @@ def load_checkpoint(spec: str, *, train_state_target: Any = None, train_state_sh
             params = load_streaming(path, params_target, params_shardings, float_dtype, prefix=("params",))
     elif kind == "flax_params":
         params = load_flax_msgpack(path, params_target, params_shardings, float_dtype)
+    elif kind == "hf":
+        params = load_hf(path, params_target, params_shardings, float_dtype)
     else:
         raise CheckpointError(f"--load_checkpoint {spec!r}: unknown type {kind!r}; expected params, "
-                              "trainstate, trainstate_params, flax_params or orbax")
+                              "trainstate, trainstate_params, flax_params, orbax or hf")
     return None, {"params": params}

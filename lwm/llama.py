@@ -18,6 +18,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lwm.attention import ATTENTION_IMPLS, attention, cached_attention
 from lwm.sharding import constrain
@@ -53,8 +54,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 _IGNORED_KEYS = frozenset({
     "use_cache", "mesh_dim", "fcm_min_ratio", "fcm_max_ratio", "model_type", "architectures",
     "transformers_version", "torch_dtype", "dtype", "pad_token_id", "return_dict", "output_attentions",
-    "output_hidden_states", "add_cross_attention", "_name_or_path",
+    "output_hidden_states", "add_cross_attention", "_name_or_path", "rope_theta",
 })
+
+ROPE_SCALING_TYPES = ("", "linear", "llama3")
 
 REMAT_POLICIES = {
     "": None,
@@ -77,9 +80,17 @@ class LLaMAConfig:
     rms_norm_eps: float = 1e-6                 # epsilon inside RMSNorm's rsqrt
     initializer_range: float = 0.02            # std of the normal init of every kernel and the embedding
     theta: float = 10000.0                     # rotary base (rope_theta in transformers' configs)
-    tie_word_embeddings: bool = False          # True: logits use the embedding matrix, no lm_head
-    bos_token_id: int = 0                      # begin-of-sequence id (the tokenizer's, set by the entry points)
-    eos_token_id: int = 1                      # end-of-sequence id (ditto)
+    tie_word_embeddings: bool = False          # True: logits use the embedding (V, D) transposed; no lm_head
+    # RoPE frequency scaling, transformers' `rope_type` (modeling_rope_utils): '' none, 'linear' (every
+    # frequency / factor), 'llama3' (Llama 3.1: wavelengths above original_max/low_freq_factor / factor,
+    # below original_max/high_freq_factor kept, smooth in between). See `rope_inv_freq`.
+    rope_scaling_type: str = ""                # '', 'linear' or 'llama3'
+    rope_scaling_factor: float = 1.0           # the scaling factor of both types
+    rope_low_freq_factor: float = 1.0          # llama3: wavelengths above original_max / this are divided by factor
+    rope_high_freq_factor: float = 4.0         # llama3: wavelengths below original_max / this are kept
+    rope_original_max_position: int = 8192     # llama3: the base model's trained context
+    bos_token_id: int = 1                      # begin-of-sequence id, the LLaMA tokenizer's (the original said 0)
+    eos_token_id: int = 2                      # end-of-sequence id (the original said 1); entry points set the tokenizer's
     embd_pdrop: float = 0.0                    # dropout on the embedding output (training only)
     resid_pdrop: float = 0.0                   # dropout on each attention and feed-forward output (training only)
     attn_pdrop: float = 0.0                    # attention-probability dropout: not implemented, > 0 raises in training
@@ -115,6 +126,13 @@ class LLaMAConfig:
         for name in ("remat_block", "remat_attention", "remat_mlp"):
             if getattr(self, name) not in REMAT_POLICIES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {list(REMAT_POLICIES)}")
+        if self.rope_scaling_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"rope_scaling_type={self.rope_scaling_type!r}; choose one of {ROPE_SCALING_TYPES}")
+        if self.rope_scaling_type and self.rope_scaling_factor <= 0:
+            raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be > 0")
+        if self.rope_scaling_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ValueError(f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                             f"rope_low_freq_factor={self.rope_low_freq_factor}")
         if self.param_scan_axis not in (0, 1):
             raise ValueError(f"param_scan_axis={self.param_scan_axis}; must be 0 or 1")
 
@@ -140,6 +158,7 @@ class LLaMAConfig:
             raise ValueError(f"{source}: unknown LLaMAConfig keys {unknown}; known keys: {sorted(fields)}")
         if "rope_theta" in d and "theta" not in d:
             d = {**d, "theta": d["rope_theta"]}
+        d = {k: v for k, v in d.items() if k != "rope_theta"}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     @classmethod
@@ -174,12 +193,34 @@ class RMSNorm(nn.Module):
         return x.astype(self.dtype) * jnp.asarray(weight, self.dtype)
 
 
-def apply_rotary(x, positions, theta: float):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle pos * theta^(-2i/H), as the original LWM does.
-    x: (B, T, N, H); positions: (B, T) int."""
+def rope_inv_freq(config: LLaMAConfig) -> np.ndarray:
+    """(H/2,) float32 inverse frequencies theta^(-2i/H), scaled per `rope_scaling_type`, computed in float32
+    exactly as transformers' `modeling_rope_utils` (`_compute_default/linear_scaling/llama3_parameters`)."""
+    h = config.head_dim
+    inv = (np.float32(1.0) / (np.float32(config.theta) ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h))))
+    kind, factor = config.rope_scaling_type, np.float32(config.rope_scaling_factor)
+    if kind == "linear":
+        return (inv / factor).astype(np.float32)
+    if kind == "llama3":
+        old = np.float32(config.rope_original_max_position)
+        low, high = np.float32(config.rope_low_freq_factor), np.float32(config.rope_high_freq_factor)
+        wavelen = np.float32(2 * np.pi) / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv.astype(np.float32)
+
+
+def apply_rotary(x, positions, inv_freq):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i], as the original LWM does (with
+    inv_freq[i] = theta^(-2i/H) unscaled; see `rope_inv_freq`). x: (B, T, N, H); positions: (B, T) int;
+    inv_freq: (H/2,). A float `inv_freq` is taken as theta (the unscaled form)."""
     h = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # (H/2,)
-    angle = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    if isinstance(inv_freq, (int, float)):
+        inv_freq = 1.0 / (inv_freq ** (np.arange(0, h, 2, dtype=np.float32) / h))
+    angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # (B, T, H/2)
     cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
     xf = x.astype(jnp.float32).reshape(*x.shape[:-1], h // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
@@ -207,8 +248,9 @@ class LLaMAAttention(nn.Module):
         q = dense_layer(n * h, cfg, self.dtype, self.param_dtype, "wq")(x).reshape(b, t, n, h)
         key = dense_layer(k * h, cfg, self.dtype, self.param_dtype, "wk")(x).reshape(b, t, k, h)
         val = dense_layer(k * h, cfg, self.dtype, self.param_dtype, "wv")(x).reshape(b, t, k, h)
-        q = apply_rotary(q, position_ids, cfg.theta)
-        key = apply_rotary(key, position_ids, cfg.theta)
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rotary(q, position_ids, inv_freq)
+        key = apply_rotary(key, position_ids, inv_freq)
         if cfg.attn_pdrop > 0 and not self.deterministic:
             raise ValueError(
                 f"attn_pdrop={cfg.attn_pdrop}: dropout on the attention probabilities is not implemented by the "
