@@ -257,14 +257,24 @@ def check_model_mesh(config, mesh: Mesh, *, seq_len: int | None = None, batch_si
         raise MeshError(f"num_key_value_heads={config.kv_heads} is not divisible by tp={tp}")
     if batch_size is not None and batch_size % batch_shards:
         raise MeshError(f"batch size {batch_size} is not divisible by dp*fsdp={batch_shards}")
+    if config.context_parallel and config.context_parallel_strategy == "ulysses" and sp > 1:
+        from lwm.attention.ulysses import check_heads
+
+        try:
+            check_heads(config.num_attention_heads, config.kv_heads, tp, sp)
+        except ValueError as e:
+            raise MeshError(str(e)) from None
     if seq_len is not None:
-        if seq_len % sp:
-            raise MeshError(f"sequence length {seq_len} is not divisible by sp={sp}")
-        local = seq_len // sp
+        balance = config.context_parallel_load_balance if config.context_parallel else "none"
+        parts = 2 * sp if balance == "zigzag" and sp > 1 else sp
+        if seq_len % parts:
+            need = f"sp={sp}" if parts == sp else f"2*sp={parts} (context_parallel_load_balance='zigzag')"
+            raise MeshError(f"sequence length {seq_len} is not divisible by {need}")
+        local = seq_len // parts  # tokens per contiguous run of a device's shard
         if config.attention_impl != "dense":
             for name in ("scan_query_chunk_size", "scan_key_chunk_size"):
                 chunk = getattr(config, name)
                 if local > chunk and local % chunk:
                     raise MeshError(
-                        f"sequence length {seq_len} / sp={sp} = {local} tokens per device is not a multiple "
-                        f"of {name}={chunk}")
+                        f"sequence length {seq_len} / {parts} = {local} tokens per contiguous run of a device's "
+                        f"shard (sp={sp}, load balance {balance!r}) is not a multiple of {name}={chunk}")
