@@ -17,6 +17,7 @@ import pytest
 from lwm.llama import LLaMAForCausalLM, init_cache, sequence_layout
 from lwm.sampling import Sampler
 from lwm.sharding import make_mesh, param_shardings
+from test_needle import _script_flags, workdir  # noqa: F401 (fixture)
 from test_sampling import EOS, NEW, PAD, PROMPTS, greedy_batch, sampler, tiny  # noqa: F401 (fixtures)
 
 STRATEGIES = ("ring", "all_gather", "ulysses")
@@ -77,3 +78,24 @@ def test_greedy_sampling_is_identical(tiny, greedy_batch, strategy, balance):  #
         placed = jax.device_put(params, param_shardings(params, cp_cfg, mesh))
         s = Sampler(LLaMAForCausalLM(cp_cfg), placed, eos_id=EOS, pad_id=PAD)
         assert s.generate(PROMPTS, NEW) == greedy_batch
+
+
+@pytest.mark.slow
+def test_needle_eval_answers_are_identical_under_every_strategy(workdir, tmp_path):  # noqa: F811
+    """scripts/eval_needle.py on 8 devices (fsdp=2, sp=4) under each strategy (with a balanced layout where
+    one applies) gives the single-device blockwise run's responses token for token."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import eval_needle
+
+    d, _ = workdir
+    ref = eval_needle.main(_script_flags(d, tmp_path / "ref.json"))
+    for strategy, balance in (("ring", "zigzag"), ("all_gather", "striped"), ("ulysses", "none")):
+        extra = ["--mesh_dim=1,2,1,4", "--llama.attention_impl=ring",
+                 f"--update_llama_config=dict(context_parallel_strategy='{strategy}',"
+                 f"context_parallel_load_balance='{balance}')"]
+        got = eval_needle.main(_script_flags(d, tmp_path / f"{strategy}.json", extra))
+        assert [r["response"] for r in got] == [r["response"] for r in ref], strategy
+        assert json.loads((tmp_path / f"{strategy}.json").read_text())
