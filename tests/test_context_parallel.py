@@ -130,3 +130,12 @@ def test_zigzag_length_error(data):
         with pytest.raises(ValueError, match=r"sequence length 36 is not divisible by 8"):
             x = jnp.zeros((2, 36, 4, 8))
             context_parallel_attention(x, x, x, load_balance="zigzag")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,balance", [("ring", "zigzag"), ("all_gather", "striped"), ("ulysses", "zigzag")])
+def test_pallas_kernel_inside_every_strategy(data, dense_reference, strategy, balance):
+    """The Pallas (Triton-style) block kernel, in interpret mode, inside each strategy with a layout."""
+    got = cp_value_and_grads(make_mesh((1, 1, 1, 2)), data, True, strategy=strategy, load_balance=balance,
+                             block_impl="pallas", pallas_interpret=True)
+    assert_parity(got, dense_reference(True, True))
