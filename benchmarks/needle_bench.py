@@ -76,7 +76,7 @@ def main(argv=None):
     print(f"preset {args.preset}, impl {cfg.attention_impl}, mesh {dict(mesh.shape)}, "
           f"{jax.device_count()} {jax.default_backend()} devices, budget {args.max_new_tokens} new tokens", flush=True)
     with jax.set_mesh(mesh):
-        params = jax.device_put(params, named_shardings(match_partition_rules(params), mesh))
+        params = jax.device_put(params, named_shardings(match_partition_rules(params, cfg), mesh))
         sampler = Sampler(model, params, eos_id=-1, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
         for length in lengths:
             trials = needle.single_needle_trials(haystacks, tok, [length], depths, random.Random(0))

@@ -63,7 +63,7 @@ def main(argv=None):
           f"V={cfg.vocab_size} chunk={cfg.scan_query_chunk_size} impl={cfg.attention_impl} mesh={dict(mesh.shape)} "
           f"dtype={args.dtype} backend={jax.default_backend()} ({jax.device_count()} devices)", flush=True)
     with jax.set_mesh(mesh):
-        params = jax.device_put(params, named_shardings(match_partition_rules(params), mesh))
+        params = jax.device_put(params, named_shardings(match_partition_rules(params, cfg), mesh))
         sampler = Sampler(model, params, eos_id=-1, pad_id=0)       # eos -1: every row runs the full budget
         rng = np.random.default_rng(0)
         for t in lengths:

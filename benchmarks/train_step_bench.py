@@ -63,7 +63,7 @@ def _child(args) -> dict:
 
     with jax.set_mesh(mesh):
         params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"])()
-        p_shard = named_shardings(match_partition_rules(params), mesh)
+        p_shard = named_shardings(match_partition_rules(params, cfg), mesh)
         params = jax.device_put(params, p_shard)
         opt_state = tx.init(params)
         rng = np.random.default_rng(0)

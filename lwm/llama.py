@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm.attention import ATTENTION_IMPLS, attention, cached_attention
-from lwm.sharding import constrain
+from lwm.attention import (ATTENTION_IMPLS, CONTEXT_PARALLEL_IMPLS, LOAD_BALANCES, STRATEGIES, attention,
+                           cached_attention, layout)
+from lwm.sharding import constrain, sequence_parallel_size
 
 _COMMON = dict(vocab_size=32000, initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
@@ -102,6 +103,10 @@ class LLaMAConfig:
     scan_query_chunk_size: int = 1024          # query block size of the blockwise / ring / Pallas attention
     scan_key_chunk_size: int = 1024            # key block size of the same
     pallas_interpret: bool = False             # run the Pallas kernel in interpret mode (CPU tests)
+    # Context parallelism over the mesh's 'sp' axis (attention_impl 'ring' / 'ring_pallas'; see
+    # docs/context_parallel.md). The defaults are the original's plain ring.
+    context_parallel_strategy: str = "ring"    # how the sequence is split: 'ring', 'all_gather' or 'ulysses'
+    context_parallel_load_balance: str = "none"  # its layout: 'none' (contiguous), 'zigzag' or 'striped'
     scan_mlp: bool = False                     # feed-forward in chunks of scan_mlp_chunk_size tokens (T padded up)
     scan_mlp_chunk_size: int = 1024            # tokens per feed-forward chunk
     scan_layers: bool = True                   # nn.scan over layers: params h/scan_decoder/... with a layer axis
@@ -110,6 +115,12 @@ class LLaMAConfig:
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+        if self.context_parallel_strategy not in STRATEGIES:
+            raise ValueError(f"context_parallel_strategy={self.context_parallel_strategy!r}; choose one of "
+                             f"{STRATEGIES}")
+        if self.context_parallel_load_balance not in LOAD_BALANCES:
+            raise ValueError(f"context_parallel_load_balance={self.context_parallel_load_balance!r}; choose one "
+                             f"of {LOAD_BALANCES}")
         if self.attention_impl == "dense" and self.scan_attention:
             raise ValueError("scan_attention=True asks for blockwise attention but attention_impl='dense'")
         if self.pallas_interpret and self.attention_impl not in ("pallas", "ring_pallas"):
@@ -139,6 +150,11 @@ class LLaMAConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def context_parallel(self) -> bool:
+        """True when attention shards the sequence over 'sp' (attention_impl 'ring' or 'ring_pallas')."""
+        return self.attention_impl in CONTEXT_PARALLEL_IMPLS
 
     @property
     def head_dim(self) -> int:
@@ -261,6 +277,7 @@ class LLaMAAttention(nn.Module):
         val = constrain(val, ("batch", "seq", "kv_heads", "head_dim"))
 
         new_cache = None
+        balance, sp = sequence_layout(cfg, self.cache_mode)
         if self.cache_mode == "decode":
             out, ck, cv, _ = cached_attention(
                 q, key, val, layer_cache["k"], layer_cache["v"], cache_segment_ids, segment_ids, cache_index,
@@ -269,14 +286,34 @@ class LLaMAAttention(nn.Module):
         else:
             out = attention(q, key, val, segment_ids, impl=cfg.attention_impl, causal=True,
                             q_chunk=cfg.scan_query_chunk_size, k_chunk=cfg.scan_key_chunk_size,
-                            pallas_interpret=cfg.pallas_interpret)
-            if self.cache_mode == "prefill":  # the prompt occupies slots [0, T) of the cache
+                            pallas_interpret=cfg.pallas_interpret, strategy=cfg.context_parallel_strategy,
+                            load_balance=balance)
+            if self.cache_mode == "prefill":  # the prompt occupies slots [0, T), in natural order
+                key, val = (layout.from_layout(x, sp, balance) for x in (key, val))
                 new_cache = dict(k=layer_cache["k"].at[:, :t].set(key.astype(layer_cache["k"].dtype)),
                                  v=layer_cache["v"].at[:, :t].set(val.astype(layer_cache["v"].dtype)))
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         out = dense_layer(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out.reshape(b, t, n * h))
         out = nn.Dropout(rate=cfg.resid_pdrop)(out, deterministic=self.deterministic)
         return out, new_cache
+
+
+def sequence_layout(config: LLaMAConfig, cache_mode: Optional[str] = None) -> tuple[str, int]:
+    """(load balance, sp) of the token order inside the layers: the config's
+    context_parallel_load_balance when the sequence is sharded over sp > 1 devices (context-parallel impl,
+    ambient mesh), else 'none'. Decode steps (one new token against the cache) keep the natural order."""
+    sp = sequence_parallel_size()
+    if not config.context_parallel or sp == 1 or cache_mode == "decode":
+        return "none", sp
+    return config.context_parallel_load_balance, sp
+
+
+def sequence_multiple(config: LLaMAConfig, sp: Optional[int] = None) -> int:
+    """What a sequence length must divide by under this config and `sp` (default: the ambient mesh's)."""
+    sp = sequence_parallel_size() if sp is None else sp
+    if config.context_parallel and config.context_parallel_load_balance == "zigzag":
+        return 2 * sp
+    return sp
 
 
 class LLaMAMLP(nn.Module):
@@ -366,6 +403,14 @@ class LLaMABlockCollection(nn.Module):
             start = 0 if self.cache_mode == "prefill" else cache_index
             cache_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg, start, axis=1)
             segment_ids = seg
+        # The load-balanced layout (lwm.attention.layout) is applied here, once, to everything per token that
+        # enters the layers, and undone on the hidden states that leave; the cache segment ids above and the
+        # prefill's cache writes (LLaMAAttention) stay in natural order.
+        balance, sp = sequence_layout(cfg, self.cache_mode)
+        if balance != "none":
+            layout.check(balance, x.shape[1], sp, "context_parallel_load_balance")
+            x, position_ids, segment_ids = (None if a is None else layout.to_layout(a, sp, balance)
+                                            for a in (x, position_ids, segment_ids))
         if cfg.scan_layers:
             scanned = nn.scan(
                 block, variable_axes={"params": cfg.param_scan_axis},
@@ -381,6 +426,7 @@ class LLaMABlockCollection(nn.Module):
                 x, nc = block(cfg, name=str(i), **kw)(x, position_ids, segment_ids, lc, cache_seg, cache_index)
                 outs.append(nc)
             new_layer_caches = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+        x = layout.from_layout(x, sp, balance)
         return x, (None if cache is None else dict(new_layer_caches, segment_ids=cache_seg))
 
 

@@ -310,15 +310,20 @@ def _block(indices: np.ndarray, n: int, what: str, process: int) -> tuple[int, i
     return int(idx[0] // k), n // k
 
 
-def host_layout(axis_names, device_processes, process_index: int, data_axes=("dp", "fsdp"),
-                seq_axis: str = "sp") -> HostShard:
+def host_layout(axis_names, device_processes, process_index: int, data_axes=None,
+                seq_axis: str | None = None) -> HostShard:
     """HostShard of `process_index` for a batch sharded P(data_axes, seq_axis) over a mesh whose devices
-    belong to the processes `device_processes` (an int array shaped like the mesh).
+    belong to the processes `device_processes` (an int array shaped like the mesh). The axes default to
+    lwm.sharding's BATCH_AXES (dp, fsdp) and SEQ_AXIS (sp).
 
     >>> # dp=2 over two hosts, sp=2 within each: host 1 builds rows 2..3 of a 4-row batch, all columns
     >>> host_layout(("dp", "sp"), np.array([[0, 0], [1, 1]]), 1)
     HostShard(dp_rank=1, dp_size=2, sp_rank=0, sp_size=1)
     """
+    from lwm.sharding import BATCH_AXES, SEQ_AXIS
+
+    data_axes = BATCH_AXES if data_axes is None else data_axes
+    seq_axis = SEQ_AXIS if seq_axis is None else seq_axis
     procs = np.asarray(device_processes)
     names = list(axis_names)
     if procs.ndim != len(names):
@@ -349,13 +354,14 @@ def host_shard_from_mesh(mesh, process_index: int | None = None) -> HostShard:
 
 def make_global_batch(batch: dict, mesh, spec=None, host: HostShard | None = None) -> dict:
     """Assemble each process's local (B/dp_size, T/sp_size) arrays into global (B, T) jax Arrays sharded by
-    `spec` (default P(('dp', 'fsdp'), 'sp'), limited to the axes the mesh has)."""
+    `spec` (default lwm.sharding.batch_spec: P(('dp', 'fsdp'), 'sp'), limited to the axes the mesh has)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding
+
+    from lwm.sharding import batch_spec
 
     if spec is None:
-        data = tuple(a for a in ("dp", "fsdp") if a in mesh.axis_names)
-        spec = PartitionSpec(data or None, "sp" if "sp" in mesh.axis_names else None)
+        spec = batch_spec(mesh)
     host = host_shard_from_mesh(mesh) if host is None else host
     sharding = NamedSharding(mesh, spec)
     out = {}

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm.llama import LLaMAConfig, LLaMAForCausalLM, init_cache
+from lwm import sharding
+from lwm.llama import LLaMAConfig, LLaMAForCausalLM, init_cache, sequence_multiple
 
 LogitsProcessor = Callable[[jax.Array, jax.Array], jax.Array]     # (logits (B, V), step) -> logits (B, V)
 SampleFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (logits (B, V), rng, step) -> (B,) int32
@@ -105,15 +106,12 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
 
 
 def _cache_spec(config: LLaMAConfig):
-    """With ring attention under an ambient ('dp','fsdp','tp','sp') mesh, the cache is sharded along the
-    sequence over sp (as `lwm.attention.decode` expects); otherwise it is left to the compiler."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if (config.attention_impl not in ("ring", "ring_pallas") or mesh.empty
-            or not {"dp", "fsdp", "tp", "sp"} <= set(mesh.axis_names)):
+    """With context parallelism under an ambient ('dp','fsdp','tp','sp') mesh, the cache is sharded along
+    the sequence over sp (`lwm.sharding.cache_specs`, as `lwm.attention.decode` expects); otherwise it is
+    left to the compiler."""
+    if not config.context_parallel or not sharding.has_full_mesh():
         return None
-    P = jax.sharding.PartitionSpec
-    kv = P(None, ("dp", "fsdp"), "sp", "tp", None)          # (L, B, S, K, H)
-    return dict(k=kv, v=kv, segment_ids=P(("dp", "fsdp"), "sp"))
+    return sharding.cache_specs()
 
 
 def _constrain_cache(cache, config: LLaMAConfig):
@@ -238,11 +236,7 @@ class Sampler:
     @staticmethod
     def mesh_sizes() -> tuple[int, int]:
         """(data-parallel size dp*fsdp, sequence-parallel size sp) of the ambient mesh, (1, 1) without one."""
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:
-            return 1, 1
-        shape = dict(mesh.shape)
-        return shape.get("dp", 1) * shape.get("fsdp", 1), shape.get("sp", 1)
+        return sharding.data_parallel_size(), sharding.sequence_parallel_size()
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         """The over-length error, raised before anything is compiled."""
@@ -255,9 +249,8 @@ class Sampler:
                 "--update_llama_config='{\"max_sequence_length\": N}')")
 
     def padded_length(self, prompt_len: int) -> int:
-        _, sp = self.mesh_sizes()
         block = max(self.config.scan_query_chunk_size, self.config.scan_key_chunk_size)
-        return bucket_length(prompt_len, sp, block)
+        return bucket_length(prompt_len, sequence_multiple(self.config), block)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingConfig = SamplingConfig(), rng: Optional[jax.Array] = None, *,
@@ -324,7 +317,7 @@ def load_model(config: LLaMAConfig, load_checkpoint: str, dtype=jnp.float32, mes
     shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     shardings = None
     if mesh is not None:
-        specs = match_partition_rules(shapes, config.param_scan_axis)
+        specs = match_partition_rules(shapes, config)
         check_divisible(shapes, specs, mesh)
         shardings = named_shardings(specs, mesh)
     _, params = read_checkpoint(load_checkpoint, params_target=shapes, params_shardings=shardings,

@@ -18,6 +18,9 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("dp", "fsdp", "tp", "sp")
+BATCH_AXES = ("dp", "fsdp")   # the batch dimension is split over both data axes
+HEAD_AXIS = "tp"              # attention heads / hidden units
+SEQ_AXIS = "sp"               # the sequence: context parallelism (ring, all-gather, Ulysses)
 
 # Ordered: the first rule whose regex is found in a parameter's '/'-joined path wins. Specs are for the
 # unscanned parameter; scanned parameters (under 'scan_decoder') get None inserted at the layer axis.
@@ -41,12 +44,12 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
 
 # Logical activation dimension -> mesh axes.
 LOGICAL_AXES: dict[str, Any] = {
-    "batch": ("dp", "fsdp"),
-    "seq": "sp",
-    "heads": "tp",
-    "kv_heads": "tp",
-    "mlp": "tp",
-    "vocab": "tp",
+    "batch": BATCH_AXES,
+    "seq": SEQ_AXIS,
+    "heads": HEAD_AXIS,
+    "kv_heads": HEAD_AXIS,
+    "mlp": HEAD_AXIS,
+    "vocab": HEAD_AXIS,
     "embed": None,
     "head_dim": None,
 }
@@ -139,9 +142,17 @@ def param_spec(path: str, ndim: int, scan_axis: int = 0) -> P:
     raise MeshError(f"parameter {path!r} matches no rule in lwm.sharding.PARAM_RULES; add one")
 
 
-def match_partition_rules(tree, scan_axis: int = 0):
+def match_partition_rules(tree, config):
     """PartitionSpecs for a parameter tree or any tree whose leaf paths end in parameter paths (optimizer
-    states). Scalars and size-1 leaves (step counters) are replicated; any other unmatched leaf raises."""
+    states). Scalars and size-1 leaves (step counters) are replicated; any other unmatched leaf raises.
+
+    config: the model config (`LLaMAConfig` or a subclass); its `param_scan_axis` says where the layer axis
+    of scanned parameters sits. It is required so that no caller can shard a param_scan_axis=1 model with
+    the layer axis in the wrong place."""
+    scan_axis = getattr(config, "param_scan_axis", None)
+    if scan_axis not in (0, 1):
+        raise TypeError(f"match_partition_rules(tree, config): config must be the model config (with "
+                        f"param_scan_axis 0 or 1), got {config!r}")
 
     def spec(path, leaf):
         shape = np.shape(leaf)
@@ -164,8 +175,69 @@ def check_divisible(tree, specs, mesh) -> None:
                                 f"of size {n}")
 
 
+def param_shardings(tree, config, mesh: Mesh):
+    """NamedShardings of a parameter (or train-state) tree on `mesh`, checked for divisibility first."""
+    specs = match_partition_rules(tree, config)
+    check_divisible(tree, specs, mesh)
+    return named_shardings(specs, mesh)
+
+
 def named_shardings(specs, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def _batch(mesh):
+    """The batch entry of a spec: the data axes `mesh` has (all of them when mesh is None), or None."""
+    kept = tuple(a for a in BATCH_AXES if mesh is None or a in mesh.axis_names)
+    return kept or None
+
+
+def _axis(mesh, name: str):
+    return name if mesh is None or name in mesh.axis_names else None
+
+
+def batch_spec(mesh=None) -> P:
+    """(B, T) token arrays (ids, targets, masks, segment and position ids): P(('dp', 'fsdp'), 'sp')."""
+    return P(_batch(mesh), _axis(mesh, SEQ_AXIS))
+
+
+def activation_spec(mesh=None) -> P:
+    """(B, T, N|K, H) attention inputs/outputs: P(('dp', 'fsdp'), 'sp', 'tp', None)."""
+    return P(_batch(mesh), _axis(mesh, SEQ_AXIS), _axis(mesh, HEAD_AXIS), None)
+
+
+def token_spec(mesh=None) -> P:
+    """(B, T, N|K, H) decode-step tokens, not split along T: P(('dp', 'fsdp'), None, 'tp', None)."""
+    return P(_batch(mesh), None, _axis(mesh, HEAD_AXIS), None)
+
+
+def cache_specs(mesh=None) -> dict:
+    """KV cache dict(k, v: (L, B, S, K, H), segment_ids: (B, S)) sharded along S over 'sp'."""
+    kv = P(None, *activation_spec(mesh))
+    return dict(k=kv, v=kv, segment_ids=batch_spec(mesh))
+
+
+def sequence_parallel_size(mesh=None) -> int:
+    """Size of the 'sp' axis of `mesh` (default: the ambient mesh); 1 when there is none."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty or SEQ_AXIS not in mesh.axis_names:
+        return 1
+    return int(dict(mesh.shape)[SEQ_AXIS])
+
+
+def data_parallel_size(mesh=None) -> int:
+    """dp * fsdp of `mesh` (default: the ambient mesh); 1 when there is none."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty:
+        return 1
+    shape = dict(mesh.shape)
+    return math.prod(shape.get(a, 1) for a in BATCH_AXES)
+
+
+def has_full_mesh(mesh=None) -> bool:
+    """True when `mesh` (default: the ambient mesh) has all of MESH_AXES."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return mesh is not None and not mesh.empty and set(MESH_AXES) <= set(mesh.axis_names)
 
 
 def logical_spec(logical: Sequence[str | None]) -> P:
@@ -190,14 +262,24 @@ def check_model_mesh(config, mesh: Mesh, *, seq_len: int | None = None, batch_si
         raise MeshError(f"num_key_value_heads={config.kv_heads} is not divisible by tp={tp}")
     if batch_size is not None and batch_size % batch_shards:
         raise MeshError(f"batch size {batch_size} is not divisible by dp*fsdp={batch_shards}")
+    if config.context_parallel and config.context_parallel_strategy == "ulysses" and sp > 1:
+        from lwm.attention.ulysses import check_heads
+
+        try:
+            check_heads(config.num_attention_heads, config.kv_heads, tp, sp)
+        except ValueError as e:
+            raise MeshError(str(e)) from None
     if seq_len is not None:
-        if seq_len % sp:
-            raise MeshError(f"sequence length {seq_len} is not divisible by sp={sp}")
-        local = seq_len // sp
+        balance = config.context_parallel_load_balance if config.context_parallel else "none"
+        parts = 2 * sp if balance == "zigzag" and sp > 1 else sp
+        if seq_len % parts:
+            need = f"sp={sp}" if parts == sp else f"2*sp={parts} (context_parallel_load_balance='zigzag')"
+            raise MeshError(f"sequence length {seq_len} is not divisible by {need}")
+        local = seq_len // parts  # tokens per contiguous run of a device's shard
         if config.attention_impl != "dense":
             for name in ("scan_query_chunk_size", "scan_key_chunk_size"):
                 chunk = getattr(config, name)
                 if local > chunk and local % chunk:
                     raise MeshError(
-                        f"sequence length {seq_len} / sp={sp} = {local} tokens per device is not a multiple "
-                        f"of {name}={chunk}")
+                        f"sequence length {seq_len} / {parts} = {local} tokens per contiguous run of a device's "
+                        f"shard (sp={sp}, load balance {balance!r}) is not a multiple of {name}={chunk}")

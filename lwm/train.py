@@ -7,7 +7,7 @@
 
 From Python: `lwm.train.main(["--modality=text", ...])` or `lwm.train.train(config)` with a ConfigDict from
 `get_default_config()`. Sections: flags, then the run (setup, restore, the loop). The step functions are
-in `lwm.train_state`, the optimizer in `lwm.optimizer`, metrics in `lwm.logging_utils`. See docs/train.md.
+in `lwm.train_state`, the multi-process helpers in `lwm.multihost`, the optimizer in `lwm.optimizer`, metrics in `lwm.logging_utils`. See docs/train.md.
 """
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from lwm import checkpoint as ckpt
-from lwm import distributed, flags, logging_utils, models
+from lwm import distributed, flags, logging_utils, models, multihost
 from lwm.flags import FlagError, model_config_from_flags
 from lwm import optimizer as optimizer_lib
 from lwm import train_state as ts
 from lwm.checkpointer import Checkpointer, checkpoint_spec, latest, read_dataset_state, read_metadata
 from lwm.data import DatasetFactory, HostShard, host_shard_from_mesh
-from lwm.sharding import check_divisible, check_model_mesh, make_mesh, match_partition_rules, named_shardings
+from lwm.sharding import batch_spec, check_model_mesh, make_mesh, param_shardings
 from lwm.tokenizer import load_tokenizer
 
 logger = logging.getLogger("lwm.train")
@@ -121,23 +121,23 @@ def _restore(config, output_dir, dataset, eval_dataset, shapes, shardings):
         if state is None:
             logger.warning("%s holds parameters only (--checkpointer.save_optimizer_state=False): the optimizer "
                            "state starts afresh and the run will not repeat the uninterrupted one", resume_dir)
-        dataset.load_state_dict(ts.process_state(read_dataset_state(resume_dir)))
+        dataset.load_state_dict(multihost.process_state(read_dataset_state(resume_dir)))
         if eval_dataset is not None and meta.get("eval_dataset_state") is not None:
-            eval_dataset.load_state_dict(ts.process_state(meta["eval_dataset_state"]))
+            eval_dataset.load_state_dict(multihost.process_state(meta["eval_dataset_state"]))
         return state, params, meta, resume_dir
     state = params = None
     if config.load_checkpoint:
         state, params = ckpt.load_checkpoint(config.load_checkpoint, train_state_target=shapes,
                                              train_state_shardings=shardings)
     if config.load_dataset_state:
-        dataset.load_state_dict(ts.process_state(read_dataset_state(config.load_dataset_state)))
+        dataset.load_state_dict(multihost.process_state(read_dataset_state(config.load_dataset_state)))
     return state, params, {}, None
 
 
 def _evaluate(eval_fn, params, eval_iter, steps: int, to_global) -> dict:
     """Mean of each metric over `steps` eval batches, names prefixed with eval_."""
     rows = [eval_fn(params, to_global(next(eval_iter)[0])) for _ in range(steps)]
-    return {f"eval_{k}": float(sum(float(ts.host_value(r[k])) for r in rows) / steps) for k in rows[0]}
+    return {f"eval_{k}": float(sum(float(multihost.host_value(r[k])) for r in rows) / steps) for k in rows[0]}
 
 
 def _run(config: ConfigDict) -> dict:
@@ -163,7 +163,7 @@ def _run(config: ConfigDict) -> dict:
     task = ts.Task(models.build_model(config.modality, model_config, dtype), config.modality, weights["text"],
                    weights["vision"], config.loss_chunk_size)
     tx, schedule = optimizer_lib.make_optimizer(config.optimizer)
-    to_global = functools.partial(ts.global_batch, mesh=mesh, host=host,
+    to_global = functools.partial(multihost.global_batch, mesh=mesh, host=host,
                                   sharded_loader=config.use_data_sharded_loader)
     c = config.checkpointer
     checkpointer = Checkpointer(output_dir, float_dtype=c.float_dtype or None,
@@ -175,21 +175,19 @@ def _run(config: ConfigDict) -> dict:
         init_rng, rng = np.asarray(jax.random.split(jax.random.PRNGKey(config.seed)))
         init_fn = functools.partial(ts.init_train_state, task=task, tx=tx)
         shapes = jax.eval_shape(init_fn, init_rng)
-        specs = match_partition_rules(shapes)
-        check_divisible(shapes, specs, mesh)
-        shardings = named_shardings(specs, mesh)
+        shardings = param_shardings(shapes, model_config, mesh)   # the layer axis from param_scan_axis
         replicated = NamedSharding(mesh, P())
-        batch_sharding = NamedSharding(mesh, P(("dp", "fsdp"), "sp"))
+        batch_sharding = NamedSharding(mesh, batch_spec(mesh))
 
         state, params, meta, last_checkpoint = _restore(config, output_dir, dataset, eval_dataset, shapes,
                                                         shardings)
         if state is None and params is None:
-            state = jax.jit(init_fn, out_shardings=shardings)(ts.replicate(init_rng, replicated))
+            state = jax.jit(init_fn, out_shardings=shardings)(multihost.replicate(init_rng, replicated))
         elif state is None:
             from_params = functools.partial(ts.state_from_params, tx=tx, step=int(meta.get("step", 0)))
             state = jax.jit(from_params, in_shardings=(shardings.params,), out_shardings=shardings)(params)
             del params
-        rng = ts.replicate(np.asarray(meta.get("rng", rng), np.uint32), replicated)
+        rng = multihost.replicate(np.asarray(meta.get("rng", rng), np.uint32), replicated)
 
         train_fn = jax.jit(
             functools.partial(ts.train_step, task=task, schedule=schedule,
@@ -203,14 +201,14 @@ def _run(config: ConfigDict) -> dict:
                                         ts.flops_per_token(shapes.params["params"], model_config, seq_len), peak)
 
         def save(step: int, milestone: bool = False) -> str:
-            metadata = dict(rng=ts.host_value(rng), modality=config.modality, flags=config.to_dict(),
+            metadata = dict(rng=multihost.host_value(rng), modality=config.modality, flags=config.to_dict(),
                             llama_config=model_config.to_dict(), process_count=jax.process_count(),
                             eval_dataset_state=None if eval_dataset is None else
-                            ts.gather_process_states(eval_dataset.get_state_dict()))
-            return checkpointer.save(step, state, ts.gather_process_states(dataset.get_state_dict()),
+                            multihost.gather_process_states(eval_dataset.get_state_dict()))
+            return checkpointer.save(step, state, multihost.gather_process_states(dataset.get_state_dict()),
                                      metadata, milestone=milestone)
 
-        start_step = int(ts.host_value(state.step))
+        start_step = int(multihost.host_value(state.step))
         logger.info("training %s steps %d..%d in %s (mesh %s, %d processes, peak %.3g FLOP/s)",
                     config.modality, start_step, config.total_steps, output_dir, dict(mesh.shape),
                     jax.process_count(), peak)
@@ -228,7 +226,7 @@ def _run(config: ConfigDict) -> dict:
                 jax.block_until_ready((state, rng, metrics))
                 timer.add(time.perf_counter() - t0)
                 bar.update(1)
-                metrics = {k: float(ts.host_value(v)) for k, v in metrics.items()}
+                metrics = {k: float(multihost.host_value(v)) for k, v in metrics.items()}
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["gradient_norm"])):
                     metrics_log.log({"step": step, **metrics, **data_metrics})
                     raise TrainingDiverged(
@@ -245,13 +243,13 @@ def _run(config: ConfigDict) -> dict:
                     last_checkpoint, saved_step = save(done, milestone=True), done
                 elif config.save_model_freq > 0 and done % config.save_model_freq == 0:
                     last_checkpoint, saved_step = save(done), done
-            final_step = int(ts.host_value(state.step))
+            final_step = int(multihost.host_value(state.step))
             if config.save_model_freq > 0 and saved_step != final_step:
                 last_checkpoint = save(final_step)
         finally:
             bar.close()
             metrics_log.close()
-    return {"output_dir": output_dir, "step": int(ts.host_value(state.step)), "last_row": row,
+    return {"output_dir": output_dir, "step": int(multihost.host_value(state.step)), "last_row": row,
             "last_checkpoint": last_checkpoint}
 
 

@@ -255,7 +255,7 @@ def load_vision_model(config: VisionLLaMAConfig, load_checkpoint: str, dtype=jnp
     shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), one, one.astype(bool)))["params"]
     shardings = None
     if mesh is not None:
-        specs = match_partition_rules(shapes, config.param_scan_axis)
+        specs = match_partition_rules(shapes, config)
         check_divisible(shapes, specs, mesh)
         shardings = named_shardings(specs, mesh)
     if not load_checkpoint:

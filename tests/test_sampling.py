@@ -158,7 +158,7 @@ def test_ring_sampler_matches_single_device(tiny, greedy_batch):
     mesh = make_mesh("1,2,1,4")
     ring_model = LLaMAForCausalLM(cfg.replace(attention_impl="ring"))
     with jax.set_mesh(mesh):
-        placed = jax.device_put(params, named_shardings(match_partition_rules(params), mesh))
+        placed = jax.device_put(params, named_shardings(match_partition_rules(params, cfg), mesh))
         ring = Sampler(ring_model, placed, eos_id=EOS, pad_id=PAD)
         assert ring.generate(PROMPTS, NEW) == greedy_batch
         assert ring.last_stats["batch"] == 4 and ring.last_stats["padded_length"] % 4 == 0

@@ -8,7 +8,8 @@ from jax.sharding import PartitionSpec as P
 
 from lwm.llama import PRESETS, LLaMAConfig, LLaMAForCausalLM, output_head_kernel
 from lwm.loss import cross_entropy_sums
-from lwm.sharding import (MeshError, check_divisible, check_model_mesh, make_mesh, match_partition_rules,
+from lwm.sharding import (MeshError, activation_spec, batch_spec, cache_specs, data_parallel_size,
+                          sequence_parallel_size, check_divisible, check_model_mesh, make_mesh, match_partition_rules,
                           named_shardings, parse_mesh_dim, param_spec)
 
 
@@ -30,7 +31,7 @@ def test_parse_mesh_dim():
 def test_every_parameter_matches_a_rule(preset, scan_layers):
     cfg = LLaMAConfig.load(preset).replace(scan_layers=scan_layers)
     shapes = jax.eval_shape(lambda: LLaMAForCausalLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), int)))
-    specs = match_partition_rules(shapes["params"])
+    specs = match_partition_rules(shapes["params"], cfg)
     flat = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
     assert flat and all(isinstance(s, P) for _, s in flat)
     for path, spec in flat:
@@ -41,11 +42,11 @@ def test_every_parameter_matches_a_rule(preset, scan_layers):
 
 def test_unmatched_parameter_is_an_error():
     with pytest.raises(MeshError, match="matches no rule"):
-        match_partition_rules({"transformer": {"mystery": {"kernel": jnp.zeros((4, 4))}}})
+        match_partition_rules({"transformer": {"mystery": {"kernel": jnp.zeros((4, 4))}}}, LLaMAConfig())
     assert param_spec("transformer/h/scan_decoder/ffn_norm/kernel", 2, scan_axis=0) == P(None, None)
     # Optimizer states whose paths end in parameter paths reuse the rules; scalars are replicated.
     opt = {"mu": {"lm_head": {"kernel": jnp.zeros((4, 8))}}, "count": jnp.zeros((), jnp.int32)}
-    assert match_partition_rules(opt) == {"mu": {"lm_head": {"kernel": P(("fsdp", "sp"), "tp")}}, "count": P()}
+    assert match_partition_rules(opt, LLaMAConfig()) == {"mu": {"lm_head": {"kernel": P(("fsdp", "sp"), "tp")}}, "count": P()}
 
 
 def test_errors_before_compile():
@@ -105,12 +106,12 @@ def test_sharded_train_step_equals_unsharded():
     mesh = make_mesh("1,2,2,2")
     check_model_mesh(cfg, mesh, seq_len=t, batch_size=b)
     with jax.set_mesh(mesh):
-        p_specs = match_partition_rules(params)
+        p_specs = match_partition_rules(params, cfg)
         check_divisible(params, p_specs, mesh)
         p_sh = jax.device_put(params, named_shardings(p_specs, mesh))
         opt = tx.init(p_sh)
         batch_sh = jax.device_put(batch, named_shardings(
-            {k: P(("dp", "fsdp"), "sp") for k in batch}, mesh))
+            {k: batch_spec() for k in batch}, mesh))
         step = jax.jit(_train_step(model, cfg, tx))
         losses = []
         for _ in range(2):
@@ -139,3 +140,31 @@ def test_mesh_fallback_is_reported(monkeypatch, caplog):
     assert dict(mesh.shape) == dict(dp=1, fsdp=1, tp=1, sp=4)
     assert len(caplog.records) == 1
     assert "--mesh_dim=1,1,1,4" in caplog.text and "no topology for these devices" in caplog.text
+
+
+def test_partition_rules_need_the_model_config():
+    """No caller can forget param_scan_axis: the rules take the model config, and an int is refused."""
+    tree = {"transformer": {"h": {"scan_decoder": {"attention": {"wq": {"kernel": jnp.zeros((2, 8, 16))}}}}}}
+    with pytest.raises(TypeError, match="config must be the model config"):
+        match_partition_rules(tree, 1)
+    cfg0, cfg1 = LLaMAConfig(), LLaMAConfig(param_scan_axis=1)
+    wq = lambda cfg: match_partition_rules(tree, cfg)["transformer"]["h"]["scan_decoder"]["attention"]["wq"]["kernel"]
+    assert wq(cfg0) == P(None, ("fsdp", "sp"), "tp") and wq(cfg1) == P(("fsdp", "sp"), None, "tp")
+
+
+def test_specs_come_from_one_table():
+    mesh = make_mesh("1,2,2,2")
+    assert batch_spec(mesh) == P(("dp", "fsdp"), "sp")
+    assert activation_spec(mesh) == P(("dp", "fsdp"), "sp", "tp", None)
+    assert cache_specs(mesh)["k"] == P(None, ("dp", "fsdp"), "sp", "tp", None)
+    assert sequence_parallel_size(mesh) == 2 and data_parallel_size(mesh) == 2
+    assert sequence_parallel_size() == 1  # no ambient mesh
+
+
+def test_check_model_mesh_names_context_parallel_limits():
+    cfg = LLaMAConfig.load("tiny").replace(attention_impl="ring", context_parallel_load_balance="zigzag")
+    with pytest.raises(MeshError, match=r"sequence length 36 is not divisible by 2\*sp=8"):
+        check_model_mesh(cfg, make_mesh("1,1,1,4", jax.devices()[:4]), seq_len=36)
+    cfg = LLaMAConfig.load("tiny").replace(attention_impl="ring", context_parallel_strategy="ulysses")
+    with pytest.raises(MeshError, match=r"num_attention_heads=4 / tp=1 = 4 heads, sp=8"):
+        check_model_mesh(cfg, make_mesh("1,1,1,8"), seq_len=64)

@@ -100,7 +100,7 @@ def test_run_script_flags_parse_and_big_presets_shape_check(tmp_path, script, mo
         task = ts.Task(build_model(modality, model_config), modality)
         tx, _ = optimizer_lib.make_optimizer(config.optimizer)
         shapes = jax.eval_shape(functools.partial(ts.init_train_state, task=task, tx=tx), jax.random.PRNGKey(0))
-        specs = match_partition_rules(shapes)            # every parameter and optimizer leaf has a rule
+        specs = match_partition_rules(shapes, model_config)  # every parameter and optimizer leaf has a rule
         check_divisible(shapes, specs, make_mesh(config.mesh_dim))
         n_params = sum(x.size for x in jax.tree.leaves(shapes.params))
         mu = shapes.opt_state[1][0].mu

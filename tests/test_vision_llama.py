@@ -167,7 +167,7 @@ def test_parameter_tree_and_sharding_rules():
         lambda: LLaMAForCausalLM(LLaMAConfig.load("tiny")).init(jax.random.key(0), jnp.zeros((1, 4), int))
     )["params"]).items()}
     assert names == {**text_names, "transformer/vte/embedding": (8448, 64), "vision_head/kernel": (64, 8448)}
-    specs = {"/".join(k): v for k, v in flatten_dict(match_partition_rules(shapes)).items()}
+    specs = {"/".join(k): v for k, v in flatten_dict(match_partition_rules(shapes, cfg)).items()}
     assert specs["transformer/vte/embedding"] == P("tp", ("fsdp", "sp"))
     assert specs["vision_head/kernel"] == P(("fsdp", "sp"), "tp")
     # The 7B vision model: the text model plus two (8448, 4096) tables.

@@ -7,11 +7,16 @@
 | "dense"       | anywhere; materialises (B, N, T, T)    | O(T^2)          | dense.py         |
 | "blockwise"   | anywhere; jnp online softmax           | O(T * chunk)    | blockwise.py     |
 | "pallas"      | GPU (Triton) / TPU (Mosaic) kernel     | O(T * chunk)    | pallas_gpu/tpu.py|
-| "ring"        | sequence sharded over mesh axis 'sp'   | O(T/sp * chunk) | ring.py          |
-| "ring_pallas" | the ring, with the Pallas block kernel | O(T/sp * chunk) | ring.py          |
+| "ring"        | context parallel over mesh axis 'sp'   | per strategy    | context_parallel |
+| "ring_pallas" | the same, Pallas block kernel inside   | per strategy    | context_parallel |
 
-Nothing is chosen behind the caller's back: an unknown impl, or 'pallas' on CPU without
-pallas_interpret=True, raises ValueError.
+'ring' and 'ring_pallas' are the original's names; they mean "context parallelism over 'sp' with the
+blockwise (resp. Pallas) kernel inside". How the sequence is split is chosen separately:
+`strategy` ('ring' = RingAttention, the default and the original's; 'all_gather'; 'ulysses') and
+`load_balance` ('none' = contiguous shards, the default; 'zigzag'; 'striped'), see context_parallel.py.
+
+Nothing is chosen behind the caller's back: an unknown impl, strategy or balance, or 'pallas' on CPU
+without pallas_interpret=True, raises ValueError.
 """
 
 from __future__ import annotations
@@ -21,12 +26,19 @@ import jax.numpy as jnp
 from lwm.attention import decode
 from lwm.attention.blockwise import blockwise_attention
 from lwm.attention.dense import dense_attention
+from lwm.attention.context_parallel import STRATEGIES, context_parallel_attention
+from lwm.attention.layout import LOAD_BALANCES
 from lwm.attention.ring import ring_attention
 
 ATTENTION_IMPLS = ("dense", "blockwise", "pallas", "ring", "ring_pallas")
+CONTEXT_PARALLEL_IMPLS = ("ring", "ring_pallas")  # impls that shard the sequence over 'sp'
 
 __all__ = [
     "ATTENTION_IMPLS",
+    "CONTEXT_PARALLEL_IMPLS",
+    "LOAD_BALANCES",
+    "STRATEGIES",
+    "context_parallel_attention",
     "attention",
     "cached_attention",
     "dense_attention",
@@ -70,6 +82,8 @@ def attention(
     q_chunk: int = 512,
     k_chunk: int = 512,
     pallas_interpret: bool = False,
+    strategy: str = "ring",
+    load_balance: str = "none",
 ):
     """Self-attention. q: (B, T, N, H); k, v: (B, T, K, H), N % K == 0 (grouped-query attention).
 
@@ -82,9 +96,11 @@ def attention(
       kernel caps them (`pallas_gpu.FWD` / `BWD` block sizes) and rounds them to powers of two.
     pallas_interpret: for 'pallas' / 'ring_pallas' on CPU, run the GPU kernel in Pallas interpret mode
       (slow; this is how the tests run it). Without it, 'pallas' on CPU raises.
-    impl 'ring' / 'ring_pallas' run under jax.shard_map over the ambient mesh (jax.set_mesh) with q/k/v
-    sharded P(('dp','fsdp'), 'sp', 'tp', None) and segment ids P(('dp','fsdp'), 'sp'); they raise when no
-    mesh with an 'sp' axis is set.
+    impl 'ring' / 'ring_pallas' run context parallelism (`context_parallel_attention`) under jax.shard_map
+    over the ambient mesh (jax.set_mesh) with q/k/v sharded P(('dp','fsdp'), 'sp', 'tp', None) and segment
+    ids P(('dp','fsdp'), 'sp'); they raise when no mesh with an 'sp' axis is set. strategy ('ring',
+    'all_gather', 'ulysses') and load_balance ('none', 'zigzag', 'striped': the layout q/k/v/segment_ids
+    are in, `lwm.attention.layout`) apply to them only; other impls raise if load_balance is not 'none'.
     """
     what = f"attention(impl={impl!r})"
     _check_impl(impl, "attention")
@@ -96,6 +112,9 @@ def attention(
         )
     _check_segments(what, "segment_ids", segment_ids, q.shape[:2])
     chunks = dict(q_chunk=q_chunk, k_chunk=k_chunk)
+    if impl not in CONTEXT_PARALLEL_IMPLS and load_balance != "none":
+        raise ValueError(f"{what}: load_balance={load_balance!r} needs a context-parallel impl "
+                         f"{CONTEXT_PARALLEL_IMPLS}; a single-device kernel reads array order as position order")
     if impl == "dense":
         return dense_attention(q, k, v, segment_ids, causal=causal)
     if impl == "blockwise":
@@ -106,8 +125,9 @@ def attention(
         kernels = pallas_common.kernel_module(pallas_interpret)
         return kernels.flash_attention(q, k, v, segment_ids, causal=causal, interpret=pallas_interpret, **chunks)
     block_impl = "pallas" if impl == "ring_pallas" else "blockwise"
-    return ring_attention(
-        q, k, v, segment_ids, causal=causal, block_impl=block_impl, pallas_interpret=pallas_interpret, **chunks
+    return context_parallel_attention(
+        q, k, v, segment_ids, strategy=strategy, load_balance=load_balance, causal=causal, block_impl=block_impl,
+        pallas_interpret=pallas_interpret, **chunks
     )
 
 
@@ -150,6 +170,6 @@ def cached_attention(
         q_segment_ids = jnp.ones(q.shape[:2], cache_segment_ids.dtype)
     _check_segments(what, "q_segment_ids", q_segment_ids, q.shape[:2])
     args = (q, k_new, v_new, cache_k, cache_v, cache_segment_ids, q_segment_ids, index)
-    if impl in ("ring", "ring_pallas"):
+    if impl in CONTEXT_PARALLEL_IMPLS:
         return decode.cached_attention_sharded(*args, q_chunk=q_chunk, k_chunk=k_chunk)
     return decode.cached_attention_local(*args, dense=impl == "dense", q_chunk=q_chunk, k_chunk=k_chunk)

@@ -1,19 +1,22 @@
 """RingAttention: exact attention over a sequence sharded across the mesh's `sp` axis.
 
-Each of the sp devices holds T / sp consecutive positions of q, k, v and the segment ids. Queries stay
-put; the key/value block (with its segment ids) travels around the ring with `lax.ppermute`, one hop per
-step, so after sp steps every query block has met every key block while only two kv blocks are ever held.
-Step i on device d attends to the block that started on device (d - i) mod sp, at global key offset
-((d - i) mod sp) * T_local, with the shared `block_forward` (jnp or Pallas); the per-step (out, lse) pairs
-merge exactly by log-sum-exp. Under causal masking, blocks that lie wholly in the future of the local
-queries are skipped with `lax.cond` (no FLOPs), and the diagonal block skips its own future chunks.
+Each of the sp devices holds T / sp positions of q, k, v and the segment ids, in the order of a layout
+(`lwm.attention.layout`: contiguous 'none', 'zigzag' or 'striped'). Queries stay put; the key/value block
+travels around the ring with `lax.ppermute`, one hop per step, together with its segment ids and its
+*positions* (the start of each of its runs), so after sp steps every query block has met every key block
+while only two kv blocks are ever held. Masks are computed from those carried positions, never from the
+device index: each (query run, key run) pair becomes one call of the shared block kernel `block_forward`
+(jnp or Pallas) with the relative key offset, and the per-pair (out, lse) partials merge exactly by
+log-sum-exp. Under a causal mask, wholly masked run pairs are skipped with `lax.cond` (no FLOPs) and a
+partly masked pair computes only the key chunks up to its diagonal (the kernel's own skipping).
 
-The backward is a second ring pass (custom_vjp): k, v, segment ids and the dk, dv accumulators rotate
-together; each device adds its queries' contribution to the visiting block's dk, dv using the *global*
-softmax statistics (lse) saved by the forward, and accumulates dq locally. After sp hops the dk, dv
-accumulators are back on the device that owns the block.
+The backward is a second ring pass (custom_vjp): k, v, segment ids, positions and the dk, dv accumulators
+rotate together; each device adds its queries' contribution to the visiting block's dk, dv using the
+*global* softmax statistics (lse) saved by the forward, and accumulates dq locally. After sp hops the dk,
+dv accumulators are back on the device that owns the block.
 
-See docs/ring_attention.md for shapes, costs and chunk-size advice.
+`attend_block` / `grad_block` (one key/value block against the local queries) are shared with the
+all-gather strategy (`all_gather.py`). See docs/context_parallel.md and docs/ring_attention.md.
 """
 
 from __future__ import annotations
@@ -27,16 +30,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lwm.attention import blockwise
+from lwm import sharding
+from lwm.attention import blockwise, layout
 
-BATCH_AXES = ("dp", "fsdp")
-HEAD_AXIS = "tp"
-SEQ_AXIS = "sp"
+BATCH_AXES = sharding.BATCH_AXES
+HEAD_AXIS = sharding.HEAD_AXIS
+SEQ_AXIS = sharding.SEQ_AXIS
 
 
 @dataclasses.dataclass(frozen=True)
 class RingConfig:
-    """Static settings of one ring call (hashable: it is a nondiff argument of the custom_vjp)."""
+    """Static settings of one context-parallel call (hashable: a nondiff argument of the custom_vjps)."""
 
     causal: bool = True
     q_chunk: int = 512
@@ -44,13 +48,15 @@ class RingConfig:
     block_impl: str = "blockwise"  # "blockwise" (jnp) or "pallas" (fused kernel for the backend)
     pallas_interpret: bool = False
     axis_name: str = SEQ_AXIS
-    # Testing only: False drops the global position offsets, i.e. every block is masked as if it were
-    # the diagonal block. This is wrong on purpose (the negative control of the ring tests).
+    load_balance: str = "none"  # the layout q/k/v arrive in (lwm.attention.layout)
+    # Testing only (negative controls, wrong on purpose): the layout the masks assume, when it differs
+    # from the data's (None: the same); and global_offsets=False masks every block as the diagonal one.
+    mask_balance: str | None = None
     global_offsets: bool = True
 
 
 def _block_fns(cfg: RingConfig):
-    """The (forward, backward) pair of block functions the ring calls at every step."""
+    """The (forward, backward) pair of block functions every strategy calls per block pair."""
     kw = dict(causal=cfg.causal, q_chunk=cfg.q_chunk, k_chunk=cfg.k_chunk)
     if cfg.block_impl == "blockwise":
         return (
@@ -63,24 +69,116 @@ def _block_fns(cfg: RingConfig):
         kernels = pallas_common.kernel_module(cfg.pallas_interpret)
         kw["interpret"] = cfg.pallas_interpret
         return (functools.partial(kernels.block_forward, **kw), functools.partial(kernels.block_backward, **kw))
-    raise ValueError(f"ring: unknown block_impl {cfg.block_impl!r}; allowed: 'blockwise', 'pallas'")
+    raise ValueError(f"context parallelism: unknown block_impl {cfg.block_impl!r}; allowed: 'blockwise', 'pallas'")
 
 
-def _ring_positions(cfg: RingConfig, T: int, S: int):
-    """(device index, sp, q_offset, k_offset_of(step)) for the local shard."""
+# ------------------------------------------------------------------------------- shards as runs of positions
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """A device's shard as `num_runs` runs of `run_len` tokens, positions start + stride * j (layout.runs)."""
+
+    num_runs: int
+    stride: int
+    run_len: int
+
+
+def geometry(cfg: RingConfig, local_len: int):
+    """(Geometry, starts(d) -> (R,) int32 run starts) of the layout the masks assume."""
     sp = lax.axis_size(cfg.axis_name)
-    idx = lax.axis_index(cfg.axis_name)
+    balance = cfg.load_balance if cfg.mask_balance is None else cfg.mask_balance
+    R, stride, n, starts_of = layout.runs(balance, sp, local_len)
     if not cfg.global_offsets:
-        return idx, sp, 0, lambda step: 0
-    return idx, sp, idx * T, lambda step: ((idx - step) % sp) * S
+        return Geometry(R, stride, n), lambda d: jnp.zeros((R,), jnp.int32)
+    return Geometry(R, stride, n), lambda d: jnp.stack([jnp.asarray(x, jnp.int32) for x in starts_of(d)])
 
 
-def _in_future(cfg: RingConfig, q_offset, k_offset, T: int):
-    """True when every key of the visiting block is after every local query (the step can be skipped)."""
+def _pair(cfg: RingConfig, geo: Geometry, a, b):
+    """(k_offset, fully_masked) of query run start a vs key run start b (both positions).
+
+    The causal rule key_pos <= query_pos between runs of stride s is a local causal mask with the key
+    shifted by ceil((b - a) / s) (module docstring of layout.py); the pair is wholly masked when its first
+    key comes after its last query."""
     if not cfg.causal:
-        return jnp.bool_(False)
-    return k_offset > q_offset + T - 1
+        return 0, None
+    k_offset = -((a - b) // geo.stride)
+    return k_offset, b > a + geo.stride * (geo.run_len - 1)
 
+
+def _runs(x, geo: Geometry, r: int):
+    """Run r of a (B, T_local, ...) shard (None passes through)."""
+    if x is None or geo.num_runs == 1:
+        return x
+    return x[:, r * geo.run_len:(r + 1) * geo.run_len]
+
+
+def _join(parts):
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def attend_block(cfg, geo, q, seg, q_starts, o, lse, k_blk, v_blk, seg_blk, k_starts):
+    """Merges the local queries' attention to one key/value block (with its run starts) into (o, lse).
+
+    q (b, t, n, h), seg (b, t) | None, q_starts / k_starts (R,) int32; o (b, t, n, h) f32, lse (b, t, n).
+    Wholly masked run pairs are skipped (lax.cond: no FLOPs); the others call the block kernel, which skips
+    the key chunks past its causal diagonal."""
+    fwd, _ = _block_fns(cfg)
+    outs, lses = [], []
+    for qr in range(geo.num_runs):
+        o_r, lse_r = _runs(o, geo, qr), _runs(lse, geo, qr)
+        q_r, seg_r = _runs(q, geo, qr), _runs(seg, geo, qr)
+        for kr in range(geo.num_runs):
+            k_offset, masked = _pair(cfg, geo, q_starts[qr], k_starts[kr])
+            k_r, v_r, kseg_r = _runs(k_blk, geo, kr), _runs(v_blk, geo, kr), _runs(seg_blk, geo, kr)
+
+            def compute(o_r=o_r, lse_r=lse_r, q_r=q_r, seg_r=seg_r, k_r=k_r, v_r=v_r, kseg_r=kseg_r,
+                        k_offset=k_offset):
+                o_b, lse_b = fwd(q_r, k_r, v_r, seg_r, kseg_r, q_offset=0, k_offset=k_offset)
+                return blockwise.merge_partials(o_r, lse_r, o_b.astype(o_r.dtype), lse_b)
+
+            if masked is None:
+                o_r, lse_r = compute()
+            else:
+                o_r, lse_r = lax.cond(masked, lambda o_r=o_r, lse_r=lse_r: (o_r, lse_r), compute)
+        outs.append(o_r)
+        lses.append(lse_r)
+    return _join(outs), _join(lses)
+
+
+def grad_block(cfg, geo, q, seg, q_starts, o, lse, do, dq, k_blk, v_blk, seg_blk, k_starts):
+    """The local queries' gradient contributions for one key/value block, given the final (o, lse).
+
+    Returns (dq + this block's part, dk_blk, dv_blk) in float32; wholly masked run pairs add nothing."""
+    _, bwd = _block_fns(cfg)
+    acc = dq.dtype
+    dqs = [_runs(dq, geo, qr) for qr in range(geo.num_runs)]
+    dks, dvs = [], []
+    for kr in range(geo.num_runs):
+        k_r, v_r, kseg_r = _runs(k_blk, geo, kr), _runs(v_blk, geo, kr), _runs(seg_blk, geo, kr)
+        dk_r = blockwise.match_vma(jnp.zeros(k_r.shape, acc), q, k_r)
+        dv_r = dk_r
+        for qr in range(geo.num_runs):
+            k_offset, masked = _pair(cfg, geo, q_starts[qr], k_starts[kr])
+            args = [_runs(x, geo, qr) for x in (q, o, lse, do, seg)]
+
+            def compute(dq_r=dqs[qr], dk_r=dk_r, dv_r=dv_r, args=args, k_r=k_r, v_r=v_r, kseg_r=kseg_r,
+                        k_offset=k_offset):
+                q_r, o_r, lse_r, do_r, seg_r = args
+                dq_i, dk_i, dv_i = bwd(q_r, k_r, v_r, o_r, lse_r, do_r, seg_r, kseg_r, q_offset=0,
+                                       k_offset=k_offset)
+                return dq_r + dq_i, dk_r + dk_i, dv_r + dv_i
+
+            if masked is None:
+                dqs[qr], dk_r, dv_r = compute()
+            else:
+                keep = lambda dq_r=dqs[qr], dk_r=dk_r, dv_r=dv_r: (dq_r, dk_r, dv_r)
+                dqs[qr], dk_r, dv_r = lax.cond(masked, keep, compute)
+        dks.append(dk_r)
+        dvs.append(dv_r)
+    return _join(dqs), _join(dks), _join(dvs)
+
+
+# ------------------------------------------------------------------------------------------------ the ring
 
 def _rotate(cfg: RingConfig, sp: int, *xs):
     """Sends each array to the next device on the ring (device d -> d + 1 mod sp)."""
@@ -89,72 +187,60 @@ def _rotate(cfg: RingConfig, sp: int, *xs):
 
 
 def _ring_forward(cfg: RingConfig, q, k, v, seg):
-    """Local shard: q (b, t, n, h), k/v (b, t, k, h), seg (b, t) | None -> out f32, lse (b, t, n)."""
-    fwd, _ = _block_fns(cfg)
+    """Local shard: q (b, t, n, h), k/v (b, t, k, h), seg (b, t) | None -> out f32, lse (b, t, n).
+
+    The key/value block travels with its segment ids and its run starts (its positions)."""
     B, T, N, H = q.shape
-    S = k.shape[1]
-    idx, sp, q_offset, k_offset_of = _ring_positions(cfg, T, S)
+    sp = lax.axis_size(cfg.axis_name)
+    geo, starts_of = geometry(cfg, T)
+    q_starts = blockwise.match_vma(starts_of(lax.axis_index(cfg.axis_name)), q)
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
 
-    def attend(step, o, lse, k_blk, v_blk, seg_blk):
-        k_offset = k_offset_of(step)
-
-        def compute():
-            o_blk, lse_blk = fwd(q, k_blk, v_blk, seg, seg_blk, q_offset=q_offset, k_offset=k_offset)
-            return blockwise.merge_partials(o, lse, o_blk.astype(acc_dtype), lse_blk)
-
-        return lax.cond(_in_future(cfg, q_offset, k_offset, T), lambda: (o, lse), compute)
-
-    def step_and_rotate(carry, step):
-        o, lse, k_blk, v_blk, seg_blk = carry
-        o, lse = attend(step, o, lse, k_blk, v_blk, seg_blk)
-        k_blk, v_blk, seg_blk = _rotate(cfg, sp, k_blk, v_blk, seg_blk)
-        return (o, lse, k_blk, v_blk, seg_blk), None
+    def step_and_rotate(carry, _):
+        o, lse, k_blk, v_blk, seg_blk, k_starts = carry
+        o, lse = attend_block(cfg, geo, q, seg, q_starts, o, lse, k_blk, v_blk, seg_blk, k_starts)
+        k_blk, v_blk, seg_blk, k_starts = _rotate(cfg, sp, k_blk, v_blk, seg_blk, k_starts)
+        return (o, lse, k_blk, v_blk, seg_blk, k_starts), None
 
     o0 = jnp.zeros((B, T, N, H), acc_dtype)
     lse0 = jnp.full((B, T, N), -jnp.inf, jnp.float32)
     o0, lse0 = blockwise.match_vma((o0, lse0), q, k)
-    carry = (o0, lse0, k, v, seg)
-    carry, _ = lax.scan(step_and_rotate, carry, jnp.arange(sp - 1))
-    o, lse, k_blk, v_blk, seg_blk = carry
-    return attend(sp - 1, o, lse, k_blk, v_blk, seg_blk)  # last block: no need to pass it on
+    carry = (o0, lse0, k, v, seg, q_starts)
+    carry, _ = lax.scan(step_and_rotate, carry, None, length=sp - 1)
+    o, lse, k_blk, v_blk, seg_blk, k_starts = carry
+    return attend_block(cfg, geo, q, seg, q_starts, o, lse, k_blk, v_blk, seg_blk, k_starts)
 
 
 def _ring_backward(cfg: RingConfig, q, k, v, seg, o, lse, do):
     """Second ring pass: returns dq (b, t, n, h) and this device's dk, dv (b, t, k, h), float32."""
-    _, bwd = _block_fns(cfg)
-    T, S = q.shape[1], k.shape[1]
-    idx, sp, q_offset, k_offset_of = _ring_positions(cfg, T, S)
+    T = q.shape[1]
+    sp = lax.axis_size(cfg.axis_name)
+    geo, starts_of = geometry(cfg, T)
+    q_starts = blockwise.match_vma(starts_of(lax.axis_index(cfg.axis_name)), q)
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
 
-    def accumulate(step, dq, k_blk, v_blk, seg_blk, dk_blk, dv_blk):
-        k_offset = k_offset_of(step)
-
-        def compute():
-            dq_i, dk_i, dv_i = bwd(q, k_blk, v_blk, o, lse, do, seg, seg_blk, q_offset=q_offset, k_offset=k_offset)
-            return dq + dq_i, dk_blk + dk_i, dv_blk + dv_i
-
-        return lax.cond(_in_future(cfg, q_offset, k_offset, T), lambda: (dq, dk_blk, dv_blk), compute)
-
-    def step_and_rotate(carry, step):
-        dq, k_blk, v_blk, seg_blk, dk_blk, dv_blk = carry
-        dq, dk_blk, dv_blk = accumulate(step, dq, k_blk, v_blk, seg_blk, dk_blk, dv_blk)
-        k_blk, v_blk, seg_blk, dk_blk, dv_blk = _rotate(cfg, sp, k_blk, v_blk, seg_blk, dk_blk, dv_blk)
-        return (dq, k_blk, v_blk, seg_blk, dk_blk, dv_blk), None
+    def step_and_rotate(carry, _):
+        dq, k_blk, v_blk, seg_blk, k_starts, dk_blk, dv_blk = carry
+        dq, dk_i, dv_i = grad_block(cfg, geo, q, seg, q_starts, o, lse, do, dq, k_blk, v_blk, seg_blk, k_starts)
+        dk_blk, dv_blk = dk_blk + dk_i, dv_blk + dv_i
+        k_blk, v_blk, seg_blk, k_starts, dk_blk, dv_blk = _rotate(
+            cfg, sp, k_blk, v_blk, seg_blk, k_starts, dk_blk, dv_blk)
+        return (dq, k_blk, v_blk, seg_blk, k_starts, dk_blk, dv_blk), None
 
     zeros = blockwise.match_vma(
         (jnp.zeros(q.shape, acc_dtype), jnp.zeros(k.shape, acc_dtype), jnp.zeros(v.shape, acc_dtype)), q, k
     )
-    carry = (zeros[0], k, v, seg, zeros[1], zeros[2])
-    carry, _ = lax.scan(step_and_rotate, carry, jnp.arange(sp - 1))
-    dq, k_blk, v_blk, seg_blk, dk_blk, dv_blk = carry
-    dq, dk_blk, dv_blk = accumulate(sp - 1, dq, k_blk, v_blk, seg_blk, dk_blk, dv_blk)
-    dk, dv = _rotate(cfg, sp, dk_blk, dv_blk)  # the last hop brings dk, dv home
+    carry = (zeros[0], k, v, seg, q_starts, zeros[1], zeros[2])
+    carry, _ = lax.scan(step_and_rotate, carry, None, length=sp - 1)
+    dq, k_blk, v_blk, seg_blk, k_starts, dk_blk, dv_blk = carry
+    dq, dk_i, dv_i = grad_block(cfg, geo, q, seg, q_starts, o, lse, do, dq, k_blk, v_blk, seg_blk, k_starts)
+    dk, dv = _rotate(cfg, sp, dk_blk + dk_i, dv_blk + dv_i)  # the last hop brings dk, dv home
     return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_local(cfg: RingConfig, q, k, v, seg):
+def ring_local(cfg: RingConfig, q, k, v, seg):
+    """The ring on this device's shard (call inside shard_map over cfg.axis_name)."""
     out, _ = _ring_forward(cfg, q, k, v, seg)
     return out.astype(q.dtype)
 
@@ -171,14 +257,12 @@ def _ring_local_bwd(cfg, res, do):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
+ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
 
 
 def sharding_specs(mesh):
-    """(q/k/v spec, segment-id spec) for `mesh`, using those of dp, fsdp, tp, sp that it has."""
-    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
-    heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
-    return P(batch, SEQ_AXIS, heads, None), P(batch, SEQ_AXIS)
+    """(q/k/v spec, segment-id spec) for `mesh`, from lwm.sharding (the axes the mesh has)."""
+    return sharding.activation_spec(mesh), sharding.batch_spec(mesh)
 
 
 def ambient_sp_mesh(what: str):
@@ -202,62 +286,15 @@ def check_divisible(mesh, what: str, **dims):
             raise ValueError(f"{what}: {name}={size} is not divisible by the mesh axes {axes} of size {n}")
 
 
-def ring_attention(
-    q,
-    k,
-    v,
-    segment_ids=None,
-    *,
-    causal: bool = True,
-    q_chunk: int = 512,
-    k_chunk: int = 512,
-    block_impl: str = "blockwise",
-    pallas_interpret: bool = False,
-    global_offsets: bool = True,
-):
-    """Exact attention with the sequence sharded over the ambient mesh's 'sp' axis.
+def ring_attention(q, k, v, segment_ids=None, *, causal: bool = True, q_chunk: int = 512, k_chunk: int = 512,
+                   block_impl: str = "blockwise", pallas_interpret: bool = False, load_balance: str = "none",
+                   global_offsets: bool = True):
+    """The ring strategy of `lwm.attention.context_parallel.context_parallel_attention` (see there).
 
-    Args:
-      q: (B, T, N, H); k, v: (B, T, K, H); segment_ids: (B, T) int or None. Global shapes: the function
-        shards them as P(('dp','fsdp'), 'sp', 'tp', None) and P(('dp','fsdp'), 'sp') itself.
-      causal, q_chunk, k_chunk: as in `blockwise.block_forward` (chunks apply within each local block).
-      block_impl: "blockwise" (jnp) or "pallas" (the fused kernel for this backend).
-      pallas_interpret: run the Pallas kernel in interpret mode (CPU tests).
-      global_offsets: keep True; False is a deliberately wrong variant used as a negative control in tests.
+    q: (B, T, N, H); k, v: (B, T, K, H); segment_ids (B, T) | None: global arrays in the layout order of
+    `load_balance`. global_offsets=False is a deliberately wrong variant (negative control of the tests)."""
+    from lwm.attention.context_parallel import context_parallel_attention
 
-    Returns:
-      (B, T, N, H) in q.dtype, sharded like q.
-    """
-    mesh = ambient_sp_mesh("ring attention")
-    qkv_spec, seg_spec = sharding_specs(mesh)
-    B, T, N, _ = q.shape
-    K = k.shape[2]
-    check_divisible(
-        mesh, "ring attention", B=(B, qkv_spec[0]), T=(T, SEQ_AXIS), N=(N, qkv_spec[2]), K=(K, qkv_spec[2])
-    )
-    cfg = RingConfig(
-        causal=causal,
-        q_chunk=q_chunk,
-        k_chunk=k_chunk,
-        block_impl=block_impl,
-        pallas_interpret=pallas_interpret,
-        global_offsets=global_offsets,
-    )
-    _block_fns(cfg)  # validates block_impl / backend before tracing the shard_map
-    local = functools.partial(_ring_local, cfg)
-    # Pallas interpret mode (jax 0.10) fails shard_map's varying-axes check inside the kernel
-    # interpreter, and pallas_call outputs would need explicit variance; the jnp path is fully checked.
-    check_vma = block_impl != "pallas"
-    if segment_ids is None:
-        fn = jax.shard_map(
-            lambda q, k, v: local(q, k, v, None),
-            mesh=mesh,
-            in_specs=(qkv_spec,) * 3,
-            out_specs=qkv_spec,
-            check_vma=check_vma,
-        )
-        return fn(q, k, v)
-    fn = jax.shard_map(
-        local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec, check_vma=check_vma
-    )
-    return fn(q, k, v, segment_ids)
+    return context_parallel_attention(q, k, v, segment_ids, strategy="ring", load_balance=load_balance,
+                                      causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, block_impl=block_impl,
+                                      pallas_interpret=pallas_interpret, global_offsets=global_offsets)
