@@ -61,14 +61,14 @@ def test_hf_base_imports_with_torch_logits(tmp_path, fields):
     model = _hf_folder(tmp_path / "hf", fields)
     with torch.no_grad():
         theirs = model(torch.tensor(IDS)).logits.numpy()
-    for scan in ("true", "false"):
+    for scan in ("true", "false") if fields is LLAMA3 else ("true",):
         config, params = _from_hf(tmp_path / "hf", tmp_path / f"ours_{scan}", scan)
         assert config.scan_layers == (scan == "true")
         assert config.rope_scaling_type == fields["rope_parameters"]["rope_type"]
         assert ("lm_head" in params) != fields["tie_word_embeddings"]
         assert np.abs(_ours(config, params, IDS) - theirs).max() < 1e-4
-        # Negative control: the same weights without the RoPE scaling give other logits.
-        assert np.abs(_ours(config.replace(rope_scaling_type=""), params, IDS) - theirs).max() > 1e-3
+    # Negative control: the same weights without the RoPE scaling give other logits.
+    assert np.abs(_ours(config.replace(rope_scaling_type=""), params, IDS) - theirs).max() > 1e-3
 
 
 def test_round_trips_are_bit_exact(tmp_path):
