@@ -28,7 +28,6 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from lwm import sharding
 from lwm.attention import blockwise, layout
