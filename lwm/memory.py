@@ -38,7 +38,8 @@ import re
 import sys
 from typing import Any
 
-SP_STRATEGIES = ("ring", "all_gather", "ulysses")
+from lwm.attention import LOAD_BALANCES, STRATEGIES as SP_STRATEGIES
+
 REMATS = ("", "nothing_saveable", "checkpoint_dots", "everything_saveable", "checkpoint_dots_with_no_batch_dims")
 
 # The peak of a train step is the largest of three phases (XLA's buffer assignment on CPU, tiny and debug):
@@ -82,25 +83,37 @@ class Plan:
     mesh: tuple[int, int, int, int] = (1, 1, 1, 1)
     batch_size: int = 1
     dtype_bytes: int = 4
-    sp_strategy: str = "ring"
+    sp_strategy: str = "ring"                # context_parallel_strategy (used when sp > 1)
+    load_balance: str = "none"               # context_parallel_load_balance (used when sp > 1)
     optimizer_state: bool = True
     bf16_momentum: bool = False
     loss_chunk_size: int = 1024
     new_tokens: int = 0                      # inference: cache slots beyond the prompt
 
     def __post_init__(self):
+        """Raises ValueError (one line) for a strategy, layout or mesh the real run would refuse: the checks
+        are lwm.sharding.check_model_mesh's (heads over tp, Ulysses' heads over sp, batch over dp*fsdp, the
+        sequence over sp or 2*sp for zigzag and the chunk sizes), run on an abstract mesh."""
+        from jax.sharding import AbstractMesh
+
+        from lwm.sharding import MESH_AXES, check_model_mesh
+
         if self.sp_strategy not in SP_STRATEGIES:
-            raise ValueError(f"--sp_strategy={self.sp_strategy!r}; choose one of {SP_STRATEGIES}")
-        dp, fsdp, tp, sp = self.mesh
+            raise ValueError(f"--context_parallel_strategy={self.sp_strategy!r}; choose one of {SP_STRATEGIES}")
+        if self.load_balance not in LOAD_BALANCES:
+            raise ValueError(f"--context_parallel_load_balance={self.load_balance!r}; choose one of {LOAD_BALANCES}")
+        check_model_mesh(self.model_config, AbstractMesh(tuple(self.mesh), MESH_AXES),
+                         seq_len=self.seq_len, batch_size=self.batch_size)
+
+    @property
+    def model_config(self):
+        """The config the real step runs: with sp > 1 a context-parallel attention_impl ('ring' unless the
+        config already has 'ring' or 'ring_pallas') and this plan's strategy and load balance."""
         c = self.config
-        if self.batch_size % (dp * fsdp):
-            raise ValueError(f"--batch_size={self.batch_size} is not divisible by dp*fsdp={dp * fsdp}")
-        if self.seq_len % sp:
-            raise ValueError(f"--seq_len={self.seq_len} is not divisible by sp={sp}")
-        heads = tp * (sp if self.sp_strategy == "ulysses" else 1)
-        if c.kv_heads % heads:
-            raise ValueError(f"num_key_value_heads={c.kv_heads} is not divisible by tp{'*sp' if heads != tp else ''}"
-                             f"={heads} ({self.sp_strategy} shards heads)")
+        if self.mesh[3] == 1:
+            return c
+        return c.replace(attention_impl=c.attention_impl if c.context_parallel else "ring",
+                         context_parallel_strategy=self.sp_strategy, context_parallel_load_balance=self.load_balance)
 
 
 def parameter_counts(c) -> tuple[int, int]:
@@ -225,22 +238,22 @@ def xla_train(plan: Plan, optimizer_updates: dict | None = None) -> dict[str, in
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from lwm import optimizer as optimizer_lib
+    from lwm import models, optimizer as optimizer_lib
     from lwm import train_state as ts
-    from lwm.sharding import make_mesh, match_partition_rules, named_shardings
+    from lwm.sharding import batch_spec, make_mesh, param_shardings
 
-    c = plan.config
+    c = plan.model_config
     dtype = {4: jnp.float32, 2: jnp.bfloat16}[plan.dtype_bytes]
     mesh = make_mesh(_mesh_string(plan.mesh), jax.devices()[:math.prod(plan.mesh)])
-    task = ts.Task(ts.build_model("text", c, dtype), "text", 1.0, 0.0, plan.loss_chunk_size)
+    task = ts.Task(models.build_model("text", c, dtype), "text", 1.0, 0.0, plan.loss_chunk_size)
     tx, schedule = optimizer_lib.make_optimizer(
         {"adamw_optimizer": {"bf16_momentum": plan.bf16_momentum}, **(optimizer_updates or {})})
     with jax.set_mesh(mesh):
         init_fn = functools.partial(ts.init_train_state, task=task, tx=tx)
         shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        shardings = named_shardings(match_partition_rules(shapes), mesh)
+        shardings = param_shardings(shapes, c, mesh)
         replicated = NamedSharding(mesh, P())
-        batch_sharding = NamedSharding(mesh, P(("dp", "fsdp"), "sp"))
+        batch_sharding = NamedSharding(mesh, batch_spec(mesh))
         bt = (plan.batch_size, plan.seq_len)
         batch = {k: jax.ShapeDtypeStruct(bt, dt, sharding=batch_sharding) for k, dt in (
             ("input_tokens", jnp.int32), ("target_tokens", jnp.int32), ("loss_masks", jnp.float32),
@@ -260,22 +273,22 @@ def xla_prefill(plan: Plan) -> dict[str, int]:
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
 
     from lwm.llama import LLaMAForCausalLM
     from lwm.sampling import prefill
-    from lwm.sharding import make_mesh, match_partition_rules, named_shardings
+    from lwm.sharding import batch_spec, make_mesh, param_shardings
 
-    c = plan.config
+    c = plan.model_config
     dtype = {4: jnp.float32, 2: jnp.bfloat16}[plan.dtype_bytes]
     mesh = make_mesh(_mesh_string(plan.mesh), jax.devices()[:math.prod(plan.mesh)])
     model = LLaMAForCausalLM(c, dtype=dtype, param_dtype=dtype)
     shaper = LLaMAForCausalLM(c.replace(attention_impl="blockwise"), dtype=dtype, param_dtype=dtype)
     with jax.set_mesh(mesh):
         shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-        shardings = named_shardings(match_partition_rules(shapes, c.param_scan_axis), mesh)
+        shardings = param_shardings(shapes, c, mesh)
         params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-        bs = NamedSharding(mesh, P(("dp", "fsdp"), "sp"))
+        bs = NamedSharding(mesh, batch_spec(mesh))
         ids = jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32, sharding=bs)
         fn = jax.jit(functools.partial(prefill, model, cache_len=plan.seq_len + plan.new_tokens))
         return _analysis(fn.lower(params, ids, ids, ids).compile())
@@ -300,10 +313,12 @@ def parse_args(argv=None):
     p.add_argument("--update_llama_config", default="", help="JSON object of config fields to change")
     p.add_argument("--seq_len", default="32768", help="tokens per sequence; a comma list for several")
     p.add_argument("--mesh_dim", default="1,1,1,1", help="dp,fsdp,tp,sp sizes (no -1: the planner has no devices)")
-    p.add_argument("--sp_strategy", "--context_parallel_strategy", dest="sp_strategy", default="ring",
+    p.add_argument("--context_parallel_strategy", "--sp_strategy", dest="sp_strategy", default=None,
                    choices=SP_STRATEGIES,
-                   help="context parallelism over sp: ring (K/V blocks passed round), all_gather (full K/V on "
-                        "every device), ulysses (all-to-all: full sequence, heads / sp)")
+                   help="context parallelism over sp (default: the config's): ring (K/V blocks passed round), "
+                        "all_gather (full K/V on every device), ulysses (all-to-all: full sequence, heads / sp)")
+    p.add_argument("--context_parallel_load_balance", dest="load_balance", default=None, choices=LOAD_BALANCES,
+                   help="token layout over sp (default: the config's): none, zigzag, striped")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="compute dtype (and inference weights)")
     p.add_argument("--batch_size", type=int, default=1, help="global sequences per step")
     p.add_argument("--scan_query_chunk_size", type=int, default=0, help="0: the config's")
@@ -340,16 +355,11 @@ def _plans(args):
         updates["scan_key_chunk_size"] = args.scan_key_chunk_size
     if args.remat_block is not None:
         updates["remat_block"] = args.remat_block
-    if mesh[3] > 1 and args.check_xla:
-        updates.setdefault("attention_impl", "ring")
-        if args.sp_strategy != "ring":          # the model's own setting, where this build has it
-            if "context_parallel_strategy" not in config.to_dict():
-                raise ValueError(f"--check_xla with --sp_strategy={args.sp_strategy}: this build's LLaMAConfig has "
-                                 "no context_parallel_strategy, so only the ring can be compiled")
-            updates["context_parallel_strategy"] = args.sp_strategy
     config = config.replace(**updates)
+    strategy = args.sp_strategy or config.context_parallel_strategy
+    balance = args.load_balance or config.context_parallel_load_balance
     for t in args.seq_len.split(","):
-        yield Plan(config, int(t), mesh, args.batch_size, 4 if args.dtype == "fp32" else 2, args.sp_strategy,
+        yield Plan(config, int(t), mesh, args.batch_size, 4 if args.dtype == "fp32" else 2, strategy, balance,
                    args.optimizer_state == "true", args.bf16_momentum, args.loss_chunk_size, args.new_tokens)
 
 
@@ -371,7 +381,8 @@ def main(argv=None):
     small = max(estimate(p)["train"]["total"] for p in plans) < 2**30
     unit, scale = ("MiB", 2**20) if small else ("GiB", 2**30)
     fmt = lambda x: f"{x / scale:.2f}"
-    print(f"# {args.llama_config}, mesh dp,fsdp,tp,sp = {args.mesh_dim}, {args.sp_strategy}, {args.dtype}, "
+    cp = f"{plans[0].sp_strategy}/{plans[0].load_balance}, " if plans[0].mesh[3] > 1 else ""
+    print(f"# {args.llama_config}, mesh dp,fsdp,tp,sp = {args.mesh_dim}, {cp}{args.dtype}, "
           f"batch {args.batch_size}, remat '{plans[0].config.remat_block}'; {unit} per device")
     header = "| seq_len | mode | " + " | ".join(parts) + (" | XLA peak | estimate / XLA |" if args.check_xla else " |")
     print(header)
