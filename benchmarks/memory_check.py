@@ -51,6 +51,12 @@ GRID = [
     ("prefill", "debug", 8192, (1, 1, 1, 4), 1, "", 4, "all_gather", "none"),
     ("prefill", "debug", 8192, (1, 1, 1, 2), 1, "", 4, "ulysses", "none"),
     ("prefill", "debug", 8192, (1, 1, 1, 4), 1, "", 4, "ring", "zigzag"),
+    # where the strategy term is a larger share: remat'd layers at sp = 8 / 4, and the ring beside each
+    ("train", "debug", 8192, (1, 1, 1, 8), 1, "nothing_saveable", 4, "ring", "none"),
+    ("train", "debug", 8192, (1, 1, 1, 8), 1, "nothing_saveable", 4, "all_gather", "none"),
+    ("train", "tiny", 8192, (1, 1, 1, 4), 1, "nothing_saveable", 4, "ring", "none"),
+    ("train", "tiny", 8192, (1, 1, 1, 4), 1, "nothing_saveable", 4, "ulysses", "none"),
+    ("prefill", "debug", 8192, (1, 1, 1, 2), 1, "", 4, "ring", "none"),
 ]
 
 

@@ -232,6 +232,17 @@ def xla_train(plan: Plan, optimizer_updates: dict | None = None) -> dict[str, in
     """memory_analysis() of lwm.train_state.train_step as lwm.train compiles it (same shardings, donation),
     for abstract inputs: nothing is allocated or run. Returns argument/output/alias/temp and peak bytes
     per device."""
+    return _analysis(compile_train(plan, optimizer_updates))
+
+
+def xla_prefill(plan: Plan) -> dict[str, int]:
+    """memory_analysis() of lwm.sampling.prefill (parameters in the compute dtype, sharded by the table; the
+    cache of seq_len + new_tokens slots is an output). Returns the same keys as xla_train."""
+    return _analysis(compile_prefill(plan))
+
+
+def compile_train(plan: Plan, optimizer_updates: dict | None = None):
+    """The compiled train step of `plan` (under plan.model_config: its strategy and load balance)."""
     import functools
 
     import jax
@@ -263,12 +274,11 @@ def xla_train(plan: Plan, optimizer_updates: dict | None = None) -> dict[str, in
                        in_shardings=(shardings, replicated, batch_sharding),
                        out_shardings=(shardings, replicated, replicated), donate_argnums=(0, 1))
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-        return _analysis(step.lower(state, rng, batch).compile())
+        return step.lower(state, rng, batch).compile()
 
 
-def xla_prefill(plan: Plan) -> dict[str, int]:
-    """memory_analysis() of lwm.sampling.prefill (parameters in the compute dtype, sharded by the table; the
-    cache of seq_len + new_tokens slots is an output)."""
+def compile_prefill(plan: Plan):
+    """The compiled lwm.sampling.prefill of `plan` (under plan.model_config)."""
     import functools
 
     import jax
@@ -291,7 +301,7 @@ def xla_prefill(plan: Plan) -> dict[str, int]:
         bs = NamedSharding(mesh, batch_spec(mesh))
         ids = jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32, sharding=bs)
         fn = jax.jit(functools.partial(prefill, model, cache_len=plan.seq_len + plan.new_tokens))
-        return _analysis(fn.lower(params, ids, ids, ids).compile())
+        return fn.lower(params, ids, ids, ids).compile()
 
 
 def _analysis(compiled) -> dict[str, int]:
@@ -340,6 +350,7 @@ def _plans(args):
     import json
 
     from lwm.llama import LLaMAConfig
+    from lwm.sharding import MeshError
 
     try:
         mesh = tuple(int(x) for x in args.mesh_dim.split(","))
@@ -359,8 +370,12 @@ def _plans(args):
     strategy = args.sp_strategy or config.context_parallel_strategy
     balance = args.load_balance or config.context_parallel_load_balance
     for t in args.seq_len.split(","):
-        yield Plan(config, int(t), mesh, args.batch_size, 4 if args.dtype == "fp32" else 2, strategy, balance,
-                   args.optimizer_state == "true", args.bf16_momentum, args.loss_chunk_size, args.new_tokens)
+        try:
+            yield Plan(config, int(t), mesh, args.batch_size, 4 if args.dtype == "fp32" else 2, strategy, balance,
+                       args.optimizer_state == "true", args.bf16_momentum, args.loss_chunk_size, args.new_tokens)
+        except MeshError as e:      # lwm.sharding's message, with the flags it is about
+            raise ValueError(f"--mesh_dim={args.mesh_dim} --seq_len={t} --context_parallel_strategy={strategy} "
+                             f"--context_parallel_load_balance={balance}: {e}") from None
 
 
 def main(argv=None):
