@@ -57,6 +57,10 @@ GRID = [
     ("train", "tiny", 8192, (1, 1, 1, 4), 1, "nothing_saveable", 4, "ring", "none"),
     ("train", "tiny", 8192, (1, 1, 1, 4), 1, "nothing_saveable", 4, "ulysses", "none"),
     ("prefill", "debug", 8192, (1, 1, 1, 2), 1, "", 4, "ring", "none"),
+    ("train", "tiny", 16384, (1, 1, 1, 8), 1, "", 4, "ring", "none"),
+    ("train", "tiny", 16384, (1, 1, 1, 8), 1, "", 4, "all_gather", "none"),
+    ("train", "tiny", 16384, (1, 1, 1, 8), 1, "nothing_saveable", 4, "ring", "none"),
+    ("train", "tiny", 16384, (1, 1, 1, 8), 1, "nothing_saveable", 4, "all_gather", "none"),
 ]
 
 

@@ -6,7 +6,7 @@ the real step on simulated CPU devices: seconds to minutes).
         --remat_block nothing_saveable --device_memory 95GiB
     python -m lwm.memory --llama_config debug --seq_len 4096 --mesh_dim 1,1,1,2 --check_xla
 
-Per device, with b = B / (dp * fsdp) sequences, t = T / sp tokens of each (ring; see SP_STRATEGIES), n = b * t,
+Per device, with b = B / (dp * fsdp) sequences, t = T / sp tokens of each, n = b * t,
 P parameters of which P_big sharded over fsdp * sp * tp (every matrix and embedding, by lwm.sharding's
 table) and the norms replicated, s the bytes of the compute dtype:
 
@@ -24,6 +24,9 @@ table) and the norms replicated, s the bytes of the compute dtype:
              KV cache    2 * L * b * S * K * H * s / (sp * tp)   S the cache length (prompt + new tokens)
              activations n * PREFILL_WORKING_BYTES * D (one layer at a time, no backward) + score tiles
                + the last position's logits + with fsdp * sp > 1 the embedding table all-gathered (V D s / tp)
+  sp > 1     the context-parallel strategy's extra (estimate(): ring the neighbour's K/V block, all_gather the
+             full K/V, ulysses its all-to-all buffers) and a balanced layout's reordering copies in prefill;
+             docs/memory.md says which of them were fitted and which checked
 
 XLA's own numbers (`--check_xla`): peak = arguments + outputs - aliased (donated) + temporaries, from
 `jax.jit(step).lower(...).compile().memory_analysis()`. The CPU compiler fuses less than the TPU/GPU ones,
@@ -57,6 +60,9 @@ BACKWARD_WORKING, REMAT_WORKING, UPDATE_TEMPS = 0.85, 0.25, 1.0
 # computes bf16 dots through float32 copies: 52 bytes per D for debug), plus PREFILL_TILES float32 attention
 # score tiles of (q_chunk, k_chunk) per head (debug, chunks 512: 6 MB whatever the length).
 PREFILL_WORKING_BYTES, PREFILL_TILES = {4: 28.0, 2: 52.0}, 3.0
+# all_gather prefill: PREFILL_GATHERED copies of the full gathered K and V (2 B T K H / tp) live at once (fitted
+# on tiny and debug, T = 8192, sp = 4: 1.35 on both).
+PREFILL_GATHERED = 1.35
 
 
 def kc_len(c, seq_len: int) -> int:
@@ -157,7 +163,9 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     elif plan.sp_strategy == "ring":                      # the neighbour's K/V block in flight
         attn_extra = 2 * n * kv * h
     else:                                                 # ulysses: all-to-all buffers of q, k, v, out
-        attn_extra = n * (2 * c.num_attention_heads / tp + 2 * kv) * h
+        from lwm.attention.ulysses import kv_repeat       # kv heads repeated to divide by sp
+        attn_extra = n * (2 * c.num_attention_heads / tp + 2 * kv * kv_repeat(c.num_attention_heads // tp,
+                                                                              c.kv_heads // tp, sp)) * h
     v_dev = (c.vocab_size + (getattr(c, "vision_vocab_size", 0) or 0)) / tp
     full_layer = _saved_per_layer(c, "", tp)
     saved = L * n * _saved_per_layer(c, remat, tp) * s + n * TOP_LEVEL(d, h) * 4
@@ -175,9 +183,18 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     train = dict(parameters=p_dev * 4, optimizer=opt, gradients=grads,
                  activations=max(peak - grads, 0.0) + batch, kv_cache=0.0)
     cache = 2 * L * b * (plan.seq_len + plan.new_tokens) * c.kv_heads * h * s / (sp * tp)
-    tiles = PREFILL_TILES * b * c.scan_query_chunk_size * kc_len(c, plan.seq_len) * c.num_attention_heads / tp * 4
+    heads = c.num_attention_heads / tp / (sp if plan.sp_strategy == "ulysses" else 1)   # per local kernel
+    tiles = PREFILL_TILES * b * c.scan_query_chunk_size * kc_len(c, plan.seq_len) * heads * 4
     gathered = v_dev * d * s if fsdp * sp > 1 else 0.0   # the embedding table, all-gathered for the lookup
-    prefill = n * PREFILL_WORKING_BYTES[s] * d + tiles + gathered + attn_extra * s + b * v_dev * 4
+    if sp == 1 or plan.sp_strategy == "ulysses":          # the all-to-all output replaces the local q, k, v
+        cp_prefill = 0.0
+    elif plan.sp_strategy == "all_gather":
+        cp_prefill = PREFILL_GATHERED * 2 * b * plan.seq_len * kv * h * s
+    else:
+        cp_prefill = attn_extra * s
+    if sp > 1 and plan.load_balance != "none":            # K/V put back in natural order for the cache, and
+        cp_prefill += 2 * n * kv * h * s + n * d * 4      # the final hidden states
+    prefill = n * PREFILL_WORKING_BYTES[s] * d + tiles + gathered + cp_prefill + b * v_dev * 4
     infer = dict(parameters=p_dev * s, optimizer=0.0, gradients=0.0, activations=prefill, kv_cache=cache)
     for part in (train, infer):
         part["total"] = sum(part.values())
