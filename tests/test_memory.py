@@ -72,15 +72,20 @@ def test_estimate_within_20_percent_of_xla(mode, mesh, batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, mesh, strategy, balance, collective, present", [
-    ("train", (1, 1, 1, 2), "all_gather", "none", "collective-permute", False),   # no ring steps
-    ("train", (1, 1, 1, 4), "ulysses", "none", "all-to-all", True),
-    ("prefill", (1, 1, 1, 4), "ring", "zigzag", "collective-permute", True)])
-def test_strategies_within_20_percent_of_xla(mode, mesh, strategy, balance, collective, present):
-    """The real strategy is compiled (its collective is, or is not, in the HLO) and the estimate holds."""
+@pytest.mark.parametrize("mode, mesh, strategy, balance", [("train", (1, 1, 1, 2), "all_gather", "none"),
+                                                           ("train", (1, 1, 1, 4), "ulysses", "none"),
+                                                           ("prefill", (1, 1, 1, 4), "ring", "zigzag")])
+def test_strategies_within_20_percent_of_xla(mode, mesh, strategy, balance):
+    """The real strategy is compiled (the HLO's source metadata names its module, and not the other
+    strategies' modules; all_gather reuses ring.py's block function) and the estimate holds."""
     plan = Plan(LLaMAConfig.load("tiny"), 2048, mesh, 1, 4, strategy, balance)
     compiled = (memory.compile_train if mode == "train" else memory.compile_prefill)(plan)
-    assert (collective in compiled.as_text()) == present
+    text = compiled.as_text()
+    modules = {"ring": "ring.py", "all_gather": "all_gather.py", "ulysses": "ulysses.py"}
+    assert modules[strategy] in text
+    others = {"ring": ("all_gather.py", "ulysses.py"), "all_gather": ("ulysses.py",),
+              "ulysses": ("ring.py", "all_gather.py")}[strategy]
+    assert not any(m in text for m in others), [m for m in others if m in text]
     xla = memory._analysis(compiled)["peak"]
     est = estimate(plan)["train" if mode == "train" else "inference"]["total"]
     assert abs(est / xla - 1) < 0.2, (est, xla)
