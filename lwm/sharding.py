@@ -252,6 +252,21 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_spec(logical))
 
 
+def ulysses_kv_repeat(n_local: int, k_local: int, sp: int) -> int:
+    """How many times each tp-local kv head is repeated so that the kv heads divide by sp (1 = none)."""
+    return sp // math.gcd(k_local, sp)
+
+
+def check_ulysses_heads(N: int, K: int, tp: int, sp: int) -> int:
+    """Raises ValueError naming the numbers when Ulysses cannot split the heads; returns the kv repeat."""
+    n_local, k_local = N // tp, K // tp
+    if n_local % sp:
+        raise ValueError(f"context_parallel_strategy='ulysses' needs the query heads per tp shard divisible by "
+                         f"sp: num_attention_heads={N} / tp={tp} = {n_local} heads, sp={sp}; use the 'ring' or "
+                         "'all_gather' strategy, or a mesh with sp dividing the heads")
+    return ulysses_kv_repeat(n_local, k_local, sp)
+
+
 def check_model_mesh(config, mesh: Mesh, *, seq_len: int | None = None, batch_size: int | None = None) -> None:
     """Clear errors, before any compile, when the mesh does not divide the heads, batch or sequence."""
     tp, sp = mesh.shape["tp"], mesh.shape["sp"]
@@ -263,10 +278,8 @@ def check_model_mesh(config, mesh: Mesh, *, seq_len: int | None = None, batch_si
     if batch_size is not None and batch_size % batch_shards:
         raise MeshError(f"batch size {batch_size} is not divisible by dp*fsdp={batch_shards}")
     if config.context_parallel and config.context_parallel_strategy == "ulysses" and sp > 1:
-        from lwm.attention.ulysses import check_heads
-
         try:
-            check_heads(config.num_attention_heads, config.kv_heads, tp, sp)
+            check_ulysses_heads(config.num_attention_heads, config.kv_heads, tp, sp)
         except ValueError as e:
             raise MeshError(str(e)) from None
     if seq_len is not None:

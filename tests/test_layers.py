@@ -4,7 +4,9 @@ The graph is read from the source (every `import` / `from ... import`, at module
 function), so a lazy import counts like any other. Rules checked on lwm/ and scripts/:
   1. no module imports one from a higher layer (LAYERS below; a module not listed is an engine);
   2. no module imports an entry point (a module with an `if __name__ == "__main__":` block, or a script),
-     so in particular no entry point imports another;
+     so in particular no entry point imports another. The one exception is a wrapper script: a file in
+     scripts/ whose body is only its docstring, imports and the `__main__` block, and which imports `main`
+     from exactly one lwm entry point (the original's command lines, kept working over `python -m lwm.X`);
   3. no import cycle among lwm modules;
   4. no lwm module runs a file from scripts/ (a "scripts/....py" string outside a docstring).
 docs/architecture.md draws this graph; `python tests/test_layers.py` prints the edges it was drawn from.
@@ -19,10 +21,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # Lower index = lower layer. A module may import its own layer or lower ones, never a higher one.
 LAYERS = (
+    # lwm.sharding is the vocabulary of mesh axes and specs that the kernels (the ring) ask for.
     ("utilities", {"lwm", "lwm.config_utils", "lwm.safe_pickle", "lwm.distributed", "lwm.logging_utils",
-                   "lwm.chat_template"}),
+                   "lwm.chat_template", "lwm.sharding"}),
     ("kernels", {"lwm.attention"}),                       # the package and everything under it
-    ("model", {"lwm.llama", "lwm.vision_llama", "lwm.vqgan", "lwm.loss", "lwm.sharding", "lwm.models"}),
+    ("model", {"lwm.llama", "lwm.vision_llama", "lwm.vqgan", "lwm.loss", "lwm.models"}),
     ("engines", set()),                                   # every other library module
     ("entry points", set()),                              # modules with a __main__ block, scripts/*.py
 )
@@ -52,13 +55,28 @@ def _docstring_nodes(tree: ast.Module) -> set[int]:
     return ids
 
 
+def wrapped_entry(name: str, tree: ast.Module) -> str | None:
+    """The lwm entry point a wrapper script stands for (see rule 2), or None when `name` is no wrapper."""
+    if not name.startswith("scripts."):
+        return None
+    body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    if not body or not all(isinstance(n, (ast.Import, ast.ImportFrom)) or _is_main_guard(n) for n in body):
+        return None
+    targets = {n.module for n in body if isinstance(n, ast.ImportFrom) and n.module
+               and n.module.startswith("lwm") and "main" in {a.name for a in n.names}}
+    return targets.pop() if len(targets) == 1 else None
+
+
 def read_graph(root: pathlib.Path):
-    """-> (modules {name: path}, edges {(importer, imported): line}, entry points, script references)."""
+    """-> (modules {name: path}, edges {(importer, imported): line}, entry points, script references,
+    wrappers {script: the lwm entry point it wraps})."""
     files = sorted((root / "lwm").rglob("*.py")) + sorted((root / "scripts").glob("*.py"))
     modules = {module_name(root, f): f for f in files}
-    edges, entries, script_refs = {}, set(), []
+    edges, entries, script_refs, wrappers = {}, set(), [], {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
+        if wrapped_entry(name, tree):
+            wrappers[name] = wrapped_entry(name, tree)
         if name.startswith("scripts.") or any(_is_main_guard(n) for n in tree.body):
             entries.add(name)
         docstrings = _docstring_nodes(tree)
@@ -78,7 +96,7 @@ def read_graph(root: pathlib.Path):
             if (name.startswith("lwm") and isinstance(node, ast.Constant) and isinstance(node.value, str)
                     and id(node) not in docstrings and "scripts/" in node.value and ".py" in node.value):
                 script_refs.append((name, node.lineno, node.value))
-    return modules, edges, entries, script_refs
+    return modules, edges, entries, script_refs, wrappers
 
 
 def layer_of(name: str, entries: set[str]) -> int:
@@ -112,13 +130,15 @@ def _cycles(nodes, edges) -> list[list[str]]:
 
 
 def violations(root: pathlib.Path) -> list[str]:
-    modules, edges, entries, script_refs = read_graph(root)
+    modules, edges, entries, script_refs, wrappers = read_graph(root)
     out = []
     for (a, b), line in sorted(edges.items()):
         where = f"{modules[a].relative_to(root)}:{line}"
         if b not in modules:
             continue                                  # e.g. `import lwm` names the package's __init__ too
         la, lb = layer_of(a, entries), layer_of(b, entries)
+        if b in entries and wrappers.get(a) == b:
+            continue                                  # a wrapper script over the entry point it names
         if b in entries:
             kind = "an entry point imports another entry point" if a in entries else "a library imports an entry point"
             out.append(f"{where}: {a} imports {b}: {kind}")
@@ -152,6 +172,9 @@ def test_every_rule_catches_a_violation(tmp_path):
         "lwm/attention/pallas_gpu.py": "from lwm.attention.pallas_common import check_inputs\n",
         "scripts/eval.py": "from lwm.train import parse_flags\n",
         "scripts/eval_multi.py": "import eval\n",
+        # a wrapper over one entry point is fine; one that also does work of its own is not
+        "scripts/train_wrapper.py": '"""Wraps lwm.train."""\nfrom lwm.train import main\nif __name__ == "__main__":\n    main()\n',
+        "scripts/chat_wrapper.py": "from lwm.chat import main\nX = 1\nif __name__ == '__main__':\n    main()\n",
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +186,7 @@ def test_every_rule_catches_a_violation(tmp_path):
         "lwm.chat imports lwm.train: an entry point imports another entry point",
         "scripts.eval imports lwm.train: an entry point imports another entry point",
         "scripts.eval_multi imports scripts.eval: an entry point imports another entry point",
+        "scripts.chat_wrapper imports lwm.chat: an entry point imports another entry point",
         "import cycle: lwm.attention.pallas_common -> lwm.attention.pallas_gpu -> lwm.attention.pallas_common",
         "import cycle: lwm.train_state -> lwm.llama -> lwm.train_state",
         "lwm.demo runs a file from scripts/ ('scripts/eval.py')",
@@ -174,7 +198,7 @@ def test_every_rule_catches_a_violation(tmp_path):
 
 
 if __name__ == "__main__":
-    modules, edges, entries, _ = read_graph(REPO)
+    modules, edges, entries, _, _ = read_graph(REPO)
     for (a, b) in sorted(edges):
         if b in modules:
             print(f"{LAYER_NAMES[layer_of(a, entries)]:>12}  {a:35} -> {b} ({LAYER_NAMES[layer_of(b, entries)]})")

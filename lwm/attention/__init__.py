@@ -26,9 +26,8 @@ import jax.numpy as jnp
 from lwm.attention import decode
 from lwm.attention.blockwise import blockwise_attention
 from lwm.attention.dense import dense_attention
-from lwm.attention.context_parallel import STRATEGIES, context_parallel_attention
+from lwm.attention.context_parallel import STRATEGIES, context_parallel_attention, ring_attention
 from lwm.attention.layout import LOAD_BALANCES
-from lwm.attention.ring import ring_attention
 
 ATTENTION_IMPLS = ("dense", "blockwise", "pallas", "ring", "ring_pallas")
 CONTEXT_PARALLEL_IMPLS = ("ring", "ring_pallas")  # impls that shard the sequence over 'sp'

@@ -22,8 +22,8 @@ import jax
 from lwm import sharding
 from lwm.attention import blockwise, layout
 from lwm.attention.all_gather import all_gather_local
-from lwm.attention.ring import RingConfig, _block_fns, ambient_sp_mesh, check_divisible, ring_local
-from lwm.attention.ulysses import check_heads, ulysses_local
+from lwm.attention.ring import RingConfig, block_fns, ambient_sp_mesh, check_divisible, ring_local
+from lwm.attention.ulysses import ulysses_local
 
 STRATEGIES = ("ring", "all_gather", "ulysses")
 
@@ -79,14 +79,14 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, strategy: str = "ri
     cfg = RingConfig(causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, block_impl=block_impl,
                      pallas_interpret=pallas_interpret, load_balance=load_balance, mask_balance=mask_balance,
                      global_offsets=global_offsets)
-    _block_fns(cfg)  # validates block_impl / backend before tracing
+    block_fns(cfg)  # validates block_impl / backend before tracing
     if strategy == "ring":
         local = functools.partial(ring_local, cfg)
     elif strategy == "all_gather":
         local = functools.partial(all_gather_local, cfg)
     else:
         tp = dict(mesh.shape).get(sharding.HEAD_AXIS, 1)
-        check_heads(N, K, tp, sp)
+        sharding.check_ulysses_heads(N, K, tp, sp)
         local = functools.partial(ulysses_local, cfg, kernel=_ulysses_kernel(cfg))
     # Pallas interpret mode (jax 0.10) fails shard_map's varying-axes check inside the kernel
     # interpreter, and pallas_call outputs would need explicit variance; the jnp path is fully checked.
@@ -98,3 +98,15 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, strategy: str = "ri
     fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec,
                        check_vma=check_vma)
     return fn(q, k, v, segment_ids)
+
+
+def ring_attention(q, k, v, segment_ids=None, *, causal: bool = True, q_chunk: int = 512, k_chunk: int = 512,
+                   block_impl: str = "blockwise", pallas_interpret: bool = False, load_balance: str = "none",
+                   global_offsets: bool = True):
+    """The ring strategy of `lwm.attention.context_parallel.context_parallel_attention` (see there).
+
+    q: (B, T, N, H); k, v: (B, T, K, H); segment_ids (B, T) | None: global arrays in the layout order of
+    `load_balance`. global_offsets=False is a deliberately wrong variant (negative control of the tests)."""
+    return context_parallel_attention(q, k, v, segment_ids, strategy="ring", load_balance=load_balance,
+                                      causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, block_impl=block_impl,
+                                      pallas_interpret=pallas_interpret, global_offsets=global_offsets)

@@ -55,7 +55,7 @@ class RingConfig:
     global_offsets: bool = True
 
 
-def _block_fns(cfg: RingConfig):
+def block_fns(cfg: RingConfig):
     """The (forward, backward) pair of block functions every strategy calls per block pair."""
     kw = dict(causal=cfg.causal, q_chunk=cfg.q_chunk, k_chunk=cfg.k_chunk)
     if cfg.block_impl == "blockwise":
@@ -122,7 +122,7 @@ def attend_block(cfg, geo, q, seg, q_starts, o, lse, k_blk, v_blk, seg_blk, k_st
     q (b, t, n, h), seg (b, t) | None, q_starts / k_starts (R,) int32; o (b, t, n, h) f32, lse (b, t, n).
     Wholly masked run pairs are skipped (lax.cond: no FLOPs); the others call the block kernel, which skips
     the key chunks past its causal diagonal."""
-    fwd, _ = _block_fns(cfg)
+    fwd, _ = block_fns(cfg)
     outs, lses = [], []
     for qr in range(geo.num_runs):
         o_r, lse_r = _runs(o, geo, qr), _runs(lse, geo, qr)
@@ -149,7 +149,7 @@ def grad_block(cfg, geo, q, seg, q_starts, o, lse, do, dq, k_blk, v_blk, seg_blk
     """The local queries' gradient contributions for one key/value block, given the final (o, lse).
 
     Returns (dq + this block's part, dk_blk, dv_blk) in float32; wholly masked run pairs add nothing."""
-    _, bwd = _block_fns(cfg)
+    _, bwd = block_fns(cfg)
     acc = dq.dtype
     dqs = [_runs(dq, geo, qr) for qr in range(geo.num_runs)]
     dks, dvs = [], []
@@ -284,17 +284,3 @@ def check_divisible(mesh, what: str, **dims):
         n = math.prod(mesh.shape[a] for a in axes if a in mesh.axis_names)
         if size % n:
             raise ValueError(f"{what}: {name}={size} is not divisible by the mesh axes {axes} of size {n}")
-
-
-def ring_attention(q, k, v, segment_ids=None, *, causal: bool = True, q_chunk: int = 512, k_chunk: int = 512,
-                   block_impl: str = "blockwise", pallas_interpret: bool = False, load_balance: str = "none",
-                   global_offsets: bool = True):
-    """The ring strategy of `lwm.attention.context_parallel.context_parallel_attention` (see there).
-
-    q: (B, T, N, H); k, v: (B, T, K, H); segment_ids (B, T) | None: global arrays in the layout order of
-    `load_balance`. global_offsets=False is a deliberately wrong variant (negative control of the tests)."""
-    from lwm.attention.context_parallel import context_parallel_attention
-
-    return context_parallel_attention(q, k, v, segment_ids, strategy="ring", load_balance=load_balance,
-                                      causal=causal, q_chunk=q_chunk, k_chunk=k_chunk, block_impl=block_impl,
-                                      pallas_interpret=pallas_interpret, global_offsets=global_offsets)

@@ -10,7 +10,7 @@ The gathered sequence arrives in layout order; it is put back in natural order w
 inverse (`layout.from_layout`, a local reshape) before the kernel and re-laid-out after, so the kernel's
 index is the token's position.
 
-Heads: the tp-local query heads n = N/tp must divide by sp, else `check_heads` raises before compiling,
+Heads: the tp-local query heads n = N/tp must divide by sp, else `lwm.sharding.check_ulysses_heads` raises before compiling,
 naming the numbers. The tp-local kv heads k = K/tp need not: when sp does not divide them, each kv head is
 repeated r = sp / gcd(k, sp) times first. That is always exact once sp divides n = G * k (G = N/K query
 heads per kv head): sp / gcd(k, sp) then divides G, query head j reads copy j // (G / r) of its own kv
@@ -19,28 +19,13 @@ Communication per device per call: 4 all-to-alls of (b, T/sp, n or k, h) forward
 """
 from __future__ import annotations
 
-import math
 
 import jax.numpy as jnp
 from jax import lax
 
+from lwm import sharding
 from lwm.attention import layout
 from lwm.attention.ring import RingConfig
-
-
-def kv_repeat(n_local: int, k_local: int, sp: int) -> int:
-    """How many times each tp-local kv head is repeated so that the kv heads divide by sp (1 = none)."""
-    return sp // math.gcd(k_local, sp)
-
-
-def check_heads(N: int, K: int, tp: int, sp: int) -> int:
-    """Raises ValueError naming the numbers when Ulysses cannot split the heads; returns the kv repeat."""
-    n_local, k_local = N // tp, K // tp
-    if n_local % sp:
-        raise ValueError(f"context_parallel_strategy='ulysses' needs the query heads per tp shard divisible by "
-                         f"sp: num_attention_heads={N} / tp={tp} = {n_local} heads, sp={sp}; use the 'ring' or "
-                         "'all_gather' strategy, or a mesh with sp dividing the heads")
-    return kv_repeat(n_local, k_local, sp)
 
 
 def ulysses_local(cfg: RingConfig, q, k, v, seg, *, kernel):
@@ -48,7 +33,7 @@ def ulysses_local(cfg: RingConfig, q, k, v, seg, *, kernel):
     seg (b, t) | None -> (b, t, n, h). kernel(q, k, v, seg) is the local full-sequence attention."""
     sp = lax.axis_size(cfg.axis_name)
     balance = cfg.load_balance if cfg.mask_balance is None else cfg.mask_balance
-    r = kv_repeat(q.shape[2], k.shape[2], sp)
+    r = sharding.ulysses_kv_repeat(q.shape[2], k.shape[2], sp)
     if r > 1:
         k, v = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
 
