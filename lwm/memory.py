@@ -166,9 +166,9 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     elif plan.sp_strategy == "ring":                      # the neighbour's K/V block in flight
         attn_extra = 2 * n * kv * h
     else:                                                 # ulysses: all-to-all buffers of q, k, v, out
-        from lwm.attention.ulysses import kv_repeat       # kv heads repeated to divide by sp
-        attn_extra = n * (2 * c.num_attention_heads / tp + 2 * kv * kv_repeat(c.num_attention_heads // tp,
-                                                                              c.kv_heads // tp, sp)) * h
+        from lwm.sharding import ulysses_kv_repeat        # kv heads repeated to divide by sp
+        attn_extra = n * (2 * c.num_attention_heads / tp + 2 * kv * ulysses_kv_repeat(
+            c.num_attention_heads // tp, c.kv_heads // tp, sp)) * h
     v_dev = (c.vocab_size + (getattr(c, "vision_vocab_size", 0) or 0)) / tp
     full_layer = _saved_per_layer(c, "", tp)
     saved = L * n * _saved_per_layer(c, remat, tp) * s + n * TOP_LEVEL(d, h) * 4

@@ -41,7 +41,7 @@ def test_strategy_reaches_the_config_and_bad_combinations_are_one_line():
     assert (mc.attention_impl, mc.context_parallel_strategy, mc.context_parallel_load_balance) == (
         "ring", "ulysses", "zigzag")
     assert Plan(c, 4096).model_config is c                      # sp = 1: the config as given
-    # lwm.sharding.check_model_mesh's own messages (Ulysses' check is lwm.attention.ulysses.check_heads)
+    # lwm.sharding.check_model_mesh's own messages (Ulysses': lwm.sharding.check_ulysses_heads)
     with pytest.raises(ValueError, match="num_attention_heads=32 / tp=4 = 8 heads, sp=16"):
         Plan(LLaMAConfig.load("7b"), 2**20, (1, 1, 4, 16), sp_strategy="ulysses")
     with pytest.raises(SystemExit, match="num_attention_heads=2 / tp=1 = 2 heads, sp=4"):
