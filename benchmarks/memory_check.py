@@ -14,7 +14,8 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-# mode, preset, seq_len, mesh (dp, fsdp, tp, sp), batch, remat_block, compute dtype bytes
+# mode, preset, seq_len, mesh (dp, fsdp, tp, sp), batch, remat_block, compute dtype bytes[, context-parallel
+# strategy, load balance] (default ring, none; used when sp > 1)
 GRID = [
     ("train", "tiny", 1024, (1, 1, 1, 1), 1, "", 4),
     ("train", "tiny", 4096, (1, 1, 1, 1), 1, "", 4),
@@ -35,6 +36,31 @@ GRID = [
     ("prefill", "debug", 4096, (1, 2, 1, 1), 2, "", 4),
     ("prefill", "debug", 8192, (1, 1, 1, 4), 1, "", 4),
     ("prefill", "debug", 4096, (1, 1, 1, 1), 1, "", 2),
+    # the other strategies and the zigzag ring (rows 19-)
+    ("train", "tiny", 4096, (1, 1, 1, 2), 1, "", 4, "all_gather", "none"),
+    ("train", "tiny", 4096, (1, 1, 1, 4), 1, "", 4, "all_gather", "none"),
+    ("train", "tiny", 4096, (1, 1, 1, 2), 1, "", 4, "ulysses", "none"),
+    ("train", "tiny", 4096, (1, 1, 1, 4), 1, "", 4, "ulysses", "none"),
+    ("train", "tiny", 4096, (1, 1, 1, 4), 1, "", 4, "ring", "zigzag"),
+    ("train", "debug", 4096, (1, 1, 1, 4), 1, "", 4, "all_gather", "none"),
+    ("train", "debug", 4096, (1, 1, 1, 2), 1, "", 4, "ulysses", "none"),
+    ("train", "debug", 4096, (1, 1, 1, 4), 1, "", 4, "ring", "zigzag"),
+    ("prefill", "tiny", 8192, (1, 1, 1, 4), 1, "", 4, "all_gather", "none"),
+    ("prefill", "tiny", 8192, (1, 1, 1, 4), 1, "", 4, "ulysses", "none"),
+    ("prefill", "tiny", 8192, (1, 1, 1, 4), 1, "", 4, "ring", "zigzag"),
+    ("prefill", "debug", 8192, (1, 1, 1, 4), 1, "", 4, "all_gather", "none"),
+    ("prefill", "debug", 8192, (1, 1, 1, 2), 1, "", 4, "ulysses", "none"),
+    ("prefill", "debug", 8192, (1, 1, 1, 4), 1, "", 4, "ring", "zigzag"),
+    # where the strategy term is a larger share: remat'd layers at sp = 8 / 4, and the ring beside each
+    ("train", "debug", 8192, (1, 1, 1, 8), 1, "nothing_saveable", 4, "ring", "none"),
+    ("train", "debug", 8192, (1, 1, 1, 8), 1, "nothing_saveable", 4, "all_gather", "none"),
+    ("train", "tiny", 8192, (1, 1, 1, 4), 1, "nothing_saveable", 4, "ring", "none"),
+    ("train", "tiny", 8192, (1, 1, 1, 4), 1, "nothing_saveable", 4, "ulysses", "none"),
+    ("prefill", "debug", 8192, (1, 1, 1, 2), 1, "", 4, "ring", "none"),
+    ("train", "tiny", 16384, (1, 1, 1, 8), 1, "", 4, "ring", "none"),
+    ("train", "tiny", 16384, (1, 1, 1, 8), 1, "", 4, "all_gather", "none"),
+    ("train", "tiny", 16384, (1, 1, 1, 8), 1, "nothing_saveable", 4, "ring", "none"),
+    ("train", "tiny", 16384, (1, 1, 1, 8), 1, "nothing_saveable", 4, "all_gather", "none"),
 ]
 
 
@@ -42,18 +68,19 @@ def check_grid(rows):
     from lwm.llama import LLaMAConfig
     from lwm.memory import Plan, estimate, xla_prefill, xla_train
 
-    print("| mode | preset | seq_len | mesh dp,fsdp,tp,sp | batch | remat | dtype | estimate MiB | XLA peak MiB | "
-          "estimate / XLA |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | preset | seq_len | mesh dp,fsdp,tp,sp | sp strategy | batch | remat | dtype | estimate MiB | "
+          "XLA peak MiB | estimate / XLA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
-    for mode, preset, t, mesh, b, remat, dtype_bytes in rows:
-        config = LLaMAConfig.load(preset).replace(remat_block=remat,
-                                                  attention_impl="ring" if mesh[3] > 1 else "blockwise")
-        plan = Plan(config, t, mesh, b, dtype_bytes)
+    for mode, preset, t, mesh, b, remat, dtype_bytes, *cp in rows:
+        strategy, balance = cp or ("ring", "none")
+        config = LLaMAConfig.load(preset).replace(remat_block=remat)   # sp > 1: Plan.model_config picks the ring
+        plan = Plan(config, t, mesh, b, dtype_bytes, strategy, balance)
         est = estimate(plan)["train" if mode == "train" else "inference"]["total"]
         xla = (xla_train if mode == "train" else xla_prefill)(plan)["peak"]
         worst = max(worst, abs(est / xla - 1))
-        print(f"| {mode} | {preset} | {t} | {','.join(map(str, mesh))} | {b} | {remat or '-'} | "
+        cp_name = "-" if mesh[3] == 1 else strategy + ("" if balance == "none" else f" {balance}")
+        print(f"| {mode} | {preset} | {t} | {','.join(map(str, mesh))} | {cp_name} | {b} | {remat or '-'} | "
               f"{'fp32' if dtype_bytes == 4 else 'bf16'} | {est / 2**20:.1f} | {xla / 2**20:.1f} | {est / xla:.2f} |",
               flush=True)
     print(f"\nlargest deviation: {worst:.1%}")

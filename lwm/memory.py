@@ -6,7 +6,7 @@ the real step on simulated CPU devices: seconds to minutes).
         --remat_block nothing_saveable --device_memory 95GiB
     python -m lwm.memory --llama_config debug --seq_len 4096 --mesh_dim 1,1,1,2 --check_xla
 
-Per device, with b = B / (dp * fsdp) sequences, t = T / sp tokens of each (ring; see SP_STRATEGIES), n = b * t,
+Per device, with b = B / (dp * fsdp) sequences, t = T / sp tokens of each, n = b * t,
 P parameters of which P_big sharded over fsdp * sp * tp (every matrix and embedding, by lwm.sharding's
 table) and the norms replicated, s the bytes of the compute dtype:
 
@@ -24,6 +24,9 @@ table) and the norms replicated, s the bytes of the compute dtype:
              KV cache    2 * L * b * S * K * H * s / (sp * tp)   S the cache length (prompt + new tokens)
              activations n * PREFILL_WORKING_BYTES * D (one layer at a time, no backward) + score tiles
                + the last position's logits + with fsdp * sp > 1 the embedding table all-gathered (V D s / tp)
+  sp > 1     the context-parallel strategy's extra (estimate(): ring the neighbour's K/V block, all_gather the
+             full K/V, ulysses its all-to-all buffers) and a balanced layout's reordering copies in prefill;
+             docs/memory.md says which of them were fitted and which checked
 
 XLA's own numbers (`--check_xla`): peak = arguments + outputs - aliased (donated) + temporaries, from
 `jax.jit(step).lower(...).compile().memory_analysis()`. The CPU compiler fuses less than the TPU/GPU ones,
@@ -38,7 +41,8 @@ import re
 import sys
 from typing import Any
 
-SP_STRATEGIES = ("ring", "all_gather", "ulysses")
+from lwm.attention import LOAD_BALANCES, STRATEGIES as SP_STRATEGIES
+
 REMATS = ("", "nothing_saveable", "checkpoint_dots", "everything_saveable", "checkpoint_dots_with_no_batch_dims")
 
 # The peak of a train step is the largest of three phases (XLA's buffer assignment on CPU, tiny and debug):
@@ -51,11 +55,17 @@ REMATS = ("", "nothing_saveable", "checkpoint_dots", "everything_saveable", "che
 # points they were fitted on and those they were not.
 LOSS_LOGITS, LOSS_KERNEL = 2.0, 2.0
 BACKWARD_WORKING, REMAT_WORKING, UPDATE_TEMPS = 0.85, 0.25, 1.0
+# With sp > 1 XLA's CPU schedule keeps less of the recomputed layer: REMAT_WORKING_CP times its residuals in
+# place of 1 + REMAT_WORKING (fitted on tiny, ring, 8192 tokens, sp = 4; checked on the other sp rows).
+REMAT_WORKING_CP = 0.93
 # Prefill keeps no residuals: one layer's temporaries, PREFILL_WORKING_BYTES[s] * D bytes per token (XLA on
 # CPU, float32: 7.3 D elements for tiny, 6.3 D for debug per extra token; bfloat16 needs more on CPU, which
 # computes bf16 dots through float32 copies: 52 bytes per D for debug), plus PREFILL_TILES float32 attention
 # score tiles of (q_chunk, k_chunk) per head (debug, chunks 512: 6 MB whatever the length).
 PREFILL_WORKING_BYTES, PREFILL_TILES = {4: 28.0, 2: 52.0}, 3.0
+# all_gather prefill: PREFILL_GATHERED copies of the full gathered K and V (2 B T K H / tp) live at once (fitted
+# on tiny and debug, T = 8192, sp = 4: 1.35 on both).
+PREFILL_GATHERED = 1.35
 
 
 def kc_len(c, seq_len: int) -> int:
@@ -82,25 +92,37 @@ class Plan:
     mesh: tuple[int, int, int, int] = (1, 1, 1, 1)
     batch_size: int = 1
     dtype_bytes: int = 4
-    sp_strategy: str = "ring"
+    sp_strategy: str = "ring"                # context_parallel_strategy (used when sp > 1)
+    load_balance: str = "none"               # context_parallel_load_balance (used when sp > 1)
     optimizer_state: bool = True
     bf16_momentum: bool = False
     loss_chunk_size: int = 1024
     new_tokens: int = 0                      # inference: cache slots beyond the prompt
 
     def __post_init__(self):
+        """Raises ValueError (one line) for a strategy, layout or mesh the real run would refuse: the checks
+        are lwm.sharding.check_model_mesh's (heads over tp, Ulysses' heads over sp, batch over dp*fsdp, the
+        sequence over sp or 2*sp for zigzag and the chunk sizes), run on an abstract mesh."""
+        from jax.sharding import AbstractMesh
+
+        from lwm.sharding import MESH_AXES, check_model_mesh
+
         if self.sp_strategy not in SP_STRATEGIES:
-            raise ValueError(f"--sp_strategy={self.sp_strategy!r}; choose one of {SP_STRATEGIES}")
-        dp, fsdp, tp, sp = self.mesh
+            raise ValueError(f"--context_parallel_strategy={self.sp_strategy!r}; choose one of {SP_STRATEGIES}")
+        if self.load_balance not in LOAD_BALANCES:
+            raise ValueError(f"--context_parallel_load_balance={self.load_balance!r}; choose one of {LOAD_BALANCES}")
+        check_model_mesh(self.model_config, AbstractMesh(tuple(self.mesh), MESH_AXES),
+                         seq_len=self.seq_len, batch_size=self.batch_size)
+
+    @property
+    def model_config(self):
+        """The config the real step runs: with sp > 1 a context-parallel attention_impl ('ring' unless the
+        config already has 'ring' or 'ring_pallas') and this plan's strategy and load balance."""
         c = self.config
-        if self.batch_size % (dp * fsdp):
-            raise ValueError(f"--batch_size={self.batch_size} is not divisible by dp*fsdp={dp * fsdp}")
-        if self.seq_len % sp:
-            raise ValueError(f"--seq_len={self.seq_len} is not divisible by sp={sp}")
-        heads = tp * (sp if self.sp_strategy == "ulysses" else 1)
-        if c.kv_heads % heads:
-            raise ValueError(f"num_key_value_heads={c.kv_heads} is not divisible by tp{'*sp' if heads != tp else ''}"
-                             f"={heads} ({self.sp_strategy} shards heads)")
+        if self.mesh[3] == 1:
+            return c
+        return c.replace(attention_impl=c.attention_impl if c.context_parallel else "ring",
+                         context_parallel_strategy=self.sp_strategy, context_parallel_load_balance=self.load_balance)
 
 
 def parameter_counts(c) -> tuple[int, int]:
@@ -144,7 +166,9 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     elif plan.sp_strategy == "ring":                      # the neighbour's K/V block in flight
         attn_extra = 2 * n * kv * h
     else:                                                 # ulysses: all-to-all buffers of q, k, v, out
-        attn_extra = n * (2 * c.num_attention_heads / tp + 2 * kv) * h
+        from lwm.sharding import ulysses_kv_repeat        # kv heads repeated to divide by sp
+        attn_extra = n * (2 * c.num_attention_heads / tp + 2 * kv * ulysses_kv_repeat(
+            c.num_attention_heads // tp, c.kv_heads // tp, sp)) * h
     v_dev = (c.vocab_size + (getattr(c, "vision_vocab_size", 0) or 0)) / tp
     full_layer = _saved_per_layer(c, "", tp)
     saved = L * n * _saved_per_layer(c, remat, tp) * s + n * TOP_LEVEL(d, h) * 4
@@ -153,8 +177,12 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     grads = p_dev * 4
     loss_chunk = b * min(plan.loss_chunk_size, plan.seq_len) / sp
     phase_loss = saved + n * d * 4 + LOSS_LOGITS * loss_chunk * v_dev * 4 + LOSS_KERNEL * d * v_dev * 4
+    cp_backward = attn_extra
+    if plan.sp_strategy == "all_gather" and sp > 1:      # the layer's full dK, dV (and with remat K, V again)
+        cp_backward = (4 if remat == "nothing_saveable" else 2) * b * plan.seq_len * kv * h
+    remat_working = 1 + REMAT_WORKING if sp == 1 else REMAT_WORKING_CP
     phase_backward = saved + grads + n * full_layer * s * (
-        BACKWARD_WORKING if remat != "nothing_saveable" else 1 + REMAT_WORKING) + attn_extra * s
+        BACKWARD_WORKING if remat != "nothing_saveable" else remat_working) + cp_backward * s
     phase_update = grads * (1 + UPDATE_TEMPS)
     peak = max(phase_loss, phase_backward, phase_update)
     opt = p_dev * (4 + (2 if plan.bf16_momentum else 4)) if plan.optimizer_state else 0.0
@@ -162,9 +190,18 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     train = dict(parameters=p_dev * 4, optimizer=opt, gradients=grads,
                  activations=max(peak - grads, 0.0) + batch, kv_cache=0.0)
     cache = 2 * L * b * (plan.seq_len + plan.new_tokens) * c.kv_heads * h * s / (sp * tp)
-    tiles = PREFILL_TILES * b * c.scan_query_chunk_size * kc_len(c, plan.seq_len) * c.num_attention_heads / tp * 4
+    heads = c.num_attention_heads / tp / (sp if plan.sp_strategy == "ulysses" else 1)   # per local kernel
+    tiles = PREFILL_TILES * b * c.scan_query_chunk_size * kc_len(c, plan.seq_len) * heads * 4
     gathered = v_dev * d * s if fsdp * sp > 1 else 0.0   # the embedding table, all-gathered for the lookup
-    prefill = n * PREFILL_WORKING_BYTES[s] * d + tiles + gathered + attn_extra * s + b * v_dev * 4
+    if sp == 1 or plan.sp_strategy == "ulysses":          # the all-to-all output replaces the local q, k, v
+        cp_prefill = 0.0
+    elif plan.sp_strategy == "all_gather":
+        cp_prefill = PREFILL_GATHERED * 2 * b * plan.seq_len * kv * h * s
+    else:
+        cp_prefill = attn_extra * s
+    if sp > 1 and plan.load_balance != "none":            # K/V put back in natural order for the cache, and
+        cp_prefill += 2 * n * kv * h * s + n * d * 4      # the final hidden states
+    prefill = n * PREFILL_WORKING_BYTES[s] * d + tiles + gathered + cp_prefill + b * v_dev * 4
     infer = dict(parameters=p_dev * s, optimizer=0.0, gradients=0.0, activations=prefill, kv_cache=cache)
     for part in (train, infer):
         part["total"] = sum(part.values())
@@ -219,28 +256,39 @@ def xla_train(plan: Plan, optimizer_updates: dict | None = None) -> dict[str, in
     """memory_analysis() of lwm.train_state.train_step as lwm.train compiles it (same shardings, donation),
     for abstract inputs: nothing is allocated or run. Returns argument/output/alias/temp and peak bytes
     per device."""
+    return _analysis(compile_train(plan, optimizer_updates))
+
+
+def xla_prefill(plan: Plan) -> dict[str, int]:
+    """memory_analysis() of lwm.sampling.prefill (parameters in the compute dtype, sharded by the table; the
+    cache of seq_len + new_tokens slots is an output). Returns the same keys as xla_train."""
+    return _analysis(compile_prefill(plan))
+
+
+def compile_train(plan: Plan, optimizer_updates: dict | None = None):
+    """The compiled train step of `plan` (under plan.model_config: its strategy and load balance)."""
     import functools
 
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from lwm import optimizer as optimizer_lib
+    from lwm import models, optimizer as optimizer_lib
     from lwm import train_state as ts
-    from lwm.sharding import make_mesh, match_partition_rules, named_shardings
+    from lwm.sharding import batch_spec, make_mesh, param_shardings
 
-    c = plan.config
+    c = plan.model_config
     dtype = {4: jnp.float32, 2: jnp.bfloat16}[plan.dtype_bytes]
     mesh = make_mesh(_mesh_string(plan.mesh), jax.devices()[:math.prod(plan.mesh)])
-    task = ts.Task(ts.build_model("text", c, dtype), "text", 1.0, 0.0, plan.loss_chunk_size)
+    task = ts.Task(models.build_model("text", c, dtype), "text", 1.0, 0.0, plan.loss_chunk_size)
     tx, schedule = optimizer_lib.make_optimizer(
         {"adamw_optimizer": {"bf16_momentum": plan.bf16_momentum}, **(optimizer_updates or {})})
     with jax.set_mesh(mesh):
         init_fn = functools.partial(ts.init_train_state, task=task, tx=tx)
         shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        shardings = named_shardings(match_partition_rules(shapes), mesh)
+        shardings = param_shardings(shapes, c, mesh)
         replicated = NamedSharding(mesh, P())
-        batch_sharding = NamedSharding(mesh, P(("dp", "fsdp"), "sp"))
+        batch_sharding = NamedSharding(mesh, batch_spec(mesh))
         bt = (plan.batch_size, plan.seq_len)
         batch = {k: jax.ShapeDtypeStruct(bt, dt, sharding=batch_sharding) for k, dt in (
             ("input_tokens", jnp.int32), ("target_tokens", jnp.int32), ("loss_masks", jnp.float32),
@@ -250,35 +298,34 @@ def xla_train(plan: Plan, optimizer_updates: dict | None = None) -> dict[str, in
                        in_shardings=(shardings, replicated, batch_sharding),
                        out_shardings=(shardings, replicated, replicated), donate_argnums=(0, 1))
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-        return _analysis(step.lower(state, rng, batch).compile())
+        return step.lower(state, rng, batch).compile()
 
 
-def xla_prefill(plan: Plan) -> dict[str, int]:
-    """memory_analysis() of lwm.sampling.prefill (parameters in the compute dtype, sharded by the table; the
-    cache of seq_len + new_tokens slots is an output)."""
+def compile_prefill(plan: Plan):
+    """The compiled lwm.sampling.prefill of `plan` (under plan.model_config)."""
     import functools
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
 
     from lwm.llama import LLaMAForCausalLM
     from lwm.sampling import prefill
-    from lwm.sharding import make_mesh, match_partition_rules, named_shardings
+    from lwm.sharding import batch_spec, make_mesh, param_shardings
 
-    c = plan.config
+    c = plan.model_config
     dtype = {4: jnp.float32, 2: jnp.bfloat16}[plan.dtype_bytes]
     mesh = make_mesh(_mesh_string(plan.mesh), jax.devices()[:math.prod(plan.mesh)])
     model = LLaMAForCausalLM(c, dtype=dtype, param_dtype=dtype)
     shaper = LLaMAForCausalLM(c.replace(attention_impl="blockwise"), dtype=dtype, param_dtype=dtype)
     with jax.set_mesh(mesh):
         shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-        shardings = named_shardings(match_partition_rules(shapes, c.param_scan_axis), mesh)
+        shardings = param_shardings(shapes, c, mesh)
         params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-        bs = NamedSharding(mesh, P(("dp", "fsdp"), "sp"))
+        bs = NamedSharding(mesh, batch_spec(mesh))
         ids = jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32, sharding=bs)
         fn = jax.jit(functools.partial(prefill, model, cache_len=plan.seq_len + plan.new_tokens))
-        return _analysis(fn.lower(params, ids, ids, ids).compile())
+        return fn.lower(params, ids, ids, ids).compile()
 
 
 def _analysis(compiled) -> dict[str, int]:
@@ -300,10 +347,12 @@ def parse_args(argv=None):
     p.add_argument("--update_llama_config", default="", help="JSON object of config fields to change")
     p.add_argument("--seq_len", default="32768", help="tokens per sequence; a comma list for several")
     p.add_argument("--mesh_dim", default="1,1,1,1", help="dp,fsdp,tp,sp sizes (no -1: the planner has no devices)")
-    p.add_argument("--sp_strategy", "--context_parallel_strategy", dest="sp_strategy", default="ring",
+    p.add_argument("--context_parallel_strategy", "--sp_strategy", dest="sp_strategy", default=None,
                    choices=SP_STRATEGIES,
-                   help="context parallelism over sp: ring (K/V blocks passed round), all_gather (full K/V on "
-                        "every device), ulysses (all-to-all: full sequence, heads / sp)")
+                   help="context parallelism over sp (default: the config's): ring (K/V blocks passed round), "
+                        "all_gather (full K/V on every device), ulysses (all-to-all: full sequence, heads / sp)")
+    p.add_argument("--context_parallel_load_balance", dest="load_balance", default=None, choices=LOAD_BALANCES,
+                   help="token layout over sp (default: the config's): none, zigzag, striped")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="compute dtype (and inference weights)")
     p.add_argument("--batch_size", type=int, default=1, help="global sequences per step")
     p.add_argument("--scan_query_chunk_size", type=int, default=0, help="0: the config's")
@@ -325,6 +374,7 @@ def _plans(args):
     import json
 
     from lwm.llama import LLaMAConfig
+    from lwm.sharding import MeshError
 
     try:
         mesh = tuple(int(x) for x in args.mesh_dim.split(","))
@@ -340,17 +390,16 @@ def _plans(args):
         updates["scan_key_chunk_size"] = args.scan_key_chunk_size
     if args.remat_block is not None:
         updates["remat_block"] = args.remat_block
-    if mesh[3] > 1 and args.check_xla:
-        updates.setdefault("attention_impl", "ring")
-        if args.sp_strategy != "ring":          # the model's own setting, where this build has it
-            if "context_parallel_strategy" not in config.to_dict():
-                raise ValueError(f"--check_xla with --sp_strategy={args.sp_strategy}: this build's LLaMAConfig has "
-                                 "no context_parallel_strategy, so only the ring can be compiled")
-            updates["context_parallel_strategy"] = args.sp_strategy
     config = config.replace(**updates)
+    strategy = args.sp_strategy or config.context_parallel_strategy
+    balance = args.load_balance or config.context_parallel_load_balance
     for t in args.seq_len.split(","):
-        yield Plan(config, int(t), mesh, args.batch_size, 4 if args.dtype == "fp32" else 2, args.sp_strategy,
-                   args.optimizer_state == "true", args.bf16_momentum, args.loss_chunk_size, args.new_tokens)
+        try:
+            yield Plan(config, int(t), mesh, args.batch_size, 4 if args.dtype == "fp32" else 2, strategy, balance,
+                       args.optimizer_state == "true", args.bf16_momentum, args.loss_chunk_size, args.new_tokens)
+        except MeshError as e:      # lwm.sharding's message, with the flags it is about
+            raise ValueError(f"--mesh_dim={args.mesh_dim} --seq_len={t} --context_parallel_strategy={strategy} "
+                             f"--context_parallel_load_balance={balance}: {e}") from None
 
 
 def main(argv=None):
@@ -371,7 +420,8 @@ def main(argv=None):
     small = max(estimate(p)["train"]["total"] for p in plans) < 2**30
     unit, scale = ("MiB", 2**20) if small else ("GiB", 2**30)
     fmt = lambda x: f"{x / scale:.2f}"
-    print(f"# {args.llama_config}, mesh dp,fsdp,tp,sp = {args.mesh_dim}, {args.sp_strategy}, {args.dtype}, "
+    cp = f"{plans[0].sp_strategy}/{plans[0].load_balance}, " if plans[0].mesh[3] > 1 else ""
+    print(f"# {args.llama_config}, mesh dp,fsdp,tp,sp = {args.mesh_dim}, {cp}{args.dtype}, "
           f"batch {args.batch_size}, remat '{plans[0].config.remat_block}'; {unit} per device")
     header = "| seq_len | mode | " + " | ".join(parts) + (" | XLA peak | estimate / XLA |" if args.check_xla else " |")
     print(header)
