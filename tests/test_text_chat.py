@@ -117,7 +117,7 @@ def test_entry_point_chats_past_the_context(tmp_path):
     out = io.StringIO()
     answers = text_chat.main(["--load_llama_config=tiny", f"--load_checkpoint=params::{tmp_path / 'params'}",
                               f"--tokenizer={tmp_path / 'tokenizer.model'}", "--max_new_tokens=8", "--temperature=0",
-                              "--mesh_dim=1,1,1,1", "--update_llama_config=dict(max_sequence_length=96)"],
+                              "--mesh_dim=1,-1,1,1", "--update_llama_config=dict(max_sequence_length=96)"],
                              stdin=io.StringIO("\n".join(lines) + "\n"), stdout=out)
     text = out.getvalue()
     assert len(answers) == len(MESSAGES)                          # every fitting message answered
