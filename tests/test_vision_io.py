@@ -177,3 +177,24 @@ def test_video_rotation_is_applied(tmp_path):
     assert vision_io.upright(stored[0], 90).shape == (64, 32, 3)
     with pytest.raises(ValueError, match="multiples of 90"):
         vision_io.upright(stored[0], 45)
+
+
+def test_sixteen_bit_video_frames_keep_their_range(tmp_path):
+    import av
+
+    deep = (np.linspace(0, 65535, 64)[None].repeat(32, 0)).astype(np.uint16)        # (32, 64) 16-bit ramp
+    path = str(tmp_path / "deep.mkv")
+    with av.open(path, "w") as c:
+        stream = c.add_stream("ffv1", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "gray16le"
+        for _ in range(2):
+            c.mux(stream.encode(av.VideoFrame.from_ndarray(deep, format="gray16le")))
+        c.mux(stream.encode())
+    (frame, _) = vision_io.read_video_frames(path, 2)
+    assert frame.dtype == np.uint8 and frame.shape == (32, 64, 3)
+    np.testing.assert_allclose(frame[..., 0].astype(int), np.round(deep / 257.0).astype(int), atol=1)
+    assert frame.min() == 0 and frame.max() >= 254
+    # Negative control: the decoded samples taken as 8-bit (the low byte) are not the picture.
+    with av.open(path) as c:
+        raw = next(c.decode(video=0)).to_ndarray()
+    assert np.abs(raw.astype(np.uint8).astype(int) - frame[..., 0].astype(int)).max() > 100

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import sys
 from typing import Callable, Optional
 
@@ -22,8 +23,9 @@ from lwm import distributed
 
 # What a user can get wrong (a flag, a file, a length, the mesh): ValueError covers FlagError,
 # CheckpointError, PromptTooLongError, MeshError and DataFormatError; OSError covers missing or
-# unreadable files. LWM_DEBUG=1 shows the traceback instead.
-USER_ERRORS = (ValueError, OSError)
+# unreadable files; UnpicklingError a pickle that lwm.safe_pickle refuses. LWM_DEBUG=1 shows the
+# traceback instead.
+USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
 
 
 def runtime_flags(c: ConfigDict, *, tokenizer: str) -> ConfigDict:
