@@ -31,10 +31,9 @@ from ml_collections import ConfigDict
 from lwm.chat_template import Prompt
 from lwm.chat_template import vision_chat_prompt as chat_prompt  # noqa: F401  (the one template; tests use it)
 from lwm.inference import runtime
-from lwm.inference.engine import Engine
+from lwm.inference.engine import Engine, seed_of
 from lwm.inference.runtime import check_budget
 from lwm.sampling import SamplingConfig
-from lwm.vision_generation import seed_of
 from lwm.vision_llama import END_OF_FRAME, END_OF_VISION, VisionLLaMAForCausalLM
 
 

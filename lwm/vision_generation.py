@@ -38,7 +38,7 @@ from ml_collections import ConfigDict
 
 from lwm.chat_template import Prompt, vision_generation_prompts
 from lwm.inference import runtime
-from lwm.inference.engine import Engine, mesh_sizes
+from lwm.inference.engine import Engine, mesh_sizes, seed_of
 from lwm.inference.runtime import check_budget
 from lwm.sampling import SamplingConfig, sample_rows
 from lwm.vision_llama import END_OF_FRAME, NUM_VISION_CODES, VisionLLaMAForCausalLM
@@ -97,15 +97,6 @@ class FrameRule:
                           filters=True)
         tok = jnp.where((steps[:b] + 1) % self.tokens_per_frame == 0, END_OF_FRAME, tok)
         return jnp.concatenate([tok, tok]) if self.guided else tok
-
-
-def seed_of(rng) -> int:
-    """An int seed from a PRNG key (raw uint32 or typed): its last word (PRNGKey(s) -> s for s < 2**32)."""
-    if rng is None:
-        return 0
-    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        rng = jax.random.key_data(rng)
-    return int(np.asarray(rng).reshape(-1)[-1])
 
 
 def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt],

@@ -137,6 +137,16 @@ def parse_cache_dtype(value):
     return value
 
 
+def seed_of(rng) -> int:
+    """An int seed from a PRNG key (raw uint32 or typed): its last word (PRNGKey(s) -> s for 0 <= s < 2**32),
+    for callers that hold keys; 0 for None."""
+    if rng is None:
+        return 0
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return int(np.asarray(rng).reshape(-1)[-1])
+
+
 def _replicated(x):
     if jax.sharding.get_abstract_mesh().empty:
         return x
