@@ -254,16 +254,14 @@ def xla_train(plan: Plan, optimizer_updates: dict | None = None) -> dict[str, in
 
 
 def xla_prefill(plan: Plan) -> dict[str, int]:
-    """memory_analysis() of lwm.sampling.prefill (parameters in the compute dtype, sharded by the table; the
-    cache of seq_len + new_tokens slots is an output)."""
-    import functools
-
+    """memory_analysis() of the engine's prefill (`lwm.inference.engine.Engine.lower_prefill`; parameters
+    in the compute dtype, sharded by the table; the cache of seq_len + new_tokens slots is an output)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    from lwm.inference.engine import Engine
     from lwm.llama import LLaMAForCausalLM
-    from lwm.sampling import prefill
     from lwm.sharding import make_mesh, match_partition_rules, named_shardings
 
     c = plan.config
@@ -273,12 +271,12 @@ def xla_prefill(plan: Plan) -> dict[str, int]:
     shaper = LLaMAForCausalLM(c.replace(attention_impl="blockwise"), dtype=dtype, param_dtype=dtype)
     with jax.set_mesh(mesh):
         shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-        shardings = named_shardings(match_partition_rules(shapes, c.param_scan_axis), mesh)
+        shardings = named_shardings(match_partition_rules(shapes, c), mesh)
         params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
         bs = NamedSharding(mesh, P(("dp", "fsdp"), "sp"))
         ids = jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32, sharding=bs)
-        fn = jax.jit(functools.partial(prefill, model, cache_len=plan.seq_len + plan.new_tokens))
-        return _analysis(fn.lower(params, ids, ids, ids).compile())
+        engine = Engine(model, params, eos_id=-1, pad_id=0)
+        return _analysis(engine.lower_prefill(ids, plan.seq_len + plan.new_tokens).compile())
 
 
 def _analysis(compiled) -> dict[str, int]:
