@@ -227,18 +227,19 @@ def xla_train(plan: Plan, optimizer_updates: dict | None = None) -> dict[str, in
 
     from lwm import optimizer as optimizer_lib
     from lwm import train_state as ts
+    from lwm.models import build_model
     from lwm.sharding import make_mesh, match_partition_rules, named_shardings
 
     c = plan.config
     dtype = {4: jnp.float32, 2: jnp.bfloat16}[plan.dtype_bytes]
     mesh = make_mesh(_mesh_string(plan.mesh), jax.devices()[:math.prod(plan.mesh)])
-    task = ts.Task(ts.build_model("text", c, dtype), "text", 1.0, 0.0, plan.loss_chunk_size)
+    task = ts.Task(build_model("text", c, dtype), "text", 1.0, 0.0, plan.loss_chunk_size)
     tx, schedule = optimizer_lib.make_optimizer(
         {"adamw_optimizer": {"bf16_momentum": plan.bf16_momentum}, **(optimizer_updates or {})})
     with jax.set_mesh(mesh):
         init_fn = functools.partial(ts.init_train_state, task=task, tx=tx)
         shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        shardings = named_shardings(match_partition_rules(shapes), mesh)
+        shardings = named_shardings(match_partition_rules(shapes, c), mesh)
         replicated = NamedSharding(mesh, P())
         batch_sharding = NamedSharding(mesh, P(("dp", "fsdp"), "sp"))
         bt = (plan.batch_size, plan.seq_len)

@@ -34,7 +34,7 @@ def check_flags(config: ConfigDict) -> None:
     """ValueError / FileNotFoundError naming the flag, before anything is loaded."""
     if not config.haystack_file:
         raise ValueError("--haystack_file is empty: give a JSONL file with a \"text\" field per line "
-                         "(scripts/create_needle_data.py writes one)")
+                         "(the create_needle_data script writes one)")
     if not os.path.isfile(config.haystack_file) and "://" not in config.haystack_file:
         raise FileNotFoundError(f"--haystack_file={config.haystack_file}: no such file")
     for name in ("max_tokens_per_batch", "n_rounds", "max_new_tokens"):
