@@ -22,6 +22,7 @@ import numpy as np
 
 from lwm.attention import (ATTENTION_IMPLS, CONTEXT_PARALLEL_IMPLS, LOAD_BALANCES, STRATEGIES, attention,
                            cached_attention, layout)
+from lwm.attention.decode import write_segments
 from lwm.sharding import constrain, sequence_parallel_size
 
 _COMMON = dict(vocab_size=32000, initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -102,6 +103,7 @@ class LLaMAConfig:
     scan_attention: bool = False               # the original's switch, only checked: True rejects impl "dense"
     scan_query_chunk_size: int = 1024          # query block size of the blockwise / ring / Pallas attention
     scan_key_chunk_size: int = 1024            # key block size of the same
+    decode_chunk_size: int = 128               # slots per chunk that decode reads up to the filled length (docs/sampling.md)
     pallas_interpret: bool = False             # run the Pallas kernel in interpret mode (CPU tests)
     # Context parallelism over the mesh's 'sp' axis (attention_impl 'ring' / 'ring_pallas'; see
     # docs/context_parallel.md). The defaults are the original's plain ring.
@@ -278,20 +280,20 @@ class LLaMAAttention(nn.Module):
 
         new_cache = None
         balance, sp = sequence_layout(cfg, self.cache_mode)
-        if self.cache_mode == "decode":
-            out, ck, cv, _ = cached_attention(
-                q, key, val, layer_cache["k"], layer_cache["v"], cache_segment_ids, segment_ids, cache_index,
-                impl=cfg.attention_impl)
-            new_cache = dict(k=ck, v=cv)
+        if self.cache_mode == "decode":  # layer_cache: (k, v) of every layer (L, B, K, S, H) and this layer's index
+            cache_k, cache_v, layer = layer_cache
+            out, cache_k, cache_v = cached_attention(
+                q, key, val, cache_k, cache_v, cache_segment_ids, segment_ids, cache_index, layer,
+                impl=cfg.attention_impl, k_chunk=cfg.decode_chunk_size)
+            new_cache = (cache_k, cache_v)
         else:
             out = attention(q, key, val, segment_ids, impl=cfg.attention_impl, causal=True,
                             q_chunk=cfg.scan_query_chunk_size, k_chunk=cfg.scan_key_chunk_size,
                             pallas_interpret=cfg.pallas_interpret, strategy=cfg.context_parallel_strategy,
                             load_balance=balance)
-            if self.cache_mode == "prefill":  # the prompt occupies slots [0, T), in natural order
-                key, val = (layout.from_layout(x, sp, balance) for x in (key, val))
-                new_cache = dict(k=layer_cache["k"].at[:, :t].set(key.astype(layer_cache["k"].dtype)),
-                                 v=layer_cache["v"].at[:, :t].set(val.astype(layer_cache["v"].dtype)))
+            if self.cache_mode == "prefill":  # this layer's keys/values (B, T, K, H) in natural order (the
+                # cache's slots [0, T)), written by the collection
+                new_cache = tuple(layout.from_layout(a, sp, balance) for a in (key, val))
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         out = dense_layer(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out.reshape(b, t, n * h))
         out = nn.Dropout(rate=cfg.resid_pdrop)(out, deterministic=self.deterministic)
@@ -367,23 +369,34 @@ class LLaMABlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, position_ids, segment_ids, layer_cache, cache_segment_ids, cache_index):
+    def __call__(self, x, position_ids, segment_ids, layer, cache_segment_ids, cache_index):
+        """Training / prefill: x (B, T, D) -> (x, None | this layer's (k, v)). Decode: x is the carry
+        (x, cache_k, cache_v) with the whole cache, `layer` this layer's index -> ((x, cache_k, cache_v), None)."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
         norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         attn = _remat(LLaMAAttention, cfg.remat_attention, cfg)(cfg, cache_mode=self.cache_mode,
                                                                   name="attention", **kw)
+        layer_cache = None
+        if self.cache_mode == "decode":
+            x, cache_k, cache_v = x
+            layer_cache = (cache_k, cache_v, layer)
         attn_out, new_cache = attn(norm("attention_norm")(x), position_ids, segment_ids, layer_cache,
                                    cache_segment_ids, cache_index)
         x = constrain(x + attn_out, ("batch", "seq", "embed"))
         ff = _remat(LLaMAMLP, cfg.remat_mlp, cfg)(cfg, name="feed_forward", **kw)(norm("ffn_norm")(x))
         x = constrain(x + ff, ("batch", "seq", "embed"))
+        if self.cache_mode == "decode":
+            return (x, *new_cache), None
         return x, new_cache
 
 
 class LLaMABlockCollection(nn.Module):
     """`h`: the L decoder layers, scanned (`h/scan_decoder/...`) or unrolled (`h/<i>/...`).
-    cache: dict(k=(L, B, S, K, H), v=(L, B, S, K, H), segment_ids=(B, S)) or None."""
+    cache: None or dict(k=(L, B, K, S, H), v=(L, B, K, S, H), segment_ids=(B, S)) (`init_cache`).
+    Prefill (cache_index 0, a Python int) writes the prompt's keys/values at slots [0, T) once after the
+    layers; decode carries the whole cache through the layers and each layer writes its new rows in place
+    at the rows' slots cache_index (scalar or (B,)), so no layer's cache is copied or stacked per step."""
     config: LLaMAConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -396,43 +409,53 @@ class LLaMABlockCollection(nn.Module):
         block = _remat(LLaMABlock, cfg.remat_block, cfg)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, cache_mode=self.cache_mode,
                   deterministic=self.deterministic)
-        layer_caches = cache_seg = None
+        cache_seg = layers = None
         if cache is not None:
-            layer_caches = dict(k=cache["k"], v=cache["v"])
             seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
             start = 0 if self.cache_mode == "prefill" else cache_index
-            cache_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg, start, axis=1)
+            cache_seg = write_segments(cache["segment_ids"], seg, start)
             segment_ids = seg
         # The load-balanced layout (lwm.attention.layout) is applied here, once, to everything per token that
         # enters the layers, and undone on the hidden states that leave; the cache segment ids above and the
-        # prefill's cache writes (LLaMAAttention) stay in natural order.
+        # prefill's cache writes (LLaMAAttention hands back natural order) stay in natural order.
         balance, sp = sequence_layout(cfg, self.cache_mode)
         if balance != "none":
             layout.check(balance, x.shape[1], sp, "context_parallel_load_balance")
             x, position_ids, segment_ids = (None if a is None else layout.to_layout(a, sp, balance)
                                             for a in (x, position_ids, segment_ids))
+        if self.cache_mode == "decode":  # decode keeps the natural order (sequence_layout gives 'none')
+            x = (x, cache["k"], cache["v"])
+            layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
         if cfg.scan_layers:
             scanned = nn.scan(
                 block, variable_axes={"params": cfg.param_scan_axis},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers)
-            x, new_layer_caches = scanned(cfg, name="scan_decoder", **kw)(
-                x, position_ids, segment_ids, layer_caches, cache_seg, cache_index)
+            x, kv = scanned(cfg, name="scan_decoder", **kw)(x, position_ids, segment_ids, layers, cache_seg,
+                                                             cache_index)
         else:
             outs = []
             for i in range(cfg.num_hidden_layers):
-                lc = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
-                x, nc = block(cfg, name=str(i), **kw)(x, position_ids, segment_ids, lc, cache_seg, cache_index)
+                x, nc = block(cfg, name=str(i), **kw)(x, position_ids, segment_ids, i, cache_seg, cache_index)
                 outs.append(nc)
-            new_layer_caches = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+            kv = None if self.cache_mode != "prefill" else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+        if self.cache_mode == "decode":
+            x, cache_k, cache_v = x
         x = layout.from_layout(x, sp, balance)
-        return x, (None if cache is None else dict(new_layer_caches, segment_ids=cache_seg))
+        if cache is None:
+            return x, None
+        if self.cache_mode == "prefill":  # (L, B, T, K, H) -> the cache layout (L, B, K, T, H), one write at slot 0
+            write = lambda c, new: jax.lax.dynamic_update_slice(
+                c, jnp.swapaxes(new, 2, 3).astype(c.dtype), (0, 0, 0, 0, 0))
+            cache_k, cache_v = write(cache["k"], kv[0]), write(cache["v"], kv[1])
+        return x, dict(k=cache_k, v=cache_v, segment_ids=cache_seg)
 
 
 def init_cache(config: LLaMAConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache: k, v (L, B, S, K, H); segment_ids (B, S) with 0 = empty/padding."""
-    shape = (config.num_hidden_layers, batch_size, max_length, config.kv_heads, config.head_dim)
+    """An empty KV cache in the layout decode reads (`lwm.attention.decode`): k, v (L, B, K, S, H);
+    segment_ids (B, S) with 0 = empty/padding. `dtype` is the cache's own (e.g. bf16 for an fp32 model)."""
+    shape = (config.num_hidden_layers, batch_size, config.kv_heads, max_length, config.head_dim)
     return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                 segment_ids=jnp.zeros((batch_size, max_length), jnp.int32))
 
@@ -446,8 +469,9 @@ def positions_and_cache_mode(input_shape, position_ids, cache, cache_index):
     else:
         mode = "decode"
     if position_ids is None:
-        start = 0 if cache_index is None else cache_index
-        position_ids = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+        start = jnp.zeros((b,), jnp.int32) if cache_index is None else jnp.broadcast_to(
+            jnp.asarray(cache_index, jnp.int32), (b,))
+        position_ids = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
     return position_ids, mode
 
 

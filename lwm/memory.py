@@ -260,7 +260,7 @@ def xla_train(plan: Plan, optimizer_updates: dict | None = None) -> dict[str, in
 
 
 def xla_prefill(plan: Plan) -> dict[str, int]:
-    """memory_analysis() of lwm.sampling.prefill (parameters in the compute dtype, sharded by the table; the
+    """memory_analysis() of the engine's prefill (parameters in the compute dtype, sharded by the table; the
     cache of seq_len + new_tokens slots is an output). Returns the same keys as xla_train."""
     return _analysis(compile_prefill(plan))
 
@@ -302,15 +302,15 @@ def compile_train(plan: Plan, optimizer_updates: dict | None = None):
 
 
 def compile_prefill(plan: Plan):
-    """The compiled lwm.sampling.prefill of `plan` (under plan.model_config)."""
-    import functools
-
+    """The compiled engine prefill of `plan` (`lwm.inference.engine.Engine.lower_prefill` under
+    plan.model_config; parameters in the compute dtype, sharded by the table; the cache of
+    seq_len + new_tokens slots is an output)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
+    from lwm.inference.engine import Engine
     from lwm.llama import LLaMAForCausalLM
-    from lwm.sampling import prefill
     from lwm.sharding import batch_spec, make_mesh, param_shardings
 
     c = plan.model_config
@@ -324,8 +324,8 @@ def compile_prefill(plan: Plan):
         params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
         bs = NamedSharding(mesh, batch_spec(mesh))
         ids = jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32, sharding=bs)
-        fn = jax.jit(functools.partial(prefill, model, cache_len=plan.seq_len + plan.new_tokens))
-        return fn.lower(params, ids, ids, ids).compile()
+        engine = Engine(model, params, eos_id=-1, pad_id=0)
+        return engine.lower_prefill(ids, plan.seq_len + plan.new_tokens).compile()
 
 
 def _analysis(compiled) -> dict[str, int]:

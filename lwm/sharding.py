@@ -212,8 +212,10 @@ def token_spec(mesh=None) -> P:
 
 
 def cache_specs(mesh=None) -> dict:
-    """KV cache dict(k, v: (L, B, S, K, H), segment_ids: (B, S)) sharded along S over 'sp'."""
-    kv = P(None, *activation_spec(mesh))
+    """KV cache dict(k, v: (L, B, K, S, H), segment_ids: (B, S)) (`lwm.llama.init_cache`, the layout decode
+    reads) sharded along S over 'sp', B over ('dp', 'fsdp'), K over 'tp':
+    k, v P(None, ('dp', 'fsdp'), 'tp', 'sp', None); segment_ids P(('dp', 'fsdp'), 'sp')."""
+    kv = P(None, _batch(mesh), _axis(mesh, HEAD_AXIS), _axis(mesh, SEQ_AXIS), None)
     return dict(k=kv, v=kv, segment_ids=batch_spec(mesh))
 
 

@@ -2,7 +2,7 @@
 cache and greedy tokens, and the needle eval's answers under every strategy.
 
 The layout is applied inside the model (lwm.llama.LLaMABlockCollection), so these checks feed natural-order
-batches and compare natural-order results, as every caller sees them. Sampler fixtures come from
+batches and compare natural-order results, as every caller sees them. Engine fixtures come from
 tests/test_sampling.py.
 """
 import os
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lwm.llama import LLaMAForCausalLM, init_cache, sequence_layout
-from lwm.sampling import Sampler
+from lwm.inference.engine import Engine
 from lwm.sharding import make_mesh, param_shardings
 from test_needle import _script_flags, workdir  # noqa: F401 (fixture)
 from test_sampling import EOS, NEW, PAD, PROMPTS, greedy_batch, sampler, tiny  # noqa: F401 (fixtures)
@@ -76,19 +76,17 @@ def test_greedy_sampling_is_identical(tiny, greedy_batch, strategy, balance):  #
     mesh = make_mesh("1,2,1,4")
     with jax.set_mesh(mesh):
         placed = jax.device_put(params, param_shardings(params, cp_cfg, mesh))
-        s = Sampler(LLaMAForCausalLM(cp_cfg), placed, eos_id=EOS, pad_id=PAD)
-        assert s.generate(PROMPTS, NEW) == greedy_batch
+        s = Engine(LLaMAForCausalLM(cp_cfg), placed, eos_id=EOS, pad_id=PAD)
+        assert s.generate(PROMPTS, NEW).tokens == greedy_batch
 
 
 @pytest.mark.slow
 def test_needle_eval_answers_are_identical_under_every_strategy(workdir, tmp_path):  # noqa: F811
-    """scripts/eval_needle.py on 8 devices (fsdp=2, sp=4) under each strategy (with a balanced layout where
+    """python -m lwm.eval_needle on 8 devices (fsdp=2, sp=4) under each strategy (with a balanced layout where
     one applies) gives the single-device blockwise run's responses token for token."""
     import json
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    import eval_needle
+    from lwm import eval_needle
 
     d, _ = workdir
     ref = eval_needle.main(_script_flags(d, tmp_path / "ref.json"))

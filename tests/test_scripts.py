@@ -85,7 +85,7 @@ def shape_check(config, modality: str, preset: str) -> int:
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args)["params"])
     mesh = make_mesh(config.mesh_dim)
     check_model_mesh(model_config, mesh)
-    check_divisible(shapes, match_partition_rules(shapes), mesh)
+    check_divisible(shapes, match_partition_rules(shapes, model_config), mesh)
     return sum(x.size for x in jax.tree.leaves(shapes))
 
 

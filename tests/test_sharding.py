@@ -156,7 +156,9 @@ def test_specs_come_from_one_table():
     mesh = make_mesh("1,2,2,2")
     assert batch_spec(mesh) == P(("dp", "fsdp"), "sp")
     assert activation_spec(mesh) == P(("dp", "fsdp"), "sp", "tp", None)
-    assert cache_specs(mesh)["k"] == P(None, ("dp", "fsdp"), "sp", "tp", None)
+    # k, v (L, B, K, S, H): rows over the data axes, kv heads over tp, slots over sp
+    assert cache_specs(mesh)["k"] == cache_specs(mesh)["v"] == P(None, ("dp", "fsdp"), "tp", "sp", None)
+    assert cache_specs(mesh)["segment_ids"] == P(("dp", "fsdp"), "sp")
     assert sequence_parallel_size(mesh) == 2 and data_parallel_size(mesh) == 2
     assert sequence_parallel_size() == 1  # no ambient mesh
 
