@@ -76,9 +76,14 @@ def random_number(rng: random.Random, digits: int = NUMBER_DIGITS) -> str:
 # ------------------------------------------------------------------------------------------ haystacks
 
 def iter_haystack_texts(path: str) -> Iterable[str]:
-    """The "text" field of every line of a JSONL file; a bad line raises naming the file and line."""
+    """The "text" field of every line of a JSONL file (a bad line raises naming the file and line); a `.txt`
+    file is one document, read whole (UTF-8)."""
     import fsspec
 
+    if str(path).endswith(".txt"):
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            yield f.read()
+        return
     with fsspec.open(path, "r") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
