@@ -1,0 +1,71 @@
+"""`python -m lwm.eval_visual_needle`: the visual needle (lwm/evals/visual.py) on a vision-language LWM:
+a frame showing a number at a depth of a video of N frames, encoded with the VQGAN, and a question about it;
+accuracy by frame count and depth to --output_dir (results.json, summary.md, plots/visual_needle.png).
+
+Hardware: one CPU for tiny random models (seconds per video); an accelerator for 7B with the released VQGAN.
+    python -m lwm.eval_visual_needle --load_llama_config=7b --load_checkpoint=params::/ckpt/params \
+        --vqgan_checkpoint=/ckpt/vqgan --tokenizer=/ckpt/tokenizer.model --frame_counts=8,32,128 \
+        --update_llama_config="dict(theta=50000000, max_sequence_length=131072)"
+    python -m lwm.eval_visual_needle --load_llama_config=tiny --vqgan_config=tiny --tokenizer=tok.model  # random
+--video_file=clip.mp4 takes the haystack frames from a local video instead of the synthetic one.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def get_default_config():
+    from lwm.vision_generation import base_flags
+
+    c = base_flags()
+    c.frame_counts = "4,8,16"
+    c.depths = "0,50,100"
+    c.n_samples = 2
+    c.video_file = ""                       # haystack frames from a local video; '' = synthetic
+    c.max_new_tokens = 16
+    c.threshold = 85.6
+    c.output_dir = "results/visual_needle"
+    c.progress = True
+    c.lock()
+    return c
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    import jax
+
+    from lwm.evals import report, visual
+    from lwm.sharding import check_model_mesh
+    from lwm.vision_generation import load_vision_model, parse_args, setup_runtime, vision_model_config
+    from lwm.vqgan import VQGAN, VQGANConfig
+
+    config = parse_args(sys.argv[1:] if argv is None else argv, get_default_config())
+    try:
+        counts = [int(x) for x in config.frame_counts.split(",") if x.strip()]
+        depths = [float(x) for x in config.depths.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--frame_counts={config.frame_counts} / --depths={config.depths}: comma-separated "
+                         "numbers expected") from None
+    if config.video_file and not os.path.isfile(config.video_file):
+        raise FileNotFoundError(f"--video_file={config.video_file}: no such file")
+    vq_config = VQGANConfig.load(config.vqgan_config)
+    tokenizer, dtype, mesh = setup_runtime(config)
+    llama_config = vision_model_config(config, tokenizer, "text")
+    check_model_mesh(llama_config, mesh)
+    samples = visual.build_samples(counts, depths, config.n_samples, config.seed, vq_config.resolution,
+                                   config.video_file)
+    vqgan = VQGAN.load(config.vqgan_checkpoint or None, vq_config, seed=config.seed)
+    with jax.set_mesh(mesh):
+        model, params = load_vision_model(llama_config, config.load_checkpoint, dtype, mesh, config.seed)
+        records = visual.run(samples, vqgan, model, params, tokenizer, max_new_tokens=config.max_new_tokens,
+                             progress=config.progress)
+    info = dict(model=config.load_checkpoint or "random", vqgan=config.vqgan_checkpoint or "random",
+                frame_counts=counts, depths=depths, n_samples=config.n_samples, video_file=config.video_file)
+    summary = report.write_results(config.output_dir, records, info, config.threshold)
+    print(report.summary_table(summary).replace("| task |", "| task \\ frames |"))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
