@@ -3,7 +3,7 @@
 The protocol follows the original LWM evals (scripts/eval_needle.py, eval_needle_multi.py):
   needle    "\\nThe special magic {city} number is: {number}\\n"   (a random 7-digit number)
   question  "What is the special magic {city} number?"
-  prompt    TEMPLATE with the haystack (needle inside) and the question; the answer is correct when the
+  prompt    TEMPLATE (the chat template's first turn) with the haystack (needle inside) and the question; the answer is correct when the
             generated text contains the number.
 The haystack for a context length L is the first L tokens of a document stream (consecutive lines of a
 JSONL file with a "text" field), cut by `final_context_length_buffer` tokens (room for the template) and by
@@ -12,7 +12,7 @@ before token int(n * d / 100) of the cut haystack (d = 100: at the end). Placeme
 own tokens (the original placed needles with tiktoken's GPT-4 tokens, not available offline).
 
     trials = single_needle_trials(haystacks, tokenizer, lengths=[1000, 2000], depths=[0, 50, 100], ...)
-    results = run_trials(trials, sampler, tokenizer, max_tokens_per_batch=20000, max_new_tokens=32)
+    results = run_trials(trials, engine, tokenizer, max_tokens_per_batch=20000, max_new_tokens=32)
     plot_heatmap(results, "needle.png")
 """
 from __future__ import annotations
@@ -29,12 +29,17 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from lwm.chat_template import user_turn_text
+
 NEEDLE = "\nThe special magic {city} number is: {number}\n"
 QUESTION = "What is the special magic {city} number?"
-TEMPLATE = ("You are a helpful assistant. USER: {context} {question} Don't give information outside the "
-            "document or repeat your findings. Keep your response short and direct. ASSISTANT: ")
-MULTI_TEMPLATE = ("You are a helpful assistant. USER: {context} {question} Don't give information outside the "
-                  "document. ASSISTANT: ")
+# The prompt is the first user turn of the one chat template (lwm.chat_template) asking these requests, then
+# the original's trailing space: "You are a helpful assistant. USER: {context} {question} ... ASSISTANT: ".
+REQUEST = ("{context} {question} Don't give information outside the document or repeat your findings. Keep "
+           "your response short and direct.")
+MULTI_REQUEST = "{context} {question} Don't give information outside the document."
+TEMPLATE = user_turn_text(REQUEST, first=True) + " "
+MULTI_TEMPLATE = user_turn_text(MULTI_REQUEST, first=True) + " "
 MULTI_QUESTION = "What are the special magic numbers for {cities}?"
 MULTI_QUESTION_ONE = "What is the special magic number for {city}?"
 NUMBER_DIGITS = 7
@@ -368,34 +373,35 @@ def batch_size_for(max_tokens_per_batch: int, padded_length: int, max_new_tokens
     return min(b, data_dim * -(-n_trials // data_dim))
 
 
-def run_trials(trials: list[dict], sampler, tokenizer, *, max_tokens_per_batch: int, max_new_tokens: int,
+def run_trials(trials: list[dict], engine, tokenizer, *, max_tokens_per_batch: int, max_new_tokens: int,
                results: Optional[list] = None, on_batch: Optional[Callable[[list], None]] = None,
                progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
     """Generate greedily for every trial, batched per context length (each batch padded to one shape, so
     one compile per length) and scored. Appends to and returns `results`; `on_batch(results)` after every
     batch (e.g. to write the JSON). Each result is the trial without its prompt, plus response, correct,
-    prompt_tokens and seconds (its share of the batch's wall time)."""
+    prompt_tokens and seconds (its share of the batch's wall time). engine: an `lwm.inference.engine.Engine`
+    (eos_id stops a row)."""
     from tqdm import tqdm
 
     results = [] if results is None else results
     longest = max((len(t["prompt"]) for t in trials), default=0)
     if trials:
-        sampler.check_length(longest, max_new_tokens)   # before any compile
-    data_dim, _ = sampler.mesh_sizes()
+        engine.check_length(longest, max_new_tokens)   # before any compile
+    data_dim, _ = engine.mesh_sizes()
     by_length = defaultdict(list)
     for t in trials:
         by_length[t["context_length"]].append(t)
     bar = tqdm(total=len(trials), desc="needle eval", unit="prompt", disable=not progress)
     for length in sorted(by_length):
         group = by_length[length]
-        padded = sampler.padded_length(max(len(t["prompt"]) for t in group))
+        padded = engine.padded_length(max(len(t["prompt"]) for t in group))
         b = batch_size_for(max_tokens_per_batch, padded, max_new_tokens, data_dim, len(group))
         for i in range(0, len(group), b):
             chunk = group[i:i + b]
             prompts = [t["prompt"] for t in chunk]
             prompts += [prompts[0]] * (b - len(prompts))          # same shape for the last batch
             t0 = time.perf_counter()
-            outs = sampler.generate(prompts, max_new_tokens, padded_length=padded)[:len(chunk)]
+            outs = engine.generate(prompts, max_new_tokens, padded_length=padded).tokens[:len(chunk)]
             seconds = (time.perf_counter() - t0) / len(chunk)
             for trial, out in zip(chunk, outs):
                 response = tokenizer.decode(out)

@@ -17,17 +17,16 @@ The recipe is the original's (docs/vision_generation.md):
   3. VQGAN decode; write the image or the MP4.
 The whole sequence budget (prompt + n_frames * tokens per frame) is checked before anything is compiled.
 
-Library functions (used by lwm.vision_chat and the tests): `generation_prompts`, `generate_frames`,
-`prefill_vision`, `load_vision_model`, `vision_model_config`. Letters: B prompts, R rows (2B with guidance),
+Library functions (used by the tests): `generation_prompts`, `generate_frames` (over lwm.inference.engine with
+a `FrameRule`). The model comes from lwm.inference.loader, the set-up and flags from lwm.inference.runtime, the prompt template from
+lwm.chat_template. Bad flags or files: one line, exit status 2. Letters: B prompts, R rows (2B with guidance),
 T padded prompt length, W vision vocabulary, F tokens per frame (h*w + 1).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
-import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -37,60 +36,20 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from lwm import distributed
-from lwm.llama import init_cache
-from lwm.sampling import (PromptTooLongError, Sampler, _constrain_cache, bucket_length, decode, left_pad,
-                          sample_logits)
-from lwm.vision_llama import END_OF_FRAME, NUM_VISION_CODES, VisionLLaMAConfig, VisionLLaMAForCausalLM
-
-SYSTEM_PROMPT = "You are a helpful assistant."
+from lwm.chat_template import Prompt, vision_generation_prompts
+from lwm.inference import runtime
+from lwm.inference.engine import Engine, mesh_sizes
+from lwm.inference.runtime import check_budget
+from lwm.sampling import SamplingConfig, sample_rows
+from lwm.vision_llama import END_OF_FRAME, NUM_VISION_CODES, VisionLLaMAForCausalLM
 
 
 # ------------------------------------------------------------------------------------------------ prompts
 
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """One prompt row: ids (T,) int32 and vision (T,) bool, True where ids are vision ids."""
-    ids: np.ndarray
-    vision: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def extend(self, ids: Sequence[int], vision: bool) -> "Prompt":
-        ids = np.asarray(ids, np.int32).reshape(-1)
-        return Prompt(np.concatenate([self.ids, ids]), np.concatenate([self.vision, np.full(len(ids), vision)]))
-
-
-def text_prompt(tokenizer, text: str, bos: bool = True) -> Prompt:
-    """`text` tokenized (`encode` adds no special tokens), after one BOS: the original's leading "<s>"."""
-    ids = ([tokenizer.bos_id] if bos else []) + list(tokenizer.encode(text))
-    return Prompt(np.asarray(ids, np.int32), np.zeros(len(ids), bool))
-
-
 def generation_prompts(tokenizer, caption: str, kind: str) -> tuple[Prompt, Prompt]:
     """(conditional, unconditional) prompts for kind 'image' (the first frame) or 'video' (the rest)."""
     what = {"image": "an image", "video": "a video"}[kind]
-    cond = text_prompt(tokenizer, f"{SYSTEM_PROMPT} USER: Generate {what} of {caption} ASSISTANT: <vision>")
-    return cond, text_prompt(tokenizer, "<vision>")
-
-
-def check_budget(prompt_len: int, new_tokens: int, max_sequence_length: int, what: str) -> None:
-    """PromptTooLongError unless prompt + new tokens fit the model's positions."""
-    if prompt_len + new_tokens > max_sequence_length:
-        raise PromptTooLongError(
-            f"{what}: a prompt of {prompt_len} tokens + {new_tokens} new tokens = {prompt_len + new_tokens} exceeds "
-            f"the model's max_sequence_length={max_sequence_length}; lower it, or raise max_sequence_length "
-            "(--update_llama_config=\"dict(max_sequence_length=N)\")")
-
-
-def pad_prompts(prompts: Sequence[Prompt], length: int, pad_id: int):
-    """Left-pad rows to `length` (see lwm.sampling.left_pad): ids, vision, segment_ids, position_ids (R, T)."""
-    ids, seg, pos = left_pad([p.ids for p in prompts], length, pad_id)
-    vision = np.zeros(ids.shape, bool)
-    for r, p in enumerate(prompts):
-        vision[r, length - len(p):] = p.vision
-    return ids, vision, seg, pos
+    return vision_generation_prompts(tokenizer, f"Generate {what} of {caption}")
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -112,18 +71,6 @@ class FrameSampling:
             raise ValueError(f"cfg_scale={self.cfg_scale}: must be finite")
 
 
-def prefill_vision(model: VisionLLaMAForCausalLM, params, ids, vision, segment_ids, position_ids, cache_len: int,
-                   head: str):
-    """Run left-padded prompts (R, T) with their vision masks through the model, filling cache slots [0, T).
-    Returns (logits (R, W) of the `head` ('vision' or 'text') at the last slot, cache)."""
-    cache = _constrain_cache(init_cache(model.config, ids.shape[0], cache_len, model.dtype), model.config)
-    hidden, cache = model.apply({"params": params}, ids, vision, position_ids=position_ids,
-                                segment_ids=segment_ids, cache=cache, cache_index=0, return_hidden=True)
-    method = {"vision": VisionLLaMAForCausalLM.vision_logits, "text": VisionLLaMAForCausalLM.text_logits}[head]
-    logits = model.apply({"params": params}, hidden[:, -1:], method=method)
-    return logits[:, 0], _constrain_cache(cache, model.config)
-
-
 def guided_logits(logits: jax.Array, cfg_scale: float) -> jax.Array:
     """(2B, W) rows [cond; uncond] -> (B, W) = uncond + s * (cond - uncond), written as
     cond + (s - 1) * (cond - uncond) so that s = 1 gives the conditional logits exactly."""
@@ -131,37 +78,34 @@ def guided_logits(logits: jax.Array, cfg_scale: float) -> jax.Array:
     return cond + (cfg_scale - 1.0) * (cond - uncond)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_new", "tokens_per_frame", "num_codes", "temperature",
-                                             "top_k", "guided", "cache_len", "pad_id"))
-def _generate(params, ids, vision, segment_ids, position_ids, rng, cfg_scale, *, model, n_new, tokens_per_frame,
-              num_codes, temperature, top_k, guided: bool, cache_len, pad_id):
-    """Prefill, then n_new decode steps; returns the drawn vision ids (R, n_new). With `guided`, rows are
-    [conditional; unconditional] halves mixed with the (traced: no recompile per value) cfg_scale."""
-    logits, cache = prefill_vision(model, params, ids, vision, segment_ids, position_ids, cache_len, "vision")
+@dataclasses.dataclass(frozen=True)
+class FrameRule:
+    """The engine's token rule for frames (`lwm.inference.engine.TokenRule`): with `guided`, rows are
+    [conditional; unconditional] halves whose logits are mixed (`guided_logits`) and whose one drawn code
+    is fed to both; codes are drawn among ids [0, num_codes) with the rows' temperature / top-k; every
+    frame's last token (step % tokens_per_frame == tokens_per_frame - 1) is END_OF_FRAME, forced."""
+    tokens_per_frame: int
+    num_codes: int
+    cfg_scale: float
+    guided: bool
 
-    def sample_fn(logits, key, step):                         # (R, W) -> (R,)
-        if guided:
-            logits = guided_logits(logits, cfg_scale)
-        tok = sample_logits(logits[:, :num_codes], key, temperature, top_k)
-        tok = jnp.where((step + 1) % tokens_per_frame == 0, END_OF_FRAME, tok)   # every frame's last token
-        return jnp.concatenate([tok, tok]) if guided else tok                     # both halves see it
-
-    tokens, _ = decode(model, params, cache, logits, segment_ids.sum(axis=1), ids.shape[1], rng,
-                       max_new_tokens=n_new, eos_id=-1, pad_id=pad_id, sample_fn=sample_fn)
-    return replicated(tokens)
-
-
-def replicated(x: jax.Array) -> jax.Array:
-    """Under a mesh, ask for a full copy on every device, so that every process can read the result with
-    `host_copy` (the original's out_shardings=PS()); without a mesh, x."""
-    if jax.sharding.get_abstract_mesh().empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+    def __call__(self, logits, keys, steps, temperature, top_k, top_p):      # (R, W) -> (R,)
+        b = logits.shape[0] // 2 if self.guided else logits.shape[0]
+        if self.guided:
+            logits = guided_logits(logits, self.cfg_scale)
+        tok = sample_rows(logits[:, :self.num_codes], keys[:b], temperature[:b], top_k[:b], top_p[:b],
+                          filters=True)
+        tok = jnp.where((steps[:b] + 1) % self.tokens_per_frame == 0, END_OF_FRAME, tok)
+        return jnp.concatenate([tok, tok]) if self.guided else tok
 
 
-def host_copy(x: jax.Array) -> np.ndarray:
-    """A numpy copy of a `replicated` (or single-device) array, read from this process's first device."""
-    return np.asarray(x.addressable_data(0))
+def seed_of(rng) -> int:
+    """An int seed from a PRNG key (raw uint32 or typed): its last word (PRNGKey(s) -> s for s < 2**32)."""
+    if rng is None:
+        return 0
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return int(np.asarray(rng).reshape(-1)[-1])
 
 
 def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt],
@@ -169,13 +113,15 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
                     sampling: FrameSampling, rng: jax.Array, pad_id: int, num_codes: int = NUM_VISION_CODES,
                     stats: Optional[dict] = None) -> np.ndarray:
     """Draw `n_frames` frames after each conditional prompt: with classifier-free guidance (scale
-    sampling.cfg_scale) against `uncond` (one per cond prompt), or plain sampling when `uncond` is None.
-    The model must have sample_mode='vision'.
+    sampling.cfg_scale) against `uncond` (one per cond prompt), or plain sampling when `uncond` is None,
+    through the generation engine with a `FrameRule`. The model must have sample_mode='vision'.
+    rng: a PRNG key; row r draws with seed `seed_of(rng)` + r (the unconditional rows' draws are unused).
 
     Returns (B, n_frames, F) int32 vision ids: F - 1 codes in [0, num_codes), then END_OF_FRAME. Raises
     PromptTooLongError before compiling when a prompt + n_frames * F exceeds max_sequence_length. With an
     ambient mesh the rows are padded (with copies) to a multiple of dp*fsdp and T to a multiple of sp.
-    `stats` (optional) receives compile_s, generate_s, new_tokens (B * n_frames * F) and rows."""
+    `stats` (optional) receives compile_s (0: the engine compiles inside its first call), generate_s,
+    new_tokens (B * n_frames * F) and rows."""
     config = model.config
     if config.sample_mode != "vision":
         raise ValueError(f"generate_frames needs a model with sample_mode='vision', not {config.sample_mode!r}")
@@ -189,104 +135,29 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     longest = max(len(p) for half in halves for p in half)
     check_budget(longest, n_new, config.max_sequence_length, f"{n_frames} frame(s) of {tokens_per_frame} tokens")
 
-    data, sp = Sampler.mesh_sizes()
+    data, _ = mesh_sizes()
     b = len(cond)
     per_half = data // math.gcd(data, len(halves))             # rows per half must make R divisible by data
     b_pad = per_half * math.ceil(b / per_half)
     rows = [p for half in halves for p in half + [half[0]] * (b_pad - b)]
-    t = bucket_length(longest, sp, max(config.scan_query_chunk_size, config.scan_key_chunk_size))
-    ids, vision, seg, pos = pad_prompts(rows, t, pad_id)
-    args = (params, ids, vision, seg, pos, rng, jnp.float32(sampling.cfg_scale))
-    static = dict(model=model, n_new=n_new, tokens_per_frame=tokens_per_frame, num_codes=num_codes,
-                  temperature=float(sampling.temperature), top_k=int(sampling.top_k), guided=guided,
-                  cache_len=t + sp * math.ceil(n_new / sp), pad_id=pad_id)
-
+    engine = Engine(model, params, eos_id=-1, pad_id=pad_id)
+    seed0 = seed_of(rng)
+    rule = FrameRule(tokens_per_frame, num_codes, float(sampling.cfg_scale), guided)
     t0 = time.perf_counter()
-    compiled = _generate.lower(*args, **static).compile()
+    result = engine.generate([p.ids for p in rows], n_new, vision=[p.vision for p in rows], rule=rule,
+                             sampling=SamplingConfig(sampling.temperature, sampling.top_k),
+                             seeds=[seed0 + r % b_pad for r in range(len(rows))], stop_ids=())
     t1 = time.perf_counter()
-    tokens = host_copy(compiled(*args))
-    t2 = time.perf_counter()
     if stats is not None:
-        stats.update(compile_s=t1 - t0, generate_s=t2 - t1, new_tokens=b * n_new, rows=len(rows))
-    return tokens[:b].reshape(b, n_frames, tokens_per_frame)
-
-
-# ------------------------------------------------------------------------------------------ model loading
-
-def vision_model_config(flags: ConfigDict, tokenizer, sample_mode: str) -> VisionLLaMAConfig:
-    """--load_llama_config, --llama.*, --update_llama_config (literals only), the tokenizer's ids, and the
-    sample_mode this entry point needs (the original's scripts set it through update_llama_config)."""
-    from lwm.flags import model_config_from_flags
-
-    view = ConfigDict(dict(modality="vision,text", load_llama_config=flags.load_llama_config,
-                           llama=flags.llama, update_llama_config=flags.update_llama_config))
-    return model_config_from_flags(view, tokenizer).replace(sample_mode=sample_mode)
-
-
-def random_params(shapes, config: VisionLLaMAConfig, shardings=None, seed: int = 0):
-    """Host-drawn random weights with the model's init law (normal(initializer_range), norms at one),
-    each placed on its sharding; nothing is compiled. For demos, tests and benchmarks."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape, sharding):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if re.search(r"(norm|ln_f)/kernel$", name):
-            value = np.ones(shape.shape, np.float32)
-        else:
-            value = rng.standard_normal(shape.shape, np.float32) * np.float32(config.initializer_range)
-        return jax.device_put(value.astype(shape.dtype), sharding)
-
-    if shardings is None:
-        shardings = jax.tree.map(lambda _: None, shapes)
-    return jax.tree_util.tree_map_with_path(draw, shapes, shardings)
-
-
-def load_vision_model(config: VisionLLaMAConfig, load_checkpoint: str, dtype=jnp.float32, mesh=None,
-                      seed: int = 0):
-    """(model, params): weights from a --load_checkpoint spec (params::, trainstate_params::, flax_params::,
-    orbax::), or random (`random_params`) when the spec is empty; cast to `dtype` and, with a mesh, placed
-    by the sharding table one tensor at a time."""
-    from lwm.checkpoint import load_checkpoint as read_checkpoint
-    from lwm.sharding import check_divisible, match_partition_rules, named_shardings
-
-    model = VisionLLaMAForCausalLM(config, dtype=dtype, param_dtype=dtype)
-    shaper = VisionLLaMAForCausalLM(config.replace(attention_impl="dense", scan_attention=False), dtype, dtype)
-    one = jnp.zeros((1, 1), jnp.int32)                 # (the parameter shapes do not depend on the attention)
-    shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), one, one.astype(bool)))["params"]
-    shardings = None
-    if mesh is not None:
-        specs = match_partition_rules(shapes, config.param_scan_axis)
-        check_divisible(shapes, specs, mesh)
-        shardings = named_shardings(specs, mesh)
-    if not load_checkpoint:
-        return model, random_params(shapes, config, shardings, seed)
-    _, params = read_checkpoint(load_checkpoint, params_target=shapes, params_shardings=shardings,
-                                float_dtype=dtype, disallow_trainstate=True)
-    return model, params["params"]
+        stats.update(compile_s=0.0, generate_s=t1 - t0, new_tokens=b * n_new, rows=len(rows))
+    tokens = np.asarray(result.tokens[:b], np.int32)
+    return tokens.reshape(b, n_frames, tokens_per_frame)
 
 
 # ------------------------------------------------------------------------------------------------- flags
 
-def base_flags() -> ConfigDict:
-    """Flags both vision entry points share, with the original's names and defaults."""
-    c = ConfigDict()
-    c.prompt = ""
-    c.vqgan_checkpoint = ""                    # the released pickle or a .msgpack; '' = random weights (demos)
-    c.vqgan_config = "released"                # VQGAN preset ('released', 'tiny') or json::path
-    c.seed = 1234
-    c.mesh_dim = "1,-1,1,1"                    # dp, fsdp, tp, sp
-    c.dtype = "fp32"                           # fp32 | bf16 | fp16 for the language model
-    c.load_llama_config = ""                   # preset ('tiny', 'debug', '7b', ...) or json::path
-    c.update_llama_config = ""                 # "dict(theta=50000000, max_sequence_length=32768)": literals only
-    c.load_checkpoint = ""                     # params::PATH ...; '' = random weights (demos)
-    c.tokenizer = "LargeWorldModel/LWM-Text-1M"  # tokenizer.model, a folder, or a hub id in the local cache
-    c.llama = ConfigDict()                     # --llama.<field>=value
-    c.jax_distributed = ConfigDict(distributed.default_flags())
-    return c
-
-
 def get_default_config() -> ConfigDict:
-    c = base_flags()
+    c = runtime.vision_flags(ConfigDict())
     c.prompt = "Fireworks over the city"
     c.output_file = ""                         # .png / .jpg (n_frames = 1) or .mp4 (n_frames > 1)
     c.n_frames = 1
@@ -299,27 +170,6 @@ def get_default_config() -> ConfigDict:
     c.cfg_scale_video = 1.0
     c.lock()
     return c
-
-
-def parse_args(argv: Sequence[str], config: ConfigDict) -> ConfigDict:
-    """The original's flags; `--tokenizer.vocab_file=X` (the original scripts' spelling) means --tokenizer=X."""
-    from lwm.flags import parse_flags
-
-    argv = [re.sub(r"^--tokenizer\.vocab_file(?==|$)", "--tokenizer", a) for a in argv]
-    return parse_flags(list(argv), config)
-
-
-def setup_runtime(config: ConfigDict):
-    """jax.distributed (if asked), the tokenizer, the model dtype and the mesh. Returns (tokenizer, dtype, mesh)."""
-    from lwm.checkpoint import parse_float_dtype
-    from lwm.sharding import make_mesh
-    from lwm.tokenizer import load_tokenizer
-
-    distributed.initialize(distributed.config_from_flags(config.jax_distributed))
-    dtype = parse_float_dtype(config.dtype)
-    if dtype is None:
-        raise ValueError("--dtype is empty: use fp32, bf16 or fp16")
-    return load_tokenizer(config.tokenizer), jnp.dtype(dtype), make_mesh(config.mesh_dim)
 
 
 def _check_output(config: ConfigDict) -> None:
@@ -344,12 +194,12 @@ def _check_output(config: ConfigDict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the entry point; returns tokens (n_frames, F), frames (n_frames, H, W, 3) uint8 and timings."""
-    from lwm.sharding import check_model_mesh
+    from lwm.inference.loader import load_model
     from lwm.vision_io import to_uint8, write_image, write_video
     from lwm.vqgan import VQGAN, VQGANConfig
 
     start = time.perf_counter()
-    config = parse_args(sys.argv[1:] if argv is None else argv, get_default_config())
+    config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())
     _check_output(config)
     vq_config = VQGANConfig.load(config.vqgan_config)
     if vq_config.num_embeddings > NUM_VISION_CODES:
@@ -357,9 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          "vision codes the language model has")
     side = vq_config.codes_per_side
     per_frame = side * side + 1                                  # 257 for the released VQGAN
-    tokenizer, dtype, mesh = setup_runtime(config)
-    llama_config = vision_model_config(config, tokenizer, "vision")
-    check_model_mesh(llama_config, mesh)
+    rt = runtime.setup(config, modality="vision,text", sample_mode="vision")
+    tokenizer, dtype, mesh, llama_config = rt.tokenizer, rt.dtype, rt.mesh, rt.model_config
     image = FrameSampling(config.temperature_image, config.top_k_image, config.cfg_scale_image)
     video = FrameSampling(config.temperature_video, config.top_k_video, config.cfg_scale_video)
     image_cond, uncond = generation_prompts(tokenizer, config.prompt, "image")
@@ -373,7 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     stats: dict = {"tokens_per_frame": per_frame}
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        model, params = load_vision_model(llama_config, config.load_checkpoint, dtype, mesh, config.seed)
+        model, params = load_model(llama_config, config.load_checkpoint, dtype, mesh, random_if_empty=True,
+                                   seed=config.seed)
         stats["load_model_s"] = time.perf_counter() - t0
         stats["params_m"] = sum(x.size for x in jax.tree.leaves(params)) / 1e6
         kw = dict(tokens_per_frame=per_frame, pad_id=tokenizer.pad_id, num_codes=vq_config.num_embeddings)
@@ -410,4 +260,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(runtime.cli("lwm.vision_generation", main, get_default_config, __doc__))
