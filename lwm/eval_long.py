@@ -23,7 +23,7 @@ from ml_collections import ConfigDict
 
 
 def get_default_config() -> ConfigDict:
-    from lwm import distributed
+    from lwm.inference import runtime
 
     c = ConfigDict()
     c.tasks = "all"
@@ -39,15 +39,10 @@ def get_default_config() -> ConfigDict:
     c.plots = True
     c.hf_model = ""                           # a local Hugging Face model directory: the PyTorch path
     c.device = "cpu"                          # torch device of the PyTorch path
-    c.dtype = "fp32"
-    c.load_llama_config = ""                  # the LWM JAX path: the original's model flags
-    c.update_llama_config = ""
-    c.load_checkpoint = ""
-    c.tokenizer = ""                          # default: the --hf_model directory on the PyTorch path
-    c.mesh_dim = "1,-1,1,1"
-    c.llama = ConfigDict()
-    c.jax_distributed = ConfigDict(distributed.default_flags())
-    return c
+    # The LWM JAX path: the inference entry points' flags (--load_llama_config, --update_llama_config,
+    # --load_checkpoint, --tokenizer (default: the --hf_model directory on the PyTorch path), --mesh_dim,
+    # --dtype, --llama.*, --jax_distributed.*).
+    return runtime.runtime_flags(c, tokenizer="")
 
 
 def _ints(flag: str, text: str) -> list[int]:
@@ -61,12 +56,11 @@ def _ints(flag: str, text: str) -> list[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from lwm import distributed
     from lwm.evals import backends, report, runner, suite
     from lwm.evals.haystack import essay_haystack
-    from lwm.flags import parse_flags
+    from lwm.inference import runtime
 
-    config = parse_flags(list(sys.argv[1:] if argv is None else argv), get_default_config())
+    config = runtime.parse(list(sys.argv[1:] if argv is None else argv), get_default_config())
     lengths, depths = _ints("lengths", config.lengths), _ints("depths", config.depths)
     if any(not 0 <= d <= 100 for d in depths):
         raise ValueError(f"--depths={config.depths}: depths are percents in [0, 100]")
@@ -85,7 +79,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         if not config.load_checkpoint or not config.tokenizer:
             raise ValueError("give --hf_model=DIR (PyTorch path), or --load_checkpoint and --tokenizer (LWM JAX path)")
-        distributed.initialize(distributed.config_from_flags(config.jax_distributed))
         backend = backends.JaxBackend(config)
     t0 = time.perf_counter()
     samples = suite.build_samples(tasks, backend.tokenizer, lengths, depths, config.n_samples, config.seed, haystack)
@@ -112,4 +105,6 @@ def _is_main() -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    from lwm.inference import runtime
+
+    sys.exit(runtime.cli("lwm.eval_long", main, get_default_config, __doc__))

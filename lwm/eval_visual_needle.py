@@ -17,14 +17,17 @@ from typing import Optional, Sequence
 
 
 def get_default_config():
-    from lwm.vision_generation import base_flags
+    from ml_collections import ConfigDict
 
-    c = base_flags()
+    from lwm.inference import runtime
+
+    c = runtime.vision_flags(ConfigDict())
     c.frame_counts = "4,8,16"
     c.depths = "0,50,100"
     c.n_samples = 2
     c.video_file = ""                       # haystack frames from a local video; '' = synthetic
     c.max_new_tokens = 16
+    c.batch = 8                             # videos per generation call
     c.threshold = 85.6
     c.output_dir = "results/visual_needle"
     c.progress = True
@@ -36,11 +39,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     import jax
 
     from lwm.evals import report, visual
-    from lwm.sharding import check_model_mesh
-    from lwm.vision_generation import load_vision_model, parse_args, setup_runtime, vision_model_config
+    from lwm.inference import runtime
+    from lwm.inference.loader import load_model
     from lwm.vqgan import VQGAN, VQGANConfig
 
-    config = parse_args(sys.argv[1:] if argv is None else argv, get_default_config())
+    config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())
     try:
         counts = [int(x) for x in config.frame_counts.split(",") if x.strip()]
         depths = [float(x) for x in config.depths.split(",") if x.strip()]
@@ -50,16 +53,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if config.video_file and not os.path.isfile(config.video_file):
         raise FileNotFoundError(f"--video_file={config.video_file}: no such file")
     vq_config = VQGANConfig.load(config.vqgan_config)
-    tokenizer, dtype, mesh = setup_runtime(config)
-    llama_config = vision_model_config(config, tokenizer, "text")
-    check_model_mesh(llama_config, mesh)
+    rt = runtime.setup(config, modality="vision,text", sample_mode="text")
+    tokenizer, mesh = rt.tokenizer, rt.mesh
     samples = visual.build_samples(counts, depths, config.n_samples, config.seed, vq_config.resolution,
                                    config.video_file)
     vqgan = VQGAN.load(config.vqgan_checkpoint or None, vq_config, seed=config.seed)
     with jax.set_mesh(mesh):
-        model, params = load_vision_model(llama_config, config.load_checkpoint, dtype, mesh, config.seed)
+        model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, mesh, random_if_empty=True,
+                                   seed=config.seed)
         records = visual.run(samples, vqgan, model, params, tokenizer, max_new_tokens=config.max_new_tokens,
-                             progress=config.progress)
+                             batch=config.batch, progress=config.progress)
     info = dict(model=config.load_checkpoint or "random", vqgan=config.vqgan_checkpoint or "random",
                 frame_counts=counts, depths=depths, n_samples=config.n_samples, video_file=config.video_file)
     summary = report.write_results(config.output_dir, records, info, config.threshold)
@@ -68,4 +71,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from lwm.inference import runtime
+
+    sys.exit(runtime.cli("lwm.eval_visual_needle", main, get_default_config, __doc__))

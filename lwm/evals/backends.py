@@ -1,7 +1,7 @@
 """The two model paths of the long-context suite, with one interface: `tokenizer`, `name`,
 `generate(prompts, max_new_tokens) -> list of new token ids` (greedy, EOS dropped).
 
-  JaxBackend    an LWM checkpoint through the JAX generation path (`jax_generate`, the one place that
+  JaxBackend    an LWM checkpoint through the inference engine (`jax_generate`, the one place that
                 calls it), under a ('dp','fsdp','tp','sp') mesh; long prompts use the model config's
                 attention_impl ('ring' and the other sequence-parallel strategies over the mesh's sp axis).
   TorchBackend  any local Hugging Face causal LM through transformers' PyTorch classes (a directory saved
@@ -19,48 +19,42 @@ def _rows_for(n: int, data: int) -> int:
     return data * -(-rows // data)
 
 
-def jax_generate(sampler, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy new tokens for each prompt through the JAX generation path (call under the mesh). The batch is
-    padded with copies of the first prompt to a power of two rows, so batches of one length share a compile."""
-    data, _ = sampler.mesh_sizes()
+def jax_generate(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy new tokens for each prompt through the generation engine (`lwm.inference.engine.Engine`; call
+    under the mesh). The batch is padded with copies of the first prompt to a power of two rows, so that
+    batches of one length share a compiled shape."""
+    from lwm.sampling import SamplingConfig
+
+    data, _ = engine.mesh_sizes()
     rows = list(prompts) + [prompts[0]] * (_rows_for(len(prompts), data) - len(prompts))
-    return sampler.generate(rows, max_new_tokens)[:len(prompts)]
+    return engine.generate(rows, max_new_tokens, sampling=SamplingConfig()).tokens[:len(prompts)]
 
 
 class JaxBackend:
-    """An LWM text checkpoint. `flags` holds the original's model flags: load_llama_config,
-    update_llama_config, llama (ConfigDict of --llama.* overrides), load_checkpoint, tokenizer, mesh_dim, dtype."""
+    """An LWM text checkpoint through the one runtime set-up (lwm.inference.runtime: the original's flags
+    --load_llama_config, --update_llama_config, --llama.*, --load_checkpoint, --tokenizer, --mesh_dim, --dtype,
+    --jax_distributed.*), the one loader and the engine."""
 
     def __init__(self, flags):
         import jax
-        from ml_collections import ConfigDict
 
-        from lwm.checkpoint import parse_float_dtype
-        from lwm.flags import model_config_from_flags
-        from lwm.sampling import Sampler, load_model
-        from lwm.sharding import check_model_mesh, make_mesh
-        from lwm.tokenizer import load_tokenizer
+        from lwm.inference import runtime
+        from lwm.inference.engine import Engine
+        from lwm.inference.loader import load_model
 
-        dtype = parse_float_dtype(flags.dtype)
-        if dtype is None:
-            raise ValueError("--dtype is empty; use fp32, bf16 or fp16")
-        self.tokenizer = load_tokenizer(flags.tokenizer)
-        model_flags = ConfigDict(dict(modality="text", load_llama_config=flags.load_llama_config, llama=flags.llama,
-                                      update_llama_config=flags.update_llama_config))
-        self.config = model_config_from_flags(model_flags, self.tokenizer)
-        self.mesh = make_mesh(flags.mesh_dim)
-        check_model_mesh(self.config, self.mesh)
+        rt = runtime.setup(flags, modality="text")
+        self.tokenizer, self.mesh, self.config = rt.tokenizer, rt.mesh, rt.model_config
         with jax.set_mesh(self.mesh):
-            model, params = load_model(self.config, flags.load_checkpoint, dtype, self.mesh)
-        self.sampler = Sampler(model, params, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                               vocab_size=self.tokenizer.vocab_size)
+            model, params = load_model(self.config, flags.load_checkpoint, rt.dtype, self.mesh)
+        self.engine = Engine(model, params, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                             vocab_size=self.tokenizer.vocab_size)
         self.name = f"lwm:{flags.load_checkpoint}"
 
     def generate(self, prompts, max_new_tokens):
         import jax
 
         with jax.set_mesh(self.mesh):
-            return jax_generate(self.sampler, prompts, max_new_tokens)
+            return jax_generate(self.engine, prompts, max_new_tokens)
 
 
 class TorchBackend:

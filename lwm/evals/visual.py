@@ -84,25 +84,45 @@ def build_samples(frame_counts: Sequence[int], depths: Sequence[float], n_sample
 
 
 def run(samples: Sequence[dict], vqgan, model, params, tokenizer, *, max_new_tokens: int = 16,
-        progress: bool = True) -> list[dict]:
-    """Encode, ask, score (call under the mesh). Each record: the sample without its frames, plus
-    response, score, prompt_tokens, seconds (VQGAN encoding and generation)."""
-    import jax
+        batch: int = 8, progress: bool = True) -> list[dict]:
+    """Encode, ask, score (call under the mesh): samples of one frame count go through the generation engine
+    in batches of up to `batch` (greedy; the prompts' vision masks route the embeddings). Each record: the
+    sample without its frames, plus response, score, prompt_tokens, new_tokens and seconds (its share of the
+    batch's VQGAN encoding and generation)."""
+    from collections import defaultdict
+
     from tqdm import tqdm
 
-    from lwm.vision_chat import answer, chat_prompt, vision_tokens
+    from lwm.chat_template import vision_chat_prompt
+    from lwm.inference.engine import Engine
+    from lwm.sampling import SamplingConfig
+    from lwm.vision_chat import vision_tokens
 
+    if model.config.sample_mode != "text":
+        raise ValueError(f"the visual needle needs a model with sample_mode='text', not {model.config.sample_mode!r}")
+    engine = Engine(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+    groups = defaultdict(list)
+    for s in samples:
+        groups[s["length"]].append(s)
     records = []
-    for s in tqdm(samples, desc="visual needle", unit="video", disable=not progress):
-        t0 = time.perf_counter()
-        _, codes = vqgan.encode(s["frames"])                                   # (N, h, w)
-        prompt = chat_prompt(tokenizer, QUESTION, vision_tokens(np.asarray(codes)))
-        ids = answer(model, params, prompt, max_new_tokens=max_new_tokens, temperature=0.0,
-                     rng=jax.random.PRNGKey(0), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                     num_text=tokenizer.vocab_size)
-        response = tokenizer.decode(ids)
-        record = {k: v for k, v in s.items() if k != "frames"}
-        record.update(response=response, score=match_all(response, s["answers"]), prompt_tokens=len(prompt),
-                      new_tokens=len(ids), seconds=round(time.perf_counter() - t0, 4))
-        records.append(record)
+    bar = tqdm(total=len(samples), desc="visual needle", unit="video", disable=not progress)
+    for n in sorted(groups):
+        for i in range(0, len(groups[n]), batch):
+            chunk = groups[n][i:i + batch]
+            t0 = time.perf_counter()
+            _, codes = vqgan.encode(np.stack([s["frames"] for s in chunk]))              # (B, N, h, w)
+            prompts = [vision_chat_prompt(tokenizer, QUESTION, vision_tokens(np.asarray(c))) for c in codes]
+            engine.check_length(len(prompts[0]), max_new_tokens)
+            rows = prompts + [prompts[0]] * (batch - len(prompts))                        # one shape per N
+            result = engine.generate([p.ids.tolist() for p in rows], max_new_tokens, sampling=SamplingConfig(),
+                                     vision=[p.vision for p in rows])
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for s, p, ids in zip(chunk, prompts, result.tokens):
+                response = tokenizer.decode(ids)
+                record = {k: v for k, v in s.items() if k != "frames"}
+                record.update(response=response, score=match_all(response, s["answers"]), prompt_tokens=len(p),
+                              new_tokens=len(ids), seconds=round(seconds, 4))
+                records.append(record)
+            bar.update(len(chunk))
+    bar.close()
     return records
