@@ -86,7 +86,7 @@ def test_entry_point_flag_errors(models, tmp_path):
     from lwm import eval_long
 
     d, _ = models
-    with pytest.raises(ValueError, match="--hf_model=.*not a local directory"):
+    with pytest.raises(FileNotFoundError, match="--hf_model=.*not a local directory"):
         eval_long.main(_flags(d, tmp_path, ["--hf_model=/no/such/model"]))
     with pytest.raises(ValueError, match="need --haystack_file"):
         eval_long.main(_flags(d, tmp_path, ["--tasks=niah_single_essay", f"--hf_model={d / 'hf'}"]))
