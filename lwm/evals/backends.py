@@ -21,13 +21,16 @@ def _rows_for(n: int, data: int) -> int:
 
 def jax_generate(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy new tokens for each prompt through the generation engine (`lwm.inference.engine.Engine`; call
-    under the mesh). The batch is padded with copies of the first prompt to a power of two rows, so that
-    batches of one length share a compiled shape."""
+    under the mesh). The batch is padded with copies of the first prompt to a power of two rows and the budget
+    rounded up to a power of two (the answers cut back to max_new_tokens: greedy tokens are a prefix), so that
+    batches of one length share compiled shapes."""
     from lwm.sampling import SamplingConfig
 
     data, _ = engine.mesh_sizes()
     rows = list(prompts) + [prompts[0]] * (_rows_for(len(prompts), data) - len(prompts))
-    return engine.generate(rows, max_new_tokens, sampling=SamplingConfig()).tokens[:len(prompts)]
+    budget = max(16, 1 << (max_new_tokens - 1).bit_length())     # tasks with budgets 24..32 share a cache shape
+    out = engine.generate(rows, budget, sampling=SamplingConfig()).tokens[:len(prompts)]
+    return [row[:max_new_tokens] for row in out]
 
 
 class JaxBackend:
