@@ -75,6 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"eval_long: no --haystack_file, so the essay tasks are left out: {', '.join(skipped)}")
         tasks = [t for t in tasks if not t.needs_essay]
     if config.hf_model:
+        if config.cache_dtype or config.load_checkpoint:
+            raise ValueError("--cache_dtype and --load_checkpoint are for the LWM JAX path; --hf_model runs "
+                             "the PyTorch path (its --dtype sets the model's dtype)")
         backend = backends.TorchBackend(config.hf_model, config.dtype, config.device, config.tokenizer)
     else:
         if not config.load_checkpoint or not config.tokenizer:

@@ -62,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, mesh, random_if_empty=True,
                                    seed=config.seed)
         records = visual.run(samples, vqgan, model, params, tokenizer, max_new_tokens=config.max_new_tokens,
-                             batch=config.batch, progress=config.progress)
+                             batch=config.batch, progress=config.progress, cache_dtype=config.cache_dtype or None)
     info = dict(model=config.load_checkpoint or "random", vqgan=config.vqgan_checkpoint or "random",
                 frame_counts=counts, depths=depths, n_samples=config.n_samples, video_file=config.video_file)
     summary = report.write_results(config.output_dir, records, info, config.threshold)

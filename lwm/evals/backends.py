@@ -36,7 +36,7 @@ def jax_generate(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int) 
 class JaxBackend:
     """An LWM text checkpoint through the one runtime set-up (lwm.inference.runtime: the original's flags
     --load_llama_config, --update_llama_config, --llama.*, --load_checkpoint, --tokenizer, --mesh_dim, --dtype,
-    --jax_distributed.*), the one loader and the engine."""
+    --cache_dtype, --jax_distributed.*), the one loader and the engine."""
 
     def __init__(self, flags):
         import jax
@@ -50,7 +50,7 @@ class JaxBackend:
         with jax.set_mesh(self.mesh):
             model, params = load_model(self.config, flags.load_checkpoint, rt.dtype, self.mesh)
         self.engine = Engine(model, params, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                             vocab_size=self.tokenizer.vocab_size)
+                             vocab_size=self.tokenizer.vocab_size, cache_dtype=flags.cache_dtype or None)
         self.name = f"lwm:{flags.load_checkpoint}"
 
     def generate(self, prompts, max_new_tokens):

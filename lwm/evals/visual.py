@@ -84,7 +84,7 @@ def build_samples(frame_counts: Sequence[int], depths: Sequence[float], n_sample
 
 
 def run(samples: Sequence[dict], vqgan, model, params, tokenizer, *, max_new_tokens: int = 16,
-        batch: int = 8, progress: bool = True) -> list[dict]:
+        batch: int = 8, progress: bool = True, cache_dtype=None) -> list[dict]:
     """Encode, ask, score (call under the mesh): samples of one frame count go through the generation engine
     in batches of up to `batch` (greedy; the prompts' vision masks route the embeddings). Each record: the
     sample without its frames, plus response, score, prompt_tokens, new_tokens and seconds (its share of the
@@ -100,7 +100,8 @@ def run(samples: Sequence[dict], vqgan, model, params, tokenizer, *, max_new_tok
 
     if model.config.sample_mode != "text":
         raise ValueError(f"the visual needle needs a model with sample_mode='text', not {model.config.sample_mode!r}")
-    engine = Engine(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+    engine = Engine(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
+                    cache_dtype=cache_dtype)
     groups = defaultdict(list)
     for s in samples:
         groups[s["length"]].append(s)
