@@ -65,3 +65,17 @@ def test_entry_point_end_to_end_with_tiny_random_models(tmp_path):
         assert r["prompt_tokens"] > r["length"] * 64                   # 8x8 codes per frame are in the prompt
     assert summary["lengths"] == [1, 3]
     assert (out / "plots" / "visual_needle.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_haystack_frames_from_a_local_video(tmp_path):
+    from lwm import vision_io
+
+    frames = np.stack([np.full((40, 48, 3), 60 * i + 20, np.uint8) for i in range(3)])   # brightness = index
+    vision_io.write_video(str(tmp_path / "clip.mp4"), frames, fps=4)
+    got = visual.video_frames(5, 32, 0, str(tmp_path / "clip.mp4"))
+    assert got.shape == (5, 32, 32, 3)
+    brightness = (got.mean(axis=(1, 2, 3)) + 1) * 127.5
+    np.testing.assert_allclose(brightness, [20, 80, 140, 20, 80], atol=4)       # 3 frames, cycled to 5
+    s = visual.build_samples([5], [100], 1, seed=0, size=32, video_file=str(tmp_path / "clip.mp4"))[0]
+    np.testing.assert_allclose(s["frames"][:4], got[:4])
+    assert s["needle_frame"] == 4
