@@ -17,10 +17,12 @@ own tokens (the original placed needles with tiktoken's GPT-4 tokens, not availa
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
 import time
+import warnings
 import weakref
 from collections import defaultdict
 from typing import Callable, Iterable, Optional, Sequence
@@ -79,9 +81,14 @@ def random_number(rng: random.Random, digits: int = NUMBER_DIGITS) -> str:
 # ------------------------------------------------------------------------------------------ haystacks
 
 def iter_haystack_texts(path: str) -> Iterable[str]:
-    """The "text" field of every line of a JSONL file; a bad line raises naming the file and line."""
+    """The "text" field of every line of a JSONL file (a bad line raises naming the file and line); a `.txt`
+    file is one document, read whole (UTF-8)."""
     import fsspec
 
+    if str(path).endswith(".txt"):
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            yield f.read()
+        return
     with fsspec.open(path, "r") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -114,19 +121,120 @@ def read_haystacks(path: str, n_rounds: int, min_tokens: int, tokenizer) -> list
 
 
 _PERIOD_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+REPLACEMENT = "\ufffd"          # what a decoder gives for the bytes of a cut multi-byte character
+# Sentence ends of other scripts than the original's '.': CJK full stops and marks (。．｡！？), '!', '?',
+# the ellipsis, the Arabic question mark and the Devanagari danda.
+OTHER_TERMINATORS = ("\u3002", "\uff0e", "\uff61", "\uff01", "\uff1f", "!", "?", "\u2026", "\u061f", "\u0964")
+BOUNDARY_KINDS = ("period", "other", "newline", "token")
+_WARNED: set = set()
+SENTENCE_DENSITY = 400   # a kind of sentence end is used when it ends >= 1 sentence per 400 tokens
 
 
-def period_token_ids(tokenizer) -> frozenset:
-    """Ids of tokens whose text ends a sentence (ends with '.'), where a needle may be placed after."""
+class SentenceEnds(frozenset):
+    """The ids of tokens whose text ends with '.' (the original's rule; membership tests are unchanged), plus
+    the ids ending with another script's sentence end (`other`), with a newline (`newline`), the ids that
+    decode alone to part of a character (`partial`: byte pieces; whether they end a sentence depends on their
+    neighbours) and the tokenizer (to check character boundaries)."""
+
+    def __new__(cls, periods=(), other=(), newline=(), partial=(), tokenizer=None):
+        self = super().__new__(cls, periods)
+        self.other, self.newline, self.partial = frozenset(other), frozenset(newline), frozenset(partial)
+        self.tokenizer = tokenizer
+        return self
+
+
+def period_token_ids(tokenizer) -> SentenceEnds:
+    """Sentence-end token ids of `tokenizer` (a `SentenceEnds`, a frozenset of the ids whose text ends with
+    '.'), computed once per tokenizer by decoding each id alone."""
     if tokenizer not in _PERIOD_CACHE:
-        _PERIOD_CACHE[tokenizer] = frozenset(
-            i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]).rstrip().endswith("."))
+        periods, other, newline, partial = [], [], [], []
+        for i in range(tokenizer.vocab_size):
+            text = tokenizer.decode([i])
+            if REPLACEMENT in text:
+                partial.append(i)
+            stripped = text.rstrip()
+            if stripped.endswith("."):
+                periods.append(i)
+            elif stripped.endswith(OTHER_TERMINATORS):
+                other.append(i)
+            if text.endswith("\n"):
+                newline.append(i)
+        _PERIOD_CACHE[tokenizer] = SentenceEnds(periods, other, newline, partial, tokenizer)
     return _PERIOD_CACHE[tokenizer]
 
 
-def insertion_point(haystack: Sequence[int], depth_percent: float, period_ids) -> int:
+def is_char_boundary(tokens: Sequence[int], k: int, tokenizer, window: int = 6) -> bool:
+    """True when cutting `tokens` before index k splits no character: the `window` tokens before k do not
+    decode to a trailing U+FFFD and those from k do not decode to a leading one (UTF-8 characters take at
+    most 4 bytes, so 6 byte-sized tokens see a whole one). 0 and len(tokens) are always boundaries."""
+    if k <= 0 or k >= len(tokens) or tokenizer is None:
+        return True
+    left = tokenizer.decode(list(tokens[max(0, k - window):k]))
+    right = tokenizer.decode(list(tokens[k:k + window]))
+    return not left.endswith(REPLACEMENT) and not right.startswith(REPLACEMENT)
+
+
+def _period_ends_sentence(tokens: Sequence[int], k: int, tokenizer) -> bool:
+    """Whether the '.' ending tokens[k - 1] ends a sentence: whitespace or the end of the text follows
+    (so '3.5' and 'os.path' do not count)."""
+    if k >= len(tokens) or tokenizer is None:
+        return True
+    first = tokenizer.decode([tokens[k - 1]])
+    if first != first.rstrip():
+        return True
+    after = tokenizer.decode([tokens[k - 1], tokens[k]])[len(first):]
+    return not after or after[0].isspace()
+
+
+def sentence_boundaries(tokens: Sequence[int], ends, density: int = SENTENCE_DENSITY
+                        ) -> tuple[str, Optional[list[int]]]:
+    """(kind, positions): the indices k (1 <= k <= len) such that a sentence ends with tokens[k - 1].
+
+    `ends` is a set of ids (the original's rule: those ids end sentences; kind 'period') or a `SentenceEnds`
+    (from `period_token_ids`), where the kind is chosen per haystack, in this order: 'period' (the
+    original's rule, every token ending in '.') when '.' followed by whitespace ends on average at least one
+    sentence per `density` tokens; else 'other' (other scripts' ends such as '。', '！', '？', '!', '?'; a
+    byte piece counts when the text of its last few tokens ends with one), else 'newline', at the same
+    density; else the kind with the most boundaries. So '.'-separated English is placed exactly as by the
+    original, Chinese at '。' even with a stray '3.5' in it, and code at line ends. With no boundary of any
+    kind: ('token', None) -- any token boundary that splits no character -- said once (a warning).
+    Worked example (ids: 8 = '。', 7 = a word, no '.'): [7, 8, 7, 8, 7] -> ('other', [2, 4])."""
+    if not isinstance(ends, SentenceEnds):
+        return "period", [k for k in range(1, len(tokens) + 1) if tokens[k - 1] in ends]
+    found = {kind: [] for kind in BOUNDARY_KINDS[:3]}
+    tok, sentence_periods = ends.tokenizer, 0
+    for k in range(1, len(tokens) + 1):
+        t = tokens[k - 1]
+        if t in ends:
+            found["period"].append(k)
+            sentence_periods += _period_ends_sentence(tokens, k, tok)
+        elif t in ends.other:
+            found["other"].append(k)
+        elif t in ends.partial and tok is not None:
+            tail = tok.decode(list(tokens[max(0, k - 4):k])).rstrip()
+            if tail.endswith(OTHER_TERMINATORS) and is_char_boundary(tokens, k, tok):
+                found["other"].append(k)
+        if t in ends.newline:
+            found["newline"].append(k)
+    counts = dict(period=sentence_periods, other=len(found["other"]), newline=len(found["newline"]))
+    dense = [kind for kind in counts if counts[kind] and counts[kind] * density >= len(tokens)]
+    kind = dense[0] if dense else max(counts, key=lambda name: (counts[name], -BOUNDARY_KINDS.index(name)))
+    if not counts[kind]:
+        if "token" not in _WARNED:
+            _WARNED.add("token")
+            warnings.warn("needle: the haystack has no sentence ends ('.', '\u3002', '!', '?', ... or newlines); "
+                          "needles go at the token boundary at or before their depth (whole characters kept)",
+                          stacklevel=3)
+        return "token", None
+    return kind, found[kind]
+
+
+def insertion_point(haystack: Sequence[int], depth_percent: float, period_ids,
+                    boundaries: Optional[tuple[str, Optional[list[int]]]] = None) -> int:
     """Index where a needle at depth_percent goes: just after the last sentence end at or before
-    int(len * depth / 100); 0 if none; len for depth 100.
+    int(len * depth / 100) (sentence ends as `sentence_boundaries(haystack, period_ids)`, or `boundaries`
+    when given); 0 if none; len for depth 100. With no sentence ends at all: that token index, moved back to
+    a whole character.
 
     >>> insertion_point([5, 9, 5, 5, 9, 5, 5], 80, {9})    # int(7 * 0.8) = 5 -> back to after the 9 at 4
     5
@@ -135,15 +243,23 @@ def insertion_point(haystack: Sequence[int], depth_percent: float, period_ids) -
     if depth_percent >= 100:
         return n
     point = int(n * depth_percent / 100)
-    while point > 0 and haystack[point - 1] not in period_ids:
-        point -= 1
-    return point
+    kind, positions = boundaries or sentence_boundaries(haystack, period_ids)
+    if kind == "token":
+        tok = getattr(period_ids, "tokenizer", None)
+        while point > 0 and not is_char_boundary(haystack, point, tok):
+            point -= 1
+        return point
+    i = bisect.bisect_right(positions, point)
+    return positions[i - 1] if i else 0
 
 
 def insert_needles(haystack: Sequence[int], needles: Sequence[tuple[Sequence[int], float]], context_length: int,
                    period_ids, buffer: int = FINAL_CONTEXT_LENGTH_BUFFER) -> tuple[list[int], list[int]]:
     """Cut the haystack to context_length - buffer - (needle tokens) and put each (needle tokens, depth %)
-    at its depth of the cut haystack. Returns (tokens, start index of each needle in `tokens`).
+    at its depth of the cut haystack (`insertion_point`). Returns (tokens, start index of each needle in
+    `tokens`). With a `SentenceEnds` (which knows the tokenizer), the cut never splits a character: the end
+    moves back, and tokens that continue a character begun before the haystack's start are dropped, so the
+    decoded prompt holds no U+FFFD.
 
     >>> insert_needles([5, 9, 5, 9, 5, 5], [([7, 7], 50)], context_length=6, period_ids={9}, buffer=0)
     ([5, 9, 7, 7, 5, 9], [2])
@@ -153,7 +269,17 @@ def insert_needles(haystack: Sequence[int], needles: Sequence[tuple[Sequence[int
         raise ValueError(f"context length {context_length} leaves no room for the haystack after the "
                          f"{buffer}-token buffer and {sum(len(t) for t, _ in needles)} needle tokens")
     base = list(haystack[:budget])
-    points = [insertion_point(base, depth, period_ids) for _, depth in needles]
+    tok = getattr(period_ids, "tokenizer", None)
+    if tok is not None:
+        first = 0            # a character begun before the haystack's start: drop its last bytes (<= 3)
+        while first < min(3, len(base)) and tok.decode(base[first:first + 6]).startswith(REPLACEMENT):
+            first += 1
+        end = len(base)
+        while end > first and end < len(haystack) and not is_char_boundary(haystack, end, tok):
+            end -= 1
+        base = base[first:end]
+    bounds = sentence_boundaries(base, period_ids)
+    points = [insertion_point(base, depth, period_ids, bounds) for _, depth in needles]
     order = sorted(range(len(needles)), key=lambda i: (points[i], i))
     tokens, starts, prev = [], [0] * len(needles), 0
     for i in order:

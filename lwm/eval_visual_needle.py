@@ -1,0 +1,76 @@
+"""`python -m lwm.eval_visual_needle`: the visual needle (lwm/evals/visual.py) on a vision-language LWM:
+a frame showing a number at a depth of a video of N frames, encoded with the VQGAN, and a question about it;
+accuracy by frame count and depth to --output_dir (results.json, summary.md, plots/visual_needle.png).
+
+Hardware: one CPU for tiny random models (seconds per video); an accelerator for 7B with the released VQGAN.
+    python -m lwm.eval_visual_needle --load_llama_config=7b --load_checkpoint=params::/ckpt/params \
+        --vqgan_checkpoint=/ckpt/vqgan --tokenizer=/ckpt/tokenizer.model --frame_counts=8,32,128 \
+        --update_llama_config="dict(theta=50000000, max_sequence_length=131072)"
+    python -m lwm.eval_visual_needle --load_llama_config=tiny --vqgan_config=tiny --tokenizer=tok.model  # random
+--video_file=clip.mp4 takes the haystack frames from a local video instead of the synthetic one.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def get_default_config():
+    from ml_collections import ConfigDict
+
+    from lwm.inference import runtime
+
+    c = runtime.vision_flags(ConfigDict())
+    c.frame_counts = "4,8,16"
+    c.depths = "0,50,100"
+    c.n_samples = 2
+    c.video_file = ""                       # haystack frames from a local video; '' = synthetic
+    c.max_new_tokens = 16
+    c.batch = 8                             # videos per generation call
+    c.threshold = 85.6
+    c.output_dir = "results/visual_needle"
+    c.progress = True
+    c.lock()
+    return c
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    import jax
+
+    from lwm.evals import report, visual
+    from lwm.inference import runtime
+    from lwm.inference.loader import load_model
+    from lwm.vqgan import VQGAN, VQGANConfig
+
+    config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())
+    try:
+        counts = [int(x) for x in config.frame_counts.split(",") if x.strip()]
+        depths = [float(x) for x in config.depths.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--frame_counts={config.frame_counts} / --depths={config.depths}: comma-separated "
+                         "numbers expected") from None
+    if config.video_file and not os.path.isfile(config.video_file):
+        raise FileNotFoundError(f"--video_file={config.video_file}: no such file")
+    vq_config = VQGANConfig.load(config.vqgan_config)
+    rt = runtime.setup(config, modality="vision,text", sample_mode="text")
+    tokenizer, mesh = rt.tokenizer, rt.mesh
+    samples = visual.build_samples(counts, depths, config.n_samples, config.seed, vq_config.resolution,
+                                   config.video_file)
+    vqgan = VQGAN.load(config.vqgan_checkpoint or None, vq_config, seed=config.seed)
+    with jax.set_mesh(mesh):
+        model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, mesh, random_if_empty=True,
+                                   seed=config.seed)
+        records = visual.run(samples, vqgan, model, params, tokenizer, max_new_tokens=config.max_new_tokens,
+                             batch=config.batch, progress=config.progress, cache_dtype=config.cache_dtype or None)
+    info = dict(model=config.load_checkpoint or "random", vqgan=config.vqgan_checkpoint or "random",
+                frame_counts=counts, depths=depths, n_samples=config.n_samples, video_file=config.video_file)
+    summary = report.write_results(config.output_dir, records, info, config.threshold)
+    print(report.summary_table(summary).replace("| task |", "| task \\ frames |"))
+    return summary
+
+
+if __name__ == "__main__":
+    from lwm.inference import runtime
+
+    sys.exit(runtime.cli("lwm.eval_visual_needle", main, get_default_config, __doc__))

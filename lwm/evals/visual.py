@@ -1,0 +1,129 @@
+"""A visual needle for the vision-language LWM: one frame showing a number (rendered with PIL on a plain
+background) replaces the frame at a depth of a video of N frames (a synthetic video, or a local file read
+with lwm.vision_io); the frames go through the VQGAN and the question asks for the number.
+
+    frames (N, S, S, 3) in [-1, 1]  ->  VQGAN codes (N, h, w)  ->  vision tokens (lwm.vision_chat)
+    prompt: <s>You are a helpful assistant. USER: {question}\\n<vision>...</vision> ASSISTANT:
+
+Depth d% puts the needle at frame index round((N - 1) * d / 100) (0% the first frame, 100% the last).
+Scoring: match_all over [the number] (lwm.evals.scoring): 100 when the answer contains it, else 0.
+Worked example: needle "4721", answer "The number is 4721." -> 100.0; "4712" -> 0.0.
+Results are records like the text suite's, with `length` = the frame count, so report.write_results gives the
+JSON, the heatmap (accuracy by frame count and depth) and the summary.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from lwm.evals.scoring import match_all
+from lwm.evals.tasks import sub_seed
+
+QUESTION = "One frame of this video shows a number. What is the number? Answer with the number only."
+TASK = "visual_needle"
+
+
+def needle_frame(text: str, size: int, seed: int) -> np.ndarray:
+    """(size, size, 3) float32 in [-1, 1]: `text` in large dark digits on a light background of a seeded tint."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = random.Random(seed)
+    background = tuple(rng.randint(200, 255) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(8, int(size * 1.6 / max(1, len(text)))))
+    box = draw.textbbox((0, 0), text, font=font)
+    xy = ((size - (box[2] - box[0])) / 2 - box[0], (size - (box[3] - box[1])) / 2 - box[1])
+    draw.text(xy, text, fill=(10, 10, 10), font=font, stroke_width=max(1, size // 64), stroke_fill=(10, 10, 10))
+    return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
+def synthetic_video(n: int, size: int, seed: int) -> np.ndarray:
+    """(n, size, size, 3) float32 in [-1, 1]: colour gradients drifting from frame to frame (no digits)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / max(1, size - 1)
+    phase, speed = rng.uniform(0, 2 * np.pi, 3), rng.uniform(0.2, 0.6, 3)
+    frames = [np.stack([np.sin(2 * np.pi * (x * (c + 1) + y * (2 - c) / 2) + phase[c] + speed[c] * t)
+                        for c in range(3)], axis=-1) * 0.8 for t in range(n)]
+    return np.asarray(frames, np.float32)
+
+
+def video_frames(n: int, size: int, seed: int, video_file: str = "") -> np.ndarray:
+    """n haystack frames: from `video_file` (spread evenly over it; a shorter video is cycled) or synthetic."""
+    if not video_file:
+        return synthetic_video(n, size, seed)
+    from lwm.vision_io import load_frames
+
+    frames = load_frames(video_file, size, n)
+    return frames[np.arange(n) % len(frames)]
+
+
+def needle_index(n_frames: int, depth: float) -> int:
+    return int(round((n_frames - 1) * depth / 100))
+
+
+def build_samples(frame_counts: Sequence[int], depths: Sequence[float], n_samples: int, seed: int, size: int,
+                  video_file: str = "") -> list[dict]:
+    """One sample per (frame count, depth, index): frames (N, S, S, 3) with the needle frame, the answer."""
+    out = []
+    for n in frame_counts:
+        if n < 1:
+            raise ValueError(f"--frame_counts: {n} frames; need >= 1")
+        for depth in depths:
+            for i in range(n_samples):
+                s_seed = sub_seed(seed, TASK, int(n), float(depth), i)
+                number = str(random.Random(s_seed).randint(1000, 9999))
+                frames = video_frames(n, size, s_seed, video_file).copy()
+                frames[needle_index(n, depth)] = needle_frame(number, size, s_seed)
+                out.append(dict(task=TASK, length=int(n), depth=float(depth), index=i, seed=s_seed,
+                                frames=frames, answers=[number], needle_frame=needle_index(n, depth)))
+    return out
+
+
+def run(samples: Sequence[dict], vqgan, model, params, tokenizer, *, max_new_tokens: int = 16,
+        batch: int = 8, progress: bool = True, cache_dtype=None) -> list[dict]:
+    """Encode, ask, score (call under the mesh): samples of one frame count go through the generation engine
+    in batches of up to `batch` (greedy; the prompts' vision masks route the embeddings). Each record: the
+    sample without its frames, plus response, score, prompt_tokens, new_tokens and seconds (its share of the
+    batch's VQGAN encoding and generation)."""
+    from collections import defaultdict
+
+    from tqdm import tqdm
+
+    from lwm.chat_template import vision_chat_prompt
+    from lwm.inference.engine import Engine
+    from lwm.sampling import SamplingConfig
+    from lwm.vision_chat import vision_tokens
+
+    if model.config.sample_mode != "text":
+        raise ValueError(f"the visual needle needs a model with sample_mode='text', not {model.config.sample_mode!r}")
+    engine = Engine(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
+                    cache_dtype=cache_dtype)
+    groups = defaultdict(list)
+    for s in samples:
+        groups[s["length"]].append(s)
+    records = []
+    bar = tqdm(total=len(samples), desc="visual needle", unit="video", disable=not progress)
+    for n in sorted(groups):
+        for i in range(0, len(groups[n]), batch):
+            chunk = groups[n][i:i + batch]
+            t0 = time.perf_counter()
+            _, codes = vqgan.encode(np.stack([s["frames"] for s in chunk]))              # (B, N, h, w)
+            prompts = [vision_chat_prompt(tokenizer, QUESTION, vision_tokens(np.asarray(c))) for c in codes]
+            engine.check_length(len(prompts[0]), max_new_tokens)
+            rows = prompts + [prompts[0]] * (batch - len(prompts))                        # one shape per N
+            result = engine.generate([p.ids.tolist() for p in rows], max_new_tokens, sampling=SamplingConfig(),
+                                     vision=[p.vision for p in rows])
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for s, p, ids in zip(chunk, prompts, result.tokens):
+                response = tokenizer.decode(ids)
+                record = {k: v for k, v in s.items() if k != "frames"}
+                record.update(response=response, score=match_all(response, s["answers"]), prompt_tokens=len(p),
+                              new_tokens=len(ids), seconds=round(seconds, 4))
+                records.append(record)
+            bar.update(len(chunk))
+    bar.close()
+    return records
