@@ -12,6 +12,7 @@ With scan_layers=False the layers are `transformer/h/<i>/...` without the layer 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import json
 from typing import Any, Optional
 
@@ -70,6 +71,16 @@ REMAT_POLICIES = {
 }
 
 
+_SAID: set = set()
+
+
+def _say_once(message: str) -> None:
+    """Log a warning about a setting that cannot apply, once per process and message."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
 @dataclasses.dataclass(frozen=True)
 class LLaMAConfig:
     vocab_size: int = 32000                    # V: token ids 0 .. V-1 (embedding rows and lm_head columns)
@@ -123,6 +134,13 @@ class LLaMAConfig:
         if self.context_parallel_load_balance not in LOAD_BALANCES:
             raise ValueError(f"context_parallel_load_balance={self.context_parallel_load_balance!r}; choose one "
                              f"of {LOAD_BALANCES}")
+        inactive = {k: v for k, v in (("context_parallel_strategy", self.context_parallel_strategy),
+                                      ("context_parallel_load_balance", self.context_parallel_load_balance))
+                    if v != LLaMAConfig.__dataclass_fields__[k].default}
+        if inactive and not self.context_parallel:
+            _say_once(f"{', '.join(f'{k}={v!r}' for k, v in inactive.items())} has no effect with attention_impl="
+                      f"{self.attention_impl!r}: context parallelism applies only to attention_impl "
+                      f"{CONTEXT_PARALLEL_IMPLS}")
         if self.attention_impl == "dense" and self.scan_attention:
             raise ValueError("scan_attention=True asks for blockwise attention but attention_impl='dense'")
         if self.pallas_interpret and self.attention_impl not in ("pallas", "ring_pallas"):
@@ -157,6 +175,14 @@ class LLaMAConfig:
     def context_parallel(self) -> bool:
         """True when attention shards the sequence over 'sp' (attention_impl 'ring' or 'ring_pallas')."""
         return self.attention_impl in CONTEXT_PARALLEL_IMPLS
+
+    def shape_twin(self) -> "LLaMAConfig":
+        """The same parameter shapes with plain dense attention and no context-parallel settings: for
+        `jax.eval_shape` of the parameters (a ring cannot trace one token without a mesh)."""
+        defaults = LLaMAConfig.__dataclass_fields__
+        return self.replace(attention_impl="dense", scan_attention=False,
+                            context_parallel_strategy=defaults["context_parallel_strategy"].default,
+                            context_parallel_load_balance=defaults["context_parallel_load_balance"].default)
 
     @property
     def head_dim(self) -> int:

@@ -317,7 +317,7 @@ def compile_prefill(plan: Plan):
     dtype = {4: jnp.float32, 2: jnp.bfloat16}[plan.dtype_bytes]
     mesh = make_mesh(_mesh_string(plan.mesh), jax.devices()[:math.prod(plan.mesh)])
     model = LLaMAForCausalLM(c, dtype=dtype, param_dtype=dtype)
-    shaper = LLaMAForCausalLM(c.replace(attention_impl="blockwise"), dtype=dtype, param_dtype=dtype)
+    shaper = LLaMAForCausalLM(c.shape_twin(), dtype=dtype, param_dtype=dtype)
     with jax.set_mesh(mesh):
         shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
         shardings = param_shardings(shapes, c, mesh)

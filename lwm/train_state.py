@@ -127,7 +127,7 @@ def eval_step(params, batch: dict, *, task: Task) -> dict:
 def init_train_state(rng: jax.Array, *, task: Task, tx: optax.GradientTransformation) -> TrainState:
     """A fresh train state; params as {'params': tree}, as the original's (its checkpoints load)."""
     # Parameters do not depend on the attention implementation; init with one that needs no mesh.
-    model = task.model.clone(config=task.config.replace(attention_impl="blockwise"))
+    model = task.model.clone(config=task.config.shape_twin())
     ids = jnp.zeros((1, 8), jnp.int32)
     args = (ids, jnp.zeros((1, 8), bool)) if task.modality == "vision,text" else (ids,)
     params = model.init(rng, *args)

@@ -158,3 +158,16 @@ def test_kv_cache_sharded_over_sp(tiny):
     with jax.set_mesh(mesh):
         decoded = _decode_token_by_token(model, params, cfg, ids, prompt_len=16, cache_len=64)
     np.testing.assert_allclose(decoded, full, atol=2e-5)
+
+
+def test_context_parallel_settings_without_a_ring_are_reported_once(caplog):
+    """A context-parallel setting with a non-context-parallel attention_impl says so, once; the shape twin
+    (plain attention, default strategy) and a ring config say nothing (negative controls)."""
+    cfg = LLaMAConfig.load("tiny")
+    with caplog.at_level("WARNING", logger="lwm.llama"):
+        cfg.replace(attention_impl="ring", context_parallel_strategy="ulysses").shape_twin()
+        assert not caplog.records
+        cfg.replace(context_parallel_strategy="all_gather", context_parallel_load_balance="striped")
+        cfg.replace(context_parallel_strategy="all_gather", context_parallel_load_balance="striped")
+    assert len(caplog.records) == 1
+    assert "context_parallel_strategy='all_gather'" in caplog.text and "attention_impl='blockwise'" in caplog.text

@@ -31,7 +31,7 @@ def param_shapes(config: LLaMAConfig, dtype=jnp.float32):
 
     Traced through a twin of the model with plain dense attention and one token: parameter shapes do not
     depend on the attention path, and a ring or a kernel cannot trace a single token."""
-    twin = config.replace(attention_impl="dense", scan_attention=False)
+    twin = config.shape_twin()
     one = jnp.zeros((1, 1), jnp.int32)
     cls = model_class(config)
     model = cls(twin, dtype=dtype, param_dtype=dtype)
