@@ -38,7 +38,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
 
     model_name: the id clients send as `model`. vqgan: an `lwm.vqgan.VQGAN` for vision models (required
     for image input and image generation). api_key: when set, /v1/* needs `Authorization: Bearer KEY` (401
-    otherwise). max_batch_size: rows decoded together; max_queue: requests waiting beyond those (429 when
+    otherwise). max_batch_size: rows decoded together; max_queue: requests waiting for the engine (429 when
     full). allow_local_media: read plain file paths in media parts. max_n_frames: frames taken from a
     video. default_max_tokens: the budget of a request that sets none (capped by the context left).
     mesh: the device mesh the engine's arrays live on (its thread runs under `jax.set_mesh(mesh)`).
@@ -89,6 +89,12 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
         seed = req.seed if req.seed is not None else next(seeds)
         return Sampling(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=seed, stop=req.stop or [])
 
+    def ids_of(req, prompt) -> dict:
+        if not req.return_token_ids:
+            return {}
+        ids = prompt.ids if hasattr(prompt, "ids") else prompt
+        return {"prompt_token_ids": [int(i) for i in ids]}
+
     # ------------------------------------------------------------------------------------------- pages
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -120,7 +126,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
                 try:
                     yield sse(chunk(None))
                     async for kind, value in job.events():
-                        yield sse(chunk(value) if kind == "text" else final(value))
+                        yield sse(chunk(*value) if kind == "text" else final(value))
                     if include_usage:
                         yield sse({**final(None), "choices": [], "usage": job.usage()})
                 except APIError as e:
@@ -158,12 +164,13 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
         check_model(req.model)
         prompt = await asyncio.to_thread(served.chat_prompt, req.messages)
         job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop())
+        extra = lambda ids: {"token_ids": list(ids)} if req.return_token_ids else {}
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = dict(id=ident, object="chat.completion.chunk", created=created, model=served.name)
 
-        def chunk(text):
+        def chunk(text, ids=()):
             delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
-            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None, **extra(ids)}]}
 
         def final(reason):
             return {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
@@ -174,21 +181,23 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
             return reason
         return {"id": ident, "object": "chat.completion", "created": created, "model": served.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
-                             "finish_reason": reason, "logprobs": None}],
-                "usage": job.usage()}
+                             "finish_reason": reason, "logprobs": None, **extra(job.tokens)}],
+                "usage": job.usage(), **ids_of(req, prompt)}
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         prompt = served.completion_prompt(req.prompt)
         job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop())
+        extra = lambda ids: {"token_ids": list(ids)} if req.return_token_ids else {}
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         echo = req.prompt if (req.echo and isinstance(req.prompt, str)) else ""
         head = dict(id=ident, object="text_completion", created=created, model=served.name)
 
-        def chunk(text):
+        def chunk(text, ids=()):
             text = echo if text is None else text
-            return {**head, "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}]}
+            return {**head, "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None,
+                                         **extra(ids)}]}
 
         def final(reason):
             return {**head, "choices": [{"index": 0, "text": "", "finish_reason": reason, "logprobs": None}]}
@@ -198,7 +207,8 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
         if req.stream:
             return reason
         return {**head, "choices": [{"index": 0, "text": echo + job.text, "finish_reason": reason,
-                                     "logprobs": None}], "usage": job.usage()}
+                                     "logprobs": None, **extra(job.tokens)}], "usage": job.usage(),
+                **ids_of(req, prompt)}
 
     # ------------------------------------------------------------------------------------------ images
     @app.post("/v1/images/generations", dependencies=v1)

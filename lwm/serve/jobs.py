@@ -37,6 +37,7 @@ class Job:
         self.tokens: list[int] = []
         self.text = ""                 # the answer so far (stop strings cut off)
         self.sent = 0                  # characters of `text` already posted
+        self.sent_tokens = 0           # tokens already posted
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None
         self.cancelled = threading.Event()
@@ -96,9 +97,9 @@ class Job:
                     if self.text[:end].endswith(stop[:k]):
                         end -= k
                         break
-        if end > self.sent:
-            self._post(("text", self.text[self.sent:end]))
-            self.sent = end
+        if end > self.sent or (final and len(self.tokens) > self.sent_tokens):
+            self._post(("text", (self.text[self.sent:end], self.tokens[self.sent_tokens:])))
+            self.sent, self.sent_tokens = end, len(self.tokens)
 
     def _post(self, event) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -109,7 +110,7 @@ class Job:
 
     # ------------------------------------------------------------------------------------- HTTP side
     async def events(self) -> AsyncIterator[tuple[str, Any]]:
-        """('text', str) pieces, then ('done', finish_reason). Raises the job's error, if it failed."""
+        """('text', (str, [token ids])) pieces, then ('done', finish_reason). Raises the job's error, if any."""
         while True:
             kind, value = await self.queue.get()
             if kind == "done":

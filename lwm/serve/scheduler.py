@@ -38,7 +38,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------- any thread
     def _full(self) -> bool:
-        return len(self.waiting) >= self.max_queue + max(0, self.max_batch_size - len(self.running))
+        return len(self.waiting) >= self.max_queue
 
     def submit(self, job) -> None:
         with self.cond:
