@@ -49,3 +49,21 @@ def tiny_text_model(max_sequence_length: int = 256, seed: int = 0):
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x * 8.0 if "lm_head" in jax.tree_util.keystr(p) else x, params)
     return cfg, model, params
+
+
+def tiny_vision_served(directory, max_sequence_length: int = 512, seed: int = 0):
+    """(engine, tokenizer, vqgan): the tiny vision-language preset with random weights (sample_mode 'text',
+    for chat), the tiny VQGAN (32x32 frames -> 8x8 codes) and the small tokenizer written to `directory`."""
+    from _data_fixtures import small_tokenizer
+
+    from lwm.inference.engine import Engine
+    from lwm.vision_llama import VisionLLaMAConfig, VisionLLaMAForCausalLM
+    from lwm.vqgan import VQGAN, VQGANConfig
+
+    tok = small_tokenizer(directory)
+    cfg = VisionLLaMAConfig.load("tiny").replace(max_sequence_length=max_sequence_length, sample_mode="text")
+    model = VisionLLaMAForCausalLM(cfg)
+    one = jnp.zeros((1, 4), jnp.int32)
+    params = model.init(jax.random.PRNGKey(seed), one, one.astype(bool))["params"]
+    engine = Engine(model, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+    return engine, tok, VQGAN.load(None, VQGANConfig.load("tiny"), seed=seed)

@@ -9,12 +9,24 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from typing import Optional, Sequence
 
 import numpy as np
 
 from lwm.serve.errors import APIError, bad_request
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaPrompt:
+    """A vision-model prompt: token ids and, per id, whether it is a vision id (VQGAN code or marker)."""
+    ids: tuple
+    vision: tuple
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class ServedModel:
@@ -26,6 +38,7 @@ class ServedModel:
         self.is_vision = hasattr(self.config, "vision_vocab_size")
         self.max_sequence_length = int(self.config.max_sequence_length)
         self.created = int(time.time())
+        self._image_model = None
 
     def card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "lwm",
@@ -82,8 +95,39 @@ class ServedModel:
                 raise bad_request(str(e), "messages") from None
         return self.vision_prompt(plain, media)
 
-    def vision_prompt(self, plain: list[dict], media) -> object:
-        raise NotImplementedError("vision prompts come with the engine's vision support")
+    def vision_prompt(self, plain: list[dict], media) -> "MediaPrompt":
+        """The conversation's ids (`lwm.chat_template`) with the last user turn carrying the media, as the
+        original LWM-Chat lays it out: "{system} USER: {text}\\n" + "<vision>" + vision ids + "</vision>" +
+        " ASSISTANT:" (each text piece tokenized on its own; vision ids: each frame's VQGAN codes, then the
+        end-of-frame / end-of-vision marker)."""
+        from lwm.chat_template import SYSTEM_PROMPT, conversation_ids, user_turn_ids, user_turn_text
+        from lwm.serve.media import frames_from_parts
+        from lwm.vision_chat import vision_tokens
+
+        if self.vqgan is None:
+            raise bad_request(f"model {self.name!r} has no VQGAN loaded; image input is unavailable", "messages")
+        tok = self.tokenizer
+        try:
+            text_ids = conversation_ids(tok, plain)               # validates the turns
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
+        system = plain[0]["content"] if plain[0]["role"] == "system" else SYSTEM_PROMPT
+        first = sum(m["role"] == "user" for m in plain) == 1
+        last = plain[-1]["content"]
+        head = text_ids[:len(text_ids) - len(user_turn_ids(tok, last, first, system))]
+        suffix = " ASSISTANT:"
+        turn = user_turn_text(last + "\n", first, system)
+        if not turn.endswith(suffix):
+            raise RuntimeError(f"lwm.chat_template's user turn no longer ends with {suffix!r}")
+        frames = frames_from_parts(media, self.vqgan.config.resolution, self.max_n_frames, self.allow_local_media)
+        self.check_length(len(head) + 2 + len(frames) * (self.vqgan.config.codes_per_side ** 2 + 1), 1)
+        _, codes = self.vqgan.encode(frames)
+        vision = [int(v) for v in vision_tokens(np.asarray(codes))]
+        pieces = [(head + ([tok.bos_id] if first else []) + list(tok.encode(turn[:-len(suffix)])), False),
+                  (list(tok.encode("<vision>")), False), (vision, True), (list(tok.encode("</vision>")), False),
+                  (list(tok.encode(suffix)), False)]
+        return MediaPrompt(tuple(i for ids, _ in pieces for i in ids),
+                           tuple(v for ids, v in pieces for _ in ids))
 
     def check_image_request(self, req) -> None:
         if not self.is_vision or self.vqgan is None:
@@ -95,43 +139,85 @@ class ServedModel:
 
     def generate_images(self, prompt: str, n: int, *, seed: int, temperature: float, top_k: int,
                         cfg_scale: float) -> list[np.ndarray]:
-        raise NotImplementedError
-
-    # --------------------------------------------------------------------------------------- generation
-    def batch_key(self, job) -> tuple:
-        """Jobs with equal keys may share a batch."""
-        s = job.sampling
-        return (s.temperature, s.top_p, s.seed if s.temperature > 0 else None, type(job.prompt).__name__)
-
-    def generate_batch(self, jobs) -> None:
-        """Run jobs as one batch on the engine (interim: `lwm.sampling.Sampler.generate`), feeding each job its
-        tokens in order as the decode loop produces them."""
+        """n images for `prompt` by the original's text-to-image recipe (lwm.vision_generation: the
+        "Generate an image of ..." prompt, classifier-free guidance against "<vision>" when cfg_scale != 1),
+        decoded by the VQGAN. Returns n uint8 (R, R, 3) frames. Runs on the engine thread."""
         import jax
 
+        from lwm.vision_generation import FrameSampling, generate_frames, generation_prompts
+        from lwm.vision_io import to_uint8
+
+        side = self.vqgan.config.codes_per_side
+        cond, uncond = generation_prompts(self.tokenizer, prompt, "image")
+        self.check_length(max(len(cond), len(uncond)), side * side + 1)
+        if self._image_model is None:
+            model = self.engine.model
+            self._image_model = type(model)(self.config.replace(sample_mode="vision"), dtype=model.dtype,
+                                            param_dtype=model.param_dtype)
+        codes = generate_frames(self._image_model, self.engine.params, [cond] * n,
+                                [uncond] * n if cfg_scale != 1 else None, n_frames=1,
+                                tokens_per_frame=side * side + 1,
+                                sampling=FrameSampling(temperature, top_k, cfg_scale),
+                                rng=jax.random.PRNGKey(seed), pad_id=self.tokenizer.pad_id,
+                                num_codes=self.vqgan.config.num_embeddings)            # (n, 1, F)
+        pixels = self.vqgan.decode(np.asarray(codes)[:, 0, :-1].reshape(n, side, side))
+        return list(to_uint8(pixels))
+
+    # --------------------------------------------------------------------------------------- generation
+    @property
+    def cache_length(self) -> int:
+        """Cache slots per decode slot: the model's context rounded up to whole sp chunks, plus one chunk (a
+        prompt padded to a multiple of sp plus its budget always fits)."""
+        _, sp = self.engine.mesh_sizes()
+        return sp * (math.ceil(self.max_sequence_length / sp) + 1)
+
+    @staticmethod
+    def _split(prompt):
+        """(ids, vision mask or None) of a job's prompt."""
+        if isinstance(prompt, MediaPrompt):
+            return list(prompt.ids), list(prompt.vision)
+        return list(prompt), None
+
+    def _sampling(self, job):
         from lwm.sampling import SamplingConfig
 
-        s = jobs[0].sampling
-        budget = max(j.sampling.max_tokens for j in jobs)
-        fed = [0] * len(jobs)
-        arrived: dict[int, np.ndarray] = {}
+        s = job.sampling
+        return SamplingConfig(temperature=s.temperature, top_k=0, top_p=s.top_p)
 
-        def stream(step, tokens):                        # host callback; calls may come out of order
-            arrived[int(step)] = np.asarray(tokens)
-            while min(fed) in arrived:
-                step = min(fed)
-                row_tokens = arrived.pop(step)
-                for r, job in enumerate(jobs):
-                    if fed[r] == step:
-                        if not job.finished:
-                            job.feed(int(row_tokens[r]))
-                        fed[r] += 1
+    def insert(self, state, slot: int, job):
+        """Prefill `job`'s prompt and put it into decode slot `slot` of the engine state (continuous batching)."""
+        from lwm.inference.engine import Prefix
 
-        outs = self.engine.generate([j.prompt for j in jobs], budget, SamplingConfig(s.temperature, 0, s.top_p),
-                                    jax.random.PRNGKey(s.seed or 0), stream=stream)
-        for job, out in zip(jobs, outs):                 # whatever the stream did not deliver
-            for tok in out[len(job.tokens):]:
+        engine = self.engine
+        ids, vision = self._split(job.prompt)
+        budget = job.sampling.max_tokens
+        data, sp = engine.mesh_sizes()
+        t = engine.padded_length(len(ids))
+        if t + budget > self.cache_length:                  # the bucket would not leave room: pad to sp only
+            t = sp * math.ceil(len(ids) / sp)
+        logits, cache = engine.prefill_batch([ids] * data, t, t, None if vision is None else [vision] * data)
+        prefix = Prefix(cache=cache, logits=logits, length=t, position=len(ids))
+        return engine.insert(prefix, state, slot, max_new_tokens=budget, sampling=self._sampling(job),
+                             seed=job.sampling.seed or 0)
+
+    def generate_batch(self, jobs) -> None:
+        """Run jobs as one `Engine.generate` batch (batching at arrival), feeding each job its tokens as the
+        decode loop produces them; rows whose job ended (a stop string, the client left) are cancelled."""
+        prompts, masks = zip(*(self._split(j.prompt) for j in jobs))
+        vision = None if all(m is None for m in masks) else list(masks)
+
+        def stream(step, new):
+            cancel = []
+            for r, (job, tok) in enumerate(zip(jobs, new)):
+                if tok is not None:
+                    job.feed(int(tok))
                 if job.finished:
-                    break
-                job.feed(int(tok))
-            if not job.finished:
-                job.finish("stop" if len(out) < budget else "length")
+                    cancel.append(r)
+            return cancel
+
+        result = self.engine.generate(list(prompts), [j.sampling.max_tokens for j in jobs],
+                                      sampling=[self._sampling(j) for j in jobs],
+                                      seeds=[j.sampling.seed or 0 for j in jobs], stream=stream, vision=vision)
+        for job, reason in zip(jobs, result.finish):
+            if not job.done.is_set():
+                job.finish(reason if reason != "cancelled" or job.cancelled.is_set() else "stop")

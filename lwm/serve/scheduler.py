@@ -1,67 +1,78 @@
-"""The batching scheduler: one thread owns the engine; requests wait in a bounded queue and are decoded together.
+"""The batching scheduler: one thread owns the engine; requests wait in a bounded queue and share decode steps.
 
     sched = Scheduler(served, max_batch_size=8, max_queue=64); sched.start()
     sched.submit(job)              # from the event loop; APIError 429 when max_queue jobs already wait
-    await sched.call(fn)           # run fn() on the engine thread between batches (image generation)
+    await sched.call(fn)           # run fn() on the engine thread between decode steps (image generation)
 
-Policy, batching at arrival: when the engine is free it takes the jobs waiting (up to max_batch_size, those
-with the same sampling settings as the oldest, in arrival order) and runs them as one batch; jobs that arrive
-meanwhile wait for the next batch. A job whose client left (`Job.cancel`) before its batch starts is dropped;
-during the batch it stops receiving tokens. With an engine that has the slot API, `ContinuousScheduler`
-(below) admits waiting jobs into free slots between decode steps instead.
+Two policies over the one engine (`lwm.inference.engine.Engine`):
+- 'continuous' (default; the slot API, as JetStream / vLLM do): the engine keeps `max_batch_size` decode slots.
+  Between decode steps, waiting jobs are prefilled one by one and inserted into free slots; every step draws
+  one token for every active slot; a slot is freed as soon as its job ends (EOS, budget, a stop string, or
+  its client left), and the next waiting job takes it at the next step.
+- 'arrival': when the engine is free, the waiting jobs (up to max_batch_size) run as one `Engine.generate`
+  batch; jobs arriving meanwhile wait for the next batch. Rows whose job ended are cancelled through the
+  stream callback.
+A job whose client left before it started is dropped from the queue.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import math
 import threading
 import traceback
 from typing import Callable
 
+import numpy as np
+
 from lwm.serve.errors import APIError
+
+POLICIES = ("continuous", "arrival")
 
 
 class Scheduler:
-    def __init__(self, served, *, max_batch_size: int = 8, max_queue: int = 64, mesh=None):
+    def __init__(self, served, *, max_batch_size: int = 8, max_queue: int = 64, mesh=None,
+                 policy: str = "continuous", steps_per_call: int = 1):
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_queue={max_queue} >= 0")
+        if policy not in POLICIES:
+            raise ValueError(f"policy={policy!r}: choose one of {POLICIES}")
         self.served, self.max_batch_size, self.max_queue = served, max_batch_size, max_queue
-        self.mesh = mesh
+        self.mesh, self.policy, self.steps_per_call = mesh, policy, max(1, int(steps_per_call))
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
-        self.batches = 0                     # batches run (tests check that concurrent requests shared one)
-        self.max_rows = 0                    # the largest batch run
+        self.batches = 0            # 'arrival': batches run; 'continuous': decode calls made
+        self.max_rows = 0           # the most jobs decoded together
 
     # ---------------------------------------------------------------------------------- any thread
-    def _full(self) -> bool:
-        return len(self.waiting) >= self.max_queue
+    def _check_room(self) -> None:
+        if len(self.waiting) >= self.max_queue:
+            raise APIError(429, f"the server is busy: {len(self.waiting)} requests are waiting (--max_queue="
+                                f"{self.max_queue}); retry later", code="queue_full")
 
     def submit(self, job) -> None:
         with self.cond:
-            if self._full():
-                raise APIError(429, f"the server is busy: {len(self.waiting)} requests are waiting (--max_queue="
-                                    f"{self.max_queue}); retry later", code="queue_full")
+            self._check_room()
             self.waiting.append(job)
             self.cond.notify_all()
 
     async def call(self, fn: Callable):
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.cond:
-            if self._full():
-                raise APIError(429, f"the server is busy: {len(self.waiting)} requests are waiting (--max_queue="
-                                    f"{self.max_queue}); retry later", code="queue_full")
+            self._check_room()
             self.waiting.append((fn, future))
             self.cond.notify_all()
         return await asyncio.wrap_future(future)
 
     def stats(self) -> dict:
         with self.cond:
-            return {"waiting": len(self.waiting), "running": len(self.running), "batches": self.batches,
-                    "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
+            return {"waiting": len(self.waiting), "running": sum(j is not None for j in self.running),
+                    "policy": self.policy, "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
 
     def start(self) -> "Scheduler":
         self.stopping = False
@@ -74,65 +85,142 @@ class Scheduler:
             self.stopping = True
             self.cond.notify_all()
         if self.thread is not None:
-            self.thread.join(timeout=30)
+            self.thread.join(timeout=60)
 
     # ------------------------------------------------------------------------------- engine thread
-    def _take(self):
-        """The next call, or the next batch of jobs (oldest first, same settings); None when stopping."""
-        with self.cond:
-            while True:
-                while self.waiting and getattr(self.waiting[0], "cancelled", None) is not None \
-                        and self.waiting[0].cancelled.is_set():
-                    self.waiting.popleft().finish("cancelled")
-                if self.stopping:
-                    return None
-                if self.waiting:
-                    break
-                self.cond.wait()
-            head = self.waiting[0]
-            if isinstance(head, tuple):
-                return self.waiting.popleft()
-            key = self.served.batch_key(head)
-            batch = []
-            for item in list(self.waiting):
-                if len(batch) == self.max_batch_size:
-                    break
-                if not isinstance(item, tuple) and not item.cancelled.is_set() \
-                        and self.served.batch_key(item) == key:
-                    batch.append(item)
-                    self.waiting.remove(item)
-            self.running = batch
-            return batch
-
     def _loop(self) -> None:
-        import contextlib
-
         import jax
 
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            self._serve()
+            if self.policy == "continuous":
+                self._continuous()
+            else:
+                self._arrival()
 
-    def _serve(self) -> None:
+    def _drop_cancelled(self) -> None:
+        kept = collections.deque()
+        for item in self.waiting:
+            if not isinstance(item, tuple) and item.cancelled.is_set():
+                item.finish("cancelled")
+            else:
+                kept.append(item)
+        self.waiting = kept
+
+    @staticmethod
+    def _run_call(item) -> None:
+        fn, future = item
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as e:                  # handed to the awaiting request
+                future.set_exception(e)
+
+    def _arrival(self) -> None:
         while True:
-            work = self._take()
-            if work is None:
-                return
-            if isinstance(work, tuple):
-                fn, future = work
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as e:          # handed to the awaiting request
-                        future.set_exception(e)
+            with self.cond:
+                while True:
+                    self._drop_cancelled()
+                    if self.stopping:
+                        return
+                    if self.waiting:
+                        break
+                    self.cond.wait()
+                if isinstance(self.waiting[0], tuple):
+                    item, batch = self.waiting.popleft(), None
+                else:
+                    batch = []
+                    for item in list(self.waiting):
+                        if len(batch) == self.max_batch_size:
+                            break
+                        if not isinstance(item, tuple):
+                            batch.append(item)
+                            self.waiting.remove(item)
+                    self.running = list(batch)
+            if batch is None:
+                self._run_call(item)
                 continue
             try:
-                self.served.generate_batch(work)
+                self.served.generate_batch(batch)
             except Exception as e:
                 traceback.print_exc()
-                for job in work:
+                for job in batch:
                     job.finish("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
             finally:
                 with self.cond:
                     self.batches += 1
-                    self.max_rows = max(self.max_rows, len(work))
+                    self.max_rows = max(self.max_rows, len(batch))
                     self.running = []
+
+    def _continuous(self) -> None:
+        engine = self.served.engine
+        data, _ = engine.mesh_sizes()
+        slots = data * math.ceil(self.max_batch_size / data)
+        state = None
+        self.running = [None] * slots
+        while True:
+            admit, call = [], None
+            with self.cond:
+                while True:
+                    self._drop_cancelled()
+                    if self.stopping:
+                        return
+                    if self.waiting or any(j is not None for j in self.running):
+                        break
+                    self.cond.wait()
+                if self.waiting and isinstance(self.waiting[0], tuple):
+                    call = self.waiting.popleft()
+                free = [s for s, j in enumerate(self.running) if j is None][:self.max_batch_size]
+                while self.waiting and free and not isinstance(self.waiting[0], tuple) and call is None:
+                    slot = free.pop(0)
+                    job = self.waiting.popleft()
+                    self.running[slot] = job
+                    admit.append((slot, job))
+            if call is not None:
+                self._run_call(call)
+                continue
+            try:
+                if state is None:
+                    state = engine.init_state(slots, self.served.cache_length)
+                for slot, job in admit:
+                    try:
+                        state = self.served.insert(state, slot, job)
+                    except APIError as e:
+                        job.finish("error", e)
+                        self._release(slot)
+                    except Exception as e:
+                        traceback.print_exc()
+                        job.finish("error", APIError(500, f"prefill failed: {type(e).__name__}: {e}"))
+                        self._release(slot)
+                if not any(j is not None for j in self.running):
+                    continue
+                keep = np.array([j is not None and not j.finished for j in self.running])
+                with self.cond:
+                    many = bool(self.waiting)
+                n_steps = 1 if many else self.steps_per_call
+                state, tokens, emitted = engine.step(state, n_steps=n_steps, keep=keep)
+                self.batches += 1
+                self.max_rows = max(self.max_rows, int(emitted[:, 0].sum()) if emitted.size else 0)
+                for slot, job in enumerate(self.running):
+                    if job is None:
+                        continue
+                    for i in range(tokens.shape[1]):
+                        if emitted[slot, i] and job.feed(int(tokens[slot, i])):
+                            break
+                    if not job.finished and not emitted[slot].any():    # the engine ended it: budget spent
+                        job.finish("length")
+                    if job.finished:
+                        if not job.done.is_set():
+                            job.finish("cancelled")
+                        state = engine.free(state, slot)
+                        self._release(slot)
+            except Exception as e:
+                traceback.print_exc()
+                for slot, job in enumerate(self.running):
+                    if job is not None:
+                        job.finish("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+                        self._release(slot)
+                state = None
+
+    def _release(self, slot: int) -> None:
+        with self.cond:
+            self.running[slot] = None
