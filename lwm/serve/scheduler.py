@@ -48,6 +48,7 @@ class Scheduler:
         self.stopping = False
         self.batches = 0            # 'arrival': batches run; 'continuous': decode calls made
         self.max_rows = 0           # the most jobs decoded together
+        self.finished = collections.deque(maxlen=256)   # (finish_reason, tokens) of recent jobs, newest last
 
     # ---------------------------------------------------------------------------------- any thread
     def _check_room(self) -> None:
@@ -149,6 +150,7 @@ class Scheduler:
                 with self.cond:
                     self.batches += 1
                     self.max_rows = max(self.max_rows, len(batch))
+                    self.finished.extend((job.finish_reason, len(job.tokens)) for job in batch)
                     self.running = []
 
     def _continuous(self) -> None:
@@ -223,4 +225,7 @@ class Scheduler:
 
     def _release(self, slot: int) -> None:
         with self.cond:
+            job = self.running[slot]
+            if job is not None:
+                self.finished.append((job.finish_reason, len(job.tokens)))
             self.running[slot] = None
