@@ -55,7 +55,7 @@ def main(argv=None):
 
     from lwm import needle
     from lwm.llama import LLaMAConfig, LLaMAForCausalLM
-    from lwm.sampling import Sampler
+    from lwm.inference.engine import Engine
     from lwm.sharding import make_mesh, match_partition_rules, named_shardings
     from lwm.tokenizer import train_sentencepiece
 
@@ -77,7 +77,7 @@ def main(argv=None):
           f"{jax.device_count()} {jax.default_backend()} devices, budget {args.max_new_tokens} new tokens", flush=True)
     with jax.set_mesh(mesh):
         params = jax.device_put(params, named_shardings(match_partition_rules(params), mesh))
-        sampler = Sampler(model, params, eos_id=-1, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+        sampler = Engine(model, params, eos_id=-1, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
         for length in lengths:
             trials = needle.single_needle_trials(haystacks, tok, [length], depths, random.Random(0))
             warm = needle.run_trials(trials[:1], sampler, tok, max_tokens_per_batch=args.max_tokens_per_batch,

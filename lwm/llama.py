@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lwm.attention import ATTENTION_IMPLS, attention, cached_attention
+from lwm.attention.decode import write_segments
 from lwm.sharding import constrain
 
 _COMMON = dict(vocab_size=32000, initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -213,18 +214,18 @@ class LLaMAAttention(nn.Module):
         val = constrain(val, ("batch", "seq", "kv_heads", "head_dim"))
 
         new_cache = None
-        if self.cache_mode == "decode":
-            out, ck, cv, _ = cached_attention(
-                q, key, val, layer_cache["k"], layer_cache["v"], cache_segment_ids, segment_ids, cache_index,
-                impl=cfg.attention_impl)
-            new_cache = dict(k=ck, v=cv)
+        if self.cache_mode == "decode":  # layer_cache: (k, v) of every layer (L, B, K, S, H) and this layer's index
+            cache_k, cache_v, layer = layer_cache
+            out, cache_k, cache_v = cached_attention(
+                q, key, val, cache_k, cache_v, cache_segment_ids, segment_ids, cache_index, layer,
+                impl=cfg.attention_impl, k_chunk=cfg.scan_key_chunk_size)
+            new_cache = (cache_k, cache_v)
         else:
             out = attention(q, key, val, segment_ids, impl=cfg.attention_impl, causal=True,
                             q_chunk=cfg.scan_query_chunk_size, k_chunk=cfg.scan_key_chunk_size,
                             pallas_interpret=cfg.pallas_interpret)
-            if self.cache_mode == "prefill":  # the prompt occupies slots [0, T) of the cache
-                new_cache = dict(k=layer_cache["k"].at[:, :t].set(key.astype(layer_cache["k"].dtype)),
-                                 v=layer_cache["v"].at[:, :t].set(val.astype(layer_cache["v"].dtype)))
+            if self.cache_mode == "prefill":  # this layer's keys/values (B, T, K, H), written by the collection
+                new_cache = (key, val)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         out = dense_layer(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out.reshape(b, t, n * h))
         out = nn.Dropout(rate=cfg.resid_pdrop)(out, deterministic=self.deterministic)
@@ -277,23 +278,34 @@ class LLaMABlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, position_ids, segment_ids, layer_cache, cache_segment_ids, cache_index):
+    def __call__(self, x, position_ids, segment_ids, layer, cache_segment_ids, cache_index):
+        """Training / prefill: x (B, T, D) -> (x, None | this layer's (k, v)). Decode: x is the carry
+        (x, cache_k, cache_v) with the whole cache, `layer` this layer's index -> ((x, cache_k, cache_v), None)."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
         norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         attn = _remat(LLaMAAttention, cfg.remat_attention, cfg)(cfg, cache_mode=self.cache_mode,
                                                                   name="attention", **kw)
+        layer_cache = None
+        if self.cache_mode == "decode":
+            x, cache_k, cache_v = x
+            layer_cache = (cache_k, cache_v, layer)
         attn_out, new_cache = attn(norm("attention_norm")(x), position_ids, segment_ids, layer_cache,
                                    cache_segment_ids, cache_index)
         x = constrain(x + attn_out, ("batch", "seq", "embed"))
         ff = _remat(LLaMAMLP, cfg.remat_mlp, cfg)(cfg, name="feed_forward", **kw)(norm("ffn_norm")(x))
         x = constrain(x + ff, ("batch", "seq", "embed"))
+        if self.cache_mode == "decode":
+            return (x, *new_cache), None
         return x, new_cache
 
 
 class LLaMABlockCollection(nn.Module):
     """`h`: the L decoder layers, scanned (`h/scan_decoder/...`) or unrolled (`h/<i>/...`).
-    cache: dict(k=(L, B, S, K, H), v=(L, B, S, K, H), segment_ids=(B, S)) or None."""
+    cache: None or dict(k=(L, B, K, S, H), v=(L, B, K, S, H), segment_ids=(B, S)) (`init_cache`).
+    Prefill (cache_index 0, a Python int) writes the prompt's keys/values at slots [0, T) once after the
+    layers; decode carries the whole cache through the layers and each layer writes its new rows in place
+    at the rows' slots cache_index (scalar or (B,)), so no layer's cache is copied or stacked per step."""
     config: LLaMAConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -306,34 +318,44 @@ class LLaMABlockCollection(nn.Module):
         block = _remat(LLaMABlock, cfg.remat_block, cfg)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, cache_mode=self.cache_mode,
                   deterministic=self.deterministic)
-        layer_caches = cache_seg = None
+        cache_seg = layers = None
         if cache is not None:
-            layer_caches = dict(k=cache["k"], v=cache["v"])
             seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
             start = 0 if self.cache_mode == "prefill" else cache_index
-            cache_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg, start, axis=1)
+            cache_seg = write_segments(cache["segment_ids"], seg, start)
             segment_ids = seg
+        if self.cache_mode == "decode":
+            x = (x, cache["k"], cache["v"])
+            layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
         if cfg.scan_layers:
             scanned = nn.scan(
                 block, variable_axes={"params": cfg.param_scan_axis},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers)
-            x, new_layer_caches = scanned(cfg, name="scan_decoder", **kw)(
-                x, position_ids, segment_ids, layer_caches, cache_seg, cache_index)
+            x, kv = scanned(cfg, name="scan_decoder", **kw)(x, position_ids, segment_ids, layers, cache_seg,
+                                                             cache_index)
         else:
             outs = []
             for i in range(cfg.num_hidden_layers):
-                lc = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
-                x, nc = block(cfg, name=str(i), **kw)(x, position_ids, segment_ids, lc, cache_seg, cache_index)
+                x, nc = block(cfg, name=str(i), **kw)(x, position_ids, segment_ids, i, cache_seg, cache_index)
                 outs.append(nc)
-            new_layer_caches = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
-        return x, (None if cache is None else dict(new_layer_caches, segment_ids=cache_seg))
+            kv = None if self.cache_mode != "prefill" else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+        if cache is None:
+            return x, None
+        if self.cache_mode == "decode":
+            x, cache_k, cache_v = x
+        else:  # prefill: (L, B, T, K, H) -> the cache layout (L, B, K, T, H), one write at slot 0
+            write = lambda c, new: jax.lax.dynamic_update_slice(
+                c, jnp.swapaxes(new, 2, 3).astype(c.dtype), (0, 0, 0, 0, 0))
+            cache_k, cache_v = write(cache["k"], kv[0]), write(cache["v"], kv[1])
+        return x, dict(k=cache_k, v=cache_v, segment_ids=cache_seg)
 
 
 def init_cache(config: LLaMAConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache: k, v (L, B, S, K, H); segment_ids (B, S) with 0 = empty/padding."""
-    shape = (config.num_hidden_layers, batch_size, max_length, config.kv_heads, config.head_dim)
+    """An empty KV cache in the layout decode reads (`lwm.attention.decode`): k, v (L, B, K, S, H);
+    segment_ids (B, S) with 0 = empty/padding. `dtype` is the cache's own (e.g. bf16 for an fp32 model)."""
+    shape = (config.num_hidden_layers, batch_size, config.kv_heads, max_length, config.head_dim)
     return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                 segment_ids=jnp.zeros((batch_size, max_length), jnp.int32))
 
@@ -347,8 +369,9 @@ def positions_and_cache_mode(input_shape, position_ids, cache, cache_index):
     else:
         mode = "decode"
     if position_ids is None:
-        start = 0 if cache_index is None else cache_index
-        position_ids = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+        start = jnp.zeros((b,), jnp.int32) if cache_index is None else jnp.broadcast_to(
+            jnp.asarray(cache_index, jnp.int32), (b,))
+        position_ids = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
     return position_ids, mode
 
 

@@ -242,34 +242,35 @@ def batch_size_for(max_tokens_per_batch: int, padded_length: int, max_new_tokens
     return min(b, data_dim * -(-n_trials // data_dim))
 
 
-def run_trials(trials: list[dict], sampler, tokenizer, *, max_tokens_per_batch: int, max_new_tokens: int,
+def run_trials(trials: list[dict], engine, tokenizer, *, max_tokens_per_batch: int, max_new_tokens: int,
                results: Optional[list] = None, on_batch: Optional[Callable[[list], None]] = None,
                progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
     """Generate greedily for every trial, batched per context length (each batch padded to one shape, so
     one compile per length) and scored. Appends to and returns `results`; `on_batch(results)` after every
     batch (e.g. to write the JSON). Each result is the trial without its prompt, plus response, correct,
-    prompt_tokens and seconds (its share of the batch's wall time)."""
+    prompt_tokens and seconds (its share of the batch's wall time). engine: an `lwm.inference.engine.Engine`
+    (eos_id stops a row)."""
     from tqdm import tqdm
 
     results = [] if results is None else results
     longest = max((len(t["prompt"]) for t in trials), default=0)
     if trials:
-        sampler.check_length(longest, max_new_tokens)   # before any compile
-    data_dim, _ = sampler.mesh_sizes()
+        engine.check_length(longest, max_new_tokens)   # before any compile
+    data_dim, _ = engine.mesh_sizes()
     by_length = defaultdict(list)
     for t in trials:
         by_length[t["context_length"]].append(t)
     bar = tqdm(total=len(trials), desc="needle eval", unit="prompt", disable=not progress)
     for length in sorted(by_length):
         group = by_length[length]
-        padded = sampler.padded_length(max(len(t["prompt"]) for t in group))
+        padded = engine.padded_length(max(len(t["prompt"]) for t in group))
         b = batch_size_for(max_tokens_per_batch, padded, max_new_tokens, data_dim, len(group))
         for i in range(0, len(group), b):
             chunk = group[i:i + b]
             prompts = [t["prompt"] for t in chunk]
             prompts += [prompts[0]] * (b - len(prompts))          # same shape for the last batch
             t0 = time.perf_counter()
-            outs = sampler.generate(prompts, max_new_tokens, padded_length=padded)[:len(chunk)]
+            outs = engine.generate(prompts, max_new_tokens, padded_length=padded).tokens[:len(chunk)]
             seconds = (time.perf_counter() - t0) / len(chunk)
             for trial, out in zip(chunk, outs):
                 response = tokenizer.decode(out)

@@ -78,30 +78,28 @@ class TokenPrinter:
 
 
 class Chat:
-    """The conversation state: token history and one Sampler."""
+    """The conversation state: token history and one generation engine (lwm.inference.engine.Engine)."""
 
-    def __init__(self, sampler, tokenizer, sampling, max_new_tokens: int, seed: int = 0,
+    def __init__(self, engine, tokenizer, sampling, max_new_tokens: int, seed: int = 0,
                  printer: Optional[TokenPrinter] = None):
-        import jax
-
-        self.sampler, self.tokenizer, self.sampling = sampler, tokenizer, sampling
+        self.engine, self.tokenizer, self.sampling = engine, tokenizer, sampling
         self.max_new_tokens, self.printer = max_new_tokens, printer
         self.history: list[int] = []
-        self.rng = jax.random.PRNGKey(seed)
+        self.seed, self.turns = seed, 0
 
     def reply(self, message: str) -> str:
         """Append the user's message, generate the answer (streamed if a printer is set), return its text.
         The budget shrinks as the history grows; an over-long history raises before anything runs."""
-        import jax
-
         prompt = self.history + turn_tokens(self.tokenizer, message, first=not self.history)
-        budget = min(self.max_new_tokens, self.sampler.config.max_sequence_length - len(prompt))
+        budget = min(self.max_new_tokens, self.engine.config.max_sequence_length - len(prompt))
         if budget < 1:
-            self.sampler.check_length(len(prompt), self.max_new_tokens)
-        self.rng, key = jax.random.split(self.rng)
+            self.engine.check_length(len(prompt), self.max_new_tokens)
         if self.printer is not None:
             self.printer.reset()
-        (answer,) = self.sampler.generate([prompt], budget, self.sampling, key, stream=self.printer)
+        result = self.engine.generate([prompt], budget, sampling=self.sampling, seeds=self.seed + self.turns,
+                                      stream=self.printer)
+        self.turns += 1
+        (answer,) = result.tokens
         self.history = prompt + answer + [self.tokenizer.eos_id]
         return self.tokenizer.decode(answer)
 
@@ -110,7 +108,8 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
     import jax
 
     from lwm.checkpoint import parse_float_dtype
-    from lwm.sampling import Sampler, SamplingConfig, load_model
+    from lwm.inference.engine import Engine
+    from lwm.sampling import SamplingConfig, load_model
     from lwm.sharding import check_model_mesh, make_mesh
     from lwm.tokenizer import load_tokenizer
     from lwm.train import model_config_from_flags, parse_flags
@@ -130,10 +129,10 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
     answers = []
     with jax.set_mesh(mesh):
         model, params = load_model(model_config, config.load_checkpoint, dtype, mesh)
-        sampler = Sampler(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                      vocab_size=tokenizer.vocab_size)
+        engine = Engine(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                        vocab_size=tokenizer.vocab_size)
         printer = TokenPrinter(tokenizer, stdout) if config.stream else None
-        chat = Chat(sampler, tokenizer, sampling, config.max_new_tokens, config.seed, printer)
+        chat = Chat(engine, tokenizer, sampling, config.max_new_tokens, config.seed, printer)
         messages = [config.prompt] if config.prompt else None
         while True:
             if messages is None:

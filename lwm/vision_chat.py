@@ -18,8 +18,6 @@ The prompt + max_new_tokens budget is checked before anything is compiled.
 """
 from __future__ import annotations
 
-import functools
-import math
 import sys
 import time
 from typing import Optional, Sequence
@@ -28,10 +26,10 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from lwm.sampling import Sampler, bucket_length, decode, sample_logits
-from lwm.vision_generation import (SYSTEM_PROMPT, Prompt, base_flags, check_budget, host_copy, load_vision_model,
-                                   pad_prompts, parse_args, prefill_vision, replicated, setup_runtime, text_prompt,
-                                   vision_model_config)
+from lwm.inference.engine import Engine
+from lwm.sampling import SamplingConfig
+from lwm.vision_generation import (SYSTEM_PROMPT, Prompt, base_flags, check_budget, load_vision_model, parse_args,
+                                   seed_of, setup_runtime, text_prompt, vision_model_config)
 from lwm.vision_llama import END_OF_FRAME, END_OF_VISION, VisionLLaMAForCausalLM
 
 
@@ -53,47 +51,28 @@ def chat_prompt(tokenizer, question: str, vision: np.ndarray) -> Prompt:
     return prompt.extend(tokenizer.encode("</vision>"), False).extend(tokenizer.encode(" ASSISTANT:"), False)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "num_text", "cache_len",
-                                             "eos_id", "pad_id"))
-def _answer(params, ids, vision, segment_ids, position_ids, rng, *, model, max_new_tokens, temperature, num_text,
-            cache_len, eos_id, pad_id):
-    """Prefill (vision masks routing the embeddings), then text decoding among ids [0, num_text);
-    returns (tokens (R, N), counts (R,))."""
-    logits, cache = prefill_vision(model, params, ids, vision, segment_ids, position_ids, cache_len, "text")
-    sample_fn = lambda lg, key, step: sample_logits(lg[:, :num_text], key, temperature)
-    tokens, num = decode(model, params, cache, logits, segment_ids.sum(axis=1), ids.shape[1], rng,
-                         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sample_fn=sample_fn)
-    return replicated(tokens), replicated(num)
-
-
 def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,
            rng: jax.Array, eos_id: int, pad_id: int, num_text: Optional[int] = None,
            stats: Optional[dict] = None) -> list[int]:
     """New text ids after `prompt` (model with sample_mode='text'), up to and without EOS, drawn among the
-    first `num_text` ids (the tokenizer's vocabulary when the model's is padded; default all). Raises
-    PromptTooLongError before compiling when len(prompt) + max_new_tokens > max_sequence_length."""
+    first `num_text` ids (the tokenizer's vocabulary when the model's is padded; default all), through the
+    generation engine (the prompt's vision mask routes its embeddings). Raises PromptTooLongError before
+    compiling when len(prompt) + max_new_tokens > max_sequence_length."""
     config = model.config
     if config.sample_mode != "text":
         raise ValueError(f"answer needs a model with sample_mode='text', not {config.sample_mode!r}")
     if max_new_tokens < 1 or temperature < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 and temperature={temperature} >= 0")
     check_budget(len(prompt), max_new_tokens, config.max_sequence_length, f"--max_new_tokens={max_new_tokens}")
-    data, sp = Sampler.mesh_sizes()
-    t = bucket_length(len(prompt), sp, max(config.scan_query_chunk_size, config.scan_key_chunk_size))
-    ids, vision, seg, pos = pad_prompts([prompt] * data, t, pad_id)      # one row per data shard
-    args = (params, ids, vision, seg, pos, rng)
-    static = dict(model=model, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                  num_text=min(num_text or config.vocab_size, config.vocab_size),
-                  cache_len=t + sp * math.ceil(max_new_tokens / sp), eos_id=eos_id, pad_id=pad_id)
-    t0 = time.perf_counter()
-    compiled = _answer.lower(*args, **static).compile()
-    t1 = time.perf_counter()
-    tokens, num = map(host_copy, compiled(*args))
-    t2 = time.perf_counter()
-    row = np.asarray(tokens[0, :num[0]]).tolist()
+    engine = Engine(model, params, eos_id=eos_id, pad_id=pad_id, vocab_size=num_text)
+    result = engine.generate([prompt.ids.tolist()], max_new_tokens, vision=[prompt.vision],
+                             sampling=SamplingConfig(temperature=float(temperature)), seeds=seed_of(rng))
+    (row,) = result.tokens
     if stats is not None:
-        stats.update(compile_s=t1 - t0, generate_s=t2 - t1, prompt_tokens=len(prompt), new_tokens=int(num[0]))
-    return row[:-1] if row and row[-1] == eos_id else row
+        s = result.stats
+        stats.update(compile_s=0.0, generate_s=s["prefill_s"] + s["decode_s"], prompt_tokens=len(prompt),
+                     new_tokens=s["new_tokens"] + (result.finish[0] == "stop"))
+    return row
 
 
 def get_default_config() -> ConfigDict:

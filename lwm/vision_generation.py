@@ -38,9 +38,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from lwm import distributed
-from lwm.llama import init_cache
-from lwm.sampling import (PromptTooLongError, Sampler, _constrain_cache, bucket_length, decode, left_pad,
-                          sample_logits)
+from lwm.inference.engine import Engine, mesh_sizes
+from lwm.sampling import PromptTooLongError, left_pad, sample_rows
 from lwm.vision_llama import END_OF_FRAME, NUM_VISION_CODES, VisionLLaMAConfig, VisionLLaMAForCausalLM
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -112,18 +111,6 @@ class FrameSampling:
             raise ValueError(f"cfg_scale={self.cfg_scale}: must be finite")
 
 
-def prefill_vision(model: VisionLLaMAForCausalLM, params, ids, vision, segment_ids, position_ids, cache_len: int,
-                   head: str):
-    """Run left-padded prompts (R, T) with their vision masks through the model, filling cache slots [0, T).
-    Returns (logits (R, W) of the `head` ('vision' or 'text') at the last slot, cache)."""
-    cache = _constrain_cache(init_cache(model.config, ids.shape[0], cache_len, model.dtype), model.config)
-    hidden, cache = model.apply({"params": params}, ids, vision, position_ids=position_ids,
-                                segment_ids=segment_ids, cache=cache, cache_index=0, return_hidden=True)
-    method = {"vision": VisionLLaMAForCausalLM.vision_logits, "text": VisionLLaMAForCausalLM.text_logits}[head]
-    logits = model.apply({"params": params}, hidden[:, -1:], method=method)
-    return logits[:, 0], _constrain_cache(cache, model.config)
-
-
 def guided_logits(logits: jax.Array, cfg_scale: float) -> jax.Array:
     """(2B, W) rows [cond; uncond] -> (B, W) = uncond + s * (cond - uncond), written as
     cond + (s - 1) * (cond - uncond) so that s = 1 gives the conditional logits exactly."""
@@ -131,37 +118,34 @@ def guided_logits(logits: jax.Array, cfg_scale: float) -> jax.Array:
     return cond + (cfg_scale - 1.0) * (cond - uncond)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_new", "tokens_per_frame", "num_codes", "temperature",
-                                             "top_k", "guided", "cache_len", "pad_id"))
-def _generate(params, ids, vision, segment_ids, position_ids, rng, cfg_scale, *, model, n_new, tokens_per_frame,
-              num_codes, temperature, top_k, guided: bool, cache_len, pad_id):
-    """Prefill, then n_new decode steps; returns the drawn vision ids (R, n_new). With `guided`, rows are
-    [conditional; unconditional] halves mixed with the (traced: no recompile per value) cfg_scale."""
-    logits, cache = prefill_vision(model, params, ids, vision, segment_ids, position_ids, cache_len, "vision")
+@dataclasses.dataclass(frozen=True)
+class FrameRule:
+    """The engine's token rule for frames (`lwm.inference.engine.TokenRule`): with `guided`, rows are
+    [conditional; unconditional] halves whose logits are mixed (`guided_logits`) and whose one drawn code
+    is fed to both; codes are drawn among ids [0, num_codes) with the rows' temperature / top-k; every
+    frame's last token (step % tokens_per_frame == tokens_per_frame - 1) is END_OF_FRAME, forced."""
+    tokens_per_frame: int
+    num_codes: int
+    cfg_scale: float
+    guided: bool
 
-    def sample_fn(logits, key, step):                         # (R, W) -> (R,)
-        if guided:
-            logits = guided_logits(logits, cfg_scale)
-        tok = sample_logits(logits[:, :num_codes], key, temperature, top_k)
-        tok = jnp.where((step + 1) % tokens_per_frame == 0, END_OF_FRAME, tok)   # every frame's last token
-        return jnp.concatenate([tok, tok]) if guided else tok                     # both halves see it
-
-    tokens, _ = decode(model, params, cache, logits, segment_ids.sum(axis=1), ids.shape[1], rng,
-                       max_new_tokens=n_new, eos_id=-1, pad_id=pad_id, sample_fn=sample_fn)
-    return replicated(tokens)
-
-
-def replicated(x: jax.Array) -> jax.Array:
-    """Under a mesh, ask for a full copy on every device, so that every process can read the result with
-    `host_copy` (the original's out_shardings=PS()); without a mesh, x."""
-    if jax.sharding.get_abstract_mesh().empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+    def __call__(self, logits, keys, steps, temperature, top_k, top_p):      # (R, W) -> (R,)
+        b = logits.shape[0] // 2 if self.guided else logits.shape[0]
+        if self.guided:
+            logits = guided_logits(logits, self.cfg_scale)
+        tok = sample_rows(logits[:, :self.num_codes], keys[:b], temperature[:b], top_k[:b], top_p[:b],
+                          filters=True)
+        tok = jnp.where((steps[:b] + 1) % self.tokens_per_frame == 0, END_OF_FRAME, tok)
+        return jnp.concatenate([tok, tok]) if self.guided else tok
 
 
-def host_copy(x: jax.Array) -> np.ndarray:
-    """A numpy copy of a `replicated` (or single-device) array, read from this process's first device."""
-    return np.asarray(x.addressable_data(0))
+def seed_of(rng) -> int:
+    """An int seed from a PRNG key (raw uint32 or typed): its last word (PRNGKey(s) -> s for s < 2**32)."""
+    if rng is None:
+        return 0
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return int(np.asarray(rng).reshape(-1)[-1])
 
 
 def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt],
@@ -169,13 +153,17 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
                     sampling: FrameSampling, rng: jax.Array, pad_id: int, num_codes: int = NUM_VISION_CODES,
                     stats: Optional[dict] = None) -> np.ndarray:
     """Draw `n_frames` frames after each conditional prompt: with classifier-free guidance (scale
-    sampling.cfg_scale) against `uncond` (one per cond prompt), or plain sampling when `uncond` is None.
-    The model must have sample_mode='vision'.
+    sampling.cfg_scale) against `uncond` (one per cond prompt), or plain sampling when `uncond` is None,
+    through the generation engine with a `FrameRule`. The model must have sample_mode='vision'.
+    rng: a PRNG key; row r draws with seed (rng's first word + r).
 
     Returns (B, n_frames, F) int32 vision ids: F - 1 codes in [0, num_codes), then END_OF_FRAME. Raises
     PromptTooLongError before compiling when a prompt + n_frames * F exceeds max_sequence_length. With an
     ambient mesh the rows are padded (with copies) to a multiple of dp*fsdp and T to a multiple of sp.
-    `stats` (optional) receives compile_s, generate_s, new_tokens (B * n_frames * F) and rows."""
+    `stats` (optional) receives compile_s (0: the engine compiles inside its first call), generate_s,
+    new_tokens (B * n_frames * F) and rows."""
+    from lwm.sampling import SamplingConfig
+
     config = model.config
     if config.sample_mode != "vision":
         raise ValueError(f"generate_frames needs a model with sample_mode='vision', not {config.sample_mode!r}")
@@ -189,26 +177,23 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     longest = max(len(p) for half in halves for p in half)
     check_budget(longest, n_new, config.max_sequence_length, f"{n_frames} frame(s) of {tokens_per_frame} tokens")
 
-    data, sp = Sampler.mesh_sizes()
+    data, _ = mesh_sizes()
     b = len(cond)
     per_half = data // math.gcd(data, len(halves))             # rows per half must make R divisible by data
     b_pad = per_half * math.ceil(b / per_half)
     rows = [p for half in halves for p in half + [half[0]] * (b_pad - b)]
-    t = bucket_length(longest, sp, max(config.scan_query_chunk_size, config.scan_key_chunk_size))
-    ids, vision, seg, pos = pad_prompts(rows, t, pad_id)
-    args = (params, ids, vision, seg, pos, rng, jnp.float32(sampling.cfg_scale))
-    static = dict(model=model, n_new=n_new, tokens_per_frame=tokens_per_frame, num_codes=num_codes,
-                  temperature=float(sampling.temperature), top_k=int(sampling.top_k), guided=guided,
-                  cache_len=t + sp * math.ceil(n_new / sp), pad_id=pad_id)
-
+    engine = Engine(model, params, eos_id=-1, pad_id=pad_id)
+    seed0 = seed_of(rng)
+    rule = FrameRule(tokens_per_frame, num_codes, float(sampling.cfg_scale), guided)
     t0 = time.perf_counter()
-    compiled = _generate.lower(*args, **static).compile()
+    result = engine.generate([p.ids for p in rows], n_new, vision=[p.vision for p in rows], rule=rule,
+                             sampling=SamplingConfig(sampling.temperature, sampling.top_k),
+                             seeds=[seed0 + r % b_pad for r in range(len(rows))], stop_ids=())
     t1 = time.perf_counter()
-    tokens = host_copy(compiled(*args))
-    t2 = time.perf_counter()
     if stats is not None:
-        stats.update(compile_s=t1 - t0, generate_s=t2 - t1, new_tokens=b * n_new, rows=len(rows))
-    return tokens[:b].reshape(b, n_frames, tokens_per_frame)
+        stats.update(compile_s=0.0, generate_s=t1 - t0, new_tokens=b * n_new, rows=len(rows))
+    tokens = np.asarray(result.tokens[:b], np.int32)
+    return tokens.reshape(b, n_frames, tokens_per_frame)
 
 
 # ------------------------------------------------------------------------------------------ model loading

@@ -46,11 +46,12 @@ def get_default_config() -> ConfigDict:
 
 
 def setup(config: ConfigDict):
-    """Flags -> (mesh, tokenizer, Sampler), shared with eval_needle_multi.py."""
+    """Flags -> (mesh, tokenizer, Engine), shared with eval_needle_multi.py."""
     import jax
 
     from lwm.checkpoint import parse_float_dtype
-    from lwm.sampling import Sampler, load_model
+    from lwm.inference.engine import Engine
+    from lwm.sampling import load_model
     from lwm.sharding import check_model_mesh, make_mesh
     from lwm.tokenizer import load_tokenizer
     from lwm.train import model_config_from_flags
@@ -67,8 +68,8 @@ def setup(config: ConfigDict):
     check_model_mesh(model_config, mesh)
     with jax.set_mesh(mesh):
         model, params = load_model(model_config, config.load_checkpoint, dtype, mesh)
-    sampler = Sampler(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                      vocab_size=tokenizer.vocab_size)
+    sampler = Engine(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                     vocab_size=tokenizer.vocab_size)
     return mesh, tokenizer, sampler
 
 

@@ -7,6 +7,7 @@ os.environ.setdefault("NPROC", "32")   # room for concurrent CPU collectives of 
 
 import random
 import re
+import types
 import sys
 import zipfile
 
@@ -122,7 +123,7 @@ class AnswerFromPrompt:
             city = re.search(r"What is the special magic (.+?) number\?", text).group(1)
             number = int(re.search(rf"magic {city} number is: (\d+)", text).group(1))
             outs.append(self.tok.encode(f"The number is {number if self.right else number + 1}."))
-        return outs
+        return types.SimpleNamespace(tokens=outs)
 
 
 def test_scoring_right_and_wrong_answers(workdir):

@@ -1,6 +1,6 @@
-"""The sampler: KV-cache greedy decoding against repeated full forwards, left padding, top-k / top-p against
-transformers' warpers, the over-length error, the ring path on 4 simulated devices, hooks and streaming,
-and the text chat entry point."""
+"""Text generation through the engine (lwm.inference.engine): KV-cache greedy decoding against repeated
+full forwards, left padding, top-k / top-p against transformers' warpers, the over-length error, the ring
+path on simulated devices, token rules and streaming, and the text chat entry point."""
 import io
 import os
 
@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lwm.inference.engine import Engine, per_row_sampling
 from lwm.llama import LLaMAConfig, LLaMAForCausalLM
-from lwm.sampling import (PromptTooLongError, Sampler, SamplingConfig, bucket_length, filter_logits, left_pad,
-                          prefill, sample_logits)
+from lwm.sampling import (PromptTooLongError, SamplingConfig, bucket_length, filter_logits, left_pad, sample_logits,
+                          sample_rows)
 from lwm.sharding import make_mesh, match_partition_rules, named_shardings
 
 EOS, PAD = 2, 0
@@ -37,12 +38,12 @@ def tiny():
 @pytest.fixture(scope="module")
 def sampler(tiny):
     _, model, params = tiny
-    return Sampler(model, params, eos_id=EOS, pad_id=PAD)
+    return Engine(model, params, eos_id=EOS, pad_id=PAD)
 
 
 @pytest.fixture(scope="module")
 def greedy_batch(sampler):
-    return sampler.generate(PROMPTS, NEW)
+    return sampler.generate(PROMPTS, NEW).tokens
 
 
 def reference_greedy(cfg, params, prompt, n):
@@ -72,17 +73,15 @@ def test_greedy_with_cache_equals_repeated_full_forwards(tiny, greedy_batch):
 
 def test_left_padded_batch_equals_each_prompt_alone(tiny, sampler, greedy_batch):
     _, model, params = tiny
-    fn = jax.jit(lambda p, ids, seg, pos: prefill(model, p, ids, seg, pos, ids.shape[1] + 4)[0])
-    ids, seg, pos = left_pad(PROMPTS, 16, PAD)
-    batch_logits = fn(params, ids, seg, pos)
+    batch_logits, _ = sampler.prefill_batch(PROMPTS, 16, 20)
     for r, prompt in enumerate(PROMPTS):
-        alone_ids, alone_seg, alone_pos = left_pad([prompt], len(prompt), PAD)   # no padding at all
-        alone = fn(params, alone_ids, alone_seg, alone_pos)
+        alone, _ = sampler.prefill_batch([prompt], len(prompt), len(prompt) + 4)   # no padding at all
         np.testing.assert_allclose(batch_logits[r], alone[0], atol=2e-5, rtol=1e-5)
     # The most padded row decodes alone (no padding at all) to what it decoded in the batch.
-    assert sampler.generate([PROMPTS[2]], NEW, padded_length=len(PROMPTS[2])) == [greedy_batch[2]]
+    assert sampler.generate([PROMPTS[2]], NEW, padded_length=len(PROMPTS[2])).tokens == [greedy_batch[2]]
     # Negative control: without the padding segment the padded row sees the pad tokens and changes.
-    leaky = fn(params, ids, np.ones_like(seg), pos)
+    ids, seg, pos = left_pad(PROMPTS, 16, PAD)
+    leaky = model.apply({"params": params}, ids, position_ids=pos, segment_ids=np.ones_like(seg))[:, -1]
     assert np.abs(np.asarray(leaky[2]) - np.asarray(batch_logits[2])).max() > 1e-3
 
 
@@ -96,7 +95,11 @@ def test_left_pad_worked_example():
 
 def test_top_k_one_equals_greedy(sampler, greedy_batch):
     hot = SamplingConfig(temperature=1.5, top_k=1)
-    assert sampler.generate(PROMPTS, NEW, hot, jax.random.PRNGKey(3)) == greedy_batch
+    assert sampler.generate(PROMPTS, NEW, sampling=hot, seeds=3).tokens == greedy_batch
+    # Per-row settings: row 1 samples hot without filters (and differs), rows 0 and 2 stay greedy.
+    mixed = sampler.generate(PROMPTS, NEW, sampling=[hot, SamplingConfig(2.0), SamplingConfig()], seeds=[3, 4, 5])
+    assert mixed.tokens[0] == greedy_batch[0] and mixed.tokens[2] == greedy_batch[2]
+    assert mixed.tokens[1] != greedy_batch[1]
     logits = jax.random.normal(jax.random.PRNGKey(0), (64, 50))
     drawn = sample_logits(logits, jax.random.PRNGKey(1), temperature=2.0, top_k=1)
     np.testing.assert_array_equal(drawn, jnp.argmax(logits, -1))
@@ -132,23 +135,42 @@ def test_top_p_draws_follow_the_nucleus():
     draws = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, 1.0, 0, 0.85))(keys))[:, 0]
     freq = np.bincount(draws, minlength=5) / len(draws)
     np.testing.assert_allclose(freq, [0.5 / 0.9, 0.3 / 0.9, 0.1 / 0.9, 0, 0], atol=0.015)
+    # The per-row sampler: the same nucleus for row 0, top-k 2 at temperature 1 for row 1 (one call).
+    n = 20000
+    rows = jnp.broadcast_to(logits, (n, 5))
+    top_p = jnp.tile(jnp.array([0.85, 1.0]), n // 2)
+    top_k = jnp.tile(jnp.array([0, 2]), n // 2)
+    draws = np.asarray(sample_rows(rows, keys, jnp.ones(n), top_k, top_p)).reshape(-1, 2)
+    np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=5) / (n // 2),
+                               [0.5 / 0.9, 0.3 / 0.9, 0.1 / 0.9, 0, 0], atol=0.02)
+    np.testing.assert_allclose(np.bincount(draws[:, 1], minlength=5) / (n // 2), [0.625, 0.375, 0, 0, 0], atol=0.02)
 
 
 def test_over_length_error_before_compile(tiny):
     _, model, params = tiny
-    fresh = Sampler(model, params, eos_id=EOS, pad_id=PAD)
-    with pytest.raises(PromptTooLongError, match="max_sequence_length=64"):
+    fresh = Engine(model, params, eos_id=EOS, pad_id=PAD)
+    with pytest.raises(PromptTooLongError, match=r"50 tokens \+ max_new_tokens=15 = 65 exceeds .*max_sequence_length=64"):
         fresh.generate([[1] * 50, [1] * 3], 15)                 # 50 + 15 > 64
-    assert fresh._prefill._cache_size() == 0 and fresh._decode._cache_size() == 0
-    assert len(fresh.generate([[1] * 49], 15)[0]) <= 15          # 49 + 15 == 64 fits
+    assert fresh._prefill_jit._cache_size() == 0 and fresh._step_jit._cache_size() == 0   # nothing compiled
+    assert len(fresh.generate([[1] * 49], 15).tokens[0]) <= 15   # 49 + 15 == 64 fits
 
 
-def test_hooks_and_streaming(sampler, greedy_batch):
+def _ban_first(banned):
+    """A token rule (hashable: a module-level function under functools.partial) that never draws `banned`."""
+    import functools
+
+    return functools.partial(_banning_rule, banned)
+
+
+def _banning_rule(banned, logits, *rest):
+    return per_row_sampling(logits.at[:, banned].set(-jnp.inf), *rest, filters=False)
+
+
+def test_rules_and_streaming(sampler, greedy_batch):
     banned = greedy_batch[0][0]
     seen = {}
-    no_banned = lambda logits, step: logits.at[:, banned].set(-jnp.inf)
-    record = lambda step, tokens: seen.setdefault(int(step), np.asarray(tokens).tolist())
-    out = sampler.generate(PROMPTS[:1], NEW, logits_processor=no_banned, stream=record)[0]
+    record = lambda step, tokens: seen.update({int(step): list(tokens)})       # returns None: cancels nothing
+    out = sampler.generate(PROMPTS[:1], NEW, rule=_ban_first(banned), stream=record).tokens[0]
     assert banned not in out and out != greedy_batch[0]
     assert [seen[i][0] for i in range(len(out))] == out
 
@@ -159,8 +181,8 @@ def test_ring_sampler_matches_single_device(tiny, greedy_batch):
     ring_model = LLaMAForCausalLM(cfg.replace(attention_impl="ring"))
     with jax.set_mesh(mesh):
         placed = jax.device_put(params, named_shardings(match_partition_rules(params), mesh))
-        ring = Sampler(ring_model, placed, eos_id=EOS, pad_id=PAD)
-        assert ring.generate(PROMPTS, NEW) == greedy_batch
+        ring = Engine(ring_model, placed, eos_id=EOS, pad_id=PAD)
+        assert ring.generate(PROMPTS, NEW).tokens == greedy_batch
         assert ring.last_stats["batch"] == 4 and ring.last_stats["padded_length"] % 4 == 0
 
 
@@ -182,6 +204,6 @@ def test_text_chat_streams_the_answer(tiny, tmp_path):
     ids = text_chat.turn_tokens(tok, "hello there", first=True)
     assert ids[0] == tok.bos_id and tok.decode(ids[1:]) == "You are a helpful assistant. USER: hello there ASSISTANT:"
     # The same greedy answer through the library: chat adds nothing but the template.
-    ref = Sampler(LLaMAForCausalLM(cfg.replace(max_sequence_length=2048)), params, eos_id=tok.eos_id,
-                  pad_id=tok.pad_id, vocab_size=tok.vocab_size)
-    assert tok.decode(ref.generate([ids], 6)[0]) == answer
+    ref = Engine(LLaMAForCausalLM(cfg.replace(max_sequence_length=2048)), params, eos_id=tok.eos_id,
+                 pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+    assert tok.decode(ref.generate([ids], 6).tokens[0]) == answer

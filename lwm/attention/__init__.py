@@ -120,36 +120,40 @@ def cached_attention(
     cache_segment_ids,
     q_segment_ids,
     index,
+    layer=0,
     *,
     impl: str,
-    q_chunk: int = 512,
     k_chunk: int = 512,
 ):
-    """Decoding step(s) through a KV cache. Returns (out (B, T, N, H), cache_k, cache_v, cache_segment_ids).
+    """Decoding step(s) through a KV cache. Returns (out (B, T, N, H), cache_k, cache_v).
 
-    q, k_new, v_new: (B, T, N|K, H) for query positions index .. index+T-1 (index: int or int32 scalar).
-    cache_k, cache_v: (B, S, K, H); cache_segment_ids: (B, S) int32 (0 = empty/padding).
-    q_segment_ids: (B, T) int32 segment ids of the new tokens (None means all 1: one real sequence).
-    Writes k_new/v_new/q_segment_ids at slots [index, index+T) (slots >= S are dropped) and attends over the
-    cache with the causal rule key_slot <= query_slot and equal segment ids.
-    impl 'dense': dense reference over the cache. 'blockwise' / 'pallas': the jnp blockwise path (decode is
-    memory-bound; no kernel is used). 'ring' / 'ring_pallas': the cache is sharded along S over 'sp' (and
-    batch over dp/fsdp, kv heads over tp); each shard attends to its slice and the partial results are
-    merged by log-sum-exp.
+    q, k_new, v_new: (B, T, N|K, H) for each row's slots index[b] .. index[b]+T-1 (index: int, int32
+    scalar or (B,) int32: each row has its own fill length).
+    cache_k, cache_v: (L, B, K, S, H), the layout decode reads (`lwm.attention.decode`); `layer` (int or
+    int32 scalar) picks the layer written and read, so the whole cache can be carried through the layers.
+    cache_segment_ids: (B, S) int32 (0 = empty/padding), already holding the new tokens' ids
+    (`decode.write_segments`); q_segment_ids: (B, T) int32 (None means all 1).
+    Writes k_new/v_new in place at the row's slots (slots >= S are dropped) and attends over the filled
+    chunks only (cost O(max(index) + T), not O(S)) with the causal rule key_slot <= query_slot and equal
+    segment ids. impl 'dense' / 'blockwise' / 'pallas': one device (decode is memory-bound; no kernel is
+    used). 'ring' / 'ring_pallas': S sharded over 'sp' (rows over dp/fsdp, kv heads over tp); the shards'
+    partials merge with one pmax and one psum of the softmax statistics.
     """
     what = f"cached_attention(impl={impl!r})"
     _check_impl(impl, "cached_attention")
     _check_heads(what, q, k_new, v_new)
-    if cache_k.shape != cache_v.shape or cache_k.shape[0] != q.shape[0] or cache_k.shape[2:] != k_new.shape[2:]:
+    B, T, _, H = q.shape
+    if cache_k.ndim != 5 or cache_k.shape != cache_v.shape or cache_k.shape[1] != B or \
+            cache_k.shape[2] != k_new.shape[2] or cache_k.shape[4] != H:
         raise ValueError(
-            f"{what}: cache_k {cache_k.shape} / cache_v {cache_v.shape} must be (B, S, K, H) "
+            f"{what}: cache_k {cache_k.shape} / cache_v {cache_v.shape} must be (L, B, K, S, H) "
             f"matching k_new {k_new.shape}"
         )
-    _check_segments(what, "cache_segment_ids", cache_segment_ids, cache_k.shape[:2])
+    _check_segments(what, "cache_segment_ids", cache_segment_ids, (B, cache_k.shape[3]))
     if q_segment_ids is None:
-        q_segment_ids = jnp.ones(q.shape[:2], cache_segment_ids.dtype)
-    _check_segments(what, "q_segment_ids", q_segment_ids, q.shape[:2])
-    args = (q, k_new, v_new, cache_k, cache_v, cache_segment_ids, q_segment_ids, index)
+        q_segment_ids = jnp.ones((B, T), cache_segment_ids.dtype)
+    _check_segments(what, "q_segment_ids", q_segment_ids, (B, T))
+    args = (q, k_new, v_new, cache_k, cache_v, cache_segment_ids, q_segment_ids, index, layer)
     if impl in ("ring", "ring_pallas"):
-        return decode.cached_attention_sharded(*args, q_chunk=q_chunk, k_chunk=k_chunk)
-    return decode.cached_attention_local(*args, dense=impl == "dense", q_chunk=q_chunk, k_chunk=k_chunk)
+        return decode.cached_attention_sharded(*args, chunk=k_chunk)
+    return decode.cached_attention_local(*args, chunk=k_chunk)

@@ -1,0 +1,482 @@
+"""The one generation engine: prefill, a decode step over a batch of slots, and batched generation on top.
+
+Every inference front-end (text chat, the needle evals, vision chat, vision generation, the server, the
+benchmarks) calls this; there is no other prefill or decode loop in the package.
+
+    engine = Engine(model, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+
+(a) Batched generation, host-driven (streaming and cancellation are plain Python):
+
+    result = engine.generate([[1, 306, 4966], [1, 15043]], max_new_tokens=32,
+                             sampling=[SamplingConfig(0.7, 40, 0.9), SamplingConfig()],  # or one for all rows
+                             seeds=[0, 1], stop_ids=[tok.eos_id], stream=callback)
+    result.tokens   # list per row of new token ids, cut before the first stop id
+    result.finish   # per row: 'stop' (a stop id came), 'length' (budget spent) or 'cancelled'
+    result.stats    # prefill_s (= time to first token), decode_s, prompt_tokens, new_tokens, steps, batch,
+                    # padded_length, cache_length
+
+  max_new_tokens: int or one per row. stream(step, tokens) is called after every decode step with tokens[r]
+  the new id of row r (None once row r has finished); it may return row indices to cancel. Vision-language
+  models (lwm.vision_llama, sample_mode 'text' or 'vision') take `vision=[mask per prompt]` (True where the
+  prompt id is a vision id); generated tokens are of the model's sample_mode. `rule` replaces per-row
+  sampling by a batch-level token rule (classifier-free guidance, forced end-of-frame tokens: see
+  `TokenRule`). A prompt + budget longer than the model's max_sequence_length raises PromptTooLongError
+  (naming the numbers) before anything is compiled.
+
+(b) Slots, for continuous batching (MaxText's MaxEngine / JetStream style):
+
+    state = engine.init_state(slots=8, cache_length=4096)   # every slot free
+    prefix = engine.prefill(prompt_ids, vision=None)         # one prompt -> its cache rows and first logits
+    state = engine.insert(prefix, state, slot=3, max_new_tokens=64, sampling=SamplingConfig(), seed=0)
+    state, tokens, emitted = engine.step(state)               # one token for every active slot (numpy (S, 1))
+    state = engine.free(state, 3)
+    engine.active(state)                                      # numpy (S,) bool: slots still generating
+
+  A slot stops by itself after a stop id (`stop_ids` of init_state) or its budget; each slot keeps its own
+  fill length and position, and a step costs what the longest filled slot holds, not the allocated length.
+
+(c) Host read-back (`host_array`) gathers arrays that span several processes before reading them, so the
+same code runs on one host or a multi-host pod. (d) `check_length` is the length check.
+
+Cache (lwm.llama.init_cache): k, v (L, B, K, S, H) in the layout decode reads, written in place (the
+decode state is donated); `cache_dtype` may differ from the model's (e.g. bf16 cache for an fp32 model).
+With ring attention under a mesh with 'sp', the cache is sharded along S and every step merges the shards
+with one pmax/psum of the softmax statistics (lwm.attention.decode).
+
+Letters: R rows (slots), T padded prompt length, S cache slots, V vocabulary of the sampled head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lwm.llama import LLaMAForCausalLM, init_cache
+from lwm.sampling import PromptTooLongError, SamplingConfig, bucket_length, left_pad, sample_rows
+from lwm.vision_llama import VisionLLaMAForCausalLM
+
+# (logits (R, V) float32, keys (R, 2) uint32, steps (R,) int32, temperature (R,), top_k (R,), top_p (R,))
+#   -> tokens (R,) int32. Must be hashable (it is a static argument of the compiled step).
+TokenRule = Callable[..., jax.Array]
+
+
+def per_row_sampling(logits, keys, steps, temperature, top_k, top_p, *, filters: bool = True):
+    """The default TokenRule: each row drawn with its own settings (greedy where temperature is 0)."""
+    return sample_rows(logits, keys, temperature, top_k, top_p, filters=filters)
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode step carries, one entry per slot (a pytree; donated to each step)."""
+    cache: dict                 # k, v (L, R, K, S, H); segment_ids (R, S)
+    logits: jax.Array           # (R, V) float32: the distribution of each slot's next token
+    index: jax.Array            # (R,) int32: the cache slot the next token is written to
+    position: jax.Array         # (R,) int32: its position id
+    steps: jax.Array            # (R,) int32: tokens drawn so far
+    budget: jax.Array           # (R,) int32: max new tokens
+    active: jax.Array           # (R,) bool
+    temperature: jax.Array      # (R,) float32
+    top_k: jax.Array            # (R,) int32
+    top_p: jax.Array            # (R,) float32
+    keys: jax.Array             # (R, 2) uint32: per-slot PRNG key; step i draws with fold_in(key, i)
+    stop_ids: jax.Array         # (n,) int32
+
+
+class Prefix(NamedTuple):
+    """One prefilled prompt, ready for `insert`: cache rows (k, v (L, 1, K, T, H), segment_ids (1, T)),
+    the first token's logits (1, V), the slot index T and the next position (prompt length)."""
+    cache: dict
+    logits: jax.Array
+    length: int
+    position: int
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    tokens: list            # list[list[int]] new tokens per row, before the first stop id
+    finish: list            # per row 'stop' | 'length' | 'cancelled'
+    stats: dict
+
+
+def host_array(x) -> np.ndarray:
+    """A numpy copy of x on every process: x's shards are gathered first when they live on several
+    processes (np.asarray alone raises there)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def mesh_sizes() -> tuple[int, int]:
+    """(data-parallel size dp*fsdp, sequence-parallel size sp) of the ambient mesh, (1, 1) without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1, 1
+    shape = dict(mesh.shape)
+    return shape.get("dp", 1) * shape.get("fsdp", 1), shape.get("sp", 1)
+
+
+def _replicated(x):
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+
+
+class Engine:
+    """See the module docstring. model: LLaMAForCausalLM, or VisionLLaMAForCausalLM with sample_mode
+    'text' or 'vision'; params already placed on the ambient mesh (if any). vocab_size: ids the tokenizer
+    can decode (a model vocabulary padded beyond it never emits the extra ids). cache_dtype: the KV cache's
+    dtype (default the model's)."""
+
+    def __init__(self, model, params, *, eos_id: int, pad_id: int, vocab_size: Optional[int] = None,
+                 cache_dtype=None):
+        self.model, self.params, self.config = model, params, model.config
+        self.vision = isinstance(model, VisionLLaMAForCausalLM)
+        if self.vision and self.config.sample_mode not in ("text", "vision"):
+            raise ValueError(f"Engine needs a vision model with sample_mode 'text' or 'vision', not "
+                             f"{self.config.sample_mode!r}")
+        if not self.vision and not isinstance(model, LLaMAForCausalLM):
+            raise TypeError(f"Engine: unsupported model {type(model).__name__}")
+        self.head_size = (self.config.vision_vocab_size if self.vision and self.config.sample_mode == "vision"
+                          else self.config.vocab_size)
+        self.eos_id, self.pad_id = int(eos_id), int(pad_id)
+        self.vocab_size = self.head_size if vocab_size is None else min(int(vocab_size), self.head_size)
+        self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+        self.last_stats: dict = {}
+        self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
+        self._step_jit = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("rule", "n_steps"))
+        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
+        self._start_jit = jax.jit(self._start_impl)
+
+    # ---------------------------------------------------------------------------------- the model calls
+    def _hidden(self, params, ids, vision, position_ids, segment_ids, cache, cache_index):
+        kw = dict(position_ids=position_ids, segment_ids=segment_ids, cache=cache, cache_index=cache_index,
+                  return_hidden=True)
+        if self.vision:
+            return self.model.apply({"params": params}, ids, vision, **kw)
+        return self.model.apply({"params": params}, ids, **kw)
+
+    def _logits(self, params, hidden):
+        """(R, T, D) -> (R, T, V) float32 of the sampled head."""
+        if not self.vision:
+            method = LLaMAForCausalLM.logits
+        elif self.config.sample_mode == "vision":
+            method = VisionLLaMAForCausalLM.vision_logits
+        else:
+            method = VisionLLaMAForCausalLM.text_logits
+        return self.model.apply({"params": params}, hidden, method=method)
+
+    def _constrain_cache(self, cache):
+        """With ring attention under a ('dp','fsdp','tp','sp') mesh, the cache is sharded along S over sp
+        (as lwm.attention.decode expects); otherwise it is left to the compiler."""
+        mesh = jax.sharding.get_abstract_mesh()
+        if (self.config.attention_impl not in ("ring", "ring_pallas") or mesh.empty
+                or not {"dp", "fsdp", "tp", "sp"} <= set(mesh.axis_names)):
+            return cache
+        from lwm.attention.decode import cache_specs
+
+        kv, seg = cache_specs(mesh)
+        spec = dict(k=kv, v=kv, segment_ids=seg)
+        return {name: jax.lax.with_sharding_constraint(x, spec[name]) for name, x in cache.items()}
+
+    def _prefill_impl(self, params, ids, vision, seg, pos, *, cache_len):
+        """Left-padded prompts (R, T) -> (logits (R, V) at the last slot, cache with slots [0, T) filled).
+        Logits are computed for the last slot only (hidden (R, T, D) -> (R, 1, V))."""
+        cache = self._constrain_cache(init_cache(self.config, ids.shape[0], cache_len, self.cache_dtype))
+        hidden, cache = self._hidden(params, ids, vision, pos, seg, cache, 0)
+        return self._logits(params, hidden[:, -1:])[:, 0], self._constrain_cache(cache)
+
+    # ---------------------------------------------------------------------------------- the decode step
+    def _step_impl(self, params, state: DecodeState, keep, *, rule, n_steps: int):
+        """Up to n_steps tokens for every active slot (a while_loop that ends early when none is active).
+        Returns (state, tokens (R, n_steps) int32, emitted (R, n_steps) bool), tokens/emitted replicated."""
+        r = state.index.shape[0]
+        vocab_mask = jnp.arange(state.logits.shape[-1]) < self.vocab_size
+
+        def cond(carry):
+            i, st, *_ = carry
+            return (i < n_steps) & jnp.any(st.active)
+
+        def body(carry):
+            i, st, toks, emitted = carry
+            logits = jnp.where(vocab_mask, st.logits, -jnp.inf)
+            keys = jax.vmap(jax.random.fold_in)(st.keys, st.steps)
+            tok = rule(logits, keys, st.steps, st.temperature, st.top_k, st.top_p).astype(jnp.int32)
+            live = st.active
+            tok = jnp.where(live, tok, self.pad_id)
+            steps = st.steps + live
+            stopped = jnp.isin(tok, st.stop_ids) | (steps >= st.budget)
+            seg = live.astype(jnp.int32)[:, None]          # finished/free slots write an empty slot
+            hidden, cache = self._hidden(params, tok[:, None], None, st.position[:, None], seg, st.cache,
+                                         st.index)
+            logits = self._logits(params, hidden)[:, 0]
+            adv = live.astype(jnp.int32)
+            st = st._replace(cache=cache, logits=jnp.where(live[:, None], logits, st.logits),
+                             index=st.index + adv, position=st.position + adv, steps=steps,
+                             active=live & ~stopped)
+            toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], i, axis=1)
+            emitted = jax.lax.dynamic_update_slice_in_dim(emitted, live[:, None], i, axis=1)
+            return i + 1, st, toks, emitted
+
+        state = state._replace(active=state.active & keep)
+        carry = (jnp.int32(0), state, jnp.full((r, n_steps), self.pad_id, jnp.int32),
+                 jnp.zeros((r, n_steps), bool))
+        _, state, toks, emitted = jax.lax.while_loop(cond, body, carry)
+        return state, _replicated(toks), _replicated(emitted)
+
+    # ------------------------------------------------------------------------------------------ checks
+    def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        """PromptTooLongError when prompt_len + max_new_tokens exceeds max_sequence_length (before any
+        compile)."""
+        limit = self.config.max_sequence_length
+        if prompt_len + max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = "
+                f"{prompt_len + max_new_tokens} exceeds the model's max_sequence_length={limit}; shorten the "
+                "prompt, lower the token budget, or raise max_sequence_length (e.g. "
+                "--update_llama_config='{\"max_sequence_length\": N}')")
+
+    def padded_length(self, prompt_len: int) -> int:
+        """The prompt bucket: see lwm.sampling.bucket_length (multiples of sp, few distinct shapes)."""
+        _, sp = mesh_sizes()
+        block = max(self.config.scan_query_chunk_size, self.config.scan_key_chunk_size)
+        return bucket_length(prompt_len, sp, block)
+
+    @staticmethod
+    def mesh_sizes() -> tuple[int, int]:
+        return mesh_sizes()
+
+    # --------------------------------------------------------------------------------------- slot API
+    def _rows_sampling(self, sampling, seeds, n: int):
+        if isinstance(sampling, SamplingConfig) or sampling is None:
+            sampling = [sampling or SamplingConfig()] * n
+        if len(sampling) != n:
+            raise ValueError(f"{len(sampling)} sampling settings for {n} rows; give one, or one per row")
+        seeds = [0] * n if seeds is None else ([int(seeds)] * n if np.isscalar(seeds) else list(seeds))
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} rows; give one, or one per row")
+        return sampling, seeds
+
+    @staticmethod
+    def _uses_filters(sampling) -> bool:
+        return any(s.temperature > 0 and (s.top_k > 0 or s.top_p < 1.0) for s in sampling)
+
+    def _start_impl(self, cache, logits, index, position, budget, temperature, top_k, top_p, seeds, stop_ids):
+        keys = jax.vmap(jax.random.PRNGKey)(seeds)
+        r = index.shape[0]
+        return DecodeState(cache=self._constrain_cache(cache), logits=logits, index=index, position=position,
+                           steps=jnp.zeros((r,), jnp.int32), budget=budget, active=budget > 0,
+                           temperature=temperature, top_k=top_k, top_p=top_p, keys=keys, stop_ids=stop_ids)
+
+    def _state(self, cache, logits, index, position, budget, sampling, seeds, stop_ids) -> DecodeState:
+        f32, i32 = np.float32, np.int32
+        return self._start_jit(cache, logits, np.asarray(index, i32), np.asarray(position, i32),
+                               np.asarray(budget, i32), np.asarray([s.temperature for s in sampling], f32),
+                               np.asarray([s.top_k for s in sampling], i32),
+                               np.asarray([s.top_p for s in sampling], f32), np.asarray(seeds, np.uint32),
+                               np.asarray(list(stop_ids) or [-1], i32))
+
+    def init_state(self, slots: int, cache_length: int, stop_ids: Optional[Sequence[int]] = None) -> DecodeState:
+        """`slots` free decode slots of `cache_length` cache slots each (a prompt's padded length plus its
+        budget must fit). stop_ids: default (eos_id,)."""
+        data, sp = mesh_sizes()
+        if slots % data or cache_length % sp:
+            raise ValueError(f"slots={slots} must divide by dp*fsdp={data} and cache_length={cache_length} "
+                             f"by sp={sp}")
+        self._slot_filters = [False] * slots
+        cache = init_cache(self.config, slots, cache_length, self.cache_dtype)
+        logits = jnp.zeros((slots, self.head_size), jnp.float32)
+        stop_ids = (self.eos_id,) if stop_ids is None else stop_ids
+        return self._state(cache, logits, [0] * slots, [0] * slots, [0] * slots, [SamplingConfig()] * slots,
+                           [0] * slots, stop_ids)
+
+    def prefill(self, prompt: Sequence[int], vision: Optional[Sequence[bool]] = None) -> Prefix:
+        """Run one prompt; returns its Prefix (padded to its bucket, `padded_length`)."""
+        data, _ = mesh_sizes()
+        t = self.padded_length(len(prompt))
+        logits, cache = self.prefill_batch([prompt] * data, t, t,        # one row per data shard
+                                           None if vision is None else [vision] * data)
+        return Prefix(cache=cache, logits=logits, length=t, position=len(prompt))
+
+    def _insert_impl(self, state: DecodeState, cache, logits, slot, length, position, budget, temperature,
+                     top_k, top_p, seed):
+        def put(big, row, axis):  # row: the prefix's first row, written at `slot` along `axis`, at slot 0
+            row = jax.lax.index_in_dim(row, 0, axis, keepdims=True).astype(big.dtype)
+            start = [0] * big.ndim
+            start[axis] = slot
+            return jax.lax.dynamic_update_slice(big, row, start)
+
+        seg_row = jnp.zeros((1, state.cache["segment_ids"].shape[1]), jnp.int32)
+        seg_row = jax.lax.dynamic_update_slice(seg_row, cache["segment_ids"][:1], (0, 0))
+        new_cache = dict(k=put(state.cache["k"], cache["k"], 1), v=put(state.cache["v"], cache["v"], 1),
+                         segment_ids=put(state.cache["segment_ids"], seg_row, 0))
+        set1 = lambda arr, value: arr.at[slot].set(value)
+        return state._replace(
+            cache=self._constrain_cache(new_cache), logits=put(state.logits, logits, 0),
+            index=set1(state.index, length), position=set1(state.position, position),
+            steps=set1(state.steps, 0), budget=set1(state.budget, budget), active=set1(state.active, budget > 0),
+            temperature=set1(state.temperature, temperature), top_k=set1(state.top_k, top_k),
+            top_p=set1(state.top_p, top_p), keys=state.keys.at[slot].set(jax.random.PRNGKey(seed)))
+
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int, *, max_new_tokens: int,
+               sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> DecodeState:
+        """Put a prefilled prompt into decode slot `slot` (whatever it held is dropped)."""
+        slots, s = state.index.shape[0], state.cache["segment_ids"].shape[1]
+        if not 0 <= slot < slots:
+            raise ValueError(f"slot={slot} is not in [0, {slots})")
+        if prefix.length + max_new_tokens > s:
+            raise ValueError(f"a prefix of {prefix.length} slots + max_new_tokens={max_new_tokens} does not fit "
+                             f"the state's cache_length={s}")
+        self.check_length(prefix.position, max_new_tokens)
+        self._slot_filters[slot] = self._uses_filters([sampling])
+        return self._insert_jit(state, prefix.cache, prefix.logits, np.int32(slot), np.int32(prefix.length),
+                                np.int32(prefix.position), np.int32(max_new_tokens), np.float32(sampling.temperature),
+                                np.int32(sampling.top_k), np.float32(sampling.top_p), np.uint32(seed))
+
+    def step(self, state: DecodeState, n_steps: int = 1, rule: Optional[TokenRule] = None,
+             keep: Optional[np.ndarray] = None):
+        """Up to n_steps tokens for every active slot. Returns (state, tokens (R, n) numpy int32, emitted
+        (R, n) numpy bool: whether slot r produced tokens[r, i]). keep: (R,) bool, False cancels a slot."""
+        if rule is None:
+            rule = _FILTERED if any(getattr(self, "_slot_filters", [True])) else _GREEDY_OR_PLAIN
+        keep = np.ones(state.index.shape, bool) if keep is None else np.asarray(keep, bool)
+        state, toks, emitted = self._step_jit(self.params, state, keep, rule=rule, n_steps=int(n_steps))
+        return state, host_array(toks), host_array(emitted)
+
+    def free(self, state: DecodeState, slot: int) -> DecodeState:
+        """Stop slot `slot`; it can take a new `insert`."""
+        return state._replace(active=state.active.at[slot].set(False))
+
+    @staticmethod
+    def active(state: DecodeState) -> np.ndarray:
+        return host_array(_replicated_fn(state.active))
+
+    # -------------------------------------------------------------------------------- batched generate
+    def _vision_rows(self, vision, prompts, t: int):
+        """Left-padded vision masks (R, T) bool, or None for a text model."""
+        if not self.vision:
+            if vision is not None:
+                raise ValueError("vision masks given to a text-only model")
+            return None
+        out = np.zeros((len(prompts), t), bool)
+        if vision is None:
+            out[:] = self.config.sample_mode == "vision"
+            return out
+        if len(vision) != len(prompts):
+            raise ValueError(f"{len(vision)} vision masks for {len(prompts)} prompts")
+        for r, (p, m) in enumerate(zip(prompts, vision)):
+            if m is None:
+                continue
+            if len(m) != len(p):
+                raise ValueError(f"prompt {r}: vision mask of {len(m)} entries for {len(p)} tokens")
+            out[r, t - len(p):] = np.asarray(m, bool)
+        return out
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]], padded_length: int, cache_length: int,
+                      vision: Optional[Sequence] = None):
+        """Left-padded prompts (lwm.sampling.left_pad) through the model at once: returns (logits (R, V) of
+        each row's next token, cache of cache_length slots with [0, padded_length) filled). The number of
+        rows must divide by the mesh's dp*fsdp."""
+        ids, seg, pos = left_pad(prompts, padded_length, self.pad_id)
+        vis = self._vision_rows(vision, prompts, padded_length)
+        return self._prefill_jit(self.params, ids, vis, seg, pos, cache_len=cache_length)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Union[int, Sequence[int]], *,
+                 sampling: Union[SamplingConfig, Sequence[SamplingConfig], None] = None,
+                 seeds: Union[int, Sequence[int], None] = None, stop_ids: Optional[Sequence[int]] = None,
+                 stream: Optional[Callable] = None, vision: Optional[Sequence] = None,
+                 rule: Optional[TokenRule] = None, padded_length: Optional[int] = None,
+                 steps_per_call: Optional[int] = None) -> GenerateResult:
+        """Batched generation (module docstring (a)). stop_ids default (eos_id,); steps_per_call: decode
+        steps per compiled call (default 1 with a stream callback, else 16)."""
+        if not prompts:
+            return GenerateResult([], [], {})
+        n = len(prompts)
+        budgets = [int(max_new_tokens)] * n if np.isscalar(max_new_tokens) else [int(b) for b in max_new_tokens]
+        if len(budgets) != n or min(budgets) < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: give one value >= 1, or one per prompt")
+        for r, p in enumerate(prompts):
+            self.check_length(len(p), budgets[r])
+        sampling, seeds = self._rows_sampling(sampling, seeds, n)
+        data, sp = mesh_sizes()
+        longest = max(len(p) for p in prompts)
+        t = padded_length or self.padded_length(longest)
+        if t % sp or t < longest:
+            raise ValueError(f"padded_length={t} must hold the longest prompt ({longest}) and divide by sp={sp}")
+        extra = -n % data                                   # whole batch shards; extra rows are dropped
+        rows = list(prompts) + [prompts[0]] * extra
+        cache_len = t + sp * math.ceil(max(budgets) / sp)
+        stop_ids = (self.eos_id,) if stop_ids is None else tuple(stop_ids)
+        if rule is None:
+            rule = _FILTERED if self._uses_filters(sampling) else _GREEDY_OR_PLAIN
+        k = steps_per_call or (1 if stream is not None else 16)
+
+        t0 = time.perf_counter()
+        logits, cache = self.prefill_batch(rows, t, cache_len,
+                                           None if vision is None else list(vision) + [vision[0]] * extra)
+        jax.block_until_ready(logits)
+        t1 = time.perf_counter()
+        state = self._state(cache, logits, [t] * len(rows), [len(p) for p in rows], budgets + [0] * extra,
+                            sampling + [sampling[0]] * extra, seeds + [0] * extra, stop_ids)
+        out = [[] for _ in range(n)]
+        finish = [None] * n
+        keep = np.ones(len(rows), bool)
+        step = 0
+        while True:
+            state, toks, emitted = self._step_jit(self.params, state, keep, rule=rule, n_steps=k)
+            toks, emitted = host_array(toks), host_array(emitted)
+            if not emitted.any():
+                break
+            for i in range(k):
+                if not emitted[:, i].any():
+                    break
+                new = [int(toks[r, i]) if emitted[r, i] and keep[r] else None for r in range(n)]
+                for r, tok in enumerate(new):
+                    if tok is None or finish[r] is not None:
+                        continue
+                    if tok in stop_ids:
+                        finish[r] = "stop"
+                    else:
+                        out[r].append(tok)
+                        if len(out[r]) >= budgets[r]:
+                            finish[r] = "length"
+                if stream is not None:
+                    cancel = stream(step, new)
+                    for r in cancel or ():
+                        if not (isinstance(r, (int, np.integer)) and 0 <= r < n):
+                            raise ValueError(f"stream callback returned {cancel!r}; it may return only row "
+                                             f"indices in [0, {n}) to cancel (or None)")
+                        if finish[r] is None:
+                            finish[r] = "cancelled"
+                        keep[r] = False
+                step += 1
+            if all(f is not None for f in finish):
+                break
+        t2 = time.perf_counter()
+        finish = [f or "length" for f in finish]
+        self.last_stats = dict(prefill_s=t1 - t0, time_to_first_token_s=t1 - t0, decode_s=t2 - t1,
+                               prompt_tokens=int(sum(map(len, prompts))), new_tokens=int(sum(map(len, out))),
+                               steps=step, batch=len(rows), padded_length=t, cache_length=cache_len)
+        return GenerateResult(out, finish, dict(self.last_stats))
+
+
+@jax.jit
+def _replicated_fn(x):
+    return _replicated(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerRow:
+    """Hashable default rule: per-row sampling; `filters` compiles the top-k/top-p sort in."""
+    filters: bool
+
+    def __call__(self, logits, keys, steps, temperature, top_k, top_p):
+        return per_row_sampling(logits, keys, steps, temperature, top_k, top_p, filters=self.filters)
+
+
+_GREEDY_OR_PLAIN, _FILTERED = _PerRow(False), _PerRow(True)
