@@ -166,10 +166,12 @@ class ServedModel:
     # --------------------------------------------------------------------------------------- generation
     @property
     def cache_length(self) -> int:
-        """Cache slots per decode slot: the model's context rounded up to whole sp chunks, plus one chunk (a
-        prompt padded to a multiple of sp plus its budget always fits)."""
+        """Cache slots per decode slot: the model's context rounded up to whole sp chunks, plus one prompt
+        block per sp device, so that any prompt padded to its bucket (`Engine.padded_length`: a power of two
+        below one block, whole blocks above) plus a budget that fits the context fits the cache."""
         _, sp = self.engine.mesh_sizes()
-        return sp * (math.ceil(self.max_sequence_length / sp) + 1)
+        block = max(self.config.scan_query_chunk_size, self.config.scan_key_chunk_size)
+        return sp * (math.ceil(self.max_sequence_length / sp) + block)
 
     @staticmethod
     def _split(prompt):
