@@ -16,7 +16,10 @@ Worked example (ids symbolic): messages [user "Hi", assistant "Hello", user "Bye
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Sequence
+
+import numpy as np
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 USER_TURN = "USER: {message} ASSISTANT:"
@@ -80,3 +83,45 @@ def conversation_ids(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[i
     if msgs[-1]["role"] != "user":
         raise ValueError(f"messages[{len(messages) - 1}]: the last message must be the user's")
     return ids
+
+
+# ------------------------------------------------------------------------------------------------ vision
+
+VISION_OPEN, VISION_CLOSE = "<vision>", "</vision>"     # tokenized as text; only the codes between are vision ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One prompt row: ids (T,) int32 and vision (T,) bool, True where ids are vision ids (which the vision
+    model embeds with its vision table)."""
+    ids: np.ndarray
+    vision: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extend(self, ids: Sequence[int], vision: bool) -> "Prompt":
+        ids = np.asarray(ids, np.int32).reshape(-1)
+        return Prompt(np.concatenate([self.ids, ids]), np.concatenate([self.vision, np.full(len(ids), vision)]))
+
+
+def text_prompt(tokenizer, text: str, bos: bool = True) -> Prompt:
+    """`text` tokenized (`encode` adds no special tokens), after one BOS: the original's leading "<s>"."""
+    ids = ([tokenizer.bos_id] if bos else []) + list(tokenizer.encode(text))
+    return Prompt(np.asarray(ids, np.int32), np.zeros(len(ids), bool))
+
+
+def vision_chat_prompt(tokenizer, question: str, vision_ids, system: str = SYSTEM_PROMPT) -> Prompt:
+    """The original's vision chat prompt, each text piece tokenized on its own:
+        BOS "You are a helpful assistant. USER: {question}\\n" "<vision>" {vision ids} "</vision>" " ASSISTANT:"
+    vision_ids (N,): the frames' codes with their end-of-frame / end-of-vision ids (lwm.vision_chat)."""
+    prompt = text_prompt(tokenizer, f"{system} USER: {question}\n")
+    prompt = prompt.extend(tokenizer.encode(VISION_OPEN), False).extend(vision_ids, True)
+    return prompt.extend(tokenizer.encode(VISION_CLOSE), False).extend(tokenizer.encode(" ASSISTANT:"), False)
+
+
+def vision_generation_prompts(tokenizer, request: str) -> tuple[Prompt, Prompt]:
+    """(conditional, unconditional) prompts of the original's image / video generation: BOS + the first user
+    turn asking `request` (e.g. "Generate an image of {caption}") + " <vision>", against BOS + "<vision>"."""
+    cond = text_prompt(tokenizer, f"{user_turn_text(request, first=True)} {VISION_OPEN}")
+    return cond, text_prompt(tokenizer, VISION_OPEN)

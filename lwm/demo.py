@@ -15,7 +15,7 @@ writes the haystack). Steps, each printing where its output is:
   4. train through `lwm.train` (a subprocess: 4 simulated devices, mesh sp=4, attention 'ring') in stages of
      growing sequence length (STAGES), each starting from the previous stage's checkpoint; lwm.train logs
      the loss on fresh validation needles (eval_text_loss) as it goes;
-  5. evaluate with scripts/eval_needle.py (fresh random needles in the held-out eval documents, RingAttention
+  5. evaluate with `python -m lwm.eval_needle` (fresh random needles in the held-out eval documents, RingAttention
      prefill over sp=4) and write the JSON of every trial and the heatmap.
 Nothing in the recipe was tuned on the eval documents: choices were made on the validation documents.
 Known fragility: the copy mechanism appears abruptly (the validation needle loss falls from ~1.9 to ~0.1)
@@ -238,7 +238,7 @@ def evaluate(args, checkpoint: str, tokenizer_path: str, haystack: str, workdir:
     out = os.path.join(workdir, "needle_results.json")
     if os.path.exists(out):
         os.remove(out)                       # a fresh eval, not a resume of an older model's results
-    cmd = [sys.executable, "scripts/eval_needle.py", "--load_llama_config=tiny",
+    cmd = [sys.executable, "-m", "lwm.eval_needle", "--load_llama_config=tiny",
            f"--update_llama_config=dict({updates},attention_impl='{args.eval_attention_impl}')",
            f"--load_checkpoint={checkpoint}", f"--tokenizer={tokenizer_path}", f"--haystack_file={haystack}",
            f"--output_file={out}", f"--context_lengths_min={lo}", f"--context_lengths_max={hi}",

@@ -3,7 +3,7 @@
 The protocol follows the original LWM evals (scripts/eval_needle.py, eval_needle_multi.py):
   needle    "\\nThe special magic {city} number is: {number}\\n"   (a random 7-digit number)
   question  "What is the special magic {city} number?"
-  prompt    TEMPLATE with the haystack (needle inside) and the question; the answer is correct when the
+  prompt    TEMPLATE (the chat template's first turn) with the haystack (needle inside) and the question; the answer is correct when the
             generated text contains the number.
 The haystack for a context length L is the first L tokens of a document stream (consecutive lines of a
 JSONL file with a "text" field), cut by `final_context_length_buffer` tokens (room for the template) and by
@@ -12,7 +12,7 @@ before token int(n * d / 100) of the cut haystack (d = 100: at the end). Placeme
 own tokens (the original placed needles with tiktoken's GPT-4 tokens, not available offline).
 
     trials = single_needle_trials(haystacks, tokenizer, lengths=[1000, 2000], depths=[0, 50, 100], ...)
-    results = run_trials(trials, sampler, tokenizer, max_tokens_per_batch=20000, max_new_tokens=32)
+    results = run_trials(trials, engine, tokenizer, max_tokens_per_batch=20000, max_new_tokens=32)
     plot_heatmap(results, "needle.png")
 """
 from __future__ import annotations
@@ -27,12 +27,17 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from lwm.chat_template import user_turn_text
+
 NEEDLE = "\nThe special magic {city} number is: {number}\n"
 QUESTION = "What is the special magic {city} number?"
-TEMPLATE = ("You are a helpful assistant. USER: {context} {question} Don't give information outside the "
-            "document or repeat your findings. Keep your response short and direct. ASSISTANT: ")
-MULTI_TEMPLATE = ("You are a helpful assistant. USER: {context} {question} Don't give information outside the "
-                  "document. ASSISTANT: ")
+# The prompt is the first user turn of the one chat template (lwm.chat_template) asking these requests, then
+# the original's trailing space: "You are a helpful assistant. USER: {context} {question} ... ASSISTANT: ".
+REQUEST = ("{context} {question} Don't give information outside the document or repeat your findings. Keep "
+           "your response short and direct.")
+MULTI_REQUEST = "{context} {question} Don't give information outside the document."
+TEMPLATE = user_turn_text(REQUEST, first=True) + " "
+MULTI_TEMPLATE = user_turn_text(MULTI_REQUEST, first=True) + " "
 MULTI_QUESTION = "What are the special magic numbers for {cities}?"
 MULTI_QUESTION_ONE = "What is the special magic number for {city}?"
 NUMBER_DIGITS = 7

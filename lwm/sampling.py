@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm.llama import LLaMAConfig, LLaMAForCausalLM
 
 
 class PromptTooLongError(ValueError):
@@ -133,27 +132,3 @@ def bucket_length(n: int, multiple: int = 1, block: int = 1024) -> int:
 def cast_params(params, dtype):
     """Cast floating leaves of a parameter tree to `dtype` (integers untouched)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-
-
-def load_model(config: LLaMAConfig, load_checkpoint: str, dtype=jnp.float32, mesh=None):
-    """(model, params) for inference: parameters read from a `--load_checkpoint` spec (params::PATH,
-    trainstate_params::PATH, flax_params::PATH, orbax::DIR), checked against the model's shapes, cast to
-    `dtype` and, with a mesh, placed by the sharding table one tensor at a time. (The shapes come from a
-    blockwise twin of the model: they do not depend on the attention, and a ring cannot trace 1 token.)"""
-    from lwm.checkpoint import load_checkpoint as read_checkpoint
-    from lwm.sharding import check_divisible, match_partition_rules, named_shardings
-
-    if not load_checkpoint:
-        raise ValueError("--load_checkpoint is empty: give params::PATH (or trainstate_params::, flax_params::, "
-                         "orbax::) of a trained model")
-    model = LLaMAForCausalLM(config, dtype=dtype, param_dtype=dtype)
-    shaper = LLaMAForCausalLM(config.replace(attention_impl="blockwise"), dtype=dtype, param_dtype=dtype)
-    shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    shardings = None
-    if mesh is not None:
-        specs = match_partition_rules(shapes, config.param_scan_axis)
-        check_divisible(shapes, specs, mesh)
-        shardings = named_shardings(specs, mesh)
-    _, params = read_checkpoint(load_checkpoint, params_target=shapes, params_shardings=shardings,
-                                float_dtype=dtype, disallow_trainstate=True)
-    return model, params["params"]

@@ -7,14 +7,16 @@
 Tiny and random, on a CPU: --load_llama_config=tiny --vqgan_config=tiny (no --load_checkpoint: random weights).
 
 Steps (the original's, docs/vision_chat.md):
-  1. Frames: the image, or at most max_n_frames of the video spread evenly from first to last; each one's
-     shorter side scaled to the VQGAN resolution (256) and the centre square cut out (lwm.vision_io).
+  1. Frames: the image, or at most max_n_frames of the video spread evenly from first to last, read as a
+     viewer shows them (orientation applied, any mode or bit depth as 8-bit RGB); each one's shorter side
+     scaled to the VQGAN resolution (256) and the centre square cut out (lwm.vision_io).
   2. VQGAN codes -> vision tokens: each frame's h*w codes and END_OF_FRAME, END_OF_VISION after the last.
-  3. The prompt, one BOS then the original's template:
+  3. The prompt, one BOS then the original's template (lwm.chat_template.vision_chat_prompt):
          <s>You are a helpful assistant. USER: {question}\\n<vision>{vision tokens}</vision> ASSISTANT:
      (`<vision>`, `</vision>` and the text are tokenized text; only the vision tokens use the vision vocabulary).
   4. Prefill with the vision masks, decode text over the KV cache until EOS or max_new_tokens; print it.
-The prompt + max_new_tokens budget is checked before anything is compiled.
+The prompt + max_new_tokens budget is checked before anything is compiled. Bad flags or files: one line,
+exit status 2.
 """
 from __future__ import annotations
 
@@ -26,10 +28,13 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from lwm.chat_template import Prompt
+from lwm.chat_template import vision_chat_prompt as chat_prompt  # noqa: F401  (the one template; tests use it)
+from lwm.inference import runtime
 from lwm.inference.engine import Engine
+from lwm.inference.runtime import check_budget
 from lwm.sampling import SamplingConfig
-from lwm.vision_generation import (SYSTEM_PROMPT, Prompt, base_flags, check_budget, load_vision_model, parse_args,
-                                   seed_of, setup_runtime, text_prompt, vision_model_config)
+from lwm.vision_generation import seed_of
 from lwm.vision_llama import END_OF_FRAME, END_OF_VISION, VisionLLaMAForCausalLM
 
 
@@ -43,12 +48,6 @@ def vision_tokens(codes: np.ndarray) -> np.ndarray:
     return np.concatenate([codes.reshape(t, -1), ends], axis=1).reshape(-1)
 
 
-def chat_prompt(tokenizer, question: str, vision: np.ndarray) -> Prompt:
-    """BOS + "You are a helpful assistant. USER: {question}\\n" + "<vision>" + vision ids + "</vision>"
-    + " ASSISTANT:"; each text piece tokenized separately, as the original does."""
-    prompt = text_prompt(tokenizer, f"{SYSTEM_PROMPT} USER: {question}\n")
-    prompt = prompt.extend(tokenizer.encode("<vision>"), False).extend(vision, True)
-    return prompt.extend(tokenizer.encode("</vision>"), False).extend(tokenizer.encode(" ASSISTANT:"), False)
 
 
 def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,
@@ -76,7 +75,7 @@ def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tok
 
 
 def get_default_config() -> ConfigDict:
-    c = base_flags()
+    c = runtime.vision_flags(ConfigDict())
     c.input_file = ""                          # an image (.png/.jpg/...) or a video (anything FFmpeg reads)
     c.max_n_frames = 8                         # longer videos are sampled uniformly down to this many frames
     c.temperature = 0.2                        # 0 = greedy
@@ -87,12 +86,12 @@ def get_default_config() -> ConfigDict:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the entry point; returns the answer text, its token ids, the prompt and timings."""
-    from lwm.sharding import check_model_mesh
+    from lwm.inference.loader import load_model
     from lwm.vision_io import load_frames
     from lwm.vqgan import VQGAN, VQGANConfig
 
     start = time.perf_counter()
-    config = parse_args(sys.argv[1:] if argv is None else argv, get_default_config())
+    config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())
     if not config.prompt:
         raise ValueError("--prompt is required: the question to ask about --input_file")
     if not config.input_file:
@@ -100,9 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if config.max_n_frames < 1:
         raise ValueError(f"--max_n_frames={config.max_n_frames} must be >= 1")
     vq_config = VQGANConfig.load(config.vqgan_config)
-    tokenizer, dtype, mesh = setup_runtime(config)
-    llama_config = vision_model_config(config, tokenizer, "text")
-    check_model_mesh(llama_config, mesh)
+    rt = runtime.setup(config, modality="vision,text", sample_mode="text")
+    tokenizer, dtype, mesh, llama_config = rt.tokenizer, rt.dtype, rt.mesh, rt.model_config
 
     stats: dict = {}
     t0 = time.perf_counter()
@@ -118,7 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     stats.update(frames=len(frames), encode_s=time.perf_counter() - t0)
 
     with jax.set_mesh(mesh):
-        model, params = load_vision_model(llama_config, config.load_checkpoint, dtype, mesh, config.seed)
+        model, params = load_model(llama_config, config.load_checkpoint, dtype, mesh, random_if_empty=True,
+                                   seed=config.seed)
         ids = answer(model, params, prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                      rng=jax.random.PRNGKey(config.seed), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                      num_text=tokenizer.vocab_size, stats=stats)
@@ -132,4 +131,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(runtime.cli("lwm.vision_chat", main, get_default_config, __doc__))

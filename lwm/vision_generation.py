@@ -17,17 +17,16 @@ The recipe is the original's (docs/vision_generation.md):
   3. VQGAN decode; write the image or the MP4.
 The whole sequence budget (prompt + n_frames * tokens per frame) is checked before anything is compiled.
 
-Library functions (used by lwm.vision_chat and the tests): `generation_prompts`, `generate_frames`,
-`prefill_vision`, `load_vision_model`, `vision_model_config`. Letters: B prompts, R rows (2B with guidance),
+Library functions (used by the tests): `generation_prompts`, `generate_frames` (over lwm.inference.engine with
+a `FrameRule`). The model comes from lwm.inference.loader, the set-up and flags from lwm.inference.runtime, the prompt template from
+lwm.chat_template. Bad flags or files: one line, exit status 2. Letters: B prompts, R rows (2B with guidance),
 T padded prompt length, W vision vocabulary, F tokens per frame (h*w + 1).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
-import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -37,59 +36,20 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from lwm import distributed
+from lwm.chat_template import Prompt, vision_generation_prompts
+from lwm.inference import runtime
 from lwm.inference.engine import Engine, mesh_sizes
-from lwm.sampling import PromptTooLongError, left_pad, sample_rows
-from lwm.vision_llama import END_OF_FRAME, NUM_VISION_CODES, VisionLLaMAConfig, VisionLLaMAForCausalLM
-
-SYSTEM_PROMPT = "You are a helpful assistant."
+from lwm.inference.runtime import check_budget
+from lwm.sampling import SamplingConfig, sample_rows
+from lwm.vision_llama import END_OF_FRAME, NUM_VISION_CODES, VisionLLaMAForCausalLM
 
 
 # ------------------------------------------------------------------------------------------------ prompts
 
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """One prompt row: ids (T,) int32 and vision (T,) bool, True where ids are vision ids."""
-    ids: np.ndarray
-    vision: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def extend(self, ids: Sequence[int], vision: bool) -> "Prompt":
-        ids = np.asarray(ids, np.int32).reshape(-1)
-        return Prompt(np.concatenate([self.ids, ids]), np.concatenate([self.vision, np.full(len(ids), vision)]))
-
-
-def text_prompt(tokenizer, text: str, bos: bool = True) -> Prompt:
-    """`text` tokenized (`encode` adds no special tokens), after one BOS: the original's leading "<s>"."""
-    ids = ([tokenizer.bos_id] if bos else []) + list(tokenizer.encode(text))
-    return Prompt(np.asarray(ids, np.int32), np.zeros(len(ids), bool))
-
-
 def generation_prompts(tokenizer, caption: str, kind: str) -> tuple[Prompt, Prompt]:
     """(conditional, unconditional) prompts for kind 'image' (the first frame) or 'video' (the rest)."""
     what = {"image": "an image", "video": "a video"}[kind]
-    cond = text_prompt(tokenizer, f"{SYSTEM_PROMPT} USER: Generate {what} of {caption} ASSISTANT: <vision>")
-    return cond, text_prompt(tokenizer, "<vision>")
-
-
-def check_budget(prompt_len: int, new_tokens: int, max_sequence_length: int, what: str) -> None:
-    """PromptTooLongError unless prompt + new tokens fit the model's positions."""
-    if prompt_len + new_tokens > max_sequence_length:
-        raise PromptTooLongError(
-            f"{what}: a prompt of {prompt_len} tokens + {new_tokens} new tokens = {prompt_len + new_tokens} exceeds "
-            f"the model's max_sequence_length={max_sequence_length}; lower it, or raise max_sequence_length "
-            "(--update_llama_config=\"dict(max_sequence_length=N)\")")
-
-
-def pad_prompts(prompts: Sequence[Prompt], length: int, pad_id: int):
-    """Left-pad rows to `length` (see lwm.sampling.left_pad): ids, vision, segment_ids, position_ids (R, T)."""
-    ids, seg, pos = left_pad([p.ids for p in prompts], length, pad_id)
-    vision = np.zeros(ids.shape, bool)
-    for r, p in enumerate(prompts):
-        vision[r, length - len(p):] = p.vision
-    return ids, vision, seg, pos
+    return vision_generation_prompts(tokenizer, f"Generate {what} of {caption}")
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -155,15 +115,13 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     """Draw `n_frames` frames after each conditional prompt: with classifier-free guidance (scale
     sampling.cfg_scale) against `uncond` (one per cond prompt), or plain sampling when `uncond` is None,
     through the generation engine with a `FrameRule`. The model must have sample_mode='vision'.
-    rng: a PRNG key; row r draws with seed (rng's first word + r).
+    rng: a PRNG key; row r draws with seed `seed_of(rng)` + r (the unconditional rows' draws are unused).
 
     Returns (B, n_frames, F) int32 vision ids: F - 1 codes in [0, num_codes), then END_OF_FRAME. Raises
     PromptTooLongError before compiling when a prompt + n_frames * F exceeds max_sequence_length. With an
     ambient mesh the rows are padded (with copies) to a multiple of dp*fsdp and T to a multiple of sp.
     `stats` (optional) receives compile_s (0: the engine compiles inside its first call), generate_s,
     new_tokens (B * n_frames * F) and rows."""
-    from lwm.sampling import SamplingConfig
-
     config = model.config
     if config.sample_mode != "vision":
         raise ValueError(f"generate_frames needs a model with sample_mode='vision', not {config.sample_mode!r}")
@@ -196,82 +154,10 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     return tokens.reshape(b, n_frames, tokens_per_frame)
 
 
-# ------------------------------------------------------------------------------------------ model loading
-
-def vision_model_config(flags: ConfigDict, tokenizer, sample_mode: str) -> VisionLLaMAConfig:
-    """--load_llama_config, --llama.*, --update_llama_config (literals only), the tokenizer's ids, and the
-    sample_mode this entry point needs (the original's scripts set it through update_llama_config)."""
-    from lwm.flags import model_config_from_flags
-
-    view = ConfigDict(dict(modality="vision,text", load_llama_config=flags.load_llama_config,
-                           llama=flags.llama, update_llama_config=flags.update_llama_config))
-    return model_config_from_flags(view, tokenizer).replace(sample_mode=sample_mode)
-
-
-def random_params(shapes, config: VisionLLaMAConfig, shardings=None, seed: int = 0):
-    """Host-drawn random weights with the model's init law (normal(initializer_range), norms at one),
-    each placed on its sharding; nothing is compiled. For demos, tests and benchmarks."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape, sharding):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if re.search(r"(norm|ln_f)/kernel$", name):
-            value = np.ones(shape.shape, np.float32)
-        else:
-            value = rng.standard_normal(shape.shape, np.float32) * np.float32(config.initializer_range)
-        return jax.device_put(value.astype(shape.dtype), sharding)
-
-    if shardings is None:
-        shardings = jax.tree.map(lambda _: None, shapes)
-    return jax.tree_util.tree_map_with_path(draw, shapes, shardings)
-
-
-def load_vision_model(config: VisionLLaMAConfig, load_checkpoint: str, dtype=jnp.float32, mesh=None,
-                      seed: int = 0):
-    """(model, params): weights from a --load_checkpoint spec (params::, trainstate_params::, flax_params::,
-    orbax::), or random (`random_params`) when the spec is empty; cast to `dtype` and, with a mesh, placed
-    by the sharding table one tensor at a time."""
-    from lwm.checkpoint import load_checkpoint as read_checkpoint
-    from lwm.sharding import check_divisible, match_partition_rules, named_shardings
-
-    model = VisionLLaMAForCausalLM(config, dtype=dtype, param_dtype=dtype)
-    shaper = VisionLLaMAForCausalLM(config.replace(attention_impl="dense", scan_attention=False), dtype, dtype)
-    one = jnp.zeros((1, 1), jnp.int32)                 # (the parameter shapes do not depend on the attention)
-    shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), one, one.astype(bool)))["params"]
-    shardings = None
-    if mesh is not None:
-        specs = match_partition_rules(shapes, config.param_scan_axis)
-        check_divisible(shapes, specs, mesh)
-        shardings = named_shardings(specs, mesh)
-    if not load_checkpoint:
-        return model, random_params(shapes, config, shardings, seed)
-    _, params = read_checkpoint(load_checkpoint, params_target=shapes, params_shardings=shardings,
-                                float_dtype=dtype, disallow_trainstate=True)
-    return model, params["params"]
-
-
 # ------------------------------------------------------------------------------------------------- flags
 
-def base_flags() -> ConfigDict:
-    """Flags both vision entry points share, with the original's names and defaults."""
-    c = ConfigDict()
-    c.prompt = ""
-    c.vqgan_checkpoint = ""                    # the released pickle or a .msgpack; '' = random weights (demos)
-    c.vqgan_config = "released"                # VQGAN preset ('released', 'tiny') or json::path
-    c.seed = 1234
-    c.mesh_dim = "1,-1,1,1"                    # dp, fsdp, tp, sp
-    c.dtype = "fp32"                           # fp32 | bf16 | fp16 for the language model
-    c.load_llama_config = ""                   # preset ('tiny', 'debug', '7b', ...) or json::path
-    c.update_llama_config = ""                 # "dict(theta=50000000, max_sequence_length=32768)": literals only
-    c.load_checkpoint = ""                     # params::PATH ...; '' = random weights (demos)
-    c.tokenizer = "LargeWorldModel/LWM-Text-1M"  # tokenizer.model, a folder, or a hub id in the local cache
-    c.llama = ConfigDict()                     # --llama.<field>=value
-    c.jax_distributed = ConfigDict(distributed.default_flags())
-    return c
-
-
 def get_default_config() -> ConfigDict:
-    c = base_flags()
+    c = runtime.vision_flags(ConfigDict())
     c.prompt = "Fireworks over the city"
     c.output_file = ""                         # .png / .jpg (n_frames = 1) or .mp4 (n_frames > 1)
     c.n_frames = 1
@@ -284,27 +170,6 @@ def get_default_config() -> ConfigDict:
     c.cfg_scale_video = 1.0
     c.lock()
     return c
-
-
-def parse_args(argv: Sequence[str], config: ConfigDict) -> ConfigDict:
-    """The original's flags; `--tokenizer.vocab_file=X` (the original scripts' spelling) means --tokenizer=X."""
-    from lwm.flags import parse_flags
-
-    argv = [re.sub(r"^--tokenizer\.vocab_file(?==|$)", "--tokenizer", a) for a in argv]
-    return parse_flags(list(argv), config)
-
-
-def setup_runtime(config: ConfigDict):
-    """jax.distributed (if asked), the tokenizer, the model dtype and the mesh. Returns (tokenizer, dtype, mesh)."""
-    from lwm.checkpoint import parse_float_dtype
-    from lwm.sharding import make_mesh
-    from lwm.tokenizer import load_tokenizer
-
-    distributed.initialize(distributed.config_from_flags(config.jax_distributed))
-    dtype = parse_float_dtype(config.dtype)
-    if dtype is None:
-        raise ValueError("--dtype is empty: use fp32, bf16 or fp16")
-    return load_tokenizer(config.tokenizer), jnp.dtype(dtype), make_mesh(config.mesh_dim)
 
 
 def _check_output(config: ConfigDict) -> None:
@@ -329,12 +194,12 @@ def _check_output(config: ConfigDict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the entry point; returns tokens (n_frames, F), frames (n_frames, H, W, 3) uint8 and timings."""
-    from lwm.sharding import check_model_mesh
+    from lwm.inference.loader import load_model
     from lwm.vision_io import to_uint8, write_image, write_video
     from lwm.vqgan import VQGAN, VQGANConfig
 
     start = time.perf_counter()
-    config = parse_args(sys.argv[1:] if argv is None else argv, get_default_config())
+    config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())
     _check_output(config)
     vq_config = VQGANConfig.load(config.vqgan_config)
     if vq_config.num_embeddings > NUM_VISION_CODES:
@@ -342,9 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          "vision codes the language model has")
     side = vq_config.codes_per_side
     per_frame = side * side + 1                                  # 257 for the released VQGAN
-    tokenizer, dtype, mesh = setup_runtime(config)
-    llama_config = vision_model_config(config, tokenizer, "vision")
-    check_model_mesh(llama_config, mesh)
+    rt = runtime.setup(config, modality="vision,text", sample_mode="vision")
+    tokenizer, dtype, mesh, llama_config = rt.tokenizer, rt.dtype, rt.mesh, rt.model_config
     image = FrameSampling(config.temperature_image, config.top_k_image, config.cfg_scale_image)
     video = FrameSampling(config.temperature_video, config.top_k_video, config.cfg_scale_video)
     image_cond, uncond = generation_prompts(tokenizer, config.prompt, "image")
@@ -358,7 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     stats: dict = {"tokens_per_frame": per_frame}
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        model, params = load_vision_model(llama_config, config.load_checkpoint, dtype, mesh, config.seed)
+        model, params = load_model(llama_config, config.load_checkpoint, dtype, mesh, random_if_empty=True,
+                                   seed=config.seed)
         stats["load_model_s"] = time.perf_counter() - t0
         stats["params_m"] = sum(x.size for x in jax.tree.leaves(params)) / 1e6
         kw = dict(tokens_per_frame=per_frame, pad_id=tokenizer.pad_id, num_codes=vq_config.num_embeddings)
@@ -395,4 +260,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(runtime.cli("lwm.vision_generation", main, get_default_config, __doc__))

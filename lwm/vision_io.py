@@ -7,7 +7,10 @@ Frames are numpy arrays: uint8 (T, H, W, 3) on disk, float32 in [-1, 1] for the 
     write_video("out.mp4", to_uint8(pixels), fps=4)               # pixels (T, H, W, 3) in [-1, 1]
 
 Images are read and written with Pillow; videos are read with PyAV (any container/codec FFmpeg decodes) and
-written as MP4 (H.264) with PyAV, in-process (no ffmpeg subprocess).
+written as MP4 (H.264) with PyAV, in-process (no ffmpeg subprocess). Pixels reach the model as a viewer shows
+them: EXIF orientation (images) and display-matrix rotation (videos) applied, every mode and bit depth
+mapped to 8-bit RGB over its full range (`to_rgb8`), and the crop box computed before resampling
+(`crop_box`), so memory does not grow with the aspect ratio.
 """
 from __future__ import annotations
 
@@ -43,21 +46,74 @@ def sample_frame_indices(num_frames: int, max_n_frames: int) -> list[int]:
     return np.linspace(0, num_frames - 1, max_n_frames).astype(int).tolist()
 
 
-def resize_center_crop(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """Scale the shorter side to `size` (bicubic), then cut the central size x size square.
-    Returns uint8 (size, size, 3). A 512x256 (W x H) image with size 256 keeps columns 128..383 unscaled."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    image = image.convert("RGB")
-    width, height = image.size
+def crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The source rectangle (left, top, right, bottom), in pixels of the (width x height) image, that becomes the
+    size x size output: the central square of the image after its shorter side is scaled to `size` (the
+    original's resize-then-crop, with the resized length rounded down and the crop offset taken in resized
+    pixels). Worked example: 64 x 40 to 32 -> resized 51 x 32, offset 9 -> box (11.29, 0.0, 51.45, 40.0)."""
     if width < height:
         new_w, new_h = size, max(size, int(size * height / width))
     else:
         new_w, new_h = max(size, int(size * width / height)), size
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+    sx, sy = width / new_w, height / new_h                   # source pixels per resized pixel
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def resize_center_crop(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """Scale the shorter side to `size` (bicubic) and cut the central size x size square, in one resampling
+    of the source rectangle that square comes from (`crop_box`): memory is that of the output, whatever the
+    aspect ratio (a 1 x 4000 image does not pass through a 256 x 1,024,000 intermediate).
+    Any mode is first made 8-bit RGB (`to_rgb8`). Returns uint8 (size, size, 3). A 512x256 (W x H) image
+    with size 256 keeps columns 128..383 unscaled."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = to_rgb8(image)
+    width, height = image.size
+    box = crop_box(width, height, size)
+    if box[2] - box[0] == size and box[3] - box[1] == size and float(box[0]).is_integer() \
+            and float(box[1]).is_integer():
+        out = image.crop(tuple(int(b) for b in box))          # no scaling: a pure crop
+    else:
+        out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(out, np.uint8)
+
+
+# Modes whose pixels are integers of 16 bits (PNG, TIFF) or 32 bits (PIL's 'I', read from 16-bit files by older
+# Pillow): scaled from [0, 65535] to [0, 255]. 'F' (32-bit float, e.g. TIFF) is taken as [0, 1].
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any Pillow mode -> 8-bit 'RGB' over the mode's full range, as an image viewer shows it:
+    '1' and 'L' -> grey; 'I;16*' and 'I' -> value / 65535 (16-bit data); 'F' -> value in [0, 1]; 'P'
+    through its palette; 'CMYK', 'YCbCr', 'LAB', 'HSV' by Pillow's conversions; an alpha channel ('LA', 'PA',
+    'RGBA', 'La', 'RGBa', a palette or 'L'/'RGB' with a transparent colour) composited over `background`
+    (white). Values outside a mode's range are clipped."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT or mode == "F":
+        values = np.asarray(image, np.float64)
+        scale = 65535.0 if mode != "F" else 1.0
+        grey = np.clip(np.round(values * (255.0 / scale)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in ("La", "RGBa"):
+        image = image.convert(mode.upper())                   # undo premultiplied alpha
+    if image.mode in ("P", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")                          # palette entries and transparent colours
+    if image.mode in ("LA", "RGBA"):
+        canvas = Image.new("RGBA", image.size, tuple(background) + (255,))
+        return Image.alpha_composite(canvas, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def oriented(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says (a phone photo stored sideways comes out upright,
+    as a viewer shows it); unchanged without the tag."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
 
 
 def to_model_range(frames: np.ndarray) -> np.ndarray:
@@ -71,6 +127,8 @@ def to_uint8(frames) -> np.ndarray:
 
 
 def read_image(path: str) -> Image.Image:
+    """The image at `path` (local or fsspec URL) in its own mode, turned upright by its EXIF orientation.
+    Raises FileNotFoundError, or ValueError naming the file when it is not a readable image."""
     import fsspec
 
     try:
@@ -79,13 +137,25 @@ def read_image(path: str) -> Image.Image:
             image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such image file") from None
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read as an image ({e})") from None
-    return image.convert("RGB")
+    return oriented(image)
+
+
+def upright(frame: np.ndarray, rotation: float) -> np.ndarray:
+    """A decoded frame (H, W, C) turned as its display matrix says: `rotation` is FFmpeg's
+    av_display_rotation_get angle (degrees counterclockwise, as PyAV's VideoFrame.rotation gives it), so the
+    frame is rotated counterclockwise by that angle, which is what FFmpeg's own autorotation does
+    (a phone video recorded upright has -90 or 90). Only multiples of 90 occur in practice; others raise."""
+    turns = round(rotation / 90.0)
+    if abs(rotation - 90.0 * turns) > 1e-3:
+        raise ValueError(f"video rotation {rotation} degrees: only multiples of 90 are supported")
+    return np.ascontiguousarray(np.rot90(frame, k=turns % 4)) if turns % 4 else frame
 
 
 def _decode_video(path: str) -> Iterator[np.ndarray]:
-    """Every frame of the first video stream of `path`, as uint8 (H, W, 3)."""
+    """Every frame of the first video stream of `path`, as uint8 (H, W, 3) in full-range RGB (PyAV's
+    conversion from the stream's pixel format and bit depth), turned upright (`upright`)."""
     import av
 
     if "://" not in str(path) and not os.path.exists(path):
@@ -101,7 +171,7 @@ def _decode_video(path: str) -> Iterator[np.ndarray]:
         stream = container.streams.video[0]
         try:
             for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
+                yield upright(frame.to_ndarray(format="rgb24"), frame.rotation)
         except av.error.FFmpegError as e:
             raise ValueError(f"{path}: video decoding failed ({e})") from None
 

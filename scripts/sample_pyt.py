@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-# The original's chat template; plain (non-chat) models take the prompt as it is.
-CHAT_TEMPLATE = "You are a helpful assistant. USER: {} ASSISTANT:"
+from lwm.chat_template import user_turn_text  # the one chat template (plain models take the prompt as it is)
 
 
 def parse_args(argv=None):
@@ -42,7 +41,7 @@ def main(argv=None):
     model = LlamaForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=args.dtype).to(args.device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    prompt = CHAT_TEMPLATE.format(args.prompt) if args.chat else args.prompt
+    prompt = user_turn_text(args.prompt, first=True) if args.chat else args.prompt
     ids = tokenizer(prompt).input_ids
     if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id] + ids

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from lwm import vision_chat as vc
-from lwm import vision_generation as vg
 from lwm import vision_io
+from lwm.inference.loader import load_model
 from lwm.tokenizer import load_tokenizer, train_sentencepiece
 from lwm.vision_llama import END_OF_FRAME, END_OF_VISION, VisionLLaMAConfig
 
@@ -98,7 +98,7 @@ def _check_greedy_answer(tok_path, result, seed):
     config = VisionLLaMAConfig.load("tiny").replace(sample_mode="text", vocab_size=max(512, tok.vocab_size),
                                                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                                                     initializer_range=0.1)
-    model, params = vg.load_vision_model(config, "", jnp.float32, None, seed=seed)   # same host-drawn weights
+    model, params = load_model(config, "", jnp.float32, None, random_if_empty=True, seed=seed)   # same host-drawn weights
     prompt, answer = result["prompt"], result["tokens"]
     seq = prompt.extend(answer, False)
     logits = np.asarray(_text_logits(params, jnp.asarray(seq.ids)[None], jnp.asarray(seq.vision)[None],

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from lwm import vision_generation as vg
+from lwm.inference.loader import load_model
 from lwm.sampling import PromptTooLongError
 from lwm.tokenizer import train_sentencepiece
 from lwm.vision_llama import END_OF_FRAME, VisionLLaMAConfig
@@ -42,7 +43,7 @@ def tiny(tok):
     """A tiny random vision model (sharper than the default init so greedy choices are well separated)."""
     config = VisionLLaMAConfig.load("tiny").replace(sample_mode="vision", initializer_range=0.1,
                                                     vocab_size=max(512, tok.vocab_size))
-    return vg.load_vision_model(config, "", jnp.float32, None, seed=3)
+    return load_model(config, "", jnp.float32, None, random_if_empty=True, seed=3)
 
 
 def _flags(tok_path, out, *extra):

@@ -1,0 +1,91 @@
+"""The one model loader for inference, text and vision alike.
+
+    model, params = load_model(config, "params::/ckpt/params", jnp.bfloat16, mesh)
+
+`config` is a `LLaMAConfig` (text) or a `VisionLLaMAConfig` (vision-language); the model class follows from
+it. The parameter shapes come from `param_shapes` (one function for both), the checkpoint is read by
+`lwm.checkpoint.load_checkpoint` (any `--load_checkpoint` spec: params::PATH, trainstate_params::PATH,
+flax_params::PATH, orbax::DIR), checked against those shapes, cast to `dtype` and, with a mesh, placed by
+the sharding table (lwm.sharding) one tensor at a time, so host memory never holds more than one tensor
+beyond the placed tree. An empty spec loads host-drawn random weights (`random_params`) only when asked
+(`random_if_empty=True`: demos and tests of the vision entry points); otherwise it raises.
+"""
+from __future__ import annotations
+
+import re
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lwm.llama import LLaMAConfig, LLaMAForCausalLM
+from lwm.vision_llama import VisionLLaMAConfig, VisionLLaMAForCausalLM
+
+
+def model_class(config: LLaMAConfig):
+    """VisionLLaMAForCausalLM for a VisionLLaMAConfig, LLaMAForCausalLM for any other LLaMAConfig."""
+    return VisionLLaMAForCausalLM if isinstance(config, VisionLLaMAConfig) else LLaMAForCausalLM
+
+
+def param_shapes(config: LLaMAConfig, dtype=jnp.float32):
+    """The parameter tree of `config`'s model as jax.ShapeDtypeStruct leaves; nothing is allocated.
+
+    Traced through a twin of the model with plain dense attention and one token: parameter shapes do not
+    depend on the attention path, and a ring or a kernel cannot trace a single token."""
+    twin = config.replace(attention_impl="dense", scan_attention=False)
+    one = jnp.zeros((1, 1), jnp.int32)
+    cls = model_class(config)
+    model = cls(twin, dtype=dtype, param_dtype=dtype)
+    args = (one, one.astype(bool)) if cls is VisionLLaMAForCausalLM else (one,)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))["params"]
+
+
+def param_shardings(shapes, config: LLaMAConfig, mesh):
+    """NamedShardings for `shapes` from the sharding table; raises (lwm.sharding) when a rule is missing or
+    a dimension is not divisible by its mesh axes."""
+    from lwm.sharding import check_divisible, match_partition_rules, named_shardings
+
+    specs = match_partition_rules(shapes, config.param_scan_axis)
+    check_divisible(shapes, specs, mesh)
+    return named_shardings(specs, mesh)
+
+
+def random_params(shapes, config: LLaMAConfig, shardings=None, seed: int = 0):
+    """Host-drawn random weights with the model's init law (normal(0, initializer_range), norms at one),
+    each placed on its sharding; nothing is compiled, and the draw is the same on any mesh. For demos,
+    tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape, sharding):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if re.search(r"(norm|ln_f)/kernel$", name):
+            value = np.ones(shape.shape, np.float32)
+        else:
+            value = rng.standard_normal(shape.shape, np.float32) * np.float32(config.initializer_range)
+        return jax.device_put(value.astype(shape.dtype), sharding)
+
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: None, shapes)
+    return jax.tree_util.tree_map_with_path(draw, shapes, shardings)
+
+
+def load_model(config: LLaMAConfig, load_checkpoint: str, dtype=jnp.float32, mesh=None, *,
+               random_if_empty: bool = False, seed: int = 0):
+    """(model, params) for inference: `model_class(config)` computing in `dtype`, and its parameters read
+    from a `--load_checkpoint` spec, cast to `dtype` and, with a mesh, placed on it.
+
+    An empty spec gives `random_params(..., seed)` when random_if_empty, else raises ValueError naming the
+    flag. A checkpoint whose tree or shapes differ from the model's raises lwm.checkpoint.CheckpointError."""
+    from lwm.checkpoint import load_checkpoint as read_checkpoint
+
+    dtype = jnp.dtype(dtype)
+    model = model_class(config)(config, dtype=dtype, param_dtype=dtype)
+    shapes = param_shapes(config, dtype)
+    shardings = None if mesh is None else param_shardings(shapes, config, mesh)
+    if not load_checkpoint:
+        if random_if_empty:
+            return model, random_params(shapes, config, shardings, seed)
+        raise ValueError("--load_checkpoint is empty: give params::PATH (or trainstate_params::, flax_params::, "
+                         "orbax::) of a trained model")
+    _, params = read_checkpoint(load_checkpoint, params_target=shapes, params_shardings=shardings,
+                                float_dtype=dtype, disallow_trainstate=True)
+    return model, params["params"]

@@ -1,0 +1,208 @@
+"""Greedy outputs of every inference entry point on tiny models, recorded before the inference refactor
+(issue 14) so that the refactored code can be shown to give the same tokens.
+
+Regenerate (only when an output is meant to change, and say why in the commit):
+    PYTHONPATH=$PWD python tests/golden_cases.py --write        # rewrites tests/golden/outputs.json
+    PYTHONPATH=$PWD python tests/golden_cases.py --write NAME   # rewrites one case (names: CASES below)
+tests/test_golden.py runs the same cases and compares them with the file, token for token.
+
+Every case runs the real entry point (`main(argv)`) with 8 simulated CPU devices (as tests/conftest.py
+sets), the tiny presets, one small sentencepiece tokenizer and, for text, a tiny random checkpoint on disk
+(lm_head scaled by 8 so that greedy choices are far from ties, as in tests/test_sampling.py); vision models
+use the entry points' own seeded random weights with initializer_range=0.1 (also well separated).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GOLDEN = os.path.join(HERE, "golden", "outputs.json")
+
+WORDS = ("time market people idea startup money work company reason question problem answer city number "
+         "river house thing world school friend night letter garden window paper fox dog picture video").split()
+TOKENIZER_TEXTS = (
+    ["You are a helpful assistant. USER: hello there ASSISTANT: hi, how are you?",
+     "You are a helpful assistant. USER: What is in the video? <vision> </vision> ASSISTANT: A dog runs.",
+     "What is in the picture? The quick brown fox jumps over the lazy dog.",
+     "Generate an image of fireworks over the city. Generate a video of a dog on a beach.",
+     "The special magic number is: 0123456789 ? ASSISTANT USER"] * 4)
+
+
+def setup_env() -> None:
+    """The environment tests/conftest.py gives the tests (before JAX is imported)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flag = "--xla_force_host_platform_device_count=8"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    os.environ.setdefault("NPROC", "32")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def documents(n_docs=6, sentences=60, seed=0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        parts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
+                 for _ in range(sentences)]
+        docs.append(" ".join(parts) + "\n")
+    return docs
+
+
+def make_workdir(d: str) -> str:
+    """Tokenizer, haystack JSONL, tiny text checkpoint and two media files under `d`; returns d."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from PIL import Image
+
+    from lwm import vision_io
+    from lwm.checkpoint import save_streaming
+    from lwm.llama import LLaMAConfig, LLaMAForCausalLM
+    from lwm.tokenizer import train_sentencepiece
+
+    os.makedirs(d, exist_ok=True)
+    docs = documents()
+    with open(os.path.join(d, "haystack.jsonl"), "w") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+    train_sentencepiece(docs + TOKENIZER_TEXTS, os.path.join(d, "tokenizer.model"), vocab_size=400)
+    model = LLaMAForCausalLM(LLaMAConfig.load("tiny"))
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * 8.0 if "lm_head" in jax.tree_util.keystr(p) else x, params)
+    save_streaming(os.path.join(d, "params"), params)
+    img = np.zeros((40, 64, 3), np.uint8)
+    img[..., 0] = np.arange(64)[None] * 4
+    img[..., 1] = np.arange(40)[:, None] * 6
+    Image.fromarray(img).save(os.path.join(d, "picture.png"))
+    frames = np.stack([np.full((48, 64, 3), 30 * i + 10, np.uint8) for i in range(5)])
+    frames[:, :, :20, 2] = 200
+    vision_io.write_video(os.path.join(d, "clip.mp4"), frames, fps=4)
+    return d
+
+
+# ------------------------------------------------------------------------------------------- the cases
+
+def _needle_modules():
+    """The needle entry points (lwm.eval_needle*, formerly scripts/eval_needle*.py)."""
+    try:
+        from lwm import eval_needle, eval_needle_multi
+    except ImportError:
+        sys.path.insert(0, os.path.join(ROOT, "scripts"))
+        import eval_needle
+        import eval_needle_multi
+    return eval_needle, eval_needle_multi
+
+
+def text_chat(d: str) -> dict:
+    """Two turns of an interactive greedy chat (the second sees the first's history), then one --prompt run."""
+    from lwm import text_chat as tc
+
+    flags = ["--load_llama_config=tiny", f"--load_checkpoint=params::{d}/params", f"--tokenizer={d}/tokenizer.model",
+             "--mesh_dim=1,-1,1,1", "--max_new_tokens=8", "--temperature=0"]
+    out = io.StringIO()
+    answers = tc.main(flags, stdin=io.StringIO("hello there\nwhat is in the picture\n"), stdout=out)
+    one = tc.main(flags + ["--prompt=What is the special magic number?", "--stream=False"], stdout=io.StringIO())
+    return dict(interactive=answers, transcript=out.getvalue(), prompt=one)
+
+
+def _needle_flags(d: str, out: str, extra=()) -> list[str]:
+    return ["--load_llama_config=tiny", f"--load_checkpoint=params::{d}/params", f"--tokenizer={d}/tokenizer.model",
+            f"--haystack_file={d}/haystack.jsonl", f"--output_file={out}", "--context_lengths_min=200",
+            "--context_lengths_max=400", "--n_context_length_intervals=2", "--n_document_depth_intervals=2",
+            "--n_rounds=1", "--max_new_tokens=6", "--final_context_length_buffer=20", "--max_tokens_per_batch=4000",
+            "--progress=False", *extra]
+
+
+def _json_without_timings(path: str) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in json.load(f)]
+
+
+def eval_needle(d: str) -> list[dict]:
+    single, _ = _needle_modules()
+    out = os.path.join(d, "needle", "results.json")
+    if os.path.exists(out):
+        os.remove(out)
+    single.main(_needle_flags(d, out))
+    return _json_without_timings(out)
+
+
+def eval_needle_multi(d: str) -> list[dict]:
+    _, multi = _needle_modules()
+    out = os.path.join(d, "multi", "results.json")
+    if os.path.exists(out):
+        os.remove(out)
+    multi.main(_needle_flags(d, out, ["--n_needles_total=2", "--n_needles_retrieve=2",
+                                      "--n_document_depth_intervals=3", "--max_new_tokens=10"]))
+    return _json_without_timings(out)
+
+
+def _vision_chat(d: str, input_file: str, *extra) -> dict:
+    from lwm import vision_chat as vc
+
+    result = vc.main(["--load_llama_config=tiny", "--vqgan_config=tiny", f"--tokenizer={d}/tokenizer.model",
+                      f"--input_file={input_file}", "--prompt=What is in the video?", "--temperature=0",
+                      "--max_new_tokens=8", "--seed=5", "--update_llama_config=dict(initializer_range=0.1)",
+                      *extra])
+    return dict(answer=result["answer"], tokens=[int(t) for t in result["tokens"]],
+                prompt_ids=[int(t) for t in result["prompt"].ids])
+
+
+def vision_chat_image(d: str) -> dict:
+    return _vision_chat(d, os.path.join(d, "picture.png"))
+
+
+def vision_chat_video(d: str) -> dict:
+    return _vision_chat(d, os.path.join(d, "clip.mp4"), "--max_n_frames=3")
+
+
+def vision_generation(d: str) -> dict:
+    """A greedy two-frame video: frame 1 on the image prompt with guidance 3, frame 2 on the video prompt
+    (after frame 1) with guidance 2."""
+    from lwm import vision_generation as vg
+
+    base = ["--load_llama_config=tiny", "--vqgan_config=tiny", f"--tokenizer={d}/tokenizer.model",
+            "--prompt=fireworks over the city", "--seed=7", "--update_llama_config=dict(initializer_range=0.1)",
+            "--temperature_image=0", "--temperature_video=0"]
+    video = vg.main(base + [f"--output_file={d}/gen.mp4", "--n_frames=2", "--cfg_scale_image=3.0",
+                            "--cfg_scale_video=2.0"])
+    return dict(video=video["tokens"].tolist())
+
+
+CASES = dict(text_chat=text_chat, eval_needle=eval_needle, eval_needle_multi=eval_needle_multi,
+             vision_chat_image=vision_chat_image, vision_chat_video=vision_chat_video,
+             vision_generation=vision_generation)
+
+
+def load_golden() -> dict:
+    with open(GOLDEN) as f:
+        return json.load(f)
+
+
+def main(argv) -> None:
+    import tempfile
+
+    if not argv or argv[0] != "--write" or not set(argv[1:]) <= set(CASES):
+        sys.exit(__doc__)
+    setup_env()
+    sys.path.insert(0, ROOT)
+    names = argv[1:] or list(CASES)
+    outputs = load_golden() if argv[1:] else {}
+    with tempfile.TemporaryDirectory() as d:
+        make_workdir(d)
+        outputs.update({name: json.loads(json.dumps(CASES[name](d))) for name in names})
+    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+    with open(GOLDEN, "w") as f:
+        json.dump(outputs, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {GOLDEN}: {', '.join(outputs)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
