@@ -38,13 +38,12 @@ def running_server(app):
         thread.join(timeout=30)
 
 
-def host_random_params(model, example_args, seed: int = 0):
+def host_random_params(model, seed: int = 0):
     """Random weights with the model's init law drawn on the host (nothing compiled: `model.init` of the
     tiny preset takes most of a minute to compile on a loaded 2-core machine)."""
-    from lwm.vision_generation import random_params
+    from lwm.inference.loader import param_shapes, random_params
 
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_args))["params"]
-    return random_params(shapes, model.config, seed=seed)
+    return random_params(param_shapes(model.config), model.config, seed=seed)
 
 
 def tiny_text_model(max_sequence_length: int = 256, seed: int = 0):
@@ -54,7 +53,7 @@ def tiny_text_model(max_sequence_length: int = 256, seed: int = 0):
 
     cfg = LLaMAConfig.load("tiny").replace(max_sequence_length=max_sequence_length)
     model = LLaMAForCausalLM(cfg)
-    params = host_random_params(model, (jnp.zeros((1, 8), jnp.int32),), seed)
+    params = host_random_params(model, seed)
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x * 8.0 if "lm_head" in jax.tree_util.keystr(p) else x, params)
     return cfg, model, params
@@ -72,7 +71,6 @@ def tiny_vision_served(directory, max_sequence_length: int = 512, seed: int = 0)
     tok = small_tokenizer(directory)
     cfg = VisionLLaMAConfig.load("tiny").replace(max_sequence_length=max_sequence_length, sample_mode="text")
     model = VisionLLaMAForCausalLM(cfg)
-    one = jnp.zeros((1, 4), jnp.int32)
-    params = host_random_params(model, (one, one.astype(bool)), seed)
+    params = host_random_params(model, seed)
     engine = Engine(model, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
     return engine, tok, VQGAN.load(None, VQGANConfig.load("tiny"), seed=seed)

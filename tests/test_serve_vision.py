@@ -1,6 +1,6 @@
 """`lwm.serve` with a vision-language model (tiny preset, random weights, tiny VQGAN) and the `openai` client:
 an image sent as a PNG (or JPEG) data URL is answered with the tokens the engine gives for the original
-LWM-Chat prompt (`lwm.vision_chat.chat_prompt`) of that image's VQGAN codes; frames as several image parts and
+LWM-Chat prompt (`lwm.chat_template.vision_chat_prompt`) of that image's VQGAN codes; frames as several image parts and
 an mp4 data URL are read as video; non-image data in an image part is a 400 and the next request is served;
 local paths need --allow_local_media; /v1/images/generations returns a PNG equal to the direct generation."""
 import base64
@@ -50,15 +50,16 @@ def ask(server, parts, **kw):
 
 
 def reference(server, frames_uint8):
-    """The engine's greedy answer for the original LWM-Chat prompt of these frames (lwm.vision_chat)."""
-    from lwm.vision_chat import chat_prompt, vision_tokens
+    """The engine's greedy answer for the original LWM-Chat prompt of these frames (as lwm.vision_chat)."""
+    from lwm.chat_template import vision_chat_prompt
+    from lwm.vision_chat import vision_tokens
     from lwm.vision_io import resize_center_crop, to_model_range
 
     vqgan = server["vqgan"]
     side = vqgan.config.resolution
     frames = to_model_range(np.stack([resize_center_crop(f, side) for f in frames_uint8]))
     _, codes = vqgan.encode(frames)
-    prompt = chat_prompt(server["tok"], QUESTION, vision_tokens(np.asarray(codes)))
+    prompt = vision_chat_prompt(server["tok"], QUESTION, vision_tokens(np.asarray(codes)))
     result = server["engine"].generate([list(prompt.ids)], NEW, vision=[list(prompt.vision)])
     return list(prompt.ids), result.tokens[0]
 

@@ -38,7 +38,7 @@ class ServedModel:
         self.is_vision = hasattr(self.config, "vision_vocab_size")
         self.max_sequence_length = int(self.config.max_sequence_length)
         self.created = int(time.time())
-        self._image_model = None
+        self._image_engine = None
 
     def card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "lwm",
@@ -139,29 +139,41 @@ class ServedModel:
 
     def generate_images(self, prompt: str, n: int, *, seed: int, temperature: float, top_k: int,
                         cfg_scale: float) -> list[np.ndarray]:
-        """n images for `prompt` by the original's text-to-image recipe (lwm.vision_generation: the
-        "Generate an image of ..." prompt, classifier-free guidance against "<vision>" when cfg_scale != 1),
-        decoded by the VQGAN. Returns n uint8 (R, R, 3) frames. Runs on the engine thread."""
-        import jax
-
-        from lwm.vision_generation import FrameSampling, generate_frames, generation_prompts
+        """n images for `prompt` by the original's text-to-image recipe: the prompts of
+        `lwm.chat_template.vision_generation_prompts` ("Generate an image of {prompt}" against "<vision>"), the
+        frame rule of `lwm.vision_generation` (classifier-free guidance when cfg_scale != 1, forced
+        end-of-frame), the VQGAN decode. The same rows and seeds as `lwm.vision_generation.generate_frames`
+        (tests/test_serve_vision.py checks equal images) but on one engine kept for the server's lifetime,
+        so requests after the first reuse its compiled steps (generate_frames builds an engine per call).
+        Returns n uint8 (R, R, 3) frames. Runs on the engine thread."""
+        from lwm.chat_template import vision_generation_prompts
+        from lwm.inference.engine import Engine
+        from lwm.sampling import SamplingConfig
+        from lwm.vision_generation import FrameRule
         from lwm.vision_io import to_uint8
 
         side = self.vqgan.config.codes_per_side
-        cond, uncond = generation_prompts(self.tokenizer, prompt, "image")
-        self.check_length(max(len(cond), len(uncond)), side * side + 1)
-        if self._image_model is None:
+        per_frame = side * side + 1
+        cond, uncond = vision_generation_prompts(self.tokenizer, f"Generate an image of {prompt}")
+        self.check_length(max(len(cond), len(uncond)), per_frame)
+        if self._image_engine is None:
             model = self.engine.model
-            self._image_model = type(model)(self.config.replace(sample_mode="vision"), dtype=model.dtype,
-                                            param_dtype=model.param_dtype)
-        codes = generate_frames(self._image_model, self.engine.params, [cond] * n,
-                                [uncond] * n if cfg_scale != 1 else None, n_frames=1,
-                                tokens_per_frame=side * side + 1,
-                                sampling=FrameSampling(temperature, top_k, cfg_scale),
-                                rng=jax.random.PRNGKey(seed), pad_id=self.tokenizer.pad_id,
-                                num_codes=self.vqgan.config.num_embeddings)            # (n, 1, F)
-        pixels = self.vqgan.decode(np.asarray(codes)[:, 0, :-1].reshape(n, side, side))
-        return list(to_uint8(pixels))
+            image_model = type(model)(self.config.replace(sample_mode="vision"), dtype=model.dtype,
+                                      param_dtype=model.param_dtype)
+            self._image_engine = Engine(image_model, self.engine.params, eos_id=-1, pad_id=self.tokenizer.pad_id)
+        guided = cfg_scale != 1
+        halves = [[cond] * n] + ([[uncond] * n] if guided else [])
+        data, _ = self.engine.mesh_sizes()
+        per_half = data // math.gcd(data, len(halves))            # rows per half must make R divisible by data
+        b_pad = per_half * math.ceil(n / per_half)
+        rows = [p for half in halves for p in half + [half[0]] * (b_pad - n)]
+        result = self._image_engine.generate(
+            [p.ids for p in rows], per_frame, vision=[p.vision for p in rows],
+            rule=FrameRule(per_frame, self.vqgan.config.num_embeddings, float(cfg_scale), guided),
+            sampling=SamplingConfig(temperature, top_k), seeds=[seed + r % b_pad for r in range(len(rows))],
+            stop_ids=())
+        codes = np.asarray(result.tokens[:n], np.int32)[:, :-1].reshape(n, side, side)
+        return list(to_uint8(self.vqgan.decode(codes)))
 
     # --------------------------------------------------------------------------------------- generation
     @property
