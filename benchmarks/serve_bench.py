@@ -87,6 +87,7 @@ def main(argv=None):
     import numpy as np
 
     from lwm.inference.engine import Engine
+    from lwm.inference.loader import param_shapes, random_params
     from lwm.llama import LLaMAConfig, LLaMAForCausalLM
     from lwm.serve import create_app
     from lwm.tokenizer import train_sentencepiece
@@ -94,11 +95,13 @@ def main(argv=None):
     levels = [int(x) for x in args.levels.split(",")]
     cfg = LLaMAConfig.load(args.preset).replace(max_sequence_length=args.prompt_tokens + args.new_tokens + 64)
     model = LLaMAForCausalLM(cfg)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    words = "the quick brown fox jumps over a lazy dog while world models read long videos".split()
+    params = random_params(param_shapes(cfg), cfg)                 # host-drawn: nothing to compile
+    words = ("the quick brown fox jumps over a lazy dog while world models read long videos and text in one "
+             "million token context with ring attention packing").split()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        tok = train_sentencepiece([" ".join(rng.choice(words, 12)) for _ in range(300)], f"{tmp}/t.model", 200)
+        tok = train_sentencepiece([" ".join(rng.choice(words, rng.integers(2, 30))) for _ in range(400)],
+                                  f"{tmp}/t.model", 400)
     engine = Engine(model, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
     # Token-id prompts (BOS first), different for every request; ids avoid BOS/EOS.
     n_max = max(levels) * args.requests_per_slot

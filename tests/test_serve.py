@@ -35,14 +35,15 @@ def server(tmp_path_factory):
     from lwm.inference.engine import Engine
     from lwm.serve import create_app
 
-    tok = small_tokenizer(tmp_path_factory.mktemp("tok"))
+    tok_dir = tmp_path_factory.mktemp("tok")
+    tok = small_tokenizer(tok_dir)
     cfg, model, params = tiny_text_model()
     engine = Engine(model, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
     app = create_app(engine, tok, model_name="tiny", api_key=KEY, max_batch_size=16, max_queue=32)
     with running_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
         yield dict(url=url, client=client, tok=tok, engine=engine, model=model, params=params, cfg=cfg,
-                   scheduler=app.state.scheduler)
+                   scheduler=app.state.scheduler, tok_file=tok_dir / "tokenizer.model")
 
 
 def raw(url, path, body=None, key=KEY, method=None):
@@ -288,3 +289,45 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server):
     print(f"left after {got} token(s); the row stopped after {produced} of {budget}; {t1-t0:.2f} s, {time.time()-t1:.2f} s")
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")                 # and the server serves on
+
+
+def test_entry_point_serves_a_checkpoint_and_refuses_bad_flags(server, tmp_path):
+    """`python -m lwm.serve` as a user runs it: bad flags are one line (exit 2); with a saved checkpoint it
+    binds to loopback and answers the openai client."""
+    import os
+    import subprocess
+    import sys
+
+    from _serve_fixtures import free_port
+    from lwm.checkpoint import save_streaming
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    bad = subprocess.run([sys.executable, "-m", "lwm.serve", "--modality=audio"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--modality='audio'" in bad.stderr
+    save_streaming(str(tmp_path / "params"), server["params"])
+    tok_file = server["tok_file"]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lwm.serve", "--load_llama_config=tiny",
+                             "--update_llama_config=dict(max_sequence_length=256)",
+                             f"--load_checkpoint=params::{tmp_path / 'params'}", f"--tokenizer={tok_file}",
+                             f"--port={port}", "--model_name=tiny", "--max_batch_size=2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+        deadline = time.time() + 300
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        ids = chat_ids(server, "the quick brown fox")
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the quick brown fox"}],
+                                           max_tokens=NEW, temperature=0, extra_body={"return_token_ids": True})
+        assert r.choices[0].model_extra["token_ids"] == greedy(server, ids)    # the same weights, the same answer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

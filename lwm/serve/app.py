@@ -163,7 +163,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         prompt = await asyncio.to_thread(served.chat_prompt, req.messages)
-        job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop())
+        job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop(), req.return_token_ids)
         extra = lambda ids: {"token_ids": list(ids)} if req.return_token_ids else {}
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = dict(id=ident, object="chat.completion.chunk", created=created, model=served.name)
@@ -188,7 +188,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         prompt = served.completion_prompt(req.prompt)
-        job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop())
+        job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop(), req.return_token_ids)
         extra = lambda ids: {"token_ids": list(ids)} if req.return_token_ids else {}
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         echo = req.prompt if (req.echo and isinstance(req.prompt, str)) else ""

@@ -30,9 +30,11 @@ class Sampling:
 class Job:
     """prompt: token ids (list[int]) for a text model, or an `lwm` vision prompt (ids + vision mask) with len()."""
 
-    def __init__(self, prompt: Any, sampling: Sampling, tokenizer, loop: Optional[asyncio.AbstractEventLoop]):
+    def __init__(self, prompt: Any, sampling: Sampling, tokenizer, loop: Optional[asyncio.AbstractEventLoop],
+                 every_token: bool = False):
         self.prompt, self.sampling, self.tokenizer = prompt, sampling, tokenizer
         self.loop = loop
+        self.every_token = every_token  # post each token as it comes, even while its text is held back
         self.queue: Optional[asyncio.Queue] = asyncio.Queue() if loop is not None else None
         self.tokens: list[int] = []
         self.text = ""                 # the answer so far (stop strings cut off)
@@ -97,7 +99,8 @@ class Job:
                     if self.text[:end].endswith(stop[:k]):
                         end -= k
                         break
-        if end > self.sent or (final and len(self.tokens) > self.sent_tokens):
+        new_tokens = len(self.tokens) > self.sent_tokens
+        if end > self.sent or (new_tokens and (final or self.every_token)):
             self._post(("text", (self.text[self.sent:end], self.tokens[self.sent_tokens:])))
             self.sent, self.sent_tokens = end, len(self.tokens)
 

@@ -5,10 +5,11 @@
     await sched.call(fn)           # run fn() on the engine thread between decode steps (image generation)
 
 Two policies over the one engine (`lwm.inference.engine.Engine`):
-- 'continuous' (default; the slot API, as JetStream / vLLM do): the engine keeps `max_batch_size` decode slots.
-  Between decode steps, waiting jobs are prefilled one by one and inserted into free slots; every step draws
-  one token for every active slot; a slot is freed as soon as its job ends (EOS, budget, a stop string, or
-  its client left), and the next waiting job takes it at the next step.
+- 'continuous' (default; the slot API, as JetStream / vLLM do): the engine keeps `max_batch_size` decode slots
+  (plus one small state, below). Between decode steps, waiting jobs are prefilled one by one and inserted into
+  free slots; every step draws one token for every active slot; a slot is freed as soon as its job ends (EOS,
+  budget, a stop string, or its client left), and the next waiting job takes it at the next step. A step costs
+  every slot of its state, active or not, so a request that runs alone is decoded in a one-row state (`_pools`).
 - 'arrival': when the engine is free, the waiting jobs (up to max_batch_size) run as one `Engine.generate`
   batch; jobs arriving meanwhile wait for the next batch. Rows whose job ended are cancelled through the
   stream callback.
@@ -47,7 +48,7 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.batches = 0            # 'arrival': batches run; 'continuous': decode calls made
-        self.max_rows = 0           # the most jobs decoded together
+        self.max_rows = 0           # the most jobs decoding at once (one engine call, or one round of steps)
         self.finished = collections.deque(maxlen=256)   # (finish_reason, tokens) of recent jobs, newest last
 
     # ---------------------------------------------------------------------------------- any thread
@@ -153,12 +154,30 @@ class Scheduler:
                     self.finished.extend((job.finish_reason, len(job.tokens)) for job in batch)
                     self.running = []
 
+    def _pools(self, data: int) -> list:
+        """Decode states as [offset, slots, state]: a small one (one row per data shard) for a request that
+        runs alone, and one of max_batch_size rows. A step costs every row of its state whether active or
+        not (about 20x one row's cost at 16 rows on a CPU), so a lone request must not pay for 16."""
+        big = data * math.ceil(self.max_batch_size / data)
+        if big <= data:
+            return [[0, big, None]]
+        return [[0, data, None], [data, big, None]]
+
+    def _pick_slot(self, pools, free: list) -> int:
+        """The small state's row while the big state is idle, else the big state's first free row."""
+        big_busy = len(pools) > 1 and any(self.running[i] is not None
+                                          for i in range(pools[1][0], pools[1][0] + pools[1][1]))
+        small = [i for i in free if i < pools[0][1]]
+        large = [i for i in free if i >= pools[0][1]]
+        if small and (not big_busy or not large):
+            return small[0]
+        return large[0]
+
     def _continuous(self) -> None:
         engine = self.served.engine
         data, _ = engine.mesh_sizes()
-        slots = data * math.ceil(self.max_batch_size / data)
-        state = None
-        self.running = [None] * slots
+        pools = self._pools(data)
+        self.running = [None] * sum(p[1] for p in pools)
         while True:
             admit, call = [], None
             with self.cond:
@@ -171,21 +190,25 @@ class Scheduler:
                     self.cond.wait()
                 if self.waiting and isinstance(self.waiting[0], tuple):
                     call = self.waiting.popleft()
-                free = [s for s, j in enumerate(self.running) if j is None][:self.max_batch_size]
-                while self.waiting and free and not isinstance(self.waiting[0], tuple) and call is None:
-                    slot = free.pop(0)
+                active = sum(j is not None for j in self.running)
+                while (call is None and self.waiting and not isinstance(self.waiting[0], tuple)
+                       and active < self.max_batch_size):
+                    slot = self._pick_slot(pools, [i for i, j in enumerate(self.running) if j is None])
                     job = self.waiting.popleft()
                     self.running[slot] = job
                     admit.append((slot, job))
+                    active += 1
+                many = bool(self.waiting)
             if call is not None:
                 self._run_call(call)
                 continue
             try:
-                if state is None:
-                    state = engine.init_state(slots, self.served.cache_length)
                 for slot, job in admit:
+                    pool = next(p for p in pools if p[0] <= slot < p[0] + p[1])
                     try:
-                        state = self.served.insert(state, slot, job)
+                        if pool[2] is None:
+                            pool[2] = engine.init_state(pool[1], self.served.cache_length)
+                        pool[2] = self.served.insert(pool[2], slot - pool[0], job)
                     except APIError as e:
                         job.finish("error", e)
                         self._release(slot)
@@ -193,35 +216,38 @@ class Scheduler:
                         traceback.print_exc()
                         job.finish("error", APIError(500, f"prefill failed: {type(e).__name__}: {e}"))
                         self._release(slot)
-                if not any(j is not None for j in self.running):
-                    continue
-                keep = np.array([j is not None and not j.finished for j in self.running])
-                with self.cond:
-                    many = bool(self.waiting)
                 n_steps = 1 if many else self.steps_per_call
-                state, tokens, emitted = engine.step(state, n_steps=n_steps, keep=keep)
-                self.batches += 1
-                self.max_rows = max(self.max_rows, int(emitted[:, 0].sum()) if emitted.size else 0)
-                for slot, job in enumerate(self.running):
-                    if job is None:
+                self.max_rows = max(self.max_rows, sum(j is not None and not j.finished for j in self.running))
+                for pool in pools:
+                    offset, size, state = pool
+                    jobs = self.running[offset:offset + size]
+                    if state is None or all(j is None for j in jobs):
                         continue
-                    for i in range(tokens.shape[1]):
-                        if emitted[slot, i] and job.feed(int(tokens[slot, i])):
-                            break
-                    if not job.finished and not emitted[slot].any():    # the engine ended it: budget spent
-                        job.finish("length")
-                    if job.finished:
-                        if not job.done.is_set():
-                            job.finish("cancelled")
-                        state = engine.free(state, slot)
-                        self._release(slot)
+                    keep = np.array([j is not None and not j.finished for j in jobs])
+                    state, tokens, emitted = engine.step(state, n_steps=n_steps, keep=keep)
+                    self.batches += 1
+                    for row, job in enumerate(jobs):
+                        if job is None:
+                            continue
+                        for i in range(tokens.shape[1]):
+                            if emitted[row, i] and job.feed(int(tokens[row, i])):
+                                break
+                        if not job.finished and not emitted[row].any():   # the engine ended it: budget spent
+                            job.finish("length")
+                        if job.finished:
+                            if not job.done.is_set():
+                                job.finish("cancelled")
+                            state = engine.free(state, row)
+                            self._release(offset + row)
+                    pool[2] = state
             except Exception as e:
                 traceback.print_exc()
                 for slot, job in enumerate(self.running):
                     if job is not None:
                         job.finish("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
                         self._release(slot)
-                state = None
+                for pool in pools:
+                    pool[2] = None
 
     def _release(self, slot: int) -> None:
         with self.cond:

@@ -82,7 +82,7 @@ class _Sampling(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     user: Optional[str] = None
-    return_token_ids: bool = False          # vLLM's extension: token ids beside the text
+    return_token_ids: bool = False          # vLLM's extension: token ids beside the text (streamed per token)
 
     @field_validator("stop")
     @classmethod
