@@ -198,11 +198,11 @@ class ServedModel:
         s = job.sampling
         return SamplingConfig(temperature=s.temperature, top_k=0, top_p=s.top_p)
 
-    def insert(self, state, slot: int, job):
-        """Prefill `job`'s prompt and put it into decode slot `slot` of the engine state (continuous batching)."""
+    def insert(self, engine, state, slot: int, job):
+        """Prefill `job`'s prompt on `engine` and put it into decode slot `slot` of its state (continuous
+        batching)."""
         from lwm.inference.engine import Prefix
 
-        engine = self.engine
         ids, vision = self._split(job.prompt)
         budget = job.sampling.max_tokens
         data, sp = engine.mesh_sizes()

@@ -33,6 +33,13 @@ from lwm.serve.errors import APIError
 POLICIES = ("continuous", "arrival")
 
 
+def _twin(engine):
+    """A second engine over the same model and parameters: the slot API keeps per-slot sampling flags for the
+    state an engine last initialised, so each decode state gets its own engine (and compiled steps)."""
+    return type(engine)(engine.model, engine.params, eos_id=engine.eos_id, pad_id=engine.pad_id,
+                        vocab_size=engine.vocab_size, cache_dtype=engine.cache_dtype)
+
+
 class Scheduler:
     def __init__(self, served, *, max_batch_size: int = 8, max_queue: int = 64, mesh=None,
                  policy: str = "continuous", steps_per_call: int = 1):
@@ -155,21 +162,22 @@ class Scheduler:
                     self.running = []
 
     def _pools(self, data: int) -> list:
-        """Decode states as [offset, slots, state]: a small one (one row per data shard) for a request that
+        """Decode states as [offset, slots, state, engine]: a small one (one row per data shard) for a request that
         runs alone, and one of max_batch_size rows. A step costs every row of its state whether active or
         not (about 20x one row's cost at 16 rows on a CPU), so a lone request must not pay for 16."""
         big = data * math.ceil(self.max_batch_size / data)
         if big <= data:
-            return [[0, big, None]]
-        return [[0, data, None], [data, big, None]]
+            return [[0, big, None, self.served.engine]]
+        return [[0, data, None, self.served.engine], [data, big, None, _twin(self.served.engine)]]
 
-    def _pick_slot(self, pools, free: list) -> int:
-        """The small state's row while the big state is idle, else the big state's first free row."""
+    def _pick_slot(self, pools, free: list, arriving: int) -> int:
+        """The small state's row for a request that arrives alone while the big state is idle, else the big
+        state's first free row (`arriving`: requests admitted in this round, this one included)."""
         big_busy = len(pools) > 1 and any(self.running[i] is not None
                                           for i in range(pools[1][0], pools[1][0] + pools[1][1]))
         small = [i for i in free if i < pools[0][1]]
         large = [i for i in free if i >= pools[0][1]]
-        if small and (not big_busy or not large):
+        if small and (not large or (not big_busy and arriving == 1)):
             return small[0]
         return large[0]
 
@@ -191,9 +199,10 @@ class Scheduler:
                 if self.waiting and isinstance(self.waiting[0], tuple):
                     call = self.waiting.popleft()
                 active = sum(j is not None for j in self.running)
+                arriving = sum(1 for w in self.waiting if not isinstance(w, tuple))
                 while (call is None and self.waiting and not isinstance(self.waiting[0], tuple)
                        and active < self.max_batch_size):
-                    slot = self._pick_slot(pools, [i for i, j in enumerate(self.running) if j is None])
+                    slot = self._pick_slot(pools, [i for i, j in enumerate(self.running) if j is None], arriving)
                     job = self.waiting.popleft()
                     self.running[slot] = job
                     admit.append((slot, job))
@@ -207,8 +216,8 @@ class Scheduler:
                     pool = next(p for p in pools if p[0] <= slot < p[0] + p[1])
                     try:
                         if pool[2] is None:
-                            pool[2] = engine.init_state(pool[1], self.served.cache_length)
-                        pool[2] = self.served.insert(pool[2], slot - pool[0], job)
+                            pool[2] = pool[3].init_state(pool[1], self.served.cache_length)
+                        pool[2] = self.served.insert(pool[3], pool[2], slot - pool[0], job)
                     except APIError as e:
                         job.finish("error", e)
                         self._release(slot)
@@ -219,7 +228,7 @@ class Scheduler:
                 n_steps = 1 if many else self.steps_per_call
                 self.max_rows = max(self.max_rows, sum(j is not None and not j.finished for j in self.running))
                 for pool in pools:
-                    offset, size, state = pool
+                    offset, size, state, engine = pool
                     jobs = self.running[offset:offset + size]
                     if state is None or all(j is None for j in jobs):
                         continue
