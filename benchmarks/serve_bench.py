@@ -152,7 +152,8 @@ def main(argv=None):
         proc.join()
         return result_
 
-    load(prompts[:top], top)                                  # compile run of the server's shapes
+    load(prompts[:top], top)                                  # compile runs of the server's shapes: the
+    load(prompts[:1], 1)                                      # max_batch_size state and the one-row state
     rows = []
     for c in levels:
         n = c * args.requests_per_slot

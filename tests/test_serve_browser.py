@@ -96,7 +96,7 @@ def test_page_streams_the_answer(browser, tmp_path_factory):
         pieces = browser.execute_script("return window.__pieces;")
         assert last_answer(browser) == want and want
         grown = [p for p in dict.fromkeys(pieces) if p]          # the distinct texts the answer passed through
-        assert len(grown) >= 3 and all(want.startswith(p) for p in grown), grown   # streamed: prefixes, piece by piece
+        assert len(grown) >= 2 and all(want.startswith(p) for p in grown), grown   # streamed: prefixes, piece by piece
         # a second turn goes out with the history and is answered too
         state, _ = send(browser, "and the dog")
         assert state == "done"

@@ -113,9 +113,18 @@ class Job:
 
     # ------------------------------------------------------------------------------------- HTTP side
     async def events(self) -> AsyncIterator[tuple[str, Any]]:
-        """('text', (str, [token ids])) pieces, then ('done', finish_reason). Raises the job's error, if any."""
+        """('text', (str, [token ids])) pieces, then ('done', finish_reason). Pieces that queued up while the
+        reader was busy come merged as one (fewer, larger chunks when the client lags). Raises the job's
+        error, if any."""
         while True:
             kind, value = await self.queue.get()
+            while kind == "text" and not self.queue.empty():
+                nxt = self.queue.get_nowait()
+                if nxt[0] != "text":
+                    yield kind, value
+                    kind, value = nxt
+                    break
+                value = (value[0] + nxt[1][0], list(value[1]) + list(nxt[1][1]))
             if kind == "done":
                 if self.error is not None:
                     raise self.error
