@@ -154,10 +154,14 @@ def main(argv=None):
 
     load(prompts[:top], top)                                  # compile runs of the server's shapes: the
     load(prompts[:1], 1)                                      # max_batch_size state and the one-row state
-    rows = []
+    rows, inside = [], []
     for c in levels:
         n = c * args.requests_per_slot
+        app.state.scheduler.finished.clear()
         wall, res = load(prompts[:n], c)
+        server_side = list(app.state.scheduler.finished)
+        inside.append((c, _percentile([r[2] for r in server_side if r[2] is not None], 50),
+                       _percentile([r[3] for r in server_side if r[3] is not None], 50)))
         ttft = [r[0] for r in res if r[0] is not None]
         lat = [r[1] for r in res]
         toks = sum(r[2] for r in res)
@@ -179,6 +183,11 @@ def main(argv=None):
     for c, n, rps, tps, t50, t95, l50, l95 in rows:
         print(f"| {c} | {n} | {rps:.2f} | {tps:.1f} | {tps / direct_rate:.2f} | {t50 * 1e3:.1f} | {t95 * 1e3:.1f} "
               f"| {t50 / first_s:.2f} | {l50 * 1e3:.1f} | {l95 * 1e3:.1f} |")
+    print("\nthe same requests timed inside the server (from submit to the scheduler, no HTTP, no client):")
+    print("| concurrency | TTFT p50 ms | x direct first | latency p50 ms |")
+    print("|---|---|---|---|")
+    for c, t50, l50 in inside:
+        print(f"| {c} | {t50 * 1e3:.1f} | {t50 / first_s:.2f} | {l50 * 1e3:.1f} |")
     by = {r[0]: r for r in rows}
     if top in by:
         print(f"\ntarget at {top}: output tok/s >= 0.8x direct batched: {by[top][3] / direct_rate:.2f}x "

@@ -213,25 +213,3 @@ class ServedModel:
         prefix = Prefix(cache=cache, logits=logits, length=t, position=len(ids))
         return engine.insert(prefix, state, slot, max_new_tokens=budget, sampling=self._sampling(job),
                              seed=job.sampling.seed or 0)
-
-    def generate_batch(self, jobs) -> None:
-        """Run jobs as one `Engine.generate` batch (batching at arrival), feeding each job its tokens as the
-        decode loop produces them; rows whose job ended (a stop string, the client left) are cancelled."""
-        prompts, masks = zip(*(self._split(j.prompt) for j in jobs))
-        vision = None if all(m is None for m in masks) else list(masks)
-
-        def stream(step, new):
-            cancel = []
-            for r, (job, tok) in enumerate(zip(jobs, new)):
-                if tok is not None:
-                    job.feed(int(tok))
-                if job.finished:
-                    cancel.append(r)
-            return cancel
-
-        result = self.engine.generate(list(prompts), [j.sampling.max_tokens for j in jobs],
-                                      sampling=[self._sampling(j) for j in jobs],
-                                      seeds=[j.sampling.seed or 0 for j in jobs], stream=stream, vision=vision)
-        for job, reason in zip(jobs, result.finish):
-            if not job.done.is_set():
-                job.finish(reason if reason != "cancelled" or job.cancelled.is_set() else "stop")

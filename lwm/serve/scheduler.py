@@ -4,15 +4,12 @@
     sched.submit(job)              # from the event loop; APIError 429 when max_queue jobs already wait
     await sched.call(fn)           # run fn() on the engine thread between decode steps (image generation)
 
-Two policies over the one engine (`lwm.inference.engine.Engine`):
-- 'continuous' (default; the slot API, as JetStream / vLLM do): the engine keeps `max_batch_size` decode slots
+Continuous batching over the slot API of the one engine (`lwm.inference.engine.Engine`), as JetStream and
+vLLM do: the engine keeps `max_batch_size` decode slots
   (plus one small state, below). Between decode steps, waiting jobs are prefilled one by one and inserted into
   free slots; every step draws one token for every active slot; a slot is freed as soon as its job ends (EOS,
   budget, a stop string, or its client left), and the next waiting job takes it at the next step. A step costs
   every slot of its state, active or not, so a request that runs alone is decoded in a one-row state (`_pools`).
-- 'arrival': when the engine is free, the waiting jobs (up to max_batch_size) run as one `Engine.generate`
-  batch; jobs arriving meanwhile wait for the next batch. Rows whose job ended are cancelled through the
-  stream callback.
 A job whose client left before it started is dropped from the queue.
 """
 from __future__ import annotations
@@ -30,7 +27,12 @@ import numpy as np
 
 from lwm.serve.errors import APIError
 
-POLICIES = ("continuous", "arrival")
+
+
+def _record(job) -> tuple:
+    ttft = None if job.t_first is None else job.t_first - job.t_submit
+    latency = None if job.t_done is None else job.t_done - job.t_submit
+    return job.finish_reason, len(job.tokens), ttft, latency
 
 
 def _twin(engine):
@@ -42,21 +44,21 @@ def _twin(engine):
 
 class Scheduler:
     def __init__(self, served, *, max_batch_size: int = 8, max_queue: int = 64, mesh=None,
-                 policy: str = "continuous", steps_per_call: int = 1):
+                 steps_per_call: int = 1):
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_queue={max_queue} >= 0")
-        if policy not in POLICIES:
-            raise ValueError(f"policy={policy!r}: choose one of {POLICIES}")
         self.served, self.max_batch_size, self.max_queue = served, max_batch_size, max_queue
-        self.mesh, self.policy, self.steps_per_call = mesh, policy, max(1, int(steps_per_call))
+        self.mesh, self.steps_per_call = mesh, max(1, int(steps_per_call))
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
-        self.batches = 0            # 'arrival': batches run; 'continuous': decode calls made
-        self.max_rows = 0           # the most jobs decoding at once (one engine call, or one round of steps)
-        self.finished = collections.deque(maxlen=256)   # (finish_reason, tokens) of recent jobs, newest last
+        self.batches = 0            # decode calls made
+        self.max_rows = 0           # the most jobs decoding at once (one round of steps)
+        # (finish_reason, tokens, time to first token s, latency s) of recent jobs, newest last; timed from
+        # submit(), so without HTTP (the benchmark prints them beside what its client sees)
+        self.finished = collections.deque(maxlen=1024)
 
     # ---------------------------------------------------------------------------------- any thread
     def _check_room(self) -> None:
@@ -81,7 +83,7 @@ class Scheduler:
     def stats(self) -> dict:
         with self.cond:
             return {"waiting": len(self.waiting), "running": sum(j is not None for j in self.running),
-                    "policy": self.policy, "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
+                    "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
 
     def start(self) -> "Scheduler":
         self.stopping = False
@@ -101,10 +103,7 @@ class Scheduler:
         import jax
 
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            if self.policy == "continuous":
-                self._continuous()
-            else:
-                self._arrival()
+            self._continuous()
 
     def _drop_cancelled(self) -> None:
         kept = collections.deque()
@@ -123,43 +122,6 @@ class Scheduler:
                 future.set_result(fn())
             except BaseException as e:                  # handed to the awaiting request
                 future.set_exception(e)
-
-    def _arrival(self) -> None:
-        while True:
-            with self.cond:
-                while True:
-                    self._drop_cancelled()
-                    if self.stopping:
-                        return
-                    if self.waiting:
-                        break
-                    self.cond.wait()
-                if isinstance(self.waiting[0], tuple):
-                    item, batch = self.waiting.popleft(), None
-                else:
-                    batch = []
-                    for item in list(self.waiting):
-                        if len(batch) == self.max_batch_size:
-                            break
-                        if not isinstance(item, tuple):
-                            batch.append(item)
-                            self.waiting.remove(item)
-                    self.running = list(batch)
-            if batch is None:
-                self._run_call(item)
-                continue
-            try:
-                self.served.generate_batch(batch)
-            except Exception as e:
-                traceback.print_exc()
-                for job in batch:
-                    job.finish("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
-            finally:
-                with self.cond:
-                    self.batches += 1
-                    self.max_rows = max(self.max_rows, len(batch))
-                    self.finished.extend((job.finish_reason, len(job.tokens)) for job in batch)
-                    self.running = []
 
     def _pools(self, data: int) -> list:
         """Decode states as [offset, slots, state, engine]: a small one (one row per data shard) for a request that
@@ -262,5 +224,5 @@ class Scheduler:
         with self.cond:
             job = self.running[slot]
             if job is not None:
-                self.finished.append((job.finish_reason, len(job.tokens)))
+                self.finished.append(_record(job))
             self.running[slot] = None
