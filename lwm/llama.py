@@ -93,6 +93,9 @@ class LLaMAConfig:
     scan_attention: bool = False
     scan_query_chunk_size: int = 1024
     scan_key_chunk_size: int = 1024
+    # Decode reads the KV cache in chunks of this many slots, up to the filled length (lwm.attention.decode).
+    # 128 is the fastest on CPU (benchmarks/sampling_bench.py: a chunk's K/V stay in L2); raise on accelerators.
+    decode_chunk_size: int = 128
     pallas_interpret: bool = False
     scan_mlp: bool = False
     scan_mlp_chunk_size: int = 1024
@@ -218,7 +221,7 @@ class LLaMAAttention(nn.Module):
             cache_k, cache_v, layer = layer_cache
             out, cache_k, cache_v = cached_attention(
                 q, key, val, cache_k, cache_v, cache_segment_ids, segment_ids, cache_index, layer,
-                impl=cfg.attention_impl, k_chunk=cfg.scan_key_chunk_size)
+                impl=cfg.attention_impl, k_chunk=cfg.decode_chunk_size)
             new_cache = (cache_k, cache_v)
         else:
             out = attention(q, key, val, segment_ids, impl=cfg.attention_impl, causal=True,

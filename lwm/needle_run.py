@@ -56,7 +56,7 @@ def setup(config: ConfigDict):
     with jax.set_mesh(rt.mesh):
         model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, rt.mesh)
     engine = Engine(model, params, eos_id=rt.tokenizer.eos_id, pad_id=rt.tokenizer.pad_id,
-                    vocab_size=rt.tokenizer.vocab_size)
+                    vocab_size=rt.tokenizer.vocab_size, cache_dtype=config.cache_dtype)
     return rt.mesh, rt.tokenizer, engine
 
 

@@ -167,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
     with jax.set_mesh(rt.mesh):
         model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, rt.mesh)
         engine = Engine(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                        vocab_size=tokenizer.vocab_size)
+                        vocab_size=tokenizer.vocab_size, cache_dtype=config.cache_dtype)
         printer = TokenPrinter(tokenizer, stdout) if config.stream else None
         chat = Chat(engine, tokenizer, sampling, config.max_new_tokens, config.seed, printer, notify=say)
         messages = [config.prompt] if config.prompt else None

@@ -31,10 +31,9 @@ from ml_collections import ConfigDict
 from lwm.chat_template import Prompt
 from lwm.chat_template import vision_chat_prompt as chat_prompt  # noqa: F401  (the one template; tests use it)
 from lwm.inference import runtime
-from lwm.inference.engine import Engine
+from lwm.inference.engine import Engine, seed_of
 from lwm.inference.runtime import check_budget
 from lwm.sampling import SamplingConfig
-from lwm.vision_generation import seed_of
 from lwm.vision_llama import END_OF_FRAME, END_OF_VISION, VisionLLaMAForCausalLM
 
 
@@ -52,7 +51,7 @@ def vision_tokens(codes: np.ndarray) -> np.ndarray:
 
 def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,
            rng: jax.Array, eos_id: int, pad_id: int, num_text: Optional[int] = None,
-           stats: Optional[dict] = None) -> list[int]:
+           stats: Optional[dict] = None, cache_dtype=None) -> list[int]:
     """New text ids after `prompt` (model with sample_mode='text'), up to and without EOS, drawn among the
     first `num_text` ids (the tokenizer's vocabulary when the model's is padded; default all), through the
     generation engine (the prompt's vision mask routes its embeddings). Raises PromptTooLongError before
@@ -63,7 +62,7 @@ def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tok
     if max_new_tokens < 1 or temperature < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 and temperature={temperature} >= 0")
     check_budget(len(prompt), max_new_tokens, config.max_sequence_length, f"--max_new_tokens={max_new_tokens}")
-    engine = Engine(model, params, eos_id=eos_id, pad_id=pad_id, vocab_size=num_text)
+    engine = Engine(model, params, eos_id=eos_id, pad_id=pad_id, vocab_size=num_text, cache_dtype=cache_dtype)
     result = engine.generate([prompt.ids.tolist()], max_new_tokens, vision=[prompt.vision],
                              sampling=SamplingConfig(temperature=float(temperature)), seeds=seed_of(rng))
     (row,) = result.tokens
@@ -120,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                    seed=config.seed)
         ids = answer(model, params, prompt, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                      rng=jax.random.PRNGKey(config.seed), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                     num_text=tokenizer.vocab_size, stats=stats)
+                     num_text=tokenizer.vocab_size, stats=stats, cache_dtype=config.cache_dtype)
     text = tokenizer.decode(ids)
     stats["total_s"] = time.perf_counter() - start
     print(f"Question: {config.prompt}\nAnswer: {text}", flush=True)

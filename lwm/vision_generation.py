@@ -38,7 +38,7 @@ from ml_collections import ConfigDict
 
 from lwm.chat_template import Prompt, vision_generation_prompts
 from lwm.inference import runtime
-from lwm.inference.engine import Engine, mesh_sizes
+from lwm.inference.engine import Engine, mesh_sizes, seed_of
 from lwm.inference.runtime import check_budget
 from lwm.sampling import SamplingConfig, sample_rows
 from lwm.vision_llama import END_OF_FRAME, NUM_VISION_CODES, VisionLLaMAForCausalLM
@@ -99,19 +99,10 @@ class FrameRule:
         return jnp.concatenate([tok, tok]) if self.guided else tok
 
 
-def seed_of(rng) -> int:
-    """An int seed from a PRNG key (raw uint32 or typed): its last word (PRNGKey(s) -> s for s < 2**32)."""
-    if rng is None:
-        return 0
-    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        rng = jax.random.key_data(rng)
-    return int(np.asarray(rng).reshape(-1)[-1])
-
-
 def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt],
                     uncond: Optional[Sequence[Prompt]], *, n_frames: int, tokens_per_frame: int,
                     sampling: FrameSampling, rng: jax.Array, pad_id: int, num_codes: int = NUM_VISION_CODES,
-                    stats: Optional[dict] = None) -> np.ndarray:
+                    stats: Optional[dict] = None, cache_dtype=None) -> np.ndarray:
     """Draw `n_frames` frames after each conditional prompt: with classifier-free guidance (scale
     sampling.cfg_scale) against `uncond` (one per cond prompt), or plain sampling when `uncond` is None,
     through the generation engine with a `FrameRule`. The model must have sample_mode='vision'.
@@ -140,7 +131,7 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     per_half = data // math.gcd(data, len(halves))             # rows per half must make R divisible by data
     b_pad = per_half * math.ceil(b / per_half)
     rows = [p for half in halves for p in half + [half[0]] * (b_pad - b)]
-    engine = Engine(model, params, eos_id=-1, pad_id=pad_id)
+    engine = Engine(model, params, eos_id=-1, pad_id=pad_id, cache_dtype=cache_dtype)
     seed0 = seed_of(rng)
     rule = FrameRule(tokens_per_frame, num_codes, float(sampling.cfg_scale), guided)
     t0 = time.perf_counter()
@@ -226,7 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                    seed=config.seed)
         stats["load_model_s"] = time.perf_counter() - t0
         stats["params_m"] = sum(x.size for x in jax.tree.leaves(params)) / 1e6
-        kw = dict(tokens_per_frame=per_frame, pad_id=tokenizer.pad_id, num_codes=vq_config.num_embeddings)
+        kw = dict(tokens_per_frame=per_frame, pad_id=tokenizer.pad_id, num_codes=vq_config.num_embeddings,
+                  cache_dtype=config.cache_dtype)
         first_stats, rest_stats = {}, {}
         tokens = generate_frames(model, params, [image_cond], [uncond] if image.cfg_scale != 1 else None,
                                  n_frames=1, sampling=image, rng=rng_image, stats=first_stats, **kw)[0]  # (1, F)

@@ -37,14 +37,14 @@ def data():
     return dict(q=q, k=k, v=v, seg=seg, want=want, real=np.asarray(seg)[..., None, None] > 0)
 
 
-def decode_all(data, impl, seg=None, decode_shift=0):
+def decode_all(data, impl, seg=None, decode_shift=0, chunk=4):
     """Prefill PREFILL tokens, then feed the rest one at a time; returns (B, T, N, H) and the final cache
     (k, v (L, B, K, S, H), segment ids (B, S))."""
     seg = data["seg"] if seg is None else seg
 
     def one(q, k, v, ck, cv, cs, qs, index):
         cs = write_segments(cs, qs, index)
-        out, ck, cv = cached_attention(q, k, v, ck, cv, cs, qs, index, LAYER, impl=impl, k_chunk=4)
+        out, ck, cv = cached_attention(q, k, v, ck, cv, cs, qs, index, LAYER, impl=impl, k_chunk=chunk)
         return out, ck, cv, cs
 
     step = jax.jit(one)
@@ -69,16 +69,17 @@ def assert_decode_matches(data, out, cache):
     np.testing.assert_array_equal(np.asarray(cache[0][1 - LAYER]), 0)  # the other layer is untouched
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "dense"])
-def test_decode_one_device_matches_full_pass(data, impl):
-    out, cache = decode_all(data, impl)
+@pytest.mark.parametrize("impl,chunk", [("blockwise", 4), ("dense", 16), ("blockwise", 5)])
+def test_decode_one_device_matches_full_pass(data, impl, chunk):
+    """chunk 5 does not divide S = 16: the last chunk overlaps the one before, and must not count twice."""
+    out, cache = decode_all(data, impl, chunk=chunk)
     assert_decode_matches(data, out, cache)
 
 
 def test_decode_cache_sharded_over_sp(data):
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(1, 1, 1, 4), ("dp", "fsdp", "tp", "sp"))
     with jax.set_mesh(mesh):
-        out, cache = decode_all(data, "ring")
+        out, cache = decode_all(data, "ring", chunk=2)     # two chunks in each shard's 4 slots
     assert_decode_matches(data, out, cache)
     assert cache[0].sharding.spec[3] == "sp"
 

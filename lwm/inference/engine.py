@@ -106,6 +106,8 @@ def host_array(x) -> np.ndarray:
     """A numpy copy of x on every process: x's shards are gathered first when they live on several
     processes (np.asarray alone raises there)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:                       # every process holds a whole copy: read its own
+            return np.asarray(x.addressable_data(0))
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -119,6 +121,30 @@ def mesh_sizes() -> tuple[int, int]:
         return 1, 1
     shape = dict(mesh.shape)
     return shape.get("dp", 1) * shape.get("fsdp", 1), shape.get("sp", 1)
+
+
+def parse_cache_dtype(value):
+    """None / '' (the model's dtype), a dtype, or a name ('fp32', 'bf16', 'fp16'; the --cache_dtype flag)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        from lwm.checkpoint import parse_float_dtype
+
+        try:
+            return parse_float_dtype(value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--cache_dtype={value!r}: {e}") from None
+    return value
+
+
+def seed_of(rng) -> int:
+    """An int seed from a PRNG key (raw uint32 or typed): its last word (PRNGKey(s) -> s for 0 <= s < 2**32),
+    for callers that hold keys; 0 for None."""
+    if rng is None:
+        return 0
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return int(np.asarray(rng).reshape(-1)[-1])
 
 
 def _replicated(x):
@@ -146,7 +172,7 @@ class Engine:
                           else self.config.vocab_size)
         self.eos_id, self.pad_id = int(eos_id), int(pad_id)
         self.vocab_size = self.head_size if vocab_size is None else min(int(vocab_size), self.head_size)
-        self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+        self.cache_dtype = jnp.dtype(parse_cache_dtype(cache_dtype) or model.dtype)
         self.last_stats: dict = {}
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
         self._step_jit = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("rule", "n_steps"))

@@ -32,6 +32,7 @@ def runtime_flags(c: ConfigDict, *, tokenizer: str) -> ConfigDict:
     """Add the flags every inference entry point shares (the original's names and defaults) to `c`."""
     c.mesh_dim = "1,-1,1,1"                    # dp, fsdp, tp, sp (-1: the remaining devices)
     c.dtype = "fp32"                           # fp32 | bf16 | fp16 for the language model
+    c.cache_dtype = ""                         # KV cache dtype (fp32 | bf16 | fp16); '' = the model's (--dtype)
     c.load_llama_config = ""                   # preset ('tiny', 'debug', '7b', ...) or json::path
     c.update_llama_config = ""                 # "dict(theta=50000000, max_sequence_length=32768)": literals only
     c.load_checkpoint = ""                     # params::PATH, trainstate_params::, flax_params::, orbax::DIR
