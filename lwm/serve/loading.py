@@ -36,5 +36,5 @@ def load_served(config: ConfigDict):
 
         vqgan = VQGAN.load(config.vqgan_checkpoint or None, VQGANConfig.load(config.vqgan_config), seed=config.seed)
     engine = Engine(model, params, eos_id=rt.tokenizer.eos_id, pad_id=rt.tokenizer.pad_id,
-                    vocab_size=rt.tokenizer.vocab_size)
+                    vocab_size=rt.tokenizer.vocab_size, cache_dtype=config.cache_dtype or None)
     return engine, rt.tokenizer, vqgan, rt.mesh
