@@ -52,7 +52,7 @@ def ask(server, parts, **kw):
 def reference(server, frames_uint8):
     """The engine's greedy answer for the original LWM-Chat prompt of these frames (as lwm.vision_chat)."""
     from lwm.chat_template import vision_chat_prompt
-    from lwm.vision_chat import vision_tokens
+    from lwm.inference.vision import vision_tokens
     from lwm.vision_io import resize_center_crop, to_model_range
 
     vqgan = server["vqgan"]
@@ -127,7 +127,8 @@ def test_image_generation_returns_the_direct_generation_as_png(server):
     import jax
     from PIL import Image
 
-    from lwm.vision_generation import FrameSampling, generate_frames, generation_prompts
+    from lwm.inference.vision import FrameSampling, generate_frames
+    from lwm.vision_generation import generation_prompts
     from lwm.vision_io import to_uint8
 
     r = server["client"].images.generate(model="tiny-vision", prompt="a red fox", extra_body={"seed": 3})

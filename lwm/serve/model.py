@@ -102,7 +102,7 @@ class ServedModel:
         end-of-frame / end-of-vision marker)."""
         from lwm.chat_template import SYSTEM_PROMPT, conversation_ids, user_turn_ids, user_turn_text
         from lwm.serve.media import frames_from_parts
-        from lwm.vision_chat import vision_tokens
+        from lwm.inference.vision import vision_tokens
 
         if self.vqgan is None:
             raise bad_request(f"model {self.name!r} has no VQGAN loaded; image input is unavailable", "messages")
@@ -139,17 +139,14 @@ class ServedModel:
 
     def generate_images(self, prompt: str, n: int, *, seed: int, temperature: float, top_k: int,
                         cfg_scale: float) -> list[np.ndarray]:
-        """n images for `prompt` by the original's text-to-image recipe: the prompts of
-        `lwm.chat_template.vision_generation_prompts` ("Generate an image of {prompt}" against "<vision>"), the
-        frame rule of `lwm.vision_generation` (classifier-free guidance when cfg_scale != 1, forced
-        end-of-frame), the VQGAN decode. The same rows and seeds as `lwm.vision_generation.generate_frames`
-        (tests/test_serve_vision.py checks equal images) but on one engine kept for the server's lifetime,
-        so requests after the first reuse its compiled steps (generate_frames builds an engine per call).
-        Returns n uint8 (R, R, 3) frames. Runs on the engine thread."""
+        """n images for `prompt` by the original's text-to-image recipe (`lwm.inference.vision.generate_frames`:
+        "Generate an image of {prompt}" against "<vision>", classifier-free guidance when cfg_scale != 1,
+        forced end-of-frame), then the VQGAN decode, on one image engine kept for the server's lifetime so
+        requests after the first reuse its compiled steps. Returns n uint8 (R, R, 3) frames. Runs on the
+        engine thread."""
         from lwm.chat_template import vision_generation_prompts
         from lwm.inference.engine import Engine
-        from lwm.sampling import SamplingConfig
-        from lwm.vision_generation import FrameRule
+        from lwm.inference.vision import FrameSampling, generate_frames
         from lwm.vision_io import to_uint8
 
         side = self.vqgan.config.codes_per_side
@@ -160,19 +157,15 @@ class ServedModel:
             model = self.engine.model
             image_model = type(model)(self.config.replace(sample_mode="vision"), dtype=model.dtype,
                                       param_dtype=model.param_dtype)
-            self._image_engine = Engine(image_model, self.engine.params, eos_id=-1, pad_id=self.tokenizer.pad_id)
+            self._image_engine = Engine(image_model, self.engine.params, eos_id=-1, pad_id=self.tokenizer.pad_id,
+                                        cache_dtype=self.engine.cache_dtype)
         guided = cfg_scale != 1
-        halves = [[cond] * n] + ([[uncond] * n] if guided else [])
-        data, _ = self.engine.mesh_sizes()
-        per_half = data // math.gcd(data, len(halves))            # rows per half must make R divisible by data
-        b_pad = per_half * math.ceil(n / per_half)
-        rows = [p for half in halves for p in half + [half[0]] * (b_pad - n)]
-        result = self._image_engine.generate(
-            [p.ids for p in rows], per_frame, vision=[p.vision for p in rows],
-            rule=FrameRule(per_frame, self.vqgan.config.num_embeddings, float(cfg_scale), guided),
-            sampling=SamplingConfig(temperature, top_k), seeds=[seed + r % b_pad for r in range(len(rows))],
-            stop_ids=())
-        codes = np.asarray(result.tokens[:n], np.int32)[:, :-1].reshape(n, side, side)
+        codes = generate_frames(self._image_engine.model, self.engine.params, [cond] * n,
+                                [uncond] * n if guided else None, n_frames=1, tokens_per_frame=per_frame,
+                                sampling=FrameSampling(temperature, top_k, float(cfg_scale)), rng=int(seed),
+                                pad_id=self.tokenizer.pad_id, num_codes=self.vqgan.config.num_embeddings,
+                                engine=self._image_engine)
+        codes = np.asarray(codes, np.int32)[:, 0, :-1].reshape(n, side, side)
         return list(to_uint8(self.vqgan.decode(codes)))
 
     # --------------------------------------------------------------------------------------- generation
