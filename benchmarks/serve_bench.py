@@ -152,8 +152,8 @@ def main(argv=None):
         proc.join()
         return result_
 
-    load(prompts[:top], top)                                  # compile runs of the server's shapes: the
-    load(prompts[:1], 1)                                      # max_batch_size state and the one-row state
+    for c in sorted(levels, reverse=True):                    # compile runs of the server's shapes (each
+        load(prompts[:c], c)                                  # state of the ladder, the batched prefills)
     rows, inside = [], []
     for c in levels:
         n = c * args.requests_per_slot

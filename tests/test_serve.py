@@ -331,3 +331,26 @@ def test_entry_point_serves_a_checkpoint_and_refuses_bad_flags(server, tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_state_ladder_and_prefill_chunks():
+    """The scheduler's decode states are a ladder (1, 4, 16 rows for max_batch_size 16): jobs go to the smallest
+    state that holds the recent demand, so a lone request's step costs one row and 4 steady requests four; the
+    jobs admitted together are prefilled in batches of ladder sizes."""
+    from lwm.serve.scheduler import Scheduler
+
+    assert Scheduler._chunks(1, [1, 4, 16]) == [1]
+    assert Scheduler._chunks(3, [1, 4, 16]) == [4]
+    assert Scheduler._chunks(5, [1, 4, 16]) == [4, 1]
+    assert Scheduler._chunks(9, [1, 4, 16]) == [16]
+    assert Scheduler._chunks(16, [1, 4, 16]) == [16]
+    assert Scheduler._chunks(20, [1, 4, 16]) == [16, 4]
+    sched = Scheduler(None, max_batch_size=16)
+    pools = [[0, 1], [1, 4], [5, 16]]
+    sched.running = [None] * 21
+    assert sched._targets(pools, 1, 1) == [0]                       # alone: the one-row state
+    assert sched._targets(pools, 3, 4) == [1, 2, 3]                 # demand 4: the 4-row state
+    assert sched._targets(pools, 2, 16) == [5, 6]                   # demand 16: the big state
+    sched.running[1:5] = ["busy"] * 4
+    assert sched._targets(pools, 2, 4) == [5, 6]                    # the 4-row state is full: the next one up
+    assert sched._targets(pools, 1, 1) == [0]

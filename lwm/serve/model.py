@@ -191,18 +191,32 @@ class ServedModel:
         s = job.sampling
         return SamplingConfig(temperature=s.temperature, top_k=0, top_p=s.top_p)
 
-    def insert(self, engine, state, slot: int, job):
-        """Prefill `job`'s prompt on `engine` and put it into decode slot `slot` of its state (continuous
-        batching)."""
+    def prefill_key(self, engine, job) -> tuple:
+        """Jobs with equal keys can share one batched prefill: (padded length T, whether a vision mask)."""
+        ids, vision = self._split(job.prompt)
+        _, sp = engine.mesh_sizes()
+        t = engine.padded_length(len(ids))
+        if t + job.sampling.max_tokens > self.cache_length:   # the bucket would not leave room: pad to sp only
+            t = sp * math.ceil(len(ids) / sp)
+        return t, vision is not None
+
+    def insert_many(self, engine, state, slots: list, jobs: list, rows: int):
+        """Prefill `jobs` (equal `prefill_key`) as one batch of `rows` rows (>= len(jobs), a multiple of the
+        mesh's dp*fsdp; the extra rows repeat the first prompt) and put job i into decode slot slots[i] of
+        `state` (continuous batching). Each row is padded to the same length as a lone prefill of it, so a
+        row's numbers do not depend on its neighbours'. Returns the state."""
         from lwm.inference.engine import Prefix
 
-        ids, vision = self._split(job.prompt)
-        budget = job.sampling.max_tokens
-        data, sp = engine.mesh_sizes()
-        t = engine.padded_length(len(ids))
-        if t + budget > self.cache_length:                  # the bucket would not leave room: pad to sp only
-            t = sp * math.ceil(len(ids) / sp)
-        logits, cache = engine.prefill_batch([ids] * data, t, t, None if vision is None else [vision] * data)
-        prefix = Prefix(cache=cache, logits=logits, length=t, position=len(ids))
-        return engine.insert(prefix, state, slot, max_new_tokens=budget, sampling=self._sampling(job),
-                             seed=job.sampling.seed or 0)
+        t, has_vision = self.prefill_key(engine, jobs[0])
+        split = [self._split(job.prompt) for job in jobs]
+        split += [split[0]] * (rows - len(jobs))
+        logits, cache = engine.prefill_batch([ids for ids, _ in split], t, t,
+                                             [v for _, v in split] if has_vision else None)
+        for r, (slot, job) in enumerate(zip(slots, jobs)):
+            row = cache if rows == 1 else dict(k=cache["k"][:, r:r + 1], v=cache["v"][:, r:r + 1],
+                                                 segment_ids=cache["segment_ids"][r:r + 1])
+            prefix = Prefix(cache=row, logits=logits if rows == 1 else logits[r:r + 1], length=t,
+                            position=len(split[r][0]))
+            state = engine.insert(prefix, state, slot, max_new_tokens=job.sampling.max_tokens,
+                                  sampling=self._sampling(job), seed=job.sampling.seed or 0)
+        return state

@@ -5,11 +5,13 @@
     await sched.call(fn)           # run fn() on the engine thread between decode steps (image generation)
 
 Continuous batching over the slot API of the one engine (`lwm.inference.engine.Engine`), as JetStream and
-vLLM do: the engine keeps `max_batch_size` decode slots
-  (plus one small state, below). Between decode steps, waiting jobs are prefilled one by one and inserted into
-  free slots; every step draws one token for every active slot; a slot is freed as soon as its job ends (EOS,
-  budget, a stop string, or its client left), and the next waiting job takes it at the next step. A step costs
-  every slot of its state, active or not, so a request that runs alone is decoded in a one-row state (`_pools`).
+vLLM do. A step costs every row of its decode state, active or not, so the scheduler keeps a ladder of states
+(1, 4, 16, ... rows up to max_batch_size, `_pools`), each on its own engine over the same parameters, and puts
+new jobs into the smallest one that holds the recent demand (`_targets`). Between decode steps, the jobs
+admitted together are prefilled in batches (`_admit`: one prefill per ladder size of rows for jobs of the same
+padded length) and inserted into free slots; every step draws one token for every active slot; a slot is
+freed as soon as its job ends (EOS, budget, a stop string, or its client left), and the next waiting job takes
+it at the next step.
 A job whose client left before it started is dropped from the queue.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import concurrent.futures
 import contextlib
 import math
 import threading
+import time
 import traceback
 from typing import Callable
 
@@ -124,30 +127,97 @@ class Scheduler:
                 future.set_exception(e)
 
     def _pools(self, data: int) -> list:
-        """Decode states as [offset, slots, state, engine]: a small one (one row per data shard) for a request that
-        runs alone, and one of max_batch_size rows. A step costs every row of its state whether active or
-        not (about 20x one row's cost at 16 rows on a CPU), so a lone request must not pay for 16."""
+        """Decode states as [offset, slots, state, engine], a ladder of sizes data * (1, 4, 16, ...) up to
+        max_batch_size (rounded up to whole data shards). A step costs every row of its state whether active or
+        not (debug preset on a CPU: about 4 ms at one row, 90 ms at 16), so requests go to the smallest state
+        that holds the recent demand (`_targets`) and a step costs about the active rows."""
         big = data * math.ceil(self.max_batch_size / data)
-        if big <= data:
-            return [[0, big, None, self.served.engine]]
-        return [[0, data, None, self.served.engine], [data, big, None, _twin(self.served.engine)]]
+        sizes, s = [], data
+        while s < big:
+            sizes.append(s)
+            s *= 4
+        sizes.append(big)
+        pools, offset = [], 0
+        for i, size in enumerate(sizes):
+            pools.append([offset, size, None, self.served.engine if i == 0 else _twin(self.served.engine)])
+            offset += size
+        return pools
 
-    def _pick_slot(self, pools, free: list, arriving: int) -> int:
-        """The small state's row for a request that arrives alone while the big state is idle, else the big
-        state's first free row (`arriving`: requests admitted in this round, this one included)."""
-        big_busy = len(pools) > 1 and any(self.running[i] is not None
-                                          for i in range(pools[1][0], pools[1][0] + pools[1][1]))
-        small = [i for i in free if i < pools[0][1]]
-        large = [i for i in free if i >= pools[0][1]]
-        if small and (not large or (not big_busy and arriving == 1)):
-            return small[0]
-        return large[0]
+    def _targets(self, pools, n: int, demand: int) -> list:
+        """Slots for n jobs admitted now. demand: the most jobs decoding or admitted at once over the last
+        `demand_window_s` (this tick included). The jobs fill the smallest state of at least `demand` rows that
+        has free rows (then the next larger ones, then any), so that requests that arrive one after another
+        under a steady load of 16 share the 16-row state instead of scattering over small ones, and a lone
+        request's step costs one row."""
+        order = sorted(range(len(pools)), key=lambda i: (pools[i][1] < min(demand, pools[-1][1]), pools[i][1]))
+        out = []
+        for i in order:
+            offset, size = pools[i][0], pools[i][1]
+            for slot in range(offset, offset + size):
+                if len(out) < n and self.running[slot] is None:
+                    out.append(slot)
+        return out
+
+    demand_window_s = 1.0
+
+    def _demand(self, now: float, value: int) -> int:
+        self._recent.append((now, value))
+        while self._recent and self._recent[0][0] < now - self.demand_window_s:
+            self._recent.popleft()
+        return max(v for _, v in self._recent)
+
+    @staticmethod
+    def _chunks(n: int, sizes: list) -> list:
+        """Row counts of the batched prefills for n jobs, each one of the ladder's `sizes` (so the prefill
+        compiles once per size): the smallest size >= n when that pads at most n rows, else the largest
+        size <= n, repeated. E.g. with (1, 4, 16): 3 -> [4], 5 -> [4, 1], 9 -> [16]."""
+        out = []
+        while n > 0:
+            up = min((s for s in sizes if s >= n), default=None)
+            take = up if up is not None and up <= 2 * n else max(s for s in sizes if s <= n)
+            out.append(take)
+            n -= min(take, n)
+        return out
+
+    def _admit(self, pools, admit: list) -> None:
+        """Prefill the admitted (slot, job) pairs, batched: jobs in the same state with the same prefill key
+        share one prefill of a ladder size of rows; then insert them into their slots."""
+        groups: dict = {}
+        for slot, job in admit:
+            p = next(k for k, q in enumerate(pools) if q[0] <= slot < q[0] + q[1])
+            try:
+                key = (p, self.served.prefill_key(pools[p][3], job))
+            except APIError as e:
+                job.finish("error", e)
+                self._release(slot)
+                continue
+            groups.setdefault(key, []).append((slot, job))
+        sizes = [q[1] for q in pools]
+        for (p, _), members in groups.items():
+            pool = pools[p]
+            if pool[2] is None:
+                pool[2] = pool[3].init_state(pool[1], self.served.cache_length)
+            start = 0
+            for rows in self._chunks(len(members), sizes):
+                part = members[start:start + rows]
+                start += len(part)
+                try:
+                    pool[2] = self.served.insert_many(pool[3], pool[2], [s - pool[0] for s, _ in part],
+                                                      [j for _, j in part], rows)
+                except Exception as e:
+                    if not isinstance(e, APIError):
+                        traceback.print_exc()
+                        e = APIError(500, f"prefill failed: {type(e).__name__}: {e}")
+                    for slot, job in part:
+                        job.finish("error", e)
+                        self._release(slot)
 
     def _continuous(self) -> None:
         engine = self.served.engine
         data, _ = engine.mesh_sizes()
         pools = self._pools(data)
         self.running = [None] * sum(p[1] for p in pools)
+        self._recent = collections.deque()
         while True:
             admit, call = [], None
             with self.cond:
@@ -161,32 +231,21 @@ class Scheduler:
                 if self.waiting and isinstance(self.waiting[0], tuple):
                     call = self.waiting.popleft()
                 active = sum(j is not None for j in self.running)
-                arriving = sum(1 for w in self.waiting if not isinstance(w, tuple))
+                jobs = []
                 while (call is None and self.waiting and not isinstance(self.waiting[0], tuple)
-                       and active < self.max_batch_size):
-                    slot = self._pick_slot(pools, [i for i, j in enumerate(self.running) if j is None], arriving)
-                    job = self.waiting.popleft()
-                    self.running[slot] = job
-                    admit.append((slot, job))
-                    active += 1
+                       and active + len(jobs) < self.max_batch_size):
+                    jobs.append(self.waiting.popleft())
+                if jobs:
+                    demand = self._demand(time.perf_counter(), active + len(jobs))
+                    for slot, job in zip(self._targets(pools, len(jobs), demand), jobs):
+                        self.running[slot] = job
+                        admit.append((slot, job))
                 many = bool(self.waiting)
             if call is not None:
                 self._run_call(call)
                 continue
             try:
-                for slot, job in admit:
-                    pool = next(p for p in pools if p[0] <= slot < p[0] + p[1])
-                    try:
-                        if pool[2] is None:
-                            pool[2] = pool[3].init_state(pool[1], self.served.cache_length)
-                        pool[2] = self.served.insert(pool[3], pool[2], slot - pool[0], job)
-                    except APIError as e:
-                        job.finish("error", e)
-                        self._release(slot)
-                    except Exception as e:
-                        traceback.print_exc()
-                        job.finish("error", APIError(500, f"prefill failed: {type(e).__name__}: {e}"))
-                        self._release(slot)
+                self._admit(pools, admit)
                 n_steps = 1 if many else self.steps_per_call
                 self.max_rows = max(self.max_rows, sum(j is not None and not j.finished for j in self.running))
                 for pool in pools:
