@@ -200,17 +200,19 @@ class ServedModel:
             t = sp * math.ceil(len(ids) / sp)
         return t, vision is not None
 
-    def insert_many(self, engine, state, slots: list, jobs: list, rows: int):
+    def insert_many(self, engine, state, slots: list, jobs: list, rows: int, prefill_engine=None):
         """Prefill `jobs` (equal `prefill_key`) as one batch of `rows` rows (>= len(jobs), a multiple of the
-        mesh's dp*fsdp; the extra rows repeat the first prompt) and put job i into decode slot slots[i] of
-        `state` (continuous batching). Each row is padded to the same length as a lone prefill of it, so a
-        row's numbers do not depend on its neighbours'. Returns the state."""
+        mesh's dp*fsdp; the extra rows repeat the first prompt) on `prefill_engine` (default `engine`; any
+        engine over the same model and parameters, so that one compiled prefill serves every decode state) and
+        put job i into decode slot slots[i] of `engine`'s `state` (continuous batching). Each row is padded to
+        the same length as a lone prefill of it, so a row's numbers do not depend on its neighbours'. Returns
+        the state."""
         from lwm.inference.engine import Prefix
 
         t, has_vision = self.prefill_key(engine, jobs[0])
         split = [self._split(job.prompt) for job in jobs]
         split += [split[0]] * (rows - len(jobs))
-        logits, cache = engine.prefill_batch([ids for ids, _ in split], t, t,
+        logits, cache = (prefill_engine or engine).prefill_batch([ids for ids, _ in split], t, t,
                                              [v for _, v in split] if has_vision else None)
         for r, (slot, job) in enumerate(zip(slots, jobs)):
             row = cache if rows == 1 else dict(k=cache["k"][:, r:r + 1], v=cache["v"][:, r:r + 1],

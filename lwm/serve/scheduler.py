@@ -203,7 +203,7 @@ class Scheduler:
                 start += len(part)
                 try:
                     pool[2] = self.served.insert_many(pool[3], pool[2], [s - pool[0] for s, _ in part],
-                                                      [j for _, j in part], rows)
+                                                      [j for _, j in part], rows, prefill_engine=pools[0][3])
                 except Exception as e:
                     if not isinstance(e, APIError):
                         traceback.print_exc()
