@@ -11,10 +11,43 @@ excluded (what `lwm.sampling.Sampler.generate` returns).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
 from typing import Any, AsyncIterator, Optional, Sequence
+
+
+_batch = threading.local()
+
+
+def _deliver(posts) -> None:
+    for job, event in posts:
+        job.queue.put_nowait(event)
+
+
+@contextlib.contextmanager
+def posts_batched():
+    """Within this block (on one thread), the jobs' posts to their event loops are held and handed over at its
+    end with one `call_soon_threadsafe` per loop, in order: the scheduler wraps one decode step's tokens of
+    all its jobs, so the event loop wakes once per step rather than once per job."""
+    if getattr(_batch, "pending", None) is not None:
+        yield
+        return
+    _batch.pending = []
+    try:
+        yield
+    finally:
+        pending, _batch.pending = _batch.pending, None
+        by_loop: dict = {}
+        for job, event in pending:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, posts in by_loop.items():
+            if not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(_deliver, posts)
+                except RuntimeError:    # the event loop has shut down
+                    pass
 
 
 @dataclasses.dataclass
@@ -105,11 +138,16 @@ class Job:
             self.sent, self.sent_tokens = end, len(self.tokens)
 
     def _post(self, event) -> None:
-        if self.loop is not None and not self.loop.is_closed():
-            try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-            except RuntimeError:        # the event loop has shut down
-                pass
+        if self.loop is None or self.loop.is_closed():
+            return
+        pending = getattr(_batch, "pending", None)
+        if pending is not None:         # inside `posts_batched()`: sent with the others at its end
+            pending.append((self, event))
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:            # the event loop has shut down
+            pass
 
     # ------------------------------------------------------------------------------------- HTTP side
     async def events(self) -> AsyncIterator[tuple[str, Any]]:

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from lwm.serve.errors import APIError
+from lwm.serve.jobs import posts_batched
 
 
 
@@ -256,19 +257,20 @@ class Scheduler:
                     keep = np.array([j is not None and not j.finished for j in jobs])
                     state, tokens, emitted = engine.step(state, n_steps=n_steps, keep=keep)
                     self.batches += 1
-                    for row, job in enumerate(jobs):
-                        if job is None:
-                            continue
-                        for i in range(tokens.shape[1]):
-                            if emitted[row, i] and job.feed(int(tokens[row, i])):
-                                break
-                        if not job.finished and not emitted[row].any():   # the engine ended it: budget spent
-                            job.finish("length")
-                        if job.finished:
-                            if not job.done.is_set():
-                                job.finish("cancelled")
-                            state = engine.free(state, row)
-                            self._release(offset + row)
+                    with posts_batched():                 # one event-loop wake-up per step
+                        for row, job in enumerate(jobs):
+                            if job is None:
+                                continue
+                            for i in range(tokens.shape[1]):
+                                if emitted[row, i] and job.feed(int(tokens[row, i])):
+                                    break
+                            if not job.finished and not emitted[row].any():   # the engine ended it: budget spent
+                                job.finish("length")
+                            if job.finished:
+                                if not job.done.is_set():
+                                    job.finish("cancelled")
+                                state = engine.free(state, row)
+                                self._release(offset + row)
                     pool[2] = state
             except Exception as e:
                 traceback.print_exc()
