@@ -43,8 +43,9 @@ def _percentile(xs, q):
 
 
 def _load(url: str, prompts: list, new_tokens: int, concurrency: int, out: "mp.Queue") -> None:
-    """Client process: `len(prompts)` streamed completions, `concurrency` at a time. Puts (wall_s, rows) with
-    rows = [(ttft_s, latency_s, tokens)]."""
+    """Client process: `len(prompts)` streamed completions, `concurrency` at a time. Puts (wall_s, rows,
+    http_s) with rows = [(ttft_s, latency_s, tokens)] and http_s the median of 10 GET /v1/models round trips made
+    just before (what HTTP and the two processes cost without the model)."""
     import asyncio
 
     import openai
@@ -69,11 +70,16 @@ def _load(url: str, prompts: list, new_tokens: int, concurrency: int, out: "mp.Q
                         tokens += len(ids)
                 rows.append((ttft, time.perf_counter() - t0, tokens))
 
+        floor = []                                         # API round trips that run no model
+        for _ in range(10):
+            t0 = time.perf_counter()
+            await client.models.list()
+            floor.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         await asyncio.gather(*(one(p) for p in prompts))
         wall = time.perf_counter() - t0
         await client.close()
-        return wall, rows
+        return wall, rows, sorted(floor)[len(floor) // 2]
 
     out.put(asyncio.run(run()))
 
@@ -83,7 +89,6 @@ def main(argv=None):
     import tempfile
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from lwm.inference.engine import Engine
@@ -157,12 +162,13 @@ def main(argv=None):
         for c in levels:                                      # state of the ladder, the batched prefills)
             load(prompts[:c], c)
             time.sleep(window)
-    rows, inside = [], []
+    rows, inside, floors = [], [], []
     for c in levels:
         n = c * args.requests_per_slot
         time.sleep(window)
         app.state.scheduler.finished.clear()
-        wall, res = load(prompts[:n], c)
+        wall, res, http_s = load(prompts[:n], c)
+        floors.append(http_s)
         server_side = list(app.state.scheduler.finished)
         inside.append((c, _percentile([r[2] for r in server_side if r[2] is not None], 50),
                        _percentile([r[3] for r in server_side if r[3] is not None], 50)))
@@ -187,6 +193,8 @@ def main(argv=None):
     for c, n, rps, tps, t50, t95, l50, l95 in rows:
         print(f"| {c} | {n} | {rps:.2f} | {tps:.1f} | {tps / direct_rate:.2f} | {t50 * 1e3:.1f} | {t95 * 1e3:.1f} "
               f"| {t50 / first_s:.2f} | {l50 * 1e3:.1f} | {l95 * 1e3:.1f} |")
+    print(f"\nHTTP floor: GET /v1/models round trip (openai client) from the client process, median of 10 before each level: "
+          f"{', '.join(f'{f * 1e3:.1f}' for f in floors)} ms")
     print("\nthe same requests timed inside the server (from submit to the scheduler, no HTTP, no client):")
     print("| concurrency | TTFT p50 ms | x direct first | latency p50 ms |")
     print("|---|---|---|---|")
