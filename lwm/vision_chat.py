@@ -33,20 +33,9 @@ from lwm.chat_template import vision_chat_prompt as chat_prompt  # noqa: F401  (
 from lwm.inference import runtime
 from lwm.inference.engine import Engine, seed_of
 from lwm.inference.runtime import check_budget
+from lwm.inference.vision import vision_tokens
 from lwm.sampling import SamplingConfig
-from lwm.vision_llama import END_OF_FRAME, END_OF_VISION, VisionLLaMAForCausalLM
-
-
-def vision_tokens(codes: np.ndarray) -> np.ndarray:
-    """Codes (T, h, w) -> vision ids (T * (h*w + 1),): each frame's codes row by row, then END_OF_FRAME,
-    END_OF_VISION closing the last frame. E.g. two 1x2 frames [[a, b]], [[c, d]] -> a b 8192 c d 8193."""
-    codes = np.asarray(codes, np.int32)
-    t = codes.shape[0]
-    ends = np.full((t, 1), END_OF_FRAME, np.int32)
-    ends[-1] = END_OF_VISION
-    return np.concatenate([codes.reshape(t, -1), ends], axis=1).reshape(-1)
-
-
+from lwm.vision_llama import VisionLLaMAForCausalLM
 
 
 def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from lwm import vision_chat as vc
+from lwm.inference import vision as iv
 from lwm import vision_io
 from lwm.inference.loader import load_model
 from lwm.tokenizer import load_tokenizer, train_sentencepiece
@@ -75,9 +76,9 @@ def test_resize_and_center_crop():
 
 def test_vision_tokens_and_chat_template(tok_path):
     codes = np.array([[[5, 6]], [[7, 8]]])                     # two frames of 1x2 codes
-    np.testing.assert_array_equal(vc.vision_tokens(codes), [5, 6, END_OF_FRAME, 7, 8, END_OF_VISION])
+    np.testing.assert_array_equal(iv.vision_tokens(codes), [5, 6, END_OF_FRAME, 7, 8, END_OF_VISION])
     tok = load_tokenizer(tok_path)
-    vision = vc.vision_tokens(codes)
+    vision = iv.vision_tokens(codes)
     p = vc.chat_prompt(tok, QUESTION, vision)
     head = [tok.bos_id] + tok.encode(f"You are a helpful assistant. USER: {QUESTION}\n") + tok.encode("<vision>")
     tail = tok.encode("</vision>") + tok.encode(" ASSISTANT:")

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from lwm import vision_generation as vg
+from lwm.inference import vision as iv
 from lwm.inference.loader import load_model
 from lwm.sampling import PromptTooLongError
 from lwm.tokenizer import train_sentencepiece
@@ -61,8 +62,8 @@ def test_prompts_follow_the_original_template(tok):
     assert "Generate a video of" in tok.decode(video.ids)
     # s = 1 gives the conditional logits bit for bit; s = 3 is uncond + 3 (cond - uncond).
     cond_l, uncond_l = jax.random.normal(jax.random.key(0), (2, 2, 50))
-    np.testing.assert_array_equal(vg.guided_logits(jnp.concatenate([cond_l, uncond_l]), 1.0), cond_l)
-    np.testing.assert_allclose(vg.guided_logits(jnp.concatenate([cond_l, uncond_l]), 3.0),
+    np.testing.assert_array_equal(iv.guided_logits(jnp.concatenate([cond_l, uncond_l]), 1.0), cond_l)
+    np.testing.assert_allclose(iv.guided_logits(jnp.concatenate([cond_l, uncond_l]), 3.0),
                                uncond_l + 3 * (cond_l - uncond_l), rtol=1e-5, atol=1e-5)
 
 
@@ -123,7 +124,7 @@ def test_every_frame_is_conditioned_on_the_frames_before_it(tok, tiny):
     def argmax_ok(context_frame):
         c, u = video.extend(context_frame, True), vg.generation_prompts(tok, CAPTION, "video")[1].extend(
             context_frame, True)
-        mixed = vg.guided_logits(jnp.concatenate([_reference_logits(model, params, c, flat)[None],
+        mixed = iv.guided_logits(jnp.concatenate([_reference_logits(model, params, c, flat)[None],
                                                   _reference_logits(model, params, u, flat)[None]]), 2.0)[0]
         mixed = np.asarray(mixed)                                                        # (N, W)
         return mixed[np.arange(flat.size), flat] >= mixed[:, :8192].max(axis=1) - 1e-4

@@ -1,2 +1,2 @@
 """Inference: the one home for loading a model (`loader`), setting up the runtime (`runtime`) and generating
-(`engine`), used by every entry point (lwm.text_chat, lwm.vision_chat, lwm.vision_generation, the needle evals)."""
+(`engine`), and the vision pieces shared by the vision entry points and the server (`vision`), used by every entry point (lwm.text_chat, lwm.vision_chat, lwm.vision_generation, the needle evals)."""

@@ -1,0 +1,213 @@
+"""`lwm.serve` under load beside the engine it serves, in one run: requests/s, output tokens/s, p50/p95
+time-to-first-token (TTFT) and latency at concurrency 1, 4 and 16, and the engine's direct rates.
+
+    python benchmarks/serve_bench.py                       # debug preset, 64-token prompts, 32 new tokens
+    python benchmarks/serve_bench.py --preset=tiny --new_tokens=16 --levels=1,4
+
+Setup: the preset with random weights and a small sentencepiece tokenizer; the server (`create_app` +
+uvicorn, continuous batching, max_batch_size = the highest level) runs in this process; the load comes from
+a separate process (the official `openai` client, AsyncOpenAI, streaming), so client and server do not share
+a Python interpreter. Every request is greedy on its own prompt of --prompt_tokens token ids
+(/v1/completions), so the server and the direct engine produce the same tokens.
+
+Direct references, same prompts, same engine, after a compile run:
+  direct batched   `Engine.generate` of 16 prompts at once (no streaming): new tokens / wall time
+  direct first     `Engine.generate` of 1 prompt with max_new_tokens=1: prefill + one decode step
+Targets: at 16, server output tok/s >= 0.8x direct batched; at 1, p50 TTFT <= 1.2x direct first.
+Print the load average beside the figures: the machine may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="debug")
+    p.add_argument("--prompt_tokens", type=int, default=64)
+    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--levels", default="1,4,16", help="client concurrency levels")
+    p.add_argument("--requests_per_slot", type=int, default=2, help="requests per level = this x concurrency")
+    p.add_argument("--steps_per_call", type=int, default=1, help="decode steps per engine call (scheduler)")
+    p.add_argument("--repeats", type=int, default=3, help="direct references: best of this many runs")
+    return p.parse_args(argv)
+
+
+def _percentile(xs, q):
+    import numpy as np
+
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def _load(url: str, prompts: list, new_tokens: int, concurrency: int, out: "mp.Queue") -> None:
+    """Client process: `len(prompts)` streamed completions, `concurrency` at a time. Puts (wall_s, rows,
+    http_s) with rows = [(ttft_s, latency_s, tokens)] and http_s the median of 10 GET /v1/models round trips made
+    just before (what HTTP and the two processes cost without the model)."""
+    import asyncio
+
+    import openai
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        gate = asyncio.Semaphore(concurrency)
+        rows = []
+
+        async def one(prompt):
+            async with gate:
+                t0 = time.perf_counter()
+                ttft, tokens = None, 0
+                stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=new_tokens,
+                                                         temperature=0, stream=True,
+                                                         extra_body={"return_token_ids": True})
+                async for chunk in stream:
+                    for c in chunk.choices:
+                        ids = (c.model_extra or {}).get("token_ids") or []
+                        if ids and ttft is None:
+                            ttft = time.perf_counter() - t0
+                        tokens += len(ids)
+                rows.append((ttft, time.perf_counter() - t0, tokens))
+
+        floor = []                                         # API round trips that run no model
+        for _ in range(10):
+            t0 = time.perf_counter()
+            await client.models.list()
+            floor.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - t0
+        await client.close()
+        return wall, rows, sorted(floor)[len(floor) // 2]
+
+    out.put(asyncio.run(run()))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from lwm.inference.engine import Engine
+    from lwm.inference.loader import param_shapes, random_params
+    from lwm.llama import LLaMAConfig, LLaMAForCausalLM
+    from lwm.serve import create_app
+    from lwm.tokenizer import train_sentencepiece
+
+    levels = [int(x) for x in args.levels.split(",")]
+    cfg = LLaMAConfig.load(args.preset).replace(max_sequence_length=args.prompt_tokens + args.new_tokens + 64)
+    model = LLaMAForCausalLM(cfg)
+    params = random_params(param_shapes(cfg), cfg)                 # host-drawn: nothing to compile
+    words = ("the quick brown fox jumps over a lazy dog while world models read long videos and text in one "
+             "million token context with ring attention packing").split()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_sentencepiece([" ".join(rng.choice(words, rng.integers(2, 30))) for _ in range(400)],
+                                  f"{tmp}/t.model", 400)
+    engine = Engine(model, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+    # Token-id prompts (BOS first), different for every request; ids avoid BOS/EOS.
+    n_max = max(levels) * args.requests_per_slot
+    prompts = [[tok.bos_id] + rng.integers(3, tok.vocab_size, args.prompt_tokens - 1).tolist() for _ in range(n_max)]
+
+    # ---- direct references (after a compile run each)
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    top = max(levels)
+    batched_s, result = best(lambda: engine.generate(prompts[:top], args.new_tokens))
+    direct_tokens = sum(len(t) for t in result.tokens)
+    direct_rate = direct_tokens / batched_s
+    first_s, _ = best(lambda: engine.generate(prompts[:1], 1))
+
+    # ---- the server
+    import threading
+
+    import uvicorn
+
+    app = create_app(engine, tok, model_name="bench", max_batch_size=top, max_queue=4 * n_max,
+                     default_max_tokens=args.new_tokens)
+    app.state.scheduler.steps_per_call = args.steps_per_call
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    ctx = mp.get_context("spawn")
+
+    def load(prompts_, concurrency):
+        q = ctx.Queue()
+        proc = ctx.Process(target=_load, args=(url, prompts_, args.new_tokens, concurrency, q))
+        proc.start()
+        result_ = q.get()
+        proc.join()
+        return result_
+
+    window = app.state.scheduler.demand_window_s + 0.2        # the scheduler forgets the previous level
+    for _ in range(2):                                        # compile runs of the server's shapes (each
+        for c in levels:                                      # state of the ladder, the batched prefills)
+            load(prompts[:c], c)
+            time.sleep(window)
+    rows, inside, floors = [], [], []
+    for c in levels:
+        n = c * args.requests_per_slot
+        time.sleep(window)
+        app.state.scheduler.finished.clear()
+        wall, res, http_s = load(prompts[:n], c)
+        floors.append(http_s)
+        server_side = list(app.state.scheduler.finished)
+        inside.append((c, _percentile([r[2] for r in server_side if r[2] is not None], 50),
+                       _percentile([r[3] for r in server_side if r[3] is not None], 50)))
+        ttft = [r[0] for r in res if r[0] is not None]
+        lat = [r[1] for r in res]
+        toks = sum(r[2] for r in res)
+        rows.append((c, n, n / wall, toks / wall, _percentile(ttft, 50), _percentile(ttft, 95),
+                     _percentile(lat, 50), _percentile(lat, 95)))
+    server.should_exit = True
+    thread.join(timeout=30)
+
+    load_avg = os.getloadavg()
+    print(f"lwm.serve on {args.preset} (random weights), prompts {args.prompt_tokens} tokens, {args.new_tokens} new "
+          f"tokens greedy, {os.cpu_count()} CPUs, JAX {jax.__version__} {jax.default_backend()}, load average "
+          f"{load_avg[0]:.1f} {load_avg[1]:.1f} {load_avg[2]:.1f}")
+    print(f"direct batched ({top} rows): {direct_rate:8.1f} output tok/s ({direct_tokens} tokens in {batched_s:.3f} s)")
+    print(f"direct first token (prefill + 1 decode step, 1 row): {first_s * 1e3:8.1f} ms")
+    print()
+    print("| concurrency | requests | req/s | output tok/s | x direct batched | TTFT p50 ms | TTFT p95 ms "
+          "| x direct first | latency p50 ms | latency p95 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c, n, rps, tps, t50, t95, l50, l95 in rows:
+        print(f"| {c} | {n} | {rps:.2f} | {tps:.1f} | {tps / direct_rate:.2f} | {t50 * 1e3:.1f} | {t95 * 1e3:.1f} "
+              f"| {t50 / first_s:.2f} | {l50 * 1e3:.1f} | {l95 * 1e3:.1f} |")
+    print(f"\nHTTP floor: GET /v1/models round trip (openai client) from the client process, median of 10 before each level: "
+          f"{', '.join(f'{f * 1e3:.1f}' for f in floors)} ms")
+    print("\nthe same requests timed inside the server (from submit to the scheduler, no HTTP, no client):")
+    print("| concurrency | TTFT p50 ms | x direct first | latency p50 ms |")
+    print("|---|---|---|---|")
+    for c, t50, l50 in inside:
+        print(f"| {c} | {t50 * 1e3:.1f} | {t50 / first_s:.2f} | {l50 * 1e3:.1f} |")
+    by = {r[0]: r for r in rows}
+    if top in by:
+        print(f"\ntarget at {top}: output tok/s >= 0.8x direct batched: {by[top][3] / direct_rate:.2f}x "
+              f"({'met' if by[top][3] >= 0.8 * direct_rate else 'NOT met'})")
+    if 1 in by:
+        print(f"target at 1: TTFT p50 <= 1.2x direct first: {by[1][4] / first_s:.2f}x "
+              f"({'met' if by[1][4] <= 1.2 * first_s else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

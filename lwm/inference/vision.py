@@ -1,0 +1,127 @@
+"""Vision pieces of inference shared by the vision entry points and the server: the vision-id layout of a
+prompt's frames (`vision_tokens`), the frame sampling settings and token rule (`FrameSampling`, `FrameRule`,
+`guided_logits`) and text-to-frames generation over the engine (`generate_frames`).
+
+Used by lwm.vision_chat, lwm.vision_generation and lwm.serve. Letters: B prompts, R rows (2B with guidance),
+T padded prompt length, W vision vocabulary, F tokens per frame (h*w + 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lwm.chat_template import Prompt
+from lwm.inference.engine import Engine, mesh_sizes, seed_of
+from lwm.inference.runtime import check_budget
+from lwm.sampling import SamplingConfig, sample_rows
+from lwm.vision_llama import END_OF_FRAME, END_OF_VISION, NUM_VISION_CODES, VisionLLaMAForCausalLM
+
+
+def vision_tokens(codes: np.ndarray) -> np.ndarray:
+    """Codes (T, h, w) -> vision ids (T * (h*w + 1),): each frame's codes row by row, then END_OF_FRAME,
+    END_OF_VISION closing the last frame. E.g. two 1x2 frames [[a, b]], [[c, d]] -> a b 8192 c d 8193."""
+    codes = np.asarray(codes, np.int32)
+    t = codes.shape[0]
+    ends = np.full((t, 1), END_OF_FRAME, np.int32)
+    ends[-1] = END_OF_VISION
+    return np.concatenate([codes.reshape(t, -1), ends], axis=1).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameSampling:
+    """temperature 0 = greedy; top_k 0 = every code; cfg_scale: guidance strength s (s = 1 is the
+    conditional distribution itself, so the entry point then runs no unconditional rows)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    cfg_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = all codes)")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale={self.cfg_scale}: must be finite")
+
+
+def guided_logits(logits: jax.Array, cfg_scale: float) -> jax.Array:
+    """(2B, W) rows [cond; uncond] -> (B, W) = uncond + s * (cond - uncond), written as
+    cond + (s - 1) * (cond - uncond) so that s = 1 gives the conditional logits exactly."""
+    cond, uncond = jnp.split(logits, 2, axis=0)
+    return cond + (cfg_scale - 1.0) * (cond - uncond)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameRule:
+    """The engine's token rule for frames (`lwm.inference.engine.TokenRule`): with `guided`, rows are
+    [conditional; unconditional] halves whose logits are mixed (`guided_logits`) and whose one drawn code
+    is fed to both; codes are drawn among ids [0, num_codes) with the rows' temperature / top-k; every
+    frame's last token (step % tokens_per_frame == tokens_per_frame - 1) is END_OF_FRAME, forced."""
+    tokens_per_frame: int
+    num_codes: int
+    cfg_scale: float
+    guided: bool
+
+    def __call__(self, logits, keys, steps, temperature, top_k, top_p):      # (R, W) -> (R,)
+        b = logits.shape[0] // 2 if self.guided else logits.shape[0]
+        if self.guided:
+            logits = guided_logits(logits, self.cfg_scale)
+        tok = sample_rows(logits[:, :self.num_codes], keys[:b], temperature[:b], top_k[:b], top_p[:b],
+                          filters=True)
+        tok = jnp.where((steps[:b] + 1) % self.tokens_per_frame == 0, END_OF_FRAME, tok)
+        return jnp.concatenate([tok, tok]) if self.guided else tok
+
+
+def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt],
+                    uncond: Optional[Sequence[Prompt]], *, n_frames: int, tokens_per_frame: int,
+                    sampling: FrameSampling, rng, pad_id: int, num_codes: int = NUM_VISION_CODES,
+                    stats: Optional[dict] = None, cache_dtype=None, engine: Optional[Engine] = None) -> np.ndarray:
+    """Draw `n_frames` frames after each conditional prompt: with classifier-free guidance (scale
+    sampling.cfg_scale) against `uncond` (one per cond prompt), or plain sampling when `uncond` is None,
+    through the generation engine with a `FrameRule`. The model must have sample_mode='vision'.
+    rng: a PRNG key, or an int seed; row r draws with seed `seed_of(rng)` + r (the unconditional rows' draws
+    are unused). engine: an `Engine` over this model (eos_id -1) to reuse, so that its compiled steps serve
+    several calls (the server keeps one); default a new one per call (then cache_dtype applies).
+
+    Returns (B, n_frames, F) int32 vision ids: F - 1 codes in [0, num_codes), then END_OF_FRAME. Raises
+    PromptTooLongError before compiling when a prompt + n_frames * F exceeds max_sequence_length. With an
+    ambient mesh the rows are padded (with copies) to a multiple of dp*fsdp and T to a multiple of sp.
+    `stats` (optional) receives compile_s (0: the engine compiles inside its first call), generate_s,
+    new_tokens (B * n_frames * F) and rows."""
+    config = model.config
+    if config.sample_mode != "vision":
+        raise ValueError(f"generate_frames needs a model with sample_mode='vision', not {config.sample_mode!r}")
+    if not 0 < num_codes <= NUM_VISION_CODES:
+        raise ValueError(f"num_codes={num_codes} must be in [1, {NUM_VISION_CODES}]")
+    cond, guided = list(cond), uncond is not None
+    if guided and len(uncond) != len(cond):
+        raise ValueError(f"{len(cond)} conditional but {len(uncond)} unconditional prompts; give one of each")
+    halves = [cond] + ([list(uncond)] if guided else [])
+    n_new = n_frames * tokens_per_frame
+    longest = max(len(p) for half in halves for p in half)
+    check_budget(longest, n_new, config.max_sequence_length, f"{n_frames} frame(s) of {tokens_per_frame} tokens")
+
+    data, _ = mesh_sizes()
+    b = len(cond)
+    per_half = data // math.gcd(data, len(halves))             # rows per half must make R divisible by data
+    b_pad = per_half * math.ceil(b / per_half)
+    rows = [p for half in halves for p in half + [half[0]] * (b_pad - b)]
+    if engine is None:
+        engine = Engine(model, params, eos_id=-1, pad_id=pad_id, cache_dtype=cache_dtype)
+    seed0 = rng if isinstance(rng, int) else seed_of(rng)
+    rule = FrameRule(tokens_per_frame, num_codes, float(sampling.cfg_scale), guided)
+    t0 = time.perf_counter()
+    result = engine.generate([p.ids for p in rows], n_new, vision=[p.vision for p in rows], rule=rule,
+                             sampling=SamplingConfig(sampling.temperature, sampling.top_k),
+                             seeds=[seed0 + r % b_pad for r in range(len(rows))], stop_ids=())
+    t1 = time.perf_counter()
+    if stats is not None:
+        stats.update(compile_s=0.0, generate_s=t1 - t0, new_tokens=b * n_new, rows=len(rows))
+    tokens = np.asarray(result.tokens[:b], np.int32)
+    return tokens.reshape(b, n_frames, tokens_per_frame)

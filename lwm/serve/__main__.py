@@ -1,0 +1,59 @@
+"""`python -m lwm.serve`: serve an LWM text or vision model over the OpenAI HTTP API (docs/serve.md).
+
+    python -m lwm.serve --load_llama_config=7b --load_checkpoint=params::/ckpt/LWM-Text-Chat-1M/params \
+        --tokenizer=/ckpt/tokenizer.model --dtype=bf16 --port=8000 --api_key=secret
+    python -m lwm.serve --modality=vision --load_llama_config=7b --load_checkpoint=params::/ckpt/LWM-Chat/params \
+        --vqgan_checkpoint=/ckpt/vqgan --tokenizer=/ckpt/tokenizer.model
+
+Model flags are the chat entry points' (lwm.text_chat, lwm.vision_chat: --load_llama_config,
+--update_llama_config, --load_checkpoint, --tokenizer, --mesh_dim, --dtype, --vqgan_*); the server binds to
+127.0.0.1 unless --host says otherwise. Then open http://127.0.0.1:8000/ for the chat page, or point any
+OpenAI client at http://127.0.0.1:8000/v1. Bad flags or files: one line, exit status 2.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from ml_collections import ConfigDict
+
+from lwm.inference import runtime
+
+
+def get_default_config() -> ConfigDict:
+    c = ConfigDict()
+    c.modality = "text"                        # text | vision (LWM-Chat: image/video input, image generation)
+    runtime.vision_flags(c)                    # the model flags, --vqgan_*, --seed (+ --prompt, unused here)
+    c.tokenizer = "LargeWorldModel/LWM-Text-Chat-1M"
+    c.max_n_frames = 8                         # frames taken from a video
+    c.model_name = ""                          # the id clients send as `model`; '' = 'lwm-text' / 'lwm-vision'
+    c.host = "127.0.0.1"
+    c.port = 8000
+    c.api_key = ""                             # '' = no key needed
+    c.max_batch_size = 8                       # decode slots (rows decoded together)
+    c.max_queue = 64                           # requests waiting for a slot; more get 429
+    c.default_max_tokens = 256                 # budget of a request that sets no max_tokens
+    c.allow_local_media = False                # read plain file paths in image/video parts
+    return c
+
+
+def main(argv: Sequence[str]) -> None:
+    import uvicorn
+
+    from lwm.serve import create_app
+    from lwm.serve.loading import load_served
+
+    config = runtime.parse(argv, get_default_config())
+    engine, tokenizer, vqgan, mesh = load_served(config)
+    name = config.model_name or f"lwm-{config.modality}"
+    app = create_app(engine, tokenizer, model_name=name, vqgan=vqgan, api_key=config.api_key or None,
+                     max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+                     allow_local_media=config.allow_local_media, max_n_frames=config.max_n_frames,
+                     default_max_tokens=config.default_max_tokens, mesh=mesh)
+    print(f"lwm.serve: {name} on http://{config.host}:{config.port}/ (OpenAI API under /v1)", file=sys.stderr,
+          flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    sys.exit(runtime.cli("lwm.serve", main, get_default_config, __doc__))

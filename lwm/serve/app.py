@@ -1,0 +1,231 @@
+"""`create_app(engine, tokenizer, ...) -> FastAPI app`: the OpenAI-compatible HTTP API over one engine.
+
+    GET  /                      the chat page (static HTML; it calls the API below)
+    GET  /health                {"status": "ok", "model": ..., "waiting": n, "running": n}
+    GET  /v1/models             the one served model
+    POST /v1/chat/completions   messages -> answer (stream=true: server-sent events ending with `data: [DONE]`)
+    POST /v1/completions        prompt text (or token ids) -> continuation
+    POST /v1/images/generations vision models: text -> PNG images (b64_json)
+
+Requests are validated at the edge (`lwm.serve.schemas`), turned into token ids by `lwm.serve.model.ServedModel`
+(the chat template is `lwm.chat_template`), and queued on the `lwm.serve.scheduler.Scheduler`, whose one thread
+runs the engine. Every error leaves as an OpenAI error object (`lwm.serve.errors`).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import itertools
+import time
+import uuid
+from importlib import resources
+from typing import Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+from lwm.serve.errors import APIError, bad_request, install_handlers, sse
+from lwm.serve.jobs import Job, Sampling
+from lwm.serve.schemas import ChatCompletionRequest, CompletionRequest, ImageRequest
+
+
+def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_key: Optional[str] = None,
+               max_batch_size: int = 8, max_queue: int = 64, allow_local_media: bool = False,
+               max_n_frames: int = 8, default_max_tokens: int = 256, mesh=None, scheduler=None) -> FastAPI:
+    """The app over `engine` (an `lwm.inference` engine, text or vision) and its `tokenizer`.
+
+    model_name: the id clients send as `model`. vqgan: an `lwm.vqgan.VQGAN` for vision models (required
+    for image input and image generation). api_key: when set, /v1/* needs `Authorization: Bearer KEY` (401
+    otherwise). max_batch_size: rows decoded together; max_queue: requests waiting for the engine (429 when
+    full). allow_local_media: read plain file paths in media parts. max_n_frames: frames taken from a
+    video. default_max_tokens: the budget of a request that sets none (capped by the context left).
+    mesh: the device mesh the engine's arrays live on (its thread runs under `jax.set_mesh(mesh)`).
+    scheduler: a ready `Scheduler` (tests and benchmarks); by default one is built and started here and
+    stopped at shutdown."""
+    from contextlib import asynccontextmanager
+
+    from lwm.serve.model import ServedModel
+    from lwm.serve.scheduler import Scheduler
+
+    served = ServedModel(engine, tokenizer, model_name, vqgan=vqgan, allow_local_media=allow_local_media,
+                         max_n_frames=max_n_frames)
+    own = scheduler is None
+    sched = scheduler or Scheduler(served, max_batch_size=max_batch_size, max_queue=max_queue, mesh=mesh)
+    seeds = itertools.count(int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if own:
+            sched.start()
+        yield
+        if own:
+            sched.stop()
+
+    app = FastAPI(title="LWM", version="0.2.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.served, app.state.scheduler = served, sched
+    install_handlers(app)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
+                                "key the server was started with (--api_key)", code="invalid_api_key")
+
+    def check_model(name: Optional[str]) -> None:
+        if name is not None and name != served.name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {served.name!r} "
+                                "(GET /v1/models)", param="model", code="model_not_found")
+
+    def sampling(req, prompt) -> Sampling:
+        budget = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        served.check_length(len(prompt), budget)
+        if budget is None:
+            budget = min(default_max_tokens, served.max_sequence_length - len(prompt))
+        seed = req.seed if req.seed is not None else next(seeds)
+        return Sampling(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=seed, stop=req.stop or [])
+
+    def ids_of(req, prompt) -> dict:
+        if not req.return_token_ids:
+            return {}
+        ids = prompt.ids if hasattr(prompt, "ids") else prompt
+        return {"prompt_token_ids": [int(i) for i in ids]}
+
+    # ------------------------------------------------------------------------------------------- pages
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        html = resources.files("lwm.serve").joinpath("static/chat.html").read_text()
+        return HTMLResponse(html)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served.name, "vision": served.is_vision, **sched.stats()}
+
+    v1 = [Depends(check_key)]
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models():
+        return {"object": "list", "data": [served.card()]}
+
+    @app.get("/v1/models/{name}", dependencies=v1)
+    async def model(name: str):
+        check_model(name)
+        return served.card()
+
+    # ------------------------------------------------------------------------------------- completions
+    async def run(request: Request, job: Job, chunk, final, stream: bool, include_usage: bool):
+        """Queue `job`; answer with one JSON body, or with server-sent events built by chunk(text) and
+        final(reason) (and a usage chunk when asked)."""
+        sched.submit(job)
+        if stream:
+            async def events():
+                try:
+                    yield sse(chunk(None))
+                    async for kind, value in job.events():
+                        yield sse(chunk(*value) if kind == "text" else final(value))
+                    if include_usage:
+                        yield sse({**final(None), "choices": [], "usage": job.usage()})
+                except APIError as e:
+                    yield sse(e.body())
+                except Exception as e:                             # the engine failed: tell, then close
+                    yield sse(APIError(500, f"generation failed: {type(e).__name__}: {e}").body())
+                finally:
+                    job.cancel()                                   # a client that left frees its slot
+                yield sse("[DONE]")
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        async def watch():                                         # a client that left frees its slot
+            while not job.done.is_set():
+                if await request.is_disconnected():
+                    job.cancel()
+                    return
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            reason = None
+            async for kind, value in job.events():
+                reason = value if kind == "done" else reason
+        except APIError:
+            raise
+        except Exception as e:
+            raise APIError(500, f"generation failed: {type(e).__name__}: {e}") from None
+        finally:
+            watcher.cancel()
+        return reason
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat(req: ChatCompletionRequest, request: Request):
+        check_model(req.model)
+        prompt = await asyncio.to_thread(served.chat_prompt, req.messages)
+        job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop(), req.return_token_ids)
+        extra = lambda ids: {"token_ids": list(ids)} if req.return_token_ids else {}
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = dict(id=ident, object="chat.completion.chunk", created=created, model=served.name)
+
+        def chunk(text, ids=()):
+            delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
+            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None, **extra(ids)}]}
+
+        def final(reason):
+            return {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+
+        reason = await run(request, job, chunk, final, req.stream,
+                           bool(req.stream_options and req.stream_options.include_usage))
+        if req.stream:
+            return reason
+        return {"id": ident, "object": "chat.completion", "created": created, "model": served.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
+                             "finish_reason": reason, "logprobs": None, **extra(job.tokens)}],
+                "usage": job.usage(), **ids_of(req, prompt)}
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req.model)
+        prompt = served.completion_prompt(req.prompt)
+        job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop(), req.return_token_ids)
+        extra = lambda ids: {"token_ids": list(ids)} if req.return_token_ids else {}
+        ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        echo = req.prompt if (req.echo and isinstance(req.prompt, str)) else ""
+        head = dict(id=ident, object="text_completion", created=created, model=served.name)
+
+        def chunk(text, ids=()):
+            text = echo if text is None else text
+            return {**head, "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None,
+                                         **extra(ids)}]}
+
+        def final(reason):
+            return {**head, "choices": [{"index": 0, "text": "", "finish_reason": reason, "logprobs": None}]}
+
+        reason = await run(request, job, chunk, final, req.stream,
+                           bool(req.stream_options and req.stream_options.include_usage))
+        if req.stream:
+            return reason
+        return {**head, "choices": [{"index": 0, "text": echo + job.text, "finish_reason": reason,
+                                     "logprobs": None, **extra(job.tokens)}], "usage": job.usage(),
+                **ids_of(req, prompt)}
+
+    # ------------------------------------------------------------------------------------------ images
+    @app.post("/v1/images/generations", dependencies=v1)
+    async def images(req: ImageRequest):
+        check_model(req.model)
+        served.check_image_request(req)
+        seed = req.seed if req.seed is not None else next(seeds)
+        frames = await sched.call(lambda: served.generate_images(req.prompt, req.n, seed=seed,
+                                                                 temperature=req.temperature, top_k=req.top_k,
+                                                                 cfg_scale=req.cfg_scale))
+        data = []
+        for frame in frames:
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.fromarray(frame).save(buf, format="PNG")
+            data.append({"b64_json": base64.b64encode(buf.getvalue()).decode(), "revised_prompt": None})
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+    return app

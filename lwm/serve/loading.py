@@ -1,0 +1,40 @@
+"""Flags -> (engine, tokenizer, vqgan, mesh) for `python -m lwm.serve`: the one runtime set-up
+(lwm.inference.runtime) and the one loader (lwm.inference.loader)."""
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+
+def check_flags(config: ConfigDict) -> None:
+    """ValueError naming the flag, before anything is loaded."""
+    if config.modality not in ("text", "vision"):
+        raise ValueError(f"--modality={config.modality!r}: choose text or vision")
+    if not 0 <= config.port < 65536:
+        raise ValueError(f"--port={config.port}: must be in [0, 65535]")
+    for flag, low in (("max_batch_size", 1), ("max_queue", 0), ("max_n_frames", 1), ("default_max_tokens", 1)):
+        if config[flag] < low:
+            raise ValueError(f"--{flag}={config[flag]}: must be >= {low}")
+
+
+def load_served(config: ConfigDict):
+    import jax
+
+    from lwm.inference import runtime
+    from lwm.inference.engine import Engine
+    from lwm.inference.loader import load_model
+
+    check_flags(config)
+    vision = config.modality == "vision"
+    rt = runtime.setup(config, modality="vision,text" if vision else "text",
+                       sample_mode="text" if vision else None)
+    vqgan = None
+    with jax.set_mesh(rt.mesh):
+        model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, rt.mesh,
+                                   random_if_empty=vision, seed=config.seed)
+    if vision:
+        from lwm.vqgan import VQGAN, VQGANConfig
+
+        vqgan = VQGAN.load(config.vqgan_checkpoint or None, VQGANConfig.load(config.vqgan_config), seed=config.seed)
+    engine = Engine(model, params, eos_id=rt.tokenizer.eos_id, pad_id=rt.tokenizer.pad_id,
+                    vocab_size=rt.tokenizer.vocab_size, cache_dtype=config.cache_dtype or None)
+    return engine, rt.tokenizer, vqgan, rt.mesh

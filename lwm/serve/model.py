@@ -1,0 +1,224 @@
+"""What the server knows of its model: how requests become token ids and the length rule.
+
+`ServedModel(engine, tokenizer, name, vqgan=...)`:
+  chat_prompt(messages)        chat messages -> prompt ids (`lwm.chat_template.conversation_ids`), or for a
+                               vision model with media parts a vision prompt (ids + vision mask)
+  completion_prompt(prompt)    text -> [BOS] + ids; token ids as given
+  check_length(n, max_tokens)  400 'context_length_exceeded' naming max_sequence_length
+  generate_images(...)         vision models: text -> (n, R, R, 3) uint8 frames
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from lwm.serve.errors import APIError, bad_request
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaPrompt:
+    """A vision-model prompt: token ids and, per id, whether it is a vision id (VQGAN code or marker)."""
+    ids: tuple
+    vision: tuple
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class ServedModel:
+    def __init__(self, engine, tokenizer, name: str, *, vqgan=None, allow_local_media: bool = False,
+                 max_n_frames: int = 8):
+        self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        self.vqgan, self.allow_local_media, self.max_n_frames = vqgan, allow_local_media, max_n_frames
+        self.config = engine.config
+        self.is_vision = hasattr(self.config, "vision_vocab_size")
+        self.max_sequence_length = int(self.config.max_sequence_length)
+        self.created = int(time.time())
+        self._image_engine = None
+
+    def card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "lwm",
+                "max_model_len": self.max_sequence_length, "vision": self.is_vision}
+
+    # ------------------------------------------------------------------------------------------- length
+    def check_length(self, prompt_len: int, max_tokens: Optional[int]) -> None:
+        limit = self.max_sequence_length
+        need = prompt_len + (max_tokens or 1)
+        if need > limit:
+            asked = f" + max_tokens {max_tokens}" if max_tokens else " + 1 new token"
+            raise APIError(400, f"this model's maximum context length is {limit} tokens; the prompt has {prompt_len} "
+                                f"tokens{asked} = {need}; shorten the messages or lower max_tokens",
+                           param="messages", code="context_length_exceeded")
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def completion_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return [self.tokenizer.bos_id] + list(self.tokenizer.encode(prompt))
+        vocab = self.tokenizer.vocab_size
+        bad = [i for i in prompt if not 0 <= i < vocab]
+        if bad:
+            raise bad_request(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+        return list(prompt)
+
+    def chat_prompt(self, messages: Sequence) -> object:
+        """Pydantic ChatMessages -> prompt. Text parts of one message are joined with newlines; media parts
+        need a vision model and may sit in the last user message only."""
+        from lwm.chat_template import conversation_ids
+
+        plain, media = [], []
+        for i, m in enumerate(messages):
+            if isinstance(m.content, str):
+                plain.append({"role": m.role, "content": m.content})
+                continue
+            texts = []
+            for j, part in enumerate(m.content):
+                where = f"messages[{i}].content[{j}]"
+                if part.type == "text":
+                    texts.append(part.text)
+                    continue
+                if not self.is_vision:
+                    raise bad_request(f"{where}: model {self.name!r} is a text model; {part.type} parts need a "
+                                      "vision model (LWM-Chat)", where, "media_not_supported")
+                if m.role != "user" or i != len(messages) - 1:
+                    raise bad_request(f"{where}: images and videos are read in the last user message only", where)
+                url = part.image_url.url if part.type == "image_url" else part.video_url.url
+                media.append(("image" if part.type == "image_url" else "video", url, where))
+            plain.append({"role": m.role, "content": "\n".join(texts)})
+        if not media:
+            try:
+                return conversation_ids(self.tokenizer, plain)
+            except ValueError as e:
+                raise bad_request(str(e), "messages") from None
+        return self.vision_prompt(plain, media)
+
+    def vision_prompt(self, plain: list[dict], media) -> "MediaPrompt":
+        """The conversation's ids (`lwm.chat_template`) with the last user turn carrying the media, as the
+        original LWM-Chat lays it out: "{system} USER: {text}\\n" + "<vision>" + vision ids + "</vision>" +
+        " ASSISTANT:" (each text piece tokenized on its own; vision ids: each frame's VQGAN codes, then the
+        end-of-frame / end-of-vision marker)."""
+        from lwm.chat_template import SYSTEM_PROMPT, conversation_ids, user_turn_ids, user_turn_text
+        from lwm.serve.media import frames_from_parts
+        from lwm.inference.vision import vision_tokens
+
+        if self.vqgan is None:
+            raise bad_request(f"model {self.name!r} has no VQGAN loaded; image input is unavailable", "messages")
+        tok = self.tokenizer
+        try:
+            text_ids = conversation_ids(tok, plain)               # validates the turns
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
+        system = plain[0]["content"] if plain[0]["role"] == "system" else SYSTEM_PROMPT
+        first = sum(m["role"] == "user" for m in plain) == 1
+        last = plain[-1]["content"]
+        head = text_ids[:len(text_ids) - len(user_turn_ids(tok, last, first, system))]
+        suffix = " ASSISTANT:"
+        turn = user_turn_text(last + "\n", first, system)
+        if not turn.endswith(suffix):
+            raise RuntimeError(f"lwm.chat_template's user turn no longer ends with {suffix!r}")
+        frames = frames_from_parts(media, self.vqgan.config.resolution, self.max_n_frames, self.allow_local_media)
+        self.check_length(len(head) + 2 + len(frames) * (self.vqgan.config.codes_per_side ** 2 + 1), 1)
+        _, codes = self.vqgan.encode(frames)
+        vision = [int(v) for v in vision_tokens(np.asarray(codes))]
+        pieces = [(head + ([tok.bos_id] if first else []) + list(tok.encode(turn[:-len(suffix)])), False),
+                  (list(tok.encode("<vision>")), False), (vision, True), (list(tok.encode("</vision>")), False),
+                  (list(tok.encode(suffix)), False)]
+        return MediaPrompt(tuple(i for ids, _ in pieces for i in ids),
+                           tuple(v for ids, v in pieces for _ in ids))
+
+    def check_image_request(self, req) -> None:
+        if not self.is_vision or self.vqgan is None:
+            raise bad_request(f"model {self.name!r} cannot generate images: start the server with a vision model "
+                              "(--modality=vision) and its VQGAN", "model", "images_not_supported")
+        side = self.vqgan.config.resolution
+        if req.size is not None and req.size != f"{side}x{side}":
+            raise bad_request(f"size: this model makes {side}x{side} images, not {req.size}", "size")
+
+    def generate_images(self, prompt: str, n: int, *, seed: int, temperature: float, top_k: int,
+                        cfg_scale: float) -> list[np.ndarray]:
+        """n images for `prompt` by the original's text-to-image recipe (`lwm.inference.vision.generate_frames`:
+        "Generate an image of {prompt}" against "<vision>", classifier-free guidance when cfg_scale != 1,
+        forced end-of-frame), then the VQGAN decode, on one image engine kept for the server's lifetime so
+        requests after the first reuse its compiled steps. Returns n uint8 (R, R, 3) frames. Runs on the
+        engine thread."""
+        from lwm.chat_template import vision_generation_prompts
+        from lwm.inference.engine import Engine
+        from lwm.inference.vision import FrameSampling, generate_frames
+        from lwm.vision_io import to_uint8
+
+        side = self.vqgan.config.codes_per_side
+        per_frame = side * side + 1
+        cond, uncond = vision_generation_prompts(self.tokenizer, f"Generate an image of {prompt}")
+        self.check_length(max(len(cond), len(uncond)), per_frame)
+        if self._image_engine is None:
+            model = self.engine.model
+            image_model = type(model)(self.config.replace(sample_mode="vision"), dtype=model.dtype,
+                                      param_dtype=model.param_dtype)
+            self._image_engine = Engine(image_model, self.engine.params, eos_id=-1, pad_id=self.tokenizer.pad_id,
+                                        cache_dtype=self.engine.cache_dtype)
+        guided = cfg_scale != 1
+        codes = generate_frames(self._image_engine.model, self.engine.params, [cond] * n,
+                                [uncond] * n if guided else None, n_frames=1, tokens_per_frame=per_frame,
+                                sampling=FrameSampling(temperature, top_k, float(cfg_scale)), rng=int(seed),
+                                pad_id=self.tokenizer.pad_id, num_codes=self.vqgan.config.num_embeddings,
+                                engine=self._image_engine)
+        codes = np.asarray(codes, np.int32)[:, 0, :-1].reshape(n, side, side)
+        return list(to_uint8(self.vqgan.decode(codes)))
+
+    # --------------------------------------------------------------------------------------- generation
+    @property
+    def cache_length(self) -> int:
+        """Cache slots per decode slot: the model's context rounded up to whole sp chunks, plus one prompt
+        block per sp device, so that any prompt padded to its bucket (`Engine.padded_length`: a power of two
+        below one block, whole blocks above) plus a budget that fits the context fits the cache."""
+        _, sp = self.engine.mesh_sizes()
+        block = max(self.config.scan_query_chunk_size, self.config.scan_key_chunk_size)
+        return sp * (math.ceil(self.max_sequence_length / sp) + block)
+
+    @staticmethod
+    def _split(prompt):
+        """(ids, vision mask or None) of a job's prompt."""
+        if isinstance(prompt, MediaPrompt):
+            return list(prompt.ids), list(prompt.vision)
+        return list(prompt), None
+
+    def _sampling(self, job):
+        from lwm.sampling import SamplingConfig
+
+        s = job.sampling
+        return SamplingConfig(temperature=s.temperature, top_k=0, top_p=s.top_p)
+
+    def prefill_key(self, engine, job) -> tuple:
+        """Jobs with equal keys can share one batched prefill: (padded length T, whether a vision mask)."""
+        ids, vision = self._split(job.prompt)
+        _, sp = engine.mesh_sizes()
+        t = engine.padded_length(len(ids))
+        if t + job.sampling.max_tokens > self.cache_length:   # the bucket would not leave room: pad to sp only
+            t = sp * math.ceil(len(ids) / sp)
+        return t, vision is not None
+
+    def insert_many(self, engine, state, slots: list, jobs: list, rows: int, prefill_engine=None):
+        """Prefill `jobs` (equal `prefill_key`) as one batch of `rows` rows (>= len(jobs), a multiple of the
+        mesh's dp*fsdp; the extra rows repeat the first prompt) on `prefill_engine` (default `engine`; any
+        engine over the same model and parameters, so that one compiled prefill serves every decode state) and
+        put job i into decode slot slots[i] of `engine`'s `state` (continuous batching). Each row is padded to
+        the same length as a lone prefill of it, so a row's numbers do not depend on its neighbours'. Returns
+        the state."""
+        from lwm.inference.engine import Prefix
+
+        t, has_vision = self.prefill_key(engine, jobs[0])
+        split = [self._split(job.prompt) for job in jobs]
+        split += [split[0]] * (rows - len(jobs))
+        logits, cache = (prefill_engine or engine).prefill_batch([ids for ids, _ in split], t, t,
+                                             [v for _, v in split] if has_vision else None)
+        for r, (slot, job) in enumerate(zip(slots, jobs)):
+            row = cache if rows == 1 else dict(k=cache["k"][:, r:r + 1], v=cache["v"][:, r:r + 1],
+                                                 segment_ids=cache["segment_ids"][r:r + 1])
+            prefix = Prefix(cache=row, logits=logits if rows == 1 else logits[r:r + 1], length=t,
+                            position=len(split[r][0]))
+            state = engine.insert(prefix, state, slot, max_new_tokens=job.sampling.max_tokens,
+                                  sampling=self._sampling(job), seed=job.sampling.seed or 0)
+        return state

@@ -1,0 +1,289 @@
+"""The batching scheduler: one thread owns the engine; requests wait in a bounded queue and share decode steps.
+
+    sched = Scheduler(served, max_batch_size=8, max_queue=64); sched.start()
+    sched.submit(job)              # from the event loop; APIError 429 when max_queue jobs already wait
+    await sched.call(fn)           # run fn() on the engine thread between decode steps (image generation)
+
+Continuous batching over the slot API of the one engine (`lwm.inference.engine.Engine`), as JetStream and
+vLLM do. A step costs every row of its decode state, active or not, so the scheduler keeps a ladder of states
+(1, 4, 16, ... rows up to max_batch_size, `_pools`), each on its own engine over the same parameters, and puts
+new jobs into the smallest one that holds the recent demand (`_targets`). Between decode steps, the jobs
+admitted together are prefilled in batches (`_admit`: one prefill per ladder size of rows for jobs of the same
+padded length) and inserted into free slots; every step draws one token for every active slot; a slot is
+freed as soon as its job ends (EOS, budget, a stop string, or its client left), and the next waiting job takes
+it at the next step.
+A job whose client left before it started is dropped from the queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import math
+import threading
+import time
+import traceback
+from typing import Callable
+
+import numpy as np
+
+from lwm.serve.errors import APIError
+from lwm.serve.jobs import posts_batched
+
+
+
+def _record(job) -> tuple:
+    ttft = None if job.t_first is None else job.t_first - job.t_submit
+    latency = None if job.t_done is None else job.t_done - job.t_submit
+    return job.finish_reason, len(job.tokens), ttft, latency
+
+
+def _twin(engine):
+    """A second engine over the same model and parameters: the slot API keeps per-slot sampling flags for the
+    state an engine last initialised, so each decode state gets its own engine (and compiled steps)."""
+    return type(engine)(engine.model, engine.params, eos_id=engine.eos_id, pad_id=engine.pad_id,
+                        vocab_size=engine.vocab_size, cache_dtype=engine.cache_dtype)
+
+
+class Scheduler:
+    def __init__(self, served, *, max_batch_size: int = 8, max_queue: int = 64, mesh=None,
+                 steps_per_call: int = 1):
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_queue={max_queue} >= 0")
+        self.served, self.max_batch_size, self.max_queue = served, max_batch_size, max_queue
+        self.mesh, self.steps_per_call = mesh, max(1, int(steps_per_call))
+        self.waiting: collections.deque = collections.deque()
+        self.running: list = []
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.batches = 0            # decode calls made
+        self.max_rows = 0           # the most jobs decoding at once (one round of steps)
+        # (finish_reason, tokens, time to first token s, latency s) of recent jobs, newest last; timed from
+        # submit(), so without HTTP (the benchmark prints them beside what its client sees)
+        self.finished = collections.deque(maxlen=1024)
+
+    # ---------------------------------------------------------------------------------- any thread
+    def _check_room(self) -> None:
+        if len(self.waiting) >= self.max_queue:
+            raise APIError(429, f"the server is busy: {len(self.waiting)} requests are waiting (--max_queue="
+                                f"{self.max_queue}); retry later", code="queue_full")
+
+    def submit(self, job) -> None:
+        with self.cond:
+            self._check_room()
+            self.waiting.append(job)
+            self.cond.notify_all()
+
+    async def call(self, fn: Callable):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cond:
+            self._check_room()
+            self.waiting.append((fn, future))
+            self.cond.notify_all()
+        return await asyncio.wrap_future(future)
+
+    def stats(self) -> dict:
+        with self.cond:
+            return {"waiting": len(self.waiting), "running": sum(j is not None for j in self.running),
+                    "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
+
+    def start(self) -> "Scheduler":
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="lwm-serve-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+
+    # ------------------------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        import jax
+
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            self._continuous()
+
+    def _drop_cancelled(self) -> None:
+        kept = collections.deque()
+        for item in self.waiting:
+            if not isinstance(item, tuple) and item.cancelled.is_set():
+                item.finish("cancelled")
+            else:
+                kept.append(item)
+        self.waiting = kept
+
+    @staticmethod
+    def _run_call(item) -> None:
+        fn, future = item
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as e:                  # handed to the awaiting request
+                future.set_exception(e)
+
+    def _pools(self, data: int) -> list:
+        """Decode states as [offset, slots, state, engine], a ladder of sizes data * (1, 4, 16, ...) up to
+        max_batch_size (rounded up to whole data shards). A step costs every row of its state whether active or
+        not (debug preset on a CPU: about 4 ms at one row, 90 ms at 16), so requests go to the smallest state
+        that holds the recent demand (`_targets`) and a step costs about the active rows."""
+        big = data * math.ceil(self.max_batch_size / data)
+        sizes, s = [], data
+        while s < big:
+            sizes.append(s)
+            s *= 4
+        sizes.append(big)
+        pools, offset = [], 0
+        for i, size in enumerate(sizes):
+            pools.append([offset, size, None, self.served.engine if i == 0 else _twin(self.served.engine)])
+            offset += size
+        return pools
+
+    def _targets(self, pools, n: int, demand: int) -> list:
+        """Slots for n jobs admitted now. demand: the most jobs decoding or admitted at once over the last
+        `demand_window_s` (this tick included). The jobs fill the smallest state of at least `demand` rows that
+        has free rows (then the next larger ones, then any), so that requests that arrive one after another
+        under a steady load of 16 share the 16-row state instead of scattering over small ones, and a lone
+        request's step costs one row."""
+        order = sorted(range(len(pools)), key=lambda i: (pools[i][1] < min(demand, pools[-1][1]), pools[i][1]))
+        out = []
+        for i in order:
+            offset, size = pools[i][0], pools[i][1]
+            for slot in range(offset, offset + size):
+                if len(out) < n and self.running[slot] is None:
+                    out.append(slot)
+        return out
+
+    demand_window_s = 1.0
+
+    def _demand(self, now: float, value: int) -> int:
+        self._recent.append((now, value))
+        while self._recent and self._recent[0][0] < now - self.demand_window_s:
+            self._recent.popleft()
+        return max(v for _, v in self._recent)
+
+    @staticmethod
+    def _chunks(n: int, sizes: list) -> list:
+        """Row counts of the batched prefills for n jobs, each one of the ladder's `sizes` (so the prefill
+        compiles once per size): the smallest size >= n when that pads at most n rows, else the largest
+        size <= n, repeated. E.g. with (1, 4, 16): 3 -> [4], 5 -> [4, 1], 9 -> [16]."""
+        out = []
+        while n > 0:
+            up = min((s for s in sizes if s >= n), default=None)
+            take = up if up is not None and up <= 2 * n else max(s for s in sizes if s <= n)
+            out.append(take)
+            n -= min(take, n)
+        return out
+
+    def _admit(self, pools, admit: list) -> None:
+        """Prefill the admitted (slot, job) pairs, batched: jobs in the same state with the same prefill key
+        share one prefill of a ladder size of rows; then insert them into their slots."""
+        groups: dict = {}
+        for slot, job in admit:
+            p = next(k for k, q in enumerate(pools) if q[0] <= slot < q[0] + q[1])
+            try:
+                key = (p, self.served.prefill_key(pools[p][3], job))
+            except APIError as e:
+                job.finish("error", e)
+                self._release(slot)
+                continue
+            groups.setdefault(key, []).append((slot, job))
+        sizes = [q[1] for q in pools]
+        for (p, _), members in groups.items():
+            pool = pools[p]
+            if pool[2] is None:
+                pool[2] = pool[3].init_state(pool[1], self.served.cache_length)
+            start = 0
+            for rows in self._chunks(len(members), sizes):
+                part = members[start:start + rows]
+                start += len(part)
+                try:
+                    pool[2] = self.served.insert_many(pool[3], pool[2], [s - pool[0] for s, _ in part],
+                                                      [j for _, j in part], rows, prefill_engine=pools[0][3])
+                except Exception as e:
+                    if not isinstance(e, APIError):
+                        traceback.print_exc()
+                        e = APIError(500, f"prefill failed: {type(e).__name__}: {e}")
+                    for slot, job in part:
+                        job.finish("error", e)
+                        self._release(slot)
+
+    def _continuous(self) -> None:
+        engine = self.served.engine
+        data, _ = engine.mesh_sizes()
+        pools = self._pools(data)
+        self.running = [None] * sum(p[1] for p in pools)
+        self._recent = collections.deque()
+        while True:
+            admit, call = [], None
+            with self.cond:
+                while True:
+                    self._drop_cancelled()
+                    if self.stopping:
+                        return
+                    if self.waiting or any(j is not None for j in self.running):
+                        break
+                    self.cond.wait()
+                if self.waiting and isinstance(self.waiting[0], tuple):
+                    call = self.waiting.popleft()
+                active = sum(j is not None for j in self.running)
+                jobs = []
+                while (call is None and self.waiting and not isinstance(self.waiting[0], tuple)
+                       and active + len(jobs) < self.max_batch_size):
+                    jobs.append(self.waiting.popleft())
+                if jobs:
+                    demand = self._demand(time.perf_counter(), active + len(jobs))
+                    for slot, job in zip(self._targets(pools, len(jobs), demand), jobs):
+                        self.running[slot] = job
+                        admit.append((slot, job))
+                many = bool(self.waiting)
+            if call is not None:
+                self._run_call(call)
+                continue
+            try:
+                self._admit(pools, admit)
+                n_steps = 1 if many else self.steps_per_call
+                self.max_rows = max(self.max_rows, sum(j is not None and not j.finished for j in self.running))
+                for pool in pools:
+                    offset, size, state, engine = pool
+                    jobs = self.running[offset:offset + size]
+                    if state is None or all(j is None for j in jobs):
+                        continue
+                    keep = np.array([j is not None and not j.finished for j in jobs])
+                    state, tokens, emitted = engine.step(state, n_steps=n_steps, keep=keep)
+                    self.batches += 1
+                    with posts_batched():                 # one event-loop wake-up per step
+                        for row, job in enumerate(jobs):
+                            if job is None:
+                                continue
+                            for i in range(tokens.shape[1]):
+                                if emitted[row, i] and job.feed(int(tokens[row, i])):
+                                    break
+                            if not job.finished and not emitted[row].any():   # the engine ended it: budget spent
+                                job.finish("length")
+                            if job.finished:
+                                if not job.done.is_set():
+                                    job.finish("cancelled")
+                                state = engine.free(state, row)
+                                self._release(offset + row)
+                    pool[2] = state
+            except Exception as e:
+                traceback.print_exc()
+                for slot, job in enumerate(self.running):
+                    if job is not None:
+                        job.finish("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+                        self._release(slot)
+                for pool in pools:
+                    pool[2] = None
+
+    def _release(self, slot: int) -> None:
+        with self.cond:
+            job = self.running[slot]
+            if job is not None:
+                self.finished.append(_record(job))
+            self.running[slot] = None

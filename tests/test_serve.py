@@ -1,0 +1,356 @@
+"""`lwm.serve` over HTTP with the official `openai` client: a tiny text model (random weights, a 400-piece
+sentencepiece tokenizer) served on a free loopback port, one server for the module.
+
+Checked: chat (plain and streamed) and completions give the engine's own greedy tokens; 16 concurrent requests
+give what the same requests give one by one (token for token; a flip is accepted only as a near-tie of the two
+tokens' logits, to 1e-5, computed by one full forward); bad requests get OpenAI 4xx errors and the next request
+is served; the API key is enforced; a full queue answers 429; stop strings cut the answer; a client that leaves
+mid-stream frees its row."""
+import concurrent.futures
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _data_fixtures import small_tokenizer
+from _serve_fixtures import running_server, tiny_text_model
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow
+
+KEY = "test-key"
+NEW = 8
+# ~40 tokens: the same prompt bucket (64) as the chat prompts, so no test compiles a new prefill shape.
+PROMPT = "world models read long videos and text in one million token context with ring attention " * 3
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from lwm.inference.engine import Engine
+    from lwm.serve import create_app
+
+    tok_dir = tmp_path_factory.mktemp("tok")
+    tok = small_tokenizer(tok_dir)
+    cfg, model, params = tiny_text_model()
+    engine = Engine(model, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+    app = create_app(engine, tok, model_name="tiny", api_key=KEY, max_batch_size=16, max_queue=32)
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        yield dict(url=url, client=client, tok=tok, engine=engine, model=model, params=params, cfg=cfg,
+                   scheduler=app.state.scheduler, tok_file=tok_dir / "tokenizer.model")
+
+
+def raw(url, path, body=None, key=KEY, method=None):
+    """(status, parsed JSON body) of one request sent with urllib (bytes bodies are sent as they are)."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def greedy(server, ids, n=NEW):
+    return server["engine"].generate([ids], n).tokens[0]
+
+
+def chat_ids(server, text):
+    from lwm.chat_template import conversation_ids
+
+    return conversation_ids(server["tok"], [{"role": "user", "content": text}])
+
+
+def test_models_health_and_page(server):
+    models = server["client"].models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    status, health = raw(server["url"], "/health", key=None)
+    assert status == 200 and health["status"] == "ok" and health["model"] == "tiny"
+    with urllib.request.urlopen(server["url"] + "/", timeout=30) as r:
+        page = r.read().decode()
+    assert "/v1/chat/completions" in page and "<textarea" in page
+
+
+def test_chat_plain_and_streamed_give_the_engines_greedy_tokens(server):
+    client, tok = server["client"], server["tok"]
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    ref = greedy(server, chat_ids(server, "the quick brown fox"))
+    assert ref, "the reference decode produced nothing; pick another prompt"
+
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=NEW, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    choice = r.choices[0]
+    assert choice.model_extra["token_ids"] == ref
+    assert choice.message.content == tok.decode(ref)
+    assert r.model_extra["prompt_token_ids"] == chat_ids(server, "the quick brown fox")
+    assert r.usage.completion_tokens == len(ref) and r.usage.prompt_tokens == len(r.model_extra["prompt_token_ids"])
+    assert choice.finish_reason == ("length" if len(ref) == NEW else "stop")
+
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=NEW, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"return_token_ids": True})
+    text, ids, reasons, usage = "", [], [], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            ids += (c.model_extra or {}).get("token_ids") or []
+            reasons.append(c.finish_reason)
+    assert ids == ref and text == tok.decode(ref)
+    assert reasons[-1] == choice.finish_reason and all(r is None for r in reasons[:-1])
+    assert usage.completion_tokens == len(ref)
+
+
+def test_stream_ends_with_done(server):
+    req = urllib.request.Request(
+        server["url"] + "/v1/chat/completions", method="POST",
+        data=json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "a lazy dog"}],
+                         "max_tokens": 4, "temperature": 0, "stream": True}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_completions_give_the_engines_greedy_tokens(server):
+    tok = server["tok"]
+    prompt = PROMPT
+    ids = [tok.bos_id] + tok.encode(prompt)
+    assert 32 < len(ids) <= 64                                   # the chat tests' prompt bucket: no new compile
+    ref = greedy(server, ids)
+    r = server["client"].completions.create(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0,
+                                            extra_body={"return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == ref and r.choices[0].text == tok.decode(ref)
+    r2 = server["client"].completions.create(model="tiny", prompt=ids, max_tokens=NEW, temperature=0)
+    assert r2.choices[0].text == r.choices[0].text
+
+
+def near_tie(server, ids, a, b, tol=1e-5):
+    """|logit a - logit b| at the next position after `ids`, by one full forward of the model."""
+    logits = server["model"].apply({"params": server["params"]}, jnp.asarray([ids], jnp.int32))[0, -1]
+    return abs(float(logits[a]) - float(logits[b])) <= tol
+
+
+def hold_engine(server):
+    """Occupy the engine thread until the returned event is set (requests queue up meanwhile)."""
+    import asyncio
+
+    release, started = threading.Event(), threading.Event()
+
+    def block():
+        started.set()
+        release.wait(60)
+
+    threading.Thread(target=lambda: asyncio.run(server["scheduler"].call(block)), daemon=True).start()
+    assert started.wait(30)
+    return release
+
+
+def wait_for(predicate, timeout=60):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_16_concurrent_requests_equal_one_by_one(server):
+    from _data_fixtures import WORDS
+
+    client, sched = server["client"], server["scheduler"]
+    texts = [" ".join(WORDS[i:i + 1 + i % 5]) for i in range(16)]          # 16 prompts of different lengths
+
+    def ask(text):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}],
+                                           max_tokens=NEW, temperature=0, extra_body={"return_token_ids": True})
+        return r.choices[0].model_extra["token_ids"]
+
+    one_by_one = [ask(t) for t in texts]
+    release = hold_engine(server)
+    sched.max_rows = 0
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(ask, t) for t in texts]
+        wait_for(lambda: sched.stats()["waiting"] == 16)
+        release.set()
+        together = [f.result() for f in futures]
+    assert sched.max_rows == 16, "the 16 requests were never decoded in one step"
+    flips = []
+    for text, a, b in zip(texts, one_by_one, together):
+        if a == b:
+            continue
+        k = next(i for i in range(min(len(a), len(b)) + 1) if i == min(len(a), len(b)) or a[i] != b[i])
+        prefix = chat_ids(server, text) + a[:k]
+        eos = server["tok"].eos_id
+        ta, tb = (a + [eos])[k], (b + [eos])[k]
+        assert near_tie(server, prefix, ta, tb), f"{text!r}: batched tokens {b} differ from {a} at {k} (no tie)"
+        flips.append((text, k))
+    print(f"16 concurrent == one by one: {16 - len(flips)} identical, near-tie flips: {flips}")
+    assert len(flips) <= 1, f"more than one near-tie flip: {flips}"
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    url, client = server["url"], server["client"]
+    ok = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    limit = server["cfg"].max_sequence_length
+    png_header_only = "data:image/png;base64,aGVsbG8gd29ybGQ="                        # "hello world"
+    cases = [
+        ("malformed JSON", b'{"model": "tiny", "messages": [', 400, "JSON"),
+        ("unknown field", {**ok, "max_token": 3}, 400, "max_token"),
+        ("unknown model", {**ok, "model": "gpt-4"}, 404, "gpt-4"),
+        ("too long", {**ok, "messages": [{"role": "user", "content": "the fox " * 400}]}, 400, str(limit)),
+        ("bad role order", {**ok, "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+        ("bad temperature", {**ok, "temperature": -1}, 400, "temperature"),
+        ("image to a text model", {**ok, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png_header_only}}]}]}, 400, "text model"),
+    ]
+    for name, body, status, needle in cases:
+        got, err = raw(url, "/v1/chat/completions", body)
+        assert got == status, (name, got, err)
+        assert set(err) == {"error"} and needle in err["error"]["message"], (name, err)
+        assert err["error"]["type"] and "\n" not in err["error"]["message"]
+        r = client.chat.completions.create(**ok)                          # the next request is served
+        assert r.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**{**ok, "messages": [{"role": "user", "content": "the fox " * 400}]})
+    assert e.value.code == "context_length_exceeded" and f"{limit}" in e.value.message
+    assert raw(url, "/v1/nothing", ok)[0] == 404
+
+
+def test_api_key_is_enforced(server):
+    url = server["url"]
+    for key in (None, "wrong"):
+        status, err = raw(url, "/v1/models", key=key)
+        assert status == 401 and err["error"]["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert raw(url, "/v1/models")[0] == 200
+
+
+def test_full_queue_answers_429_and_then_serves(server):
+    client, sched = server["client"], server["scheduler"]
+    ask = lambda: client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
+    release = hold_engine(server)
+    old, sched.max_queue = sched.max_queue, 2
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(ask) for _ in range(2)]
+            wait_for(lambda: sched.stats()["waiting"] == 2)
+            with pytest.raises(openai.RateLimitError):
+                ask()
+            release.set()
+            assert all(f.result().choices[0].finish_reason for f in futures)
+    finally:
+        sched.max_queue = old
+        release.set()
+    assert ask().choices[0].text is not None
+
+
+def test_stop_string_cuts_the_answer(server):
+    tok, client = server["tok"], server["client"]
+    ref = greedy(server, [tok.bos_id] + tok.encode(PROMPT))
+    full = tok.decode(ref)
+    stop = next((full[i:i + 2] for i in range(2, len(full) - 1) if full[i:i + 2].isprintable()
+                 and full[i:i + 2].strip()), None)
+    assert stop, f"the greedy answer {full!r} has no printable pair of characters to stop at"
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=NEW, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=NEW, temperature=0, stop=stop,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server):
+    client, sched = server["client"], server["scheduler"]
+    budget = server["cfg"].max_sequence_length - len(chat_ids(server, "the quick brown fox"))
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the quick brown fox"}],
+                                            max_tokens=budget, temperature=0, stream=True,
+                                            extra_body={"return_token_ids": True})
+    got, t0 = 0, time.time()
+    for chunk in stream:
+        got += sum(len((c.model_extra or {}).get("token_ids") or []) for c in chunk.choices)
+        if got:
+            break
+    t1 = time.time()
+    stream.close()                                                      # the client leaves
+    wait_for(lambda: sched.stats()["running"] == 0 and sched.finished and sched.finished[-1][0] == "cancelled")
+    reason, produced, *_ = sched.finished[-1]
+    assert produced < budget, f"the row kept decoding to its budget ({produced} of {budget} tokens)"
+    print(f"left after {got} token(s); the row stopped after {produced} of {budget}; {t1-t0:.2f} s, {time.time()-t1:.2f} s")
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")                 # and the server serves on
+
+
+def test_entry_point_serves_a_checkpoint_and_refuses_bad_flags(server, tmp_path):
+    """`python -m lwm.serve` as a user runs it: bad flags are one line (exit 2); with a saved checkpoint it
+    binds to loopback and answers the openai client."""
+    import os
+    import subprocess
+    import sys
+
+    from _serve_fixtures import free_port
+    from lwm.checkpoint import save_streaming
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    bad = subprocess.run([sys.executable, "-m", "lwm.serve", "--modality=audio"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--modality='audio'" in bad.stderr
+    save_streaming(str(tmp_path / "params"), server["params"])
+    tok_file = server["tok_file"]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lwm.serve", "--load_llama_config=tiny",
+                             "--update_llama_config=dict(max_sequence_length=256)",
+                             f"--load_checkpoint=params::{tmp_path / 'params'}", f"--tokenizer={tok_file}",
+                             f"--port={port}", "--model_name=tiny", "--max_batch_size=2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+        deadline = time.time() + 300
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        ids = chat_ids(server, "the quick brown fox")
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the quick brown fox"}],
+                                           max_tokens=NEW, temperature=0, extra_body={"return_token_ids": True})
+        assert r.choices[0].model_extra["token_ids"] == greedy(server, ids)    # the same weights, the same answer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_state_ladder_and_prefill_chunks():
+    """The scheduler's decode states are a ladder (1, 4, 16 rows for max_batch_size 16): jobs go to the smallest
+    state that holds the recent demand, so a lone request's step costs one row and 4 steady requests four; the
+    jobs admitted together are prefilled in batches of ladder sizes."""
+    from lwm.serve.scheduler import Scheduler
+
+    assert Scheduler._chunks(1, [1, 4, 16]) == [1]
+    assert Scheduler._chunks(3, [1, 4, 16]) == [4]
+    assert Scheduler._chunks(5, [1, 4, 16]) == [4, 1]
+    assert Scheduler._chunks(9, [1, 4, 16]) == [16]
+    assert Scheduler._chunks(16, [1, 4, 16]) == [16]
+    assert Scheduler._chunks(20, [1, 4, 16]) == [16, 4]
+    sched = Scheduler(None, max_batch_size=16)
+    pools = [[0, 1], [1, 4], [5, 16]]
+    sched.running = [None] * 21
+    assert sched._targets(pools, 1, 1) == [0]                       # alone: the one-row state
+    assert sched._targets(pools, 3, 4) == [1, 2, 3]                 # demand 4: the 4-row state
+    assert sched._targets(pools, 2, 16) == [5, 6]                   # demand 16: the big state
+    sched.running[1:5] = ["busy"] * 4
+    assert sched._targets(pools, 2, 4) == [5, 6]                    # the 4-row state is full: the next one up
+    assert sched._targets(pools, 1, 1) == [0]
