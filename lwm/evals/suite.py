@@ -93,7 +93,7 @@ def build_samples(tasks: Sequence[Task], tokenizer, lengths: Sequence[int], dept
     for task in tasks:
         if task.needs_essay and haystack is None:
             raise ValueError(f"task {task.name} needs an essay haystack: give --haystack_file (a JSONL with a "
-                             "\"text\" field, e.g. from scripts/create_needle_data.py --source=essays, or a .txt)")
+                             "\"text\" field, e.g. from the create_needle_data script with --source=essays, or a .txt)")
         for length in lengths:
             grid = [(float(d), i) for d in depths for i in range(n_samples)] if task.uses_depth else \
                 [(None, i) for i in range(n_samples * max(1, len(depths)))]

@@ -96,7 +96,7 @@ def run(samples: Sequence[dict], vqgan, model, params, tokenizer, *, max_new_tok
     from lwm.chat_template import vision_chat_prompt
     from lwm.inference.engine import Engine
     from lwm.sampling import SamplingConfig
-    from lwm.vision_chat import vision_tokens
+    from lwm.inference.vision import vision_tokens
 
     if model.config.sample_mode != "text":
         raise ValueError(f"the visual needle needs a model with sample_mode='text', not {model.config.sample_mode!r}")
