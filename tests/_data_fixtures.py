@@ -1,7 +1,10 @@
 """What the tests share, in one place: the relative error and the value-and-gradients helper of the attention
 tests, a small word list and random sentences from it, and a 400-piece sentencepiece tokenizer trained on 400
-of them (each module's `tok` fixture)."""
+of them (each module's `tok` fixture), a free loopback port and the environment of a CPU subprocess (the
+multi-process tests)."""
+import os
 import random
+import socket
 
 import jax
 import numpy as np
@@ -33,3 +36,17 @@ def small_tokenizer(directory):
     rng = random.Random(0)
     path = directory / "tokenizer.model"
     return train_sentencepiece([sentence(rng) for _ in range(400)], str(path), vocab_size=400)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a jax.distributed coordinator or a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_subprocess_env(workdir, devices: int) -> dict:
+    """Environment of a subprocess on `devices` simulated CPU devices, sharing a compilation cache in workdir."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                NPROC="32", JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")

@@ -3,18 +3,13 @@ and a uvicorn server on a free loopback port running `lwm.serve.create_app` in a
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 
 import jax
 import jax.numpy as jnp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _data_fixtures import free_port
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from test_train_runs import _free_port, corpus, losses, run_train, text_args  # noqa: F401 (fixture)
+from _data_fixtures import free_port
+from test_train_runs import corpus, losses, run_train, text_args  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,7 @@ def test_two_processes_zigzag_ring_match_one_process(corpus, tmp_path):  # noqa:
     flags = lambda name: (text_args(corpus, tmp_path, name, STEPS) + ["--mesh_dim=1,1,1,4", *CHUNKS]
                           + cp_flags("ring", "zigzag"))
     run_train(corpus, flags("single"), devices=4, timeout=900)
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in range(2):
         args = flags("multihost") + [

@@ -5,29 +5,17 @@ per-row random draws must agree as well as the logits. Both processes print it. 
 same layout: tests/test_needle_multihost.py.)"""
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 
 import golden_cases
+from _data_fixtures import cpu_subprocess_env, free_port
 
 FLAGS = ["--load_llama_config=tiny", "--mesh_dim=2,1,1,2", "--update_llama_config=dict(attention_impl='ring')",
          "--max_new_tokens=12", "--temperature=2.0", "--top_p=0.95", "--stream=False",
          "--prompt=What is the special magic number?"]
-
-
-def _env(d, devices):
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                NPROC="32", JAX_COMPILATION_CACHE_DIR=os.path.join(d, "jax_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -37,16 +25,16 @@ def test_two_processes_sample_what_one_process_samples(tmp_path):
     os.makedirs(os.path.join(d, "jax_cache"))
     flags = FLAGS + [f"--load_checkpoint=params::{d}/params", f"--tokenizer={d}/tokenizer.model"]
     cmd = [sys.executable, "-m", "lwm.text_chat", *flags, "--seed=3"]
-    single = subprocess.run(cmd, env=_env(d, 4), capture_output=True, text=True, timeout=600)
+    single = subprocess.run(cmd, env=cpu_subprocess_env(d, 4), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-4000:]
     assert single.stdout.startswith("ASSISTANT:") and len(single.stdout.strip()) > len("ASSISTANT:")
 
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for pid in range(2):
         dist = ["--jax_distributed.initialize_jax_distributed=True",
                 f"--jax_distributed.coordinator_address=127.0.0.1:{port}", "--jax_distributed.num_processes=2",
                 f"--jax_distributed.process_id={pid}"]
-        procs.append(subprocess.Popen(cmd + dist, env=_env(d, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd + dist, env=cpu_subprocess_env(d, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs):
@@ -54,6 +42,6 @@ def test_two_processes_sample_what_one_process_samples(tmp_path):
     gloo = lambda out: re.sub(r"\[Gloo\][^\n]*\n", "", out)      # the collectives' own log lines
     assert [gloo(out) for out, _ in outputs] == [single.stdout, single.stdout]
     # Negative control: another seed draws another answer (the comparison can fail).
-    other = subprocess.run([*cmd[:-1], "--seed=4"], env=_env(d, 4), capture_output=True, text=True,
+    other = subprocess.run([*cmd[:-1], "--seed=4"], env=cpu_subprocess_env(d, 4), capture_output=True, text=True,
                            timeout=600)
     assert other.returncode == 0 and other.stdout != single.stdout

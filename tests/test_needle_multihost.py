@@ -4,13 +4,13 @@ devices and the same flags: the issue-14 multi-host bug (reading back arrays tha
 devices) must not come back. Subprocesses share a persistent compilation cache."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 import golden_cases
+from _data_fixtures import cpu_subprocess_env, free_port
 
 MESH = ["--mesh_dim=2,1,1,2", "--update_llama_config=dict(attention_impl='ring')"]
 
@@ -23,18 +23,6 @@ def workdir(tmp_path_factory):
     return d
 
 
-def _env(d, devices):
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                NPROC="32", JAX_COMPILATION_CACHE_DIR=os.path.join(d, "jax_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _results(path):
     with open(path) as f:
         return [{k: v for k, v in r.items() if k != "seconds"} for r in json.load(f)]
@@ -45,18 +33,18 @@ def test_two_processes_give_the_single_process_results(workdir):
     d = workdir
     single = os.path.join(d, "single", "results.json")
     flags = lambda out: golden_cases._needle_flags(d, out) + MESH
-    proc = subprocess.run([sys.executable, "-m", "lwm.eval_needle", *flags(single)], env=_env(d, 4),
+    proc = subprocess.run([sys.executable, "-m", "lwm.eval_needle", *flags(single)], env=cpu_subprocess_env(d, 4),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     multi = os.path.join(d, "multi", "results.json")
     for pid in range(2):
         dist = ["--jax_distributed.initialize_jax_distributed=True",
                 f"--jax_distributed.coordinator_address=127.0.0.1:{port}", "--jax_distributed.num_processes=2",
                 f"--jax_distributed.process_id={pid}"]
         procs.append(subprocess.Popen([sys.executable, "-m", "lwm.eval_needle", *flags(multi), *dist],
-                                      env=_env(d, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                      env=cpu_subprocess_env(d, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]

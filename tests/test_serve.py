@@ -298,7 +298,7 @@ def test_entry_point_serves_a_checkpoint_and_refuses_bad_flags(server, tmp_path)
     import subprocess
     import sys
 
-    from _serve_fixtures import free_port
+    from _data_fixtures import free_port
     from lwm.checkpoint import save_streaming
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}

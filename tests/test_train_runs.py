@@ -8,13 +8,12 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from _data_fixtures import WORDS
+from _data_fixtures import WORDS, free_port
 from lwm import checkpointer as ckpt
 from lwm.logging_utils import read_metrics
 
@@ -214,14 +213,8 @@ def test_sigkill_during_checkpoint_save_then_autoresume_is_bitwise_identical(cor
     assert sorted(got) == [3, 4] and got[3] != reference[3] and got[4] != reference[4]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_ring_across_hosts_match_single_process(corpus, tmp_path, reference):
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in range(2):
         args = text_args(corpus, tmp_path, "multihost", STEPS) + RING + [
