@@ -412,7 +412,7 @@ def load_hf(directory: str, target: Any = None, shardings: Any = None, float_dty
 
     scan, axis = True, 0
     if target is not None:
-        layers = _inner_params(target)["transformer"]["h"]
+        layers = inner_params(target)["transformer"]["h"]
         scan = "scan_decoder" in layers
         if scan:
             norm = layers["scan_decoder"]["attention_norm"]["kernel"]
