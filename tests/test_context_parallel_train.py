@@ -13,8 +13,7 @@ import sys
 
 import pytest
 
-from _data_fixtures import free_port
-from test_train_runs import corpus, losses, run_train, text_args  # noqa: F401 (fixture)
+from test_train_runs import corpus, losses, run_train, text_args, train_two_processes  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -68,21 +67,7 @@ def test_two_processes_zigzag_ring_match_one_process(corpus, tmp_path):  # noqa:
     flags = lambda name: (text_args(corpus, tmp_path, name, STEPS) + ["--mesh_dim=1,1,1,4", *CHUNKS]
                           + cp_flags("ring", "zigzag"))
     run_train(corpus, flags("single"), devices=4, timeout=900)
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        args = flags("multihost") + [
-            "--jax_distributed.initialize_jax_distributed=True",
-            f"--jax_distributed.coordinator_address=127.0.0.1:{port}", "--jax_distributed.num_processes=2",
-            f"--jax_distributed.process_id={pid}"]
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   JAX_COMPILATION_CACHE_DIR=str(corpus / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-        procs.append(subprocess.Popen([sys.executable, "-m", "lwm.train", *args], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-4000:]
-    assert "2 processes" in outputs[0][1]
+    train_two_processes(corpus, flags("multihost"), timeout=900)
     want, got = losses(tmp_path / "single"), losses(tmp_path / "multihost")
     assert sorted(got) == sorted(want) == list(range(STEPS))
     assert max(abs(got[s] - want[s]) / want[s] for s in got) < 1e-5

@@ -213,22 +213,27 @@ def test_sigkill_during_checkpoint_save_then_autoresume_is_bitwise_identical(cor
     assert sorted(got) == [3, 4] and got[3] != reference[3] and got[4] != reference[4]
 
 
-def test_two_processes_ring_across_hosts_match_single_process(corpus, tmp_path, reference):
+def train_two_processes(corpus, args, timeout=300):
+    """`python -m lwm.train args` as 2 processes x 2 simulated CPU devices joined by jax.distributed on a free
+    loopback port; asserts both exit 0 and that process 0 saw 2 processes."""
     port = free_port()
     procs = []
     for pid in range(2):
-        args = text_args(corpus, tmp_path, "multihost", STEPS) + RING + [
-            "--jax_distributed.initialize_jax_distributed=True",
-            f"--jax_distributed.coordinator_address=127.0.0.1:{port}", "--jax_distributed.num_processes=2",
-            f"--jax_distributed.process_id={pid}"]
+        dist = ["--jax_distributed.initialize_jax_distributed=True",
+                f"--jax_distributed.coordinator_address=127.0.0.1:{port}", "--jax_distributed.num_processes=2",
+                f"--jax_distributed.process_id={pid}"]
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                    JAX_COMPILATION_CACHE_DIR=str(corpus / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-        procs.append(subprocess.Popen([sys.executable, "-m", "lwm.train", *args], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=300) for p in procs]
+        procs.append(subprocess.Popen([sys.executable, "-m", "lwm.train", *args, *dist], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=timeout) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
     assert "2 processes" in outputs[0][1]
+
+
+def test_two_processes_ring_across_hosts_match_single_process(corpus, tmp_path, reference):
+    train_two_processes(corpus, text_args(corpus, tmp_path, "multihost", STEPS) + RING)
     got = losses(tmp_path / "multihost")
     # Not bitwise: the loss and gradient sums over sp are all-reduced by gloo across processes and in-process
     # within one, in different orders (step 0 already differs in the last bit or two of float32).
