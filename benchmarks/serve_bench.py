@@ -6,13 +6,17 @@ time-to-first-token (TTFT) and latency at concurrency 1, 4 and 16, and the engin
 
 Setup: the preset with random weights and a small sentencepiece tokenizer; the server (`create_app` +
 uvicorn, continuous batching, max_batch_size = the highest level) runs in this process; the load comes from
-a separate process (the official `openai` client, AsyncOpenAI, streaming), so client and server do not share
-a Python interpreter. Every request is greedy on its own prompt of --prompt_tokens token ids
-(/v1/completions), so the server and the direct engine produce the same tokens.
+a separate process, so client and server do not share a Python interpreter: `--client=httpx` (default) reads
+the server-sent events with a plain streaming HTTP client (httpx2, what the openai package is built on) as
+vLLM's and SGLang's serving benchmarks do with theirs; `--client=openai` uses the official `openai` client
+(AsyncOpenAI), whose per-chunk parsing costs the 2-core machine CPU time that the server then lacks. The
+client process's CPU seconds are printed per level. Every request is greedy on its own prompt of
+--prompt_tokens token ids (/v1/completions), so the server and the direct engine produce the same tokens.
 
 Direct references, same prompts, same engine, after a compile run:
   direct batched   `Engine.generate` of 16 prompts at once (no streaming): new tokens / wall time
-  direct first     `Engine.generate` of 1 prompt with max_new_tokens=1: prefill + one decode step
+  direct first     `Engine.generate` of 1 prompt with max_new_tokens=2: the prefill plus one decode step
+                   (the engine draws token 0 from the prefill's logits and token 1 in its first step)
 Targets: at 16, server output tok/s >= 0.8x direct batched; at 1, p50 TTFT <= 1.2x direct first.
 Print the load average beside the figures: the machine may be shared.
 """
@@ -31,8 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--levels", default="1,4,16", help="client concurrency levels")
     p.add_argument("--requests_per_slot", type=int, default=2, help="requests per level = this x concurrency")
-    p.add_argument("--steps_per_call", type=int, default=1, help="decode steps per engine call (scheduler)")
+    p.add_argument("--steps_per_call", type=int, default=4,
+                   help="the server's --decode_steps_per_call (decode steps per engine call while no request waits)")
     p.add_argument("--repeats", type=int, default=3, help="direct references: best of this many runs")
+    p.add_argument("--client", choices=("httpx", "openai"), default="httpx",
+                   help="the load's client: plain streaming HTTP (httpx2) or the official openai client")
     return p.parse_args(argv)
 
 
@@ -42,16 +49,42 @@ def _percentile(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-def _load(url: str, prompts: list, new_tokens: int, concurrency: int, out: "mp.Queue") -> None:
+def _load(url: str, prompts: list, new_tokens: int, concurrency: int, kind: str, out: "mp.Queue") -> None:
     """Client process: `len(prompts)` streamed completions, `concurrency` at a time. Puts (wall_s, rows,
-    http_s) with rows = [(ttft_s, latency_s, tokens)] and http_s the median of 10 GET /v1/models round trips made
-    just before (what HTTP and the two processes cost without the model)."""
+    http_s, cpu_s) with rows = [(ttft_s, latency_s, tokens)], http_s the median of 10 GET /v1/models round trips
+    made just before (what HTTP and the two processes cost without the model) and cpu_s this process's CPU
+    seconds over the timed requests."""
     import asyncio
+    import json
 
-    import openai
+    body = lambda prompt: dict(model="bench", prompt=prompt, max_tokens=new_tokens, temperature=0, stream=True)
+
+    async def stream_openai(client, prompt):               # yields the token ids of each chunk
+        stream = await client.completions.create(**body(prompt), extra_body={"return_token_ids": True})
+        async for chunk in stream:
+            for c in chunk.choices:
+                yield (c.model_extra or {}).get("token_ids") or []
+
+    async def stream_httpx(client, prompt):
+        async with client.stream("POST", url + "/v1/completions", json={**body(prompt), "return_token_ids": True}) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for c in json.loads(line[6:]).get("choices", ()):
+                        yield c.get("token_ids") or []
 
     async def run():
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        if kind == "openai":
+            import openai
+
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+            stream, models, close = stream_openai, client.models.list, client.close
+        else:
+            import httpx2
+
+            client = httpx2.AsyncClient(timeout=600, limits=httpx2.Limits(max_connections=concurrency + 1))
+            stream, close = stream_httpx, client.aclose
+            models = lambda: client.get(url + "/v1/models")
         gate = asyncio.Semaphore(concurrency)
         rows = []
 
@@ -59,27 +92,22 @@ def _load(url: str, prompts: list, new_tokens: int, concurrency: int, out: "mp.Q
             async with gate:
                 t0 = time.perf_counter()
                 ttft, tokens = None, 0
-                stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=new_tokens,
-                                                         temperature=0, stream=True,
-                                                         extra_body={"return_token_ids": True})
-                async for chunk in stream:
-                    for c in chunk.choices:
-                        ids = (c.model_extra or {}).get("token_ids") or []
-                        if ids and ttft is None:
-                            ttft = time.perf_counter() - t0
-                        tokens += len(ids)
+                async for ids in stream(client, prompt):
+                    if ids and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    tokens += len(ids)
                 rows.append((ttft, time.perf_counter() - t0, tokens))
 
         floor = []                                         # API round trips that run no model
         for _ in range(10):
             t0 = time.perf_counter()
-            await client.models.list()
+            await models()
             floor.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one(p) for p in prompts))
-        wall = time.perf_counter() - t0
-        await client.close()
-        return wall, rows, sorted(floor)[len(floor) // 2]
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        await close()
+        return wall, rows, sorted(floor)[len(floor) // 2], cpu
 
     out.put(asyncio.run(run()))
 
@@ -126,7 +154,8 @@ def main(argv=None):
     batched_s, result = best(lambda: engine.generate(prompts[:top], args.new_tokens))
     direct_tokens = sum(len(t) for t in result.tokens)
     direct_rate = direct_tokens / batched_s
-    first_s, _ = best(lambda: engine.generate(prompts[:1], 1))
+    first_s, _ = best(lambda: engine.generate(prompts[:1], 2))          # prefill + one decode step
+    ttft_s, _ = best(lambda: engine.generate(prompts[:1], 1))           # prefill + drawing token 0
 
     # ---- the server
     import threading
@@ -134,8 +163,7 @@ def main(argv=None):
     import uvicorn
 
     app = create_app(engine, tok, model_name="bench", max_batch_size=top, max_queue=4 * n_max,
-                     default_max_tokens=args.new_tokens)
-    app.state.scheduler.steps_per_call = args.steps_per_call
+                     default_max_tokens=args.new_tokens, decode_steps_per_call=args.steps_per_call)
     import socket
 
     with socket.socket() as s:
@@ -151,7 +179,7 @@ def main(argv=None):
 
     def load(prompts_, concurrency):
         q = ctx.Queue()
-        proc = ctx.Process(target=_load, args=(url, prompts_, args.new_tokens, concurrency, q))
+        proc = ctx.Process(target=_load, args=(url, prompts_, args.new_tokens, concurrency, args.client, q))
         proc.start()
         result_ = q.get()
         proc.join()
@@ -162,13 +190,14 @@ def main(argv=None):
         for c in levels:                                      # state of the ladder, the batched prefills)
             load(prompts[:c], c)
             time.sleep(window)
-    rows, inside, floors = [], [], []
+    rows, inside, floors, cpus = [], [], [], []
     for c in levels:
         n = c * args.requests_per_slot
         time.sleep(window)
         app.state.scheduler.finished.clear()
-        wall, res, http_s = load(prompts[:n], c)
+        wall, res, http_s, cpu_s = load(prompts[:n], c)
         floors.append(http_s)
+        cpus.append(cpu_s / wall)
         server_side = list(app.state.scheduler.finished)
         inside.append((c, _percentile([r[2] for r in server_side if r[2] is not None], 50),
                        _percentile([r[3] for r in server_side if r[3] is not None], 50)))
@@ -185,7 +214,9 @@ def main(argv=None):
           f"tokens greedy, {os.cpu_count()} CPUs, JAX {jax.__version__} {jax.default_backend()}, load average "
           f"{load_avg[0]:.1f} {load_avg[1]:.1f} {load_avg[2]:.1f}")
     print(f"direct batched ({top} rows): {direct_rate:8.1f} output tok/s ({direct_tokens} tokens in {batched_s:.3f} s)")
-    print(f"direct first token (prefill + 1 decode step, 1 row): {first_s * 1e3:8.1f} ms")
+    print(f"direct first (prefill + 1 decode step, 1 row): {first_s * 1e3:8.1f} ms; the engine's own time to first "
+          f"token (prefill + drawing token 0): {ttft_s * 1e3:.1f} ms")
+    print(f"client: {args.client}")
     print()
     print("| concurrency | requests | req/s | output tok/s | x direct batched | TTFT p50 ms | TTFT p95 ms "
           "| x direct first | latency p50 ms | latency p95 ms |")
@@ -193,8 +224,9 @@ def main(argv=None):
     for c, n, rps, tps, t50, t95, l50, l95 in rows:
         print(f"| {c} | {n} | {rps:.2f} | {tps:.1f} | {tps / direct_rate:.2f} | {t50 * 1e3:.1f} | {t95 * 1e3:.1f} "
               f"| {t50 / first_s:.2f} | {l50 * 1e3:.1f} | {l95 * 1e3:.1f} |")
-    print(f"\nHTTP floor: GET /v1/models round trip (openai client) from the client process, median of 10 before each level: "
-          f"{', '.join(f'{f * 1e3:.1f}' for f in floors)} ms")
+    print(f"\nHTTP floor: GET /v1/models round trip ({args.client} client) from the client process, median of 10 before "
+          f"each level: {', '.join(f'{f * 1e3:.1f}' for f in floors)} ms")
+    print(f"client process CPU, share of one core while timed: {', '.join(f'{c:.2f}' for c in cpus)}")
     print("\nthe same requests timed inside the server (from submit to the scheduler, no HTTP, no client):")
     print("| concurrency | TTFT p50 ms | x direct first | latency p50 ms |")
     print("|---|---|---|---|")

@@ -57,7 +57,7 @@ def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tok
     (row,) = result.tokens
     if stats is not None:
         s = result.stats
-        stats.update(compile_s=0.0, generate_s=s["prefill_s"] + s["decode_s"], prompt_tokens=len(prompt),
+        stats.update(compile_s=0.0, generate_s=s["time_to_first_token_s"] + s["decode_s"], prompt_tokens=len(prompt),
                      new_tokens=s["new_tokens"] + (result.finish[0] == "stop"))
     return row
 

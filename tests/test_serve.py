@@ -354,3 +354,36 @@ def test_state_ladder_and_prefill_chunks():
     sched.running[1:5] = ["busy"] * 4
     assert sched._targets(pools, 2, 4) == [5, 6]                    # the 4-row state is full: the next one up
     assert sched._targets(pools, 1, 1) == [0]
+
+
+def test_lone_jobs_move_into_the_state_others_decode_in():
+    """A round of decoding costs one step call per state with jobs, so jobs in smaller states move into the
+    largest busy state when it has free rows for all of them (and stay when it has not)."""
+    from lwm.serve.scheduler import Scheduler
+
+    moves = []
+
+    class Engine:                                  # records Engine.move(src, src_slot, dst, dst_slot)
+        def __init__(self, name):
+            self.name = name
+
+        def move(self, src, src_slot, dst, dst_slot, *, src_engine):
+            moves.append((src_engine.name, src_slot, self.name, dst_slot))
+            return src, dst
+
+    sched = Scheduler(None, max_batch_size=16)
+    pools = [[0, 1, "s1", Engine("1")], [1, 4, "s4", Engine("4")], [5, 16, "s16", Engine("16")]]
+    sched.running = [None] * 21
+    sched.running[0] = "lone"
+    sched._consolidate(pools)
+    assert moves == [] and sched.running[0] == "lone"               # one busy state: nothing to merge
+    sched.running[5:20] = [f"j{i}" for i in range(15)]              # 15 of 16 rows busy
+    sched._consolidate(pools)
+    assert moves == [("1", 0, "16", 15)] and sched.running[0] is None and sched.running[20] == "lone"
+    moves.clear()
+    sched.running[1:3] = ["a", "b"]                                 # no room for two more: they stay
+    sched._consolidate(pools)
+    assert moves == [] and sched.running[1:3] == ["a", "b"]
+    with pytest.raises(ValueError, match="steps_per_call=0"):
+        Scheduler(None, steps_per_call=0)
+

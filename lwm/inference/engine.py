@@ -12,8 +12,8 @@ benchmarks) calls this; there is no other prefill or decode loop in the package.
                              seeds=[0, 1], stop_ids=[tok.eos_id], stream=callback)
     result.tokens   # list per row of new token ids, cut before the first stop id
     result.finish   # per row: 'stop' (a stop id came), 'length' (budget spent) or 'cancelled'
-    result.stats    # prefill_s (= time to first token), decode_s, prompt_tokens, new_tokens, steps, batch,
-                    # padded_length, cache_length
+    result.stats    # prefill_s, time_to_first_token_s (prefill + drawing token 0), decode_s (the rest),
+                    # prompt_tokens, new_tokens, steps, batch, padded_length, cache_length
 
   max_new_tokens: int or one per row. stream(step, tokens) is called after every decode step with tokens[r]
   the new id of row r (None once row r has finished); it may return row indices to cancel. Vision-language
@@ -28,12 +28,16 @@ benchmarks) calls this; there is no other prefill or decode loop in the package.
     state = engine.init_state(slots=8, cache_length=4096)   # every slot free
     prefix = engine.prefill(prompt_ids, vision=None)         # one prompt -> its cache rows and first logits
     state = engine.insert(prefix, state, slot=3, max_new_tokens=64, sampling=SamplingConfig(), seed=0)
-    state, tokens, emitted = engine.step(state)               # one token for every active slot (numpy (S, 1))
+    first, going = engine.drawn(state)                        # slot 3's first token: first[3] (numpy (S,))
+    state, tokens, emitted = engine.step(state)               # the next token for every active slot (numpy (S, 1))
     state = engine.free(state, 3)
     engine.active(state)                                      # numpy (S,) bool: slots still generating
 
-  A slot stops by itself after a stop id (`stop_ids` of init_state) or its budget; each slot keeps its own
-  fill length and position, and a step costs what the longest filled slot holds, not the allocated length.
+  A slot's first token is drawn at `insert` (from the prefill's logits: the time to first token is the
+  prefill, no decode step), as JetStream's prefill returns it; each step then writes a slot's last token to
+  the cache and draws the next. A slot stops by itself after a stop id (`stop_ids` of init_state) or its
+  budget; each slot keeps its own fill length and position, and a step costs what the longest filled slot
+  holds, not the allocated length.
 
 (c) Host read-back (`host_array`) gathers arrays that span several processes before reading them, so the
 same code runs on one host or a multi-host pod. (d) `check_length` is the length check.
@@ -74,8 +78,8 @@ def per_row_sampling(logits, keys, steps, temperature, top_k, top_p, *, filters:
 class DecodeState(NamedTuple):
     """Everything the decode step carries, one entry per slot (a pytree; donated to each step)."""
     cache: dict                 # k, v (L, R, K, S, H); segment_ids (R, S)
-    logits: jax.Array           # (R, V) float32: the distribution of each slot's next token
-    index: jax.Array            # (R,) int32: the cache slot the next token is written to
+    token: jax.Array            # (R,) int32: each slot's last drawn token, not yet in the cache
+    index: jax.Array            # (R,) int32: the cache slot that token is written to
     position: jax.Array         # (R,) int32: its position id
     steps: jax.Array            # (R,) int32: tokens drawn so far
     budget: jax.Array           # (R,) int32: max new tokens
@@ -173,8 +177,9 @@ class Engine:
         self.last_stats: dict = {}
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
         self._step_jit = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("rule", "n_steps"))
-        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
-        self._start_jit = jax.jit(self._start_impl)
+        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,), static_argnames=("rule",))
+        self._move_jit = jax.jit(self._move_impl, donate_argnums=(0,))
+        self._start_jit = jax.jit(self._start_impl, static_argnames=("rule",))
 
     # ---------------------------------------------------------------------------------- the model calls
     def _hidden(self, params, ids, vision, position_ids, segment_ids, cache, cache_index):
@@ -211,11 +216,23 @@ class Engine:
         return self._logits(params, hidden[:, -1:])[:, 0], self._constrain_cache(cache)
 
     # ---------------------------------------------------------------------------------- the decode step
+    def _draw(self, logits, keys, steps, live, budget, temperature, top_k, top_p, stop_ids, rule):
+        """Each live row's next token from its logits (R, V): the rule with key fold_in(key, steps) over the
+        ids the tokenizer can decode. Returns (tokens (R,) int32, pad_id where not live; steps (R,) after the
+        draw; whether each row goes on: live, not a stop id, budget not spent)."""
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)
+        keys = jax.vmap(jax.random.fold_in)(keys, steps)
+        tok = rule(logits, keys, steps, temperature, top_k, top_p).astype(jnp.int32)
+        tok = jnp.where(live, tok, self.pad_id)
+        steps = steps + live
+        return tok, steps, live & ~(jnp.isin(tok, stop_ids) | (steps >= budget))
+
     def _step_impl(self, params, state: DecodeState, keep, *, rule, n_steps: int):
-        """Up to n_steps tokens for every active slot (a while_loop that ends early when none is active).
-        Returns (state, tokens (R, n_steps) int32, emitted (R, n_steps) bool), tokens/emitted replicated."""
+        """Up to n_steps tokens for every active slot (a while_loop that ends early when none is active):
+        each iteration writes the slot's drawn token to the cache and draws the next from the logits that
+        gives. Returns (state, tokens (R, n_steps) int32, emitted (R, n_steps) bool), tokens/emitted
+        replicated."""
         r = state.index.shape[0]
-        vocab_mask = jnp.arange(state.logits.shape[-1]) < self.vocab_size
 
         def cond(carry):
             i, st, *_ = carry
@@ -223,21 +240,16 @@ class Engine:
 
         def body(carry):
             i, st, toks, emitted = carry
-            logits = jnp.where(vocab_mask, st.logits, -jnp.inf)
-            keys = jax.vmap(jax.random.fold_in)(st.keys, st.steps)
-            tok = rule(logits, keys, st.steps, st.temperature, st.top_k, st.top_p).astype(jnp.int32)
             live = st.active
-            tok = jnp.where(live, tok, self.pad_id)
-            steps = st.steps + live
-            stopped = jnp.isin(tok, st.stop_ids) | (steps >= st.budget)
             seg = live.astype(jnp.int32)[:, None]          # finished/free slots write an empty slot
-            hidden, cache = self._hidden(params, tok[:, None], None, st.position[:, None], seg, st.cache,
-                                         st.index)
+            hidden, cache = self._hidden(params, jnp.where(live, st.token, self.pad_id)[:, None], None,
+                                         st.position[:, None], seg, st.cache, st.index)
             logits = self._logits(params, hidden)[:, 0]
+            tok, steps, going = self._draw(logits, st.keys, st.steps, live, st.budget, st.temperature, st.top_k,
+                                           st.top_p, st.stop_ids, rule)
             adv = live.astype(jnp.int32)
-            st = st._replace(cache=cache, logits=jnp.where(live[:, None], logits, st.logits),
-                             index=st.index + adv, position=st.position + adv, steps=steps,
-                             active=live & ~stopped)
+            st = st._replace(cache=cache, token=jnp.where(live, tok, st.token), index=st.index + adv,
+                             position=st.position + adv, steps=steps, active=going)
             toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], i, axis=1)
             emitted = jax.lax.dynamic_update_slice_in_dim(emitted, live[:, None], i, axis=1)
             return i + 1, st, toks, emitted
@@ -285,20 +297,24 @@ class Engine:
     def _uses_filters(sampling) -> bool:
         return any(s.temperature > 0 and (s.top_k > 0 or s.top_p < 1.0) for s in sampling)
 
-    def _start_impl(self, cache, logits, index, position, budget, temperature, top_k, top_p, seeds, stop_ids):
+    def _start_impl(self, cache, logits, index, position, budget, temperature, top_k, top_p, seeds, stop_ids, *,
+                    rule):
+        """A decode state whose rows (budget > 0) hold token 0, drawn from their prefill logits (R, V)."""
         keys = jax.vmap(jax.random.PRNGKey)(seeds)
         r = index.shape[0]
-        return DecodeState(cache=self._constrain_cache(cache), logits=logits, index=index, position=position,
-                           steps=jnp.zeros((r,), jnp.int32), budget=budget, active=budget > 0,
-                           temperature=temperature, top_k=top_k, top_p=top_p, keys=keys, stop_ids=stop_ids)
+        tok, steps, active = self._draw(logits, keys, jnp.zeros((r,), jnp.int32), budget > 0, budget, temperature,
+                                        top_k, top_p, stop_ids, rule)
+        return DecodeState(cache=self._constrain_cache(cache), token=tok, index=index, position=position,
+                           steps=steps, budget=budget, active=active, temperature=temperature, top_k=top_k,
+                           top_p=top_p, keys=keys, stop_ids=stop_ids)
 
-    def _state(self, cache, logits, index, position, budget, sampling, seeds, stop_ids) -> DecodeState:
+    def _state(self, cache, logits, index, position, budget, sampling, seeds, stop_ids, rule) -> DecodeState:
         f32, i32 = np.float32, np.int32
         return self._start_jit(cache, logits, np.asarray(index, i32), np.asarray(position, i32),
                                np.asarray(budget, i32), np.asarray([s.temperature for s in sampling], f32),
                                np.asarray([s.top_k for s in sampling], i32),
                                np.asarray([s.top_p for s in sampling], f32), np.asarray(seeds, np.uint32),
-                               np.asarray(list(stop_ids) or [-1], i32))
+                               np.asarray(list(stop_ids) or [-1], i32), rule=rule)
 
     def init_state(self, slots: int, cache_length: int, stop_ids: Optional[Sequence[int]] = None) -> DecodeState:
         """`slots` free decode slots of `cache_length` cache slots each (a prompt's padded length plus its
@@ -312,7 +328,7 @@ class Engine:
         logits = jnp.zeros((slots, self.head_size), jnp.float32)
         stop_ids = (self.eos_id,) if stop_ids is None else stop_ids
         return self._state(cache, logits, [0] * slots, [0] * slots, [0] * slots, [SamplingConfig()] * slots,
-                           [0] * slots, stop_ids)
+                           [0] * slots, stop_ids, _GREEDY_OR_PLAIN)
 
     def prefill(self, prompt: Sequence[int], vision: Optional[Sequence[bool]] = None) -> Prefix:
         """Run one prompt; returns its Prefix (padded to its bucket, `padded_length`)."""
@@ -323,7 +339,7 @@ class Engine:
         return Prefix(cache=cache, logits=logits, length=t, position=len(prompt))
 
     def _insert_impl(self, state: DecodeState, cache, logits, slot, length, position, budget, temperature,
-                     top_k, top_p, seed):
+                     top_k, top_p, seed, *, rule):
         def put(big, row, axis):  # row: the prefix's first row, written at `slot` along `axis`, at slot 0
             row = jax.lax.index_in_dim(row, 0, axis, keepdims=True).astype(big.dtype)
             start = [0] * big.ndim
@@ -334,17 +350,23 @@ class Engine:
         seg_row = jax.lax.dynamic_update_slice(seg_row, cache["segment_ids"][:1], (0, 0))
         new_cache = dict(k=put(state.cache["k"], cache["k"], 1), v=put(state.cache["v"], cache["v"], 1),
                          segment_ids=put(state.cache["segment_ids"], seg_row, 0))
+        key = jax.random.PRNGKey(seed)
+        one = lambda x: jnp.reshape(x, (1,))
+        tok, steps, active = self._draw(logits[:1], key[None], jnp.zeros((1,), jnp.int32), one(budget > 0),
+                                        one(budget), one(temperature), one(top_k), one(top_p), state.stop_ids, rule)
         set1 = lambda arr, value: arr.at[slot].set(value)
         return state._replace(
-            cache=self._constrain_cache(new_cache), logits=put(state.logits, logits, 0),
+            cache=self._constrain_cache(new_cache), token=set1(state.token, tok[0]),
             index=set1(state.index, length), position=set1(state.position, position),
-            steps=set1(state.steps, 0), budget=set1(state.budget, budget), active=set1(state.active, budget > 0),
+            steps=set1(state.steps, steps[0]), budget=set1(state.budget, budget), active=set1(state.active, active[0]),
             temperature=set1(state.temperature, temperature), top_k=set1(state.top_k, top_k),
-            top_p=set1(state.top_p, top_p), keys=state.keys.at[slot].set(jax.random.PRNGKey(seed)))
+            top_p=set1(state.top_p, top_p), keys=state.keys.at[slot].set(key))
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int, *, max_new_tokens: int,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> DecodeState:
-        """Put a prefilled prompt into decode slot `slot` (whatever it held is dropped)."""
+        """Put a prefilled prompt into decode slot `slot` (whatever it held is dropped) and draw its first token
+        from the prefix logits (with `sampling` and `seed`, as a step draws the next ones): read it with
+        `drawn(state)` before the next `step`, which writes it to the cache and draws the second."""
         slots, s = state.index.shape[0], state.cache["segment_ids"].shape[1]
         if not 0 <= slot < slots:
             raise ValueError(f"slot={slot} is not in [0, {slots})")
@@ -352,10 +374,12 @@ class Engine:
             raise ValueError(f"a prefix of {prefix.length} slots + max_new_tokens={max_new_tokens} does not fit "
                              f"the state's cache_length={s}")
         self.check_length(prefix.position, max_new_tokens)
-        self._slot_filters[slot] = self._uses_filters([sampling])
+        filters = self._uses_filters([sampling])
+        self._slot_filters[slot] = filters
         return self._insert_jit(state, prefix.cache, prefix.logits, np.int32(slot), np.int32(prefix.length),
                                 np.int32(prefix.position), np.int32(max_new_tokens), np.float32(sampling.temperature),
-                                np.int32(sampling.top_k), np.float32(sampling.top_p), np.uint32(seed))
+                                np.int32(sampling.top_k), np.float32(sampling.top_p), np.uint32(seed),
+                                rule=_FILTERED if filters else _GREEDY_OR_PLAIN)
 
     def step(self, state: DecodeState, n_steps: int = 1, rule: Optional[TokenRule] = None,
              keep: Optional[np.ndarray] = None):
@@ -367,6 +391,34 @@ class Engine:
         state, toks, emitted = self._step_jit(self.params, state, keep, rule=rule, n_steps=int(n_steps))
         return state, host_array(toks), host_array(emitted)
 
+    @staticmethod
+    def _move_impl(dst: DecodeState, src: DecodeState, src_slot, dst_slot):
+        def row(big, small, axis):  # small's row src_slot written at dst_slot of big, along axis
+            piece = jax.lax.dynamic_index_in_dim(small, src_slot, axis, keepdims=True).astype(big.dtype)
+            start = [0] * big.ndim
+            start[axis] = dst_slot
+            return jax.lax.dynamic_update_slice(big, piece, start)
+
+        cache = {name: row(dst.cache[name], src.cache[name], 1 if name in ("k", "v") else 0) for name in dst.cache}
+        rest = {f: row(getattr(dst, f), getattr(src, f), 0) for f in DecodeState._fields
+                if f not in ("cache", "stop_ids")}
+        return dst._replace(cache=cache, **rest)
+
+    def move(self, src: DecodeState, src_slot: int, dst: DecodeState, dst_slot: int, *,
+             src_engine: Optional["Engine"] = None) -> tuple[DecodeState, DecodeState]:
+        """Move a generating slot from state `src` (of `src_engine`, default this engine) to slot `dst_slot` of
+        this engine's state `dst`: its cache rows, drawn token, fill, position, budget, sampling and key, so it
+        goes on exactly as it would have. The states must have the same cache length and stop ids. Returns
+        (src with the slot freed, dst). Raises ValueError naming the mismatch."""
+        if src.cache["k"].shape[3] != dst.cache["k"].shape[3]:
+            raise ValueError(f"move: cache lengths differ ({src.cache['k'].shape[3]} vs {dst.cache['k'].shape[3]})")
+        for name, slot, st in (("src_slot", src_slot, src), ("dst_slot", dst_slot, dst)):
+            if not 0 <= slot < st.index.shape[0]:
+                raise ValueError(f"move: {name}={slot} is not in [0, {st.index.shape[0]})")
+        self._slot_filters[dst_slot] = (src_engine or self)._slot_filters[src_slot]
+        dst = self._move_jit(dst, src, np.int32(src_slot), np.int32(dst_slot))
+        return (src_engine or self).free(src, src_slot), dst
+
     def free(self, state: DecodeState, slot: int) -> DecodeState:
         """Stop slot `slot`; it can take a new `insert`."""
         return state._replace(active=state.active.at[slot].set(False))
@@ -374,6 +426,13 @@ class Engine:
     @staticmethod
     def active(state: DecodeState) -> np.ndarray:
         return host_array(_replicated_fn(state.active))
+
+    @staticmethod
+    def drawn(state: DecodeState) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens (R,), active (R,)) numpy: each slot's last drawn token (after `insert`, its first token,
+        which no `step` reports) and whether the slot goes on (False: a stop id, the budget spent, or free)."""
+        token, active = _replicated_fn((state.token, state.active))
+        return host_array(token), host_array(active)
 
     # -------------------------------------------------------------------------------- batched generate
     def _vision_rows(self, vision, prompts, t: int):
@@ -448,12 +507,40 @@ class Engine:
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
         state = self._state(cache, logits, [t] * len(rows), [len(p) for p in rows], budgets + [0] * extra,
-                            sampling + [sampling[0]] * extra, seeds + [0] * extra, stop_ids)
+                            sampling + [sampling[0]] * extra, seeds + [0] * extra, stop_ids, rule)
         out = [[] for _ in range(n)]
         finish = [None] * n
         keep = np.ones(len(rows), bool)
         step = 0
-        while True:
+
+        def take(toks, emitted) -> None:
+            """Token `step` of every row: toks, emitted (rows,)."""
+            nonlocal step
+            new = [int(toks[r]) if emitted[r] and keep[r] else None for r in range(n)]
+            for r, tok in enumerate(new):
+                if tok is None or finish[r] is not None:
+                    continue
+                if tok in stop_ids:
+                    finish[r] = "stop"
+                else:
+                    out[r].append(tok)
+                    if len(out[r]) >= budgets[r]:
+                        finish[r] = "length"
+            if stream is not None:
+                cancel = stream(step, new)
+                for r in cancel or ():
+                    if not (isinstance(r, (int, np.integer)) and 0 <= r < n):
+                        raise ValueError(f"stream callback returned {cancel!r}; it may return only row "
+                                         f"indices in [0, {n}) to cancel (or None)")
+                    if finish[r] is None:
+                        finish[r] = "cancelled"
+                    keep[r] = False
+            step += 1
+
+        first, _ = self.drawn(state)                        # token 0, drawn from the prefill logits
+        t_first = time.perf_counter()
+        take(first, np.arange(len(rows)) < n)
+        while not all(f is not None for f in finish):
             state, toks, emitted = self._step_jit(self.params, state, keep, rule=rule, n_steps=k)
             toks, emitted = host_array(toks), host_array(emitted)
             if not emitted.any():
@@ -461,31 +548,10 @@ class Engine:
             for i in range(k):
                 if not emitted[:, i].any():
                     break
-                new = [int(toks[r, i]) if emitted[r, i] and keep[r] else None for r in range(n)]
-                for r, tok in enumerate(new):
-                    if tok is None or finish[r] is not None:
-                        continue
-                    if tok in stop_ids:
-                        finish[r] = "stop"
-                    else:
-                        out[r].append(tok)
-                        if len(out[r]) >= budgets[r]:
-                            finish[r] = "length"
-                if stream is not None:
-                    cancel = stream(step, new)
-                    for r in cancel or ():
-                        if not (isinstance(r, (int, np.integer)) and 0 <= r < n):
-                            raise ValueError(f"stream callback returned {cancel!r}; it may return only row "
-                                             f"indices in [0, {n}) to cancel (or None)")
-                        if finish[r] is None:
-                            finish[r] = "cancelled"
-                        keep[r] = False
-                step += 1
-            if all(f is not None for f in finish):
-                break
+                take(toks[:, i], emitted[:, i])
         t2 = time.perf_counter()
         finish = [f or "length" for f in finish]
-        self.last_stats = dict(prefill_s=t1 - t0, time_to_first_token_s=t1 - t0, decode_s=t2 - t1,
+        self.last_stats = dict(prefill_s=t1 - t0, time_to_first_token_s=t_first - t0, decode_s=t2 - t_first,
                                prompt_tokens=int(sum(map(len, prompts))), new_tokens=int(sum(map(len, out))),
                                steps=step, batch=len(rows), padded_length=t, cache_length=cache_len)
         return GenerateResult(out, finish, dict(self.last_stats))

@@ -32,6 +32,7 @@ def get_default_config() -> ConfigDict:
     c.api_key = ""                             # '' = no key needed
     c.max_batch_size = 8                       # decode slots (rows decoded together)
     c.max_queue = 64                           # requests waiting for a slot; more get 429
+    c.decode_steps_per_call = 4                # decode steps per engine call while no request waits (see docs/serve.md)
     c.default_max_tokens = 256                 # budget of a request that sets no max_tokens
     c.allow_local_media = False                # read plain file paths in image/video parts
     return c
@@ -49,7 +50,8 @@ def main(argv: Sequence[str]) -> None:
     app = create_app(engine, tokenizer, model_name=name, vqgan=vqgan, api_key=config.api_key or None,
                      max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                      allow_local_media=config.allow_local_media, max_n_frames=config.max_n_frames,
-                     default_max_tokens=config.default_max_tokens, mesh=mesh)
+                     default_max_tokens=config.default_max_tokens, mesh=mesh,
+                     decode_steps_per_call=config.decode_steps_per_call)
     print(f"lwm.serve: {name} on http://{config.host}:{config.port}/ (OpenAI API under /v1)", file=sys.stderr,
           flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

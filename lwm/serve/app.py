@@ -33,7 +33,8 @@ from lwm.serve.schemas import ChatCompletionRequest, CompletionRequest, ImageReq
 
 def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_key: Optional[str] = None,
                max_batch_size: int = 8, max_queue: int = 64, allow_local_media: bool = False,
-               max_n_frames: int = 8, default_max_tokens: int = 256, mesh=None, scheduler=None) -> FastAPI:
+               max_n_frames: int = 8, default_max_tokens: int = 256, mesh=None, scheduler=None,
+               decode_steps_per_call: int = 4) -> FastAPI:
     """The app over `engine` (an `lwm.inference` engine, text or vision) and its `tokenizer`.
 
     model_name: the id clients send as `model`. vqgan: an `lwm.vqgan.VQGAN` for vision models (required
@@ -42,6 +43,10 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     full). allow_local_media: read plain file paths in media parts. max_n_frames: frames taken from a
     video. default_max_tokens: the budget of a request that sets none (capped by the context left).
     mesh: the device mesh the engine's arrays live on (its thread runs under `jax.set_mesh(mesh)`).
+    decode_steps_per_call: decode steps per engine call while no request waits for a slot (one while some
+    do, so they are admitted at the next step): fewer host round trips and server-sent events per token, at
+    the cost of tokens reaching the client in groups of up to this many. The first token is not delayed (it
+    comes from the prefill).
     scheduler: a ready `Scheduler` (tests and benchmarks); by default one is built and started here and
     stopped at shutdown."""
     from contextlib import asynccontextmanager
@@ -52,7 +57,8 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     served = ServedModel(engine, tokenizer, model_name, vqgan=vqgan, allow_local_media=allow_local_media,
                          max_n_frames=max_n_frames)
     own = scheduler is None
-    sched = scheduler or Scheduler(served, max_batch_size=max_batch_size, max_queue=max_queue, mesh=mesh)
+    sched = scheduler or Scheduler(served, max_batch_size=max_batch_size, max_queue=max_queue, mesh=mesh,
+                                   steps_per_call=decode_steps_per_call)
     seeds = itertools.count(int(time.time()))
 
     @asynccontextmanager

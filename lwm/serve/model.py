@@ -171,12 +171,15 @@ class ServedModel:
     # --------------------------------------------------------------------------------------- generation
     @property
     def cache_length(self) -> int:
-        """Cache slots per decode slot: the model's context rounded up to whole sp chunks, plus one prompt
-        block per sp device, so that any prompt padded to its bucket (`Engine.padded_length`: a power of two
-        below one block, whole blocks above) plus a budget that fits the context fits the cache."""
+        """Cache slots per decode slot: the model's context plus the most padding a prompt's bucket adds
+        (`Engine.padded_length`, lwm.sampling.bucket_length: under sp*block tokens a power of two times sp,
+        less than twice the prompt; above, whole sp*block), rounded up to whole sp chunks. A prompt whose
+        bucket would still not leave room for its budget is padded to sp only (`prefill_key`). A decode step
+        costs a few percent more per doubling of this length (debug preset, CPU), so it is kept tight."""
         _, sp = self.engine.mesh_sizes()
         block = max(self.config.scan_query_chunk_size, self.config.scan_key_chunk_size)
-        return sp * (math.ceil(self.max_sequence_length / sp) + block)
+        slack = min(self.max_sequence_length, sp * block) + sp
+        return sp * math.ceil((self.max_sequence_length + slack) / sp)
 
     @staticmethod
     def _split(prompt):

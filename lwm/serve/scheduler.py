@@ -9,7 +9,8 @@ vLLM do. A step costs every row of its decode state, active or not, so the sched
 (1, 4, 16, ... rows up to max_batch_size, `_pools`), each on its own engine over the same parameters, and puts
 new jobs into the smallest one that holds the recent demand (`_targets`). Between decode steps, the jobs
 admitted together are prefilled in batches (`_admit`: one prefill per ladder size of rows for jobs of the same
-padded length) and inserted into free slots; every step draws one token for every active slot; a slot is
+padded length) and inserted into free slots, which draws each job's first token from its prefill (handed to
+the job before any decode step); every step draws one more token for every active slot; a slot is
 freed as soon as its job ends (EOS, budget, a stop string, or its client left), and the next waiting job takes
 it at the next step.
 A job whose client left before it started is dropped from the queue.
@@ -48,11 +49,12 @@ def _twin(engine):
 
 class Scheduler:
     def __init__(self, served, *, max_batch_size: int = 8, max_queue: int = 64, mesh=None,
-                 steps_per_call: int = 1):
-        if max_batch_size < 1 or max_queue < 0:
-            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_queue={max_queue} >= 0")
+                 steps_per_call: int = 4):
+        if max_batch_size < 1 or max_queue < 0 or steps_per_call < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} and steps_per_call={steps_per_call} (--decode_steps_per_"
+                             f"call) must be >= 1, max_queue={max_queue} >= 0")
         self.served, self.max_batch_size, self.max_queue = served, max_batch_size, max_queue
-        self.mesh, self.steps_per_call = mesh, max(1, int(steps_per_call))
+        self.mesh, self.steps_per_call = mesh, int(steps_per_call)
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
         self.cond = threading.Condition()
@@ -182,7 +184,9 @@ class Scheduler:
 
     def _admit(self, pools, admit: list) -> None:
         """Prefill the admitted (slot, job) pairs, batched: jobs in the same state with the same prefill key
-        share one prefill of a ladder size of rows; then insert them into their slots."""
+        share one prefill of a ladder size of rows; then insert them into their slots, which draws each job's
+        first token from its prefill, and hand those tokens to the jobs at once (before any decode step: the
+        time to first token is the prefill's)."""
         groups: dict = {}
         for slot, job in admit:
             p = next(k for k, q in enumerate(pools) if q[0] <= slot < q[0] + q[1])
@@ -212,6 +216,49 @@ class Scheduler:
                     for slot, job in part:
                         job.finish("error", e)
                         self._release(slot)
+        with posts_batched():                             # one event-loop wake-up for all first tokens
+            for pool in pools:
+                offset, size, state, engine = pool
+                new = [(slot, job) for slot, job in admit if offset <= slot < offset + size and not job.finished]
+                if not new:
+                    continue
+                tokens, going = engine.drawn(state)
+                for slot, job in new:
+                    self._took(pool, slot, job, [int(tokens[slot - offset])], bool(going[slot - offset]))
+
+    def _consolidate(self, pools) -> None:
+        """Jobs decoding in smaller states move (`Engine.move`) into the largest state that is decoding, when
+        it has free rows for all of them, so a round of decoding costs one step call: a step costs every row of
+        its state, active or not. (A lone request starts in the one-row state; when others join in the
+        16-row state it moves there instead of costing a one-row step every round.)"""
+        busy = [p for p in pools if any(j is not None for j in self.running[p[0]:p[0] + p[1]])]
+        if len(busy) < 2:
+            return
+        big = busy[-1]                                      # the ladder is ordered by size
+        room = [s for s in range(big[0], big[0] + big[1]) if self.running[s] is None]
+        for pool in busy[:-1]:
+            slots = [s for s in range(pool[0], pool[0] + pool[1]) if self.running[s] is not None]
+            if len(slots) > len(room):
+                continue
+            for slot in slots:
+                to = room.pop(0)
+                pool[2], big[2] = big[3].move(pool[2], slot - pool[0], big[2], to - big[0], src_engine=pool[3])
+                with self.cond:
+                    self.running[to], self.running[slot] = self.running[slot], None
+
+    def _took(self, pool, slot: int, job, tokens: list, going: bool) -> None:
+        """Feed `job` (in `pool`'s row slot - offset) the tokens its slot drew; going: whether the engine keeps
+        the slot on. A job that ends here (EOS, a stop string, its budget, its client gone) frees its slot."""
+        for token in tokens:
+            if job.feed(token):
+                break
+        if not job.finished and not going:              # the engine ended it: budget spent
+            job.finish("length")
+        if job.finished:
+            if not job.done.is_set():
+                job.finish("cancelled")
+            pool[2] = pool[3].free(pool[2], slot - pool[0])
+            self._release(slot)
 
     def _continuous(self) -> None:
         engine = self.served.engine
@@ -247,6 +294,7 @@ class Scheduler:
                 continue
             try:
                 self._admit(pools, admit)
+                self._consolidate(pools)
                 n_steps = 1 if many else self.steps_per_call
                 self.max_rows = max(self.max_rows, sum(j is not None and not j.finished for j in self.running))
                 for pool in pools:
@@ -255,23 +303,13 @@ class Scheduler:
                     if state is None or all(j is None for j in jobs):
                         continue
                     keep = np.array([j is not None and not j.finished for j in jobs])
-                    state, tokens, emitted = engine.step(state, n_steps=n_steps, keep=keep)
+                    pool[2], tokens, emitted = engine.step(state, n_steps=n_steps, keep=keep)
                     self.batches += 1
                     with posts_batched():                 # one event-loop wake-up per step
                         for row, job in enumerate(jobs):
-                            if job is None:
-                                continue
-                            for i in range(tokens.shape[1]):
-                                if emitted[row, i] and job.feed(int(tokens[row, i])):
-                                    break
-                            if not job.finished and not emitted[row].any():   # the engine ended it: budget spent
-                                job.finish("length")
-                            if job.finished:
-                                if not job.done.is_set():
-                                    job.finish("cancelled")
-                                state = engine.free(state, row)
-                                self._release(offset + row)
-                    pool[2] = state
+                            if job is not None:
+                                self._took(pool, offset + row, job, [int(t) for t in tokens[row][emitted[row]]],
+                                           bool(emitted[row].any()) and bool(emitted[row, -1]))
             except Exception as e:
                 traceback.print_exc()
                 for slot, job in enumerate(self.running):
