@@ -305,6 +305,9 @@ def test_entry_point_serves_a_checkpoint_and_refuses_bad_flags(server, tmp_path)
     bad = subprocess.run([sys.executable, "-m", "lwm.serve", "--modality=audio"], capture_output=True, text=True,
                          env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--modality='audio'" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "lwm.serve", "--decode_steps_per_call=0"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == "lwm.serve: error: --decode_steps_per_call=0: must be >= 1"
     save_streaming(str(tmp_path / "params"), server["params"])
     tok_file = server["tok_file"]
     port = free_port()

@@ -45,6 +45,9 @@ def main(argv: Sequence[str]) -> None:
     from lwm.serve.loading import load_served
 
     config = runtime.parse(argv, get_default_config())
+    for flag in ("max_batch_size", "decode_steps_per_call"):
+        if config[flag] < 1:
+            raise ValueError(f"--{flag}={config[flag]}: must be >= 1")
     engine, tokenizer, vqgan, mesh = load_served(config)
     name = config.model_name or f"lwm-{config.modality}"
     app = create_app(engine, tokenizer, model_name=name, vqgan=vqgan, api_key=config.api_key or None,
