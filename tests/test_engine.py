@@ -72,6 +72,37 @@ def test_slots_equal_batched_generate(engine, batched):
     assert again[1][:len(batched.tokens[1])] == batched.tokens[1] and again[0] == again[2] == []
 
 
+def test_batched_insert_puts_each_row_in_its_slot(engine, batched):
+    """One prefill_batch of 4 rows inserted with one call: row r goes to slots[r] (-1 leaves row 3 out),
+    with its own budget, sampling and seed; greedy rows give the batched run's tokens, sampled rows the
+    tokens `generate` draws with the same seeds (a wrong row-to-seed mapping would change them)."""
+    from lwm.inference.engine import Prefix
+
+    t = engine.padded_length(max(map(len, PROMPTS)))
+    rows = PROMPTS + [PROMPTS[0]]
+    hot = SamplingConfig(temperature=0.9)
+    sampled = engine.generate(PROMPTS, NEW, sampling=hot, seeds=[5, 6, 7])
+    assert sampled.tokens != batched.tokens
+    for sampling, seeds, want in ((SamplingConfig(), [0, 0, 0, 0], batched.tokens),
+                                  (hot, [5, 6, 7, 0], sampled.tokens)):
+        logits, cache = engine.prefill_batch(rows, t, t)
+        state = engine.init_state(slots=4, cache_length=48)
+        state = engine.insert(Prefix(cache, logits, t, [len(p) for p in rows]), state, [2, 0, 3, -1],
+                              max_new_tokens=[NEW, NEW, 3, 1], sampling=sampling, seed=seeds)
+        first, going = engine.drawn(state)
+        assert list(going) == [True, False, True, True]                # slot 1 took no row
+        outs = [[int(first[s])] if going[s] else [] for s in range(4)]
+        while engine.active(state).any():
+            state, toks, emitted = engine.step(state, 4)
+            _collect(outs, toks, emitted)
+        cut = [o[:o.index(EOS)] if EOS in o else o for o in outs]
+        assert cut[2] == want[0] and cut[0] == want[1] and cut[3] == want[2][:3] and cut[1] == []
+    with pytest.raises(ValueError, match="a slot may take one prefix row only"):
+        engine.insert(Prefix(cache, logits, t, [len(p) for p in rows]), state, [0, 0, 1, 2], max_new_tokens=2)
+    with pytest.raises(ValueError, match="3 slots for a prefix of 4 rows"):
+        engine.insert(Prefix(cache, logits, t, [len(p) for p in rows]), state, [0, 1, 2], max_new_tokens=2)
+
+
 def test_budgets_stop_ids_cancel_and_timings(engine, batched):
     want = batched.tokens
     # A stop id that row 0 draws at step i and no row draws before the steps checked below.

@@ -28,6 +28,7 @@ benchmarks) calls this; there is no other prefill or decode loop in the package.
     state = engine.init_state(slots=8, cache_length=4096)   # every slot free
     prefix = engine.prefill(prompt_ids, vision=None)         # one prompt -> its cache rows and first logits
     state = engine.insert(prefix, state, slot=3, max_new_tokens=64, sampling=SamplingConfig(), seed=0)
+    # or a batched prefill (prefill_batch) into several slots at once: slot=[5, 6, -1, 7] (-1: row left out)
     first, going = engine.drawn(state)                        # slot 3's first token: first[3] (numpy (S,))
     state, tokens, emitted = engine.step(state)               # the next token for every active slot (numpy (S, 1))
     state = engine.free(state, 3)
@@ -92,12 +93,13 @@ class DecodeState(NamedTuple):
 
 
 class Prefix(NamedTuple):
-    """One prefilled prompt, ready for `insert`: cache rows (k, v (L, 1, K, T, H), segment_ids (1, T)),
-    the first token's logits (1, V), the slot index T and the next position (prompt length)."""
+    """Prefilled prompts, ready for `insert`: cache rows (k, v (L, P, K, T, H), segment_ids (P, T)), each
+    row's next-token logits (P, V), the slot index T (the padded length) and the next position (the prompt
+    length: an int, or one per row)."""
     cache: dict
     logits: jax.Array
     length: int
-    position: int
+    position: Union[int, Sequence[int]]
 
 
 @dataclasses.dataclass
@@ -338,47 +340,84 @@ class Engine:
                                            None if vision is None else [vision] * data)
         return Prefix(cache=cache, logits=logits, length=t, position=len(prompt))
 
-    def _insert_impl(self, state: DecodeState, cache, logits, slot, length, position, budget, temperature,
-                     top_k, top_p, seed, *, rule):
-        def put(big, row, axis):  # row: the prefix's first row, written at `slot` along `axis`, at slot 0
-            row = jax.lax.index_in_dim(row, 0, axis, keepdims=True).astype(big.dtype)
-            start = [0] * big.ndim
-            start[axis] = slot
-            return jax.lax.dynamic_update_slice(big, row, start)
-
-        seg_row = jnp.zeros((1, state.cache["segment_ids"].shape[1]), jnp.int32)
-        seg_row = jax.lax.dynamic_update_slice(seg_row, cache["segment_ids"][:1], (0, 0))
-        new_cache = dict(k=put(state.cache["k"], cache["k"], 1), v=put(state.cache["v"], cache["v"], 1),
-                         segment_ids=put(state.cache["segment_ids"], seg_row, 0))
-        key = jax.random.PRNGKey(seed)
-        one = lambda x: jnp.reshape(x, (1,))
-        tok, steps, active = self._draw(logits[:1], key[None], jnp.zeros((1,), jnp.int32), one(budget > 0),
-                                        one(budget), one(temperature), one(top_k), one(top_p), state.stop_ids, rule)
-        set1 = lambda arr, value: arr.at[slot].set(value)
+    def _insert_impl(self, state: DecodeState, cache, logits, slots, length, position, budget, temperature,
+                     top_k, top_p, seeds, *, rule):
+        """Prefix rows r with slots[r] >= 0 written into those decode slots (rows with slot -1 are left out),
+        and their first tokens drawn. cache: k, v (L, P, K, T, H), segment_ids (P, T); logits (P, V); the
+        rest (P,). One dynamic_update_slice per row (unrolled: P is a ladder size), in place on the donated
+        state."""
+        n_rows, s_len = state.index.shape[0], state.cache["segment_ids"].shape[1]
+        valid = slots >= 0
+        seg = jnp.zeros((cache["segment_ids"].shape[0], s_len), jnp.int32)
+        seg = jax.lax.dynamic_update_slice(seg, cache["segment_ids"].astype(jnp.int32), (0, 0))
+        new_cache = dict(state.cache)
+        for name, axis, rows in (("k", 1, cache["k"]), ("v", 1, cache["v"]), ("segment_ids", 0, seg)):
+            big = new_cache[name]
+            for r in range(rows.shape[axis]):
+                row = jax.lax.index_in_dim(rows, r, axis, keepdims=True).astype(big.dtype)
+                start = [0] * big.ndim
+                start[axis] = jnp.maximum(slots[r], 0)
+                old = jax.lax.dynamic_slice(big, start, row.shape)
+                big = jax.lax.dynamic_update_slice(big, jnp.where(valid[r], row, old), start)
+            new_cache[name] = big
+        keys = jax.vmap(jax.random.PRNGKey)(seeds)
+        tok, steps, active = self._draw(logits, keys, jnp.zeros(slots.shape, jnp.int32), valid & (budget > 0),
+                                        budget, temperature, top_k, top_p, state.stop_ids, rule)
+        at = jnp.where(valid, slots, n_rows)                 # out of range: dropped
+        put = lambda arr, values: arr.at[at].set(values.astype(arr.dtype), mode="drop")
         return state._replace(
-            cache=self._constrain_cache(new_cache), token=set1(state.token, tok[0]),
-            index=set1(state.index, length), position=set1(state.position, position),
-            steps=set1(state.steps, steps[0]), budget=set1(state.budget, budget), active=set1(state.active, active[0]),
-            temperature=set1(state.temperature, temperature), top_k=set1(state.top_k, top_k),
-            top_p=set1(state.top_p, top_p), keys=state.keys.at[slot].set(key))
+            cache=self._constrain_cache(new_cache), token=put(state.token, tok),
+            index=put(state.index, jnp.full(slots.shape, length)), position=put(state.position, position),
+            steps=put(state.steps, steps), budget=put(state.budget, budget), active=put(state.active, active),
+            temperature=put(state.temperature, temperature), top_k=put(state.top_k, top_k),
+            top_p=put(state.top_p, top_p), keys=put(state.keys, keys))
 
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int, *, max_new_tokens: int,
-               sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> DecodeState:
-        """Put a prefilled prompt into decode slot `slot` (whatever it held is dropped) and draw its first token
-        from the prefix logits (with `sampling` and `seed`, as a step draws the next ones): read it with
-        `drawn(state)` before the next `step`, which writes it to the cache and draws the second."""
-        slots, s = state.index.shape[0], state.cache["segment_ids"].shape[1]
-        if not 0 <= slot < slots:
-            raise ValueError(f"slot={slot} is not in [0, {slots})")
-        if prefix.length + max_new_tokens > s:
-            raise ValueError(f"a prefix of {prefix.length} slots + max_new_tokens={max_new_tokens} does not fit "
-                             f"the state's cache_length={s}")
-        self.check_length(prefix.position, max_new_tokens)
-        filters = self._uses_filters([sampling])
-        self._slot_filters[slot] = filters
-        return self._insert_jit(state, prefix.cache, prefix.logits, np.int32(slot), np.int32(prefix.length),
-                                np.int32(prefix.position), np.int32(max_new_tokens), np.float32(sampling.temperature),
-                                np.int32(sampling.top_k), np.float32(sampling.top_p), np.uint32(seed),
+    def insert(self, prefix: Prefix, state: DecodeState, slot: Union[int, Sequence[int]], *,
+               max_new_tokens: Union[int, Sequence[int]], sampling: Union[SamplingConfig, Sequence[SamplingConfig]] =
+               SamplingConfig(), seed: Union[int, Sequence[int]] = 0) -> DecodeState:
+        """Put prefilled prompts into decode slots (whatever they held is dropped) and draw each one's first
+        token from its prefix logits (with its sampling settings and seed, as a step draws the next ones): read
+        them with `drawn(state)` before the next `step`, which writes them to the cache and draws the second.
+
+        slot: an int (the prefix's first row goes there; `prefill` gives one row per data shard, all the same
+        prompt), or one slot per prefix row (P of them; -1 leaves a row out), so a batched prefill
+        (`prefill_batch`) is inserted in one call. max_new_tokens, sampling, seed: one for all rows, or one per
+        row. prefix.position: an int, or one per row. Raises ValueError (a slot out of range or used twice, a
+        row's prefix + budget over the state's cache_length) or PromptTooLongError."""
+        n_rows, s = state.index.shape[0], state.cache["segment_ids"].shape[1]
+        p = prefix.logits.shape[0]
+        if np.isscalar(slot) and not 0 <= slot < n_rows:
+            raise ValueError(f"slot={slot} is not in [0, {n_rows})")
+        slots = [int(slot)] + [-1] * (p - 1) if np.isscalar(slot) else [int(x) for x in slot]
+        if len(slots) != p:
+            raise ValueError(f"{len(slots)} slots for a prefix of {p} rows; give one slot, or one per row")
+        used = [x for x in slots if x >= 0]
+        for x in used:
+            if x >= n_rows:
+                raise ValueError(f"slot={x} is not in [0, {n_rows}) (-1 leaves a prefix row out)")
+        if len(set(used)) != len(used):
+            raise ValueError(f"slots {used}: a slot may take one prefix row only")
+        per_row = lambda v: [v] * p if np.isscalar(v) or isinstance(v, SamplingConfig) else list(v)
+        budgets, samplings, seeds = per_row(max_new_tokens), per_row(sampling), per_row(seed)
+        positions = per_row(prefix.position)
+        if not len(budgets) == len(samplings) == len(seeds) == len(positions) == p:
+            raise ValueError(f"max_new_tokens, sampling, seed and prefix.position: give one, or one per prefix "
+                             f"row ({p})")
+        for r, x in enumerate(slots):
+            if x < 0:
+                continue
+            if prefix.length + budgets[r] > s:
+                raise ValueError(f"a prefix of {prefix.length} slots + max_new_tokens={budgets[r]} does not fit "
+                                 f"the state's cache_length={s}")
+            self.check_length(positions[r], budgets[r])
+            self._slot_filters[x] = self._uses_filters([samplings[r]])
+        filters = self._uses_filters([samplings[r] for r, x in enumerate(slots) if x >= 0])
+        f32, i32 = np.float32, np.int32
+        return self._insert_jit(state, prefix.cache, prefix.logits, np.asarray(slots, i32), i32(prefix.length),
+                                np.asarray(positions, i32), np.asarray(budgets, i32),
+                                np.asarray([x.temperature for x in samplings], f32),
+                                np.asarray([x.top_k for x in samplings], i32),
+                                np.asarray([x.top_p for x in samplings], f32), np.asarray(seeds, np.uint32),
                                 rule=_FILTERED if filters else _GREEDY_OR_PLAIN)
 
     def step(self, state: DecodeState, n_steps: int = 1, rule: Optional[TokenRule] = None,

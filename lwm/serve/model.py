@@ -207,9 +207,9 @@ class ServedModel:
         """Prefill `jobs` (equal `prefill_key`) as one batch of `rows` rows (>= len(jobs), a multiple of the
         mesh's dp*fsdp; the extra rows repeat the first prompt) on `prefill_engine` (default `engine`; any
         engine over the same model and parameters, so that one compiled prefill serves every decode state) and
-        put job i into decode slot slots[i] of `engine`'s `state` (continuous batching). Each row is padded to
-        the same length as a lone prefill of it, so a row's numbers do not depend on its neighbours'. Returns
-        the state."""
+        put job i into decode slot slots[i] of `engine`'s `state` with one `Engine.insert` (continuous
+        batching). Each row is padded to the same length as a lone prefill of it, so a row's numbers do not
+        depend on its neighbours'. Returns the state."""
         from lwm.inference.engine import Prefix
 
         t, has_vision = self.prefill_key(engine, jobs[0])
@@ -217,11 +217,10 @@ class ServedModel:
         split += [split[0]] * (rows - len(jobs))
         logits, cache = (prefill_engine or engine).prefill_batch([ids for ids, _ in split], t, t,
                                              [v for _, v in split] if has_vision else None)
-        for r, (slot, job) in enumerate(zip(slots, jobs)):
-            row = cache if rows == 1 else dict(k=cache["k"][:, r:r + 1], v=cache["v"][:, r:r + 1],
-                                                 segment_ids=cache["segment_ids"][r:r + 1])
-            prefix = Prefix(cache=row, logits=logits if rows == 1 else logits[r:r + 1], length=t,
-                            position=len(split[r][0]))
-            state = engine.insert(prefix, state, slot, max_new_tokens=job.sampling.max_tokens,
-                                  sampling=self._sampling(job), seed=job.sampling.seed or 0)
+        pad = rows - len(jobs)                             # the repeated rows are left out (slot -1)
+        state = engine.insert(Prefix(cache=cache, logits=logits, length=t, position=[len(ids) for ids, _ in split]),
+                              state, list(slots) + [-1] * pad,
+                              max_new_tokens=[j.sampling.max_tokens for j in jobs] + [1] * pad,
+                              sampling=[self._sampling(j) for j in jobs] + [self._sampling(jobs[0])] * pad,
+                              seed=[j.sampling.seed or 0 for j in jobs] + [0] * pad)
         return state
