@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--steps_per_call", type=int, default=4,
                    help="the server's --decode_steps_per_call (decode steps per engine call while no request waits)")
     p.add_argument("--repeats", type=int, default=3, help="direct references: best of this many runs")
-    p.add_argument("--client", choices=("httpx", "openai"), default="httpx",
+    p.add_argument("--client", choices=("aiohttp", "httpx", "openai"), default="httpx",
                    help="the load's client: plain streaming HTTP (httpx2) or the official openai client")
     return p.parse_args(argv)
 
@@ -73,8 +73,26 @@ def _load(url: str, prompts: list, new_tokens: int, concurrency: int, kind: str,
                     for c in json.loads(line[6:]).get("choices", ()):
                         yield c.get("token_ids") or []
 
+    async def stream_aiohttp(client, prompt):
+        async with client.post(url + "/v1/completions", json={**body(prompt), "return_token_ids": True}) as r:
+            r.raise_for_status()
+            async for line in r.content:
+                if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+                    for c in json.loads(line[6:]).get("choices", ()):
+                        yield c.get("token_ids") or []
+
     async def run():
-        if kind == "openai":
+        if kind == "aiohttp":
+            import aiohttp
+
+            client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 1),
+                                           timeout=aiohttp.ClientTimeout(total=600))
+
+            async def models():
+                async with client.get(url + "/v1/models") as r:
+                    await r.read()
+            stream, close = stream_aiohttp, client.close
+        elif kind == "openai":
             import openai
 
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
@@ -163,7 +181,8 @@ def main(argv=None):
     import uvicorn
 
     app = create_app(engine, tok, model_name="bench", max_batch_size=top, max_queue=4 * n_max,
-                     default_max_tokens=args.new_tokens, decode_steps_per_call=args.steps_per_call)
+                     default_max_tokens=args.new_tokens, decode_steps_per_call=args.steps_per_call,
+                     warmup_prompt_lengths=[args.prompt_tokens])
     import socket
 
     with socket.socket() as s:
@@ -186,8 +205,8 @@ def main(argv=None):
         return result_
 
     window = app.state.scheduler.demand_window_s + 0.2        # the scheduler forgets the previous level
-    for _ in range(2):                                        # compile runs of the server's shapes (each
-        for c in levels:                                      # state of the ladder, the batched prefills)
+    for _ in range(2):                                        # runs of every level before the timed ones (the
+        for c in levels:                                      # server compiled its shapes at start: warmup)
             load(prompts[:c], c)
             time.sleep(window)
     rows, inside, floors, cpus = [], [], [], []
@@ -216,7 +235,7 @@ def main(argv=None):
     print(f"direct batched ({top} rows): {direct_rate:8.1f} output tok/s ({direct_tokens} tokens in {batched_s:.3f} s)")
     print(f"direct first (prefill + 1 decode step, 1 row): {first_s * 1e3:8.1f} ms; the engine's own time to first "
           f"token (prefill + drawing token 0): {ttft_s * 1e3:.1f} ms")
-    print(f"client: {args.client}")
+    print(f"client: {args.client}; server warmup (compiles at start-up): {app.state.scheduler.warmup_s:.1f} s")
     print()
     print("| concurrency | requests | req/s | output tok/s | x direct batched | TTFT p50 ms | TTFT p95 ms "
           "| x direct first | latency p50 ms | latency p95 ms |")

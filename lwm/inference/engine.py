@@ -460,6 +460,8 @@ class Engine:
 
     def free(self, state: DecodeState, slot: int) -> DecodeState:
         """Stop slot `slot`; it can take a new `insert`."""
+        if 0 <= slot < len(getattr(self, "_slot_filters", ())):
+            self._slot_filters[slot] = False            # a free slot no longer asks for the top-k/top-p rule
         return state._replace(active=state.active.at[slot].set(False))
 
     @staticmethod

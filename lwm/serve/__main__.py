@@ -33,6 +33,7 @@ def get_default_config() -> ConfigDict:
     c.max_batch_size = 8                       # decode slots (rows decoded together)
     c.max_queue = 64                           # requests waiting for a slot; more get 429
     c.decode_steps_per_call = 4                # decode steps per engine call while no request waits (see docs/serve.md)
+    c.warmup_prompt_lengths = ""               # e.g. '64,1024': compile these prompt lengths' shapes before serving
     c.default_max_tokens = 256                 # budget of a request that sets no max_tokens
     c.allow_local_media = False                # read plain file paths in image/video parts
     return c
@@ -48,13 +49,18 @@ def main(argv: Sequence[str]) -> None:
     for flag in ("max_batch_size", "decode_steps_per_call"):
         if config[flag] < 1:
             raise ValueError(f"--{flag}={config[flag]}: must be >= 1")
+    try:
+        warmup = [int(x) for x in str(config.warmup_prompt_lengths).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--warmup_prompt_lengths={config.warmup_prompt_lengths!r}: give comma-separated prompt "
+                         "lengths in tokens, e.g. 64,1024") from None
     engine, tokenizer, vqgan, mesh = load_served(config)
     name = config.model_name or f"lwm-{config.modality}"
     app = create_app(engine, tokenizer, model_name=name, vqgan=vqgan, api_key=config.api_key or None,
                      max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                      allow_local_media=config.allow_local_media, max_n_frames=config.max_n_frames,
                      default_max_tokens=config.default_max_tokens, mesh=mesh,
-                     decode_steps_per_call=config.decode_steps_per_call)
+                     decode_steps_per_call=config.decode_steps_per_call, warmup_prompt_lengths=warmup)
     print(f"lwm.serve: {name} on http://{config.host}:{config.port}/ (OpenAI API under /v1)", file=sys.stderr,
           flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

@@ -34,7 +34,7 @@ from lwm.serve.schemas import ChatCompletionRequest, CompletionRequest, ImageReq
 def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_key: Optional[str] = None,
                max_batch_size: int = 8, max_queue: int = 64, allow_local_media: bool = False,
                max_n_frames: int = 8, default_max_tokens: int = 256, mesh=None, scheduler=None,
-               decode_steps_per_call: int = 4) -> FastAPI:
+               decode_steps_per_call: int = 4, warmup_prompt_lengths=()) -> FastAPI:
     """The app over `engine` (an `lwm.inference` engine, text or vision) and its `tokenizer`.
 
     model_name: the id clients send as `model`. vqgan: an `lwm.vqgan.VQGAN` for vision models (required
@@ -46,7 +46,8 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     decode_steps_per_call: decode steps per engine call while no request waits for a slot (one while some
     do, so they are admitted at the next step): fewer host round trips and server-sent events per token, at
     the cost of tokens reaching the client in groups of up to this many. The first token is not delayed (it
-    comes from the prefill).
+    comes from the prefill). warmup_prompt_lengths: prompt lengths whose shapes are compiled at start-up,
+    before the app takes requests (`Scheduler._warmup`); others compile on first use.
     scheduler: a ready `Scheduler` (tests and benchmarks); by default one is built and started here and
     stopped at shutdown."""
     from contextlib import asynccontextmanager
@@ -58,7 +59,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
                          max_n_frames=max_n_frames)
     own = scheduler is None
     sched = scheduler or Scheduler(served, max_batch_size=max_batch_size, max_queue=max_queue, mesh=mesh,
-                                   steps_per_call=decode_steps_per_call)
+                                   steps_per_call=decode_steps_per_call, warmup_prompt_lengths=warmup_prompt_lengths)
     seeds = itertools.count(int(time.time()))
 
     @asynccontextmanager
@@ -73,7 +74,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     app.state.served, app.state.scheduler = served, sched
     install_handlers(app)
 
-    def check_key(request: Request) -> None:
+    async def check_key(request: Request) -> None:       # async: FastAPI runs a plain def in a thread pool
         if api_key is None:
             return
         header = request.headers.get("authorization", "")

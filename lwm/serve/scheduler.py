@@ -25,7 +25,7 @@ import math
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -49,12 +49,21 @@ def _twin(engine):
 
 class Scheduler:
     def __init__(self, served, *, max_batch_size: int = 8, max_queue: int = 64, mesh=None,
-                 steps_per_call: int = 4):
+                 steps_per_call: int = 4, warmup_prompt_lengths: Sequence[int] = (), batch_wait_s: float = 0.02):
         if max_batch_size < 1 or max_queue < 0 or steps_per_call < 1:
             raise ValueError(f"max_batch_size={max_batch_size} and steps_per_call={steps_per_call} (--decode_steps_per_"
                              f"call) must be >= 1, max_queue={max_queue} >= 0")
+        for n in warmup_prompt_lengths:
+            if int(n) < 1 or int(n) + 1 > served.max_sequence_length:
+                raise ValueError(f"--warmup_prompt_lengths: {n} is not a prompt length this model can serve (1 to "
+                                 f"max_sequence_length - 1 = {served.max_sequence_length - 1})")
         self.served, self.max_batch_size, self.max_queue = served, max_batch_size, max_queue
         self.mesh, self.steps_per_call = mesh, int(steps_per_call)
+        self.batch_wait_s = float(batch_wait_s)
+        self.warmup_prompt_lengths = tuple(int(n) for n in warmup_prompt_lengths)
+        self.warmup_s: Optional[float] = None       # how long the warmup took (None: no warmup)
+        self._ready = threading.Event()
+        self._start_error: Optional[BaseException] = None
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
         self.cond = threading.Condition()
@@ -92,9 +101,16 @@ class Scheduler:
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
 
     def start(self) -> "Scheduler":
+        """Start the engine thread; returns once its warmup (if any) is done, and raises what the warmup
+        raised."""
         self.stopping = False
+        self._ready.clear()
+        self._start_error = None
         self.thread = threading.Thread(target=self._loop, name="lwm-serve-engine", daemon=True)
         self.thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            raise self._start_error
         return self
 
     def stop(self) -> None:
@@ -109,7 +125,58 @@ class Scheduler:
         import jax
 
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            self._continuous()
+            try:
+                data, _ = self.served.engine.mesh_sizes()
+                pools = self._pools(data)
+                self.running = [None] * sum(p[1] for p in pools)
+                if self.warmup_prompt_lengths:
+                    t0 = time.perf_counter()
+                    self._warmup(pools)
+                    self.warmup_s = time.perf_counter() - t0
+            except BaseException as e:
+                self._start_error = e
+                return
+            finally:
+                self._ready.set()
+            self._continuous(pools)
+
+    def _warmup(self, pools) -> None:
+        """Compile, before the first request, what serving a prompt of each length in warmup_prompt_lengths
+        runs (as JetStream's model warmup and vLLM's start-up graph capture do), so no request waits for a
+        compile: the batched prefill at every ladder size of rows, each decode state's insert of each size that
+        fits it, its decode step at 1 and steps_per_call steps, greedy and with top-p (two compiled sampling
+        rules), and the moves between states. Text prompts of a budget that fits their bucket
+        (`ServedModel.prefill_key`); other shapes (vision prompts, a budget that forces sp-only padding) still
+        compile on first use. Leaves every slot free."""
+        from lwm.serve.jobs import Job, Sampling
+
+        served, tok = self.served, self.served.tokenizer
+        sizes = [p[1] for p in pools]
+        rules = (Sampling(max_tokens=2, temperature=0.0), Sampling(max_tokens=2, temperature=1.0, top_p=0.9))
+        for pool in pools:
+            if pool[2] is None:
+                pool[2] = pool[3].init_state(pool[1], served.cache_length)
+        for n in self.warmup_prompt_lengths:
+            prompt = [tok.bos_id] * n
+            for pool in pools:
+                engine = pool[3]
+                for rows in (r for r in sizes if r <= pool[1]):
+                    for sampling in rules:
+                        job = Job(prompt, sampling, tok, None)
+                        pool[2] = served.insert_many(engine, pool[2], [0], [job], rows, prefill_engine=pools[0][3])
+                        engine.drawn(pool[2])
+                        for k in sorted({1, self.steps_per_call}):
+                            pool[2], _, _ = engine.step(pool[2], n_steps=k, keep=np.ones(pool[1], bool))
+                        pool[2] = engine.free(pool[2], 0)
+            for src in pools:                                  # moves between every two states
+                for dst in pools:
+                    if src is dst:
+                        continue
+                    job = Job(prompt, rules[0], tok, None)
+                    src[2] = served.insert_many(src[3], src[2], [0], [job], sizes[0], prefill_engine=pools[0][3])
+                    src[2], dst[2] = dst[3].move(src[2], 0, dst[2], 0, src_engine=src[3])
+                    dst[2] = dst[3].free(dst[2], 0)
+                    dst[3].drawn(dst[2])
 
     def _drop_cancelled(self) -> None:
         kept = collections.deque()
@@ -165,9 +232,28 @@ class Scheduler:
 
     def _demand(self, now: float, value: int) -> int:
         self._recent.append((now, value))
+        return self._peak(now)
+
+    def _peak(self, now: float) -> int:
+        """The most jobs decoding or admitted at once over the last demand_window_s (0 when none)."""
         while self._recent and self._recent[0][0] < now - self.demand_window_s:
             self._recent.popleft()
-        return max(v for _, v in self._recent)
+        return max((v for _, v in self._recent), default=0)
+
+    def _gather(self) -> None:
+        """(Lock held.) When nothing is decoding and fewer jobs wait than the recent demand (`_peak`), wait
+        up to batch_wait_s for the rest to arrive, so that they share one prefill and decode in step: under a
+        steady load of N clients, a round of N answers ends at once and the N next requests come within a few
+        milliseconds; admitting the first alone would put it a decode call ahead of the others for good
+        (a dynamic batcher's queue delay, as Triton's max_queue_delay). A lone client (demand 1) never waits."""
+        if self.batch_wait_s <= 0 or any(j is not None for j in self.running):
+            return
+        now = time.perf_counter()
+        want, deadline = min(self._peak(now), self.max_batch_size), now + self.batch_wait_s
+        while (not self.stopping and self.waiting and not isinstance(self.waiting[0], tuple)
+               and len(self.waiting) < want and now < deadline):
+            self.cond.wait(deadline - now)
+            now = time.perf_counter()
 
     @staticmethod
     def _chunks(n: int, sizes: list) -> list:
@@ -260,11 +346,7 @@ class Scheduler:
             pool[2] = pool[3].free(pool[2], slot - pool[0])
             self._release(slot)
 
-    def _continuous(self) -> None:
-        engine = self.served.engine
-        data, _ = engine.mesh_sizes()
-        pools = self._pools(data)
-        self.running = [None] * sum(p[1] for p in pools)
+    def _continuous(self, pools) -> None:
         self._recent = collections.deque()
         while True:
             admit, call = [], None
@@ -276,6 +358,7 @@ class Scheduler:
                     if self.waiting or any(j is not None for j in self.running):
                         break
                     self.cond.wait()
+                self._gather()
                 if self.waiting and isinstance(self.waiting[0], tuple):
                     call = self.waiting.popleft()
                 active = sum(j is not None for j in self.running)
