@@ -5,16 +5,18 @@ time-to-first-token (TTFT) and latency at concurrency 1, 4 and 16, and the engin
     python benchmarks/serve_bench.py --preset=tiny --new_tokens=16 --levels=1,4
 
 Setup: the preset with random weights and a small sentencepiece tokenizer; the server (`create_app` +
-uvicorn, continuous batching, max_batch_size = the highest level) runs in this process; the load comes from
-a separate process, so client and server do not share a Python interpreter: `--client=httpx` (default) reads
-the server-sent events with a plain streaming HTTP client (httpx2, what the openai package is built on) as
-vLLM's and SGLang's serving benchmarks do with theirs; `--client=openai` uses the official `openai` client
-(AsyncOpenAI), whose per-chunk parsing costs the 2-core machine CPU time that the server then lacks. The
-client process's CPU seconds are printed per level. Every request is greedy on its own prompt of
---prompt_tokens token ids (/v1/completions), so the server and the direct engine produce the same tokens.
+uvicorn, continuous batching, max_batch_size = the highest level, its shapes compiled at start-up by
+--warmup_prompt_lengths) runs in this process; the load comes from a separate process, so client and server do
+not share a Python interpreter: `--client=aiohttp` (default; its HTTP parser is C, as in vLLM's serving
+benchmark) streams the server-sent events; `--client=httpx` uses httpx2 (pure Python), `--client=openai` the
+official `openai` client (AsyncOpenAI), whose per-chunk parsing costs the 2-core machine CPU time that the
+server then lacks. The client process's CPU share is printed per level. Every request is greedy on its own
+prompt of --prompt_tokens token ids (/v1/completions), so the server and the direct engine produce the same
+tokens. Each level runs twice untimed, then --requests_per_slot requests per client are timed.
 
-Direct references, same prompts, same engine, after a compile run:
-  direct batched   `Engine.generate` of 16 prompts at once (no streaming): new tokens / wall time
+Direct references, same prompts, same engine, after a compile run, --repeats times before the levels and as
+many after (the machine's speed drifts: the ratio uses the median, the spread is printed):
+  direct batched   `Engine.generate` of the top level's prompts at once (no streaming): new tokens / wall time
   direct first     `Engine.generate` of 1 prompt with max_new_tokens=2: the prefill plus one decode step
                    (the engine draws token 0 from the prefill's logits and token 1 in its first step)
 Targets: at 16, server output tok/s >= 0.8x direct batched; at 1, p50 TTFT <= 1.2x direct first.
@@ -34,12 +36,15 @@ def parse_args(argv=None):
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--levels", default="1,4,16", help="client concurrency levels")
-    p.add_argument("--requests_per_slot", type=int, default=2, help="requests per level = this x concurrency")
-    p.add_argument("--steps_per_call", type=int, default=4,
+    p.add_argument("--requests_per_slot", type=int, default=8, help="requests per level = this x concurrency")
+    p.add_argument("--steps_per_call", type=int, default=16,
                    help="the server's --decode_steps_per_call (decode steps per engine call while no request waits)")
-    p.add_argument("--repeats", type=int, default=3, help="direct references: best of this many runs")
-    p.add_argument("--client", choices=("aiohttp", "httpx", "openai"), default="httpx",
-                   help="the load's client: plain streaming HTTP (httpx2) or the official openai client")
+    p.add_argument("--batch_wait_ms", type=float, default=20.0, help="the server's --batch_wait_ms")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="direct references: this many timed runs before the levels and as many after (median)")
+    p.add_argument("--client", choices=("aiohttp", "httpx", "openai"), default="aiohttp",
+                   help="the load's client: aiohttp (C HTTP parser; pip install -e '.[bench]'), httpx2 (pure "
+                        "Python) or the official openai client")
     return p.parse_args(argv)
 
 
@@ -83,7 +88,11 @@ def _load(url: str, prompts: list, new_tokens: int, concurrency: int, kind: str,
 
     async def run():
         if kind == "aiohttp":
-            import aiohttp
+            try:
+                import aiohttp
+            except ImportError:
+                raise SystemExit("serve_bench --client=aiohttp needs aiohttp: pip install -e '.[bench]' (or pass "
+                                 "--client=httpx)") from None
 
             client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 1),
                                            timeout=aiohttp.ClientTimeout(total=600))
@@ -158,22 +167,24 @@ def main(argv=None):
     n_max = max(levels) * args.requests_per_slot
     prompts = [[tok.bos_id] + rng.integers(3, tok.vocab_size, args.prompt_tokens - 1).tolist() for _ in range(n_max)]
 
-    # ---- direct references (after a compile run each)
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-        return min(times), out
-
+    # ---- direct references (after a compile run each), measured before and after the levels: the machine's
+    # speed drifts over a run, so the ratio uses the median of all runs and the spread is printed
     top = max(levels)
-    batched_s, result = best(lambda: engine.generate(prompts[:top], args.new_tokens))
-    direct_tokens = sum(len(t) for t in result.tokens)
-    direct_rate = direct_tokens / batched_s
-    first_s, _ = best(lambda: engine.generate(prompts[:1], 2))          # prefill + one decode step
-    ttft_s, _ = best(lambda: engine.generate(prompts[:1], 1))           # prefill + drawing token 0
+    direct_runs = {"batched": [], "first": [], "ttft": []}
+
+    def measure_direct():
+        for name, fn in (("batched", lambda: engine.generate(prompts[:top], args.new_tokens)),
+                         ("first", lambda: engine.generate(prompts[:1], 2)),       # prefill + one decode step
+                         ("ttft", lambda: engine.generate(prompts[:1], 1))):       # prefill + drawing token 0
+            out = fn()
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                out = fn()
+                direct_runs[name].append(time.perf_counter() - t0)
+            if name == "batched":
+                direct_runs["tokens"] = sum(len(t) for t in out.tokens)
+
+    measure_direct()
 
     # ---- the server
     import threading
@@ -182,7 +193,7 @@ def main(argv=None):
 
     app = create_app(engine, tok, model_name="bench", max_batch_size=top, max_queue=4 * n_max,
                      default_max_tokens=args.new_tokens, decode_steps_per_call=args.steps_per_call,
-                     warmup_prompt_lengths=[args.prompt_tokens])
+                     warmup_prompt_lengths=[args.prompt_tokens], batch_wait_ms=args.batch_wait_ms)
     import socket
 
     with socket.socket() as s:
@@ -227,12 +238,20 @@ def main(argv=None):
                      _percentile(lat, 50), _percentile(lat, 95)))
     server.should_exit = True
     thread.join(timeout=30)
+    measure_direct()
+    med = lambda xs: float(np.median(xs))
+    batched_s, first_s, ttft_s = med(direct_runs["batched"]), med(direct_runs["first"]), med(direct_runs["ttft"])
+    direct_tokens = direct_runs["tokens"]
+    direct_rate = direct_tokens / batched_s
+    spread = [direct_tokens / t for t in (max(direct_runs["batched"]), min(direct_runs["batched"]))]
 
     load_avg = os.getloadavg()
     print(f"lwm.serve on {args.preset} (random weights), prompts {args.prompt_tokens} tokens, {args.new_tokens} new "
           f"tokens greedy, {os.cpu_count()} CPUs, JAX {jax.__version__} {jax.default_backend()}, load average "
           f"{load_avg[0]:.1f} {load_avg[1]:.1f} {load_avg[2]:.1f}")
-    print(f"direct batched ({top} rows): {direct_rate:8.1f} output tok/s ({direct_tokens} tokens in {batched_s:.3f} s)")
+    print(f"direct batched ({top} rows): {direct_rate:8.1f} output tok/s ({direct_tokens} tokens in {batched_s:.3f} s; "
+          f"median of {len(direct_runs['batched'])} runs before and after the levels, range {spread[0]:.1f}-"
+          f"{spread[1]:.1f})")
     print(f"direct first (prefill + 1 decode step, 1 row): {first_s * 1e3:8.1f} ms; the engine's own time to first "
           f"token (prefill + drawing token 0): {ttft_s * 1e3:.1f} ms")
     print(f"client: {args.client}; server warmup (compiles at start-up): {app.state.scheduler.warmup_s:.1f} s")

@@ -390,3 +390,85 @@ def test_lone_jobs_move_into_the_state_others_decode_in():
     with pytest.raises(ValueError, match="steps_per_call=0"):
         Scheduler(None, steps_per_call=0)
 
+
+
+def test_gather_waits_for_the_rest_of_a_burst_only_when_idle():
+    """An idle engine with fewer waiting jobs than the recent demand waits (up to batch_wait_s) for the rest of
+    the burst, so they share one prefill and decode in step; a lone client (demand 1) and a busy engine never
+    wait."""
+    from lwm.serve.scheduler import Scheduler
+
+    sched = Scheduler(None, max_batch_size=16, batch_wait_s=5.0)
+    sched.running = [None] * 21
+    sched._recent = __import__("collections").deque()
+    now = time.perf_counter()
+
+    def gather_time():
+        t0 = time.perf_counter()
+        with sched.cond:
+            sched._gather()
+        return time.perf_counter() - t0
+
+    sched._demand(now, 1)
+    sched.waiting.append("a")
+    assert gather_time() < 0.5                                     # demand 1: no wait
+    sched._demand(now, 4)
+    late = threading.Timer(0.2, lambda: [sched.submit(j) for j in ("b", "c", "d")])
+    late.start()
+    waited = gather_time()
+    assert 0.15 < waited < 4.0 and list(sched.waiting) == ["a", "b", "c", "d"]   # ended when the 4th arrived
+    sched.waiting.clear()
+    sched.waiting.append("e")
+    sched.running[3] = "busy"
+    assert gather_time() < 0.5                                     # the engine is decoding: no wait
+    sched.running[3] = None
+    sched.batch_wait_s = 0.3
+    waited = gather_time()
+    assert 0.25 < waited < 2.0                                     # the rest never came: waited batch_wait_s
+    with pytest.raises(ValueError, match="batch_wait_s=-1"):
+        Scheduler(None, batch_wait_s=-1)
+
+
+def test_warmup_compiles_the_serving_shapes_before_the_first_request(server):
+    """--warmup_prompt_lengths: after start(), requests of that length (alone, several at once, greedy and
+    top-p) compile nothing more; a prompt of another bucket does (the counter sees compiles), and the tokens
+    are the engine's greedy ones."""
+    from lwm.serve.jobs import Job, Sampling
+    from lwm.serve.model import ServedModel
+    from lwm.serve.scheduler import Scheduler
+
+    from lwm.inference.engine import Engine
+
+    tok, src = server["tok"], server["engine"]
+    engine = Engine(src.model, src.params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+    served = ServedModel(engine, tok, "tiny")
+    with pytest.raises(ValueError, match="--warmup_prompt_lengths: 300 is not a prompt length"):
+        Scheduler(served, warmup_prompt_lengths=[300])
+    sched = Scheduler(served, max_batch_size=4, steps_per_call=2, warmup_prompt_lengths=[20]).start()
+    try:
+        assert sched.warmup_s is not None and sched.warmup_s > 0
+
+        def compiled():
+            return sum(f._cache_size() for _, _, _, e in sched.pools
+                       for f in (e._prefill_jit, e._step_jit, e._insert_jit, e._move_jit))
+
+        def run(prompts, sampling):
+            jobs = [Job(p, sampling, tok, None) for p in prompts]
+            for job in jobs:
+                sched.submit(job)
+            for job in jobs:
+                assert job.done.wait(120) and job.error is None
+            return jobs
+
+        rng = np.random.default_rng(0)
+        prompts = [[tok.bos_id] + rng.integers(3, tok.vocab_size, 19).tolist() for _ in range(4)]
+        before = compiled()
+        alone = run(prompts[:1], Sampling(max_tokens=NEW, temperature=0.0))
+        run(prompts[:3], Sampling(max_tokens=NEW, temperature=1.0, top_p=0.9, seed=3))
+        run(prompts, Sampling(max_tokens=NEW, temperature=0.0))
+        assert compiled() == before
+        assert alone[0].tokens == src.generate(prompts[:1], NEW).tokens[0]
+        run([[tok.bos_id] * 90], Sampling(max_tokens=NEW, temperature=0.0))   # another bucket: compiles
+        assert compiled() > before
+    finally:
+        sched.stop()

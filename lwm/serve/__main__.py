@@ -32,7 +32,8 @@ def get_default_config() -> ConfigDict:
     c.api_key = ""                             # '' = no key needed
     c.max_batch_size = 8                       # decode slots (rows decoded together)
     c.max_queue = 64                           # requests waiting for a slot; more get 429
-    c.decode_steps_per_call = 4                # decode steps per engine call while no request waits (see docs/serve.md)
+    c.decode_steps_per_call = 16               # decode steps per engine call while every recent client decodes (docs/serve.md)
+    c.batch_wait_ms = 20.0                     # an idle engine waits this long for the rest of a burst (0 = never)
     c.warmup_prompt_lengths = ""               # e.g. '64,1024': compile these prompt lengths' shapes before serving
     c.default_max_tokens = 256                 # budget of a request that sets no max_tokens
     c.allow_local_media = False                # read plain file paths in image/video parts
@@ -49,6 +50,8 @@ def main(argv: Sequence[str]) -> None:
     for flag in ("max_batch_size", "decode_steps_per_call"):
         if config[flag] < 1:
             raise ValueError(f"--{flag}={config[flag]}: must be >= 1")
+    if config.batch_wait_ms < 0:
+        raise ValueError(f"--batch_wait_ms={config.batch_wait_ms}: must be >= 0")
     try:
         warmup = [int(x) for x in str(config.warmup_prompt_lengths).split(",") if x.strip()]
     except ValueError:
@@ -60,7 +63,8 @@ def main(argv: Sequence[str]) -> None:
                      max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                      allow_local_media=config.allow_local_media, max_n_frames=config.max_n_frames,
                      default_max_tokens=config.default_max_tokens, mesh=mesh,
-                     decode_steps_per_call=config.decode_steps_per_call, warmup_prompt_lengths=warmup)
+                     decode_steps_per_call=config.decode_steps_per_call, warmup_prompt_lengths=warmup,
+                     batch_wait_ms=config.batch_wait_ms)
     print(f"lwm.serve: {name} on http://{config.host}:{config.port}/ (OpenAI API under /v1)", file=sys.stderr,
           flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

@@ -34,7 +34,7 @@ from lwm.serve.schemas import ChatCompletionRequest, CompletionRequest, ImageReq
 def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_key: Optional[str] = None,
                max_batch_size: int = 8, max_queue: int = 64, allow_local_media: bool = False,
                max_n_frames: int = 8, default_max_tokens: int = 256, mesh=None, scheduler=None,
-               decode_steps_per_call: int = 4, warmup_prompt_lengths=()) -> FastAPI:
+               decode_steps_per_call: int = 16, warmup_prompt_lengths=(), batch_wait_ms: float = 20.0) -> FastAPI:
     """The app over `engine` (an `lwm.inference` engine, text or vision) and its `tokenizer`.
 
     model_name: the id clients send as `model`. vqgan: an `lwm.vqgan.VQGAN` for vision models (required
@@ -47,7 +47,8 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     do, so they are admitted at the next step): fewer host round trips and server-sent events per token, at
     the cost of tokens reaching the client in groups of up to this many. The first token is not delayed (it
     comes from the prefill). warmup_prompt_lengths: prompt lengths whose shapes are compiled at start-up,
-    before the app takes requests (`Scheduler._warmup`); others compile on first use.
+    before the app takes requests (`Scheduler._warmup`); others compile on first use. batch_wait_ms: how long
+    an idle engine waits for the rest of a burst before prefilling (`Scheduler._gather`; 0 = never).
     scheduler: a ready `Scheduler` (tests and benchmarks); by default one is built and started here and
     stopped at shutdown."""
     from contextlib import asynccontextmanager
@@ -59,7 +60,8 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
                          max_n_frames=max_n_frames)
     own = scheduler is None
     sched = scheduler or Scheduler(served, max_batch_size=max_batch_size, max_queue=max_queue, mesh=mesh,
-                                   steps_per_call=decode_steps_per_call, warmup_prompt_lengths=warmup_prompt_lengths)
+                                   steps_per_call=decode_steps_per_call, warmup_prompt_lengths=warmup_prompt_lengths,
+                                   batch_wait_s=batch_wait_ms / 1e3)
     seeds = itertools.count(int(time.time()))
 
     @asynccontextmanager

@@ -49,10 +49,10 @@ def _twin(engine):
 
 class Scheduler:
     def __init__(self, served, *, max_batch_size: int = 8, max_queue: int = 64, mesh=None,
-                 steps_per_call: int = 4, warmup_prompt_lengths: Sequence[int] = (), batch_wait_s: float = 0.02):
-        if max_batch_size < 1 or max_queue < 0 or steps_per_call < 1:
+                 steps_per_call: int = 16, warmup_prompt_lengths: Sequence[int] = (), batch_wait_s: float = 0.02):
+        if max_batch_size < 1 or max_queue < 0 or steps_per_call < 1 or batch_wait_s < 0:
             raise ValueError(f"max_batch_size={max_batch_size} and steps_per_call={steps_per_call} (--decode_steps_per_"
-                             f"call) must be >= 1, max_queue={max_queue} >= 0")
+                             f"call) must be >= 1, max_queue={max_queue} and batch_wait_s={batch_wait_s} >= 0")
         for n in warmup_prompt_lengths:
             if int(n) < 1 or int(n) + 1 > served.max_sequence_length:
                 raise ValueError(f"--warmup_prompt_lengths: {n} is not a prompt length this model can serve (1 to "
@@ -66,6 +66,7 @@ class Scheduler:
         self._start_error: Optional[BaseException] = None
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
+        self.pools: list = []      # the decode states [offset, slots, state, engine], set by the engine thread
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -127,7 +128,7 @@ class Scheduler:
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             try:
                 data, _ = self.served.engine.mesh_sizes()
-                pools = self._pools(data)
+                pools = self.pools = self._pools(data)
                 self.running = [None] * sum(p[1] for p in pools)
                 if self.warmup_prompt_lengths:
                     t0 = time.perf_counter()
