@@ -29,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--filled", default="4096,16384,32768,65536", help="decode: filled lengths (allocated = filled + steps)")
     p.add_argument("--allocated", default="2048,4096,8192,16384,32768", help="decode at --fixed_filled tokens")
     p.add_argument("--fixed_filled", type=int, default=1024)
+    p.add_argument("--rows", default="1,16", help="decode: batch rows of the greedy-against-sampled table")
     p.add_argument("--prefill", default="4096,16384,65536", help="prefill lengths")
     p.add_argument("--steps", type=int, default=16, help="decode steps per timed call")
     p.add_argument("--iters", type=int, default=3)
@@ -111,13 +112,15 @@ def main(argv=None):
           f"bandwidth {bandwidth / 1e9:.1f} GB/s (read-only {read_bw / 1e9:.1f}), {dtype.name} matmul {matmul_rate / 1e9:.1f} "
           f"GFLOP/s; weights {weight_bytes / 2**20:.1f} MiB, KV cache {kv_bytes_per_token} B/token", flush=True)
 
-    def decode_ms(fill: int, alloc: int) -> float:
-        """ms per token of `args.steps` decode steps for one slot with `fill` tokens in a cache of `alloc`."""
-        state = engine.init_state(1, alloc)
-        seg = jnp.zeros((1, alloc), jnp.int32).at[:, :fill].set(1)
-        state = state._replace(cache=dict(state.cache, segment_ids=seg), index=jnp.full((1,), fill, jnp.int32),
-                               position=jnp.full((1,), fill, jnp.int32), budget=jnp.full((1,), 1 << 30, jnp.int32),
-                               active=jnp.ones((1,), bool))
+    def decode_ms(fill: int, alloc: int, rows: int = 1, temperature: float = 0.0) -> float:
+        """ms per step of `args.steps` decode steps for `rows` slots with `fill` tokens each in a cache of
+        `alloc`, every row greedy (temperature 0) or sampling at `temperature`."""
+        state = engine.init_state(rows, alloc)
+        seg = jnp.zeros((rows, alloc), jnp.int32).at[:, :fill].set(1)
+        full = lambda value, dtype: jnp.full((rows,), value, dtype)
+        state = state._replace(cache=dict(state.cache, segment_ids=seg), index=full(fill, jnp.int32),
+                               position=full(fill, jnp.int32), budget=full(1 << 30, jnp.int32),
+                               active=jnp.ones((rows,), bool), temperature=full(temperature, jnp.float32))
         state, _, _ = engine.step(state, args.steps)                               # compile
         times = []
         for _ in range(args.iters):
@@ -133,6 +136,14 @@ def main(argv=None):
         ms = decode_ms(args.fixed_filled, alloc)
         first = first or ms
         print(f"{alloc:>9} {ms:>9.2f} {ms / first:>8.2f}", flush=True)
+
+    print(f"\ndecode, {args.fixed_filled} tokens filled, greedy rows against sampling rows (temperature 1): the "
+          f"random draw (Gumbel noise over V={cfg.vocab_size} logits per row) runs only when some row samples")
+    print(f"{'rows':>9} {'greedy ms':>10} {'sampled ms':>11} {'sampled/greedy':>15}")
+    for rows in [int(x) for x in args.rows.split(",") if x]:
+        alloc = args.fixed_filled + args.steps * (args.iters + 2)
+        greedy, sampled = decode_ms(args.fixed_filled, alloc, rows), decode_ms(args.fixed_filled, alloc, rows, 1.0)
+        print(f"{rows:>9} {greedy:>10.2f} {sampled:>11.2f} {sampled / greedy:>15.2f}", flush=True)
 
     print("\ndecode by filled length beside the read-once floor ((KV bytes + weight bytes) / memory bandwidth)")
     print(f"{'filled':>9} {'KV MiB':>7} {'ms/token':>9} {'floor ms':>9} {'ratio':>6}")

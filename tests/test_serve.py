@@ -472,3 +472,29 @@ def test_warmup_compiles_the_serving_shapes_before_the_first_request(server):
         assert compiled() > before
     finally:
         sched.stop()
+
+
+def test_feeding_a_call_at_once_ends_answers_where_token_by_token_does():
+    """Job.feed_many (one decode and one post per engine call) gives the tokens, text and finish reason of
+    feeding the same tokens one by one: EOS before, at and after the budget, a plain run, and stop strings."""
+    from lwm.serve.jobs import Job, Sampling
+
+    class Tok:
+        eos_id = 2
+
+        @staticmethod
+        def decode(ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    cases = [([5, 6, 2, 7], 10, ()), ([5, 6, 7, 2], 3, ()), ([5, 6, 7, 8], 3, ()), ([5, 2], 1, ()),
+             ([5, 6, 7, 8, 9], 10, ()), ([5, 6, 7, 8, 9], 10, ("hi",)), ([5, 6, 7, 8, 9], 10, ("zz",))]
+    for tokens, budget, stop in cases:
+        one, many = (Job([1], Sampling(max_tokens=budget, stop=stop), Tok, None) for _ in range(2))
+        for t in tokens[:2]:
+            one.feed(t)
+        for t in tokens[2:]:
+            one.feed(t)
+        many.feed_many(tokens[:2])
+        many.feed_many(tokens[2:])
+        assert (many.tokens, many.text, many.finish_reason) == (one.tokens, one.text, one.finish_reason), tokens
+    assert Job([1], Sampling(max_tokens=10, stop=("hi",)), Tok, None).feed_many([7, 8, 9]) is True  # 'hi' stops

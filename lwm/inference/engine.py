@@ -458,11 +458,17 @@ class Engine:
         dst = self._move_jit(dst, src, np.int32(src_slot), np.int32(dst_slot))
         return (src_engine or self).free(src, src_slot), dst
 
-    def free(self, state: DecodeState, slot: int) -> DecodeState:
-        """Stop slot `slot`; it can take a new `insert`."""
-        if 0 <= slot < len(getattr(self, "_slot_filters", ())):
-            self._slot_filters[slot] = False            # a free slot no longer asks for the top-k/top-p rule
-        return state._replace(active=state.active.at[slot].set(False))
+    def free(self, state: DecodeState, slot: Union[int, Sequence[int]]) -> DecodeState:
+        """Stop slot `slot` (or each of several, with one array op); they can take a new `insert`."""
+        slots = [int(slot)] if np.isscalar(slot) else [int(x) for x in slot]
+        mask = np.zeros(state.active.shape, bool)
+        for x in slots:
+            if not 0 <= x < mask.shape[0]:
+                raise ValueError(f"slot={x} is not in [0, {mask.shape[0]})")
+            mask[x] = True
+            if x < len(getattr(self, "_slot_filters", ())):
+                self._slot_filters[x] = False           # a free slot no longer asks for the top-k/top-p rule
+        return state._replace(active=state.active & ~mask)
 
     @staticmethod
     def active(state: DecodeState) -> np.ndarray:

@@ -1,9 +1,9 @@
 """One generation request as the scheduler sees it: prompt, settings, and the tokens and text it has produced.
 
-The scheduler's thread calls `Job.feed(token)` for each new token; the job decodes its text, applies the stop
-strings (the earliest match ends the answer, the stop string itself is not returned, as in the OpenAI API),
-holds back text that may still become a stop string or an incomplete character, and posts the new text to
-the request's asyncio queue. The HTTP side reads `Job.events()` and may `cancel()` (client gone).
+The scheduler's thread calls `Job.feed_many(tokens)` with each engine call's new tokens (`Job.feed(token)`
+for one); the job decodes its text, applies the stop strings (the earliest match ends the answer, the stop
+string itself is not returned, as in the OpenAI API), holds back text that may still become a stop string or
+an incomplete character, and posts the new text to the request's asyncio queue. The HTTP side reads `Job.events()` and may `cancel()` (client gone).
 
 Usage counts: prompt_tokens = len(prompt), completion_tokens = tokens produced, the EOS that ends an answer
 excluded (what `lwm.sampling.Sampler.generate` returns).
@@ -109,6 +109,33 @@ class Job:
             self.text = text[:cut]
             return self.finish("stop")
         self.text = text
+        if len(self.tokens) >= self.sampling.max_tokens:
+            return self.finish("length")
+        self._post_text(final=False)
+        return False
+
+    def feed_many(self, tokens: Sequence[int]) -> bool:
+        """The tokens of one engine call, in order; the same outcome as `feed` one by one (EOS, max_tokens and
+        stop strings end the answer at the same token), with one text decode and one post for them all.
+        Returns True when the job is finished."""
+        if self.finished:
+            return True
+        if self.sampling.stop:             # where a stop string first appears needs the text token by token
+            for token in tokens:
+                if self.feed(token):
+                    return True
+            return False
+        if not tokens:
+            return False
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        tokens = [int(t) for t in tokens]
+        eos = tokens.index(self.tokenizer.eos_id) if self.tokenizer.eos_id in tokens else None
+        room = self.sampling.max_tokens - len(self.tokens)
+        self.tokens.extend(tokens[:room if eos is None else min(eos, room)])
+        self.text = self.tokenizer.decode(self.tokens)
+        if eos is not None and eos < room:
+            return self.finish("stop")
         if len(self.tokens) >= self.sampling.max_tokens:
             return self.finish("length")
         self._post_text(final=False)

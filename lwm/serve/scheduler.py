@@ -310,8 +310,10 @@ class Scheduler:
                 if not new:
                     continue
                 tokens, going = engine.drawn(state)
-                for slot, job in new:
-                    self._took(pool, slot, job, [int(tokens[slot - offset])], bool(going[slot - offset]))
+                ended = [slot - offset for slot, job in new
+                         if self._took(pool, slot, job, [int(tokens[slot - offset])], bool(going[slot - offset]))]
+                if ended:
+                    pool[2] = engine.free(pool[2], ended)
 
     def _consolidate(self, pools) -> None:
         """Jobs decoding in smaller states move (`Engine.move`) into the largest state that is decoding, when
@@ -333,19 +335,20 @@ class Scheduler:
                 with self.cond:
                     self.running[to], self.running[slot] = self.running[slot], None
 
-    def _took(self, pool, slot: int, job, tokens: list, going: bool) -> None:
+    def _took(self, pool, slot: int, job, tokens: list, going: bool) -> bool:
         """Feed `job` (in `pool`'s row slot - offset) the tokens its slot drew; going: whether the engine keeps
-        the slot on. A job that ends here (EOS, a stop string, its budget, its client gone) frees its slot."""
-        for token in tokens:
-            if job.feed(token):
-                break
+        the slot on. A job that ends here (EOS, a stop string, its budget, its client gone) gives up its slot;
+        returns True then, and the caller frees the row in the engine's state (`Engine.free`, one call for
+        all the rows that ended in a step)."""
+        job.feed_many(tokens)
         if not job.finished and not going:              # the engine ended it: budget spent
             job.finish("length")
         if job.finished:
             if not job.done.is_set():
                 job.finish("cancelled")
-            pool[2] = pool[3].free(pool[2], slot - pool[0])
             self._release(slot)
+            return True
+        return False
 
     def _continuous(self, pools) -> None:
         self._recent = collections.deque()
@@ -390,10 +393,11 @@ class Scheduler:
                     pool[2], tokens, emitted = engine.step(state, n_steps=n_steps, keep=keep)
                     self.batches += 1
                     with posts_batched():                 # one event-loop wake-up per step
-                        for row, job in enumerate(jobs):
-                            if job is not None:
-                                self._took(pool, offset + row, job, [int(t) for t in tokens[row][emitted[row]]],
-                                           bool(emitted[row].any()) and bool(emitted[row, -1]))
+                        ended = [row for row, job in enumerate(jobs) if job is not None and self._took(
+                            pool, offset + row, job, [int(t) for t in tokens[row][emitted[row]]],
+                            bool(emitted[row].any()) and bool(emitted[row, -1]))]
+                    if ended:
+                        pool[2] = engine.free(pool[2], ended)
             except Exception as e:
                 traceback.print_exc()
                 for slot, job in enumerate(self.running):
