@@ -97,6 +97,10 @@ def test_batched_insert_puts_each_row_in_its_slot(engine, batched):
             _collect(outs, toks, emitted)
         cut = [o[:o.index(EOS)] if EOS in o else o for o in outs]
         assert cut[2] == want[0] and cut[0] == want[1] and cut[3] == want[2][:3] and cut[1] == []
+    state = engine.insert(Prefix(cache, logits, t, [len(p) for p in rows]), state, [2, 0, 3, -1], max_new_tokens=4)
+    assert list(engine.free(state, [0, 2]).active) == [False, False, False, True]   # several slots, one call
+    with pytest.raises(ValueError, match="slot=5 is not in"):
+        engine.free(state, [1, 5])
     with pytest.raises(ValueError, match="a slot may take one prefix row only"):
         engine.insert(Prefix(cache, logits, t, [len(p) for p in rows]), state, [0, 0, 1, 2], max_new_tokens=2)
     with pytest.raises(ValueError, match="3 slots for a prefix of 4 rows"):
