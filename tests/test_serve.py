@@ -400,7 +400,6 @@ def test_gather_waits_for_the_rest_of_a_burst_only_when_idle():
 
     sched = Scheduler(None, max_batch_size=16, batch_wait_s=5.0)
     sched.running = [None] * 21
-    sched._recent = __import__("collections").deque()
     now = time.perf_counter()
 
     def gather_time():

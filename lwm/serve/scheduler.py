@@ -13,7 +13,9 @@ padded length) and inserted into free slots, which draws each job's first token 
 the job before any decode step); every step draws one more token for every active slot; a slot is
 freed as soon as its job ends (EOS, budget, a stop string, or its client left), and the next waiting job takes
 it at the next step.
-A job whose client left before it started is dropped from the queue.
+A job whose client left before it started is dropped from the queue. While nothing decodes, the first
+arrivals of a burst wait up to batch_wait_s for the rest (`_gather`); `warmup_prompt_lengths` compiles the
+serving shapes of those prompt lengths before `start()` returns (`_warmup`).
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ class Scheduler:
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
         self.pools: list = []      # the decode states [offset, slots, state, engine], set by the engine thread
+        self._recent: collections.deque = collections.deque()   # (time, jobs decoding or admitted at once)
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -311,7 +314,7 @@ class Scheduler:
                     continue
                 tokens, going = engine.drawn(state)
                 ended = [slot - offset for slot, job in new
-                         if self._took(pool, slot, job, [int(tokens[slot - offset])], bool(going[slot - offset]))]
+                         if self._took(slot, job, [int(tokens[slot - offset])], bool(going[slot - offset]))]
                 if ended:
                     pool[2] = engine.free(pool[2], ended)
 
@@ -335,9 +338,9 @@ class Scheduler:
                 with self.cond:
                     self.running[to], self.running[slot] = self.running[slot], None
 
-    def _took(self, pool, slot: int, job, tokens: list, going: bool) -> bool:
-        """Feed `job` (in `pool`'s row slot - offset) the tokens its slot drew; going: whether the engine keeps
-        the slot on. A job that ends here (EOS, a stop string, its budget, its client gone) gives up its slot;
+    def _took(self, slot: int, job, tokens: list, going: bool) -> bool:
+        """Feed `job` (in decode slot `slot`) the tokens its slot drew; going: whether the engine keeps the
+        slot on. A job that ends here (EOS, a stop string, its budget, its client gone) gives up its slot;
         returns True then, and the caller frees the row in the engine's state (`Engine.free`, one call for
         all the rows that ended in a step)."""
         job.feed_many(tokens)
@@ -351,7 +354,6 @@ class Scheduler:
         return False
 
     def _continuous(self, pools) -> None:
-        self._recent = collections.deque()
         while True:
             admit, call = [], None
             with self.cond:
@@ -394,7 +396,7 @@ class Scheduler:
                     self.batches += 1
                     with posts_batched():                 # one event-loop wake-up per step
                         ended = [row for row, job in enumerate(jobs) if job is not None and self._took(
-                            pool, offset + row, job, [int(t) for t in tokens[row][emitted[row]]],
+                            offset + row, job, [int(t) for t in tokens[row][emitted[row]]],
                             bool(emitted[row].any()) and bool(emitted[row, -1]))]
                     if ended:
                         pool[2] = engine.free(pool[2], ended)
