@@ -410,7 +410,9 @@ class Engine:
                 raise ValueError(f"a prefix of {prefix.length} slots + max_new_tokens={budgets[r]} does not fit "
                                  f"the state's cache_length={s}")
             self.check_length(positions[r], budgets[r])
-            self._slot_filters[x] = self._uses_filters([samplings[r]])
+        for r, x in enumerate(slots):                      # only once every row passed the checks
+            if x >= 0:
+                self._slot_filters[x] = self._uses_filters([samplings[r]])
         filters = self._uses_filters([samplings[r] for r, x in enumerate(slots) if x >= 0])
         f32, i32 = np.float32, np.int32
         return self._insert_jit(state, prefix.cache, prefix.logits, np.asarray(slots, i32), i32(prefix.length),

@@ -3,7 +3,8 @@
 The scheduler's thread calls `Job.feed_many(tokens)` with each engine call's new tokens (`Job.feed(token)`
 for one); the job decodes its text, applies the stop strings (the earliest match ends the answer, the stop
 string itself is not returned, as in the OpenAI API), holds back text that may still become a stop string or
-an incomplete character, and posts the new text to the request's asyncio queue. The HTTP side reads `Job.events()` and may `cancel()` (client gone).
+an incomplete character, and posts the new text to the request's asyncio queue. The HTTP side reads
+`Job.events()` and may `cancel()` (client gone).
 
 Usage counts: prompt_tokens = len(prompt), completion_tokens = tokens produced, the EOS that ends an answer
 excluded (what `lwm.sampling.Sampler.generate` returns).
