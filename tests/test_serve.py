@@ -428,6 +428,47 @@ def test_gather_waits_for_the_rest_of_a_burst_only_when_idle():
         Scheduler(None, batch_wait_s=-1)
 
 
+def test_hold_keeps_a_request_for_the_next_round_only_when_the_running_round_ends_within_a_call():
+    """A request that comes back while its round still decodes (its answer ended early) waits for the next
+    round when every decoding job ends within the next call and fewer jobs are there than the recent demand;
+    it is admitted at once when a job has more than a call to go, when the demand is met, or when batch
+    waits are off."""
+    from types import SimpleNamespace
+
+    from lwm.serve.scheduler import Scheduler
+
+    def job(max_tokens, produced):
+        return SimpleNamespace(sampling=SimpleNamespace(max_tokens=max_tokens), tokens=[5] * produced,
+                               finished=False)
+
+    sched = Scheduler(None, max_batch_size=16, steps_per_call=16)
+    now = time.perf_counter()
+    sched._demand(now, 16)
+    sched.running = [job(32, 16) for _ in range(15)] + [None] * 5     # 16 tokens to go: one call
+    sched.waiting.append("next")
+    assert sched._hold(now)
+    sched.running[0] = job(32, 15)                                    # 17 to go: more than one call
+    assert not sched._hold(now)
+    sched.running[0] = job(32, 16)
+    sched.waiting.extend(["b"])                                       # 15 + 2 >= demand 16: start now
+    assert not sched._hold(now)
+    sched.waiting.pop()
+    sched.running[0].finished = True                                  # an ended job does not count
+    assert sched._hold(now)
+    sched.waiting.clear()
+    sched.waiting.append((print, None))                               # a call on the engine thread: never held
+    assert not sched._hold(now)
+    sched.waiting[0] = "next"
+    sched.batch_wait_s = 0.0                                          # batch waits off: never held
+    assert not sched._hold(now)
+    sched.batch_wait_s = 0.02
+    assert sched._hold(now)
+    running, sched.running = sched.running, [None] * 20
+    assert not sched._hold(now)                                       # nothing decodes: `_gather`'s case
+    sched.running = running
+    assert not sched._hold(now + 2 * sched.demand_window_s)           # the demand is forgotten: admitted
+
+
 def test_warmup_compiles_the_serving_shapes_before_the_first_request(server):
     """--warmup_prompt_lengths: after start(), requests of that length (alone, several at once, greedy and
     top-p) compile nothing more; a prompt of another bucket does (the counter sees compiles), and the tokens

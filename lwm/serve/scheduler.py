@@ -259,6 +259,22 @@ class Scheduler:
             self.cond.wait(deadline - now)
             now = time.perf_counter()
 
+    def _hold(self, now: float) -> bool:
+        """(Lock held.) Whether the jobs waiting now stay in the queue for one more decode call, to start with
+        the next round: when every job decoding ends within the next call (its max_tokens spent; an EOS or
+        stop string only ends it sooner) and, with them, fewer jobs wait than the recent demand (`_peak`).
+        Under a steady load of N clients the rounds of N answers stay aligned: a request whose answer ended
+        early (EOS, a stop string) comes back while its round still decodes; admitted at once, it would end a
+        call after the others, the N - 1 next requests would wait for that call with one row active, and
+        the split would repeat every round. Held, it waits at most one call and the next round shares one
+        prefill (`_gather`)."""
+        if self.batch_wait_s <= 0 or not self.waiting or isinstance(self.waiting[0], tuple):
+            return False
+        running = [j for j in self.running if j is not None and not j.finished]
+        if not running or len(running) + len(self.waiting) >= min(self._peak(now), self.max_batch_size):
+            return False
+        return all(j.sampling.max_tokens - len(j.tokens) <= self.steps_per_call for j in running)
+
     @staticmethod
     def _chunks(n: int, sizes: list) -> list:
         """Row counts of the batched prefills for n jobs, each one of the ladder's `sizes` (so the prefill
@@ -369,7 +385,8 @@ class Scheduler:
                     call = self.waiting.popleft()
                 active = sum(j is not None for j in self.running)
                 jobs = []
-                while (call is None and self.waiting and not isinstance(self.waiting[0], tuple)
+                held = call is None and self._hold(time.perf_counter())
+                while (call is None and not held and self.waiting and not isinstance(self.waiting[0], tuple)
                        and active + len(jobs) < self.max_batch_size):
                     jobs.append(self.waiting.popleft())
                 if jobs:
@@ -377,7 +394,7 @@ class Scheduler:
                     for slot, job in zip(self._targets(pools, len(jobs), demand), jobs):
                         self.running[slot] = job
                         admit.append((slot, job))
-                many = bool(self.waiting)
+                many = bool(self.waiting) and not held
             if call is not None:
                 self._run_call(call)
                 continue
