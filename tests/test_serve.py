@@ -433,6 +433,7 @@ def test_hold_keeps_a_request_for_the_next_round_only_when_the_running_round_end
     round when every decoding job ends within the next call and fewer jobs are there than the recent demand;
     it is admitted at once when a job has more than a call to go, when the demand is met, or when batch
     waits are off."""
+    import collections
     from types import SimpleNamespace
 
     from lwm.serve.scheduler import Scheduler
@@ -450,9 +451,9 @@ def test_hold_keeps_a_request_for_the_next_round_only_when_the_running_round_end
     sched.running[0] = job(32, 15)                                    # 17 to go: more than one call
     assert not sched._hold(now)
     sched.running[0] = job(32, 16)
-    sched.waiting.extend(["b"])                                       # 15 + 2 >= demand 16: start now
+    sched.waiting.extend(f"w{i}" for i in range(15))                  # 16 wait: the next round is here
     assert not sched._hold(now)
-    sched.waiting.pop()
+    sched.waiting = collections.deque(["next"])
     sched.running[0].finished = True                                  # an ended job does not count
     assert sched._hold(now)
     sched.waiting.clear()

@@ -262,7 +262,8 @@ class Scheduler:
     def _hold(self, now: float) -> bool:
         """(Lock held.) Whether the jobs waiting now stay in the queue for one more decode call, to start with
         the next round: when every job decoding ends within the next call (its max_tokens spent; an EOS or
-        stop string only ends it sooner) and, with them, fewer jobs wait than the recent demand (`_peak`).
+        stop string only ends it sooner) and fewer jobs wait than the recent demand (`_peak`): the rest of the
+        next round is still decoding.
         Under a steady load of N clients the rounds of N answers stay aligned: a request whose answer ended
         early (EOS, a stop string) comes back while its round still decodes; admitted at once, it would end a
         call after the others, the N - 1 next requests would wait for that call with one row active, and
@@ -271,7 +272,7 @@ class Scheduler:
         if self.batch_wait_s <= 0 or not self.waiting or isinstance(self.waiting[0], tuple):
             return False
         running = [j for j in self.running if j is not None and not j.finished]
-        if not running or len(running) + len(self.waiting) >= min(self._peak(now), self.max_batch_size):
+        if not running or len(self.waiting) >= min(self._peak(now), self.max_batch_size):
             return False
         return all(j.sampling.max_tokens - len(j.tokens) <= self.steps_per_call for j in running)
 
