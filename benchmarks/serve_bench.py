@@ -173,8 +173,8 @@ def main(argv=None):
     n_max = max(per_level.values())
     prompts = [[tok.bos_id] + rng.integers(3, tok.vocab_size, args.prompt_tokens - 1).tolist() for _ in range(n_max)]
 
-    # ---- direct references (after a compile run each), measured before and after the levels: the machine's
-    # speed drifts over a run, so the ratio uses the median of all runs and the spread is printed
+    # ---- direct references (after a compile run each), measured right before and after each timed level: the
+    # machine's speed drifts over a run, so each level's ratios use the median of the runs around it
     top = max(levels)
     direct_runs = {"batched": [], "first": [], "ttft": []}
     direct_fns = (("batched", lambda: engine.generate(prompts[:top], args.new_tokens)),

@@ -386,7 +386,7 @@ class Scheduler:
                     call = self.waiting.popleft()
                 active = sum(j is not None for j in self.running)
                 jobs = []
-                held = call is None and self._hold(time.perf_counter())
+                held = self._hold(time.perf_counter())
                 while (call is None and not held and self.waiting and not isinstance(self.waiting[0], tuple)
                        and active + len(jobs) < self.max_batch_size):
                     jobs.append(self.waiting.popleft())
