@@ -46,11 +46,11 @@ def server(tmp_path_factory):
                    scheduler=app.state.scheduler, tok_file=tok_dir / "tokenizer.model")
 
 
-def raw(url, path, body=None, key=KEY, method=None):
+def raw(url, path, body=None, key=KEY, method=None, content_type="application/json"):
     """(status, parsed JSON body) of one request sent with urllib (bytes bodies are sent as they are)."""
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     req = urllib.request.Request(url + path, data=data, method=method or ("POST" if data is not None else "GET"),
-                                 headers={"Content-Type": "application/json",
+                                 headers={"Content-Type": content_type,
                                           **({"Authorization": f"Bearer {key}"} if key else {})})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
@@ -212,9 +212,14 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         ("bad temperature", {**ok, "temperature": -1}, 400, "temperature"),
         ("image to a text model", {**ok, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": png_header_only}}]}]}, 400, "text model"),
+        ("missing field", {"model": "tiny"}, 400, "'messages'"),
+        ("empty body", b"", 400, "got an empty body"),
+        ("JSON array", b"[1]", 400, "got a JSON array"),
+        ("form body", json.dumps(ok).encode(), 400, "application/x-www-form-urlencoded, not application/json",
+         "application/x-www-form-urlencoded"),
     ]
-    for name, body, status, needle in cases:
-        got, err = raw(url, "/v1/chat/completions", body)
+    for name, body, status, needle, *content_type in cases:
+        got, err = raw(url, "/v1/chat/completions", body, content_type=(content_type or ["application/json"])[0])
         assert got == status, (name, got, err)
         assert set(err) == {"error"} and needle in err["error"]["message"], (name, err)
         assert err["error"]["type"] and "\n" not in err["error"]["message"]
@@ -223,6 +228,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**{**ok, "messages": [{"role": "user", "content": "the fox " * 400}]})
     assert e.value.code == "context_length_exceeded" and f"{limit}" in e.value.message
+    got, err = raw(url, "/v1/completions", {"model": "tiny", "prompt": "the fox " * 400, "max_tokens": 2})
+    assert got == 400 and err["error"]["param"] == "prompt", err                  # the field of that endpoint
+    assert "max_sequence_length" in err["error"]["message"] and str(limit) in err["error"]["message"], err
     assert raw(url, "/v1/nothing", ok)[0] == 404
 
 

@@ -92,7 +92,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
 
     def sampling(req, prompt) -> Sampling:
         budget = getattr(req, "max_completion_tokens", None) or req.max_tokens
-        served.check_length(len(prompt), budget)
+        served.check_length(len(prompt), budget, "prompt" if isinstance(req, CompletionRequest) else "messages")
         if budget is None:
             budget = min(default_max_tokens, served.max_sequence_length - len(prompt))
         seed = req.seed if req.seed is not None else next(seeds)

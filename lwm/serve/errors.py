@@ -59,8 +59,18 @@ def _loc_to_param(loc: tuple) -> Optional[str]:
     return out or None
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
-    """The first pydantic error as one line naming the field: malformed JSON, an unknown field, a wrong type."""
+def _body_kind(value: Any, content_type: Optional[str]) -> str:
+    """What a request body that is not a JSON object was, in words (for the error message)."""
+    if isinstance(value, (bytes, str)):
+        return f"a body sent as {content_type or 'no Content-Type'}, not application/json"
+    names = {list: "a JSON array", str: "a JSON string", bool: "JSON true/false", int: "a JSON number",
+             float: "a JSON number", type(None): "JSON null"}
+    return names.get(type(value), f"a JSON {type(value).__name__}")
+
+
+def validation_error(exc: RequestValidationError, content_type: Optional[str] = None) -> APIError:
+    """The first pydantic error as one line naming the field: malformed JSON, a body that is not a JSON object
+    (empty, an array, not sent as application/json: content_type), an unknown field, a wrong type."""
     errors = exc.errors()
     if not errors:
         return bad_request("invalid request body")
@@ -70,6 +80,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
         detail = err.get("ctx", {}).get("error", "")
         return bad_request(f"the request body is not valid JSON ({detail})".replace(" ()", ""), None,
                            "invalid_json")
+    if param is None:                                       # the body as a whole
+        got = "an empty body" if kind == "missing" else _body_kind(err.get("input"), content_type)
+        return bad_request(f"the request body must be a JSON object (Content-Type: application/json); got {got}",
+                           None, "invalid_json")
     if kind == "extra_forbidden":
         return bad_request(f"unknown field {param!r}: not part of this API (check the spelling)", param,
                            "unknown_field")
@@ -86,7 +100,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return validation_error(exc).response()
+        return validation_error(exc, request.headers.get("content-type")).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -45,14 +45,16 @@ class ServedModel:
                 "max_model_len": self.max_sequence_length, "vision": self.is_vision}
 
     # ------------------------------------------------------------------------------------------- length
-    def check_length(self, prompt_len: int, max_tokens: Optional[int]) -> None:
+    def check_length(self, prompt_len: int, max_tokens: Optional[int], param: str = "messages") -> None:
+        """400 'context_length_exceeded' when prompt_len + max_tokens (or + 1 without a budget) exceeds the
+        model's max_sequence_length; param: the request field to name ('messages', 'prompt')."""
         limit = self.max_sequence_length
         need = prompt_len + (max_tokens or 1)
         if need > limit:
             asked = f" + max_tokens {max_tokens}" if max_tokens else " + 1 new token"
-            raise APIError(400, f"this model's maximum context length is {limit} tokens; the prompt has {prompt_len} "
-                                f"tokens{asked} = {need}; shorten the messages or lower max_tokens",
-                           param="messages", code="context_length_exceeded")
+            raise APIError(400, f"this model's maximum context length (max_sequence_length) is {limit} tokens; the "
+                                f"{param} has {prompt_len} tokens{asked} = {need}; shorten the {param} or lower "
+                                f"max_tokens", param=param, code="context_length_exceeded")
 
     # ------------------------------------------------------------------------------------------ prompts
     def completion_prompt(self, prompt) -> list[int]:
@@ -152,7 +154,7 @@ class ServedModel:
         side = self.vqgan.config.codes_per_side
         per_frame = side * side + 1
         cond, uncond = vision_generation_prompts(self.tokenizer, f"Generate an image of {prompt}")
-        self.check_length(max(len(cond), len(uncond)), per_frame)
+        self.check_length(max(len(cond), len(uncond)), per_frame, "prompt")
         if self._image_engine is None:
             model = self.engine.model
             image_model = type(model)(self.config.replace(sample_mode="vision"), dtype=model.dtype,
