@@ -267,8 +267,9 @@ def main(argv=None):
 
         http_s, got = load(blocks, c, between)
         around.append({name: med([x for d in sets for x in d[name]]) for name in sets[0]})
-        block_x.append([sum(r[2] for r in res) / wall / (direct_tokens / med(sets[k]["batched"] + sets[k + 1]["batched"]))
-                        for k, (wall, res, _) in enumerate(got)])
+        rate_around = [direct_tokens / med(before["batched"] + after["batched"])      # each block's direct rate
+                       for before, after in zip(sets, sets[1:])]
+        block_x.append([sum(r[2] for r in res) / wall / rate for (wall, res, _), rate in zip(got, rate_around)])
         floors.append(http_s)
         wall = sum(g[0] for g in got)
         cpus.append(sum(g[2] for g in got) / wall)

@@ -13,7 +13,7 @@ OpenAI client at http://127.0.0.1:8000/v1. Bad flags or files: one line, exit st
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 from ml_collections import ConfigDict
 

@@ -26,7 +26,7 @@ from typing import Optional
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from lwm.serve.errors import APIError, bad_request, install_handlers, sse
+from lwm.serve.errors import APIError, install_handlers, sse
 from lwm.serve.jobs import Job, Sampling
 from lwm.serve.schemas import ChatCompletionRequest, CompletionRequest, ImageRequest
 

@@ -53,7 +53,7 @@ class ServedModel:
         if need > limit:
             asked = f" + max_tokens {max_tokens}" if max_tokens else " + 1 new token"
             raise APIError(400, f"this model's maximum context length (max_sequence_length) is {limit} tokens; the "
-                                f"{param} has {prompt_len} tokens{asked} = {need}; shorten the {param} or lower "
+                                f"prompt has {prompt_len} tokens{asked} = {need}; shorten the {param} or lower "
                                 f"max_tokens", param=param, code="context_length_exceeded")
 
     # ------------------------------------------------------------------------------------------ prompts
