@@ -215,6 +215,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         ("missing field", {"model": "tiny"}, 400, "'messages'"),
         ("empty body", b"", 400, "got an empty body"),
         ("JSON array", b"[1]", 400, "got a JSON array"),
+        ("JSON string", b'"hi"', 400, "got a JSON string"),
         ("form body", json.dumps(ok).encode(), 400, "application/x-www-form-urlencoded, not application/json",
          "application/x-www-form-urlencoded"),
     ]

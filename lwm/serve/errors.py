@@ -61,7 +61,7 @@ def _loc_to_param(loc: tuple) -> Optional[str]:
 
 def _body_kind(value: Any, content_type: Optional[str]) -> str:
     """What a request body that is not a JSON object was, in words (for the error message)."""
-    if isinstance(value, (bytes, str)):
+    if isinstance(value, bytes):                  # FastAPI parses only a body sent as JSON
         return f"a body sent as {content_type or 'no Content-Type'}, not application/json"
     names = {list: "a JSON array", str: "a JSON string", bool: "JSON true/false", int: "a JSON number",
              float: "a JSON number", type(None): "JSON null"}
