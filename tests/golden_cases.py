@@ -13,6 +13,7 @@ use the entry points' own seeded random weights with initializer_range=0.1 (also
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -175,9 +176,136 @@ def vision_generation(d: str) -> dict:
     return dict(video=video["tokens"].tolist())
 
 
+def _tensor_digest(arrays: dict) -> dict:
+    """name -> [shape, dtype, sha256 of the bytes] for a flat dict of numpy arrays (exact, order-free)."""
+    import hashlib
+
+    import numpy as np
+
+    out = {}
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(np.asarray(arrays[name]))
+        out[name] = [list(a.shape), str(a.dtype), hashlib.sha256(a.tobytes()).hexdigest()[:16]]
+    return out
+
+
+def convert(d: str) -> dict:
+    """`lwm.convert to_hf` of the tiny checkpoint (fp32), then `from_hf` of that folder: the written tensors,
+    config and the round-tripped checkpoint, each as exact digests."""
+    from safetensors.numpy import load_file
+
+    from lwm import convert as cv
+
+    hf = os.path.join(d, "convert", "hf")
+    back = os.path.join(d, "convert", "back")
+    with contextlib.redirect_stdout(io.StringIO()):
+        cv.main(["to_hf", f"--load_checkpoint=params::{d}/params", "--llama_config=tiny", f"--output_dir={hf}",
+                 f"--tokenizer={d}/tokenizer.model", "--dtype=fp32"])
+        cv.main(["from_hf", f"--hf_dir={hf}", f"--output=params::{back}/params", f"--config_out={back}/config.json",
+                 "--dtype=fp32"])
+    tensors = {}
+    for name in sorted(os.listdir(hf)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(hf, name)))
+    with open(os.path.join(hf, "config.json")) as f:
+        hf_config = {k: v for k, v in json.load(f).items() if k != "transformers_version"}
+    with open(os.path.join(back, "config.json")) as f:
+        lwm_config = json.load(f)
+    from lwm.checkpoint import load_checkpoint
+
+    import jax
+
+    params = load_checkpoint(f"params::{back}/params")
+    flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    return dict(hf_tensors=_tensor_digest(tensors), hf_config=hf_config, lwm_config=lwm_config,
+                round_trip=_tensor_digest(flat))
+
+
+def memory(d: str) -> dict:
+    """The planner's printed tables: 7B on a 1,1,1,8 mesh at two lengths with a device size, and tiny."""
+    from lwm import memory as mem
+
+    out = {}
+    for name, argv in (("7b", ["--llama_config=7b", "--seq_len=32768,131072", "--mesh_dim=1,1,1,8",
+                              "--device_memory=80GB"]),
+                       ("tiny", ["--llama_config=tiny", "--seq_len=2048", "--mesh_dim=1,2,1,2", "--batch_size=2",
+                                 "--dtype=fp32"])):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            mem.main(argv)
+        out[name] = buf.getvalue().splitlines()
+    return out
+
+
+def eval_long(d: str) -> dict:
+    """`lwm.eval_long` on the tiny checkpoint: three tasks at two lengths, the records without timings."""
+    from lwm import eval_long as el
+
+    out = os.path.join(d, "eval_long")
+    with contextlib.redirect_stdout(io.StringIO()):
+        el.main(["--load_llama_config=tiny", f"--load_checkpoint=params::{d}/params",
+                 f"--tokenizer={d}/tokenizer.model", f"--haystack_file={d}/haystack.jsonl",
+                 "--tasks=niah_single_noise,vt,niah_multikey_essay", "--lengths=512,768", "--depths=0,100",
+                 "--n_samples=1", f"--output_dir={out}", "--progress=False", "--plots=False"])
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    return _strip_timings(json.loads(json.dumps(results).replace(d, "WORKDIR")))
+
+
+def eval_visual_needle(d: str) -> dict:
+    """`lwm.eval_visual_needle` on seeded random tiny models: the records without timings."""
+    from lwm import eval_visual_needle as ev
+
+    out = os.path.join(d, "visual_needle")
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.main(["--load_llama_config=tiny", "--vqgan_config=tiny", f"--tokenizer={d}/tokenizer.model",
+                 "--frame_counts=2,3", "--depths=0,100", "--n_samples=1", "--max_new_tokens=4", "--seed=3",
+                 "--update_llama_config=dict(initializer_range=0.1)", f"--output_dir={out}", "--progress=False"])
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    return _strip_timings(json.loads(json.dumps(results).replace(d, "WORKDIR")))
+
+
+def train(d: str) -> dict:
+    """`lwm.train` on the tiny preset (packed JSON text, 1,2,1,4 mesh with the ring): loss, accuracy and norms
+    of 4 steps, and the saved parameters' digests."""
+    from lwm import train as tr
+
+    out = os.path.join(d, "train")
+    argv = ["--modality=text", "--load_llama_config=tiny", f"--tokenizer={d}/tokenizer.model",
+            "--mesh_dim=1,2,1,4", "--update_llama_config=dict(attention_impl='ring', scan_query_chunk_size=16, "
+            "scan_key_chunk_size=16)", "--train_dataset.type=json", "--train_dataset.text_processor.fields=text",
+            f"--train_dataset.json_dataset.path={d}/haystack.jsonl", "--train_dataset.json_dataset.mode=pack",
+            "--train_dataset.json_dataset.seq_length=64", "--train_dataset.json_dataset.batch_size=2",
+            "--optimizer.adamw_optimizer.lr=1e-2", "--optimizer.adamw_optimizer.lr_warmup_steps=2",
+            "--total_steps=4", "--log_freq=1", "--save_model_freq=4", f"--logger.output_dir={out}",
+            "--logger.experiment_id=golden", "--logger.append_uuid=False", "--peak_flops=1e11", "--seed=0"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        tr.main(argv)
+    rows = []
+    with open(os.path.join(out, "golden", "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            rows.append({k: r[k] for k in ("step", "loss", "accuracy", "param_norm", "gradient_norm", "learning_rate")
+                         if k in r})
+    return dict(metrics=rows)
+
+
+TIMING_KEYS = {"seconds", "elapsed", "time", "tokens_per_second", "wall_seconds", "argv", "output_dir"}
+
+
+def _strip_timings(x):
+    if isinstance(x, dict):
+        return {k: _strip_timings(v) for k, v in x.items() if k not in TIMING_KEYS and "second" not in k}
+    if isinstance(x, list):
+        return [_strip_timings(v) for v in x]
+    return x
+
+
 CASES = dict(text_chat=text_chat, eval_needle=eval_needle, eval_needle_multi=eval_needle_multi,
              vision_chat_image=vision_chat_image, vision_chat_video=vision_chat_video,
-             vision_generation=vision_generation)
+             vision_generation=vision_generation, convert=convert, memory=memory, eval_long=eval_long,
+             eval_visual_needle=eval_visual_needle, train=train)
 
 
 def load_golden() -> dict:
