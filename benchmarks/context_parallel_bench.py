@@ -169,7 +169,7 @@ def part_memory(args):
 def part_train(args):
     import tempfile
 
-    from lwm.tokenizer import train_sentencepiece
+    from lwm.text.tokenizer import train_sentencepiece
 
     tmp = tempfile.mkdtemp(prefix="cp_bench_")
     rng = np.random.default_rng(0)
@@ -208,7 +208,7 @@ def part_train(args):
             if res.returncode != 0:
                 print(f"| {seq} | {name} | failed: {(res.stderr.strip().splitlines() or ['?'])[-1][:80]} | |")
                 continue
-            from lwm.logging_utils import read_metrics
+            from lwm.training.metrics import read_metrics
 
             rows = [r for r in read_metrics(f"{out}/run") if r["step"] >= 1]
             tps = float(np.median([r["tokens_per_second"] for r in rows]))

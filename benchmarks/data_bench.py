@@ -44,7 +44,7 @@ def make_data(workdir: str, mb: float, seed: int = 0) -> tuple[str, str, list[st
 
 def run_pipeline(config: dict, tokenizer, max_batches: int) -> dict:
     """Iterate one pass over the file (or max_batches): tokens/s with and without the start-up."""
-    from lwm.data import DatasetFactory
+    from lwm.training.dataset import DatasetFactory
 
     t0 = time.perf_counter()
     ds = DatasetFactory.load_dataset(config, tokenizer)
@@ -70,8 +70,8 @@ def debug_step_tokens_per_s(seq: int, batch: int, steps: int = 3) -> float:
     import numpy as np
     import optax
 
-    from lwm.llama import LLaMAConfig, LLaMAForCausalLM, output_head_kernel
-    from lwm.loss import cross_entropy_sums
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM, output_head_kernel
+    from lwm.model.loss import cross_entropy_sums
 
     cfg = LLaMAConfig.load("debug").replace(max_sequence_length=max(seq, 2048))
     model = LLaMAForCausalLM(cfg)
@@ -116,7 +116,7 @@ def main():
     p.add_argument("--step_seq", type=int, default=2048, help="sequence length of the debug train step")
     args = p.parse_args()
 
-    from lwm.tokenizer import load_tokenizer, train_sentencepiece
+    from lwm.text.tokenizer import load_tokenizer, train_sentencepiece
 
     with tempfile.TemporaryDirectory() as workdir:
         text_path, vision_path, sample = make_data(workdir, args.mb)

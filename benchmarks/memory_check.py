@@ -65,8 +65,8 @@ GRID = [
 
 
 def check_grid(rows):
-    from lwm.llama import LLaMAConfig
-    from lwm.memory import Plan, estimate, xla_prefill, xla_train
+    from lwm.model.llama import LLaMAConfig
+    from lwm.tools.memory_planner import Plan, estimate, xla_prefill, xla_train
 
     print("| mode | preset | seq_len | mesh dp,fsdp,tp,sp | sp strategy | batch | remat | dtype | estimate MiB | "
           "XLA peak MiB | estimate / XLA |")
@@ -87,8 +87,8 @@ def check_grid(rows):
 
 
 def tables_7b():
-    from lwm.llama import LLaMAConfig
-    from lwm.memory import DEVICES, Plan, estimate, max_context
+    from lwm.model.llama import LLaMAConfig
+    from lwm.tools.memory_planner import DEVICES, Plan, estimate, max_context
 
     c = LLaMAConfig.load("7b").replace(remat_block="nothing_saveable", scan_mlp=True)
     print("\n7B training, bf16 compute, fp32 parameters and AdamW, remat nothing_saveable, 4M tokens per batch "

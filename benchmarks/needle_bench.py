@@ -1,4 +1,4 @@
-"""Seconds per needle-eval prompt at several context lengths, through the real harness (`lwm.needle`:
+"""Seconds per needle-eval prompt at several context lengths, through the real harness (`lwm.evals.needle`:
 placement, template, batching, greedy decode of the answer budget), with a randomly initialised preset.
 
 Hardware: any; defaults (`debug` preset, 2K/5K/8K tokens, 1 device) take a few minutes on 2 CPU cores.
@@ -53,11 +53,11 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from lwm import needle
-    from lwm.llama import LLaMAConfig, LLaMAForCausalLM
+    from lwm.evals import needle
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
     from lwm.inference.engine import Engine
-    from lwm.sharding import make_mesh, match_partition_rules, named_shardings
-    from lwm.tokenizer import train_sentencepiece
+    from lwm.parallel.sharding import make_mesh, match_partition_rules, named_shardings
+    from lwm.text.tokenizer import train_sentencepiece
 
     lengths = [int(x) for x in args.lengths.split(",")]
     text = synthetic_text(6 * max(lengths))

@@ -10,7 +10,7 @@ Parts (--parts, comma-separated; each prints its own table and never stops the o
   attn    one causal attention forward and forward+backward, bf16, B=1, N=32, H=128 (LLaMA-7B heads),
           for ours (pallas), XLA's cuDNN fused attention (jax.nn.dot_product_attention), the blockwise jnp
           path and dense XLA attention, over --lengths: time, TFLOP/s (causal FLOPs), compiled temp memory.
-  train   one full training step (bf16 compute, fp32 params, AdamW) of --preset through lwm.train_state's
+  train   one full training step (bf16 compute, fp32 params, AdamW) of --preset through lwm.training.steps's
           train_step, for attention impls pallas and blockwise: tokens/s and MFU against the bf16 matmul
           rate measured in the same run.
 Usage: python benchmarks/pallas_gpu_bench.py --parts check,attn --lengths 2048,8192,32768
@@ -134,8 +134,8 @@ def check_kernel():
 
 
 def check_model():
-    from lwm.llama import LLaMAConfig, LLaMAForCausalLM
-    from lwm.sharding import make_mesh
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
+    from lwm.parallel.sharding import make_mesh
 
     print("== check: debug model, attention_impl pallas / ring_pallas vs dense (float32)", flush=True)
     cfg = LLaMAConfig.load("debug").replace(max_sequence_length=2048, scan_query_chunk_size=128,
@@ -241,10 +241,10 @@ def bf16_matmul_rate() -> float:
 def part_train(preset, lengths, impls, remat):
     import optax
 
-    from lwm.llama import LLaMAConfig
-    from lwm.models import build_model
-    from lwm.sharding import make_mesh
-    from lwm.train_state import (
+    from lwm.model.llama import LLaMAConfig
+    from lwm.model.registry import build_model
+    from lwm.parallel.sharding import make_mesh
+    from lwm.training.steps import (
         Task,
         flops_per_token,
         init_train_state,

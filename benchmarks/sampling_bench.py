@@ -53,10 +53,10 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from lwm.checkpoint import parse_float_dtype
+    from lwm.checkpoint.formats import parse_float_dtype
     from lwm.inference.engine import Engine
-    from lwm.llama import LLaMAConfig, LLaMAForCausalLM
-    from lwm.sampling import cast_params
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
+    from lwm.inference.sampling import cast_params
 
     filled = [int(x) for x in args.filled.split(",") if x]
     allocated = [int(x) for x in args.allocated.split(",") if x]

@@ -163,9 +163,9 @@ def main(argv=None):
 
     from lwm.inference.engine import Engine
     from lwm.inference.loader import param_shapes, random_params
-    from lwm.llama import LLaMAConfig, LLaMAForCausalLM
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
     from lwm.serve import create_app
-    from lwm.tokenizer import train_sentencepiece
+    from lwm.text.tokenizer import train_sentencepiece
 
     levels = [int(x) for x in args.levels.split(",")]
     cfg = LLaMAConfig.load(args.preset).replace(max_sequence_length=args.prompt_tokens + args.new_tokens + 64)

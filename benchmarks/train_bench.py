@@ -17,7 +17,7 @@ Expected (the original on a 2-core CPU, batch 1, fp32): ~950 tok/s at 2K (1.9 GB
 
 MFU = (6 * matmul params + 6 * L * T * D) * tokens/s / measured matmul FLOP/s; matmul params are all
 parameters but the embeddings and norm scales (lm_head included); 6 * L * T * D is causal attention
-(forward + backward over half the T x T square). See lwm.train_state.flops_per_token.
+(forward + backward over half the T x T square). See lwm.training.steps.flops_per_token.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ WORDS = ("the quick brown fox jumps over a lazy dog while world models read long
 
 def make_data(folder: str, tokens: int) -> tuple[str, str]:
     """A sentencepiece tokenizer and a JSON-lines corpus of about `tokens` tokens (random words)."""
-    from lwm.tokenizer import train_sentencepiece
+    from lwm.text.tokenizer import train_sentencepiece
 
     rng = random.Random(0)
     sentence = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200)))

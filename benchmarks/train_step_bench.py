@@ -24,9 +24,9 @@ def _child(args) -> dict:
     import numpy as np
     import optax
 
-    from lwm.llama import LLaMAConfig, LLaMAForCausalLM, output_head_kernel
-    from lwm.loss import cross_entropy_sums
-    from lwm.sharding import check_model_mesh, make_mesh, match_partition_rules, named_shardings
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM, output_head_kernel
+    from lwm.model.loss import cross_entropy_sums
+    from lwm.parallel.sharding import check_model_mesh, make_mesh, match_partition_rules, named_shardings
     from jax.sharding import PartitionSpec as P
 
     # Matmul rate of this machine, measured in the same process: fp32 (n x n) @ (n x n).

@@ -26,7 +26,7 @@ def _tokenizer(directory: str) -> str:
     the model's text vocabulary is the preset's 32000)."""
     import glob
 
-    from lwm.tokenizer import train_sentencepiece
+    from lwm.text.tokenizer import train_sentencepiece
 
     texts = [p for f in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))) for p in open(f).read().split("\n\n")
              if len(p) > 40]

@@ -12,7 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lwm.vqgan import VQGAN, VQGANConfig
+from lwm.model.vqgan import VQGAN, VQGANConfig
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:

@@ -41,7 +41,7 @@ def parse_args(argv=None):
     t.add_argument("--llama_config", "--load_llama_config", dest="llama_config", required=True,
                    help="a preset (tiny, 7b, ...) or json::path")
     t.add_argument("--update_llama_config", default="", help="JSON object of config fields to change")
-    t.add_argument("--vision", action="store_true", help="a vision-language model (lwm.vision_llama)")
+    t.add_argument("--vision", action="store_true", help="a vision-language model (lwm.model.vision_llama)")
     t.add_argument("--vqgan_config", default="released", help="VQGAN preset or json::path (vision only)")
     t.add_argument("--vqgan_checkpoint", default="", help="VQGAN params file to copy beside (vision only)")
     t.add_argument("--output_dir", required=True)
@@ -75,8 +75,8 @@ def from_hf(args) -> str:
     import jax
     from flax.traverse_util import unflatten_dict
 
-    from lwm import checkpoint as ckpt
-    from lwm.hf_io import iter_hf_params, lwm_config_from_hf
+    from lwm.checkpoint import formats as ckpt
+    from lwm.checkpoint.hf_folders import iter_hf_params, lwm_config_from_hf
 
     scan = args.scan_layers == "true"
     kind, sep, path = args.output.partition("::")
@@ -100,16 +100,16 @@ def from_hf(args) -> str:
 
 
 def to_hf(args) -> str:
-    from lwm.checkpoint import load_checkpoint
-    from lwm.hf_io import export_hf
+    from lwm.checkpoint.formats import load_checkpoint
+    from lwm.checkpoint.hf_folders import export_hf
 
     if args.vision:
-        from lwm.vision_llama import VisionLLaMAConfig as Config
-        from lwm.vqgan import VQGANConfig
+        from lwm.model.vision_llama import VisionLLaMAConfig as Config
+        from lwm.model.vqgan import VQGANConfig
 
         vqgan = VQGANConfig.load(args.vqgan_config)
     else:
-        from lwm.llama import LLaMAConfig as Config
+        from lwm.model.llama import LLaMAConfig as Config
 
         vqgan = None
     config = Config.load(args.llama_config)
@@ -120,9 +120,9 @@ def to_hf(args) -> str:
         import jax.numpy as jnp
 
         if args.vision:
-            from lwm.vision_llama import VisionLLaMAForCausalLM as Model
+            from lwm.model.vision_llama import VisionLLaMAForCausalLM as Model
         else:
-            from lwm.llama import LLaMAForCausalLM as Model
+            from lwm.model.llama import LLaMAForCausalLM as Model
         ids = jnp.zeros((1, 1), jnp.int32)
         init = (lambda: Model(config).init(jax.random.key(0), ids, jnp.zeros((1, 1), bool))) if args.vision \
             else (lambda: Model(config).init(jax.random.key(0), ids))

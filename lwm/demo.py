@@ -101,7 +101,7 @@ def split_haystack(path: str, eval_documents: int, val_documents: int, workdir: 
     """(training documents, validation documents, path of the eval haystack JSONL). The eval documents
     (the file's first ones, which the eval reads) and the validation documents (whose needle loss training
     logs) are never trained on."""
-    from lwm.needle import iter_haystack_texts
+    from lwm.evals.needle import iter_haystack_texts
 
     docs = list(iter_haystack_texts(path))
     if len(docs) <= eval_documents + val_documents:
@@ -117,8 +117,8 @@ def split_haystack(path: str, eval_documents: int, val_documents: int, workdir: 
 
 def make_tokenizer(docs: Sequence[str], path: str, vocab_size: int):
     """sentencepiece BPE (LLaMA layout, digits split) on the training documents plus the eval's fixed text."""
-    from lwm import needle
-    from lwm.tokenizer import train_sentencepiece
+    from lwm.evals import needle
+    from lwm.text.tokenizer import train_sentencepiece
 
     fixed = [needle.TEMPLATE, needle.QUESTION, needle.NEEDLE] + list(needle.CITIES)
     return train_sentencepiece(list(docs) + fixed, path, vocab_size)
@@ -131,7 +131,7 @@ def needle_example(rng: random.Random, stream: Sequence[int], length: int, token
     random passage of `length` haystack tokens, in the eval's template; loss on the number only. With
     probability `decoys`, 1-3 other numbers are scattered in the passage too, so that "a number after a
     space" is not enough to find the needle (real haystacks hold numbers: years, prices, counts)."""
-    from lwm import needle
+    from lwm.evals import needle
 
     start = rng.randrange(0, len(stream) - length)
     city, number = rng.choice(needle.CITIES), needle.random_number(rng, rng.randint(*digits))
@@ -163,7 +163,7 @@ def write_curriculum(path: str, stream: Sequence[int], tokenizer, n_examples: in
     Longer numbers than the eval's 7 digits give more copy targets."""
     from tqdm import tqdm
 
-    from lwm.needle import period_token_ids
+    from lwm.evals.needle import period_token_ids
 
     rng = random.Random(seed)
     periods = period_token_ids(tokenizer)
@@ -224,7 +224,7 @@ def train_stage(i: int, stage, data: str, tokenizer_path: str, workdir: str, dev
                 f"--eval_dataset.json_dataset.batch_size={batch}", "--eval_dataset.json_dataset.mode=pack",
                 "--eval_dataset.json_dataset.loss_weighting=example"]
     _run(cmd, _env(devices), f"training stage {i}: {steps} steps of {batch} x {seq} tokens")
-    from lwm.checkpointer import checkpoint_spec, latest
+    from lwm.checkpoint.manager import checkpoint_spec, latest
 
     ckpt = latest(os.path.join(workdir, "train", f"stage{i}"))
     if ckpt is None:
@@ -250,7 +250,7 @@ def evaluate(args, checkpoint: str, tokenizer_path: str, haystack: str, workdir:
 
 
 def main(argv=None) -> dict:
-    from lwm import needle
+    from lwm.evals import needle
 
     args = parse_args(argv)
     stages = parse_stages(args.stages)

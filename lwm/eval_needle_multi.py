@@ -16,7 +16,7 @@ import sys
 
 from ml_collections import ConfigDict
 
-from lwm import needle_run
+from lwm.evals import needle_run
 
 
 def get_default_config() -> ConfigDict:
@@ -30,8 +30,8 @@ def get_default_config() -> ConfigDict:
 
 def main(argv=None) -> list:
     """Run the eval; returns every result (earlier ones in --output_file included)."""
-    from lwm import needle
-    from lwm.flags import parse_flags
+    from lwm.evals import needle
+    from lwm.cli.flags import parse_flags
 
     config = parse_flags(list(sys.argv[1:] if argv is None else argv), get_default_config())
     needle_run.check_flags(config)

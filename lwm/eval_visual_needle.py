@@ -41,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from lwm.evals import report, visual
     from lwm.inference import runtime
     from lwm.inference.loader import load_model
-    from lwm.vqgan import VQGAN, VQGANConfig
+    from lwm.model.vqgan import VQGAN, VQGANConfig
 
     config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())
     try:

@@ -1,347 +1,25 @@
-"""Memory planner: per-device memory of training and inference for a model, sequence length and mesh, and the
-longest context that fits a device. `python -m lwm.memory --help`; CPU only, instant (the XLA check compiles
-the real step on simulated CPU devices: seconds to minutes).
+"""`python -m lwm.memory`: the memory planner (lwm.tools.memory_planner) from the command line.
 
     python -m lwm.memory --llama_config 7b --seq_len 1048576 --mesh_dim 1,1,4,64 --dtype bf16 \
         --remat_block nothing_saveable --device_memory 95GiB
     python -m lwm.memory --llama_config debug --seq_len 4096 --mesh_dim 1,1,1,2 --check_xla
 
-Per device, with b = B / (dp * fsdp) sequences, t = T / sp tokens of each, n = b * t,
-P parameters of which P_big sharded over fsdp * sp * tp (every matrix and embedding, by lwm.sharding's
-table) and the norms replicated, s the bytes of the compute dtype:
-
-  training   parameters  P_dev * 4          (parameters are float32 in training; --dtype is the compute dtype)
-             optimizer   P_dev * (4 + 4)    AdamW mu and nu (mu 2 bytes with --bf16_momentum); 0 without
-             gradients   P_dev * 4
-             activations the largest of three phases (PHASES below) less the gradients, where
-               residuals = L * n * saved_layer * s + n * TOP_LEVEL * 4, and saved_layer, what the backward
-               keeps per token and layer, is read from jax's saved residuals
-               (`jax.ad_checkpoint.print_saved_residuals` on lwm.train_state.loss_fn):
-                 no remat          11 D + 2 K H / tp + 6 F / tp + N / tp + 4
-                 nothing_saveable  D (the layer input)
-                 checkpoint_dots   the matmul outputs: 3 D + 2 K H / tp + 2 F / tp
-  inference  parameters  P_dev * s
-             KV cache    2 * L * b * S * K * H * s / (sp * tp)   S the cache length (prompt + new tokens)
-             activations n * PREFILL_WORKING_BYTES * D (one layer at a time, no backward) + score tiles
-               + the last position's logits + with fsdp * sp > 1 the embedding table all-gathered (V D s / tp)
-  sp > 1     the context-parallel strategy's extra (estimate(): ring the neighbour's K/V block, all_gather the
-             full K/V, ulysses its all-to-all buffers) and a balanced layout's reordering copies in prefill;
-             docs/memory.md says which of them were fitted and which checked
-
-XLA's own numbers (`--check_xla`): peak = arguments + outputs - aliased (donated) + temporaries, from
-`jax.jit(step).lower(...).compile().memory_analysis()`. The CPU compiler fuses less than the TPU/GPU ones,
-so activations on TPU and GPU may be smaller; that is not checked here (docs/memory.md).
+The formulas and their sources: lwm/tools/memory_planner.py and docs/memory.md.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
-import re
 import sys
-from typing import Any
 
-from lwm.attention import LOAD_BALANCES, STRATEGIES as SP_STRATEGIES
-
-REMATS = ("", "nothing_saveable", "checkpoint_dots", "everything_saveable", "checkpoint_dots_with_no_batch_dims")
-
-# The peak of a train step is the largest of three phases (XLA's buffer assignment on CPU, tiny and debug):
-#   loss      every layer's residuals + the blockwise cross-entropy's LOSS_LOGITS (chunk, V) float32 arrays
-#             (logits and their gradient) + LOSS_KERNEL (D, V) float32 kernel-gradient carries + d(hidden)
-#   backward  every layer's residuals + the gradients + one layer's backward temporaries, BACKWARD_WORKING
-#             times its residuals (with nothing_saveable: the recomputed layer + REMAT_WORKING times it)
-#   update    the gradients + UPDATE_TEMPS parameter-sized optimizer temporaries
-# The working factors are calibrated on tiny and debug at 4K tokens on one device; docs/memory.md gives the
-# points they were fitted on and those they were not.
-LOSS_LOGITS, LOSS_KERNEL = 2.0, 2.0
-BACKWARD_WORKING, REMAT_WORKING, UPDATE_TEMPS = 0.85, 0.25, 1.0
-# With sp > 1 XLA's CPU schedule keeps less of the recomputed layer: REMAT_WORKING_CP times its residuals in
-# place of 1 + REMAT_WORKING (fitted on tiny, ring, 8192 tokens, sp = 4; checked on the other sp rows).
-REMAT_WORKING_CP = 0.93
-# Prefill keeps no residuals: one layer's temporaries, PREFILL_WORKING_BYTES[s] * D bytes per token (XLA on
-# CPU, float32: 7.3 D elements for tiny, 6.3 D for debug per extra token; bfloat16 needs more on CPU, which
-# computes bf16 dots through float32 copies: 52 bytes per D for debug), plus PREFILL_TILES float32 attention
-# score tiles of (q_chunk, k_chunk) per head (debug, chunks 512: 6 MB whatever the length).
-PREFILL_WORKING_BYTES, PREFILL_TILES = {4: 28.0, 2: 52.0}, 3.0
-# all_gather prefill: PREFILL_GATHERED copies of the full gathered K and V (2 B T K H / tp) live at once (fitted
-# on tiny and debug, T = 8192, sp = 4: 1.35 on both).
-PREFILL_GATHERED = 1.35
+from lwm.tools.memory_planner import (DEVICES, LOAD_BALANCES, REMATS, SP_STRATEGIES, Plan, estimate, max_context,
+                                      parse_bytes, xla_prefill, xla_train)
 
 
-def kc_len(c, seq_len: int) -> int:
-    return min(c.scan_key_chunk_size, seq_len)
-
-
-def TOP_LEVEL(d: int, h: int) -> int:
-    """Per-token float32 residuals outside the layers: embedding output, final norm, its input and
-    statistics (about 6 D) and the rotary cos/sin tables (2 H)."""
-    return 6 * d + 2 * h
-
-
-DEVICES = {  # HBM per chip, bytes (vendor data sheets)
-    "tpu-v4": 32 * 2**30, "tpu-v5e": 16 * 2**30, "tpu-v5p": 95 * 2**30, "a100-40g": 40 * 2**30,
-    "a100-80g": 80 * 2**30, "h100": 80 * 2**30, "h200": 141 * 2**30,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """One point to estimate. mesh: (dp, fsdp, tp, sp) sizes."""
-    config: Any                              # LLaMAConfig (or VisionLLaMAConfig)
-    seq_len: int
-    mesh: tuple[int, int, int, int] = (1, 1, 1, 1)
-    batch_size: int = 1
-    dtype_bytes: int = 4
-    sp_strategy: str = "ring"                # context_parallel_strategy (used when sp > 1)
-    load_balance: str = "none"               # context_parallel_load_balance (used when sp > 1)
-    optimizer_state: bool = True
-    bf16_momentum: bool = False
-    loss_chunk_size: int = 1024
-    new_tokens: int = 0                      # inference: cache slots beyond the prompt
-
-    def __post_init__(self):
-        """Raises ValueError (one line) for a strategy, layout or mesh the real run would refuse: the checks
-        are lwm.sharding.check_model_mesh's (heads over tp, Ulysses' heads over sp, batch over dp*fsdp, the
-        sequence over sp or 2*sp for zigzag and the chunk sizes), run on an abstract mesh."""
-        from jax.sharding import AbstractMesh
-
-        from lwm.sharding import MESH_AXES, check_model_mesh
-
-        if self.sp_strategy not in SP_STRATEGIES:
-            raise ValueError(f"--context_parallel_strategy={self.sp_strategy!r}; choose one of {SP_STRATEGIES}")
-        if self.load_balance not in LOAD_BALANCES:
-            raise ValueError(f"--context_parallel_load_balance={self.load_balance!r}; choose one of {LOAD_BALANCES}")
-        check_model_mesh(self.model_config, AbstractMesh(tuple(self.mesh), MESH_AXES),
-                         seq_len=self.seq_len, batch_size=self.batch_size)
-
-    @property
-    def model_config(self):
-        """The config the real step runs: with sp > 1 a context-parallel attention_impl ('ring' unless the
-        config already has 'ring' or 'ring_pallas') and this plan's strategy and load balance."""
-        c = self.config
-        if self.mesh[3] == 1:
-            return c
-        return c.replace(attention_impl=c.attention_impl if c.context_parallel else "ring",
-                         context_parallel_strategy=self.sp_strategy, context_parallel_load_balance=self.load_balance)
-
-
-def parameter_counts(c) -> tuple[int, int]:
-    """(sharded, replicated) parameter counts: matrices and embeddings; the norm scales."""
-    d, f, h = c.hidden_size, c.intermediate_size, c.head_dim
-    layer = d * c.num_attention_heads * h * 2 + 2 * d * c.kv_heads * h + 3 * d * f
-    big = c.num_hidden_layers * layer + c.vocab_size * d * (1 if c.tie_word_embeddings else 2)
-    w = getattr(c, "vision_vocab_size", None)
-    if w:
-        big += w * d * (1 if getattr(c, "tie_vision_embeddings", False) else 2)
-    return big, (2 * c.num_hidden_layers + 1) * d
-
-
-def _saved_per_layer(c, remat: str, tp: int) -> float:
-    """Elements per token and layer kept for the backward (see the module docstring)."""
-    d, kh, f, n = c.hidden_size, c.kv_heads * c.head_dim, c.intermediate_size, c.num_attention_heads
-    if remat == "nothing_saveable":
-        return d
-    if remat in ("checkpoint_dots", "checkpoint_dots_with_no_batch_dims"):
-        return 3 * d + 2 * kh / tp + 2 * f / tp
-    return 11 * d + 2 * kh / tp + 6 * f / tp + n / tp + 4
-
-
-def estimate(plan: Plan) -> dict[str, dict[str, float]]:
-    """{'train': {...}, 'inference': {...}}: bytes per device of parameters, optimizer, gradients,
-    activations (with every other temporary at the peak), kv_cache and total. See the module docstring."""
-    c, (dp, fsdp, tp, sp) = plan.config, plan.mesh
-    big, small = parameter_counts(c)
-    p_dev = big / (fsdp * sp * tp) + small
-    b = plan.batch_size / (dp * fsdp)
-    n = b * plan.seq_len / sp                             # tokens on one device
-    s = plan.dtype_bytes
-    d, h, f, L = c.hidden_size, c.head_dim, c.intermediate_size, c.num_hidden_layers
-    kv = c.kv_heads / tp
-    remat = c.remat_block
-    # Context parallelism: what one device holds for attention beyond its own tokens, per layer (elements).
-    if sp == 1:
-        attn_extra = 0.0
-    elif plan.sp_strategy == "all_gather":                # every device gathers the full K and V
-        attn_extra = 2 * b * plan.seq_len * kv * h * (1 - 1 / sp)
-    elif plan.sp_strategy == "ring":                      # the neighbour's K/V block in flight
-        attn_extra = 2 * n * kv * h
-    else:                                                 # ulysses: all-to-all buffers of q, k, v, out
-        from lwm.sharding import ulysses_kv_repeat        # kv heads repeated to divide by sp
-        attn_extra = n * (2 * c.num_attention_heads / tp + 2 * kv * ulysses_kv_repeat(
-            c.num_attention_heads // tp, c.kv_heads // tp, sp)) * h
-    v_dev = (c.vocab_size + (getattr(c, "vision_vocab_size", 0) or 0)) / tp
-    full_layer = _saved_per_layer(c, "", tp)
-    saved = L * n * _saved_per_layer(c, remat, tp) * s + n * TOP_LEVEL(d, h) * 4
-    if plan.sp_strategy == "all_gather" and sp > 1 and remat != "nothing_saveable":
-        saved += L * attn_extra * s                       # the gathered K/V are residuals of the backward
-    grads = p_dev * 4
-    loss_chunk = b * min(plan.loss_chunk_size, plan.seq_len) / sp
-    phase_loss = saved + n * d * 4 + LOSS_LOGITS * loss_chunk * v_dev * 4 + LOSS_KERNEL * d * v_dev * 4
-    cp_backward = attn_extra
-    if plan.sp_strategy == "all_gather" and sp > 1:      # the layer's full dK, dV (and with remat K, V again)
-        cp_backward = (4 if remat == "nothing_saveable" else 2) * b * plan.seq_len * kv * h
-    remat_working = 1 + REMAT_WORKING if sp == 1 else REMAT_WORKING_CP
-    phase_backward = saved + grads + n * full_layer * s * (
-        BACKWARD_WORKING if remat != "nothing_saveable" else remat_working) + cp_backward * s
-    phase_update = grads * (1 + UPDATE_TEMPS)
-    peak = max(phase_loss, phase_backward, phase_update)
-    opt = p_dev * (4 + (2 if plan.bf16_momentum else 4)) if plan.optimizer_state else 0.0
-    batch = n * 13                                        # tokens, targets (int32), loss mask (f32), vision mask
-    train = dict(parameters=p_dev * 4, optimizer=opt, gradients=grads,
-                 activations=max(peak - grads, 0.0) + batch, kv_cache=0.0)
-    cache = 2 * L * b * (plan.seq_len + plan.new_tokens) * c.kv_heads * h * s / (sp * tp)
-    heads = c.num_attention_heads / tp / (sp if plan.sp_strategy == "ulysses" else 1)   # per local kernel
-    tiles = PREFILL_TILES * b * c.scan_query_chunk_size * kc_len(c, plan.seq_len) * heads * 4
-    gathered = v_dev * d * s if fsdp * sp > 1 else 0.0   # the embedding table, all-gathered for the lookup
-    if sp == 1 or plan.sp_strategy == "ulysses":          # the all-to-all output replaces the local q, k, v
-        cp_prefill = 0.0
-    elif plan.sp_strategy == "all_gather":
-        cp_prefill = PREFILL_GATHERED * 2 * b * plan.seq_len * kv * h * s
-    else:
-        cp_prefill = attn_extra * s
-    if sp > 1 and plan.load_balance != "none":            # K/V put back in natural order for the cache, and
-        cp_prefill += 2 * n * kv * h * s + n * d * 4      # the final hidden states
-    prefill = n * PREFILL_WORKING_BYTES[s] * d + tiles + gathered + cp_prefill + b * v_dev * 4
-    infer = dict(parameters=p_dev * s, optimizer=0.0, gradients=0.0, activations=prefill, kv_cache=cache)
-    for part in (train, infer):
-        part["total"] = sum(part.values())
-    return dict(train=train, inference=infer)
-
-
-def max_context(plan: Plan, device_bytes: float, mode: str = "train", multiple: int = 1024) -> int:
-    """The longest sequence (a multiple of `multiple` * sp) whose `mode` total fits `device_bytes`; 0 if none."""
-    step = multiple * plan.mesh[3]
-    fits = lambda t: estimate(dataclasses.replace(plan, seq_len=t))[mode]["total"] <= device_bytes
-    if not fits(step):
-        return 0
-    lo, hi = step, step * 2
-    while fits(hi) and hi < 2**40:
-        lo, hi = hi, hi * 2
-    while hi - lo > step:
-        mid = (lo + hi) // 2 // step * step
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.I)
-
-
-def parse_bytes(text: str) -> float:
-    """'95GiB', '80GB', '1.5e9' or a device name from DEVICES -> bytes. Raises ValueError."""
-    if text.lower() in DEVICES:
-        return float(DEVICES[text.lower()])
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"--device_memory={text!r}: give bytes with a unit (80GB, 95GiB) or one of {sorted(DEVICES)}")
-    unit = m.group(2).lower()
-    scale = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
-             "gib": 2**30, "tib": 2**40}[unit]
-    return float(m.group(1)) * scale
-
-
-def gib(x: float) -> str:
-    return f"{x / 2**30:.2f}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# XLA's own figures: compile the real train step / prefill on the current devices (simulated CPU devices
-# with XLA_FLAGS=--xla_force_host_platform_device_count=N set before jax is imported; `main` does that).
-
-
-def _mesh_string(mesh) -> str:
-    return ",".join(str(x) for x in mesh)
-
-
-def xla_train(plan: Plan, optimizer_updates: dict | None = None) -> dict[str, int]:
-    """memory_analysis() of lwm.train_state.train_step as lwm.train compiles it (same shardings, donation),
-    for abstract inputs: nothing is allocated or run. Returns argument/output/alias/temp and peak bytes
-    per device."""
-    return _analysis(compile_train(plan, optimizer_updates))
-
-
-def xla_prefill(plan: Plan) -> dict[str, int]:
-    """memory_analysis() of the engine's prefill (parameters in the compute dtype, sharded by the table; the
-    cache of seq_len + new_tokens slots is an output). Returns the same keys as xla_train."""
-    return _analysis(compile_prefill(plan))
-
-
-def compile_train(plan: Plan, optimizer_updates: dict | None = None):
-    """The compiled train step of `plan` (under plan.model_config: its strategy and load balance)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from lwm import models, optimizer as optimizer_lib
-    from lwm import train_state as ts
-    from lwm.sharding import batch_spec, make_mesh, param_shardings
-
-    c = plan.model_config
-    dtype = {4: jnp.float32, 2: jnp.bfloat16}[plan.dtype_bytes]
-    mesh = make_mesh(_mesh_string(plan.mesh), jax.devices()[:math.prod(plan.mesh)])
-    task = ts.Task(models.build_model("text", c, dtype), "text", 1.0, 0.0, plan.loss_chunk_size)
-    tx, schedule = optimizer_lib.make_optimizer(
-        {"adamw_optimizer": {"bf16_momentum": plan.bf16_momentum}, **(optimizer_updates or {})})
-    with jax.set_mesh(mesh):
-        init_fn = functools.partial(ts.init_train_state, task=task, tx=tx)
-        shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        shardings = param_shardings(shapes, c, mesh)
-        replicated = NamedSharding(mesh, P())
-        batch_sharding = NamedSharding(mesh, batch_spec(mesh))
-        bt = (plan.batch_size, plan.seq_len)
-        batch = {k: jax.ShapeDtypeStruct(bt, dt, sharding=batch_sharding) for k, dt in (
-            ("input_tokens", jnp.int32), ("target_tokens", jnp.int32), ("loss_masks", jnp.float32),
-            ("target_vision_masks", jnp.bool_))}
-        state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-        step = jax.jit(functools.partial(ts.train_step, task=task, schedule=schedule),
-                       in_shardings=(shardings, replicated, batch_sharding),
-                       out_shardings=(shardings, replicated, replicated), donate_argnums=(0, 1))
-        rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-        return step.lower(state, rng, batch).compile()
-
-
-def compile_prefill(plan: Plan):
-    """The compiled engine prefill of `plan` (`lwm.inference.engine.Engine.lower_prefill` under
-    plan.model_config; parameters in the compute dtype, sharded by the table; the cache of
-    seq_len + new_tokens slots is an output)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-
-    from lwm.inference.engine import Engine
-    from lwm.llama import LLaMAForCausalLM
-    from lwm.sharding import batch_spec, make_mesh, param_shardings
-
-    c = plan.model_config
-    dtype = {4: jnp.float32, 2: jnp.bfloat16}[plan.dtype_bytes]
-    mesh = make_mesh(_mesh_string(plan.mesh), jax.devices()[:math.prod(plan.mesh)])
-    model = LLaMAForCausalLM(c, dtype=dtype, param_dtype=dtype)
-    shaper = LLaMAForCausalLM(c.shape_twin(), dtype=dtype, param_dtype=dtype)
-    with jax.set_mesh(mesh):
-        shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-        shardings = param_shardings(shapes, c, mesh)
-        params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-        bs = NamedSharding(mesh, batch_spec(mesh))
-        ids = jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32, sharding=bs)
-        engine = Engine(model, params, eos_id=-1, pad_id=0)
-        return engine.lower_prefill(ids, plan.seq_len + plan.new_tokens).compile()
-
-
-def _analysis(compiled) -> dict[str, int]:
-    m = compiled.memory_analysis()
-    out = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
-               temporaries=m.temp_size_in_bytes)
-    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Command line.
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lwm.memory", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lwm.memory", description="Memory planner: per-device memory of training and inference, and the longest context that fits a device.")
     p.add_argument("--llama_config", "--load_llama_config", dest="llama_config", default="7b",
                    help="a preset (tiny, debug, 7b, ...) or json::path")
     p.add_argument("--update_llama_config", default="", help="JSON object of config fields to change")
@@ -373,8 +51,8 @@ def parse_args(argv=None):
 def _plans(args):
     import json
 
-    from lwm.llama import LLaMAConfig
-    from lwm.sharding import MeshError
+    from lwm.model.llama import LLaMAConfig
+    from lwm.parallel.sharding import MeshError
 
     try:
         mesh = tuple(int(x) for x in args.mesh_dim.split(","))
@@ -397,7 +75,7 @@ def _plans(args):
         try:
             yield Plan(config, int(t), mesh, args.batch_size, 4 if args.dtype == "fp32" else 2, strategy, balance,
                        args.optimizer_state == "true", args.bf16_momentum, args.loss_chunk_size, args.new_tokens)
-        except MeshError as e:      # lwm.sharding's message, with the flags it is about
+        except MeshError as e:      # lwm.parallel.sharding's message, with the flags it is about
             raise ValueError(f"--mesh_dim={args.mesh_dim} --seq_len={t} --context_parallel_strategy={strategy} "
                              f"--context_parallel_load_balance={balance}: {e}") from None
 

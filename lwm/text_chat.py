@@ -5,7 +5,7 @@ Hardware: a CPU runs the tiny/debug presets; LWM-Text-Chat 7B needs an accelerat
         --tokenizer=/ckpt/tokenizer.model --dtype=bf16 \
         --update_llama_config="dict(theta=50000000,max_sequence_length=1048576)"
     python -m lwm.text_chat ... --prompt="Summarise this: ..."      # one answer, then exit
-Prompt format (the original's, lwm.chat_template): "You are a helpful assistant. USER: {message} ASSISTANT:";
+Prompt format (the original's, lwm.text.chat_template): "You are a helpful assistant. USER: {message} ASSISTANT:";
 later turns are appended to the same token history (each answer closed by EOS), so the model sees the whole
 conversation. When the history no longer fits max_sequence_length (with room for max_new_tokens), the
 oldest turns are dropped, the system prompt kept, and the user is told once; a single message too long for
@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from ml_collections import ConfigDict
 
-from lwm.chat_template import user_turn_ids
+from lwm.text.chat_template import user_turn_ids
 from lwm.inference import runtime
 
 
@@ -37,7 +37,7 @@ def get_default_config() -> ConfigDict:
 
 
 def turn_tokens(tokenizer, message: str, first: bool) -> list[int]:
-    """Tokens of one user turn (lwm.chat_template.user_turn_ids): the first carries BOS and the system
+    """Tokens of one user turn (lwm.text.chat_template.user_turn_ids): the first carries BOS and the system
     prompt, "Hi" -> [bos] + encode("You are a helpful assistant. USER: Hi ASSISTANT:"); later ones
     encode("USER: ... ASSISTANT:") (the tokenizer's word-start marker supplies the space)."""
     return user_turn_ids(tokenizer, message, first)
@@ -77,7 +77,7 @@ class Chat:
     """The conversation: earlier turns (each the user's message and the answer's token ids) and one generation
     engine (lwm.inference.engine.Engine).
 
-    The prompt is rebuilt from the turns through the one chat template (lwm.chat_template): the first kept
+    The prompt is rebuilt from the turns through the one chat template (lwm.text.chat_template): the first kept
     turn carries BOS and the system prompt, each answer is closed by EOS. When the prompt plus
     max_new_tokens would exceed the model's max_sequence_length, the oldest turns are dropped (the system
     prompt stays, on the new first turn) until the answer's full budget fits; `notify` (e.g. a print) is
@@ -146,10 +146,10 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
     interactive message too long for the model is refused with one line and the chat goes on."""
     import jax
 
-    from lwm.flags import parse_flags
+    from lwm.cli.flags import parse_flags
     from lwm.inference.loader import load_model
     from lwm.inference.engine import Engine
-    from lwm.sampling import PromptTooLongError, SamplingConfig
+    from lwm.inference.sampling import PromptTooLongError, SamplingConfig
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     config = parse_flags(list(sys.argv[1:] if argv is None else argv), get_default_config())

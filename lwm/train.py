@@ -7,7 +7,7 @@
 
 From Python: `lwm.train.main(["--modality=text", ...])` or `lwm.train.train(config)` with a ConfigDict from
 `get_default_config()`. Sections: flags, then the run (setup, restore, the loop). The step functions are
-in `lwm.train_state`, the multi-process helpers in `lwm.multihost`, the optimizer in `lwm.optimizer`, metrics in `lwm.logging_utils`. See docs/train.md.
+in `lwm.training.steps`, the multi-process helpers in `lwm.parallel.multihost`, the optimizer in `lwm.training.optimizer`, metrics in `lwm.training.metrics`. See docs/train.md.
 """
 from __future__ import annotations
 
@@ -23,15 +23,19 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from lwm import checkpoint as ckpt
-from lwm import distributed, flags, logging_utils, models, multihost
-from lwm.flags import FlagError, model_config_from_flags
-from lwm import optimizer as optimizer_lib
-from lwm import train_state as ts
-from lwm.checkpointer import Checkpointer, checkpoint_spec, latest, read_dataset_state, read_metadata
-from lwm.data import DatasetFactory, HostShard, host_shard_from_mesh
-from lwm.sharding import batch_spec, check_model_mesh, make_mesh, param_shardings
-from lwm.tokenizer import load_tokenizer
+from lwm.checkpoint import formats as ckpt
+from lwm.parallel import distributed
+from lwm.cli import flags
+from lwm.training import metrics
+from lwm.model import registry
+from lwm.parallel import multihost
+from lwm.cli.flags import FlagError, model_config_from_flags
+from lwm.training import optimizer as optimizer_lib
+from lwm.training import steps as ts
+from lwm.checkpoint.manager import Checkpointer, checkpoint_spec, latest, read_dataset_state, read_metadata
+from lwm.training.dataset import DatasetFactory, HostShard, host_shard_from_mesh
+from lwm.parallel.sharding import batch_spec, check_model_mesh, make_mesh, param_shardings
+from lwm.text.tokenizer import load_tokenizer
 
 logger = logging.getLogger("lwm.train")
 
@@ -70,7 +74,7 @@ def get_default_config() -> ConfigDict:
         keep=1,                                # regular checkpoints kept; milestones are never removed
     ))
     c.llama = ConfigDict()                     # --llama.<field>=value: any model config field
-    c.logger = logging_utils.get_default_config()
+    c.logger = metrics.get_default_config()
     c.log_all_worker = False
     c.jax_distributed = ConfigDict(distributed.default_flags())
     c.autoresume = False                       # continue from the newest complete checkpoint in the output folder
@@ -81,7 +85,7 @@ def get_default_config() -> ConfigDict:
 
 
 def parse_flags(argv: list[str], config: Optional[ConfigDict] = None) -> ConfigDict:
-    """Training flags on top of `get_default_config()` (see lwm.flags.parse_flags)."""
+    """Training flags on top of `get_default_config()` (see lwm.cli.flags.parse_flags)."""
     return flags.parse_flags(argv, config if config is not None else get_default_config())
 
 
@@ -142,8 +146,8 @@ def _evaluate(eval_fn, params, eval_iter, steps: int, to_global) -> dict:
 
 def _run(config: ConfigDict) -> dict:
     is_main = jax.process_index() == 0
-    run_id = logging_utils.experiment_id(config.logger, logging_utils.shared_uuid())
-    metrics_log = logging_utils.MetricsLogger(config.logger, config.to_dict(), run_id=run_id,
+    run_id = metrics.experiment_id(config.logger, metrics.shared_uuid())
+    metrics_log = metrics.MetricsLogger(config.logger, config.to_dict(), run_id=run_id,
                                               enable=is_main or config.log_all_worker,
                                               process_index=jax.process_index())
     output_dir = metrics_log.output_dir
@@ -160,7 +164,7 @@ def _run(config: ConfigDict) -> dict:
     if dtype is None:
         raise FlagError("--dtype is empty; use fp32, bf16 or fp16")
     weights = dataset.loss_weights
-    task = ts.Task(models.build_model(config.modality, model_config, dtype), config.modality, weights["text"],
+    task = ts.Task(registry.build_model(config.modality, model_config, dtype), config.modality, weights["text"],
                    weights["vision"], config.loss_chunk_size)
     tx, schedule = optimizer_lib.make_optimizer(config.optimizer)
     to_global = functools.partial(multihost.global_batch, mesh=mesh, host=host,
@@ -170,7 +174,7 @@ def _run(config: ConfigDict) -> dict:
                                 save_optimizer_state=c.save_optimizer_state, format=c.format, keep=c.keep)
 
     # Measured outside the mesh context: a one-device jit inside jax.set_mesh is refused.
-    peak = config.peak_flops or logging_utils.peak_flops_of_run(logging_utils.measure_matmul_flops())
+    peak = config.peak_flops or metrics.peak_flops_of_run(metrics.measure_matmul_flops())
     with jax.set_mesh(mesh):
         init_rng, rng = np.asarray(jax.random.split(jax.random.PRNGKey(config.seed)))
         init_fn = functools.partial(ts.init_train_state, task=task, tx=tx)
@@ -197,7 +201,7 @@ def _run(config: ConfigDict) -> dict:
         eval_fn = jax.jit(functools.partial(ts.eval_step, task=task), in_shardings=(shardings.params, batch_sharding),
                           out_shardings=replicated)
 
-        timer = logging_utils.StepTimer(batch_size * seq_len,
+        timer = metrics.StepTimer(batch_size * seq_len,
                                         ts.flops_per_token(shapes.params["params"], model_config, seq_len), peak)
 
         def save(step: int, milestone: bool = False) -> str:
@@ -214,7 +218,7 @@ def _run(config: ConfigDict) -> dict:
                     jax.process_count(), peak)
         data_iter = iter(dataset)
         eval_iter = iter(eval_dataset) if eval_dataset is not None else None
-        bar = logging_utils.progress(total=config.total_steps, initial=start_step, desc="train", unit="step",
+        bar = metrics.progress(total=config.total_steps, initial=start_step, desc="train", unit="step",
                                      disable=not is_main)
         row, saved_step = {}, start_step if last_checkpoint else None
         try:

@@ -9,9 +9,9 @@ Tiny and random, on a CPU: --load_llama_config=tiny --vqgan_config=tiny (no --lo
 Steps (the original's, docs/vision_chat.md):
   1. Frames: the image, or at most max_n_frames of the video spread evenly from first to last, read as a
      viewer shows them (orientation applied, any mode or bit depth as 8-bit RGB); each one's shorter side
-     scaled to the VQGAN resolution (256) and the centre square cut out (lwm.vision_io).
+     scaled to the VQGAN resolution (256) and the centre square cut out (lwm.utils.vision_io).
   2. VQGAN codes -> vision tokens: each frame's h*w codes and END_OF_FRAME, END_OF_VISION after the last.
-  3. The prompt, one BOS then the original's template (lwm.chat_template.vision_chat_prompt):
+  3. The prompt, one BOS then the original's template (lwm.text.chat_template.vision_chat_prompt):
          <s>You are a helpful assistant. USER: {question}\\n<vision>{vision tokens}</vision> ASSISTANT:
      (`<vision>`, `</vision>` and the text are tokenized text; only the vision tokens use the vision vocabulary).
   4. Prefill with the vision masks, decode text over the KV cache until EOS or max_new_tokens; print it.
@@ -28,14 +28,14 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from lwm.chat_template import Prompt
-from lwm.chat_template import vision_chat_prompt as chat_prompt  # noqa: F401  (the one template; tests use it)
+from lwm.text.chat_template import Prompt
+from lwm.text.chat_template import vision_chat_prompt as chat_prompt  # noqa: F401  (the one template; tests use it)
 from lwm.inference import runtime
 from lwm.inference.engine import Engine, seed_of
 from lwm.inference.runtime import check_budget
 from lwm.inference.vision import vision_tokens
-from lwm.sampling import SamplingConfig
-from lwm.vision_llama import VisionLLaMAForCausalLM
+from lwm.inference.sampling import SamplingConfig
+from lwm.model.vision_llama import VisionLLaMAForCausalLM
 
 
 def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,
@@ -75,8 +75,8 @@ def get_default_config() -> ConfigDict:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the entry point; returns the answer text, its token ids, the prompt and timings."""
     from lwm.inference.loader import load_model
-    from lwm.vision_io import load_frames
-    from lwm.vqgan import VQGAN, VQGANConfig
+    from lwm.utils.vision_io import load_frames
+    from lwm.model.vqgan import VQGAN, VQGANConfig
 
     start = time.perf_counter()
     config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())

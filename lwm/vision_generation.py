@@ -19,7 +19,7 @@ The whole sequence budget (prompt + n_frames * tokens per frame) is checked befo
 
 Library functions: `generation_prompts` here; `generate_frames` (over lwm.inference.engine with a `FrameRule`),
 `FrameSampling`, `FrameRule` live in lwm.inference.vision. The model comes from lwm.inference.loader, the set-up and flags from lwm.inference.runtime, the prompt template from
-lwm.chat_template. Bad flags or files: one line, exit status 2. Letters: B prompts, R rows (2B with guidance),
+lwm.text.chat_template. Bad flags or files: one line, exit status 2. Letters: B prompts, R rows (2B with guidance),
 T padded prompt length, W vision vocabulary, F tokens per frame (h*w + 1).
 """
 from __future__ import annotations
@@ -33,11 +33,11 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from lwm.chat_template import Prompt, vision_generation_prompts
+from lwm.text.chat_template import Prompt, vision_generation_prompts
 from lwm.inference import runtime
 from lwm.inference.runtime import check_budget
 from lwm.inference.vision import FrameSampling, generate_frames
-from lwm.vision_llama import NUM_VISION_CODES
+from lwm.model.vision_llama import NUM_VISION_CODES
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -67,7 +67,7 @@ def get_default_config() -> ConfigDict:
 
 
 def _check_output(config: ConfigDict) -> None:
-    from lwm.vision_io import IMAGE_EXTENSIONS
+    from lwm.utils.vision_io import IMAGE_EXTENSIONS
 
     out, n = config.output_file, config.n_frames
     if not out:
@@ -89,8 +89,8 @@ def _check_output(config: ConfigDict) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the entry point; returns tokens (n_frames, F), frames (n_frames, H, W, 3) uint8 and timings."""
     from lwm.inference.loader import load_model
-    from lwm.vision_io import to_uint8, write_image, write_video
-    from lwm.vqgan import VQGAN, VQGANConfig
+    from lwm.utils.vision_io import to_uint8, write_image, write_video
+    from lwm.model.vqgan import VQGAN, VQGANConfig
 
     start = time.perf_counter()
     config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())

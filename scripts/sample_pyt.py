@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from lwm.chat_template import user_turn_text  # the one chat template (plain models take the prompt as it is)
+from lwm.text.chat_template import user_turn_text  # the one chat template (plain models take the prompt as it is)
 
 
 def parse_args(argv=None):

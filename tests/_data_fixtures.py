@@ -9,7 +9,7 @@ import socket
 import jax
 import numpy as np
 
-from lwm.tokenizer import train_sentencepiece
+from lwm.text.tokenizer import train_sentencepiece
 
 WORDS = ("the quick brown fox jumps over a lazy dog while world models read long videos and text "
          "in one million token context with ring attention packing").split()

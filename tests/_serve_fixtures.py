@@ -44,7 +44,7 @@ def host_random_params(model, seed: int = 0):
 def tiny_text_model(max_sequence_length: int = 256, seed: int = 0):
     """(config, model, params): the tiny preset with random weights, the output head sharpened so that greedy
     choices sit far from ties."""
-    from lwm.llama import LLaMAConfig, LLaMAForCausalLM
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
 
     cfg = LLaMAConfig.load("tiny").replace(max_sequence_length=max_sequence_length)
     model = LLaMAForCausalLM(cfg)
@@ -60,8 +60,8 @@ def tiny_vision_served(directory, max_sequence_length: int = 512, seed: int = 0)
     from _data_fixtures import small_tokenizer
 
     from lwm.inference.engine import Engine
-    from lwm.vision_llama import VisionLLaMAConfig, VisionLLaMAForCausalLM
-    from lwm.vqgan import VQGAN, VQGANConfig
+    from lwm.model.vision_llama import VisionLLaMAConfig, VisionLLaMAForCausalLM
+    from lwm.model.vqgan import VQGAN, VQGANConfig
 
     tok = small_tokenizer(directory)
     cfg = VisionLLaMAConfig.load("tiny").replace(max_sequence_length=max_sequence_length, sample_mode="text")

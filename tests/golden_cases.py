@@ -61,10 +61,10 @@ def make_workdir(d: str) -> str:
     import numpy as np
     from PIL import Image
 
-    from lwm import vision_io
-    from lwm.checkpoint import save_streaming
-    from lwm.llama import LLaMAConfig, LLaMAForCausalLM
-    from lwm.tokenizer import train_sentencepiece
+    from lwm.utils import vision_io
+    from lwm.checkpoint.formats import save_streaming
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
+    from lwm.text.tokenizer import train_sentencepiece
 
     os.makedirs(d, exist_ok=True)
     docs = documents()
@@ -211,7 +211,7 @@ def convert(d: str) -> dict:
         hf_config = {k: v for k, v in json.load(f).items() if k != "transformers_version"}
     with open(os.path.join(back, "config.json")) as f:
         lwm_config = json.load(f)
-    from lwm.checkpoint import load_checkpoint
+    from lwm.checkpoint.formats import load_checkpoint
 
     import jax
 

@@ -21,11 +21,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # Lower index = lower layer. A module may import its own layer or lower ones, never a higher one.
 LAYERS = (
-    # lwm.sharding is the vocabulary of mesh axes and specs that the kernels (the ring) ask for.
-    ("utilities", {"lwm", "lwm.config_utils", "lwm.safe_pickle", "lwm.distributed", "lwm.logging_utils",
-                   "lwm.chat_template", "lwm.sharding"}),
+    # lwm.parallel.sharding is the vocabulary of mesh axes and specs that the kernels (the ring) ask for.
+    ("utilities", {"lwm", "lwm.utils.config_dict", "lwm.utils.safe_pickle", "lwm.parallel.distributed", "lwm.training.metrics",
+                   "lwm.text.chat_template", "lwm.parallel.sharding"}),
     ("kernels", {"lwm.attention"}),                       # the package and everything under it
-    ("model", {"lwm.llama", "lwm.vision_llama", "lwm.vqgan", "lwm.loss", "lwm.models"}),
+    ("model", {"lwm.model.llama", "lwm.model.vision_llama", "lwm.model.vqgan", "lwm.model.loss", "lwm.model.registry"}),
     ("engines", set()),                                   # every other library module
     ("entry points", set()),                              # modules with a __main__ block, scripts/*.py
 )
@@ -161,10 +161,10 @@ def test_every_rule_catches_a_violation(tmp_path):
     """Negative control: a small tree with one violation of each rule, and the Pallas cycle as it was."""
     files = {
         "lwm/__init__.py": "",
-        "lwm/llama.py": "from lwm.train_state import loss_fn\n",                 # model -> engine
-        "lwm/train_state.py": "from lwm.llama import LLaMAConfig\n",
-        "lwm/flags.py": "def f():\n    from lwm.train import main\n",          # library -> entry point
-        "lwm/train.py": "import lwm.train_state\nif __name__ == '__main__':\n    pass\n",
+        "lwm/model/llama.py": "from lwm.training.steps import loss_fn\n",                 # model -> engine
+        "lwm/training/steps.py": "from lwm.model.llama import LLaMAConfig\n",
+        "lwm/cli/flags.py": "def f():\n    from lwm.train import main\n",          # library -> entry point
+        "lwm/train.py": "import lwm.training.steps\nif __name__ == '__main__':\n    pass\n",
         "lwm/chat.py": "from lwm.train import parse_flags\nif __name__ == '__main__':\n    pass\n",
         "lwm/demo.py": '"""Runs scripts/eval.py (a docstring: fine)."""\nCMD = ["python", "scripts/eval.py"]\n',
         "lwm/attention/__init__.py": "",
@@ -181,19 +181,19 @@ def test_every_rule_catches_a_violation(tmp_path):
         (tmp_path / rel).write_text(text)
     found = "\n".join(violations(tmp_path))
     expected = [
-        "lwm.llama (model) imports lwm.train_state (engines): upward import",
-        "lwm.flags imports lwm.train: a library imports an entry point",
+        "lwm.model.llama (model) imports lwm.training.steps (engines): upward import",
+        "lwm.cli.flags imports lwm.train: a library imports an entry point",
         "lwm.chat imports lwm.train: an entry point imports another entry point",
         "scripts.eval imports lwm.train: an entry point imports another entry point",
         "scripts.eval_multi imports scripts.eval: an entry point imports another entry point",
         "scripts.chat_wrapper imports lwm.chat: an entry point imports another entry point",
         "import cycle: lwm.attention.pallas_common -> lwm.attention.pallas_gpu -> lwm.attention.pallas_common",
-        "import cycle: lwm.train_state -> lwm.llama -> lwm.train_state",
+        "import cycle: lwm.training.steps -> lwm.model.llama -> lwm.training.steps",
         "lwm.demo runs a file from scripts/ ('scripts/eval.py')",
     ]
     for line in expected:
         assert line in found, f"not detected: {line}\n--- found:\n{found}"
-    assert "lwm.train (entry points) imports lwm.train_state" not in found          # downward imports are fine
+    assert "lwm.train (entry points) imports lwm.training.steps" not in found          # downward imports are fine
     assert len(found.splitlines()) == len(expected), found
 
 

@@ -9,7 +9,7 @@
 | "ulysses"    | q/k/v/out all-to-all: sequence <-> heads     | T for N/sp heads       | ulysses.py    |
 
 `load_balance` ('none', 'zigzag', 'striped') names the layout the global arrays are in
-(`lwm.attention.layout`; the model applies it once where a batch enters, `lwm.llama`). The kernel inside
+(`lwm.attention.layout`; the model applies it once where a batch enters, `lwm.model.llama`). The kernel inside
 every strategy is `block_impl` ('blockwise' jnp or 'pallas'). See docs/context_parallel.md for costs and
 for which strategy suits which topology.
 """
@@ -19,7 +19,7 @@ import functools
 
 import jax
 
-from lwm import sharding
+from lwm.parallel import sharding
 from lwm.attention import blockwise, layout
 from lwm.attention.all_gather import all_gather_local
 from lwm.attention.ring import RingConfig, block_fns, ambient_sp_mesh, check_divisible, ring_local
@@ -47,7 +47,7 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, strategy: str = "ri
 
     Args:
       q: (B, T, N, H); k, v: (B, T, K, H); segment_ids: (B, T) int or None. Global arrays in the layout
-        order of `load_balance`; sharded here as lwm.sharding.activation_spec / batch_spec
+        order of `load_balance`; sharded here as lwm.parallel.sharding.activation_spec / batch_spec
         (P(('dp','fsdp'), 'sp', 'tp', None) and P(('dp','fsdp'), 'sp')).
       strategy: 'ring', 'all_gather' or 'ulysses' (module docstring).
       load_balance: 'none', 'zigzag' or 'striped'.

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lwm import sharding
+from lwm.parallel import sharding
 from lwm.attention import ring
 from lwm.attention.blockwise import match_vma
 

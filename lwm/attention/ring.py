@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lwm import sharding
+from lwm.parallel import sharding
 from lwm.attention import blockwise, layout
 
 BATCH_AXES = sharding.BATCH_AXES
@@ -260,7 +260,7 @@ ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
 
 
 def sharding_specs(mesh):
-    """(q/k/v spec, segment-id spec) for `mesh`, from lwm.sharding (the axes the mesh has)."""
+    """(q/k/v spec, segment-id spec) for `mesh`, from lwm.parallel.sharding (the axes the mesh has)."""
     return sharding.activation_spec(mesh), sharding.batch_spec(mesh)
 
 

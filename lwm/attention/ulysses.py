@@ -10,7 +10,7 @@ The gathered sequence arrives in layout order; it is put back in natural order w
 inverse (`layout.from_layout`, a local reshape) before the kernel and re-laid-out after, so the kernel's
 index is the token's position.
 
-Heads: the tp-local query heads n = N/tp must divide by sp, else `lwm.sharding.check_ulysses_heads` raises before compiling,
+Heads: the tp-local query heads n = N/tp must divide by sp, else `lwm.parallel.sharding.check_ulysses_heads` raises before compiling,
 naming the numbers. The tp-local kv heads k = K/tp need not: when sp does not divide them, each kv head is
 repeated r = sp / gcd(k, sp) times first. That is always exact once sp divides n = G * k (G = N/K query
 heads per kv head): sp / gcd(k, sp) then divides G, query head j reads copy j // (G / r) of its own kv
@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from lwm import sharding
+from lwm.parallel import sharding
 from lwm.attention import layout
 from lwm.attention.ring import RingConfig
 

@@ -24,7 +24,7 @@ def jax_generate(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int) 
     under the mesh). The batch is padded with copies of the first prompt to a power of two rows and the budget
     rounded up to a power of two (the answers cut back to max_new_tokens: greedy tokens are a prefix), so that
     batches of one length share compiled shapes."""
-    from lwm.sampling import SamplingConfig
+    from lwm.inference.sampling import SamplingConfig
 
     data, _ = engine.mesh_sizes()
     rows = list(prompts) + [prompts[0]] * (_rows_for(len(prompts), data) - len(prompts))
@@ -68,7 +68,7 @@ class TorchBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from lwm.tokenizer import load_tokenizer
+        from lwm.text.tokenizer import load_tokenizer
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--hf_model={path}: not a local directory (a model saved with "

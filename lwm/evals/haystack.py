@@ -47,7 +47,7 @@ def noise_haystack() -> Haystack:
 
 def essay_haystack(path: str, max_documents: Optional[int] = None) -> Haystack:
     """Sentences of the documents of a haystack file (JSONL with "text", or a plain .txt file)."""
-    from lwm.needle import iter_haystack_texts
+    from lwm.evals.needle import iter_haystack_texts
 
     sentences = []
     for i, text in enumerate(iter_haystack_texts(path)):

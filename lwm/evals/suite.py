@@ -4,7 +4,7 @@
                             n_samples=4, seed=0)
     # each: dict(task, length, depth, index, seed, prompt (token ids), prompt_tokens, answers, meta)
 
-A sample's prompt is the chat template's first user turn (lwm/chat_template.py, BOS included) holding the
+A sample's prompt is the chat template's first user turn (lwm/text/chat_template.py, BOS included) holding the
 task's message; its size is the largest number of filler units whose prompt has at most `length` tokens of
 that tokenizer (a binary search over n_units), so two models with different tokenizers see the same
 text up to the length each one measures. The sample seed is a stable function of (seed, task, length,
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from lwm.chat_template import user_turn_ids
+from lwm.text.chat_template import user_turn_ids
 from lwm.evals.haystack import Haystack
 from lwm.evals.tasks import NeedleTask, Task, sub_seed
 from lwm.evals.tasks_more import CommonWords, CoReference, FrequentWords, VariableTracking

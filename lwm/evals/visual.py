@@ -1,6 +1,6 @@
 """A visual needle for the vision-language LWM: one frame showing a number (rendered with PIL on a plain
 background) replaces the frame at a depth of a video of N frames (a synthetic video, or a local file read
-with lwm.vision_io); the frames go through the VQGAN and the question asks for the number.
+with lwm.utils.vision_io); the frames go through the VQGAN and the question asks for the number.
 
     frames (N, S, S, 3) in [-1, 1]  ->  VQGAN codes (N, h, w)  ->  vision tokens (lwm.vision_chat)
     prompt: <s>You are a helpful assistant. USER: {question}\\n<vision>...</vision> ASSISTANT:
@@ -55,7 +55,7 @@ def video_frames(n: int, size: int, seed: int, video_file: str = "") -> np.ndarr
     """n haystack frames: from `video_file` (spread evenly over it; a shorter video is cycled) or synthetic."""
     if not video_file:
         return synthetic_video(n, size, seed)
-    from lwm.vision_io import load_frames
+    from lwm.utils.vision_io import load_frames
 
     frames = load_frames(video_file, size, n)
     return frames[np.arange(n) % len(frames)]
@@ -93,9 +93,9 @@ def run(samples: Sequence[dict], vqgan, model, params, tokenizer, *, max_new_tok
 
     from tqdm import tqdm
 
-    from lwm.chat_template import vision_chat_prompt
+    from lwm.text.chat_template import vision_chat_prompt
     from lwm.inference.engine import Engine
-    from lwm.sampling import SamplingConfig
+    from lwm.inference.sampling import SamplingConfig
     from lwm.inference.vision import vision_tokens
 
     if model.config.sample_mode != "text":

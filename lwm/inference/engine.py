@@ -17,7 +17,7 @@ benchmarks) calls this; there is no other prefill or decode loop in the package.
 
   max_new_tokens: int or one per row. stream(step, tokens) is called after every decode step with tokens[r]
   the new id of row r (None once row r has finished); it may return row indices to cancel. Vision-language
-  models (lwm.vision_llama, sample_mode 'text' or 'vision') take `vision=[mask per prompt]` (True where the
+  models (lwm.model.vision_llama, sample_mode 'text' or 'vision') take `vision=[mask per prompt]` (True where the
   prompt id is a vision id); generated tokens are of the model's sample_mode. `rule` replaces per-row
   sampling by a batch-level token rule (classifier-free guidance, forced end-of-frame tokens: see
   `TokenRule`). A prompt + budget longer than the model's max_sequence_length raises PromptTooLongError
@@ -43,7 +43,7 @@ benchmarks) calls this; there is no other prefill or decode loop in the package.
 (c) Host read-back (`host_array`) gathers arrays that span several processes before reading them, so the
 same code runs on one host or a multi-host pod. (d) `check_length` is the length check.
 
-Cache (lwm.llama.init_cache): k, v (L, B, K, S, H) in the layout decode reads, written in place (the
+Cache (lwm.model.llama.init_cache): k, v (L, B, K, S, H) in the layout decode reads, written in place (the
 decode state is donated); `cache_dtype` may differ from the model's (e.g. bf16 cache for an fp32 model).
 With ring attention under a mesh with 'sp', the cache is sharded along S and every step merges the shards
 with one pmax/psum of the softmax statistics (lwm.attention.decode).
@@ -61,10 +61,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm import sharding
-from lwm.llama import LLaMAForCausalLM, init_cache, sequence_multiple
-from lwm.sampling import PromptTooLongError, SamplingConfig, bucket_length, left_pad, sample_rows
-from lwm.vision_llama import VisionLLaMAForCausalLM
+from lwm.parallel import sharding
+from lwm.model.llama import LLaMAForCausalLM, init_cache, sequence_multiple
+from lwm.inference.sampling import PromptTooLongError, SamplingConfig, bucket_length, left_pad, sample_rows
+from lwm.model.vision_llama import VisionLLaMAForCausalLM
 
 # (logits (R, V) float32, keys (R, 2) uint32, steps (R,) int32, temperature (R,), top_k (R,), top_p (R,))
 #   -> tokens (R,) int32. Must be hashable (it is a static argument of the compiled step).
@@ -131,7 +131,7 @@ def parse_cache_dtype(value):
     if value is None or value == "":
         return None
     if isinstance(value, str):
-        from lwm.checkpoint import parse_float_dtype
+        from lwm.checkpoint.formats import parse_float_dtype
 
         try:
             return parse_float_dtype(value)
@@ -203,7 +203,7 @@ class Engine:
 
     def _constrain_cache(self, cache):
         """With context parallelism under a ('dp','fsdp','tp','sp') mesh, the cache is sharded as
-        `lwm.sharding.cache_specs` says (S over sp, as lwm.attention.decode expects); otherwise it is left to
+        `lwm.parallel.sharding.cache_specs` says (S over sp, as lwm.attention.decode expects); otherwise it is left to
         the compiler."""
         if not self.config.context_parallel or not sharding.has_full_mesh():
             return cache
@@ -275,7 +275,7 @@ class Engine:
                 "--update_llama_config='{\"max_sequence_length\": N}')")
 
     def padded_length(self, prompt_len: int) -> int:
-        """The prompt bucket: see lwm.sampling.bucket_length (multiples of lwm.llama.sequence_multiple: sp,
+        """The prompt bucket: see lwm.inference.sampling.bucket_length (multiples of lwm.model.llama.sequence_multiple: sp,
         2 * sp under the zigzag layout; few distinct shapes)."""
         block = max(self.config.scan_query_chunk_size, self.config.scan_key_chunk_size)
         return bucket_length(prompt_len, sequence_multiple(self.config), block)
@@ -506,7 +506,7 @@ class Engine:
 
     def prefill_batch(self, prompts: Sequence[Sequence[int]], padded_length: int, cache_length: int,
                       vision: Optional[Sequence] = None):
-        """Left-padded prompts (lwm.sampling.left_pad) through the model at once: returns (logits (R, V) of
+        """Left-padded prompts (lwm.inference.sampling.left_pad) through the model at once: returns (logits (R, V) of
         each row's next token, cache of cache_length slots with [0, padded_length) filled). The number of
         rows must divide by the mesh's dp*fsdp."""
         ids, seg, pos = left_pad(prompts, padded_length, self.pad_id)

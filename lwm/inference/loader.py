@@ -4,9 +4,9 @@
 
 `config` is a `LLaMAConfig` (text) or a `VisionLLaMAConfig` (vision-language); the model class follows from
 it. The parameter shapes come from `param_shapes` (one function for both), the checkpoint is read by
-`lwm.checkpoint.load_checkpoint` (any `--load_checkpoint` spec: params::PATH, trainstate_params::PATH,
+`lwm.checkpoint.formats.load_checkpoint` (any `--load_checkpoint` spec: params::PATH, trainstate_params::PATH,
 flax_params::PATH, orbax::DIR), checked against those shapes, cast to `dtype` and, with a mesh, placed by
-the sharding table (lwm.sharding) one tensor at a time, so host memory never holds more than one tensor
+the sharding table (lwm.parallel.sharding) one tensor at a time, so host memory never holds more than one tensor
 beyond the placed tree. An empty spec loads host-drawn random weights (`random_params`) only when asked
 (`random_if_empty=True`: demos and tests of the vision entry points); otherwise it raises.
 """
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm.llama import LLaMAConfig, LLaMAForCausalLM
-from lwm.vision_llama import VisionLLaMAConfig, VisionLLaMAForCausalLM
+from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
+from lwm.model.vision_llama import VisionLLaMAConfig, VisionLLaMAForCausalLM
 
 
 def model_class(config: LLaMAConfig):
@@ -40,9 +40,9 @@ def param_shapes(config: LLaMAConfig, dtype=jnp.float32):
 
 
 def param_shardings(shapes, config: LLaMAConfig, mesh):
-    """NamedShardings for `shapes` from the sharding table; raises (lwm.sharding) when a rule is missing or
+    """NamedShardings for `shapes` from the sharding table; raises (lwm.parallel.sharding) when a rule is missing or
     a dimension is not divisible by its mesh axes."""
-    from lwm import sharding
+    from lwm.parallel import sharding
 
     return sharding.param_shardings(shapes, config, mesh)
 
@@ -72,8 +72,8 @@ def load_model(config: LLaMAConfig, load_checkpoint: str, dtype=jnp.float32, mes
     from a `--load_checkpoint` spec, cast to `dtype` and, with a mesh, placed on it.
 
     An empty spec gives `random_params(..., seed)` when random_if_empty, else raises ValueError naming the
-    flag. A checkpoint whose tree or shapes differ from the model's raises lwm.checkpoint.CheckpointError."""
-    from lwm.checkpoint import load_checkpoint as read_checkpoint
+    flag. A checkpoint whose tree or shapes differ from the model's raises lwm.checkpoint.formats.CheckpointError."""
+    from lwm.checkpoint.formats import load_checkpoint as read_checkpoint
 
     dtype = jnp.dtype(dtype)
     model = model_class(config)(config, dtype=dtype, param_dtype=dtype)

@@ -19,11 +19,11 @@ from typing import Callable, Optional
 
 from ml_collections import ConfigDict
 
-from lwm import distributed
+from lwm.parallel import distributed
 
 # What a user can get wrong (a flag, a file, a length, the mesh): ValueError covers FlagError,
 # CheckpointError, PromptTooLongError, MeshError and DataFormatError; OSError covers missing or
-# unreadable files; UnpicklingError a pickle that lwm.safe_pickle refuses. LWM_DEBUG=1 shows the
+# unreadable files; UnpicklingError a pickle that lwm.utils.safe_pickle refuses. LWM_DEBUG=1 shows the
 # traceback instead.
 USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
 
@@ -52,11 +52,11 @@ def vision_flags(c: ConfigDict) -> ConfigDict:
 
 
 def parse(argv, defaults: ConfigDict) -> ConfigDict:
-    """The entry points' flags (lwm.flags.parse_flags) on `defaults`; `--tokenizer.vocab_file=X` (the
+    """The entry points' flags (lwm.cli.flags.parse_flags) on `defaults`; `--tokenizer.vocab_file=X` (the
     original scripts' spelling) means --tokenizer=X."""
     import re
 
-    from lwm.flags import parse_flags
+    from lwm.cli.flags import parse_flags
 
     argv = [re.sub(r"^--tokenizer\.vocab_file(?==|$)", "--tokenizer", a) for a in argv]
     return parse_flags(list(argv), defaults)
@@ -65,7 +65,7 @@ def parse(argv, defaults: ConfigDict) -> ConfigDict:
 def check_budget(prompt_len: int, new_tokens: int, max_sequence_length: int, what: str) -> None:
     """PromptTooLongError (naming `what`, e.g. the flags) unless prompt + new tokens fit the model's
     positions; the entry points call it before anything is loaded or compiled."""
-    from lwm.sampling import PromptTooLongError
+    from lwm.inference.sampling import PromptTooLongError
 
     if prompt_len + new_tokens > max_sequence_length:
         raise PromptTooLongError(
@@ -84,7 +84,7 @@ class Runtime:
 
 def parse_dtype(name: str):
     """'fp32' | 'bf16' | 'fp16' (or numpy names) -> a numpy dtype; raises ValueError naming --dtype."""
-    from lwm.checkpoint import parse_float_dtype
+    from lwm.checkpoint.formats import parse_float_dtype
 
     try:
         dtype = parse_float_dtype(name)
@@ -101,9 +101,9 @@ def setup(config: ConfigDict, modality: str = "text", sample_mode: Optional[str]
     ids; `sample_mode` for the vision model) and the mesh, checked against the model's heads."""
     import jax
 
-    from lwm.flags import model_config_from_flags
-    from lwm.sharding import check_model_mesh, make_mesh
-    from lwm.tokenizer import load_tokenizer
+    from lwm.cli.flags import model_config_from_flags
+    from lwm.parallel.sharding import check_model_mesh, make_mesh
+    from lwm.text.tokenizer import load_tokenizer
 
     distributed.initialize(distributed.config_from_flags(config.jax_distributed))
     dtype = parse_dtype(config.dtype)
@@ -123,7 +123,7 @@ def setup(config: ConfigDict, modality: str = "text", sample_mode: Optional[str]
 
 def usage(prog: str, defaults: ConfigDict, doc: str = "") -> str:
     """The entry point's docstring, then every flag with its default."""
-    from lwm.flags import get_flag, known_flags
+    from lwm.cli.flags import get_flag, known_flags
 
     lines = [doc.strip(), ""] if doc else []
     lines.append(f"python -m {prog} [--flag=value ...]; flags and defaults:")

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm.chat_template import Prompt
+from lwm.text.chat_template import Prompt
 from lwm.inference.engine import Engine, mesh_sizes, seed_of
 from lwm.inference.runtime import check_budget
-from lwm.sampling import SamplingConfig, sample_rows
-from lwm.vision_llama import END_OF_FRAME, END_OF_VISION, NUM_VISION_CODES, VisionLLaMAForCausalLM
+from lwm.inference.sampling import SamplingConfig, sample_rows
+from lwm.model.vision_llama import END_OF_FRAME, END_OF_VISION, NUM_VISION_CODES, VisionLLaMAForCausalLM
 
 
 def vision_tokens(codes: np.ndarray) -> np.ndarray:

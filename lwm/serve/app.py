@@ -8,7 +8,7 @@
     POST /v1/images/generations vision models: text -> PNG images (b64_json)
 
 Requests are validated at the edge (`lwm.serve.schemas`), turned into token ids by `lwm.serve.model.ServedModel`
-(the chat template is `lwm.chat_template`), and queued on the `lwm.serve.scheduler.Scheduler`, whose one thread
+(the chat template is `lwm.text.chat_template`), and queued on the `lwm.serve.scheduler.Scheduler`, whose one thread
 runs the engine. Every error leaves as an OpenAI error object (`lwm.serve.errors`).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
                decode_steps_per_call: int = 16, warmup_prompt_lengths=(), batch_wait_ms: float = 20.0) -> FastAPI:
     """The app over `engine` (an `lwm.inference` engine, text or vision) and its `tokenizer`.
 
-    model_name: the id clients send as `model`. vqgan: an `lwm.vqgan.VQGAN` for vision models (required
+    model_name: the id clients send as `model`. vqgan: an `lwm.model.vqgan.VQGAN` for vision models (required
     for image input and image generation). api_key: when set, /v1/* needs `Authorization: Bearer KEY` (401
     otherwise). max_batch_size: rows decoded together; max_queue: requests waiting for the engine (429 when
     full). allow_local_media: read plain file paths in media parts. max_n_frames: frames taken from a

@@ -7,7 +7,7 @@ an incomplete character, and posts the new text to the request's asyncio queue. 
 `Job.events()` and may `cancel()` (client gone).
 
 Usage counts: prompt_tokens = len(prompt), completion_tokens = tokens produced, the EOS that ends an answer
-excluded (what `lwm.sampling.Sampler.generate` returns).
+excluded (what `lwm.inference.sampling.Sampler.generate` returns).
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def load_served(config: ConfigDict):
         model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, rt.mesh,
                                    random_if_empty=vision, seed=config.seed)
     if vision:
-        from lwm.vqgan import VQGAN, VQGANConfig
+        from lwm.model.vqgan import VQGAN, VQGANConfig
 
         vqgan = VQGAN.load(config.vqgan_checkpoint or None, VQGANConfig.load(config.vqgan_config), seed=config.seed)
     engine = Engine(model, params, eos_id=rt.tokenizer.eos_id, pad_id=rt.tokenizer.pad_id,

@@ -3,7 +3,7 @@
 A media part's URL is a `data:` URL, `data:image/png;base64,...` (PNG or JPEG; a GIF/WebP that Pillow reads is
 taken too) or `data:video/mp4;base64,...`, or, only when the server runs with `--allow_local_media`, a local
 path (`/abs/path.png` or `file:///abs/path.mp4`). Remote `http(s)://` URLs are refused: the server fetches
-nothing. Decoding, orientation, resizing and cropping are `lwm.vision_io`'s (the one home of pixel reading);
+nothing. Decoding, orientation, resizing and cropping are `lwm.utils.vision_io`'s (the one home of pixel reading);
 this module only turns URLs into bytes and bytes into a file `vision_io` reads.
 
 Errors are `APIError(400)` naming the message and part, e.g.
@@ -66,9 +66,9 @@ def _image_format(data: bytes) -> str | None:
 
 def decode_media(data: bytes, where: str, size: int, max_n_frames: int, kind: str) -> np.ndarray:
     """Bytes of an image (kind 'image': PNG/JPEG) or of a video ('image' parts may carry an mp4 too; 'video')
-    -> float32 (T, size, size, 3) in [-1, 1] by `lwm.vision_io.load_frames`. APIError(400) when the bytes are
+    -> float32 (T, size, size, 3) in [-1, 1] by `lwm.utils.vision_io.load_frames`. APIError(400) when the bytes are
     neither."""
-    from lwm.vision_io import load_frames
+    from lwm.utils.vision_io import load_frames
 
     fmt = _image_format(data)
     if fmt is not None and fmt not in IMAGE_FORMATS:
@@ -98,8 +98,8 @@ def frames_from_parts(parts: Sequence[tuple[str, str, str]], size: int, max_n_fr
     """Media parts of one message, [(kind 'image'|'video', url, where)], -> (T, size, size, 3) in [-1, 1].
     One part: its frames (a video is sampled to at most max_n_frames). Several parts: each is one frame of a
     video, in order (a video among several parts is refused); more than max_n_frames are thinned evenly
-    (`lwm.vision_io.sample_frame_indices`)."""
-    from lwm.vision_io import sample_frame_indices
+    (`lwm.utils.vision_io.sample_frame_indices`)."""
+    from lwm.utils.vision_io import sample_frame_indices
 
     if len(parts) == 1:
         kind, url, where = parts[0]

@@ -1,7 +1,7 @@
 """What the server knows of its model: how requests become token ids and the length rule.
 
 `ServedModel(engine, tokenizer, name, vqgan=...)`:
-  chat_prompt(messages)        chat messages -> prompt ids (`lwm.chat_template.conversation_ids`), or for a
+  chat_prompt(messages)        chat messages -> prompt ids (`lwm.text.chat_template.conversation_ids`), or for a
                                vision model with media parts a vision prompt (ids + vision mask)
   completion_prompt(prompt)    text -> [BOS] + ids; token ids as given
   check_length(n, max_tokens)  400 'context_length_exceeded' naming max_sequence_length
@@ -69,7 +69,7 @@ class ServedModel:
     def chat_prompt(self, messages: Sequence) -> object:
         """Pydantic ChatMessages -> prompt. Text parts of one message are joined with newlines; media parts
         need a vision model and may sit in the last user message only."""
-        from lwm.chat_template import conversation_ids
+        from lwm.text.chat_template import conversation_ids
 
         plain, media = [], []
         for i, m in enumerate(messages):
@@ -98,11 +98,11 @@ class ServedModel:
         return self.vision_prompt(plain, media)
 
     def vision_prompt(self, plain: list[dict], media) -> "MediaPrompt":
-        """The conversation's ids (`lwm.chat_template`) with the last user turn carrying the media, as the
+        """The conversation's ids (`lwm.text.chat_template`) with the last user turn carrying the media, as the
         original LWM-Chat lays it out: "{system} USER: {text}\\n" + "<vision>" + vision ids + "</vision>" +
         " ASSISTANT:" (each text piece tokenized on its own; vision ids: each frame's VQGAN codes, then the
         end-of-frame / end-of-vision marker)."""
-        from lwm.chat_template import SYSTEM_PROMPT, conversation_ids, user_turn_ids, user_turn_text
+        from lwm.text.chat_template import SYSTEM_PROMPT, conversation_ids, user_turn_ids, user_turn_text
         from lwm.serve.media import frames_from_parts
         from lwm.inference.vision import vision_tokens
 
@@ -120,7 +120,7 @@ class ServedModel:
         suffix = " ASSISTANT:"
         turn = user_turn_text(last + "\n", first, system)
         if not turn.endswith(suffix):
-            raise RuntimeError(f"lwm.chat_template's user turn no longer ends with {suffix!r}")
+            raise RuntimeError(f"lwm.text.chat_template's user turn no longer ends with {suffix!r}")
         frames = frames_from_parts(media, self.vqgan.config.resolution, self.max_n_frames, self.allow_local_media)
         self.check_length(len(head) + 2 + len(frames) * (self.vqgan.config.codes_per_side ** 2 + 1), 1)
         _, codes = self.vqgan.encode(frames)
@@ -146,10 +146,10 @@ class ServedModel:
         forced end-of-frame), then the VQGAN decode, on one image engine kept for the server's lifetime so
         requests after the first reuse its compiled steps. Returns n uint8 (R, R, 3) frames. Runs on the
         engine thread."""
-        from lwm.chat_template import vision_generation_prompts
+        from lwm.text.chat_template import vision_generation_prompts
         from lwm.inference.engine import Engine
         from lwm.inference.vision import FrameSampling, generate_frames
-        from lwm.vision_io import to_uint8
+        from lwm.utils.vision_io import to_uint8
 
         side = self.vqgan.config.codes_per_side
         per_frame = side * side + 1
@@ -174,7 +174,7 @@ class ServedModel:
     @property
     def cache_length(self) -> int:
         """Cache slots per decode slot: the model's context plus the most padding a prompt's bucket adds
-        (`Engine.padded_length`, lwm.sampling.bucket_length: under sp*block tokens a power of two times sp,
+        (`Engine.padded_length`, lwm.inference.sampling.bucket_length: under sp*block tokens a power of two times sp,
         less than twice the prompt; above, whole sp*block), rounded up to whole sp chunks. A prompt whose
         bucket would still not leave room for its budget is padded to sp only (`prefill_key`). A decode step
         costs a few percent more per doubling of this length (debug preset, CPU), so it is kept tight."""
@@ -191,7 +191,7 @@ class ServedModel:
         return list(prompt), None
 
     def _sampling(self, job):
-        from lwm.sampling import SamplingConfig
+        from lwm.inference.sampling import SamplingConfig
 
         s = job.sampling
         return SamplingConfig(temperature=s.temperature, top_k=0, top_p=s.top_p)

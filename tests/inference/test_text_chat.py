@@ -1,0 +1,126 @@
+"""lwm.text_chat keeps going when the conversation outgrows the context: the oldest turns are dropped (the
+system prompt stays, on the new first turn), the user is told once, and a message too long on its own is
+refused with one line while the chat goes on. Unit tests on a recording stand-in for the sampler (exact
+prompts), then the real entry point on the tiny model."""
+import io
+import types
+
+import pytest
+
+from lwm import text_chat
+from lwm.inference.engine import Engine
+from lwm.inference.sampling import PromptTooLongError, SamplingConfig
+from lwm.text.tokenizer import load_tokenizer
+
+
+class RecordingSampler:
+    """Answers every prompt with ANSWER and records the prompts and budgets it was given; the length check
+    is the real engine's."""
+    ANSWER = [10, 11, 12]
+
+    def __init__(self, limit):
+        self.config = types.SimpleNamespace(max_sequence_length=limit)
+        self.calls = []
+
+    check_length = Engine.check_length
+
+    def generate(self, prompts, max_new_tokens, *, sampling, seeds, stream=None):
+        (prompt,) = prompts
+        assert len(prompt) + max_new_tokens <= self.config.max_sequence_length
+        self.calls.append((list(prompt), max_new_tokens))
+        return types.SimpleNamespace(tokens=[list(self.ANSWER)])
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from _data_fixtures import small_tokenizer
+
+    return small_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _chat(tok, limit, max_new=4):
+    notes = []
+    chat = text_chat.Chat(RecordingSampler(limit), tok, SamplingConfig(), max_new, notify=notes.append)
+    return chat, notes
+
+
+def _expected(tok, turns, message):
+    """The prompt the chat template gives for `turns` (message, answer) then `message`, built by hand."""
+    ids = []
+    for i, (m, a) in enumerate(turns):
+        ids += text_chat.turn_tokens(tok, m, first=i == 0) + a + [tok.eos_id]
+    return ids + text_chat.turn_tokens(tok, message, first=not turns)
+
+
+MESSAGES = ["the quick brown fox", "jumps over a lazy dog", "while world models read", "long videos and text",
+            "in one million token context", "with ring attention packing"]
+
+
+def test_history_is_kept_while_it_fits(tok):
+    chat, notes = _chat(tok, limit=10_000)
+    for i, m in enumerate(MESSAGES):
+        chat.reply(m)
+        prompt, _ = chat.engine.calls[-1]
+        assert prompt == _expected(tok, [(x, RecordingSampler.ANSWER) for x in MESSAGES[:i]], m)
+    assert notes == [] and chat.dropped_turns == 0
+
+
+def test_oldest_turns_are_dropped_the_system_prompt_kept_and_the_user_told_once(tok):
+    first_prompt = _expected(tok, [], MESSAGES[0])
+    limit = 3 * len(first_prompt)                     # about two turns fit
+    chat, notes = _chat(tok, limit)
+    full = []
+    for m in MESSAGES:
+        chat.reply(m)
+        full.append(m)
+    # Negative control: the whole conversation does not fit, so the chat would have stopped without dropping.
+    assert len(_expected(tok, [(x, RecordingSampler.ANSWER) for x in MESSAGES[:-1]], MESSAGES[-1])) + 4 > limit
+    assert len(chat.engine.calls) == len(MESSAGES) and chat.dropped_turns > 0
+    assert len(notes) == 1 and "oldest turns are dropped" in notes[0] and f"max_sequence_length={limit}" in notes[0]
+    for prompt, budget in chat.engine.calls:
+        assert prompt[0] == tok.bos_id
+        assert tok.decode(prompt[1:]).startswith("You are a helpful assistant. USER: ")   # the system prompt
+        assert budget == 4 and len(prompt) + budget <= limit
+    # The last prompt is exactly the template over the most recent turns that fit, nothing cut mid-turn.
+    prompt, _ = chat.engine.calls[-1]
+    kept = len(MESSAGES) - 1 - chat.dropped_turns
+    assert kept >= 1
+    assert prompt == _expected(tok, [(x, RecordingSampler.ANSWER) for x in MESSAGES[-1 - kept:-1]], MESSAGES[-1])
+    assert prompt != _expected(tok, [(x, RecordingSampler.ANSWER) for x in MESSAGES[-2 - kept:-1]], MESSAGES[-1])
+
+
+def test_a_message_too_long_alone_is_refused_and_the_conversation_kept(tok):
+    limit = len(_expected(tok, [("the quick brown fox", RecordingSampler.ANSWER)], "a lazy dog")) + 4
+    chat, _ = _chat(tok, limit)
+    chat.reply("the quick brown fox")
+    turns = list(chat.turns)
+    with pytest.raises(PromptTooLongError, match=f"max_sequence_length={limit}"):
+        chat.reply(" ".join(["ring attention packing"] * 40))
+    assert chat.turns == turns                        # nothing dropped by the refused message
+    chat.reply("a lazy dog")
+    assert len(chat.turns) == 2
+
+
+@pytest.mark.slow
+def test_entry_point_chats_past_the_context(tmp_path):
+    """The real model: a 96-token context, 8 new tokens a turn, six turns and one oversized message."""
+    import jax
+    import jax.numpy as jnp
+
+    from _data_fixtures import small_tokenizer
+    from lwm.checkpoint.formats import save_streaming
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
+
+    small_tokenizer(tmp_path)
+    params = LLaMAForCausalLM(LLaMAConfig.load("tiny")).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    save_streaming(str(tmp_path / "params"), params["params"])
+    lines = MESSAGES[:3] + [" ".join(["ring attention packing"] * 40)] + MESSAGES[3:]
+    out = io.StringIO()
+    answers = text_chat.main(["--load_llama_config=tiny", f"--load_checkpoint=params::{tmp_path / 'params'}",
+                              f"--tokenizer={tmp_path / 'tokenizer.model'}", "--max_new_tokens=8", "--temperature=0",
+                              "--mesh_dim=1,-1,1,1", "--update_llama_config=dict(max_sequence_length=96)"],
+                             stdin=io.StringIO("\n".join(lines) + "\n"), stdout=out)
+    text = out.getvalue()
+    assert len(answers) == len(MESSAGES)                          # every fitting message answered
+    assert text.count("oldest turns are dropped") == 1
+    assert text.count("[message not sent:") == 1 and "max_sequence_length=96" in text

@@ -1,0 +1,99 @@
+"""The model with context parallelism: every strategy x load balance gives the dense model's logits, KV
+cache and greedy tokens, and the needle eval's answers under every strategy.
+
+The layout is applied inside the model (lwm.model.llama.LLaMABlockCollection), so these checks feed natural-order
+batches and compare natural-order results, as every caller sees them. Engine fixtures come from
+tests/test_sampling.py.
+"""
+import os
+
+os.environ.setdefault("NPROC", "32")  # see tests/test_sampling.py: XLA:CPU collectives on 2 cores
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lwm.model.llama import LLaMAForCausalLM, init_cache, sequence_layout
+from lwm.inference.engine import Engine
+from lwm.parallel.sharding import make_mesh, param_shardings
+from test_needle import _script_flags, workdir  # noqa: F401 (fixture)
+from test_sampling import EOS, NEW, PAD, PROMPTS, greedy_batch, sampler, tiny  # noqa: F401 (fixtures)
+
+STRATEGIES = ("ring", "all_gather", "ulysses")
+BALANCES = ("none", "zigzag", "striped")
+FAST = {("ring", "zigzag"), ("ulysses", "striped")}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def grid(fast=FAST):
+    return [pytest.param(s, b, marks=() if (s, b) in fast else pytest.mark.slow) for s in STRATEGIES
+            for b in BALANCES]
+
+
+@pytest.fixture(scope="module")
+def packed():
+    """Two rows of 64 tokens, each packed with three sequences (segment ids 1..3, positions restart)."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 500, size=(2, 64)).astype(np.int32)
+    seg = np.repeat(np.array([[1, 2, 3, 3], [1, 1, 2, 3]]), 16, axis=1).astype(np.int32)
+    pos = np.concatenate([np.arange(n) for n in (16, 16, 32)] + [np.arange(n) for n in (32, 16, 16)]).reshape(2, 64)
+    return jnp.asarray(ids), jnp.asarray(seg), jnp.asarray(pos, jnp.int32)
+
+
+@pytest.mark.parametrize("strategy,balance", grid())
+def test_model_logits_and_prefill_cache_match_dense(tiny, packed, strategy, balance):  # noqa: F811
+    cfg, _, params = tiny
+    ids, seg, pos = packed
+    dense = LLaMAForCausalLM(cfg.replace(attention_impl="dense"))
+    want, want_cache = dense.apply({"params": params}, ids, position_ids=pos, segment_ids=seg,
+                                   cache=init_cache(cfg, 2, 72), cache_index=0)
+    cp_cfg = cfg.replace(attention_impl="ring", context_parallel_strategy=strategy,
+                         context_parallel_load_balance=balance, scan_query_chunk_size=8, scan_key_chunk_size=8)
+    model = LLaMAForCausalLM(cp_cfg)
+    mesh = make_mesh("1,2,1,4")
+    with jax.set_mesh(mesh):
+        assert sequence_layout(cp_cfg) == (balance, 4)  # the layout is really applied inside
+        placed = jax.device_put(params, param_shardings(params, cp_cfg, mesh))
+        fn = jax.jit(lambda p, i, s, q: model.apply({"params": p}, i, position_ids=q, segment_ids=s,
+                                                     cache=init_cache(cp_cfg, 2, 72), cache_index=0))
+        got, got_cache = fn(placed, ids, seg, pos)
+    assert rel_err(got, want) < 1e-5
+    for name in ("k", "v"):  # the cache comes back in natural order
+        assert rel_err(got_cache[name], want_cache[name]) < 1e-5, name
+    np.testing.assert_array_equal(got_cache["segment_ids"], want_cache["segment_ids"])
+
+
+@pytest.mark.parametrize("strategy,balance", grid(fast={("ring", "zigzag")}))
+def test_greedy_sampling_is_identical(tiny, greedy_batch, strategy, balance):  # noqa: F811
+    cfg, _, params = tiny
+    cp_cfg = cfg.replace(attention_impl="ring", context_parallel_strategy=strategy,
+                         context_parallel_load_balance=balance)
+    mesh = make_mesh("1,2,1,4")
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(params, param_shardings(params, cp_cfg, mesh))
+        s = Engine(LLaMAForCausalLM(cp_cfg), placed, eos_id=EOS, pad_id=PAD)
+        assert s.generate(PROMPTS, NEW).tokens == greedy_batch
+
+
+@pytest.mark.slow
+def test_needle_eval_answers_are_identical_under_every_strategy(workdir, tmp_path):  # noqa: F811
+    """python -m lwm.eval_needle on 8 devices (fsdp=2, sp=4) under each strategy (with a balanced layout where
+    one applies) gives the single-device blockwise run's responses token for token."""
+    import json
+
+    from lwm import eval_needle
+
+    d, _ = workdir
+    ref = eval_needle.main(_script_flags(d, tmp_path / "ref.json"))
+    for strategy, balance in (("ring", "zigzag"), ("all_gather", "striped"), ("ulysses", "none")):
+        extra = ["--mesh_dim=1,2,1,4", "--llama.attention_impl=ring",
+                 f"--update_llama_config=dict(context_parallel_strategy='{strategy}',"
+                 f"context_parallel_load_balance='{balance}')"]
+        got = eval_needle.main(_script_flags(d, tmp_path / f"{strategy}.json", extra))
+        assert [r["response"] for r in got] == [r["response"] for r in ref], strategy
+        assert json.loads((tmp_path / f"{strategy}.json").read_text())

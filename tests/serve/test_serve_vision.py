@@ -1,0 +1,148 @@
+"""`lwm.serve` with a vision-language model (tiny preset, random weights, tiny VQGAN) and the `openai` client:
+an image sent as a PNG (or JPEG) data URL is answered with the tokens the engine gives for the original
+LWM-Chat prompt (`lwm.text.chat_template.vision_chat_prompt`) of that image's VQGAN codes; frames as several image parts and
+an mp4 data URL are read as video; non-image data in an image part is a 400 and the next request is served;
+local paths need --allow_local_media; /v1/images/generations returns a PNG equal to the direct generation."""
+import base64
+import io
+
+import numpy as np
+import pytest
+
+from _serve_fixtures import running_server, tiny_vision_served
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow
+NEW = 6
+QUESTION = "what is in the picture"
+
+
+def data_url(array, fmt="PNG"):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    mime = {"PNG": "image/png", "JPEG": "image/jpeg"}[fmt]
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from lwm.serve import create_app
+
+    tmp = tmp_path_factory.mktemp("vision")
+    engine, tok, vqgan = tiny_vision_served(tmp)
+    app = create_app(engine, tok, model_name="tiny-vision", vqgan=vqgan, max_n_frames=4)
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+        yield dict(url=url, client=client, engine=engine, tok=tok, vqgan=vqgan, app=app, tmp=tmp)
+
+
+def image(seed=0, shape=(40, 48, 3)):
+    return np.random.default_rng(seed).integers(0, 255, shape, np.uint8)
+
+
+def ask(server, parts, **kw):
+    content = [{"type": "text", "text": QUESTION}] + parts
+    return server["client"].chat.completions.create(
+        model="tiny-vision", messages=[{"role": "user", "content": content}], max_tokens=NEW, temperature=0,
+        extra_body={"return_token_ids": True}, **kw)
+
+
+def reference(server, frames_uint8):
+    """The engine's greedy answer for the original LWM-Chat prompt of these frames (as lwm.vision_chat)."""
+    from lwm.text.chat_template import vision_chat_prompt
+    from lwm.inference.vision import vision_tokens
+    from lwm.utils.vision_io import resize_center_crop, to_model_range
+
+    vqgan = server["vqgan"]
+    side = vqgan.config.resolution
+    frames = to_model_range(np.stack([resize_center_crop(f, side) for f in frames_uint8]))
+    _, codes = vqgan.encode(frames)
+    prompt = vision_chat_prompt(server["tok"], QUESTION, vision_tokens(np.asarray(codes)))
+    result = server["engine"].generate([list(prompt.ids)], NEW, vision=[list(prompt.vision)])
+    return list(prompt.ids), result.tokens[0]
+
+
+def test_png_data_url_is_answered_like_vision_chat(server):
+    ids, want = reference(server, [image(0)])
+    r = ask(server, [{"type": "image_url", "image_url": {"url": data_url(image(0))}}])
+    assert r.model_extra["prompt_token_ids"] == ids
+    assert r.choices[0].model_extra["token_ids"] == want
+    assert r.choices[0].message.content == server["tok"].decode(want)
+    other = ask(server, [{"type": "image_url", "image_url": {"url": data_url(image(1))}}])
+    assert other.model_extra["prompt_token_ids"] != ids           # the image reaches the prompt (negative control)
+
+
+def test_jpeg_and_frames_and_mp4(server):
+    from lwm.utils.vision_io import write_video
+
+    jpeg = ask(server, [{"type": "image_url", "image_url": {"url": data_url(image(2), "JPEG")}}])
+    assert jpeg.choices[0].finish_reason in ("stop", "length")
+    frames = [image(3), image(4)]
+    ids, want = reference(server, frames)
+    r = ask(server, [{"type": "image_url", "image_url": {"url": data_url(f)}} for f in frames])
+    assert r.model_extra["prompt_token_ids"] == ids and r.choices[0].model_extra["token_ids"] == want
+    path = server["tmp"] / "clip.mp4"
+    write_video(str(path), np.stack([image(5, (32, 32, 3)), image(6, (32, 32, 3))]), fps=2)
+    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    video = ask(server, [{"type": "video_url", "video_url": {"url": url}}])
+    vq = server["vqgan"].config
+    assert len(video.model_extra["prompt_token_ids"]) > 2 * (vq.codes_per_side ** 2 + 1)   # two frames read
+
+
+def test_bad_media_get_400_and_the_server_keeps_serving(server, tmp_path):
+    path = tmp_path / "local.png"
+    from PIL import Image
+
+    Image.fromarray(image(7)).save(path)
+    cases = [
+        ("text in an image part", "data:image/png;base64," + base64.b64encode(b"not an image at all").decode(),
+         "not a PNG or JPEG"),
+        ("bad base64", "data:image/png;base64,%%%", "base64"),
+        ("remote URL", "https://example.com/cat.png", "only data: URLs"),
+        ("local path", str(path), "--allow_local_media"),
+    ]
+    for name, url, needle in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(server, [{"type": "image_url", "image_url": {"url": url}}])
+        assert needle in e.value.message and "content[1]" in e.value.message, (name, e.value.message)
+        ok = ask(server, [{"type": "image_url", "image_url": {"url": data_url(image(0))}}])
+        assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_local_media_behind_the_flag(server, tmp_path):
+    from PIL import Image
+
+    from lwm.serve.media import frames_from_parts
+
+    path = tmp_path / "local.png"
+    Image.fromarray(image(0)).save(path)
+    frames = frames_from_parts([("image", str(path), "p")], 32, 4, allow_local=True)
+    again = frames_from_parts([("image", data_url(image(0)), "p")], 32, 4, allow_local=False)
+    assert frames.shape == (1, 32, 32, 3) and np.array_equal(frames, again)
+
+
+def test_image_generation_returns_the_direct_generation_as_png(server):
+    import jax
+    from PIL import Image
+
+    from lwm.inference.vision import FrameSampling, generate_frames
+    from lwm.vision_generation import generation_prompts
+    from lwm.utils.vision_io import to_uint8
+
+    r = server["client"].images.generate(model="tiny-vision", prompt="a red fox", extra_body={"seed": 3})
+    png = base64.b64decode(r.data[0].b64_json)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    got = np.asarray(Image.open(io.BytesIO(png)))
+    vq, engine, tok = server["vqgan"], server["engine"], server["tok"]
+    side = vq.config.codes_per_side
+    model = type(engine.model)(engine.config.replace(sample_mode="vision"))
+    cond, _ = generation_prompts(tok, "a red fox", "image")
+    codes = generate_frames(model, engine.params, [cond], None, n_frames=1, tokens_per_frame=side * side + 1,
+                            sampling=FrameSampling(1.0, 0, 1.0), rng=jax.random.PRNGKey(3), pad_id=tok.pad_id,
+                            num_codes=vq.config.num_embeddings)
+    want = to_uint8(vq.decode(np.asarray(codes)[:, 0, :-1].reshape(1, side, side)))[0]
+    assert got.shape == (vq.config.resolution, vq.config.resolution, 3) and np.array_equal(got, want)
+    with pytest.raises(openai.BadRequestError):
+        server["client"].images.generate(model="tiny-vision", prompt="a fox", size="1024x1024")
