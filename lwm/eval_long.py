@@ -57,10 +57,10 @@ def _ints(flag: str, text: str) -> list[int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     from lwm.evals import backends, report, runner, suite
+    from lwm.cli.command import parse
     from lwm.evals.haystack import essay_haystack
-    from lwm.inference import runtime
 
-    config = runtime.parse(list(sys.argv[1:] if argv is None else argv), get_default_config())
+    config = parse(sys.argv[1:] if argv is None else argv, get_default_config())
     lengths, depths = _ints("lengths", config.lengths), _ints("depths", config.depths)
     if any(not 0 <= d <= 100 for d in depths):
         raise ValueError(f"--depths={config.depths}: depths are percents in [0, 100]")
@@ -82,12 +82,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         if not config.load_checkpoint or not config.tokenizer:
             raise ValueError("give --hf_model=DIR (PyTorch path), or --load_checkpoint and --tokenizer (LWM JAX path)")
-        backend = backends.JaxBackend(config)
+        backend = backends.JaxBackend.from_flags(config, modality="text")
     t0 = time.perf_counter()
     samples = suite.build_samples(tasks, backend.tokenizer, lengths, depths, config.n_samples, config.seed, haystack)
     print(f"eval_long: {len(samples)} prompts ({len(tasks)} tasks x lengths {lengths}) built in "
           f"{time.perf_counter() - t0:.1f} s; model {backend.name}")
-    records = runner.run(samples, backend, max_tokens_per_batch=config.max_tokens_per_batch, progress=config.progress)
+    records = runner.run(samples, backend, {t.name: t for t in tasks}, max_tokens_per_batch=config.max_tokens_per_batch,
+                         progress=config.progress and _is_main(), desc="eval_long")
     info = dict(model=backend.name, tasks=[t.name for t in tasks], lengths=lengths, depths=depths,
                 n_samples=config.n_samples, seed=config.seed, haystack_file=config.haystack_file,
                 argv=list(sys.argv[1:] if argv is None else argv))
@@ -108,6 +109,6 @@ def _is_main() -> bool:
 
 
 if __name__ == "__main__":
-    from lwm.inference import runtime
+    from lwm.cli.command import cli
 
-    sys.exit(runtime.cli("lwm.eval_long", main, get_default_config, __doc__))
+    sys.exit(cli("lwm.eval_long", main, get_default_config, __doc__))

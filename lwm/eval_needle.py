@@ -12,7 +12,6 @@ each, with --jax_distributed.coordinator_address, num_processes and process_id (
 """
 from __future__ import annotations
 
-import random
 import sys
 
 from ml_collections import ConfigDict
@@ -28,26 +27,13 @@ def get_default_config() -> ConfigDict:
 
 def main(argv=None) -> list:
     """Run the eval; returns every result (earlier ones in --output_file included)."""
-    from lwm.evals import needle
-    from lwm.cli.flags import parse_flags
+    from lwm.cli.command import parse
 
-    config = parse_flags(list(sys.argv[1:] if argv is None else argv), get_default_config())
-    needle_run.check_flags(config)
-    lengths = needle.context_lengths(config.context_lengths_min, config.context_lengths_max,
-                                     config.n_context_length_intervals)
-    depths = needle.depth_percents(config.n_document_depth_intervals)
-    mesh, tokenizer, engine = needle_run.setup(config)
-    results = needle.load_results(config.output_file)
-    done = frozenset((r["context_length"], r["depth_percent"], r["seed"]) for r in results)
-    print(f"needle eval: {len(lengths)} context lengths {lengths[0]}..{lengths[-1]}, depths {depths}, "
-          f"{config.n_rounds} rounds; {len(done)} trials already in {config.output_file}")
-    haystacks = needle.read_haystacks(config.haystack_file, config.n_rounds, max(lengths), tokenizer)
-    trials = needle.single_needle_trials(haystacks, tokenizer, lengths, depths, random.Random(config.seed),
-                                         config.final_context_length_buffer, done)
-    return needle_run.run_and_write(config, mesh, engine, tokenizer, trials, results, title="Single needle")
+    config = parse(sys.argv[1:] if argv is None else argv, get_default_config())
+    return needle_run.run(config, multi=False)
 
 
 if __name__ == "__main__":
-    from lwm.inference.runtime import cli
+    from lwm.cli.command import cli
 
     sys.exit(cli("lwm.eval_needle", main, get_default_config, __doc__))

@@ -38,12 +38,12 @@ def get_default_config():
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     import jax
 
-    from lwm.evals import report, visual
-    from lwm.inference import runtime
-    from lwm.inference.loader import load_model
+    from lwm.cli.command import parse
+    from lwm.evals import report, runner, visual
+    from lwm.evals.backends import JaxBackend
     from lwm.model.vqgan import VQGAN, VQGANConfig
 
-    config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())
+    config = parse(sys.argv[1:] if argv is None else argv, get_default_config())
     try:
         counts = [int(x) for x in config.frame_counts.split(",") if x.strip()]
         depths = [float(x) for x in config.depths.split(",") if x.strip()]
@@ -53,24 +53,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if config.video_file and not os.path.isfile(config.video_file):
         raise FileNotFoundError(f"--video_file={config.video_file}: no such file")
     vq_config = VQGANConfig.load(config.vqgan_config)
-    rt = runtime.setup(config, modality="vision,text", sample_mode="text")
-    tokenizer, mesh = rt.tokenizer, rt.mesh
+    backend = JaxBackend.from_flags(config, modality="vision,text", sample_mode="text", random_if_empty=True)
     samples = visual.build_samples(counts, depths, config.n_samples, config.seed, vq_config.resolution,
                                    config.video_file)
     vqgan = VQGAN.load(config.vqgan_checkpoint or None, vq_config, seed=config.seed)
-    with jax.set_mesh(mesh):
-        model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, mesh, random_if_empty=True,
-                                   seed=config.seed)
-        records = visual.run(samples, vqgan, model, params, tokenizer, max_new_tokens=config.max_new_tokens,
-                             batch=config.batch, progress=config.progress, cache_dtype=config.cache_dtype or None)
+    task = visual.VISUAL_NEEDLE.with_models(vqgan, backend.tokenizer, config.max_new_tokens)
+    with jax.set_mesh(backend.mesh):           # the VQGAN encodes under the mesh too
+        records = runner.run(samples, backend, task, max_tokens_per_batch=None, max_rows=config.batch,
+                             progress=config.progress, desc="visual needle")
     info = dict(model=config.load_checkpoint or "random", vqgan=config.vqgan_checkpoint or "random",
                 frame_counts=counts, depths=depths, n_samples=config.n_samples, video_file=config.video_file)
-    summary = report.write_results(config.output_dir, records, info, config.threshold)
-    print(report.summary_table(summary).replace("| task |", "| task \\ frames |"))
+    summary = report.write_results(config.output_dir, records, info, config.threshold, xlabel="frames")
+    print(report.summary_table(summary, length_name="frames"))
     return summary
 
 
 if __name__ == "__main__":
-    from lwm.inference import runtime
+    from lwm.cli.command import cli
 
-    sys.exit(runtime.cli("lwm.eval_visual_needle", main, get_default_config, __doc__))
+    sys.exit(cli("lwm.eval_visual_needle", main, get_default_config, __doc__))

@@ -16,7 +16,7 @@ Steps (the original's, docs/vision_chat.md):
      (`<vision>`, `</vision>` and the text are tokenized text; only the vision tokens use the vision vocabulary).
   4. Prefill with the vision masks, decode text over the KV cache until EOS or max_new_tokens; print it.
 The prompt + max_new_tokens budget is checked before anything is compiled. Bad flags or files: one line,
-exit status 2.
+exit status 2. The answer itself is lwm.inference.vision.answer.
 """
 from __future__ import annotations
 
@@ -28,42 +28,16 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from lwm.text.chat_template import Prompt
-from lwm.text.chat_template import vision_chat_prompt as chat_prompt  # noqa: F401  (the one template; tests use it)
+from lwm.cli.command import cli, parse
 from lwm.inference import runtime
-from lwm.inference.engine import Engine, seed_of
 from lwm.inference.runtime import check_budget
-from lwm.inference.vision import vision_tokens
-from lwm.inference.sampling import SamplingConfig
-from lwm.model.vision_llama import VisionLLaMAForCausalLM
-
-
-def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,
-           rng: jax.Array, eos_id: int, pad_id: int, num_text: Optional[int] = None,
-           stats: Optional[dict] = None, cache_dtype=None) -> list[int]:
-    """New text ids after `prompt` (model with sample_mode='text'), up to and without EOS, drawn among the
-    first `num_text` ids (the tokenizer's vocabulary when the model's is padded; default all), through the
-    generation engine (the prompt's vision mask routes its embeddings). Raises PromptTooLongError before
-    compiling when len(prompt) + max_new_tokens > max_sequence_length."""
-    config = model.config
-    if config.sample_mode != "text":
-        raise ValueError(f"answer needs a model with sample_mode='text', not {config.sample_mode!r}")
-    if max_new_tokens < 1 or temperature < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 and temperature={temperature} >= 0")
-    check_budget(len(prompt), max_new_tokens, config.max_sequence_length, f"--max_new_tokens={max_new_tokens}")
-    engine = Engine(model, params, eos_id=eos_id, pad_id=pad_id, vocab_size=num_text, cache_dtype=cache_dtype)
-    result = engine.generate([prompt.ids.tolist()], max_new_tokens, vision=[prompt.vision],
-                             sampling=SamplingConfig(temperature=float(temperature)), seeds=seed_of(rng))
-    (row,) = result.tokens
-    if stats is not None:
-        s = result.stats
-        stats.update(compile_s=0.0, generate_s=s["time_to_first_token_s"] + s["decode_s"], prompt_tokens=len(prompt),
-                     new_tokens=s["new_tokens"] + (result.finish[0] == "stop"))
-    return row
+from lwm.inference.vision import answer, vision_tokens
+from lwm.text.chat_template import vision_chat_prompt as chat_prompt
 
 
 def get_default_config() -> ConfigDict:
     c = runtime.vision_flags(ConfigDict())
+    c.prompt = ""                              # the question about --input_file
     c.input_file = ""                          # an image (.png/.jpg/...) or a video (anything FFmpeg reads)
     c.max_n_frames = 8                         # longer videos are sampled uniformly down to this many frames
     c.temperature = 0.2                        # 0 = greedy
@@ -79,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from lwm.model.vqgan import VQGAN, VQGANConfig
 
     start = time.perf_counter()
-    config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())
+    config = parse(sys.argv[1:] if argv is None else argv, get_default_config())
     if not config.prompt:
         raise ValueError("--prompt is required: the question to ask about --input_file")
     if not config.input_file:
@@ -113,10 +87,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     stats["total_s"] = time.perf_counter() - start
     print(f"Question: {config.prompt}\nAnswer: {text}", flush=True)
     print(f"({stats['frames']} frame(s), {stats['prompt_tokens']} prompt tokens, {stats['new_tokens']} new tokens in "
-          f"{stats['generate_s']:.2f} s after {stats['compile_s']:.1f} s compiling; {stats['total_s']:.1f} s in all)",
+          f"{stats['generate_s']:.2f} s, the first after {stats['first_token_s']:.2f} s (compiling included); "
+          f"{stats['total_s']:.1f} s in all)",
           file=sys.stderr, flush=True)
     return dict(answer=text, tokens=ids, prompt=prompt, stats=stats)
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.cli("lwm.vision_chat", main, get_default_config, __doc__))
+    sys.exit(cli("lwm.vision_chat", main, get_default_config, __doc__))

@@ -17,9 +17,9 @@ The recipe is the original's (docs/vision_generation.md):
   3. VQGAN decode; write the image or the MP4.
 The whole sequence budget (prompt + n_frames * tokens per frame) is checked before anything is compiled.
 
-Library functions: `generation_prompts` here; `generate_frames` (over lwm.inference.engine with a `FrameRule`),
-`FrameSampling`, `FrameRule` live in lwm.inference.vision. The model comes from lwm.inference.loader, the set-up and flags from lwm.inference.runtime, the prompt template from
-lwm.text.chat_template. Bad flags or files: one line, exit status 2. Letters: B prompts, R rows (2B with guidance),
+Library functions: `generation_prompts`, `generate_frames` (over lwm.inference.engine with a `FrameRule`),
+`FrameSampling`, `FrameRule` live in lwm.inference.vision. The model comes from lwm.inference.loader, the
+set-up from lwm.inference.runtime, the flags from lwm.cli, the prompt template from lwm.text.chat_template. Bad flags or files: one line, exit status 2. Letters: B prompts, R rows (2B with guidance),
 T padded prompt length, W vision vocabulary, F tokens per frame (h*w + 1).
 """
 from __future__ import annotations
@@ -33,19 +33,11 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from lwm.text.chat_template import Prompt, vision_generation_prompts
+from lwm.cli.command import cli, parse
 from lwm.inference import runtime
 from lwm.inference.runtime import check_budget
-from lwm.inference.vision import FrameSampling, generate_frames
+from lwm.inference.vision import FrameSampling, generate_frames, generation_prompts
 from lwm.model.vision_llama import NUM_VISION_CODES
-
-
-# ------------------------------------------------------------------------------------------------ prompts
-
-def generation_prompts(tokenizer, caption: str, kind: str) -> tuple[Prompt, Prompt]:
-    """(conditional, unconditional) prompts for kind 'image' (the first frame) or 'video' (the rest)."""
-    what = {"image": "an image", "video": "a video"}[kind]
-    return vision_generation_prompts(tokenizer, f"Generate {what} of {caption}")
 
 
 # ------------------------------------------------------------------------------------------------- flags
@@ -93,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from lwm.model.vqgan import VQGAN, VQGANConfig
 
     start = time.perf_counter()
-    config = runtime.parse(sys.argv[1:] if argv is None else argv, get_default_config())
+    config = parse(sys.argv[1:] if argv is None else argv, get_default_config())
     _check_output(config)
     vq_config = VQGANConfig.load(config.vqgan_config)
     if vq_config.num_embeddings > NUM_VISION_CODES:
@@ -131,8 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                    [uncond.extend(context, True)] if video.cfg_scale != 1 else None,
                                    n_frames=n - 1, sampling=video, rng=rng_video, stats=rest_stats, **kw)[0]
             tokens = np.concatenate([tokens, rest])                                          # (n, F)
-    for key in ("compile_s", "generate_s", "new_tokens"):
+    for key in ("generate_s", "new_tokens"):
         stats[key] = first_stats[key] + rest_stats.get(key, 0)
+    stats["first_token_s"] = first_stats["first_token_s"]
     stats["tokens_per_s"] = stats["new_tokens"] / stats["generate_s"]
 
     t0 = time.perf_counter()
@@ -148,11 +141,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             write_video(config.output_file, frames, fps=config.fps)
     stats["total_s"] = time.perf_counter() - start
     print(f"wrote {config.output_file}: {n} frame(s) of {frames.shape[1]}x{frames.shape[2]}, {stats['new_tokens']} "
-          f"tokens in {stats['generate_s']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s) after "
-          f"{stats['compile_s']:.1f} s compiling; {stats['total_s']:.1f} s in all", flush=True)
+          f"tokens in {stats['generate_s']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s, compiling included; the "
+          f"first after {stats['first_token_s']:.2f} s); {stats['total_s']:.1f} s in all", flush=True)
     print("vision_generation stats: " + json.dumps({k: round(v, 4) for k, v in stats.items()}), flush=True)
     return dict(tokens=tokens, frames=frames, stats=stats)
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.cli("lwm.vision_generation", main, get_default_config, __doc__))
+    sys.exit(cli("lwm.vision_generation", main, get_default_config, __doc__))

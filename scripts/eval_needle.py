@@ -9,6 +9,6 @@ import sys
 from lwm.eval_needle import get_default_config, main  # noqa: F401  (importable as before)
 
 if __name__ == "__main__":
-    from lwm.inference.runtime import cli
+    from lwm.cli.command import cli
 
     sys.exit(cli("scripts/eval_needle.py", main, get_default_config, __doc__))

@@ -1,35 +1,26 @@
 """Command-line flags shared by every entry point: the original LWM's `--a.b=value` syntax on ConfigDicts.
 
-Entry points (`lwm.train`, `lwm.vision_generation`, `lwm.vision_chat`, `lwm.text_chat`, the needle evals)
-define their defaults as a locked ConfigDict and call `parse_flags(argv, defaults)`; an unknown flag fails
-with the closest known names. `update_llama_config` strings are parsed as literal data, never evaluated.
+Every `python -m lwm.*` command defines its defaults as a locked ConfigDict and calls
+`parse_flags(argv, defaults)` (through lwm.cli.command.cli); an unknown flag fails with the closest known
+names. A flag's text becomes the type of its default; flags of a known kind (`--mesh_dim`,
+`--update_llama_config`, `--load_checkpoint`, `--modality`, `--dtype`: lwm.cli.values.FLAG_KINDS) go through
+that kind's one parser; the original's spellings (`--tokenizer.vocab_file`, `--llama_config`, ...:
+lwm.cli.values.ALIASES) name the same flags. Values are parsed as literal data, never evaluated.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import difflib
-import json
-import os
-import sys
 from typing import Any, Optional
 
 from ml_collections import ConfigDict
 
+from lwm.cli.values import ALIASES, FLAG_KINDS, FlagError, parse_bool as _parse_bool, parse_literal_dict
 from lwm.model.registry import model_config_class
 
-
-class FlagError(ValueError):
-    """A command-line flag that does not exist or does not parse."""
-
-
-def _parse_bool(name: str, text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes", "t"):
-        return True
-    if lowered in ("false", "0", "no", "f"):
-        return False
-    raise FlagError(f"--{name}={text!r}: expected True or False")
+__all__ = ["FlagError", "parse_flags", "parse_literal_dict", "model_config_from_flags", "known_flags",
+           "get_flag", "set_flag", "convert_value", "usage", "resolve_alias"]
 
 
 def convert_value(name: str, text: Any, template: Any, template_type: Optional[type] = None) -> Any:
@@ -85,34 +76,36 @@ def set_flag(config: ConfigDict, name: str, text: Any) -> None:
             ref = node._fields.get(part)
             ref_type = ref.get_type() if hasattr(ref, "get_type") else None
             try:
-                node[part] = convert_value(name, text, node[part], ref_type)
+                value = convert_value(name, text, node[part], ref_type)
+                if name in FLAG_KINDS and isinstance(value, str):
+                    value = FLAG_KINDS[name](name, value)
+                node[part] = value
             except TypeError as e:
                 raise FlagError(f"--{name}={text!r}: {e}") from None
             return
         node = node[part]
 
 
-def _program() -> str:
-    """How this process was started: 'python -m lwm.text_chat' or 'python eval_needle.py'."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return f"python -m {spec.name}" if spec is not None and spec.name else f"python {os.path.basename(sys.argv[0])}"
+def usage(config: ConfigDict, prog: str = "", doc: str = "") -> str:
+    """What `--help` prints: lwm.cli.command.usage (the docstring, then every flag with its default)."""
+    from lwm.cli.command import usage as command_usage
+
+    return command_usage(prog, config, doc)
 
 
-def usage(config: ConfigDict, prog: str = "") -> str:
-    """Every flag of `config` with its default, one per line (what `--help` prints)."""
-    lines = [f"{prog or 'usage'} [--flag=value ...]; flags and defaults:"]
-    for name in known_flags(config):
-        lines.append(f"  --{name}={get_flag(config, name)!r}" if name != "llama" else
-                     "  --llama.<field>=value   (any model config field)")
-    return "\n".join(lines)
+def resolve_alias(name: str, known: set) -> str:
+    """The flag an original spelling stands for (lwm.cli.values.ALIASES), when `name` itself is not a flag
+    of this command and its target is; else `name`."""
+    target = ALIASES.get(name)
+    return target if target is not None and name not in known and target in known else name
 
 
 def parse_flags(argv: list[str], config: ConfigDict, prog: str = "") -> ConfigDict:
     """`--name=value`, `--name value`, `--name` / `--noname` (booleans) applied to `config` (a locked
     ConfigDict of defaults). Returns the updated config. `--help` / `-h` prints `usage(config, prog)` to
-    stdout and exits 0, as argparse does."""
+    stdout and exits 0, as argparse does. Raises FlagError naming the flag."""
     if "--help" in argv or "-h" in argv:
-        print(usage(config, prog or _program()))
+        print(usage(config, prog))
         raise SystemExit(0)
     known = set(known_flags(config))
     i = 0
@@ -121,9 +114,11 @@ def parse_flags(argv: list[str], config: ConfigDict, prog: str = "") -> ConfigDi
         if not arg.startswith("--") or arg == "--":
             raise FlagError(f"unexpected argument {arg!r}: flags look like --name=value")
         name, eq, value = arg[2:].partition("=")
+        if not name.startswith("llama."):
+            name = resolve_alias(name, known)
         if not eq:
-            if name not in known and name.startswith("no") and name[2:] in known:
-                name, value = name[2:], "false"
+            if name not in known and name.startswith("no") and resolve_alias(name[2:], known) in known:
+                name, value = resolve_alias(name[2:], known), "false"
             elif name in known and isinstance(get_flag(config, name), bool):
                 value = "true"
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
@@ -139,37 +134,6 @@ def get_flag(config: ConfigDict, name: str) -> Any:
     for part in name.split("."):
         config = config[part]
     return config
-
-
-def parse_literal_dict(text: str, flag: str = "update_llama_config") -> dict:
-    """"dict(theta=5e7, max_sequence_length=32768)", "{'theta': 5e7}" or JSON -> dict. Literal values only:
-    nothing is evaluated; anything else raises naming the flag."""
-    text = text.strip()
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-        if isinstance(value, dict):
-            return value
-    except ValueError:
-        pass
-    try:
-        node = ast.parse(text, mode="eval").body
-    except SyntaxError as e:
-        raise FlagError(f"--{flag}={text!r}: not a dict literal ({e.msg})") from None
-    try:
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
-            if node.args or any(kw.arg is None for kw in node.keywords):
-                raise ValueError("only keyword arguments are allowed in dict(...)")
-            return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-        if isinstance(node, ast.Dict):
-            value = ast.literal_eval(node)
-            if all(isinstance(k, str) for k in value):
-                return value
-            raise ValueError("keys must be strings")
-    except ValueError as e:
-        raise FlagError(f"--{flag}={text!r}: only literal values are accepted ({e})") from None
-    raise FlagError(f"--{flag}={text!r}: expected dict(key=value, ...) or a {{'key': value}} literal")
 
 
 def model_config_from_flags(config: ConfigDict, tokenizer=None):

@@ -1,6 +1,7 @@
 """Vision pieces of inference shared by the vision entry points and the server: the vision-id layout of a
 prompt's frames (`vision_tokens`), the frame sampling settings and token rule (`FrameSampling`, `FrameRule`,
-`guided_logits`) and text-to-frames generation over the engine (`generate_frames`).
+`guided_logits`), text-to-frames generation over the engine (`generate_frames`) with its prompts
+(`generation_prompts`), and the answer to a question about frames (`answer`).
 
 Used by lwm.vision_chat, lwm.vision_generation and lwm.serve. Letters: B prompts, R rows (2B with guidance),
 T padded prompt length, W vision vocabulary, F tokens per frame (h*w + 1).
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm.text.chat_template import Prompt
+from lwm.text.chat_template import Prompt, vision_generation_prompts
 from lwm.inference.engine import Engine, mesh_sizes, seed_of
 from lwm.inference.runtime import check_budget
 from lwm.inference.sampling import SamplingConfig, sample_rows
@@ -92,7 +93,8 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     Returns (B, n_frames, F) int32 vision ids: F - 1 codes in [0, num_codes), then END_OF_FRAME. Raises
     PromptTooLongError before compiling when a prompt + n_frames * F exceeds max_sequence_length. With an
     ambient mesh the rows are padded (with copies) to a multiple of dp*fsdp and T to a multiple of sp.
-    `stats` (optional) receives compile_s (0: the engine compiles inside its first call), generate_s,
+    `stats` (optional) receives first_token_s (prefill and the first draw: on a new engine this includes
+    compiling, which happens inside the first call and is not timed apart), generate_s (the whole call, s),
     new_tokens (B * n_frames * F) and rows."""
     config = model.config
     if config.sample_mode != "vision":
@@ -122,6 +124,41 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
                              seeds=[seed0 + r % b_pad for r in range(len(rows))], stop_ids=())
     t1 = time.perf_counter()
     if stats is not None:
-        stats.update(compile_s=0.0, generate_s=t1 - t0, new_tokens=b * n_new, rows=len(rows))
+        stats.update(first_token_s=result.stats["time_to_first_token_s"], generate_s=t1 - t0, new_tokens=b * n_new,
+                     rows=len(rows))
     tokens = np.asarray(result.tokens[:b], np.int32)
     return tokens.reshape(b, n_frames, tokens_per_frame)
+
+
+def generation_prompts(tokenizer, caption: str, kind: str) -> tuple[Prompt, Prompt]:
+    """(conditional, unconditional) prompts for kind 'image' (the first frame) or 'video' (the rest):
+    "Generate an image of {caption}" / "Generate a video of {caption}" in the original's template
+    (lwm.text.chat_template.vision_generation_prompts). Raises KeyError for another kind."""
+    what = {"image": "an image", "video": "a video"}[kind]
+    return vision_generation_prompts(tokenizer, f"Generate {what} of {caption}")
+
+
+def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,
+           rng: jax.Array, eos_id: int, pad_id: int, num_text: Optional[int] = None,
+           stats: Optional[dict] = None, cache_dtype=None) -> list[int]:
+    """New text ids after `prompt` (model with sample_mode='text'), up to and without EOS, drawn among the
+    first `num_text` ids (the tokenizer's vocabulary when the model's is padded; default all), through the
+    generation engine (the prompt's vision mask routes its embeddings). Raises ValueError for a model not in
+    text mode or a bad budget, PromptTooLongError before compiling when len(prompt) + max_new_tokens >
+    max_sequence_length. `stats` (optional) receives first_token_s (prefill and the first draw, compiling
+    included: the engine compiles inside this call), generate_s (s), prompt_tokens and new_tokens."""
+    config = model.config
+    if config.sample_mode != "text":
+        raise ValueError(f"answer needs a model with sample_mode='text', not {config.sample_mode!r}")
+    if max_new_tokens < 1 or temperature < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 and temperature={temperature} >= 0")
+    check_budget(len(prompt), max_new_tokens, config.max_sequence_length, f"--max_new_tokens={max_new_tokens}")
+    engine = Engine(model, params, eos_id=eos_id, pad_id=pad_id, vocab_size=num_text, cache_dtype=cache_dtype)
+    result = engine.generate([prompt.ids.tolist()], max_new_tokens, vision=[prompt.vision],
+                             sampling=SamplingConfig(temperature=float(temperature)), seeds=seed_of(rng))
+    (row,) = result.tokens
+    if stats is not None:
+        s = result.stats
+        stats.update(first_token_s=s["time_to_first_token_s"], generate_s=s["time_to_first_token_s"] + s["decode_s"],
+                     prompt_tokens=len(prompt), new_tokens=s["new_tokens"] + (result.finish[0] == "stop"))
+    return row

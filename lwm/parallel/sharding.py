@@ -59,9 +59,11 @@ class MeshError(ValueError):
     """A mesh that does not fit the devices, the model or the batch."""
 
 
-def parse_mesh_dim(mesh_dim: str, num_devices: int) -> tuple[tuple[int, ...], bool]:
+def parse_mesh_dim(mesh_dim: str, num_devices: int | None) -> tuple[tuple[int, ...], bool]:
     """'1,-1,4,1' -> (1, n/4, 4, 1). Also 'dp:1,fsdp:-1,tp:4,sp:1'. A leading '!' allows splitting
-    physical device axes (as in the original). Returns (dims in MESH_AXES order, allow_split)."""
+    physical device axes (as in the original). Returns (dims in MESH_AXES order, allow_split).
+    num_devices=None checks the syntax only and keeps a -1 as it is (the flag parser, the memory planner).
+    Raises MeshError naming --mesh_dim."""
     text = mesh_dim.strip()
     allow_split = text.startswith("!")
     text = text.lstrip("!")
@@ -84,6 +86,8 @@ def parse_mesh_dim(mesh_dim: str, num_devices: int) -> tuple[tuple[int, ...], bo
         raise MeshError(f"--mesh_dim={mesh_dim!r}: at most one axis may be -1")
     if any(d == 0 or d < -1 for d in dims):
         raise MeshError(f"--mesh_dim={mesh_dim!r}: sizes must be positive (or a single -1)")
+    if num_devices is None:
+        return tuple(dims), allow_split
     known = math.prod(d for d in dims if d != -1)
     if -1 in dims:
         if num_devices % known:

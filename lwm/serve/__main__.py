@@ -2,7 +2,7 @@
 
     python -m lwm.serve --load_llama_config=7b --load_checkpoint=params::/ckpt/LWM-Text-Chat-1M/params \
         --tokenizer=/ckpt/tokenizer.model --dtype=bf16 --port=8000 --api_key=secret
-    python -m lwm.serve --modality=vision --load_llama_config=7b --load_checkpoint=params::/ckpt/LWM-Chat/params \
+    python -m lwm.serve --modality=vision,text --load_llama_config=7b --load_checkpoint=params::/ckpt/LWM-Chat/params \
         --vqgan_checkpoint=/ckpt/vqgan --tokenizer=/ckpt/tokenizer.model
 
 Model flags are the chat entry points' (lwm.text_chat, lwm.vision_chat: --load_llama_config,
@@ -17,13 +17,14 @@ from typing import Sequence
 
 from ml_collections import ConfigDict
 
+from lwm.cli.command import cli, parse
 from lwm.inference import runtime
 
 
 def get_default_config() -> ConfigDict:
     c = ConfigDict()
-    c.modality = "text"                        # text | vision (LWM-Chat: image/video input, image generation)
-    runtime.vision_flags(c)                    # the model flags, --vqgan_*, --seed (+ --prompt, unused here)
+    c.modality = "text"                        # text | vision,text (alias vision; LWM-Chat: image/video in, images out)
+    runtime.vision_flags(c)                    # the model flags, --vqgan_*, --seed
     c.tokenizer = "LargeWorldModel/LWM-Text-Chat-1M"
     c.max_n_frames = 8                         # frames taken from a video
     c.model_name = ""                          # the id clients send as `model`; '' = 'lwm-text' / 'lwm-vision'
@@ -44,9 +45,9 @@ def main(argv: Sequence[str]) -> None:
     import uvicorn
 
     from lwm.serve import create_app
-    from lwm.serve.loading import load_served
+    from lwm.serve.loading import is_vision, load_served
 
-    config = runtime.parse(argv, get_default_config())
+    config = parse(argv, get_default_config())
     for flag in ("max_batch_size", "decode_steps_per_call"):
         if config[flag] < 1:
             raise ValueError(f"--{flag}={config[flag]}: must be >= 1")
@@ -58,7 +59,7 @@ def main(argv: Sequence[str]) -> None:
         raise ValueError(f"--warmup_prompt_lengths={config.warmup_prompt_lengths!r}: give comma-separated prompt "
                          "lengths in tokens, e.g. 64,1024") from None
     engine, tokenizer, vqgan, mesh = load_served(config)
-    name = config.model_name or f"lwm-{config.modality}"
+    name = config.model_name or ("lwm-vision" if is_vision(config) else "lwm-text")
     app = create_app(engine, tokenizer, model_name=name, vqgan=vqgan, api_key=config.api_key or None,
                      max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                      allow_local_media=config.allow_local_media, max_n_frames=config.max_n_frames,
@@ -71,4 +72,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.cli("lwm.serve", main, get_default_config, __doc__))
+    sys.exit(cli("lwm.serve", main, get_default_config, __doc__))

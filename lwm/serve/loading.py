@@ -7,13 +7,20 @@ from ml_collections import ConfigDict
 
 def check_flags(config: ConfigDict) -> None:
     """ValueError naming the flag, before anything is loaded."""
-    if config.modality not in ("text", "vision"):
-        raise ValueError(f"--modality={config.modality!r}: choose text or vision")
+    is_vision(config)
     if not 0 <= config.port < 65536:
         raise ValueError(f"--port={config.port}: must be in [0, 65535]")
     for flag, low in (("max_batch_size", 1), ("max_queue", 0), ("max_n_frames", 1), ("default_max_tokens", 1)):
         if config[flag] < low:
             raise ValueError(f"--{flag}={config[flag]}: must be >= {low}")
+
+
+def is_vision(config: ConfigDict) -> bool:
+    """--modality through the one modality parser (lwm.cli.values): 'text', or 'vision,text' (alias
+    'vision'); FlagError otherwise."""
+    from lwm.cli.values import parse_modality
+
+    return parse_modality("modality", config.modality) == "vision,text"
 
 
 def load_served(config: ConfigDict):
@@ -24,7 +31,7 @@ def load_served(config: ConfigDict):
     from lwm.inference.loader import load_model
 
     check_flags(config)
-    vision = config.modality == "vision"
+    vision = is_vision(config)
     rt = runtime.setup(config, modality="vision,text" if vision else "text",
                        sample_mode="text" if vision else None)
     vqgan = None
