@@ -1,5 +1,6 @@
-"""Seconds per needle-eval prompt at several context lengths, through the real harness (`lwm.evals.needle`:
-placement, template, batching, greedy decode of the answer budget), with a randomly initialised preset.
+"""Seconds per needle-eval prompt at several context lengths, through the real harness (the `needle` task of
+lwm.evals.needle on the one runner, lwm.evals.runner: placement, template, batching, greedy decode of the
+answer budget), with a randomly initialised preset.
 
 Hardware: any; defaults (`debug` preset, 2K/5K/8K tokens, 1 device) take a few minutes on 2 CPU cores.
 Reference: the original LWM eval (scripts/eval_needle.py), debug preset, on a 2-core CPU: about 14, 23 and
@@ -53,7 +54,10 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from lwm.evals import needle
+    import dataclasses
+
+    from lwm.evals import needle, runner
+    from lwm.evals.backends import JaxBackend
     from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
     from lwm.inference.engine import Engine
     from lwm.parallel.sharding import make_mesh, match_partition_rules, named_shardings
@@ -78,14 +82,15 @@ def main(argv=None):
     with jax.set_mesh(mesh):
         params = jax.device_put(params, named_shardings(match_partition_rules(params, cfg), mesh))
         sampler = Engine(model, params, eos_id=-1, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+        backend = JaxBackend(sampler, tok, mesh, f"random {args.preset}")
+        task = dataclasses.replace(needle.SINGLE, max_new_tokens=args.max_new_tokens)
         for length in lengths:
             trials = needle.single_needle_trials(haystacks, tok, [length], depths, random.Random(0))
-            warm = needle.run_trials(trials[:1], sampler, tok, max_tokens_per_batch=args.max_tokens_per_batch,
-                                     max_new_tokens=args.max_new_tokens, progress=False)   # compiles
+            warm = runner.run(trials[:1], backend, task, max_tokens_per_batch=args.max_tokens_per_batch,
+                              progress=False)   # compiles
             for _ in range(2):  # the first run compiles the batched shapes; the second is timed
                 t0 = time.perf_counter()
-                needle.run_trials(trials, sampler, tok, max_tokens_per_batch=args.max_tokens_per_batch,
-                                  max_new_tokens=args.max_new_tokens, progress=False)
+                runner.run(trials, backend, task, max_tokens_per_batch=args.max_tokens_per_batch, progress=False)
             batched = (time.perf_counter() - t0) / len(trials)
             t0 = time.perf_counter()
             sampler.generate([trials[0]["prompt"]], args.max_new_tokens)

@@ -250,7 +250,7 @@ def evaluate(args, checkpoint: str, tokenizer_path: str, haystack: str, workdir:
 
 
 def main(argv=None) -> dict:
-    from lwm.evals import needle
+    from lwm.evals import report
 
     args = parse_args(argv)
     stages = parse_stages(args.stages)
@@ -291,15 +291,15 @@ def main(argv=None) -> dict:
         print(f"demo: trained in {train_s:.0f} s; checkpoint {checkpoint}")
         return dict(checkpoint=checkpoint, tokenizer=tokenizer_path, train_seconds=round(train_s, 1))
     results_path = evaluate(args, checkpoint, tokenizer_path, eval_haystack, workdir)
-    results = needle.load_results(results_path)
+    results = report.load_results(results_path)
     heatmap = os.path.splitext(results_path)[0] + ".png"
     summary = dict(results=results_path, heatmap=heatmap, checkpoint=checkpoint, tokenizer=tokenizer_path,
-                   accuracy=needle.mean_accuracy(results), trials=len(results),
+                   accuracy=report.mean_accuracy(results), trials=len(results),
                    train_seconds=round(train_s, 1), total_seconds=round(time.time() - start, 1))
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"\n== demo done in {summary['total_seconds']:.0f} s (training {train_s:.0f} s)")
-    print(needle.summary_table(results))
+    print(report.summary_table(report.summarize(results)))
     for key in ("results", "heatmap", "checkpoint", "tokenizer"):
         print(f"{key:>10}: {summary[key]}")
     print(f"{'summary':>10}: {os.path.join(workdir, 'summary.json')}")

@@ -1,89 +1,120 @@
-"""The two model paths of the long-context suite, with one interface: `tokenizer`, `name`,
-`generate(prompts, max_new_tokens) -> list of new token ids` (greedy, EOS dropped).
+"""The backend protocol of the one runner (lwm.evals.runner) and its two backends.
 
-  JaxBackend    an LWM checkpoint through the inference engine (`jax_generate`, the one place that
-                calls it), under a ('dp','fsdp','tp','sp') mesh; long prompts use the model config's
-                attention_impl ('ring' and the other sequence-parallel strategies over the mesh's sp axis).
+A backend has
+  name            a label for the report ("lwm:<checkpoint>", "hf:<dir>")
+  tokenizer       encode / decode / bos_id / eos_id / pad_id (lwm.text.tokenizer)
+  data_size       rows of one call must be a multiple of it (the runner pads to it): the mesh's dp x fsdp, or 1
+  padded_length(n) -> the prompt length a batch whose longest prompt has n tokens is padded to
+  check_length(n, max_new_tokens)  raises when n + max_new_tokens exceeds the model (before any compile)
+  generate(prompts, max_new_tokens, *, padded_length=None, vision=None) -> new token ids per prompt
+                  greedy, cut before EOS, at most max_new_tokens each (B prompts in, B lists out)
+
+  JaxBackend    an LWM checkpoint through the generation engine (lwm.inference.engine.Engine) under the
+                ('dp','fsdp','tp','sp') mesh; long prompts use the model config's attention_impl ('ring' and
+                the other sequence-parallel strategies over the mesh's sp axis); vision inputs for the
+                vision-language model.
   TorchBackend  any local Hugging Face causal LM through transformers' PyTorch classes (a directory saved
                 with save_pretrained; nothing is downloaded), batched with left padding and an attention mask.
 """
 from __future__ import annotations
 
 import os
-from typing import Sequence
-
-
-def _rows_for(n: int, data: int) -> int:
-    """Batch rows for n prompts: the next power of two (few compiled shapes), a multiple of the data size."""
-    rows = 1 << max(0, (n - 1).bit_length())
-    return data * -(-rows // data)
-
-
-def jax_generate(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy new tokens for each prompt through the generation engine (`lwm.inference.engine.Engine`; call
-    under the mesh). The batch is padded with copies of the first prompt to a power of two rows and the budget
-    rounded up to a power of two (the answers cut back to max_new_tokens: greedy tokens are a prefix), so that
-    batches of one length share compiled shapes."""
-    from lwm.inference.sampling import SamplingConfig
-
-    data, _ = engine.mesh_sizes()
-    rows = list(prompts) + [prompts[0]] * (_rows_for(len(prompts), data) - len(prompts))
-    budget = max(16, 1 << (max_new_tokens - 1).bit_length())     # tasks with budgets 24..32 share a cache shape
-    out = engine.generate(rows, budget, sampling=SamplingConfig()).tokens[:len(prompts)]
-    return [row[:max_new_tokens] for row in out]
+from typing import Optional, Sequence
 
 
 class JaxBackend:
-    """An LWM text checkpoint through the one runtime set-up (lwm.inference.runtime: the original's flags
-    --load_llama_config, --update_llama_config, --llama.*, --load_checkpoint, --tokenizer, --mesh_dim, --dtype,
-    --cache_dtype, --jax_distributed.*), the one loader and the engine."""
+    """An LWM model through the engine. Build with `from_flags` (the one runtime set-up, lwm.inference.runtime:
+    the original's flags --load_llama_config, --update_llama_config, --llama.*, --load_checkpoint, --tokenizer,
+    --mesh_dim, --dtype, --cache_dtype, --jax_distributed.*, and the one loader), or from an engine."""
 
-    def __init__(self, flags):
+    def __init__(self, engine, tokenizer, mesh, name: str, config=None):
+        self.engine, self.tokenizer, self.mesh, self.name, self.config = engine, tokenizer, mesh, name, config
+
+    @property
+    def data_size(self) -> int:
+        """dp x fsdp of the backend's mesh (the engine reads the ambient mesh, so it is entered here)."""
+        import jax
+
+        with jax.set_mesh(self.mesh):
+            return self.engine.mesh_sizes()[0]
+
+    @classmethod
+    def from_flags(cls, flags, modality: str = "text", sample_mode: Optional[str] = None,
+                   random_if_empty: bool = False) -> "JaxBackend":
+        """flags: a ConfigDict with lwm.inference.runtime's flags. random_if_empty: an empty --load_checkpoint
+        gives seeded random parameters (flags.seed), for tiny test models."""
         import jax
 
         from lwm.inference import runtime
         from lwm.inference.engine import Engine
         from lwm.inference.loader import load_model
 
-        rt = runtime.setup(flags, modality="text")
-        self.tokenizer, self.mesh, self.config = rt.tokenizer, rt.mesh, rt.model_config
-        with jax.set_mesh(self.mesh):
-            model, params = load_model(self.config, flags.load_checkpoint, rt.dtype, self.mesh)
-        self.engine = Engine(model, params, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                             vocab_size=self.tokenizer.vocab_size, cache_dtype=flags.cache_dtype or None)
-        self.name = f"lwm:{flags.load_checkpoint}"
+        kw = {} if sample_mode is None else dict(sample_mode=sample_mode)
+        rt = runtime.setup(flags, modality=modality, **kw)
+        extra = dict(random_if_empty=True, seed=flags.seed) if random_if_empty else {}
+        with jax.set_mesh(rt.mesh):
+            model, params = load_model(rt.model_config, flags.load_checkpoint, rt.dtype, rt.mesh, **extra)
+        engine = Engine(model, params, eos_id=rt.tokenizer.eos_id, pad_id=rt.tokenizer.pad_id,
+                        vocab_size=rt.tokenizer.vocab_size, cache_dtype=flags.cache_dtype or None)
+        return cls(engine, rt.tokenizer, rt.mesh, f"lwm:{flags.load_checkpoint or 'random'}", rt.model_config)
 
-    def generate(self, prompts, max_new_tokens):
+    def padded_length(self, n: int) -> int:
+        return self.engine.padded_length(n)
+
+    def check_length(self, n: int, max_new_tokens: int) -> None:
+        self.engine.check_length(n, max_new_tokens)
+
+    def generate(self, prompts, max_new_tokens, *, padded_length=None, vision=None) -> list[list[int]]:
         import jax
 
+        from lwm.inference.sampling import SamplingConfig
+
         with jax.set_mesh(self.mesh):
-            return jax_generate(self.engine, prompts, max_new_tokens)
+            return self.engine.generate(prompts, max_new_tokens, sampling=SamplingConfig(), vision=vision,
+                                        padded_length=padded_length).tokens
 
 
 class TorchBackend:
     """A local Hugging Face causal LM (`AutoModelForCausalLM`, PyTorch) and its tokenizer (the directory's
-    tokenizer.model through sentencepiece, else its Hugging Face tokenizer). dtype: fp32 | bf16 | fp16."""
+    tokenizer.model through sentencepiece, else its Hugging Face tokenizer). dtype: a name of lwm.utils.dtypes.
+    FileNotFoundError for a path that is not a local directory, ValueError for another dtype."""
+    data_size = 1
 
     def __init__(self, path: str, dtype: str = "fp32", device: str = "cpu", tokenizer: str = ""):
         import torch
         from transformers import AutoModelForCausalLM
 
         from lwm.text.tokenizer import load_tokenizer
+        from lwm.utils.dtypes import parse_float_dtype
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--hf_model={path}: not a local directory (a model saved with "
                                     "save_pretrained; nothing is downloaded)")
-        dtypes = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
-        if dtype not in dtypes:
-            raise ValueError(f"--dtype={dtype}: use one of {', '.join(dtypes)}")
+        np_dtype = parse_float_dtype(dtype, what="--dtype")  # the one dtype table
+        if np_dtype is None:
+            raise ValueError("--dtype is empty: use fp32, bf16 or fp16")
+        torch_dtype = getattr(torch, np_dtype.name)
         self.tokenizer = load_tokenizer(tokenizer or path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtypes[dtype])
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
         self.model.to(device).eval()
         self.device, self.name = device, f"hf:{path}"
 
-    def generate(self, prompts, max_new_tokens):
+    def padded_length(self, n: int) -> int:
+        return n                                # each call is left-padded to its own longest prompt
+
+    def check_length(self, n: int, max_new_tokens: int) -> None:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and n + max_new_tokens > limit:
+            raise ValueError(f"prompt of {n} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                             f"max_position_embeddings={limit}")
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, padded_length=None,
+                 vision=None) -> list[list[int]]:
+        """(B, T) left-padded ids and attention mask -> transformers' greedy generate -> B lists of new ids."""
         import torch
 
+        if vision is not None:
+            raise ValueError("the PyTorch backend runs text models only (no vision inputs)")
         t = max(len(p) for p in prompts)
         pad, eos = self.tokenizer.pad_id, self.tokenizer.eos_id
         ids = torch.full((len(prompts), t), pad, dtype=torch.long)

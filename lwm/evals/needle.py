@@ -1,4 +1,7 @@
-"""Needle-in-a-haystack evaluation: haystacks, needle placement, batched generation, scoring, heatmaps.
+"""The original LWM needle-in-a-haystack protocol as two tasks of the one runner (lwm.evals.runner):
+`needle` (one needle) and `needle_multi` (several needles, some asked for). Haystacks, token-exact needle
+placement, trials and scoring live here; batching, timing and the report (JSON, heatmap, summary) are the
+runner's and lwm.evals.report's.
 
 The protocol follows the original LWM evals (scripts/eval_needle.py, eval_needle_multi.py):
   needle    "\\nThe special magic {city} number is: {number}\\n"   (a random 7-digit number)
@@ -12,23 +15,24 @@ before token int(n * d / 100) of the cut haystack (d = 100: at the end). Placeme
 own tokens (the original placed needles with tiktoken's GPT-4 tokens, not available offline).
 
     trials = single_needle_trials(haystacks, tokenizer, lengths=[1000, 2000], depths=[0, 50, 100], ...)
-    results = run_trials(trials, engine, tokenizer, max_tokens_per_batch=20000, max_new_tokens=32)
-    plot_heatmap(results, "needle.png")
+    results = runner.run(trials, backend, SINGLE, max_tokens_per_batch=20000)    # SINGLE: 32 new tokens
+    report.plot_task(results, "needle", "needle.png")
+Records (the JSON of lwm.eval_needle*): the trial without its prompt, plus response, correct (a bool; a list
+of bools, one per retrieved needle, for needle_multi), prompt_tokens and seconds.
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
-import os
 import random
-import time
 import warnings
 import weakref
-from collections import defaultdict
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from lwm.evals.runner import EvalTask, register
 from lwm.text.chat_template import user_turn_text
 
 NEEDLE = "\nThe special magic {city} number is: {number}\n"
@@ -364,155 +368,21 @@ def multi_needle_trials(haystacks: Sequence[Sequence[int]], tokenizer, lengths: 
     return trials
 
 
-def batch_size_for(max_tokens_per_batch: int, padded_length: int, max_new_tokens: int, data_dim: int,
-                   n_trials: int) -> int:
-    """Prompts per batch: as many as fit max_tokens_per_batch (prompt slots + budget each), a multiple of
-    the data-parallel size, at least one per data shard and no more than the trials need."""
-    fit = max_tokens_per_batch // (padded_length + max_new_tokens)
-    b = max(data_dim, fit // data_dim * data_dim)
-    return min(b, data_dim * -(-n_trials // data_dim))
+@dataclasses.dataclass(frozen=True)
+class OriginalNeedle(EvalTask):
+    """A task of the runner over the trials of `single_needle_trials` / `multi_needle_trials` (grid length:
+    context_length). Scoring: the original's criterion, `score`, per asked number."""
+
+    def length(self, sample: dict) -> int:
+        return sample["context_length"]
+
+    def record(self, sample, response, new_tokens, prompt) -> dict:
+        answer = sample["answer"]
+        correct = [score(response, a) for a in answer] if isinstance(answer, list) else score(response, answer)
+        out = {k: v for k, v in sample.items() if k != "prompt"}
+        out.update(response=response, correct=correct, prompt_tokens=len(prompt))
+        return out
 
 
-def run_trials(trials: list[dict], engine, tokenizer, *, max_tokens_per_batch: int, max_new_tokens: int,
-               results: Optional[list] = None, on_batch: Optional[Callable[[list], None]] = None,
-               progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
-    """Generate greedily for every trial, batched per context length (each batch padded to one shape, so
-    one compile per length) and scored. Appends to and returns `results`; `on_batch(results)` after every
-    batch (e.g. to write the JSON). Each result is the trial without its prompt, plus response, correct,
-    prompt_tokens and seconds (its share of the batch's wall time). engine: an `lwm.inference.engine.Engine`
-    (eos_id stops a row)."""
-    from tqdm import tqdm
-
-    results = [] if results is None else results
-    longest = max((len(t["prompt"]) for t in trials), default=0)
-    if trials:
-        engine.check_length(longest, max_new_tokens)   # before any compile
-    data_dim, _ = engine.mesh_sizes()
-    by_length = defaultdict(list)
-    for t in trials:
-        by_length[t["context_length"]].append(t)
-    bar = tqdm(total=len(trials), desc="needle eval", unit="prompt", disable=not progress)
-    for length in sorted(by_length):
-        group = by_length[length]
-        padded = engine.padded_length(max(len(t["prompt"]) for t in group))
-        b = batch_size_for(max_tokens_per_batch, padded, max_new_tokens, data_dim, len(group))
-        for i in range(0, len(group), b):
-            chunk = group[i:i + b]
-            prompts = [t["prompt"] for t in chunk]
-            prompts += [prompts[0]] * (b - len(prompts))          # same shape for the last batch
-            t0 = time.perf_counter()
-            outs = engine.generate(prompts, max_new_tokens, padded_length=padded).tokens[:len(chunk)]
-            seconds = (time.perf_counter() - t0) / len(chunk)
-            for trial, out in zip(chunk, outs):
-                response = tokenizer.decode(out)
-                answer = trial["answer"]
-                correct = [score(response, a) for a in answer] if isinstance(answer, list) else score(response, answer)
-                record = {k: v for k, v in trial.items() if k != "prompt"}
-                record.update(response=response, correct=correct, prompt_tokens=len(trial["prompt"]),
-                              seconds=round(seconds, 4))
-                results.append(record)
-            if on_batch is not None:
-                on_batch(results)
-            bar.update(len(chunk))
-            bar.set_postfix(length=length, acc=f"{mean_accuracy(results):.2f}")
-    bar.close()
-    return results
-
-
-# ------------------------------------------------------------------------------------------ reporting
-
-def _correct_fraction(record) -> float:
-    c = record["correct"]
-    return float(np.mean(c)) if isinstance(c, list) else float(c)
-
-
-def mean_accuracy(results: Sequence[dict]) -> float:
-    return float(np.mean([_correct_fraction(r) for r in results])) if results else 0.0
-
-
-def accuracy_grid(results: Sequence[dict]):
-    """(lengths, depths, accuracy (len(depths), len(lengths)) with NaN where no trial ran). Multi-needle
-    records count each retrieved needle at its own depth."""
-    cells = defaultdict(list)
-    for r in results:
-        depths, correct = r["depth_percent"], r["correct"]
-        if not isinstance(depths, list):
-            depths, correct = [depths], [correct]
-        for d, c in zip(depths, correct):
-            cells[(r["context_length"], float(d))].append(float(c))
-    lengths = sorted({k[0] for k in cells})
-    depths = sorted({k[1] for k in cells})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for (length, depth), values in cells.items():
-        grid[depths.index(depth), lengths.index(length)] = np.mean(values)
-    return lengths, depths, grid
-
-
-def summary_table(results: Sequence[dict]) -> str:
-    """Accuracy by depth (rows) and context length (columns), and seconds per prompt by length."""
-    lengths, depths, grid = accuracy_grid(results)
-    lines = ["depth% \\ tokens " + " ".join(f"{n:>7d}" for n in lengths)]
-    for i, d in enumerate(depths):
-        lines.append(f"{d:>15.0f} " + " ".join("      -" if np.isnan(v) else f"{v:7.2f}" for v in grid[i]))
-    secs = defaultdict(list)
-    for r in results:
-        secs[r["context_length"]].append(r.get("seconds", np.nan))
-    lines.append(f"{'s/prompt':>15} " + " ".join(f"{np.mean(secs[n]):7.3f}" for n in lengths))
-    lines.append(f"overall accuracy {mean_accuracy(results):.3f} over {len(results)} trials")
-    return "\n".join(lines)
-
-
-def plot_heatmap(results: Sequence[dict], path: str, title: str = "Needle in a haystack") -> str:
-    """The paper's figure: accuracy by context length (x) and needle depth (y), red (0) to green (1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LinearSegmentedColormap
-
-    lengths, depths, grid = accuracy_grid(results)
-    if not lengths:
-        raise ValueError("plot_heatmap: no results to plot")
-    cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(lengths) + 3), max(4.0, 0.4 * len(depths) + 2)))
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto", origin="upper")
-    ax.set_xticks(range(len(lengths)), [f"{n / 1000:.1f}K" if n >= 1000 else str(n) for n in lengths],
-                  rotation=45)
-    ax.set_yticks(range(len(depths)), [f"{d:.0f}" for d in depths])
-    ax.set_xlabel("Context length (tokens)")
-    ax.set_ylabel("Depth percent")
-    ax.set_title(f"{title} (accuracy {mean_accuracy(results):.2f})")
-    if grid.size <= 400:
-        for i in range(grid.shape[0]):
-            for j in range(grid.shape[1]):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="accuracy")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_json(path: str, results: Sequence[dict]) -> None:
-    """Write atomically (a partial file never replaces a good one)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(list(results), f, indent=1)
-    os.replace(tmp, path)
-
-
-def load_results(path: str) -> list[dict]:
-    """Results written by an earlier run (to resume), or [] if there is no file."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        try:
-            results = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"output_file={path}: exists but is not valid JSON ({e}); move it away") from None
-    if not isinstance(results, list):
-        raise ValueError(f"output_file={path}: expected a JSON list of results")
-    return results
+SINGLE = register(OriginalNeedle("needle", max_new_tokens=32))
+MULTI = register(OriginalNeedle("needle_multi", max_new_tokens=128))

@@ -1,6 +1,7 @@
-"""What the two needle entry points (`lwm.eval_needle`, `lwm.eval_needle_multi`) share: their flags, the
-set-up (runtime, model, engine), and the run that writes the JSON after every batch, then the heatmap and
-the summary table. The protocol itself (haystacks, needles, scoring, plots) is in `lwm.evals.needle`."""
+"""The library of the two needle entry points (`lwm.eval_needle`, `lwm.eval_needle_multi`): their flags
+and `run`, which builds the trials of the original protocol (lwm.evals.needle), runs them as a task of the
+one runner (lwm.evals.runner) on the JAX backend, saves the JSON after every batch (resuming an existing
+--output_file), then writes the heatmap and prints the summary table of the one report (lwm.evals.report)."""
 from __future__ import annotations
 
 import os
@@ -44,39 +45,60 @@ def check_flags(config: ConfigDict) -> None:
         raise ValueError(f"--final_context_length_buffer={config.final_context_length_buffer}: must be >= 0")
 
 
-def setup(config: ConfigDict):
-    """Flags -> (mesh, tokenizer, engine): the runtime, the model from --load_checkpoint placed on the mesh,
-    and the generation engine (lwm.inference.engine) over it."""
+def run(config: ConfigDict, multi: bool) -> list:
+    """The eval of `lwm.eval_needle` (multi=False) or `lwm.eval_needle_multi` (multi=True) on parsed flags;
+    returns every result, earlier ones in --output_file included. ValueError / FileNotFoundError naming the
+    flag for bad flags, before anything is loaded."""
+    import dataclasses
+    import random
+
     import jax
 
-    from lwm.inference.loader import load_model
-    from lwm.inference.engine import Engine
+    from lwm.evals import needle, report, runner
+    from lwm.evals.backends import JaxBackend
 
-    rt = runtime.setup(config, modality="text")
-    with jax.set_mesh(rt.mesh):
-        model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, rt.mesh)
-    engine = Engine(model, params, eos_id=rt.tokenizer.eos_id, pad_id=rt.tokenizer.pad_id,
-                    vocab_size=rt.tokenizer.vocab_size, cache_dtype=config.cache_dtype)
-    return rt.mesh, rt.tokenizer, engine
-
-
-def run_and_write(config, mesh, engine, tokenizer, trials, results: list, *, title: str) -> list:
-    """Runs the trials (saving the JSON after every batch), then writes the JSON and the heatmap and prints
-    the summary (process 0 only). Returns all results, earlier ones included."""
-    import jax
-
-    from lwm.evals import needle
-
+    check_flags(config)
+    if multi and not 1 <= config.n_needles_retrieve <= config.n_needles_total:
+        raise ValueError(f"need 1 <= --n_needles_retrieve={config.n_needles_retrieve} <= "
+                         f"--n_needles_total={config.n_needles_total}")
+    lengths = needle.context_lengths(config.context_lengths_min, config.context_lengths_max,
+                                     config.n_context_length_intervals)
+    depths = needle.depth_percents(config.n_document_depth_intervals)
+    if multi and config.n_needles_total > len(depths):
+        raise ValueError(f"--n_needles_total={config.n_needles_total} needles need as many distinct depths; "
+                         f"raise --n_document_depth_intervals (now {config.n_document_depth_intervals})")
+    backend = JaxBackend.from_flags(config, modality="text")
+    tokenizer = backend.tokenizer
+    results = report.load_results(config.output_file)
+    rng = random.Random(config.seed)
+    if multi:
+        done = frozenset((r["context_length"], r["seed"]) for r in results)
+        print(f"multi-needle eval: {config.n_needles_total} needles, {config.n_needles_retrieve} asked; lengths "
+              f"{lengths}; {config.n_rounds} rounds; {len(done)} trials already in {config.output_file}")
+    else:
+        done = frozenset((r["context_length"], r["depth_percent"], r["seed"]) for r in results)
+        print(f"needle eval: {len(lengths)} context lengths {lengths[0]}..{lengths[-1]}, depths {depths}, "
+              f"{config.n_rounds} rounds; {len(done)} trials already in {config.output_file}")
+    haystacks = needle.read_haystacks(config.haystack_file, config.n_rounds, max(lengths), tokenizer)
+    if multi:
+        trials = needle.multi_needle_trials(haystacks, tokenizer, lengths, depths, rng, config.n_needles_total,
+                                            config.n_needles_retrieve, config.final_context_length_buffer, done)
+        task, title = needle.MULTI, f"{config.n_needles_retrieve} of {config.n_needles_total} needles"
+    else:
+        trials = needle.single_needle_trials(haystacks, tokenizer, lengths, depths, rng,
+                                             config.final_context_length_buffer, done)
+        task, title = needle.SINGLE, "Single needle"
+    task = dataclasses.replace(task, max_new_tokens=config.max_new_tokens)
     is_main = jax.process_index() == 0
-    save = (lambda rs: needle.write_json(config.output_file, rs)) if is_main else None
-    with jax.set_mesh(mesh):
-        results = needle.run_trials(trials, engine, tokenizer, max_tokens_per_batch=config.max_tokens_per_batch,
-                                    max_new_tokens=config.max_new_tokens, results=results, on_batch=save,
-                                    progress=config.progress and is_main)
+    save = (lambda rs: report.write_json(config.output_file, list(rs))) if is_main else None
+    results = runner.run(trials, backend, task, max_tokens_per_batch=config.max_tokens_per_batch, results=results,
+                         on_batch=save, progress=config.progress and is_main, desc=task.name)
     if is_main:
-        needle.write_json(config.output_file, results)
+        report.write_json(config.output_file, list(results))
         heatmap = config.heatmap_file or os.path.splitext(config.output_file)[0] + ".png"
-        needle.plot_heatmap(results, heatmap, title=title)
-        print(needle.summary_table(results))
+        if results:
+            report.plot_task(results, task.name, heatmap, title=title)
+            print(report.summary_table(report.summarize(results)))
+        print(f"overall accuracy {report.mean_accuracy(results):.3f} over {len(results)} trials")
         print(f"results: {os.path.abspath(config.output_file)}\nheatmap: {os.path.abspath(heatmap)}")
     return results

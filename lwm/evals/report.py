@@ -1,4 +1,11 @@
-"""Results of the long-context suite: the JSON, one plot per task, and the summary with the effective length.
+"""The one report of every evaluation: records -> JSON, grids, heatmaps, the summary table and the effective
+length. Records come from the one runner (lwm.evals.runner); two layouts are read:
+  scored records   task, length, depth (None for tasks without a depth axis), score (0-100)
+                   (the text suite, the visual needle)
+  needle records   context_length, depth_percent, correct: the original LWM needle JSON, kept as it was;
+                   single needle (task "needle"): one depth and a bool; multi-needle (task "needle_multi"):
+                   a list of depths and a list of bools, one point per retrieved needle at its own depth
+Both become points (task, length, depth, score 0-100) (`points`), and everything below is computed on points.
 
 Effective length (RULER, Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context
 Language Models?", arXiv:2404.06654, sec. 4): the longest length L of the grid such that the score averaged
@@ -19,6 +26,18 @@ import numpy as np
 RULER_THRESHOLD = 85.6
 
 
+def points(record: dict) -> list[tuple]:
+    """[(task, length, depth or None, score 0-100)] of one record (module docstring).
+    points(dict(context_length=400, depth_percent=[0.0, 50.0], correct=[True, False]))
+        == [("needle_multi", 400, 0.0, 100.0), ("needle_multi", 400, 50.0, 0.0)]"""
+    if "score" in record:
+        return [(record["task"], record["length"], record.get("depth"), float(record["score"]))]
+    depths, correct = record["depth_percent"], record["correct"]
+    if isinstance(correct, list):
+        return [("needle_multi", record["context_length"], float(d), 100.0 * bool(c)) for d, c in zip(depths, correct)]
+    return [("needle", record["context_length"], float(depths), 100.0 * bool(correct))]
+
+
 def effective_length(scores: dict, threshold: float = RULER_THRESHOLD) -> Optional[int]:
     """scores: {length: average score 0-100} -> the effective length (module docstring)."""
     best = None
@@ -30,24 +49,47 @@ def effective_length(scores: dict, threshold: float = RULER_THRESHOLD) -> Option
 
 
 def cell_scores(records: Sequence[dict]):
-    """{task: {length: mean score}} and {task: {(length, depth): mean score}} (depth tasks only)."""
+    """{task: {length: mean score}} and {task: {(length, depth): mean score}} (points with a depth only)."""
     by_len, by_cell = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
     for r in records:
-        by_len[r["task"]][r["length"]].append(r["score"])
-        if r.get("depth") is not None:
-            by_cell[r["task"]][(r["length"], r["depth"])].append(r["score"])
+        for task, length, depth, score in points(r):
+            by_len[task][length].append(score)
+            if depth is not None:
+                by_cell[task][(length, depth)].append(score)
     mean = lambda d: {k: float(np.mean(v)) for k, v in d.items()}
     return {t: mean(v) for t, v in by_len.items()}, {t: mean(v) for t, v in by_cell.items()}
+
+
+def grid(records: Sequence[dict], task: str):
+    """(lengths, depths, scores (len(depths), len(lengths)), NaN where no point) of one task's depth points."""
+    _, cells = cell_scores(records)
+    cells = cells.get(task, {})
+    lengths, depths = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
+    out = np.full((len(depths), len(lengths)), np.nan)
+    for (n, d), s in cells.items():
+        out[depths.index(d), lengths.index(n)] = s
+    return lengths, depths, out
+
+
+def mean_accuracy(records: Sequence[dict]) -> float:
+    """The mean over records of each record's fraction right (a multi-needle record: its needles' mean), 0-1."""
+    if not records:
+        return 0.0
+    return float(np.mean([np.mean([p[3] for p in points(r)]) / 100.0 for r in records]))
+
+
+def _length(r: dict) -> int:
+    return r["length"] if "length" in r else r["context_length"]
 
 
 def summarize(records: Sequence[dict], threshold: float = RULER_THRESHOLD) -> dict:
     """Per task and on average: score by length, effective length, and seconds per prompt by length."""
     per_task, _ = cell_scores(records)
-    lengths = sorted({r["length"] for r in records})
+    lengths = sorted({_length(r) for r in records})
     average = {n: float(np.mean([per_task[t][n] for t in per_task if n in per_task[t]])) for n in lengths}
     secs = defaultdict(list)
     for r in records:
-        secs[r["length"]].append(r["seconds"])
+        secs[_length(r)].append(r.get("seconds", np.nan))
     return dict(threshold=threshold, lengths=lengths,
                 tasks={t: dict(scores={str(n): round(s, 2) for n, s in sorted(v.items())},
                                effective_length=effective_length(v, threshold)) for t, v in per_task.items()},
@@ -56,12 +98,14 @@ def summarize(records: Sequence[dict], threshold: float = RULER_THRESHOLD) -> di
                 seconds_per_prompt={str(n): round(float(np.mean(v)), 4) for n, v in sorted(secs.items())})
 
 
-def summary_table(summary: dict) -> str:
-    """Markdown table: one row per task (score by length, effective length), the average, seconds/prompt."""
+def summary_table(summary: dict, length_name: str = "") -> str:
+    """Markdown table: one row per task (score by length, effective length), the average, seconds/prompt.
+    length_name: what the columns count, shown in the corner (e.g. 'frames')."""
     lengths = summary["lengths"]
     fmt = lambda n: f"{n // 1024}K" if n % 1024 == 0 else str(n)
     eff = lambda e: fmt(e) if e is not None else f"< {fmt(lengths[0])}"
-    lines = ["| task | " + " | ".join(fmt(n) for n in lengths) + " | effective length |",
+    corner = f"task \\ {length_name}" if length_name else "task"
+    lines = [f"| {corner} | " + " | ".join(fmt(n) for n in lengths) + " | effective length |",
              "|---" * (len(lengths) + 2) + "|"]
     for t, v in summary["tasks"].items():
         lines.append(f"| {t} | " + " | ".join(f"{v['scores'].get(str(n), float('nan')):.1f}" for n in lengths)
@@ -72,31 +116,32 @@ def summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_task(records: Sequence[dict], task: str, path: str) -> str:
-    """Score by length and depth (a heatmap, red 0 to green 100) for depth tasks, by length (a line) else."""
+def plot_task(records: Sequence[dict], task: str, path: str, title: str = "", xlabel: str = "context length (tokens)"
+              ) -> str:
+    """Score by length and depth (a heatmap, red 0 to green 100, the LWM paper's colours) for a task with
+    depth points, by length (a line) else. Returns path (a PNG; folders made). ValueError with no points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LinearSegmentedColormap
 
-    per_task, cells = cell_scores([r for r in records if r["task"] == task])
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    if cells.get(task):
-        lengths = sorted({k[0] for k in cells[task]})
-        depths = sorted({k[1] for k in cells[task]})
-        grid = np.full((len(depths), len(lengths)), np.nan)
-        for (n, d), s in cells[task].items():
-            grid[depths.index(d), lengths.index(n)] = s
+    per_task, _ = cell_scores(records)
+    if task not in per_task:
+        raise ValueError(f"plot_task: no results of task {task!r} to plot")
+    lengths, depths, scores = grid(records, task)
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.6 * len(lengths) + 3), max(4.2, 0.4 * len(depths) + 2)))
+    if depths:
         cmap = LinearSegmentedColormap.from_list("score", ["#F0496E", "#EBB839", "#0CD79F"])
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        im = ax.imshow(np.ma.masked_invalid(scores), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45 if len(lengths) > 8 else 0)
         ax.set_yticks(range(len(depths)), [f"{d:.0f}" for d in depths])
         ax.set_ylabel("needle depth (%)")
-        for i in range(grid.shape[0]):
-            for j in range(grid.shape[1]):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+        if scores.size <= 400:
+            for i in range(scores.shape[0]):
+                for j in range(scores.shape[1]):
+                    if not np.isnan(scores[i, j]):
+                        ax.text(j, i, f"{scores[i, j]:.0f}", ha="center", va="center", fontsize=8)
         fig.colorbar(im, ax=ax, label="score")
     else:
         lengths = sorted(per_task[task])
@@ -105,8 +150,9 @@ def plot_task(records: Sequence[dict], task: str, path: str) -> str:
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.set_ylabel("score")
-    ax.set_xlabel("context length (tokens)")
-    ax.set_title(task)
+    mean = np.mean([p[3] for r in records for p in points(r) if p[0] == task])
+    ax.set_xlabel(xlabel)
+    ax.set_title(f"{title or task} (score {mean:.1f})")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -114,19 +160,40 @@ def plot_task(records: Sequence[dict], task: str, path: str) -> str:
     return path
 
 
+def write_json(path: str, data) -> None:
+    """JSON to path, atomically (a partial file never replaces a good one); folders made."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_results(path: str) -> list[dict]:
+    """A JSON list of records written by an earlier run (to resume), or [] if there is no file. ValueError
+    naming the file when it is not a JSON list."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        try:
+            results = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"output_file={path}: exists but is not valid JSON ({e}); move it away") from None
+    if not isinstance(results, list):
+        raise ValueError(f"output_file={path}: expected a JSON list of results")
+    return results
+
+
 def write_results(output_dir: str, records: Sequence[dict], run_info: dict, threshold: float = RULER_THRESHOLD,
-                  plots: bool = True) -> dict:
+                  plots: bool = True, xlabel: str = "context length (tokens)") -> dict:
     """results.json (run_info, summary, every record), summary.md and plots/<task>.png under output_dir;
     returns the summary."""
     os.makedirs(output_dir, exist_ok=True)
     summary = summarize(records, threshold)
-    tmp = os.path.join(output_dir, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(dict(run=run_info, summary=summary, records=list(records)), f, indent=1)
-    os.replace(tmp, os.path.join(output_dir, "results.json"))
+    write_json(os.path.join(output_dir, "results.json"), dict(run=run_info, summary=summary, records=list(records)))
     with open(os.path.join(output_dir, "summary.md"), "w") as f:
         f.write(summary_table(summary) + "\n")
     if plots:
         for task in summary["tasks"]:
-            plot_task(records, task, os.path.join(output_dir, "plots", f"{task}.png"))
+            plot_task(records, task, os.path.join(output_dir, "plots", f"{task}.png"), xlabel=xlabel)
     return summary

@@ -1,54 +1,135 @@
-"""Run samples through a model and score them.
+"""The one runner of every evaluation, the task protocol it runs, and the task registry.
 
-A backend is anything with `tokenizer`, `name` and `generate(prompts, max_new_tokens) -> new token ids per
-prompt` (greedy, cut before EOS); `lwm.evals.backends` has the LWM JAX one (through the inference engine) and
-the Hugging Face PyTorch one. Samples are batched per (task, length): every prompt of a batch has the same
-token budget and about the same length (one compiled shape per length on the JAX path), as many per batch
-as `max_tokens_per_batch` allows.
+A task (`EvalTask`) says what to ask and how to score; the runner (`run`) decides how to ask: it groups the
+samples by (task, length), cuts each group into batches that fit `max_tokens_per_batch`, pads every batch of
+a group to one shape (same rows, same padded prompt length: one compiled shape per group on the JAX
+backend), generates greedily through a backend (`lwm.evals.backends`), times each batch and turns each answer
+into a record with the task's rule. Nothing else in lwm/evals batches, pads or times:
+tests/evals/test_runner.py::test_one_runner_is_the_only_batching_loop keeps it so.
 
-Each record is the sample without its prompt and message, plus response (text), score (0-100, the task's
-rule) and seconds (the batch's wall time divided by its prompts).
+A sample is a dict the task made (its prompt token ids under "prompt", unless the task builds prompts per
+batch, as the visual needle does from video frames); a record is what the task's `record` returns for it,
+plus "seconds" (the batch's wall time, prompt building included, divided by its samples).
+
+Batch size (prompts per generate call), for a group of n samples whose prompts pad to P tokens with a
+budget of M new tokens, a backend that shards rows over `data_size` devices (the JAX mesh's dp x fsdp; 1 for
+PyTorch) and the optional `max_rows` cap:
+    b = max(data, (max_tokens_per_batch // (P + M)) // data * data), then min(b, data * ceil(n / data)),
+    then min(b, max_rows) when given (not below data)
+Worked example: max_tokens_per_batch=3000, P=416, M=16, data=2, n=9 -> 3000 // 432 = 6 -> b = 6; the last
+batch of 3 prompts is padded to 6 rows with copies of its first prompt (their answers are dropped).
+
+Add an eval: write a task (a subclass of `EvalTask`, or of `lwm.evals.tasks.Task` for a text task fitted to
+token lengths by `lwm.evals.suite`), then `register(MyTask("my_task"))`; docs/evals.md walks through it.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
-from lwm.evals.suite import TASKS
+# ----------------------------------------------------------------------------------------------- the task
+
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+    """What the runner needs of a task. name: the registry key; max_new_tokens: the answer budget (M)."""
+    name: str
+    max_new_tokens: int = 32
+
+    def length(self, sample: dict) -> int:
+        """The sample's grid length (batches never mix lengths): its token length for text tasks."""
+        return sample["length"]
+
+    def prompt_length(self, sample: dict) -> Optional[int]:
+        """Prompt tokens known before the batch is built, or None (then each call pads to its own longest)."""
+        return len(sample["prompt"])
+
+    def prompts(self, chunk: Sequence[dict]) -> tuple[list[list[int]], Optional[list]]:
+        """(token ids per sample, vision inputs per sample or None), built inside the timed section."""
+        return [list(s["prompt"]) for s in chunk], None
+
+    def record(self, sample: dict, response: str, new_tokens: Sequence[int], prompt: Sequence[int]) -> dict:
+        """The stored result of one sample: its fields (without prompt inputs) plus the task's score."""
+        raise NotImplementedError
 
 
-def batch_size(max_tokens_per_batch: int, length: int, max_new_tokens: int, n: int) -> int:
-    """Prompts per batch: as many as fit (length + budget each), at least 1, no more than n."""
-    return max(1, min(n, max_tokens_per_batch // (length + max_new_tokens)))
+TaskLike = Union[EvalTask, Mapping[str, EvalTask]]
+TASKS: dict[str, EvalTask] = {}
 
 
-def run(samples: Sequence[dict], backend, *, max_tokens_per_batch: int = 32768, progress: bool = True,
-        on_batch: Optional[Callable[[list], None]] = None) -> list[dict]:
+def register(task: EvalTask) -> EvalTask:
+    """Add `task` to the registry under task.name; a second task of the same name raises ValueError."""
+    if task.name in TASKS:
+        raise ValueError(f"eval task {task.name!r} is registered twice")
+    TASKS[task.name] = task
+    return task
+
+
+def registered() -> dict[str, EvalTask]:
+    """Every registered task (importing the modules that register the built-in ones)."""
+    from lwm.evals import needle, suite, visual  # noqa: F401  (their imports register their tasks)
+
+    return dict(TASKS)
+
+
+# ----------------------------------------------------------------------------------------------- the runner
+
+def batch_rows(max_tokens_per_batch: Optional[int], padded_length: int, max_new_tokens: int, data: int, n: int,
+               max_rows: Optional[int] = None) -> int:
+    """Prompts per generate call (module docstring's formula; max_tokens_per_batch None: no token limit)."""
+    fit = n if max_tokens_per_batch is None else max_tokens_per_batch // (padded_length + max_new_tokens)
+    b = min(max(data, fit // data * data), data * -(-n // data))
+    if max_rows is not None:
+        b = min(b, max(data, max_rows))
+    return b
+
+
+def run(samples: Sequence[dict], backend, tasks: TaskLike, *, max_tokens_per_batch: Optional[int] = 32768,
+        max_rows: Optional[int] = None, results: Optional[list] = None,
+        on_batch: Optional[Callable[[list], None]] = None, progress: bool = True, desc: str = "eval") -> list:
+    """Every sample through `backend` (module docstring). tasks: one task for every sample, or a mapping
+    from sample["task"] to its task. Groups run in the order their first sample appears. Appends the records
+    to `results` (a new list by default) and returns it; `on_batch(results)` after every batch (e.g. to save
+    the JSON). Raises the backend's error (lwm.inference.engine.PromptTooLongError on the JAX backend) before
+    any compile when a prompt + budget exceeds the model's length."""
     from tqdm import tqdm
 
-    groups = defaultdict(list)
+    task_of = (lambda s: tasks) if isinstance(tasks, EvalTask) else (lambda s: tasks[s["task"]])
+    results = [] if results is None else results
+    groups: dict = defaultdict(list)
     for s in samples:
-        groups[(s["task"], s["length"])].append(s)
-    records: list[dict] = []
-    bar = tqdm(total=len(samples), desc=f"eval_long {backend.name}", unit="prompt", disable=not progress)
-    for (name, length), group in groups.items():
-        task = TASKS[name]
-        b = batch_size(max_tokens_per_batch, length, task.max_new_tokens, len(group))
+        task = task_of(s)
+        groups[(task.name, task.length(s))].append((task, s))
+    plan = []
+    for (_, length), items in groups.items():
+        task = items[0][0]
+        known = [task.prompt_length(s) for _, s in items]
+        longest = None if None in known else max(known)
+        if longest is not None:
+            backend.check_length(longest, task.max_new_tokens)            # before any compile
+        plan.append((task, length, [s for _, s in items], longest))
+    data = backend.data_size
+    bar = tqdm(total=len(samples), desc=f"{desc} {backend.name}", unit="prompt", disable=not progress)
+    for task, length, group, longest in plan:
+        budget = task.max_new_tokens
+        padded = backend.padded_length(longest) if longest is not None else None
+        b = batch_rows(max_tokens_per_batch, padded or length, budget, data, len(group), max_rows)
         for i in range(0, len(group), b):
             chunk = group[i:i + b]
             t0 = time.perf_counter()
-            outs = backend.generate([s["prompt"] for s in chunk], task.max_new_tokens)
+            prompts, vision = task.prompts(chunk)
+            fill = b - len(chunk)                                          # one shape for the last batch too
+            outs = backend.generate(prompts + [prompts[0]] * fill, budget, padded_length=padded,
+                                    vision=None if vision is None else vision + [vision[0]] * fill)[:len(chunk)]
             seconds = (time.perf_counter() - t0) / len(chunk)
-            for s, out in zip(chunk, outs):
-                response = backend.tokenizer.decode(out)
-                record = {k: v for k, v in s.items() if k not in ("prompt", "message")}
-                record.update(response=response, score=task.score(response, s["answers"]),
-                              new_tokens=len(out), seconds=round(seconds, 4))
-                records.append(record)
+            for s, prompt, out in zip(chunk, prompts, outs):
+                record = task.record(s, backend.tokenizer.decode(out), out, prompt)
+                record["seconds"] = round(seconds, 4)
+                results.append(record)
             if on_batch is not None:
-                on_batch(records)
+                on_batch(results)
             bar.update(len(chunk))
-            bar.set_postfix(task=name, length=length)
+            bar.set_postfix(task=task.name, length=length)
     bar.close()
-    return records
+    return results

@@ -1,4 +1,5 @@
-"""The task suite: names -> tasks, and samples fitted to token lengths.
+"""The text suite: its tasks (registered in the one registry, lwm.evals.runner.TASKS) and samples fitted to
+token lengths.
 
     samples = build_samples(["niah_single_noise", "vt"], tokenizer, lengths=[1024, 2048], depths=[0, 50, 100],
                             n_samples=4, seed=0)
@@ -16,10 +17,11 @@ from typing import Optional, Sequence
 
 from lwm.text.chat_template import user_turn_ids
 from lwm.evals.haystack import Haystack
+from lwm.evals.runner import TASKS, register
 from lwm.evals.tasks import NeedleTask, Task, sub_seed
 from lwm.evals.tasks_more import CommonWords, CoReference, FrequentWords, VariableTracking
 
-TASKS: dict[str, Task] = {t.name: t for t in (
+for _task in (
     NeedleTask("niah_single_noise", haystack="noise", uses_depth=True),
     NeedleTask("niah_single_essay", haystack="essay", needs_essay=True, uses_depth=True),
     NeedleTask("niah_single_essay_uuid", haystack="essay", value_kind="uuid", needs_essay=True, uses_depth=True,
@@ -35,18 +37,25 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     CommonWords("cwe"),
     FrequentWords("fwe"),
     CoReference("coref"),
-)}
+):
+    register(_task)
+
+
+def text_tasks() -> dict[str, Task]:
+    """The registered text tasks (`Task`s: samples from `build_samples`), in registration order."""
+    return {name: t for name, t in TASKS.items() if isinstance(t, Task)}
 
 
 def select_tasks(spec: str) -> list[Task]:
-    """'all' or a comma list of task names; an unknown name raises naming it and the known ones."""
+    """'all' or a comma list of text task names; an unknown name raises naming it and the known ones."""
+    known = text_tasks()
     if spec in ("", "all"):
-        return list(TASKS.values())
+        return list(known.values())
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
-    return [TASKS[n] for n in names]
+        raise ValueError(f"--tasks: unknown task(s) {unknown}; known: {', '.join(known)}")
+    return [known[n] for n in names]
 
 
 def prompt_ids(tokenizer, message: str) -> list[int]:

@@ -24,6 +24,7 @@ from typing import Optional
 
 from lwm.evals import vocab
 from lwm.evals.haystack import Haystack, noise_haystack
+from lwm.evals.runner import EvalTask
 from lwm.evals.scoring import match_all
 
 
@@ -33,14 +34,19 @@ def sub_seed(*parts) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
-    """Base: name, answer budget (new tokens), whether depth is a grid axis, whether an essay haystack is
-    needed, and the smallest n_units that makes sense."""
-    name: str
-    max_new_tokens: int = 32
+class Task(EvalTask):
+    """A text task of the suite (a task of the one runner, lwm.evals.runner.EvalTask): name, answer budget
+    (new tokens), whether depth is a grid axis, whether an essay haystack is needed, and the smallest n_units
+    that makes sense. Its samples come from lwm.evals.suite.build_samples (prompt fitted to a token length)."""
     uses_depth: bool = False
     needs_essay: bool = False
     min_units: int = 1
+
+    def record(self, sample, response, new_tokens, prompt) -> dict:
+        """The sample without its prompt and message, plus response, score (0-100, `score`) and new_tokens."""
+        out = {k: v for k, v in sample.items() if k not in ("prompt", "message")}
+        out.update(response=response, score=self.score(response, sample["answers"]), new_tokens=len(new_tokens))
+        return out
 
     def make(self, seed: int, n_units: int, depth: Optional[float], haystack: Optional[Haystack]) -> dict:
         """-> dict(message=str, answers=list[str], meta=dict)."""

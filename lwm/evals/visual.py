@@ -8,17 +8,20 @@ with lwm.utils.vision_io); the frames go through the VQGAN and the question asks
 Depth d% puts the needle at frame index round((N - 1) * d / 100) (0% the first frame, 100% the last).
 Scoring: match_all over [the number] (lwm.evals.scoring): 100 when the answer contains it, else 0.
 Worked example: needle "4721", answer "The number is 4721." -> 100.0; "4712" -> 0.0.
-Results are records like the text suite's, with `length` = the frame count, so report.write_results gives the
-JSON, the heatmap (accuracy by frame count and depth) and the summary.
+The task (`VisualNeedle`, registered as "visual_needle") builds each batch's prompts inside the runner's timed
+section: the VQGAN encodes the batch's videos (B, N, S, S, 3) -> codes (B, N, h, w) -> vision prompts (ids and
+vision masks) for the engine. Records are like the text suite's, with `length` = the frame count, so
+report.write_results gives the JSON, the heatmap (accuracy by frame count and depth) and the summary.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
-import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from lwm.evals.runner import EvalTask, register
 from lwm.evals.scoring import match_all
 from lwm.evals.tasks import sub_seed
 
@@ -83,47 +86,34 @@ def build_samples(frame_counts: Sequence[int], depths: Sequence[float], n_sample
     return out
 
 
-def run(samples: Sequence[dict], vqgan, model, params, tokenizer, *, max_new_tokens: int = 16,
-        batch: int = 8, progress: bool = True, cache_dtype=None) -> list[dict]:
-    """Encode, ask, score (call under the mesh): samples of one frame count go through the generation engine
-    in batches of up to `batch` (greedy; the prompts' vision masks route the embeddings). Each record: the
-    sample without its frames, plus response, score, prompt_tokens, new_tokens and seconds (its share of the
-    batch's VQGAN encoding and generation)."""
-    from collections import defaultdict
+@dataclasses.dataclass(frozen=True)
+class VisualNeedle(EvalTask):
+    """The visual needle as a task of the runner: `vqgan` and `tokenizer` must be set (`with_models`) before
+    a run. Grid length: the frame count. Scoring: match_all over [the number], 0-100."""
+    vqgan: Any = None
+    tokenizer: Any = None
 
-    from tqdm import tqdm
+    def with_models(self, vqgan, tokenizer, max_new_tokens: int) -> "VisualNeedle":
+        return dataclasses.replace(self, vqgan=vqgan, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
 
-    from lwm.text.chat_template import vision_chat_prompt
-    from lwm.inference.engine import Engine
-    from lwm.inference.sampling import SamplingConfig
-    from lwm.inference.vision import vision_tokens
+    def prompt_length(self, sample: dict) -> Optional[int]:
+        return None                            # known after the VQGAN; one frame count gives one length
 
-    if model.config.sample_mode != "text":
-        raise ValueError(f"the visual needle needs a model with sample_mode='text', not {model.config.sample_mode!r}")
-    engine = Engine(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
-                    cache_dtype=cache_dtype)
-    groups = defaultdict(list)
-    for s in samples:
-        groups[s["length"]].append(s)
-    records = []
-    bar = tqdm(total=len(samples), desc="visual needle", unit="video", disable=not progress)
-    for n in sorted(groups):
-        for i in range(0, len(groups[n]), batch):
-            chunk = groups[n][i:i + batch]
-            t0 = time.perf_counter()
-            _, codes = vqgan.encode(np.stack([s["frames"] for s in chunk]))              # (B, N, h, w)
-            prompts = [vision_chat_prompt(tokenizer, QUESTION, vision_tokens(np.asarray(c))) for c in codes]
-            engine.check_length(len(prompts[0]), max_new_tokens)
-            rows = prompts + [prompts[0]] * (batch - len(prompts))                        # one shape per N
-            result = engine.generate([p.ids.tolist() for p in rows], max_new_tokens, sampling=SamplingConfig(),
-                                     vision=[p.vision for p in rows])
-            seconds = (time.perf_counter() - t0) / len(chunk)
-            for s, p, ids in zip(chunk, prompts, result.tokens):
-                response = tokenizer.decode(ids)
-                record = {k: v for k, v in s.items() if k != "frames"}
-                record.update(response=response, score=match_all(response, s["answers"]), prompt_tokens=len(p),
-                              new_tokens=len(ids), seconds=round(seconds, 4))
-                records.append(record)
-            bar.update(len(chunk))
-    bar.close()
-    return records
+    def prompts(self, chunk):
+        from lwm.inference.vision import vision_tokens
+        from lwm.text.chat_template import vision_chat_prompt
+
+        if self.vqgan is None or self.tokenizer is None:
+            raise ValueError("visual_needle: set the VQGAN and tokenizer first (VisualNeedle.with_models)")
+        _, codes = self.vqgan.encode(np.stack([s["frames"] for s in chunk]))              # (B, N, h, w)
+        prompts = [vision_chat_prompt(self.tokenizer, QUESTION, vision_tokens(np.asarray(c))) for c in codes]
+        return [p.ids.tolist() for p in prompts], [p.vision for p in prompts]
+
+    def record(self, sample, response, new_tokens, prompt) -> dict:
+        out = {k: v for k, v in sample.items() if k != "frames"}
+        out.update(response=response, score=match_all(response, sample["answers"]), prompt_tokens=len(prompt),
+                   new_tokens=len(new_tokens))
+        return out
+
+
+VISUAL_NEEDLE = register(VisualNeedle(TASK, max_new_tokens=16))

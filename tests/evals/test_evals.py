@@ -18,10 +18,12 @@ ESSAY = ("Startups grow fast. Most of them die young! Why do founders keep going
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def evals_tok(tmp_path_factory):
+    """500 pieces trained on the essay, the eval vocabulary and one prompt of four tasks (not the shared `tok`:
+    the tasks' words, digits and uuids must be pieces of it)."""
     d = tmp_path_factory.mktemp("evals_tok")
     texts = [ESSAY * 5, " ".join(vocab.WORDS), "The grass is green. The sky is blue. VAR ABCDE = 12345."]
-    texts += [suite.TASKS[n].make(0, 20, 50.0, Haystack(split_sentences(ESSAY), "e"))["message"]
+    texts += [suite.text_tasks()[n].make(0, 20, 50.0, Haystack(split_sentences(ESSAY), "e"))["message"]
               for n in ("niah_multikey_uuid", "cwe", "coref", "vt")]
     return train_sentencepiece(texts, str(d / "tokenizer.model"), 500)
 
@@ -33,18 +35,18 @@ def essays(tmp_path_factory):
     return essay_haystack(str(path))
 
 
-def test_generators_are_deterministic(tok, essays):
-    tasks = list(suite.TASKS.values())
-    a = suite.build_samples(tasks, tok, [800, 1200], [0, 100], 1, seed=3, haystack=essays)
-    b = suite.build_samples(tasks, tok, [800, 1200], [0, 100], 1, seed=3, haystack=essays)
+def test_generators_are_deterministic(evals_tok, essays):
+    tasks = list(suite.text_tasks().values())
+    a = suite.build_samples(tasks, evals_tok, [800, 1200], [0, 100], 1, seed=3, haystack=essays)
+    b = suite.build_samples(tasks, evals_tok, [800, 1200], [0, 100], 1, seed=3, haystack=essays)
     assert a == b and len(a) == len(tasks) * 2 * 2
-    c = suite.build_samples(tasks, tok, [800, 1200], [0, 100], 1, seed=4, haystack=essays)
+    c = suite.build_samples(tasks, evals_tok, [800, 1200], [0, 100], 1, seed=4, haystack=essays)
     assert sum(x["prompt"] != y["prompt"] for x, y in zip(a, c)) == len(a)      # another seed, other samples
     for s in a:
         assert s["length"] * 0.6 < s["prompt_tokens"] <= s["length"], (s["task"], s["prompt_tokens"])
-        assert s["prompt"][0] == tok.bos_id
-        assert tok.decode(s["prompt"][1:]).startswith("You are a helpful assistant. USER: ")
-        assert tok.decode(s["prompt"]).endswith(" ASSISTANT:")
+        assert s["prompt"][0] == evals_tok.bos_id
+        assert evals_tok.decode(s["prompt"][1:]).startswith("You are a helpful assistant. USER: ")
+        assert evals_tok.decode(s["prompt"]).endswith(" ASSISTANT:")
 
 
 def test_scoring_rules_on_their_worked_examples():
@@ -67,15 +69,23 @@ def test_scoring_rules_on_their_worked_examples():
 class Answerer:
     """A stand-in model: reads the message back from the prompt and answers by rule (oracle) or at random."""
 
+    data_size = 1
+
     def __init__(self, tok, mode):
         self.tokenizer, self.mode, self.name, self.rng = tok, mode, mode, random.Random(0)
 
-    def generate(self, prompts, max_new_tokens):
+    def padded_length(self, n):
+        return n
+
+    def check_length(self, n, budget):
+        pass
+
+    def generate(self, prompts, max_new_tokens, padded_length=None, vision=None):
         outs = []
         for p in prompts:
             text = self.tokenizer.decode(p)
             message = re.search(r"USER: (.*) ASSISTANT:$", text, re.S).group(1)
-            task = next(t for t in suite.TASKS.values() if t.name == self.current(message))
+            task = next(t for t in suite.text_tasks().values() if t.name == self.current(message))
             answer = task.oracle(message) if self.mode == "oracle" else task.random_answer(self.rng)
             outs.append(self.tokenizer.encode(answer))
         return outs
@@ -85,25 +95,26 @@ class Answerer:
 
 
 @pytest.fixture(scope="module")
-def samples(tok, essays):
-    return suite.build_samples(list(suite.TASKS.values()), tok, [800, 1600], [0, 100], 1, seed=1, haystack=essays)
+def samples(evals_tok, essays):
+    return suite.build_samples(list(suite.text_tasks().values()), evals_tok, [800, 1600], [0, 100], 1, seed=1,
+                               haystack=essays)
 
 
 def _run(tok, samples, mode):
     backend = Answerer(tok, mode)
     backend.by_message = {s["message"]: s["task"] for s in samples}
-    return runner.run(samples, backend, max_tokens_per_batch=4000, progress=False)
+    return runner.run(samples, backend, suite.text_tasks(), max_tokens_per_batch=4000, progress=False)
 
 
-def test_oracle_scores_100_on_every_task_and_random_about_0(tok, samples, tmp_path):
-    records = _run(tok, samples, "oracle")
+def test_oracle_scores_100_on_every_task_and_random_about_0(evals_tok, samples, tmp_path):
+    records = _run(evals_tok, samples, "oracle")
     summary = report.summarize(records)
-    assert set(summary["tasks"]) == set(suite.TASKS)
+    assert set(summary["tasks"]) == set(suite.text_tasks())
     for name, v in summary["tasks"].items():
         assert v["scores"] == {"800": 100.0, "1600": 100.0}, name
         assert v["effective_length"] == 1600
     assert summary["effective_length"] == 1600
-    random_records = _run(tok, samples, "random")
+    random_records = _run(evals_tok, samples, "random")
     rsum = report.summarize(random_records)
     assert all(s < 5.0 for s in rsum["average"].values()), rsum["average"]
     assert rsum["effective_length"] is None
@@ -117,10 +128,10 @@ def test_oracle_scores_100_on_every_task_and_random_about_0(tok, samples, tmp_pa
         assert open(path, "rb").read()[:4] == b"\x89PNG"
 
 
-def test_needles_sit_at_their_depth_and_distractors_differ(tok, essays):
-    task = suite.TASKS["niah_multikey_essay"]
+def test_needles_sit_at_their_depth_and_distractors_differ(evals_tok, essays):
+    task = suite.text_tasks()["niah_multikey_essay"]
     for depth in (0.0, 50.0, 100.0):
-        s = suite.fit_sample(task, tok, 900, 7, depth, essays)
+        s = suite.fit_sample(task, evals_tok, 900, 7, depth, essays)
         context = s["message"].split("\n", 1)[1].rsplit("\n", 1)[0]
         key = s["meta"]["keys"][0]
         where = context.index(f"for {key} is:") / len(context)
@@ -133,9 +144,9 @@ def test_bad_flags_say_what_is_wrong():
     with pytest.raises(ValueError, match="unknown task"):
         suite.select_tasks("vt,nope")
     with pytest.raises(ValueError, match="too short"):
-        suite.fit_sample(suite.TASKS["cwe"], _CharTok(), 20, 0, None, None)
+        suite.fit_sample(suite.text_tasks()["cwe"], _CharTok(), 20, 0, None, None)
     with pytest.raises(ValueError, match="needs an essay haystack"):
-        suite.build_samples([suite.TASKS["niah_single_essay"]], _CharTok(), [500], [0], 1, 0)
+        suite.build_samples([suite.text_tasks()["niah_single_essay"]], _CharTok(), [500], [0], 1, 0)
 
 
 class _CharTok:

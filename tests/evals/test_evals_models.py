@@ -33,7 +33,7 @@ def models(tmp_path_factory):
 
     texts = ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
              " ".join(vocab.WORDS)]
-    texts += [t.make(0, 10, 50.0, Haystack(["An essay sentence."], "e"))["message"] for t in suite.TASKS.values()]
+    texts += [t.make(0, 10, 50.0, Haystack(["An essay sentence."], "e"))["message"] for t in suite.text_tasks().values()]
     tok = train_sentencepiece(texts, str(d / "tokenizer.model"), 512)
     config = LLaMAConfig.load("tiny")
     model = LLaMAForCausalLM(config)

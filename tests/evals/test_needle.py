@@ -1,22 +1,24 @@
-"""Needle-in-a-haystack harness: token-exact placement, scoring with an oracle and a wrong answerer, the
-heatmap, the haystack writer, and both eval scripts end to end on the tiny model (JSON + PNG, resume)."""
+"""The original needle protocol (lwm/evals/needle.py, tasks `needle` and `needle_multi` of the one runner):
+token-exact placement, scoring with an oracle and a wrong answerer through the runner, its records in the one
+report (grid, heatmap, table), the haystack writer, and both eval scripts end to end on the tiny model (JSON +
+PNG, resume)."""
 import json
 import os
 
 os.environ.setdefault("NPROC", "32")   # room for concurrent CPU collectives of the simulated devices (see test_sampling)
 
+import dataclasses
 import random
 import re
-import types
 import sys
 import zipfile
 
 import numpy as np
 import pytest
 
-from lwm.evals import needle
+from lwm.evals import needle, report, runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 WORDS = ("time market people idea startup money work company reason question problem answer city number "
@@ -100,14 +102,14 @@ def test_trials_place_the_needle_at_the_requested_depth(workdir):
 
 
 class AnswerFromPrompt:
-    """Stands in for a model: answers with the number found after the question's city in the prompt
-    (right=True), or with that number plus one (right=False). Records the batch shapes it was given."""
+    """A stand-in backend (lwm.evals.backends protocol): answers with the number found after the question's
+    city in the prompt (right=True), or with that number plus one (right=False). Records the batch shapes it
+    was given."""
+
+    name, data_size = "answer-from-prompt", 2
 
     def __init__(self, tok, right=True):
-        self.tok, self.right, self.batches = tok, right, []
-
-    def mesh_sizes(self):
-        return 2, 1
+        self.tokenizer, self.right, self.batches = tok, right, []
 
     def padded_length(self, n):
         return n + (-n % 16)
@@ -115,15 +117,15 @@ class AnswerFromPrompt:
     def check_length(self, n, budget):
         assert n + budget < 10_000
 
-    def generate(self, prompts, max_new_tokens, padded_length=None):
+    def generate(self, prompts, max_new_tokens, padded_length=None, vision=None):
         self.batches.append((len(prompts), padded_length))
         outs = []
         for p in prompts:
-            text = self.tok.decode(p)
+            text = self.tokenizer.decode(p)
             city = re.search(r"What is the special magic (.+?) number\?", text).group(1)
             number = int(re.search(rf"magic {city} number is: (\d+)", text).group(1))
-            outs.append(self.tok.encode(f"The number is {number if self.right else number + 1}."))
-        return types.SimpleNamespace(tokens=outs)
+            outs.append(self.tokenizer.encode(f"The number is {number if self.right else number + 1}."))
+        return outs
 
 
 def test_scoring_right_and_wrong_answers(workdir):
@@ -131,31 +133,43 @@ def test_scoring_right_and_wrong_answers(workdir):
     haystacks = needle.read_haystacks(str(d / "haystack.jsonl"), 3, 800, tok)
     trials = needle.single_needle_trials(haystacks, tok, [400, 800], [0, 50, 100], random.Random(1), buffer=20)
     oracle = AnswerFromPrompt(tok)
-    results = needle.run_trials(trials, oracle, tok, max_tokens_per_batch=3000, max_new_tokens=16, progress=False)
-    assert len(results) == 18 and all(r["correct"] for r in results)
+    task = dataclasses.replace(needle.SINGLE, max_new_tokens=16)
+    results = runner.run(trials, oracle, task, max_tokens_per_batch=3000, progress=False)
+    assert len(results) == 18 and all(r["correct"] is True for r in results)
     assert all("prompt" not in r and r["answer"] in r["response"] for r in results)
+    assert [(r["context_length"], r["depth_percent"], r["seed"]) for r in results] == \
+        [(t["context_length"], t["depth_percent"], t["seed"]) for t in trials]
     # Batches fill max_tokens_per_batch, are a multiple of the data-parallel size, and one shape per length.
     sizes = {pad: n for n, pad in oracle.batches}
     assert all(n % 2 == 0 and n * (pad + 16) <= 3000 for n, pad in oracle.batches) and len(sizes) == 2
-    wrong = needle.run_trials(trials, AnswerFromPrompt(tok, right=False), tok, max_tokens_per_batch=3000,
-                              max_new_tokens=16, progress=False)
-    assert not any(r["correct"] for r in wrong) and needle.mean_accuracy(wrong) == 0.0
+    wrong = runner.run(trials, AnswerFromPrompt(tok, right=False), task, max_tokens_per_batch=3000, progress=False)
+    assert not any(r["correct"] for r in wrong) and report.mean_accuracy(wrong) == 0.0
+    assert report.mean_accuracy(results) == 1.0
     assert needle.score("It is 1234567.", "1234567") and not needle.score("It is 123456.", "1234567")
 
 
 def test_heatmap_and_grid(tmp_path):
+    """The original needle records (bool `correct`; lists for multi-needle) in the one report."""
     results = [dict(context_length=n, depth_percent=float(dp), correct=(n < 2000 or dp == 0), seconds=0.1)
                for n in (1000, 2000) for dp in (0, 50, 100) for _ in range(2)]
-    results.append(dict(context_length=1000, needles_info={}, depth_percent=[0.0, 100.0], correct=[True, False]))
-    lengths, depths, grid = needle.accuracy_grid(results)
+    results.append(dict(context_length=1000, depth_percent=0.0, correct=False, seconds=0.1))
+    lengths, depths, grid = report.grid(results, "needle")
     assert lengths == [1000, 2000] and depths == [0.0, 50.0, 100.0]
-    np.testing.assert_allclose(grid, [[1, 1], [1, 0], [2 / 3, 0]])
-    path = needle.plot_heatmap(results, str(tmp_path / "sub" / "map.png"))
+    np.testing.assert_allclose(grid, [[200 / 3, 100], [100, 0], [100, 0]])
+    multi = [dict(context_length=1000, needles_info={}, depth_percent=[0.0, 100.0], correct=[True, False])]
+    assert report.points(multi[0]) == [("needle_multi", 1000, 0.0, 100.0), ("needle_multi", 1000, 100.0, 0.0)]
+    assert report.mean_accuracy(multi) == 0.5
+    summary = report.summarize(results)
+    assert summary["tasks"]["needle"]["scores"] == {"1000": 85.71, "2000": 33.33}
+    assert summary["tasks"]["needle"]["effective_length"] == 1000 and summary["effective_length"] == 1000
+    path = report.plot_task(results, "needle", str(tmp_path / "sub" / "map.png"), title="Single needle")
     from PIL import Image
 
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
-    assert "overall accuracy" in needle.summary_table(results)
+    assert "| needle | 85.7 | 33.3 | 1000 |" in report.summary_table(summary)
+    with pytest.raises(ValueError, match="no results of task 'needle_multi'"):
+        report.plot_task(results, "needle_multi", str(tmp_path / "none.png"))
 
 
 def test_bad_haystack_names_file_and_line(tmp_path):
