@@ -22,7 +22,7 @@ from lwm.checkpoint import formats as ckpt
 from lwm.utils import safe_pickle
 from lwm.checkpoint.manager import Checkpointer, checkpoint_spec, latest, read_dataset_state, read_metadata
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _params(seed=0):
@@ -146,7 +146,7 @@ def test_errors_name_the_key(tmp_path):
         ckpt.load_streaming(path)
     with pytest.raises(ckpt.CheckpointError, match="unknown type 'param'"):
         ckpt.load_checkpoint(f"param::{path}")
-    with pytest.raises(ckpt.CheckpointError, match="float_dtype 'bf17'"):
+    with pytest.raises(ckpt.CheckpointError, match="float_dtype='bf17' is not one of"):
         ckpt.save_streaming(path, params, float_dtype="bf17")
 
 

@@ -18,11 +18,11 @@ from lwm.checkpoint import hf_tensors
 from lwm.checkpoint.hf_tensors import hf_state_dict_to_lwm_params, lwm_config_to_hf, lwm_params_to_hf_state_dict
 from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_random_norms():
     """The tiny preset (N=4 query heads, K=2 kv heads: grouped-query attention), random non-trivial params
     (norm weights too, so swapping two norms would show)."""
     cfg = LLaMAConfig.load("tiny").replace(attention_impl="dense", theta=500.0)
@@ -57,8 +57,8 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
 
 
-def test_round_trip_is_exact_for_every_layout(tiny):
-    cfg, _, params = tiny
+def test_round_trip_is_exact_for_every_layout(tiny_random_norms):
+    cfg, _, params = tiny_random_norms
     reference_sd = None
     for (scan, axis), tree in _layouts(params, cfg).items():
         c = cfg.replace(scan_layers=scan, param_scan_axis=axis)
@@ -90,8 +90,8 @@ def _hf_model(cfg, state_dict):
     return model
 
 
-def test_logits_match_transformers_torch(tiny, monkeypatch):
-    cfg, model, params = tiny
+def test_logits_match_transformers_torch(tiny_random_norms, monkeypatch):
+    cfg, model, params = tiny_random_norms
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12))
     ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids, jnp.int32)))
     hf = _hf_model(cfg, lwm_params_to_hf_state_dict(params, cfg))
@@ -99,7 +99,7 @@ def test_logits_match_transformers_torch(tiny, monkeypatch):
         theirs = hf(torch.tensor(ids)).logits.numpy()
     assert np.abs(ours - theirs).max() < 1e-4
     # Negative control: without the rotary permutation the same check fails.
-    monkeypatch.setattr(hf_convert, "_interleaved_to_halves", lambda kernel, heads: kernel)
+    monkeypatch.setattr(hf_tensors, "_interleaved_to_halves", lambda kernel, heads: kernel)
     wrong = _hf_model(cfg, lwm_params_to_hf_state_dict(params, cfg))
     with torch.no_grad():
         assert np.abs(ours - wrong(torch.tensor(ids)).logits.numpy()).max() > 1e-2
@@ -115,8 +115,8 @@ def test_logits_match_transformers_torch(tiny, monkeypatch):
     assert np.abs(got - expected).max() < 1e-4
 
 
-def test_tied_embeddings_config_and_errors(tiny):
-    cfg, _, params = tiny
+def test_tied_embeddings_config_and_errors(tiny_random_norms):
+    cfg, _, params = tiny_random_norms
     tied_cfg = cfg.replace(tie_word_embeddings=True)
     tied = {k: v for k, v in params.items() if k != "lm_head"}
     sd = lwm_params_to_hf_state_dict(tied, tied_cfg)
@@ -168,8 +168,8 @@ def _run(script, *args):
 
 
 @pytest.mark.slow
-def test_convert_and_sample_scripts_end_to_end(tmp_path, tiny):
-    _, _, tiny_params = tiny
+def test_convert_and_sample_scripts_end_to_end(tmp_path, tiny_random_norms):
+    _, _, tiny_params = tiny_random_norms
     vocab = _train_tokenizer(tmp_path / "tokenizer.model")
     cfg = LLaMAConfig.load("tiny").replace(vocab_size=vocab, attention_impl="dense", theta=500.0)
     model = LLaMAForCausalLM(cfg)

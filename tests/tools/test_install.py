@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 # Imported only by optional features, each behind a clear error, and declared in the extra of that name.
 OPTIONAL = {"torch": "torch", "wandb": "wandb"}
 

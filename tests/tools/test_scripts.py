@@ -20,7 +20,7 @@ from lwm.cli.flags import FlagError, model_config_from_flags, parse_flags
 from lwm.model.registry import build_model
 from lwm.parallel.sharding import check_divisible, check_model_mesh, make_mesh, match_partition_rules
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow          # each case runs a shell script in a subprocess
 
 RECORDER = """#!/bin/sh
