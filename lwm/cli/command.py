@@ -68,7 +68,7 @@ def subcommand(argv: Sequence[str], choices: Sequence[str], prog: str) -> tuple[
     argv = list(argv)
     if not argv or argv[0] not in choices:
         got = f" (got {argv[0]!r})" if argv else ""
-        raise FlagError(f"{prog} needs a subcommand first: one of {', '.join(choices)}{got}")
+        raise FlagError(f"the first argument is the subcommand: one of {', '.join(choices)}{got}")
     return argv[0], argv[1:]
 
 

@@ -60,11 +60,12 @@ def set_flag(config: ConfigDict, name: str, text: Any) -> None:
     """config[name] = text converted to the field's type; `llama.<field>` is checked later, against the
     model config. Unknown names raise FlagError with the closest known ones."""
     node, parts = config, name.split(".")
+    llama = config["llama"] if "llama" in config else None
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
-        if node is config.llama and len(parts) == 2:
-            with config.llama.unlocked():
-                config.llama[part] = text
+        if llama is not None and node is llama and len(parts) == 2:
+            with llama.unlocked():
+                llama[part] = text
             return
         if not isinstance(node, ConfigDict) or part not in node:
             close = difflib.get_close_matches(name, known_flags(config), n=3)

@@ -62,7 +62,9 @@ def parse_literal_dict(text: str, flag: str = "update_llama_config") -> dict:
                 return value
             raise ValueError("keys must be strings")
     except ValueError as e:
-        raise FlagError(f"--{flag}={text!r}: only literal values are accepted ({e})") from None
+        why = str(e) if not str(e).startswith("malformed node") else "a name, call or expression is not data"
+        raise FlagError(f"--{flag}={text!r}: only literal values (numbers, strings, True/False/None, lists, "
+                        f"dicts) are accepted ({why})") from None
     raise FlagError(f"--{flag}={text!r}: expected dict(key=value, ...), a {{'key': value}} literal or a JSON "
                     "object")
 
@@ -161,7 +163,7 @@ def parse_int_list(name: str, text: str, minimum: int | None = None) -> list[int
 def parse_choice(name: str, text: str, choices) -> str:
     """`text` if it is one of `choices`, else FlagError listing them."""
     if text not in choices:
-        raise FlagError(f"--{name}={text!r}: expected one of {', '.join(map(str, choices))}")
+        raise FlagError(f"--{name}={text!r}: expected one of {', '.join(repr(c) if c == '' else str(c) for c in choices)}")
     return text
 
 
