@@ -35,6 +35,8 @@ import msgpack
 import numpy as np
 from flax.traverse_util import empty_node, flatten_dict, unflatten_dict
 
+from lwm.parallel import multihost
+
 _FLOAT_DTYPES = {
     "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp16": jnp.float16, "float16": jnp.float16,
     "fp32": jnp.float32, "float32": jnp.float32, "fp64": jnp.float64, "float64": jnp.float64,
@@ -90,17 +92,15 @@ def is_local(path: str) -> bool:
 
 
 def _to_host(x: Any, needed: bool) -> Any:
-    """Bring one leaf to host memory as numpy. Arrays spread over several processes are gathered first
-    (a collective: every process must call this in the same order); `needed=False` skips the copy."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    if not needed:
-        return None
+    """Bring one leaf to host memory as numpy (`lwm.parallel.multihost.host_array`). Arrays spread over
+    several processes are gathered first (a collective: every process must call this in the same order);
+    `needed=False` skips the copy where no collective is due."""
     if isinstance(x, (int, float, bool)) and not isinstance(x, np.generic):
-        return x                  # python scalars (TrainState.create's step=0) are stored as msgpack numbers
-    return np.asarray(jax.device_get(x))
+        return x if needed else None  # python scalars (TrainState.create's step=0) are stored as msgpack numbers
+    if not needed and not multihost.needs_gather(x):
+        return None
+    x = multihost.host_array(x)
+    return x if needed else None
 
 
 def _bin_header(n: int) -> bytes:

@@ -40,7 +40,7 @@ benchmarks) calls this; there is no other prefill or decode loop in the package.
   budget; each slot keeps its own fill length and position, and a step costs what the longest filled slot
   holds, not the allocated length.
 
-(c) Host read-back (`host_array`) gathers arrays that span several processes before reading them, so the
+(c) Host read-back (`lwm.parallel.multihost.host_array`, the one read-back) gathers arrays that span several processes before reading them, so the
 same code runs on one host or a multi-host pod. (d) `check_length` is the length check.
 
 Cache (lwm.model.llama.init_cache): k, v (L, B, K, S, H) in the layout decode reads, written in place (the
@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwm.parallel import sharding
+from lwm.parallel.multihost import host_array
 from lwm.model.llama import LLaMAForCausalLM, init_cache, sequence_multiple
 from lwm.inference.sampling import PromptTooLongError, SamplingConfig, bucket_length, left_pad, sample_rows
 from lwm.model.vision_llama import VisionLLaMAForCausalLM
@@ -107,18 +108,6 @@ class GenerateResult:
     tokens: list            # list[list[int]] new tokens per row, before the first stop id
     finish: list            # per row 'stop' | 'length' | 'cancelled'
     stats: dict
-
-
-def host_array(x) -> np.ndarray:
-    """A numpy copy of x on every process: x's shards are gathered first when they live on several
-    processes (np.asarray alone raises there)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if x.is_fully_replicated:                       # every process holds a whole copy: read its own
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def mesh_sizes() -> tuple[int, int]:

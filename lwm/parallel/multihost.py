@@ -1,22 +1,44 @@
-"""Arrays and host state across processes (`jax.distributed`): reading replicated values, placing host
-values and batches on a mesh that spans processes, and gathering each process's dataset state.
+"""Arrays and host state across processes (`jax.distributed`): which part of every batch this process
+builds, joining the parts into global arrays, placing host values on a mesh, the one read-back of a jax.Array
+to numpy, and gathering each process's dataset state.
 
-Used by the training loop (`lwm.train`); knows nothing of the model or the step functions.
+    host = host_shard_from_mesh(mesh)                 # this process's rows and sequence columns
+    dataset = DatasetFactory.load_dataset(config, tokenizer, host=host)
+    batch = global_batch(local_batch, mesh, host)     # global (B, T) arrays, P(('dp', 'fsdp'), 'sp')
+    loss = float(host_array(metrics["loss"]))         # numpy on every process
+
+Used by the training loop, the checkpoint writer and the engine; knows nothing of the model, the data
+pipeline or the step functions.
 """
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+
+from lwm.parallel.sharding import BATCH_AXES, SEQ_AXIS, batch_spec
 
 
-def host_value(x) -> np.ndarray:
-    """A replicated jax.Array (possibly spread over processes) as numpy, from this process's copy."""
+def host_array(x) -> np.ndarray:
+    """The one read-back: a numpy copy of x on every process. A jax.Array spread over several processes is
+    read from this process's copy when it is fully replicated, else gathered first with
+    `multihost_utils.process_allgather` (a collective: every process must call this, in the same order);
+    a local jax.Array, a numpy array or a Python number is converted as it is."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(x.addressable_data(0))
+        if x.is_fully_replicated:                       # every process holds a whole copy: read its own
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def needs_gather(x) -> bool:
+    """True when `host_array(x)` is a collective (x's shards live on several processes, not replicated)."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated
 
 
 def replicate(value, sharding) -> jax.Array:
@@ -25,20 +47,89 @@ def replicate(value, sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def global_batch(batch: dict, mesh, host, sharded_loader: bool = True) -> dict:
-    """This process's part of a batch -> global (B, T) arrays sharded as `lwm.parallel.sharding.batch_spec`
-    (P(('dp', 'fsdp'), 'sp')). Without the sharded loader every process holds the whole batch and keeps its
-    devices' slices."""
-    from jax.sharding import NamedSharding
+# ------------------------------------------------------------------------------------- batches over hosts
 
-    from lwm.training.packing import make_global_batch
-    from lwm.parallel.sharding import batch_spec
 
-    if sharded_loader:
-        return make_global_batch(batch, mesh, host=host)
-    sharding = NamedSharding(mesh, batch_spec(mesh))
-    return {k: replicate(v, sharding) for k, v in batch.items()}
+class HostShard(NamedTuple):
+    """Which part of every global batch this process builds: rows of data-parallel block `dp_rank` (of
+    `dp_size`) and columns of sequence block `sp_rank` (of `sp_size`). Processes with the same dp_rank read
+    the same examples and build the same rows; those with different sp_rank keep different columns."""
 
+    dp_rank: int = 0
+    dp_size: int = 1
+    sp_rank: int = 0
+    sp_size: int = 1
+
+    def to_dict(self) -> dict:
+        return dict(self._asdict())
+
+
+def _block(indices: np.ndarray, n: int, what: str, process: int) -> tuple[int, int]:
+    """Contiguous aligned block of mesh indices -> (rank, size)."""
+    idx = np.unique(indices)
+    k = len(idx)
+    if n % k or idx[0] % k or not np.array_equal(idx, np.arange(idx[0], idx[0] + k)):
+        raise ValueError(f"process {process} holds {what} indices {idx.tolist()} of {n}: the batch can only be "
+                         "split over hosts in contiguous, equal blocks (reorder the mesh devices)")
+    return int(idx[0] // k), n // k
+
+
+def host_layout(axis_names, device_processes, process_index: int, data_axes=None,
+                seq_axis: str | None = None) -> HostShard:
+    """HostShard of `process_index` for a batch sharded P(data_axes, seq_axis) over a mesh whose devices
+    belong to the processes `device_processes` (an int array shaped like the mesh). The axes default to
+    lwm.parallel.sharding's BATCH_AXES (dp, fsdp) and SEQ_AXIS (sp).
+
+    >>> # dp=2 over two hosts, sp=2 within each: host 1 builds rows 2..3 of a 4-row batch, all columns
+    >>> host_layout(("dp", "sp"), np.array([[0, 0], [1, 1]]), 1)
+    HostShard(dp_rank=1, dp_size=2, sp_rank=0, sp_size=1)
+    """
+    data_axes = BATCH_AXES if data_axes is None else data_axes
+    seq_axis = SEQ_AXIS if seq_axis is None else seq_axis
+    procs = np.asarray(device_processes)
+    names = list(axis_names)
+    if procs.ndim != len(names):
+        raise ValueError(f"device_processes has {procs.ndim} axes, the mesh {len(names)} ({names})")
+    data = [names.index(a) for a in data_axes if a in names]
+    seq = [names.index(seq_axis)] if seq_axis in names else []
+    rest = [i for i in range(len(names)) if i not in data + seq]
+    grid = np.transpose(procs, data + seq + rest)
+    n_data = int(np.prod([procs.shape[i] for i in data], dtype=int))
+    n_seq = int(np.prod([procs.shape[i] for i in seq], dtype=int))
+    grid = grid.reshape(n_data, n_seq, -1)  # (data index, sequence index, other axes)
+    result = {}
+    for p in np.unique(procs):
+        d, s, _ = np.nonzero(grid == p)
+        result[int(p)] = HostShard(*_block(d, n_data, "data-parallel", p), *_block(s, n_seq, "sequence", p))
+    if process_index not in result:
+        raise ValueError(f"process {process_index} owns no device of the mesh")
+    return result[process_index]
+
+
+def host_shard_from_mesh(mesh, process_index: int | None = None) -> HostShard:
+    """HostShard for this process (or `process_index`) under a jax Mesh with axes among dp, fsdp, tp, sp."""
+    procs = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    return host_layout(mesh.axis_names, procs, jax.process_index() if process_index is None else process_index)
+
+
+def global_batch(batch: dict, mesh, host: HostShard | None, spec=None) -> dict:
+    """This process's part of a batch -> global (B, T) jax Arrays sharded by `spec` (default
+    lwm.parallel.sharding.batch_spec: P(('dp', 'fsdp'), 'sp'), limited to the axes the mesh has).
+
+    host: the HostShard this process built (`host_shard_from_mesh(mesh)`): its local arrays are
+    (B / dp_size, T / sp_size) and are joined with `jax.make_array_from_process_local_data`. None: every
+    process holds the whole (B, T) batch and its devices keep their slices."""
+    sharding = NamedSharding(mesh, batch_spec(mesh) if spec is None else spec)
+    if host is None:
+        return {k: replicate(v, sharding) for k, v in batch.items()}
+    out = {}
+    for key, local in batch.items():
+        shape = (local.shape[0] * host.dp_size, local.shape[1] * host.sp_size, *local.shape[2:])
+        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(local), shape)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ host state
 
 def _json_default(x):
     if isinstance(x, np.ndarray):

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 from collections import deque
 
-from lwm.training.packing import HostShard
+from lwm.parallel.multihost import HostShard
 
 
 class DataFormatError(ValueError):

@@ -3,9 +3,10 @@
     config = DatasetFactory.get_default_config({"type": "json", "text_processor": {"fields": "[question],answer"},
                                                 "json_dataset": {"path": "train.jsonl", "seq_length": 2048,
                                                                  "batch_size": 8, "mode": "pack"}})
-    dataset = DatasetFactory.load_dataset(config, tokenizer, host=host_shard_from_mesh(mesh))
+    host = multihost.host_shard_from_mesh(mesh)   # or None: every process builds whole batches
+    dataset = DatasetFactory.load_dataset(config, tokenizer, host=host)
     for batch, metrics in dataset:          # batch: dict of (B_local, T_local) numpy arrays
-        batch = make_global_batch(batch, mesh)
+        batch = multihost.global_batch(batch, mesh, host)
     state = dataset.get_state_dict()        # plain data: pickle it; load_state_dict resumes exactly
 
 Field syntax (`text_processor.fields`, or a per-example field string named by `fields_from_example`):
@@ -29,12 +30,11 @@ from ml_collections import ConfigDict
 
 from lwm.utils.config_dict import update_locked
 from lwm.training.data_sources import DataFormatError, check_json_file, hf_records, json_records, load_hf
-from lwm.training.packing import (LOSS_WEIGHTINGS, PACK_OVERFLOW, ConcatBatcher, Example, HostShard, PackBatcher,
-                          host_layout, host_shard_from_mesh, make_global_batch)
+from lwm.parallel.multihost import HostShard
+from lwm.training.packing import LOSS_WEIGHTINGS, PACK_OVERFLOW, ConcatBatcher, Example, PackBatcher
 
 __all__ = ["DatasetFactory", "TextProcessor", "VisionTextProcessor", "JsonDataset", "JsonVisionDataset",
-           "HuggingfaceDataset", "DataFormatError", "HostShard", "host_layout", "host_shard_from_mesh",
-           "make_global_batch"]
+           "HuggingfaceDataset", "DataFormatError"]
 
 logger = logging.getLogger(__name__)
 MODES = ("no_pad", "pad", "pack")
@@ -237,7 +237,8 @@ def _dataset_config(section: str, seq_length: int, batch_size: int, mode: str, u
     config.tokenizer_parallel_chunk_size = 32
     config.tokenizer_parallel_batch_size = 1024
     config.throughput_average_window_size = 200
-    config.use_data_sharded_loader = True
+    config.use_data_sharded_loader = True  # the original's spelling of lwm.train's --use_data_sharded_loader:
+    #                                        the run checks they agree; the dataset itself follows `host`
     config.pad = False  # the original text dataset's switch; same as mode='pad'
     config.mode = mode  # no_pad | pad | pack
     config.pack_overflow = "truncate"  # truncate | split: an example longer than a row
@@ -286,7 +287,7 @@ class _BaseDataset:
         if c.loss_weighting == "example" and c.mode == "no_pad":
             raise ValueError(f"{self.section}.loss_weighting='example' needs mode 'pad' or 'pack' (no_pad has no "
                              "example boundaries)")
-        self.host = host if (host is not None and c.use_data_sharded_loader) else HostShard()
+        self.host = host if host is not None else HostShard()   # None: this process builds whole batches
         h = self.host
         if c.batch_size % h.dp_size or c.seq_length % h.sp_size:
             raise ValueError(f"{self.section}: batch_size={c.batch_size} must divide by {h.dp_size} data-parallel "

@@ -16,8 +16,8 @@ both. Batches are dicts of numpy arrays, each (B, T):
   input_tokens, target_tokens (int32), loss_masks (float32), input_vision_masks, target_vision_masks (bool),
   and for packed batches segment_ids (int32; 1..n within a row, 0 = padding), position_ids (int32).
 
-On many hosts each process builds only its part of every batch (`HostShard`, from the mesh with
-`host_shard_from_mesh`) and `make_global_batch` joins the parts into global jax Arrays.
+On many hosts each process builds only its part of every batch (`lwm.parallel.multihost.HostShard`) and
+`lwm.parallel.multihost.global_batch` joins the parts into global jax Arrays.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["Example", "ConcatBatcher", "PackBatcher", "fit_to_length", "pack_rows", "PACK_OVERFLOW",
-           "LOSS_WEIGHTINGS", "HostShard", "host_layout", "host_shard_from_mesh", "make_global_batch"]
+           "LOSS_WEIGHTINGS"]
 
 PACK_OVERFLOW = ("truncate", "split")
 LOSS_WEIGHTINGS = ("token", "example")
@@ -282,90 +282,3 @@ class PackBatcher:
             raise ValueError("batcher state holds rows longer than seq_length (seq_length changed?)")
         self._pending = deque(_from_plain(state["pending"]))
         self._stats.update(state.get("stats", {}))
-
-
-# ----------------------------------------------------------------------------------------- many hosts
-
-class HostShard(NamedTuple):
-    """Which part of every global batch this process builds: rows of data-parallel block `dp_rank` (of
-    `dp_size`) and columns of sequence block `sp_rank` (of `sp_size`). Processes with the same dp_rank read
-    the same examples and build the same rows; those with different sp_rank keep different columns."""
-
-    dp_rank: int = 0
-    dp_size: int = 1
-    sp_rank: int = 0
-    sp_size: int = 1
-
-    def to_dict(self) -> dict:
-        return dict(self._asdict())
-
-
-def _block(indices: np.ndarray, n: int, what: str, process: int) -> tuple[int, int]:
-    """Contiguous aligned block of mesh indices -> (rank, size)."""
-    idx = np.unique(indices)
-    k = len(idx)
-    if n % k or idx[0] % k or not np.array_equal(idx, np.arange(idx[0], idx[0] + k)):
-        raise ValueError(f"process {process} holds {what} indices {idx.tolist()} of {n}: the batch can only be "
-                         "split over hosts in contiguous, equal blocks (reorder the mesh devices)")
-    return int(idx[0] // k), n // k
-
-
-def host_layout(axis_names, device_processes, process_index: int, data_axes=None,
-                seq_axis: str | None = None) -> HostShard:
-    """HostShard of `process_index` for a batch sharded P(data_axes, seq_axis) over a mesh whose devices
-    belong to the processes `device_processes` (an int array shaped like the mesh). The axes default to
-    lwm.parallel.sharding's BATCH_AXES (dp, fsdp) and SEQ_AXIS (sp).
-
-    >>> # dp=2 over two hosts, sp=2 within each: host 1 builds rows 2..3 of a 4-row batch, all columns
-    >>> host_layout(("dp", "sp"), np.array([[0, 0], [1, 1]]), 1)
-    HostShard(dp_rank=1, dp_size=2, sp_rank=0, sp_size=1)
-    """
-    from lwm.parallel.sharding import BATCH_AXES, SEQ_AXIS
-
-    data_axes = BATCH_AXES if data_axes is None else data_axes
-    seq_axis = SEQ_AXIS if seq_axis is None else seq_axis
-    procs = np.asarray(device_processes)
-    names = list(axis_names)
-    if procs.ndim != len(names):
-        raise ValueError(f"device_processes has {procs.ndim} axes, the mesh {len(names)} ({names})")
-    data = [names.index(a) for a in data_axes if a in names]
-    seq = [names.index(seq_axis)] if seq_axis in names else []
-    rest = [i for i in range(len(names)) if i not in data + seq]
-    grid = np.transpose(procs, data + seq + rest)
-    n_data = int(np.prod([procs.shape[i] for i in data], dtype=int))
-    n_seq = int(np.prod([procs.shape[i] for i in seq], dtype=int))
-    grid = grid.reshape(n_data, n_seq, -1)  # (data index, sequence index, other axes)
-    result = {}
-    for p in np.unique(procs):
-        d, s, _ = np.nonzero(grid == p)
-        result[int(p)] = HostShard(*_block(d, n_data, "data-parallel", p), *_block(s, n_seq, "sequence", p))
-    if process_index not in result:
-        raise ValueError(f"process {process_index} owns no device of the mesh")
-    return result[process_index]
-
-
-def host_shard_from_mesh(mesh, process_index: int | None = None) -> HostShard:
-    """HostShard for this process (or `process_index`) under a jax Mesh with axes among dp, fsdp, tp, sp."""
-    import jax
-
-    procs = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
-    return host_layout(mesh.axis_names, procs, jax.process_index() if process_index is None else process_index)
-
-
-def make_global_batch(batch: dict, mesh, spec=None, host: HostShard | None = None) -> dict:
-    """Assemble each process's local (B/dp_size, T/sp_size) arrays into global (B, T) jax Arrays sharded by
-    `spec` (default lwm.parallel.sharding.batch_spec: P(('dp', 'fsdp'), 'sp'), limited to the axes the mesh has)."""
-    import jax
-    from jax.sharding import NamedSharding
-
-    from lwm.parallel.sharding import batch_spec
-
-    if spec is None:
-        spec = batch_spec(mesh)
-    host = host_shard_from_mesh(mesh) if host is None else host
-    sharding = NamedSharding(mesh, spec)
-    out = {}
-    for key, local in batch.items():
-        shape = (local.shape[0] * host.dp_size, local.shape[1] * host.sp_size, *local.shape[2:])
-        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(local), shape)
-    return out

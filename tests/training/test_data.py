@@ -313,7 +313,7 @@ def test_no_usable_example_stops(tok, tmp_path, lines, mode, match):
 
 
 def test_no_line_for_this_host_stops(tok, tmp_path):
-    from lwm.training.dataset import HostShard
+    from lwm.parallel.multihost import HostShard
 
     path = write_lines(tmp_path / "one.jsonl", [json.dumps({"question": "the fox", "answer": "jumps"})])
     cfg = {"type": "json", "text_processor": {"fields": "question,answer"},

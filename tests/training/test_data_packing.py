@@ -10,7 +10,8 @@ import pytest
 
 from _data_fixtures import sentence, small_tokenizer
 from lwm.utils import safe_pickle
-from lwm.training.dataset import DatasetFactory, HostShard, TextProcessor, host_layout, make_global_batch
+from lwm.parallel.multihost import HostShard, global_batch, host_array, host_layout, host_shard_from_mesh
+from lwm.training.dataset import DatasetFactory, TextProcessor
 from lwm.training.packing import Example, PackBatcher, pack_rows
 
 
@@ -62,10 +63,13 @@ def test_pack_rows_worked_example():
 def test_docstring_examples():
     import doctest
 
+    import lwm.parallel.multihost
     import lwm.training.packing
 
     result = doctest.testmod(lwm.training.packing)
-    assert result.attempted >= 4 and result.failed == 0
+    assert result.attempted >= 3 and result.failed == 0
+    result = doctest.testmod(lwm.parallel.multihost)      # host_layout's worked example
+    assert result.attempted >= 1 and result.failed == 0
 
 
 def segments(batch):
@@ -298,13 +302,17 @@ def test_host_layout():
         host_layout(names, np.array([0, 1, 0, 1]).reshape(4, 1, 1, 1), 0)
 
 
-def test_make_global_batch_on_the_mesh(tok, data_file):
+def test_global_batch_on_the_mesh(tok, data_file):
+    """Both loaders (this host's share, host_shard_from_mesh; the whole batch, host=None) give the same
+    global arrays, read back by the one read-back (host_array)."""
     from jax.sharding import Mesh, PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 1, 4), ("dp", "fsdp", "tp", "sp"))
-    batch, _ = next(iter(DatasetFactory.load_dataset(vision_config(data_file, mode="pack"), tok)))
-    out = make_global_batch(batch, mesh)
-    for key, value in batch.items():
-        assert out[key].sharding.spec == P(("dp", "fsdp"), "sp")
-        np.testing.assert_array_equal(np.asarray(out[key]), value)
-        assert {s.data.shape for s in out[key].addressable_shards} == {(1, 8)}
+    host = host_shard_from_mesh(mesh)
+    assert host == HostShard(0, 1, 0, 1)  # one process holds every device
+    batch, _ = next(iter(DatasetFactory.load_dataset(vision_config(data_file, mode="pack"), tok, host=host)))
+    for out in (global_batch(batch, mesh, host), global_batch(batch, mesh, None)):
+        for key, value in batch.items():
+            assert out[key].sharding.spec == P(("dp", "fsdp"), "sp")
+            np.testing.assert_array_equal(host_array(out[key]), value)
+            assert {s.data.shape for s in out[key].addressable_shards} == {(1, 8)}

@@ -23,7 +23,7 @@ from lwm.cli.flags import FlagError, model_config_from_flags, parse_literal_dict
 from lwm.train import parse_flags
 from lwm.model.vision_llama import VisionLLaMAConfig, VisionLLaMAForCausalLM
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -346,3 +346,21 @@ def test_help_flag_prints_every_flag_and_exits_zero(capsys):
     out = capsys.readouterr().out
     assert "--total_steps=" in out and "--llama.<field>=value" in out and "--tokenizer=" in out
     assert parse_flags(["--total_steps=3"], get_default_config()).total_steps == 3   # control: no --help
+
+
+def test_use_data_sharded_loader_is_one_switch():
+    """--use_data_sharded_loader decides; the original's per-dataset spelling is accepted when it agrees and
+    refused (one line naming both flags) when it says False under True, so the loader and the batch assembly
+    never differ."""
+    from lwm.training.loop import check_config, data_sharded_loader
+
+    assert data_sharded_loader(parse_flags([])) is True
+    assert data_sharded_loader(parse_flags(["--train_dataset.json_dataset.use_data_sharded_loader=True"])) is True
+    assert data_sharded_loader(parse_flags(["--use_data_sharded_loader=False"])) is False
+    assert data_sharded_loader(parse_flags(["--use_data_sharded_loader=False",
+                                            "--eval_dataset.json_dataset.use_data_sharded_loader=False"])) is False
+    for section in ("train_dataset.json_dataset", "train_dataset.json_vision_dataset",
+                    "eval_dataset.huggingface_dataset"):
+        with pytest.raises(FlagError, match=f"--{section}.use_data_sharded_loader=False disagrees with "
+                                            "--use_data_sharded_loader=True"):
+            check_config(parse_flags([f"--{section}.use_data_sharded_loader=False"]))
