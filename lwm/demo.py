@@ -25,7 +25,6 @@ results then stay near chance. Check stage0's eval_loss in train/stage0/metrics.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -33,6 +32,11 @@ import subprocess
 import sys
 import time
 from typing import Sequence
+
+from ml_collections import ConfigDict
+
+from lwm.cli.command import cli, parse, require
+from lwm.cli.values import FlagError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,28 +58,43 @@ EDGE_DEPTHS = ((0.15, 0.15), (0.25, 0.10))
 DECOYS = 0.5
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--haystack_file", required=True, help="JSONL with a \"text\" field per line")
-    p.add_argument("--workdir", default="outputs/demo")
-    p.add_argument("--eval_documents", type=int, default=8, help="documents held out for the eval")
-    p.add_argument("--val_documents", type=int, default=4, help="documents held out for the logged needle loss")
-    p.add_argument("--vocab_size", type=int, default=512)
-    p.add_argument("--stages", default="", help="override STAGES: 'seq:batch:steps:min:max:lr;...'")
-    p.add_argument("--lm_fraction", type=float, default=0.5, help="share of plain-passage examples")
-    p.add_argument("--max_digits", type=int, default=16, help="training numbers have 7..max_digits digits")
-    p.add_argument("--eval_examples", type=int, default=64,
-                   help="validation needle examples (7 digits) whose loss lwm.train logs; 0 = none")
-    p.add_argument("--devices", type=int, default=4, help="simulated CPU devices for training (mesh sp)")
-    p.add_argument("--context_lengths", default="500:4000:8", help="eval grid: min:max:n")
-    p.add_argument("--depths", type=int, default=11, help="eval depths 0..100")
-    p.add_argument("--n_rounds", type=int, default=2)
-    p.add_argument("--eval_mesh_dim", default="1,1,1,-1")
-    p.add_argument("--eval_attention_impl", default="ring")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--load_checkpoint", default="", help="params::PATH to start the first stage from")
-    p.add_argument("--skip_eval", action="store_true", help="train only")
-    return p.parse_args(argv)
+def get_default_config() -> ConfigDict:
+    """Every flag and its default."""
+    c = ConfigDict()
+    c.haystack_file = ""                       # required: JSONL with a "text" field per line
+    c.workdir = "outputs/demo"
+    c.eval_documents = 8                       # documents held out for the eval
+    c.val_documents = 4                        # documents held out for the logged needle loss
+    c.vocab_size = 512
+    c.stages = ""                              # override STAGES: 'seq:batch:steps:min:max:lr;...'
+    c.lm_fraction = 0.5                        # share of plain-passage examples
+    c.max_digits = 16                          # training numbers have 7..max_digits digits
+    c.eval_examples = 64                       # validation needle examples (7 digits) whose loss lwm.train logs; 0 = none
+    c.devices = 4                              # simulated CPU devices for training (mesh sp)
+    c.context_lengths = "500:4000:8"           # eval grid: min:max:n
+    c.depths = 11                              # eval depths 0..100
+    c.n_rounds = 2
+    c.eval_mesh_dim = "1,1,1,-1"
+    c.eval_attention_impl = "ring"
+    c.seed = 0
+    c.load_checkpoint = ""                     # params::PATH to start the first stage from
+    c.skip_eval = False                        # train only
+    c.lock()
+    return c
+
+
+def parse_args(argv=None) -> ConfigDict:
+    """The demo's flags (lwm.cli.command.parse on `get_default_config()`); FlagError on a bad one."""
+    config = parse(sys.argv[1:] if argv is None else argv, get_default_config())
+    require(config, "haystack_file", why="a JSONL haystack with a \"text\" field per line")
+    if not os.path.isfile(config.haystack_file):
+        raise FlagError(f"--haystack_file={config.haystack_file}: no such file")
+    parse_stages(config.stages)
+    try:
+        lo, hi, n = (int(x) for x in config.context_lengths.split(":"))
+    except ValueError:
+        raise FlagError(f"--context_lengths={config.context_lengths!r}: expected min:max:n") from None
+    return config
 
 
 def parse_stages(text: str):
@@ -85,12 +104,12 @@ def parse_stages(text: str):
     for i, part in enumerate(p for p in text.split(";") if p.strip()):
         fields = part.split(":")
         if len(fields) != 6:
-            raise SystemExit(f"--stages: stage {i} {part!r} needs seq:batch:steps:min:max:lr")
+            raise FlagError(f"--stages: stage {i} {part!r} needs seq:batch:steps:min:max:lr")
         try:
             seq, batch, steps, lo, hi = (int(x) for x in fields[:5])
             lr = float(fields[5])
         except ValueError:
-            raise SystemExit(f"--stages: stage {i} {part!r}: numbers expected") from None
+            raise FlagError(f"--stages: stage {i} {part!r}: numbers expected") from None
         stages.append((seq, batch, steps, (lo, hi), lr))
     return tuple(stages)
 
@@ -105,7 +124,7 @@ def split_haystack(path: str, eval_documents: int, val_documents: int, workdir: 
 
     docs = list(iter_haystack_texts(path))
     if len(docs) <= eval_documents + val_documents:
-        raise SystemExit(f"{path}: {len(docs)} documents; need more than --eval_documents={eval_documents} + "
+        raise ValueError(f"--haystack_file={path}: {len(docs)} documents; need more than --eval_documents={eval_documents} + "
                          f"--val_documents={val_documents}")
     eval_path = os.path.join(workdir, "eval_haystack.jsonl")
     with open(eval_path, "w") as f:
@@ -276,7 +295,7 @@ def main(argv=None) -> dict:
                                          progress=False)
         seq, batch, steps, lengths, _ = stage
         if lengths[1] + 200 > seq:
-            raise SystemExit(f"demo: stage {i}: needle examples of up to {lengths[1]} haystack tokens do not fit "
+            raise FlagError(f"--stages: stage {i}: needle examples of up to {lengths[1]} haystack tokens do not fit "
                              f"rows of {seq} tokens")
         per_row = max(1, seq // (sum(lengths) // 2 + 150))
         n_examples = int(steps * batch * per_row * 1.6) + 64
@@ -307,4 +326,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli("lwm.demo", main, get_default_config, __doc__))

@@ -66,7 +66,7 @@ def test_curriculum_examples_and_split(haystack, tmp_path):
 def test_stage_flags():
     assert demo.parse_stages("256:4:3:0:50:3e-3") == ((256, 4, 3, (0, 50), 3e-3),)
     assert demo.parse_stages("") == demo.STAGES
-    with pytest.raises(SystemExit, match="seq:batch:steps:min:max:lr"):
+    with pytest.raises(ValueError, match="seq:batch:steps:min:max:lr"):
         demo.parse_stages("256:4:3")
 
 
