@@ -122,7 +122,7 @@ def test_unsupported_configs_name_the_field(tmp_path, capsys, change, field):
     if "sliding_window" in change:
         fields["model_type"] = "mistral"
     (tmp_path / "hf" / "config.json").write_text(json.dumps(fields))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         convert.main(["from_hf", "--hf_dir", str(tmp_path / "hf"), "--output", f"params::{tmp_path}/p",
                       "--config_out", f"{tmp_path}/c.json"])
     assert field in str(e.value) and "config.json" in str(e.value) and "\n" not in str(e.value)
