@@ -266,17 +266,17 @@ def xla_prefill(plan: Plan) -> dict[str, int]:
 
 
 def compile_train(plan: Plan, optimizer_updates: dict | None = None):
-    """The compiled train step of `plan` (under plan.model_config: its strategy and load balance)."""
-    import functools
-
+    """The compiled train step of `plan` (under plan.model_config: its strategy and load balance), exactly as
+    `lwm.train` builds it: `lwm.training.compile.shard_train_step` (same shardings, donation), lowered for
+    an abstract (batch_size, seq_len) text batch."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from lwm.model import registry
+    from lwm.parallel.sharding import make_mesh
     from lwm.training import optimizer as optimizer_lib
     from lwm.training import steps as ts
-    from lwm.parallel.sharding import batch_spec, make_mesh, param_shardings
+    from lwm.training.compile import shard_train_step
 
     c = plan.model_config
     dtype = {4: jnp.float32, 2: jnp.bfloat16}[plan.dtype_bytes]
@@ -284,22 +284,8 @@ def compile_train(plan: Plan, optimizer_updates: dict | None = None):
     task = ts.Task(registry.build_model("text", c, dtype), "text", 1.0, 0.0, plan.loss_chunk_size)
     tx, schedule = optimizer_lib.make_optimizer(
         {"adamw_optimizer": {"bf16_momentum": plan.bf16_momentum}, **(optimizer_updates or {})})
-    with jax.set_mesh(mesh):
-        init_fn = functools.partial(ts.init_train_state, task=task, tx=tx)
-        shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-        shardings = param_shardings(shapes, c, mesh)
-        replicated = NamedSharding(mesh, P())
-        batch_sharding = NamedSharding(mesh, batch_spec(mesh))
-        bt = (plan.batch_size, plan.seq_len)
-        batch = {k: jax.ShapeDtypeStruct(bt, dt, sharding=batch_sharding) for k, dt in (
-            ("input_tokens", jnp.int32), ("target_tokens", jnp.int32), ("loss_masks", jnp.float32),
-            ("target_vision_masks", jnp.bool_))}
-        state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-        step = jax.jit(functools.partial(ts.train_step, task=task, schedule=schedule),
-                       in_shardings=(shardings, replicated, batch_sharding),
-                       out_shardings=(shardings, replicated, replicated), donate_argnums=(0, 1))
-        rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-        return step.lower(state, rng, batch).compile()
+    step = shard_train_step(task, tx, schedule, mesh)
+    return step.lower(plan.batch_size, plan.seq_len).compile()
 
 
 def compile_prefill(plan: Plan):
