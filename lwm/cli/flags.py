@@ -94,6 +94,9 @@ def usage(config: ConfigDict, prog: str = "", doc: str = "") -> str:
     return command_usage(prog, config, doc)
 
 
+_BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "t", "f")
+
+
 def resolve_alias(name: str, known: set) -> str:
     """The flag an original spelling stands for (lwm.cli.values.ALIASES), when `name` itself is not a flag
     of this command and its target is; else `name`."""
@@ -102,7 +105,7 @@ def resolve_alias(name: str, known: set) -> str:
 
 
 def parse_flags(argv: list[str], config: ConfigDict, prog: str = "") -> ConfigDict:
-    """`--name=value`, `--name value`, `--name` / `--noname` (booleans) applied to `config` (a locked
+    """`--name=value`, `--name value`, `--name` / `--noname` / `--name true|false` (booleans) applied to `config` (a locked
     ConfigDict of defaults). Returns the updated config. `--help` / `-h` prints `usage(config, prog)` to
     stdout and exits 0, as argparse does. Raises FlagError naming the flag."""
     if "--help" in argv or "-h" in argv:
@@ -121,7 +124,9 @@ def parse_flags(argv: list[str], config: ConfigDict, prog: str = "") -> ConfigDi
             if name not in known and name.startswith("no") and resolve_alias(name[2:], known) in known:
                 name, value = resolve_alias(name[2:], known), "false"
             elif name in known and isinstance(get_flag(config, name), bool):
-                value = "true"
+                value = "true"                      # `--flag`, or `--flag true|false` (argparse-style)
+                if i + 1 < len(argv) and argv[i + 1].strip().lower() in _BOOL_WORDS:
+                    i, value = i + 1, argv[i + 1]
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i, value = i + 1, argv[i + 1]
             else:
