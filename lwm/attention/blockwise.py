@@ -4,8 +4,9 @@
 (out, lse): the normalised output and the log-sum-exp of the scores, so partial results over different
 key blocks merge exactly (`merge_partials`). It walks query chunks with `lax.map` and key chunks with a
 `fori_loop` whose upper bound stops at the causal diagonal, so key chunks wholly in the future are never
-computed (not just masked). `block_backward` is the flash-attention backward: it recomputes scores chunk by
-chunk from (q, k, lse), so memory stays O(chunk^2) plus the O(T) inputs, never O(T^2):
+computed (not just masked); which chunks to visit and which need a mask is the causal block rule of
+`causal_blocks.py`, applied to chunks. `block_backward` is the flash-attention backward: it recomputes
+scores chunk by chunk from (q, k, lse), so memory stays O(chunk^2) plus the O(T) inputs, never O(T^2):
 
     P  = exp(q k^T * scale - lse)        D  = rowsum(dO * O)
     dV = P^T dO      dP = dO V^T      dS = P * (dP - D)      dQ = dS K * scale      dK = dS^T Q * scale
@@ -29,6 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from lwm.attention import causal_blocks
 
 
 def chunk_size(requested: int, length: int) -> int:
@@ -98,36 +101,6 @@ def _mask(q_pos, k_pos, q_seg, k_seg, k_valid, causal, keys_first=False):
         valid = jnp.expand_dims(k_valid, ka)[None]
         mask = valid if mask is None else mask & valid
     return None if mask is None else mask[:, None]
-
-
-def _first_visible_q_chunk(q_offset, k_start, qc, nq, causal):
-    """Index of the first query chunk whose last query can see a key at global position k_start."""
-    if not causal:
-        return 0
-    return jnp.clip((k_start - q_offset) // qc, 0, nq)
-
-
-def _num_visible_k_chunks(q_end, k_offset, kc, nk, causal):
-    """Number of leading key chunks holding at least one key at global position <= q_end (inclusive)."""
-    if not causal:
-        return nk
-    return jnp.clip((q_end - k_offset) // kc + 1, 0, nk)
-
-
-def _num_whole_k_chunks(q_start, k_offset, kc, nk, causal):
-    """Number of leading key chunks wholly visible to the query at global position q_start (and to all later
-    queries): every key at a global position <= q_start."""
-    if not causal:
-        return nk
-    return jnp.clip((q_start - k_offset + 1) // kc, 0, nk)
-
-
-def _first_whole_q_chunk(q_offset, k_end, qc, nq, causal):
-    """Index of the first query chunk whose first query sees the key at global position k_end (and so every
-    earlier key): ceil((k_end - q_offset) / qc), clipped to [0, nq]."""
-    if not causal:
-        return 0
-    return jnp.clip(-((q_offset - k_end) // qc), 0, nq)
 
 
 def block_forward(
@@ -211,8 +184,10 @@ def block_forward(
         init = match_vma(init, q_i, kT_all)
         # Key chunks [0, mid) lie wholly in the past of every query of this chunk: no mask to build. Chunks
         # [mid, hi) straddle the diagonal (or hold padding or segment ids) and are masked.
-        hi = _num_visible_k_chunks(q_offset + (i + 1) * qc - 1, k_offset, kc, nk, causal)
-        mid = 0 if q_seg is not None else _num_whole_k_chunks(q_offset + i * qc, k_offset, kc, nk, causal)
+        hi = causal_blocks.num_visible_k_blocks(q_offset + (i + 1) * qc - 1, k_offset, kc, nk, causal)
+        mid = 0
+        if q_seg is None:
+            mid = causal_blocks.num_whole_k_blocks(q_offset + i * qc, k_offset, kc, nk, causal)
         if k_valid_all is not None:
             mid = jnp.minimum(mid, nk - 1)  # the last key chunk holds the padding
         mid = jnp.minimum(mid, hi)
@@ -313,8 +288,8 @@ def block_backward(
         zeros_kv = match_vma(jnp.zeros((B, K, kc, H), acc_dtype), k_j, q_all)
         # Query chunks [lo, mid) straddle the diagonal (or hold segment ids or see padded keys) and are
         # masked; from mid on, every query sees every key of this chunk.
-        lo = _first_visible_q_chunk(q_offset, k_offset + j * kc, qc, nq, causal)
-        mid = _first_whole_q_chunk(q_offset, k_offset + (j + 1) * kc - 1, qc, nq, causal)
+        lo = causal_blocks.first_visible_q_block(q_offset, k_offset + j * kc, qc, nq, causal)
+        mid = causal_blocks.first_whole_q_block(q_offset, k_offset + (j + 1) * kc - 1, qc, nq, causal)
         if q_seg is not None:
             mid = nq
         elif k_valid_all is not None:

@@ -1,7 +1,7 @@
 """Fused flash-attention kernels in Triton-style Pallas (`jax.experimental.pallas`, GPU backend).
 
-Three kernels, all with causal block skipping, segment ids, grouped-query heads and global position
-offsets (so the ring can run them at every step):
+Three kernels, all with causal block skipping (the rule of `causal_blocks.py`), segment ids,
+grouped-query heads and global position offsets (so the ring can run them at every step):
   _fwd_kernel  grid (B, N, T/bq): one query block; loops over key blocks up to the causal diagonal with
                the online softmax; writes out (bq, H) and lse (bq,).
   _dq_kernel   grid (B, N, T/bq): recomputes P for one query block against the visible key blocks and
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from lwm.attention import causal_blocks
 from lwm.attention.blockwise import attention_with_vjp, pad_to
 from lwm.attention.pallas_shared import as_offset, backward_rows, check_inputs, next_power_of_2
 
@@ -61,22 +62,6 @@ def _compiler_params(H: int, launch: dict):
     from jax.experimental.pallas import triton as plgpu
 
     return plgpu.CompilerParams(num_warps=4 if H <= 64 else launch["num_warps"], num_stages=launch["num_stages"])
-
-
-def _num_visible_k_blocks(q_last, k_offset, bk: int, nk: int, causal: bool):
-    """Key blocks holding a key at global position <= q_last (non-negative integer division only)."""
-    if not causal:
-        return nk
-    d = q_last - k_offset
-    return jnp.where(d < 0, 0, jnp.minimum(lax.div(d, bk) + 1, nk))
-
-
-def _first_visible_q_block(q_offset, k_first, bq: int, nq: int, causal: bool):
-    """First query block whose last query is at or after global key position k_first."""
-    if not causal:
-        return 0
-    d = k_first - q_offset
-    return jnp.where(d < 0, 0, jnp.minimum(lax.div(d, bq), nq))
 
 
 def _scores(q, k, q_pos, k_pos, k_local, q_seg, k_seg, causal: bool, kv_len: int, k_padded: bool, scale: float):
@@ -139,7 +124,7 @@ def _fwd_kernel(
         jnp.zeros((bq,), jnp.float32),
         jnp.zeros((bq, q.shape[-1]), jnp.float32),
     )
-    hi = _num_visible_k_blocks(q_offset + (i + 1) * bq - 1, k_offset, bk, nk, causal)
+    hi = causal_blocks.num_visible_k_blocks(q_offset + (i + 1) * bq - 1, k_offset, bk, nk, causal)
     m, l, acc = lax.fori_loop(0, hi, body, init)
     empty = l == 0.0  # no allowed key in this whole key block
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
@@ -186,7 +171,7 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None]) * scale
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    hi = _num_visible_k_blocks(q_offset + (i + 1) * bq - 1, k_offset, bk, nk, causal)
+    hi = causal_blocks.num_visible_k_blocks(q_offset + (i + 1) * bq - 1, k_offset, bk, nk, causal)
     dq = lax.fori_loop(0, hi, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
@@ -239,7 +224,7 @@ def _dkv_kernel(
         dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
         return dk, dv
 
-    lo = _first_visible_q_block(q_offset, k_offset + j * bk, bq, nq, causal)
+    lo = causal_blocks.first_visible_q_block(q_offset, k_offset + j * bk, bq, nq, causal)
 
     def head(g, carry):
         return lax.fori_loop(lo, nq, functools.partial(q_block, g=g), carry)

@@ -3,8 +3,9 @@
 The TPU idiom differs from the Triton one (`pallas_gpu.py`): the grid runs in order on one core, so the
 key-block loop is the last ("arbitrary") grid axis, with the running max, sum and output accumulator kept
 in VMEM scratch across it. Global offsets (for the ring) come in by scalar prefetch (SMEM). Causal block
-skipping is two-fold: `pl.when` skips the compute of key blocks past the diagonal, and the index maps clamp
-those steps to the last visible block, so the pipeline issues no DMA for them.
+skipping (the rule of `causal_blocks.py`) is two-fold: `pl.when` skips the compute of key blocks past the
+diagonal, and the index maps clamp those steps to the last visible block, so the pipeline issues no DMA
+for them.
   _fwd_kernel  grid (B, N, T/bq, S/bk)         -> out (bq, H), lse (bq, 1)
   _dq_kernel   grid (B, N, T/bq, S/bk)         -> dq (bq, H)
   _dkv_kernel  grid (B, K, S/bk, G * T/bq)     -> dk, dv (bk, H), reduced over the G query heads of the
@@ -27,20 +28,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from lwm.attention import causal_blocks
 from lwm.attention.blockwise import attention_with_vjp, pad_to
 from lwm.attention.pallas_shared import backward_rows, check_inputs
-
-
-def _last_visible_k_block(q_last, k_offset, bk: int):
-    """Index of the last key block with a key at global position <= q_last (-1 if none)."""
-    d = q_last - k_offset
-    return jnp.where(d < 0, -1, lax.div(d, bk))
-
-
-def _first_visible_q_block(q_offset, k_first, bq: int):
-    """Index of the first query block whose last query is at global position >= k_first."""
-    d = k_first - q_offset
-    return jnp.where(d < 0, 0, lax.div(d, bq))
 
 
 def _scores(q, k, q_pos0, k_pos0, k_local0, q_seg, k_seg, *, causal, kv_len, k_padded, scale):
@@ -91,7 +81,8 @@ def _fwd_kernel(
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-    visible = j <= _last_visible_k_block(q_offset + (i + 1) * bq - 1, k_offset, bk) if causal else True
+    q_last = q_offset + (i + 1) * bq - 1
+    visible = j < causal_blocks.num_visible_k_blocks(q_last, k_offset, bk, pl.num_programs(3)) if causal else True
 
     @pl.when(visible)
     def _compute():
@@ -155,7 +146,8 @@ def _dq_kernel(
     def _init():
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
-    visible = j <= _last_visible_k_block(q_offset + (i + 1) * bq - 1, k_offset, bk) if causal else True
+    q_last = q_offset + (i + 1) * bq - 1
+    visible = j < causal_blocks.num_visible_k_blocks(q_last, k_offset, bk, pl.num_programs(3)) if causal else True
 
     @pl.when(visible)
     def _compute():
@@ -216,7 +208,7 @@ def _dkv_kernel(
         dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-    visible = i >= _first_visible_q_block(q_offset, k_offset + j * bk, bq) if causal else True
+    visible = i >= causal_blocks.first_visible_q_block(q_offset, k_offset + j * bk, bq, nq) if causal else True
 
     @pl.when(visible)
     def _compute():
@@ -295,7 +287,7 @@ def _q_row(b, n, i, j, off):
     return (b, n, i, 0)
 
 
-def _q_major_specs(bq: int, bk: int, H: int, G: int, causal: bool, has_seg: bool):
+def _q_major_specs(bq: int, bk: int, nk: int, H: int, G: int, causal: bool, has_seg: bool):
     """BlockSpecs over the grid (B, N, Tp/bq, Sp/bk) of the forward and dq kernels.
 
     Returns (inputs, rows, stats): inputs for (q, k, v, q_seg, k_seg), where query block i of head n
@@ -307,7 +299,8 @@ def _q_major_specs(bq: int, bk: int, H: int, G: int, causal: bool, has_seg: bool
     def kv_block(i, j, off):
         if not causal:
             return j
-        return jnp.clip(_last_visible_k_block(off[0] + (i + 1) * bq - 1, off[1], bk), 0, j)
+        last = causal_blocks.num_visible_k_blocks(off[0] + (i + 1) * bq - 1, off[1], bk, nk) - 1
+        return jnp.clip(last, 0, j)
 
     rows = pl.BlockSpec((None, None, bq, H), _q_row)
     stats = pl.BlockSpec((None, None, bq, 1), _q_row)
@@ -329,7 +322,7 @@ def block_forward(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, q_offset=
     G = N // k.shape[2]
     qh, kh, vh, q_seg, k_seg, kw = _prepare(q, k, v, q_segment_ids, kv_segment_ids, causal, q_chunk, k_chunk)
     Tp, Sp, bq, bk = qh.shape[2], kh.shape[2], kw["bq"], kw["bk"]
-    inputs, rows, stats = _q_major_specs(bq, bk, H, G, causal, q_seg is not None)
+    inputs, rows, stats = _q_major_specs(bq, bk, Sp // bk, H, G, causal, q_seg is not None)
     out_shape = [
         jax.ShapeDtypeStruct((B, N, Tp, H), jnp.float32),
         jax.ShapeDtypeStruct((B, N, Tp, 1), jnp.float32),
@@ -368,7 +361,7 @@ def block_backward(q, k, v, o, lse, do, q_segment_ids=None, kv_segment_ids=None,
     offsets = _offsets(q_offset, k_offset)
     has_seg = q_seg is not None
 
-    inputs, rows, stats = _q_major_specs(bq, bk, H, G, causal, has_seg)
+    inputs, rows, stats = _q_major_specs(bq, bk, Sp // bk, H, G, causal, has_seg)
     dq = _call(
         functools.partial(_dq_kernel, **kw),
         (B, N, nq, nk),
@@ -385,7 +378,7 @@ def block_backward(q, k, v, o, lse, do, q_segment_ids=None, kv_segment_ids=None,
         i = r % nq
         if not causal:
             return i
-        return jnp.clip(_first_visible_q_block(off[0], off[1] + j * bk, bq), i, nq - 1)
+        return jnp.clip(causal_blocks.first_visible_q_block(off[0], off[1] + j * bk, bq, nq), i, nq - 1)
 
     q_head_row = lambda b, h, j, r, off: (b, h * G + r // nq, q_block(b, h, j, r, off), 0)
     head_rows = pl.BlockSpec((None, None, bq, H), q_head_row)

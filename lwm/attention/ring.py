@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lwm.parallel import sharding
-from lwm.attention import blockwise, layout
+from lwm.attention import blockwise, causal_blocks, layout
 
 BATCH_AXES = sharding.BATCH_AXES
 HEAD_AXIS = sharding.HEAD_AXIS
@@ -93,15 +93,16 @@ def geometry(cfg: RingConfig, local_len: int):
 
 
 def _pair(cfg: RingConfig, geo: Geometry, a, b):
-    """(k_offset, fully_masked) of query run start a vs key run start b (both positions).
+    """(k_offset, fully_masked) of query run start a vs key run start b (both global positions).
 
-    The causal rule key_pos <= query_pos between runs of stride s is a local causal mask with the key
-    shifted by ceil((b - a) / s) (module docstring of layout.py); the pair is wholly masked when its first
-    key comes after its last query."""
+    The causal rule key_pos <= query_pos between runs of stride s is a local causal mask with the keys
+    shifted by k_offset = ceil((b - a) / s) (`causal_blocks.strided_key_offset`); in that local frame the
+    whole key run is one block of run_len keys, wholly masked when the last query (local run_len - 1)
+    sees none of it (`causal_blocks.num_visible_k_blocks` = 0)."""
     if not cfg.causal:
         return 0, None
-    k_offset = -((a - b) // geo.stride)
-    return k_offset, b > a + geo.stride * (geo.run_len - 1)
+    k_offset = causal_blocks.strided_key_offset(a, b, geo.stride)
+    return k_offset, causal_blocks.num_visible_k_blocks(geo.run_len - 1, k_offset, geo.run_len, 1) == 0
 
 
 def _runs(x, geo: Geometry, r: int):
