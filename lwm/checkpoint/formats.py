@@ -35,12 +35,10 @@ import msgpack
 import numpy as np
 from flax.traverse_util import empty_node, flatten_dict, unflatten_dict
 
+from lwm.utils import dtypes
+
 from lwm.parallel import multihost
 
-_FLOAT_DTYPES = {
-    "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp16": jnp.float16, "float16": jnp.float16,
-    "fp32": jnp.float32, "float32": jnp.float32, "fp64": jnp.float64, "float64": jnp.float64,
-}
 _READ_SIZE = 16 * 2**20          # bytes read from the file at a time
 _MAX_RECORD_BYTES = 2**40        # one tensor may be this large (msgpack's default cap is 100 MiB)
 Key = tuple[str, ...]
@@ -51,17 +49,12 @@ class CheckpointError(ValueError):
 
 
 def parse_float_dtype(name: Any) -> np.dtype | None:
-    """'bf16' | 'fp16' | 'fp32' | 'fp64' (or the long names, or a dtype) -> np.dtype; None or '' -> None."""
-    if name is None or name == "":
-        return None
-    if isinstance(name, str):
-        if name not in _FLOAT_DTYPES:
-            raise CheckpointError(f"float_dtype {name!r} is not one of {sorted(_FLOAT_DTYPES)}")
-        return np.dtype(_FLOAT_DTYPES[name])
-    dtype = np.dtype(name)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise CheckpointError(f"float_dtype {dtype} is not a floating dtype")
-    return dtype
+    """The one dtype table's parser (`lwm.utils.dtypes.parse_float_dtype`) for a checkpoint's float_dtype:
+    a name or dtype -> np.dtype, None or '' -> None; raises CheckpointError with the table's message."""
+    try:
+        return dtypes.parse_float_dtype(name, what="float_dtype")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _path_str(key: Key) -> str:

@@ -116,17 +116,11 @@ def mesh_sizes() -> tuple[int, int]:
 
 
 def parse_cache_dtype(value):
-    """None / '' (the model's dtype), a dtype, or a name ('fp32', 'bf16', 'fp16'; the --cache_dtype flag)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        from lwm.checkpoint.formats import parse_float_dtype
+    """None / '' (the model's dtype), a float dtype, or a name ('fp32', 'bf16', 'fp16'; the --cache_dtype
+    flag) of the one dtype table (lwm.utils.dtypes); raises ValueError naming --cache_dtype."""
+    from lwm.utils.dtypes import parse_float_dtype
 
-        try:
-            return parse_float_dtype(value)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"--cache_dtype={value!r}: {e}") from None
-    return value
+    return parse_float_dtype(value, what="--cache_dtype")
 
 
 def seed_of(rng) -> int:
