@@ -21,8 +21,8 @@ from typing import Callable, Mapping, Sequence, Union
 
 from ml_collections import ConfigDict
 
-from lwm.cli.flags import get_flag, known_flags, parse_flags
-from lwm.cli.values import ALIASES, FlagError
+from lwm.cli.flags import get_flag, parse_flags, usage
+from lwm.cli.values import FlagError
 
 # What a user can get wrong (a flag, a file, a length, the mesh): ValueError covers FlagError,
 # CheckpointError, PromptTooLongError, MeshError and DataFormatError; OSError covers missing or
@@ -30,32 +30,6 @@ from lwm.cli.values import ALIASES, FlagError
 USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
 
 Defaults = Union[ConfigDict, Mapping[str, ConfigDict]]
-
-
-def _flag_lines(defaults: ConfigDict) -> list[str]:
-    names = known_flags(defaults)
-    lines = ["  --llama.<field>=value   (any model config field)" if name == "llama"
-             else f"  --{name}={get_flag(defaults, name)!r}" for name in names]
-    aliases = [f"--{alias} = --{target}" for alias, target in ALIASES.items()
-               if target in names and alias not in names]
-    if aliases:
-        lines.append("  (the original's spellings: " + ", ".join(aliases) + ")")
-    return lines
-
-
-def usage(prog: str, defaults: Defaults, doc: str = "") -> str:
-    """The command's docstring, then every flag with its default (per subcommand when `defaults` maps
-    subcommands to their flags)."""
-    lines = [doc.strip(), ""] if doc else []
-    if isinstance(defaults, ConfigDict):
-        lines.append(f"python -m {prog} [--flag=value ...]; flags and defaults:")
-        lines += _flag_lines(defaults)
-    else:
-        lines.append(f"python -m {prog} {{{','.join(defaults)}}} [--flag=value ...]")
-        for sub, config in defaults.items():
-            lines.append(f"{sub}: flags and defaults:")
-            lines += _flag_lines(config)
-    return "\n".join(lines)
 
 
 def parse(argv: Sequence[str], defaults: ConfigDict) -> ConfigDict:

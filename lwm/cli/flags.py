@@ -87,11 +87,30 @@ def set_flag(config: ConfigDict, name: str, text: Any) -> None:
         node = node[part]
 
 
-def usage(config: ConfigDict, prog: str = "", doc: str = "") -> str:
-    """What `--help` prints: lwm.cli.command.usage (the docstring, then every flag with its default)."""
-    from lwm.cli.command import usage as command_usage
+def _flag_lines(defaults: ConfigDict) -> list[str]:
+    names = known_flags(defaults)
+    lines = ["  --llama.<field>=value   (any model config field)" if name == "llama"
+             else f"  --{name}={get_flag(defaults, name)!r}" for name in names]
+    aliases = [f"--{alias} = --{target}" for alias, target in ALIASES.items()
+               if target in names and alias not in names]
+    if aliases:
+        lines.append("  (the original's spellings: " + ", ".join(aliases) + ")")
+    return lines
 
-    return command_usage(prog, config, doc)
+
+def usage(prog: str, defaults, doc: str = "") -> str:
+    """The command's docstring, then every flag with its default (per subcommand when `defaults` maps
+    subcommands to their flags): what every command's `--help` prints."""
+    lines = [doc.strip(), ""] if doc else []
+    if isinstance(defaults, ConfigDict):
+        lines.append(f"python -m {prog} [--flag=value ...]; flags and defaults:")
+        lines += _flag_lines(defaults)
+    else:
+        lines.append(f"python -m {prog} {{{','.join(defaults)}}} [--flag=value ...]")
+        for sub, config in defaults.items():
+            lines.append(f"{sub}: flags and defaults:")
+            lines += _flag_lines(config)
+    return "\n".join(lines)
 
 
 _BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "t", "f")
@@ -109,7 +128,7 @@ def parse_flags(argv: list[str], config: ConfigDict, prog: str = "") -> ConfigDi
     ConfigDict of defaults). Returns the updated config. `--help` / `-h` prints `usage(config, prog)` to
     stdout and exits 0, as argparse does. Raises FlagError naming the flag."""
     if "--help" in argv or "-h" in argv:
-        print(usage(config, prog))
+        print(usage(prog, config))
         raise SystemExit(0)
     known = set(known_flags(config))
     i = 0
