@@ -1,9 +1,13 @@
 """Tokens/s, MFU and peak memory of one full training step (forward, backward, AdamW) of a preset.
 
-Purpose: the core model's speed/memory figures (the `lwm.train` entry point has its own benchmark).
+Purpose: the core model's speed/memory figures: the real train step of `lwm.train` (lwm.training.compile:
+  loss with metrics, AdamW with clipping, sharded state, donation) without the data pipeline (the entry point
+  has its own benchmark, train_bench.py).
 Hardware: any; defaults are for a 2-core CPU. Expected on 2 CPU cores, `debug` preset, batch 1, fp32:
   ~2200 / ~1700 / ~950 tok/s at 2K / 8K / 32K with chunk 512 (quiet; the original: 950 / 660 / 220), MFU
   ~67-72%, memory linear in sequence length (see docs/ring_attention.md and docs/train.md).
+  (Measured with the benchmark's former hand-written step, loss and plain AdamW only; not yet re-measured
+  with the real step, which adds clipping and the metrics.)
 Usage: python benchmarks/train_step_bench.py --seq 2048,8192 [--devices 4 --mesh_dim 1,1,1,4 --impl ring]
 Each row runs in a fresh subprocess so its peak RSS is its own.
 """
@@ -22,12 +26,13 @@ def _child(args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
-    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM, output_head_kernel
-    from lwm.model.loss import cross_entropy_sums
-    from lwm.parallel.sharding import check_model_mesh, make_mesh, match_partition_rules, named_shardings
-    from jax.sharding import PartitionSpec as P
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
+    from lwm.parallel import multihost
+    from lwm.parallel.sharding import check_model_mesh, make_mesh
+    from lwm.training import optimizer as optimizer_lib
+    from lwm.training import steps as ts
+    from lwm.training.compile import shard_train_step
 
     # Matmul rate of this machine, measured in the same process: fp32 (n x n) @ (n x n).
     n = 2048
@@ -45,55 +50,43 @@ def _child(args) -> dict:
                    max_sequence_length=max(seq, 2048), remat_block=args.remat, scan_mlp=args.scan_mlp,
                    scan_mlp_chunk_size=args.chunk)
     cfg = LLaMAConfig.load(args.preset).replace(**updates)
-    model = LLaMAForCausalLM(cfg)
     mesh = make_mesh(args.mesh_dim)
     check_model_mesh(cfg, mesh, seq_len=seq, batch_size=args.batch)
-    tx = optax.adamw(1e-4)
-
-    def loss_fn(params, batch):
-        hidden = model.apply({"params": params}, batch["input_tokens"], return_hidden=True)
-        loss_sum, _ = cross_entropy_sums(hidden, output_head_kernel(params, cfg), batch["target_tokens"],
-                                         batch["loss_masks"], chunk_size=args.loss_chunk)
-        return loss_sum / jnp.sum(batch["loss_masks"])
-
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    # The real step as lwm.train compiles it (lwm.training.compile): loss_fn with its metrics, AdamW with
+    # clipping, the state sharded by the parameter table, state and RNG donated.
+    task = ts.Task(LLaMAForCausalLM(cfg), "text", 1.0, 0.0, args.loss_chunk)
+    tx, schedule = optimizer_lib.make_optimizer({"adamw_optimizer": {"lr": 1e-4, "lr_warmup_steps": 0,
+                                                                     "lr_schedule_type": "warmup_constant"}})
+    step = shard_train_step(task, tx, schedule, mesh)
+    compiled = step.lower(args.batch, seq).compile()
+    mem = compiled.memory_analysis()
+    if args.compile_only:  # memory plan of the step without running it (for lengths too slow to time)
+        temp = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+        return dict(seq=seq, devices=len(jax.devices()), mesh=args.mesh_dim, impl=args.impl, step_s=float("nan"),
+                    tokens_per_s=float("nan"), mfu=float("nan"), matmul_gflops=matmul_flops / 1e9,
+                    compiled_gb=temp / 1e9, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                    loss=float("nan"))
     with jax.set_mesh(mesh):
-        params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"])()
-        p_shard = named_shardings(match_partition_rules(params, cfg), mesh)
-        params = jax.device_put(params, p_shard)
-        opt_state = tx.init(params)
-        rng = np.random.default_rng(0)
-        tokens = rng.integers(0, cfg.vocab_size, (args.batch, seq + 1))
+        state = step.init(multihost.replicate(np.zeros(2, np.uint32), step.replicated))
+        rng = multihost.replicate(np.ones(2, np.uint32), step.replicated)
+        data = np.random.default_rng(0)
+        tokens = data.integers(0, cfg.vocab_size, (args.batch, seq + 1)).astype(np.int32)
         batch = dict(input_tokens=tokens[:, :-1], target_tokens=tokens[:, 1:],
-                     loss_masks=np.ones((args.batch, seq), np.float32))
-        batch = jax.device_put(batch, named_shardings({k: P(("dp", "fsdp"), "sp") for k in batch}, mesh))
-        step = jax.jit(train_step, donate_argnums=(0, 1))
-        compiled = step.lower(params, opt_state, batch).compile()
-        mem = compiled.memory_analysis()
-        if args.compile_only:  # memory plan of the step without running it (for lengths too slow to time)
-            temp = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-            return dict(seq=seq, devices=len(jax.devices()), mesh=args.mesh_dim, impl=args.impl, step_s=float("nan"),
-                        tokens_per_s=float("nan"), mfu=float("nan"), matmul_gflops=matmul_flops / 1e9,
-                        compiled_gb=temp / 1e9, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                        loss=float("nan"))
-        params, opt_state, loss = step(params, opt_state, batch)
-        loss.block_until_ready()
+                     loss_masks=np.ones((args.batch, seq), np.float32),
+                     target_vision_masks=np.zeros((args.batch, seq), bool))
+        batch = multihost.global_batch(batch, mesh, None)
+        state, rng, metrics = compiled(state, rng, batch)
+        jax.block_until_ready(metrics)
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            params, opt_state, loss = step(params, opt_state, batch)
-            loss.block_until_ready()
+            state, rng, metrics = compiled(state, rng, batch)
+            jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t0)
+    loss = multihost.host_array(metrics["loss"])
     dt = float(np.median(times))
     tok_s = args.batch * seq / dt
-    d, f, v, l = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
-    kvd = cfg.kv_heads * cfg.head_dim
-    n_matmul_params = l * (2 * d * d + 2 * d * kvd + 3 * d * f) + d * v  # embedding lookup has no FLOPs
-    flops_per_token = 6 * n_matmul_params + 6 * l * seq * d  # causal attention: half of 12 * L * T * D
+    flops_per_token = ts.flops_per_token(step.state_shapes.params["params"], cfg, seq)
     temp = getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0) + \
         getattr(mem, "output_size_in_bytes", 0)
     return dict(seq=seq, devices=len(jax.devices()), mesh=args.mesh_dim, impl=args.impl, step_s=dt,

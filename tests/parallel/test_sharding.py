@@ -1,13 +1,11 @@
-"""Mesh strings, the parameter-rule table, pre-compile errors, and sharded == unsharded training loss."""
+"""Mesh strings, the parameter-rule table, pre-compile errors, and the real sharded train step == the unsharded one."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lwm.model.llama import PRESETS, LLaMAConfig, LLaMAForCausalLM, output_head_kernel
-from lwm.model.loss import cross_entropy_sums
+from lwm.model.llama import PRESETS, LLaMAConfig, LLaMAForCausalLM
 from lwm.parallel.sharding import (MeshError, activation_spec, batch_spec, cache_specs, data_parallel_size,
                           sequence_parallel_size, check_divisible, check_model_mesh, make_mesh, match_partition_rules,
                           named_shardings, parse_mesh_dim, param_spec)
@@ -67,60 +65,91 @@ def test_errors_before_compile():
                         {"lm_head": {"kernel": P(("fsdp", "sp"), "tp")}}, make_mesh("1,1,2,4"))
 
 
-def _train_step(model, cfg, tx):
-    def loss_fn(params, batch):
-        hidden = model.apply({"params": params}, batch["input_tokens"], segment_ids=batch["segment_ids"],
-                             return_hidden=True)
-        loss_sum, _ = cross_entropy_sums(hidden, output_head_kernel(params, cfg), batch["target_tokens"],
-                                         batch["loss_masks"], chunk_size=16)
-        return loss_sum / jnp.sum(batch["loss_masks"])
+def _parity_setup(param_scan_axis: int):
+    """The tiny preset with the ring (sp=2 on 1,2,2,2) and its dense twin, the real optimizer at a constant
+    1e-2, and a packed (B=4, T=64) batch with two segments per row and a random loss mask."""
+    from lwm.training import optimizer as optimizer_lib
+    from lwm.training import steps as ts
 
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-
-def test_sharded_train_step_equals_unsharded():
-    cfg = LLaMAConfig.load("tiny").replace(attention_impl="ring", scan_query_chunk_size=16,
-                                           scan_key_chunk_size=16)
-    model = LLaMAForCausalLM(cfg)
+    cfg = LLaMAConfig.load("tiny").replace(attention_impl="ring", scan_query_chunk_size=16, scan_key_chunk_size=16,
+                                           param_scan_axis=param_scan_axis)
+    tx, schedule = optimizer_lib.make_optimizer({"adamw_optimizer": {
+        "lr": 1e-2, "lr_warmup_steps": 0, "lr_schedule_type": "warmup_constant"}})
+    task = lambda c: ts.Task(LLaMAForCausalLM(c), "text", 1.0, 0.0, 16)
     rng = np.random.default_rng(0)
     b, t = 4, 64
-    tokens = rng.integers(0, cfg.vocab_size, (b, t + 1))
-    seg = np.repeat(np.array([[1] * 40 + [2] * 24]), b, axis=0)
-    batch = dict(input_tokens=jnp.asarray(tokens[:, :-1]), target_tokens=jnp.asarray(tokens[:, 1:]),
-                 loss_masks=jnp.asarray(rng.random((b, t)) > 0.2, jnp.float32), segment_ids=jnp.asarray(seg))
-    dense = LLaMAForCausalLM(cfg.replace(attention_impl="dense"))
-    params = dense.init(jax.random.PRNGKey(0), batch["input_tokens"][:1, :16])["params"]
-    tx = optax.adamw(1e-2)
+    tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+    seg = np.repeat(np.array([[1] * 40 + [2] * 24], np.int32), b, axis=0)
+    pos = np.concatenate([np.arange(40), np.arange(24)])[None].repeat(b, 0).astype(np.int32)
+    batch = dict(input_tokens=tokens[:, :-1], target_tokens=tokens[:, 1:],
+                 loss_masks=(rng.random((b, t)) > 0.2).astype(np.float32), input_vision_masks=np.zeros((b, t), bool),
+                 target_vision_masks=np.zeros((b, t), bool), segment_ids=seg, position_ids=pos)
+    return cfg, task(cfg), task(cfg.replace(attention_impl="dense")), tx, schedule, batch
 
-    ref_step = jax.jit(_train_step(dense, cfg, tx))
-    p_ref, o_ref, losses_ref = params, tx.init(params), []
-    for _ in range(2):
-        p_ref, o_ref, loss = ref_step(p_ref, o_ref, batch)
-        losses_ref.append(float(loss))
+
+def _run_steps(step_fn, state, rng, batch, n=2):
+    losses = []
+    for _ in range(n):
+        state, rng, metrics = step_fn(state, rng, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+@pytest.mark.parametrize("param_scan_axis", [0, 1])
+def test_real_sharded_train_step_equals_unsharded(param_scan_axis):
+    """The real step as lwm.train compiles it (lwm.training.compile.shard_train_step: shardings, donation) on
+    1,2,2,2 (dp, fsdp, tp, sp; the ring over sp) gives the unsharded step's losses and updated parameters
+    (plain jax.jit of lwm.training.steps.train_step, dense attention, no mesh) to float32 tolerance."""
+    import functools
+
+    from lwm.parallel.multihost import global_batch, host_array, host_shard_from_mesh
+    from lwm.training import steps as ts
+    from lwm.training.compile import shard_train_step
+
+    cfg, task, dense_task, tx, schedule, batch = _parity_setup(param_scan_axis)
+    init = ts.init_train_state(jax.random.PRNGKey(0), task=dense_task, tx=tx)
+    init = jax.tree.map(np.asarray, init)        # host copies: the sharded step donates what it is given
+    rng = np.asarray(jax.random.PRNGKey(1))
+    ref_step = jax.jit(functools.partial(ts.train_step, task=dense_task, schedule=schedule))
+    ref_state, ref_losses = _run_steps(ref_step, init, rng, {k: jnp.asarray(v) for k, v in batch.items()})
 
     mesh = make_mesh("1,2,2,2")
-    check_model_mesh(cfg, mesh, seq_len=t, batch_size=b)
+    check_model_mesh(cfg, mesh, seq_len=64, batch_size=4)
+    step = shard_train_step(task, tx, schedule, mesh)
+    wq_spec = (P(None, ("fsdp", "sp"), "tp") if param_scan_axis == 0 else P(("fsdp", "sp"), None, "tp"))
+    wq = lambda state: state.params["params"]["transformer"]["h"]["scan_decoder"]["attention"]["wq"]["kernel"]
+    assert wq(step.state_shardings).spec == wq_spec
     with jax.set_mesh(mesh):
-        p_specs = match_partition_rules(params, cfg)
-        check_divisible(params, p_specs, mesh)
-        p_sh = jax.device_put(params, named_shardings(p_specs, mesh))
-        opt = tx.init(p_sh)
-        batch_sh = jax.device_put(batch, named_shardings(
-            {k: batch_spec() for k in batch}, mesh))
-        step = jax.jit(_train_step(model, cfg, tx))
-        losses = []
-        for _ in range(2):
-            p_sh, opt, loss = step(p_sh, opt, batch_sh)
-            losses.append(float(loss))
-        wq = p_sh["transformer"]["h"]["scan_decoder"]["attention"]["wq"]["kernel"]
-        assert wq.sharding.spec == P(None, ("fsdp", "sp"), "tp")
-    np.testing.assert_allclose(losses, losses_ref, rtol=1e-5)
+        sharded_batch = global_batch(batch, mesh, host_shard_from_mesh(mesh))
+        state = jax.device_put(init, step.state_shardings)
+        state, losses = _run_steps(step.train, state, jax.device_put(rng, step.replicated), sharded_batch)
+        assert wq(state).sharding.spec == wq_spec                # the output stays sharded by the table
+
+        # Negative control: the same check fails when the sequence reaches the step in the wrong order
+        # (the two sp halves swapped), the error a wrong batch layout would make.
+        swapped = {k: np.concatenate([v[:, 32:], v[:, :32]], axis=1) for k, v in batch.items()}
+        fresh = jax.device_put(init, step.state_shardings)
+        _, wrong_losses = _run_steps(step.train, fresh, jax.device_put(rng, step.replicated),
+                                     global_batch(swapped, mesh, host_shard_from_mesh(mesh)))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[1] < losses[0]
+    assert not np.allclose(wrong_losses, ref_losses, rtol=1e-5)
+
+    # Gradients, through the AdamW moments (linear in them: mu, and nu in their squares): normwise float32
+    # tolerance per tensor. Parameters: within 1% of one Adam step (lr = 1e-2). Adam divides each gradient
+    # by its own scale, so a rounding-level difference in a near-zero gradient moves that element by a
+    # visible fraction of lr (seen: 2 of 32768 lm_head elements, 0.5% of lr, after 2 steps).
+    moved = max(float(np.max(np.abs(np.asarray(w) - s)))
+                for w, s in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(init.params)))
+    assert moved > 100 * 1e-4                                 # the parameters did change: not equal by accident
+    for name, tol in (("opt_state", 1e-4), ("params", None)):
+        got_tree, want_tree = getattr(state, name), getattr(ref_state, name)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_tree), jax.tree.leaves(want_tree)):
+            g, w = host_array(g).astype(np.float64), np.asarray(w, np.float64)
+            limit = tol * float(np.max(np.abs(w))) if tol else 1e-2 * 1e-2
+            assert np.max(np.abs(g - w), initial=0.0) <= limit, (name, jax.tree_util.keystr(path),
+                                                                   np.max(np.abs(g - w)), limit)
+    assert int(host_array(state.step)) == int(ref_state.step) == 2
 
 
 def test_mesh_fallback_is_reported(monkeypatch, caplog):
