@@ -260,11 +260,6 @@ def _ring_local_bwd(cfg, res, do):
 ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
 
 
-def sharding_specs(mesh):
-    """(q/k/v spec, segment-id spec) for `mesh`, from lwm.parallel.sharding (the axes the mesh has)."""
-    return sharding.activation_spec(mesh), sharding.batch_spec(mesh)
-
-
 def ambient_sp_mesh(what: str):
     """The mesh set with `jax.set_mesh`; raises if there is none or it has no 'sp' axis."""
     mesh = jax.sharding.get_abstract_mesh()

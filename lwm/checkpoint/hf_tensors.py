@@ -241,15 +241,6 @@ def hf_to_lwm_items(state_dict: Mapping[str, Any], config: Any, scan_layers: boo
         raise ValueError(f"HF state dict: entries a LLaMA of this config does not have: {unexpected[:5]}")
 
 
-def hf_state_dict_to_lwm_params(state_dict: Mapping[str, Any], config: Any, scan_layers: bool | None = None,
-                                dtype: Any = None) -> dict:
-    """{HF name: array or torch tensor} -> LWM linen params (the inner tree, without {'params': ...});
-    see `hf_to_lwm_items`."""
-    from flax.traverse_util import unflatten_dict
-
-    return unflatten_dict(dict(hf_to_lwm_items(state_dict, config, scan_layers, dtype)))
-
-
 def rope_parameters(config: Any) -> dict[str, Any]:
     """transformers' `rope_parameters` for an LWM config's theta and RoPE scaling fields."""
     kind = _cfg(config, "rope_scaling_type", "") or ""

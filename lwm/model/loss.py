@@ -110,11 +110,3 @@ def cross_entropy_sums(hidden, kernel, targets, weights, *, chunk_size: int = 10
     Differentiable in hidden and kernel (weights are treated as constants).
     """
     return _ce_sums(hidden, kernel, targets.astype(jnp.int32), weights.astype(jnp.float32), chunk_size)
-
-
-def reference_cross_entropy_sums(logits, targets, weights):
-    """The plain full-logits version (tests, and small models)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    correct = jnp.argmax(logits, axis=-1) == targets
-    return jnp.sum(weights * nll), jnp.sum(weights * correct)

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from lwm.checkpoint import formats as ckpt
 from lwm.checkpoint import hf_tensors
-from lwm.checkpoint.hf_tensors import hf_state_dict_to_lwm_params, lwm_config_to_hf, lwm_params_to_hf_state_dict
+from lwm.checkpoint.hf_tensors import hf_to_lwm_items, lwm_config_to_hf, lwm_params_to_hf_state_dict
 from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +33,13 @@ def tiny_random_norms():
                   ).astype(np.float32) for k, s in flatten_dict(shapes).items()}
     return cfg, model, unflatten_dict(params)
 
+
+
+def hf_state_dict_to_lwm_params(state_dict, config, scan_layers=None, dtype=None) -> dict:
+    """{HF name: array or torch tensor} -> LWM linen params (the inner tree), by lwm's hf_to_lwm_items."""
+    from flax.traverse_util import unflatten_dict
+
+    return unflatten_dict(dict(hf_to_lwm_items(state_dict, config, scan_layers, dtype)))
 
 def _layouts(params, cfg):
     """The same weights as scanned (axis 0), scanned (axis 1) and unscanned LWM trees."""
