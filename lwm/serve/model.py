@@ -102,7 +102,7 @@ class ServedModel:
         original LWM-Chat lays it out: "{system} USER: {text}\\n" + "<vision>" + vision ids + "</vision>" +
         " ASSISTANT:" (each text piece tokenized on its own; vision ids: each frame's VQGAN codes, then the
         end-of-frame / end-of-vision marker)."""
-        from lwm.text.chat_template import SYSTEM_PROMPT, conversation_ids, user_turn_ids, user_turn_text
+        from lwm.text.chat_template import SYSTEM_PROMPT, USER_TURN, conversation_ids, user_turn_ids, user_turn_text
         from lwm.serve.media import frames_from_parts
         from lwm.inference.vision import vision_tokens
 
@@ -117,7 +117,7 @@ class ServedModel:
         first = sum(m["role"] == "user" for m in plain) == 1
         last = plain[-1]["content"]
         head = text_ids[:len(text_ids) - len(user_turn_ids(tok, last, first, system))]
-        suffix = " ASSISTANT:"
+        suffix = USER_TURN.split("{message}")[1]                  # " ASSISTANT:", the template's turn end
         turn = user_turn_text(last + "\n", first, system)
         if not turn.endswith(suffix):
             raise RuntimeError(f"lwm.text.chat_template's user turn no longer ends with {suffix!r}")
