@@ -94,7 +94,7 @@ def test_text_trains_evaluates_logs_and_checkpoints(corpus, tmp_path):
         "--eval_steps=2", "--eval_dataset.type=json", "--eval_dataset.text_processor.fields=text",
         f"--eval_dataset.json_dataset.path={corpus / 'text.jsonl'}", "--eval_dataset.json_dataset.seq_length=64",
         "--eval_dataset.json_dataset.batch_size=4", "--log_freq=5", "--save_model_freq=6",
-        "--manager.save_optimizer_state=True"]
+        "--checkpointer.save_optimizer_state=True"]
     run_train(corpus, args)
     rows = read_metrics(str(tmp_path / "text"))
     assert [r["step"] for r in rows] == [0, 5, 10]
@@ -153,7 +153,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
 
 RING = ["--mesh_dim=1,1,1,4", "--llama.attention_impl=ring", "--llama.scan_query_chunk_size=16",
         "--llama.scan_key_chunk_size=16", "--llama.resid_pdrop=0.1", "--save_model_freq=3",
-        "--manager.save_optimizer_state=True", "--autoresume=True"]
+        "--checkpointer.save_optimizer_state=True", "--autoresume=True"]
 STEPS = 12
 
 
