@@ -4,7 +4,8 @@ Every kernel that skips work under a causal mask asks the same four questions ab
 the blockwise kernel (`blockwise.py`, chunks of a block), both Pallas kernels (`pallas_gpu.py`,
 `pallas_tpu.py`, their grid blocks) and the ring (`ring.py`, whole run pairs). They all answer them here,
 in one convention, kept so by `tests/attention/test_causal_blocks.py` (brute-force enumeration over
-offsets, block sizes and lengths, with an off-by-one variant that must fail).
+offsets, block sizes and lengths, with an off-by-one variant that must fail) and
+`tests/test_one_home.py::test_kernels_use_the_one_causal_block_rule` (all four import this module).
 
 The convention:
   * Positions are *global* integers; a query at position p may see a key at position s iff s <= p.

@@ -23,8 +23,9 @@ from lwm.parallel.sharding import BATCH_AXES, SEQ_AXIS, batch_spec
 
 
 def host_array(x) -> np.ndarray:
-    """The one read-back: a numpy copy of x on every process. A jax.Array spread over several processes is
-    read from this process's copy when it is fully replicated, else gathered first with
+    """The one read-back (tests/test_one_home.py::test_rule_holds[read_back]: no other module calls
+    process_allgather or addressable_data): a numpy copy of x on every process. A jax.Array spread over several
+    processes is read from this process's copy when it is fully replicated, else gathered first with
     `multihost_utils.process_allgather` (a collective: every process must call this, in the same order);
     a local jax.Array, a numpy array or a Python number is converted as it is."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

@@ -1,4 +1,5 @@
-"""The device mesh (`--mesh_dim`), the one parameter-sharding table, and logical activation constraints.
+"""The device mesh (`--mesh_dim`), the one parameter-sharding table (no other (regex, P(...)) rule in lwm/ or
+benchmarks/: tests/test_one_home.py::test_rule_holds[sharding_table]), and logical activation constraints.
 
 Mesh axes, in this order everywhere: dp (data), fsdp (fully-sharded data), tp (tensor), sp (sequence: the
 ring). Parameters are sharded over ('fsdp', 'sp') on their model dimension and over 'tp' on heads / hidden

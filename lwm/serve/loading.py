@@ -16,8 +16,8 @@ def check_flags(config: ConfigDict) -> None:
 
 
 def is_vision(config: ConfigDict) -> bool:
-    """--modality through the one modality parser (lwm.cli.values): 'text', or 'vision,text' (alias
-    'vision'); FlagError otherwise."""
+    """--modality through the one modality parser (lwm.cli.values; tests/test_one_home.py::
+    test_rule_holds[modality_parser]): 'text', or 'vision,text' (alias 'vision'); FlagError otherwise."""
     from lwm.cli.values import parse_modality
 
     return parse_modality("modality", config.modality) == "vision,text"

@@ -3,8 +3,9 @@
 A media part's URL is a `data:` URL, `data:image/png;base64,...` (PNG or JPEG; a GIF/WebP that Pillow reads is
 taken too) or `data:video/mp4;base64,...`, or, only when the server runs with `--allow_local_media`, a local
 path (`/abs/path.png` or `file:///abs/path.mp4`). Remote `http(s)://` URLs are refused: the server fetches
-nothing. Decoding, orientation, resizing and cropping are `lwm.utils.vision_io`'s (the one home of pixel reading);
-this module only turns URLs into bytes and bytes into a file `vision_io` reads.
+nothing. Decoding, orientation, resizing and cropping are `lwm.utils.vision_io`'s (the one home of pixel reading,
+tests/test_one_home.py::test_rule_holds[pixel_reading]); this module only turns URLs into bytes and bytes into a
+file `vision_io` reads.
 
 Errors are `APIError(400)` naming the message and part, e.g.
     messages[1].content[0]: the image data is not a PNG or JPEG image (cannot identify image file)

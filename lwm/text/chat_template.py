@@ -1,5 +1,6 @@
 """The LWM chat template: the one copy, used by text and vision chat, the needle evals, the server, the PyTorch
-sampling script and the Hugging Face export.
+sampling script and the Hugging Face export; no other module spells "USER:" / "ASSISTANT:" in a prompt
+(tests/test_one_home.py::test_rule_holds[chat_template]).
 
 The original's format (LWM-Text-Chat and LWM-Chat), one BOS, then:
 
