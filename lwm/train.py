@@ -73,7 +73,8 @@ def get_default_config() -> ConfigDict:
 
 
 def parse_flags(argv: list[str], config: Optional[ConfigDict] = None) -> ConfigDict:
-    """Training flags on top of `get_default_config()` (lwm.cli.command.parse: the one flag parser)."""
+    """Training flags on top of `get_default_config()` (lwm.cli.command.parse: the one flag parser;
+    tests/test_one_home.py::test_rule_holds[flag_parser])."""
     return command.parse(argv, config if config is not None else get_default_config())
 
 

@@ -1,5 +1,7 @@
 """The one report of every evaluation: records -> JSON, grids, heatmaps, the summary table and the effective
-length. Records come from the one runner (lwm.evals.runner); two layouts are read:
+length (nothing else in lwm/evals writes JSON or figures: tests/evals/test_runner.py::
+test_one_runner_is_the_only_batching_loop). Records come from the one runner (lwm.evals.runner); two layouts
+are read:
   scored records   task, length, depth (None for tasks without a depth axis), score (0-100)
                    (the text suite, the visual needle)
   needle records   context_length, depth_percent, correct: the original LWM needle JSON, kept as it was;

@@ -1,4 +1,5 @@
-"""The text suite: its tasks (registered in the one registry, lwm.evals.runner.TASKS) and samples fitted to
+"""The text suite: its tasks (registered in the one registry, lwm.evals.runner.TASKS;
+tests/test_one_home.py::test_rule_holds[task_registry]) and samples fitted to
 token lengths.
 
     samples = build_samples(["niah_single_noise", "vt"], tokenizer, lengths=[1024, 2048], depths=[0, 50, 100],

@@ -1,5 +1,6 @@
 """Words, numbers, UUIDs and made-up words for the synthetic tasks; every draw goes through a caller's
-`random.Random`, so a task's samples depend on its seed only (no download, no global state).
+`random.Random`, so a task's samples depend on its seed only (no download, no global state;
+tests/test_one_home.py::test_vocab_draws_only_from_the_callers_rng).
 
     rng = random.Random(0)
     random_word(rng), random_number(rng), random_uuid(rng), pseudo_word(rng)

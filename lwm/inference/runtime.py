@@ -1,6 +1,7 @@
 """The one runtime set-up of the inference entry points: flags shared by all of them, then jax.distributed
 (from --jax_distributed.*), the tokenizer, the dtype, the model config and the ('dp','fsdp','tp','sp') mesh
-from --mesh_dim. The command line itself (--help, parsing, the one-line errors) is lwm.cli.command.
+from --mesh_dim. The command line itself (--help, parsing, the one-line errors) is lwm.cli.command. No other
+inference module starts jax.distributed or builds a mesh (tests/test_one_home.py::test_rule_holds[runtime_setup]).
 
     defaults = runtime_flags(ConfigDict(), tokenizer="LargeWorldModel/LWM-Text-Chat-1M")
     rt = setup(parse(argv, defaults), modality="text")

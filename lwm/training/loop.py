@@ -59,10 +59,12 @@ def check_config(config: ConfigDict) -> None:
 
 
 def data_sharded_loader(config: ConfigDict) -> bool:
-    """The one `--use_data_sharded_loader` switch: True, each process builds only its share of every batch
-    (its rows and sequence columns, `multihost.host_shard_from_mesh`); False, every process builds the whole
-    batch. The original's per-dataset spelling (`--train_dataset.json_dataset.use_data_sharded_loader`, the
-    same under json_vision_dataset, huggingface_dataset and eval_dataset) is only checked: False there with
+    """The one `--use_data_sharded_loader` switch (nothing else reads the flag:
+    tests/test_one_home.py::test_rule_holds[data_sharded_loader_switch]): True, each process builds only its
+    share of every batch (its rows and sequence columns, `multihost.host_shard_from_mesh`); False, every
+    process builds the whole batch. The original's per-dataset spelling
+    (`--train_dataset.json_dataset.use_data_sharded_loader`, the same under json_vision_dataset,
+    huggingface_dataset and eval_dataset) is only checked: False there with
     the switch True (a dataset building whole batches that the run would join as shares) raises FlagError."""
     value = bool(config.use_data_sharded_loader)
     for group in ("train_dataset", "eval_dataset"):

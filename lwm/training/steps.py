@@ -1,4 +1,5 @@
-"""The training step functions: one `loss_fn` for text and vision+text, `train_step`, `eval_step`, and the
+"""The training step functions: one `loss_fn` for text and vision+text (no other in lwm/:
+tests/test_one_home.py::test_rule_holds[loss_fn]), `train_step`, `eval_step`, and the
 train state's initialisation. Plain functions of arrays; everything static (the model, the modality, the
 loss weights) comes in through a `Task`, bound with functools.partial before jax.jit.
 
