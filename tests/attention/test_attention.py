@@ -12,26 +12,10 @@ from jax.sharding import Mesh
 
 from lwm.attention import ATTENTION_IMPLS, attention, blockwise, dense_attention
 from lwm.attention.blockwise import blockwise_attention
-from _data_fixtures import rel_err, value_and_grads
+from support import rel_err, value_and_grads
 
 RTOL = 1e-5
 B, T, N, K, H = 2, 72, 4, 2, 16  # T = 72 is not a multiple of the chunks below: padding is exercised
-
-
-def packed_segments(rng, batch, length, max_segments=4):
-    """Random packed rows: sorted ids in [0, max_segments), with 0 as a padding segment at the start."""
-    return np.sort(rng.integers(0, max_segments, size=(batch, length)), axis=1).astype(np.int32)
-
-
-@pytest.fixture(scope="module")
-def data():
-    rng = np.random.default_rng(0)
-    q, k, v = (
-        jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(B, T, N, H), (B, T, K, H), (B, T, K, H)]
-    )
-    do = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
-    seg = jnp.asarray(packed_segments(rng, B, T))
-    return dict(q=q, k=k, v=v, do=do, seg=seg)
 
 
 @jax.jit(static_argnames="causal")

@@ -12,46 +12,18 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from lwm.attention import dense_attention, layout
+from lwm.attention import layout
 from lwm.attention.context_parallel import context_parallel_attention
+from support import rel_err
 
 RTOL = 1e-5
 B, T, N, K, H = 2, 64, 8, 2, 8
 CHUNKS = dict(q_chunk=8, k_chunk=8)
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def make_mesh(shape):
     devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
     return Mesh(devices, ("dp", "fsdp", "tp", "sp"))
-
-
-@pytest.fixture(scope="module")
-def data():
-    rng = np.random.default_rng(0)
-    q, k, v, do = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                   for s in [(B, T, N, H), (B, T, K, H), (B, T, K, H), (B, T, N, H)])
-    seg = np.sort(rng.integers(0, 4, size=(B, T)), axis=1).astype(np.int32)  # packed, 0 = padding
-    return dict(q=q, k=k, v=v, do=do, seg=jnp.asarray(seg))
-
-
-@pytest.fixture(scope="module")
-def dense_reference(data):
-    cache = {}
-
-    def get(causal, use_seg):
-        if (causal, use_seg) not in cache:
-            seg = data["seg"] if use_seg else None
-            fn = lambda q, k, v: dense_attention(q, k, v, seg, causal=causal)
-            out, vjp = jax.vjp(fn, data["q"], data["k"], data["v"])
-            cache[causal, use_seg] = (out, *vjp(data["do"]))
-        return cache[causal, use_seg]
-
-    return get
 
 
 def cp_value_and_grads(mesh, data, use_seg, **kw):

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from lwm.attention import cached_attention, dense_attention
 from lwm.attention.decode import write_kv, write_segments
-from _data_fixtures import rel_err
+from support import rel_err
 
 RTOL = 1e-5
 B, T, N, K, H, S = 2, 14, 4, 2, 16, 16
@@ -23,7 +23,9 @@ PREFILL = 6  # slots 0..5: straddles the first two shards of a 16-slot cache ove
 
 
 @pytest.fixture(scope="module")
-def data():
+def decode_data():
+    """Not the shared `data` (tests/attention/conftest.py): no segments drawn at random but row 0 left-padded by
+    3 (as a batch of prompts is), and the dense causal output `want` to compare decoding with."""
     rng = np.random.default_rng(0)
     q, k, v = (
         jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(B, T, N, H), (B, T, K, H), (B, T, K, H)]
@@ -66,42 +68,42 @@ def assert_decode_matches(data, out, cache):
 
 
 @pytest.mark.parametrize("impl,chunk", [("blockwise", 4), ("dense", 16), ("blockwise", 5)])
-def test_decode_one_device_matches_full_pass(data, impl, chunk):
+def test_decode_one_device_matches_full_pass(decode_data, impl, chunk):
     """chunk 5 does not divide S = 16: the last chunk overlaps the one before, and must not count twice."""
-    out, cache = decode_all(data, impl, chunk=chunk)
-    assert_decode_matches(data, out, cache)
+    out, cache = decode_all(decode_data, impl, chunk=chunk)
+    assert_decode_matches(decode_data, out, cache)
 
 
-def test_decode_cache_sharded_over_sp(data):
+def test_decode_cache_sharded_over_sp(decode_data):
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(1, 1, 1, 4), ("dp", "fsdp", "tp", "sp"))
     with jax.set_mesh(mesh):
-        out, cache = decode_all(data, "ring", chunk=2)     # two chunks in each shard's 4 slots
-    assert_decode_matches(data, out, cache)
+        out, cache = decode_all(decode_data, "ring", chunk=2)     # two chunks in each shard's 4 slots
+    assert_decode_matches(decode_data, out, cache)
     assert cache[0].sharding.spec[3] == "sp"
 
 
-def test_decode_cache_sharded_over_dp_tp_sp(data):
+def test_decode_cache_sharded_over_dp_tp_sp(decode_data):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 2, 2), ("dp", "fsdp", "tp", "sp"))
     with jax.set_mesh(mesh):
-        out, cache = decode_all(data, "ring_pallas")  # decode uses the jnp path for every impl
-    assert_decode_matches(data, out, cache)
+        out, cache = decode_all(decode_data, "ring_pallas")  # decode uses the jnp path for every impl
+    assert_decode_matches(decode_data, out, cache)
 
 
-def test_decode_negative_controls(data):
+def test_decode_negative_controls(decode_data):
     """Ignoring the left padding, or decoding each token one slot early (so it overwrites the previous
     token's keys), must fail the same check."""
-    real = data["real"]
-    out, _ = decode_all(data, "blockwise", seg=jnp.ones_like(data["seg"]))
-    assert rel_err(out * real, data["want"] * real) > 1e-2
-    out, _ = decode_all(data, "blockwise", decode_shift=-1)
-    assert rel_err(out * real, data["want"] * real) > 1e-2
+    real = decode_data["real"]
+    out, _ = decode_all(decode_data, "blockwise", seg=jnp.ones_like(decode_data["seg"]))
+    assert rel_err(out * real, decode_data["want"] * real) > 1e-2
+    out, _ = decode_all(decode_data, "blockwise", decode_shift=-1)
+    assert rel_err(out * real, decode_data["want"] * real) > 1e-2
 
 
-def test_rows_at_different_fill_lengths(data):
+def test_rows_at_different_fill_lengths(decode_data):
     """Each row writes and reads at its own index: row 1 is decoded 5 slots later than row 0 (its first
     5 slots empty), one token at a time, and gets the same outputs as the dense pass over its tokens."""
     shift = np.array([0, 5])
-    q, k, v = data["q"], data["k"], data["v"]
+    q, k, v = decode_data["q"], decode_data["k"], decode_data["v"]
     seg = jnp.ones((B, T), jnp.int32)
     want = dense_attention(q, k, v, seg, causal=True)
 
@@ -133,8 +135,8 @@ def test_writes_drop_out_of_range_slots():
     np.testing.assert_array_equal(got.reshape(-1), [8, 0, 0, 0])  # a negative slot must not wrap to the end
 
 
-def test_cached_attention_validates(data):
-    q, k, v = data["q"][:, :1], data["k"][:, :1], data["v"][:, :1]
+def test_cached_attention_validates(decode_data):
+    q, k, v = decode_data["q"][:, :1], decode_data["k"][:, :1], decode_data["v"][:, :1]
     cache = (jnp.zeros((1, B, K, S, H)), jnp.zeros((1, B, K, S, H)), jnp.zeros((B, S), jnp.int32))
     with pytest.raises(ValueError, match=r"unknown attention impl 'paged'.*allowed values"):
         cached_attention(q, k, v, *cache, None, 0, impl="paged")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lwm.attention import attention, dense_attention, pallas_gpu, pallas_tpu
-from _data_fixtures import rel_err, value_and_grads
+from support import rel_err, value_and_grads
 
 RTOL = 1e-5
 B, N, K = 2, 4, 2

@@ -11,45 +11,18 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from lwm.attention import attention, dense_attention, ring_attention
-from _data_fixtures import rel_err, value_and_grads
+from lwm.attention import attention, ring_attention
+from support import rel_err, value_and_grads
 
 RTOL = 1e-5
 B, T, N, K, H = 2, 128, 4, 2, 16
+SEGMENTS = 5  # packed rows of `data` (tests/attention/conftest.py): ids 0 (padding) to 4
 CHUNKS = dict(q_chunk=16, k_chunk=32)
 
 
 def make_mesh(shape):
     devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
     return Mesh(devices, ("dp", "fsdp", "tp", "sp"))
-
-
-@pytest.fixture(scope="module")
-def data():
-    rng = np.random.default_rng(0)
-    q, k, v, do = (
-        jnp.asarray(rng.standard_normal(s), jnp.float32)
-        for s in [(B, T, N, H), (B, T, K, H), (B, T, K, H), (B, T, N, H)]
-    )
-    seg = np.sort(rng.integers(0, 5, size=(B, T)), axis=1).astype(np.int32)  # packed, 0 = padding
-    return dict(q=q, k=k, v=v, do=do, seg=jnp.asarray(seg))
-
-
-@pytest.fixture(scope="module")
-def dense_reference(data):
-    """Dense output and gradients for (causal, use_segments), computed once per setting."""
-    cache = {}
-
-    def get(causal, use_seg):
-        if (causal, use_seg) not in cache:
-            seg = data["seg"] if use_seg else None
-            fn = lambda q, k, v: dense_attention(q, k, v, seg, causal=causal)
-            cache[causal, use_seg] = jax.jit(lambda *a: value_and_grads(fn, *a))(
-                data["q"], data["k"], data["v"], data["do"]
-            )
-        return cache[causal, use_seg]
-
-    return get
 
 
 def ring_value_and_grads(mesh, data, seg, **kw):

@@ -9,18 +9,10 @@ import sys
 
 import pytest
 
-import golden_cases
-from _data_fixtures import cpu_subprocess_env, free_port
+from golden.cases import needle_flags
+from support import cpu_subprocess_env, free_port
 
 MESH = ["--mesh_dim=2,1,1,2", "--update_llama_config=dict(attention_impl='ring')"]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("multihost"))
-    golden_cases.make_workdir(d)
-    os.makedirs(os.path.join(d, "jax_cache"))
-    return d
 
 
 def _results(path):
@@ -29,10 +21,10 @@ def _results(path):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_single_process_results(workdir):
-    d = workdir
+def test_two_processes_give_the_single_process_results(golden_workdir):
+    d = golden_workdir
     single = os.path.join(d, "single", "results.json")
-    flags = lambda out: golden_cases._needle_flags(d, out) + MESH
+    flags = lambda out: needle_flags(d, out) + MESH
     proc = subprocess.run([sys.executable, "-m", "lwm.eval_needle", *flags(single)], env=cpu_subprocess_env(d, 4),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -3,13 +3,7 @@ Hugging Face export writes renders the same text; malformed conversations name t
 import jinja2
 import pytest
 
-from _data_fixtures import small_tokenizer
 from lwm.text.chat_template import HF_CHAT_TEMPLATE, SYSTEM_PROMPT, conversation_ids, user_turn_ids
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return small_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def test_first_and_later_turns(tok):

@@ -2,15 +2,13 @@
 --jax_distributed.* flags, --mesh_dim=2,1,1,2, ring attention with the KV cache sharded over sp across the
 processes) prints the same answer as one process with four devices: temperature 2 and top-p 0.95, so the
 per-row random draws must agree as well as the logits. Both processes print it. (The needle eval over the
-same layout: tests/test_needle_multihost.py.)"""
-import os
+same layout: tests/evals/test_needle_multihost.py.)"""
 import subprocess
 import sys
 
 import pytest
 
-import golden_cases
-from _data_fixtures import cpu_subprocess_env, free_port
+from support import cpu_subprocess_env, free_port
 
 FLAGS = ["--load_llama_config=tiny", "--mesh_dim=2,1,1,2", "--update_llama_config=dict(attention_impl='ring')",
          "--max_new_tokens=12", "--temperature=2.0", "--top_p=0.95", "--stream=False",
@@ -18,10 +16,8 @@ FLAGS = ["--load_llama_config=tiny", "--mesh_dim=2,1,1,2", "--update_llama_confi
 
 
 @pytest.mark.slow
-def test_two_processes_sample_what_one_process_samples(tmp_path):
-    d = str(tmp_path)
-    golden_cases.make_workdir(d)
-    os.makedirs(os.path.join(d, "jax_cache"))
+def test_two_processes_sample_what_one_process_samples(golden_workdir):
+    d = golden_workdir
     flags = FLAGS + [f"--load_checkpoint=params::{d}/params", f"--tokenizer={d}/tokenizer.model"]
     cmd = [sys.executable, "-m", "lwm.text_chat", *flags, "--seed=3"]
     single = subprocess.run(cmd, env=cpu_subprocess_env(d, 4), capture_output=True, text=True, timeout=600)

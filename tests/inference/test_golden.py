@@ -1,23 +1,16 @@
 """Every entry point on tiny models (lwm.text_chat, the needle evals, lwm.vision_chat on an image and a video,
-lwm.vision_generation, lwm.convert both ways, lwm.memory, lwm.eval_long, lwm.eval_visual_needle, lwm.train) gives, token for token, the greedy outputs recorded in tests/golden/outputs.json
-before the inference refactor of issue 14 (tests/golden_cases.py says how they were made).
+lwm.vision_generation, lwm.convert both ways, lwm.memory, lwm.eval_long, lwm.eval_visual_needle, lwm.train) gives,
+token for token, the greedy outputs recorded in tests/golden/outputs.json before the inference refactor of issue 14
+(tests/golden/cases.py says how they were made; the `golden_workdir` fixture of tests/conftest.py is its files).
 
 A mismatch here means the refactor changed what a user gets. If a changed summation order flips a
 near-tie, show that the logits agree to 1e-5 in a test of its own and say so here; never loosen this
 comparison silently."""
 import json
-import os
-
-os.environ.setdefault("NPROC", "32")   # room for concurrent CPU collectives of the simulated devices
 
 import pytest
 
-import golden_cases
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return golden_cases.make_workdir(str(tmp_path_factory.mktemp("golden")))
+from golden import cases as golden_cases
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +20,8 @@ def golden():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(golden_cases.CASES))
-def test_entry_point_matches_recorded_output(name, workdir, golden):
-    got = json.loads(json.dumps(golden_cases.CASES[name](workdir)))
+def test_entry_point_matches_recorded_output(name, golden_workdir, golden):
+    got = json.loads(json.dumps(golden_cases.CASES[name](golden_workdir)))
     if name == "train":     # floats of a compiled sharded step: equal to float32 rounding, steps and keys exact
         want = golden[name]["metrics"]
         assert [sorted(r) for r in got["metrics"]] == [sorted(r) for r in want]

@@ -32,7 +32,7 @@ def run_module(name, argv, capsys):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from _data_fixtures import small_tokenizer
+    from support import small_tokenizer
 
     d = tmp_path_factory.mktemp("cli")
     small_tokenizer(d)

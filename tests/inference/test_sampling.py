@@ -1,12 +1,8 @@
 """Text generation through the engine (lwm.inference.engine): KV-cache greedy decoding against repeated
 full forwards, left padding, top-k / top-p against transformers' warpers, the over-length error, the ring
-path on simulated devices, token rules and streaming, and the text chat entry point."""
+path on simulated devices, token rules and streaming, and the text chat entry point. The model, engine and
+greedy batch are fixtures of tests/conftest.py (tiny_sharp_head, sampler, greedy_batch)."""
 import io
-import os
-
-# XLA:CPU runs the simulated devices' concurrent collectives on a pool of NPROC threads (default: the core
-# count); on 2 cores a ring step can then wait on itself. Must be set before JAX creates its CPU client.
-os.environ.setdefault("NPROC", "32")
 
 import jax
 import jax.numpy as jnp
@@ -14,36 +10,11 @@ import numpy as np
 import pytest
 
 from lwm.inference.engine import Engine, per_row_sampling
-from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
+from lwm.model.llama import LLaMAForCausalLM
 from lwm.inference.sampling import (PromptTooLongError, SamplingConfig, bucket_length, filter_logits, left_pad, sample_logits,
                           sample_rows)
 from lwm.parallel.sharding import make_mesh, match_partition_rules, named_shardings
-
-EOS, PAD = 2, 0
-PROMPTS = [[1, 17, 250, 33, 9], [1, 300, 5, 77, 123, 99, 4, 8, 201, 6, 45, 11, 12], [1, 402]]
-NEW = 10
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = LLaMAConfig.load("tiny").replace(max_sequence_length=64)
-    model = LLaMAForCausalLM(cfg)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    # Sharpen the output head so greedy choices are far from ties (float noise cannot flip them).
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x * 8.0 if "lm_head" in jax.tree_util.keystr(p) else x, params)
-    return cfg, model, params
-
-
-@pytest.fixture(scope="module")
-def sampler(tiny):
-    _, model, params = tiny
-    return Engine(model, params, eos_id=EOS, pad_id=PAD)
-
-
-@pytest.fixture(scope="module")
-def greedy_batch(sampler):
-    return sampler.generate(PROMPTS, NEW).tokens
+from support import EOS, NEW, PAD, PROMPTS
 
 
 def reference_greedy(cfg, params, prompt, n):
@@ -64,15 +35,15 @@ def reference_greedy(cfg, params, prompt, n):
     return out
 
 
-def test_greedy_with_cache_equals_repeated_full_forwards(tiny, greedy_batch):
-    cfg, _, params = tiny
+def test_greedy_with_cache_equals_repeated_full_forwards(tiny_sharp_head, greedy_batch):
+    cfg, _, params = tiny_sharp_head
     for prompt, got in zip(PROMPTS, greedy_batch):
         assert got == reference_greedy(cfg, params, prompt, NEW)
     assert len({tuple(o) for o in greedy_batch}) == len(PROMPTS)   # the rows really differ
 
 
-def test_left_padded_batch_equals_each_prompt_alone(tiny, sampler, greedy_batch):
-    _, model, params = tiny
+def test_left_padded_batch_equals_each_prompt_alone(tiny_sharp_head, sampler, greedy_batch):
+    _, model, params = tiny_sharp_head
     batch_logits, _ = sampler.prefill_batch(PROMPTS, 16, 20)
     for r, prompt in enumerate(PROMPTS):
         alone, _ = sampler.prefill_batch([prompt], len(prompt), len(prompt) + 4)   # no padding at all
@@ -146,8 +117,8 @@ def test_top_p_draws_follow_the_nucleus():
     np.testing.assert_allclose(np.bincount(draws[:, 1], minlength=5) / (n // 2), [0.625, 0.375, 0, 0, 0], atol=0.02)
 
 
-def test_over_length_error_before_compile(tiny):
-    _, model, params = tiny
+def test_over_length_error_before_compile(tiny_sharp_head):
+    _, model, params = tiny_sharp_head
     fresh = Engine(model, params, eos_id=EOS, pad_id=PAD)
     with pytest.raises(PromptTooLongError, match=r"50 tokens \+ max_new_tokens=15 = 65 exceeds .*max_sequence_length=64"):
         fresh.generate([[1] * 50, [1] * 3], 15)                 # 50 + 15 > 64
@@ -175,8 +146,8 @@ def test_rules_and_streaming(sampler, greedy_batch):
     assert [seen[i][0] for i in range(len(out))] == out
 
 
-def test_ring_sampler_matches_single_device(tiny, greedy_batch):
-    cfg, _, params = tiny
+def test_ring_sampler_matches_single_device(tiny_sharp_head, greedy_batch):
+    cfg, _, params = tiny_sharp_head
     mesh = make_mesh("1,2,1,4")
     ring_model = LLaMAForCausalLM(cfg.replace(attention_impl="ring"))
     with jax.set_mesh(mesh):
@@ -187,12 +158,12 @@ def test_ring_sampler_matches_single_device(tiny, greedy_batch):
 
 
 @pytest.mark.slow
-def test_text_chat_streams_the_answer(tiny, tmp_path):
+def test_text_chat_streams_the_answer(tiny_sharp_head, tmp_path):
     from lwm import text_chat
     from lwm.checkpoint.formats import save_streaming
     from lwm.text.tokenizer import train_sentencepiece
 
-    cfg, model, params = tiny
+    cfg, model, params = tiny_sharp_head
     tok = train_sentencepiece(["You are a helpful assistant. USER: hello there ASSISTANT: hi, how are you?"] * 20
                               + [f"line {i} of some text." for i in range(200)], str(tmp_path / "t.model"), 300)
     save_streaming(str(tmp_path / "params"), params)

@@ -31,13 +31,6 @@ class RecordingSampler:
         return types.SimpleNamespace(tokens=[list(self.ANSWER)])
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from _data_fixtures import small_tokenizer
-
-    return small_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 def _chat(tok, limit, max_new=4):
     notes = []
     chat = text_chat.Chat(RecordingSampler(limit), tok, SamplingConfig(), max_new, notify=notes.append)
@@ -107,7 +100,7 @@ def test_entry_point_chats_past_the_context(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from _data_fixtures import small_tokenizer
+    from support import small_tokenizer
     from lwm.checkpoint.formats import save_streaming
     from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
 

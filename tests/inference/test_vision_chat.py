@@ -22,7 +22,9 @@ QUESTION = "What is in the video?"
 
 
 @pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
+def chat_tok_path(tmp_path_factory):
+    """A 400-piece tokenizer trained on the vision chat prompt (TEXTS), not the shared `tok`: the original
+    template's words must be pieces of it."""
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
     train_sentencepiece(TEXTS, path, vocab_size=400)
     return path
@@ -74,10 +76,10 @@ def test_resize_and_center_crop():
     np.testing.assert_array_equal(vision_io.to_uint8(vision_io.to_model_range(wide)), wide)
 
 
-def test_vision_tokens_and_chat_template(tok_path):
+def test_vision_tokens_and_chat_template(chat_tok_path):
     codes = np.array([[[5, 6]], [[7, 8]]])                     # two frames of 1x2 codes
     np.testing.assert_array_equal(iv.vision_tokens(codes), [5, 6, END_OF_FRAME, 7, 8, END_OF_VISION])
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer(chat_tok_path)
     vision = iv.vision_tokens(codes)
     p = vc.chat_prompt(tok, QUESTION, vision)
     head = [tok.bos_id] + tok.encode(f"You are a helpful assistant. USER: {QUESTION}\n") + tok.encode("<vision>")
@@ -115,32 +117,32 @@ def _chat(tok_path, input_file, *extra):
 
 
 @pytest.mark.slow
-def test_chat_answers_on_an_image(tok_path, media, capsys):
-    result = _chat(tok_path, media / "picture.png")
+def test_chat_answers_on_an_image(chat_tok_path, media, capsys):
+    result = _chat(chat_tok_path, media / "picture.png")
     out = capsys.readouterr().out
     assert f"Question: {QUESTION}\nAnswer: {result['answer']}" in out
     assert 0 < len(result["tokens"]) <= 8
     assert result["prompt"].vision.sum() == 65 and result["prompt"].ids[result["prompt"].vision][-1] == END_OF_VISION
-    assert _check_greedy_answer(tok_path, result, seed=5) == 1.0
+    assert _check_greedy_answer(chat_tok_path, result, seed=5) == 1.0
 
 
 @pytest.mark.slow
-def test_chat_answers_on_a_short_video(tok_path, media):
-    result = _chat(tok_path, media / "clip.mp4", "--max_n_frames=3")
+def test_chat_answers_on_a_short_video(chat_tok_path, media):
+    result = _chat(chat_tok_path, media / "clip.mp4", "--max_n_frames=3")
     prompt = result["prompt"]
     vision = prompt.ids[prompt.vision]
     assert len(vision) == 3 * 65 and list(vision[64::65]) == [END_OF_FRAME, END_OF_FRAME, END_OF_VISION]
     assert 0 < len(result["tokens"]) <= 8
-    assert _check_greedy_answer(tok_path, result, seed=5) == 1.0
+    assert _check_greedy_answer(chat_tok_path, result, seed=5) == 1.0
     # Negative control: the same check with other weights fails, so it is not passed by any answer.
-    assert _check_greedy_answer(tok_path, result, seed=6) < 1.0
+    assert _check_greedy_answer(chat_tok_path, result, seed=6) < 1.0
 
 
-def test_chat_budget_error_names_the_flags(tok_path, media):
+def test_chat_budget_error_names_the_flags(chat_tok_path, media):
     from lwm.inference.sampling import PromptTooLongError
 
     with pytest.raises(PromptTooLongError, match="--max_new_tokens=64.*max_sequence_length=200"):
-        _chat(tok_path, media / "clip.mp4", "--max_n_frames=3", "--max_new_tokens=64",
+        _chat(chat_tok_path, media / "clip.mp4", "--max_n_frames=3", "--max_new_tokens=64",
               "--update_llama_config=dict(max_sequence_length=200)")
     with pytest.raises(ValueError, match="--input_file is required"):
         vc.main(["--prompt=hi"])

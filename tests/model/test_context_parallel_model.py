@@ -2,13 +2,9 @@
 cache and greedy tokens, and the needle eval's answers under every strategy.
 
 The layout is applied inside the model (lwm.model.llama.LLaMABlockCollection), so these checks feed natural-order
-batches and compare natural-order results, as every caller sees them. Engine fixtures come from
-tests/test_sampling.py.
+batches and compare natural-order results, as every caller sees them. The model and engine fixtures
+(tiny_sharp_head, greedy_batch) and the needle eval's files (golden_workdir) come from tests/conftest.py.
 """
-import os
-
-os.environ.setdefault("NPROC", "32")  # see tests/test_sampling.py: XLA:CPU collectives on 2 cores
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,17 +13,12 @@ import pytest
 from lwm.model.llama import LLaMAForCausalLM, init_cache, sequence_layout
 from lwm.inference.engine import Engine
 from lwm.parallel.sharding import make_mesh, param_shardings
-from test_needle import _script_flags, workdir  # noqa: F401 (fixture)
-from test_sampling import EOS, NEW, PAD, PROMPTS, greedy_batch, sampler, tiny  # noqa: F401 (fixtures)
+from golden.cases import needle_flags
+from support import EOS, NEW, PAD, PROMPTS, rel_err
 
 STRATEGIES = ("ring", "all_gather", "ulysses")
 BALANCES = ("none", "zigzag", "striped")
 FAST = {("ring", "zigzag"), ("ulysses", "striped")}
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def grid(fast=FAST):
@@ -46,8 +37,8 @@ def packed():
 
 
 @pytest.mark.parametrize("strategy,balance", grid())
-def test_model_logits_and_prefill_cache_match_dense(tiny, packed, strategy, balance):  # noqa: F811
-    cfg, _, params = tiny
+def test_model_logits_and_prefill_cache_match_dense(tiny_sharp_head, packed, strategy, balance):
+    cfg, _, params = tiny_sharp_head
     ids, seg, pos = packed
     dense = LLaMAForCausalLM(cfg.replace(attention_impl="dense"))
     want, want_cache = dense.apply({"params": params}, ids, position_ids=pos, segment_ids=seg,
@@ -69,8 +60,8 @@ def test_model_logits_and_prefill_cache_match_dense(tiny, packed, strategy, bala
 
 
 @pytest.mark.parametrize("strategy,balance", grid(fast={("ring", "zigzag")}))
-def test_greedy_sampling_is_identical(tiny, greedy_batch, strategy, balance):  # noqa: F811
-    cfg, _, params = tiny
+def test_greedy_sampling_is_identical(tiny_sharp_head, greedy_batch, strategy, balance):
+    cfg, _, params = tiny_sharp_head
     cp_cfg = cfg.replace(attention_impl="ring", context_parallel_strategy=strategy,
                          context_parallel_load_balance=balance)
     mesh = make_mesh("1,2,1,4")
@@ -81,19 +72,19 @@ def test_greedy_sampling_is_identical(tiny, greedy_batch, strategy, balance):  #
 
 
 @pytest.mark.slow
-def test_needle_eval_answers_are_identical_under_every_strategy(workdir, tmp_path):  # noqa: F811
+def test_needle_eval_answers_are_identical_under_every_strategy(golden_workdir, tmp_path):
     """python -m lwm.eval_needle on 8 devices (fsdp=2, sp=4) under each strategy (with a balanced layout where
     one applies) gives the single-device blockwise run's responses token for token."""
     import json
 
     from lwm import eval_needle
 
-    d, _ = workdir
-    ref = eval_needle.main(_script_flags(d, tmp_path / "ref.json"))
+    d = golden_workdir
+    ref = eval_needle.main(needle_flags(d, tmp_path / "ref.json"))
     for strategy, balance in (("ring", "zigzag"), ("all_gather", "striped"), ("ulysses", "none")):
         extra = ["--mesh_dim=1,2,1,4", "--llama.attention_impl=ring",
                  f"--update_llama_config=dict(context_parallel_strategy='{strategy}',"
                  f"context_parallel_load_balance='{balance}')"]
-        got = eval_needle.main(_script_flags(d, tmp_path / f"{strategy}.json", extra))
+        got = eval_needle.main(needle_flags(d, tmp_path / f"{strategy}.json", extra))
         assert [r["response"] for r in got] == [r["response"] for r in ref], strategy
         assert json.loads((tmp_path / f"{strategy}.json").read_text())

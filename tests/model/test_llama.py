@@ -12,7 +12,9 @@ from lwm.parallel.sharding import make_mesh
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_chunk16():
+    """(cfg, model, params, ids (2, 32)): the tiny preset with 16-token query and key scan chunks (so 32 tokens
+    take two chunks), random init."""
     cfg = LLaMAConfig.load("tiny").replace(scan_query_chunk_size=16, scan_key_chunk_size=16)
     model = LLaMAForCausalLM(cfg)
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, cfg.vocab_size)
@@ -77,8 +79,8 @@ def test_eval_shape_every_preset(preset):
         assert 6.7e9 < n_params < 6.8e9
 
 
-def test_scan_and_unrolled_layers_agree(tiny):
-    cfg, model, params, ids = tiny
+def test_scan_and_unrolled_layers_agree(tiny_chunk16):
+    cfg, model, params, ids = tiny_chunk16
     logits = model.apply({"params": params}, ids)
     unrolled = {**params, "transformer": {**params["transformer"], "h": {
         str(i): jax.tree.map(lambda x: x[i], params["transformer"]["h"]["scan_decoder"])
@@ -91,8 +93,8 @@ def test_scan_and_unrolled_layers_agree(tiny):
         np.testing.assert_allclose(out, logits, atol=1e-5, err_msg=str(update))
 
 
-def test_attn_pdrop_refused_in_training_only(tiny):
-    cfg, _, params, ids = tiny
+def test_attn_pdrop_refused_in_training_only(tiny_chunk16):
+    cfg, _, params, ids = tiny_chunk16
     model = LLaMAForCausalLM(cfg.replace(attn_pdrop=0.1))
     eval_logits = model.apply({"params": params}, ids)  # deterministic: the setting has nothing to do
     np.testing.assert_allclose(eval_logits, LLaMAForCausalLM(cfg).apply({"params": params}, ids), atol=1e-6)
@@ -109,9 +111,9 @@ def _count_scans(cfg, params, ids):
     return str(jaxpr).count("scan[")
 
 
-def test_scan_mlp_applies_to_any_length(tiny):
+def test_scan_mlp_applies_to_any_length(tiny_chunk16):
     """scan_mlp chunks the feed-forward even when T is not a multiple of the chunk (T is padded)."""
-    cfg, _, params, ids = tiny
+    cfg, _, params, ids = tiny_chunk16
     unrolled = {**params, "transformer": {**params["transformer"], "h": {
         str(i): jax.tree.map(lambda x: x[i], params["transformer"]["h"]["scan_decoder"])
         for i in range(cfg.num_hidden_layers)}}}
@@ -137,8 +139,8 @@ def _decode_token_by_token(model, params, cfg, ids, prompt_len, cache_len):
     return jnp.concatenate(outs, axis=1)
 
 
-def test_kv_cache_decoding_equals_full_forward(tiny):
-    cfg, model, params, ids = tiny
+def test_kv_cache_decoding_equals_full_forward(tiny_chunk16):
+    cfg, model, params, ids = tiny_chunk16
     full = model.apply({"params": params}, ids)
     decoded = _decode_token_by_token(model, params, cfg, ids, prompt_len=16, cache_len=48)
     np.testing.assert_allclose(decoded, full, atol=2e-5)
@@ -149,8 +151,8 @@ def test_kv_cache_decoding_equals_full_forward(tiny):
     assert float(jnp.abs(wrong[:, 0] - full[:, 16]).max()) > 1e-3
 
 
-def test_kv_cache_sharded_over_sp(tiny):
-    cfg, _, params, ids = tiny
+def test_kv_cache_sharded_over_sp(tiny_chunk16):
+    cfg, _, params, ids = tiny_chunk16
     cfg = cfg.replace(attention_impl="ring")
     model = LLaMAForCausalLM(cfg)
     mesh = make_mesh("1,1,1,4", jax.devices()[:4])

@@ -25,7 +25,9 @@ def _text_config(cfg, **updates):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_vision():
+    """(cfg, model, params, ids (B, T), vision masks (B, T)): the tiny vision-language preset, dense attention,
+    random init, one batch of interleaved text and vision tokens."""
     cfg = VisionLLaMAConfig.load("tiny").replace(attention_impl="dense")  # attention impls: tested elsewhere
     model = VisionLLaMAForCausalLM(cfg)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), bool))["params"]
@@ -58,8 +60,8 @@ def _joint_reference(cfg, params, ids, masks):
     return logits[..., :v], logits[..., v:]
 
 
-def test_text_path_equals_text_model(tiny):
-    cfg, model, params, ids, _ = tiny
+def test_text_path_equals_text_model(tiny_vision):
+    cfg, model, params, ids, _ = tiny_vision
     text_ids = jnp.where(ids < cfg.vocab_size, ids, 7)
     no_vision = jnp.zeros_like(text_ids, bool)
     text_model = LLaMAForCausalLM(_text_config(cfg))
@@ -76,8 +78,8 @@ def test_text_path_equals_text_model(tiny):
     assert float(jnp.abs(moved[:, 5:] - expected[:, 5:]).max(axis=-1).min()) > 1e-4
 
 
-def test_vision_masks_route_embeddings_and_heads(tiny):
-    cfg, model, params, ids, masks = tiny
+def test_vision_masks_route_embeddings_and_heads(tiny_vision):
+    cfg, model, params, ids, masks = tiny_vision
     vision_logits, text_logits = model.apply({"params": params}, ids, masks)
     assert vision_logits.shape == (B, T, cfg.vision_vocab_size) and text_logits.shape == (B, T, cfg.vocab_size)
     ref_text, ref_vision = _joint_reference(cfg, params, ids, masks)
@@ -95,8 +97,8 @@ def test_vision_masks_route_embeddings_and_heads(tiny):
     np.testing.assert_allclose(hidden @ vision_k, vision_logits, atol=1e-5)
 
 
-def test_kv_cache_decoding_equals_full_forward(tiny):
-    cfg, model, params, ids, masks = tiny
+def test_kv_cache_decoding_equals_full_forward(tiny_vision):
+    cfg, model, params, ids, masks = tiny_vision
     vision_full, text_full = model.apply({"params": params}, ids, masks)
     prompt = 4
     cache = init_cache(cfg, B, 24)
@@ -120,8 +122,8 @@ def test_kv_cache_decoding_equals_full_forward(tiny):
     assert float(jnp.abs(as_text[1, 0] - vision_full[1, 5]).max()) > 1e-3
 
 
-def test_tied_embeddings(tiny):
-    cfg, _, params, ids, masks = tiny
+def test_tied_embeddings(tiny_vision):
+    cfg, _, params, ids, masks = tiny_vision
     tied_cfg = cfg.replace(tie_vision_embeddings=True, tie_word_embeddings=True)
     tied = VisionLLaMAForCausalLM(tied_cfg)
     shapes = jax.eval_shape(lambda: tied.init(jax.random.key(0), ids[:, :4], masks[:, :4]))["params"]
@@ -136,8 +138,8 @@ def test_tied_embeddings(tiny):
     np.testing.assert_allclose(text_logits, ref_text, atol=1e-5)
 
 
-def test_config_and_errors(tiny, tmp_path):
-    cfg, model, params, ids, masks = tiny
+def test_config_and_errors(tiny_vision, tmp_path):
+    cfg, model, params, ids, masks = tiny_vision
     assert (cfg.vision_vocab_size, cfg.tie_vision_embeddings, cfg.sample_mode) == (8448, False, "all")
     assert cfg.hidden_size == LLaMAConfig.load("tiny").hidden_size
     assert VisionLLaMAConfig.from_text_config(LLaMAConfig.load("7b"), sample_mode="vision").sample_mode == "vision"

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _data_fixtures import small_tokenizer
-from _serve_fixtures import running_server, tiny_text_model
+from support import WORDS, free_port
+from support.serving import running_server
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
@@ -31,19 +31,16 @@ PROMPT = "world models read long videos and text in one million token context wi
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from lwm.inference.engine import Engine
+def text_server(text_engine):
+    """The tiny text engine (tests/serve/conftest.py) served with an API key, 16 decode slots and a queue of 32:
+    text_engine's entries plus url, client (openai) and scheduler."""
     from lwm.serve import create_app
 
-    tok_dir = tmp_path_factory.mktemp("tok")
-    tok = small_tokenizer(tok_dir)
-    cfg, model, params = tiny_text_model()
-    engine = Engine(model, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
-    app = create_app(engine, tok, model_name="tiny", api_key=KEY, max_batch_size=16, max_queue=32)
+    app = create_app(text_engine["engine"], text_engine["tok"], model_name="tiny", api_key=KEY, max_batch_size=16,
+                     max_queue=32)
     with running_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-        yield dict(url=url, client=client, tok=tok, engine=engine, model=model, params=params, cfg=cfg,
-                   scheduler=app.state.scheduler, tok_file=tok_dir / "tokenizer.model")
+        yield dict(text_engine, url=url, client=client, scheduler=app.state.scheduler)
 
 
 def raw(url, path, body=None, key=KEY, method=None, content_type="application/json"):
@@ -69,20 +66,20 @@ def chat_ids(server, text):
     return conversation_ids(server["tok"], [{"role": "user", "content": text}])
 
 
-def test_models_health_and_page(server):
-    models = server["client"].models.list()
+def test_models_health_and_page(text_server):
+    models = text_server["client"].models.list()
     assert [m.id for m in models.data] == ["tiny"]
-    status, health = raw(server["url"], "/health", key=None)
+    status, health = raw(text_server["url"], "/health", key=None)
     assert status == 200 and health["status"] == "ok" and health["model"] == "tiny"
-    with urllib.request.urlopen(server["url"] + "/", timeout=30) as r:
+    with urllib.request.urlopen(text_server["url"] + "/", timeout=30) as r:
         page = r.read().decode()
     assert "/v1/chat/completions" in page and "<textarea" in page
 
 
-def test_chat_plain_and_streamed_give_the_engines_greedy_tokens(server):
-    client, tok = server["client"], server["tok"]
+def test_chat_plain_and_streamed_give_the_engines_greedy_tokens(text_server):
+    client, tok = text_server["client"], text_server["tok"]
     messages = [{"role": "user", "content": "the quick brown fox"}]
-    ref = greedy(server, chat_ids(server, "the quick brown fox"))
+    ref = greedy(text_server, chat_ids(text_server, "the quick brown fox"))
     assert ref, "the reference decode produced nothing; pick another prompt"
 
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=NEW, temperature=0,
@@ -90,7 +87,7 @@ def test_chat_plain_and_streamed_give_the_engines_greedy_tokens(server):
     choice = r.choices[0]
     assert choice.model_extra["token_ids"] == ref
     assert choice.message.content == tok.decode(ref)
-    assert r.model_extra["prompt_token_ids"] == chat_ids(server, "the quick brown fox")
+    assert r.model_extra["prompt_token_ids"] == chat_ids(text_server, "the quick brown fox")
     assert r.usage.completion_tokens == len(ref) and r.usage.prompt_tokens == len(r.model_extra["prompt_token_ids"])
     assert choice.finish_reason == ("length" if len(ref) == NEW else "stop")
 
@@ -110,9 +107,9 @@ def test_chat_plain_and_streamed_give_the_engines_greedy_tokens(server):
     assert usage.completion_tokens == len(ref)
 
 
-def test_stream_ends_with_done(server):
+def test_stream_ends_with_done(text_server):
     req = urllib.request.Request(
-        server["url"] + "/v1/chat/completions", method="POST",
+        text_server["url"] + "/v1/chat/completions", method="POST",
         data=json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "a lazy dog"}],
                          "max_tokens": 4, "temperature": 0, "stream": True}).encode(),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
@@ -123,16 +120,16 @@ def test_stream_ends_with_done(server):
     assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
 
 
-def test_completions_give_the_engines_greedy_tokens(server):
-    tok = server["tok"]
+def test_completions_give_the_engines_greedy_tokens(text_server):
+    tok = text_server["tok"]
     prompt = PROMPT
     ids = [tok.bos_id] + tok.encode(prompt)
     assert 32 < len(ids) <= 64                                   # the chat tests' prompt bucket: no new compile
-    ref = greedy(server, ids)
-    r = server["client"].completions.create(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0,
+    ref = greedy(text_server, ids)
+    r = text_server["client"].completions.create(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0,
                                             extra_body={"return_token_ids": True})
     assert r.choices[0].model_extra["token_ids"] == ref and r.choices[0].text == tok.decode(ref)
-    r2 = server["client"].completions.create(model="tiny", prompt=ids, max_tokens=NEW, temperature=0)
+    r2 = text_server["client"].completions.create(model="tiny", prompt=ids, max_tokens=NEW, temperature=0)
     assert r2.choices[0].text == r.choices[0].text
 
 
@@ -164,10 +161,8 @@ def wait_for(predicate, timeout=60):
         time.sleep(0.02)
 
 
-def test_16_concurrent_requests_equal_one_by_one(server):
-    from _data_fixtures import WORDS
-
-    client, sched = server["client"], server["scheduler"]
+def test_16_concurrent_requests_equal_one_by_one(text_server):
+    client, sched = text_server["client"], text_server["scheduler"]
     texts = [" ".join(WORDS[i:i + 1 + i % 5]) for i in range(16)]          # 16 prompts of different lengths
 
     def ask(text):
@@ -176,7 +171,7 @@ def test_16_concurrent_requests_equal_one_by_one(server):
         return r.choices[0].model_extra["token_ids"]
 
     one_by_one = [ask(t) for t in texts]
-    release = hold_engine(server)
+    release = hold_engine(text_server)
     sched.max_rows = 0
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(ask, t) for t in texts]
@@ -189,19 +184,19 @@ def test_16_concurrent_requests_equal_one_by_one(server):
         if a == b:
             continue
         k = next(i for i in range(min(len(a), len(b)) + 1) if i == min(len(a), len(b)) or a[i] != b[i])
-        prefix = chat_ids(server, text) + a[:k]
-        eos = server["tok"].eos_id
+        prefix = chat_ids(text_server, text) + a[:k]
+        eos = text_server["tok"].eos_id
         ta, tb = (a + [eos])[k], (b + [eos])[k]
-        assert near_tie(server, prefix, ta, tb), f"{text!r}: batched tokens {b} differ from {a} at {k} (no tie)"
+        assert near_tie(text_server, prefix, ta, tb), f"{text!r}: batched tokens {b} differ from {a} at {k} (no tie)"
         flips.append((text, k))
     print(f"16 concurrent == one by one: {16 - len(flips)} identical, near-tie flips: {flips}")
     assert len(flips) <= 1, f"more than one near-tie flip: {flips}"
 
 
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
-    url, client = server["url"], server["client"]
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(text_server):
+    url, client = text_server["url"], text_server["client"]
     ok = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
-    limit = server["cfg"].max_sequence_length
+    limit = text_server["cfg"].max_sequence_length
     png_header_only = "data:image/png;base64,aGVsbG8gd29ybGQ="                        # "hello world"
     cases = [
         ("malformed JSON", b'{"model": "tiny", "messages": [', 400, "JSON"),
@@ -235,8 +230,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert raw(url, "/v1/nothing", ok)[0] == 404
 
 
-def test_api_key_is_enforced(server):
-    url = server["url"]
+def test_api_key_is_enforced(text_server):
+    url = text_server["url"]
     for key in (None, "wrong"):
         status, err = raw(url, "/v1/models", key=key)
         assert status == 401 and err["error"]["code"] == "invalid_api_key"
@@ -246,10 +241,10 @@ def test_api_key_is_enforced(server):
     assert raw(url, "/v1/models")[0] == 200
 
 
-def test_full_queue_answers_429_and_then_serves(server):
-    client, sched = server["client"], server["scheduler"]
+def test_full_queue_answers_429_and_then_serves(text_server):
+    client, sched = text_server["client"], text_server["scheduler"]
     ask = lambda: client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
-    release = hold_engine(server)
+    release = hold_engine(text_server)
     old, sched.max_queue = sched.max_queue, 2
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -265,9 +260,9 @@ def test_full_queue_answers_429_and_then_serves(server):
     assert ask().choices[0].text is not None
 
 
-def test_stop_string_cuts_the_answer(server):
-    tok, client = server["tok"], server["client"]
-    ref = greedy(server, [tok.bos_id] + tok.encode(PROMPT))
+def test_stop_string_cuts_the_answer(text_server):
+    tok, client = text_server["tok"], text_server["client"]
+    ref = greedy(text_server, [tok.bos_id] + tok.encode(PROMPT))
     full = tok.decode(ref)
     stop = next((full[i:i + 2] for i in range(2, len(full) - 1) if full[i:i + 2].isprintable()
                  and full[i:i + 2].strip()), None)
@@ -279,9 +274,9 @@ def test_stop_string_cuts_the_answer(server):
     assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row(server):
-    client, sched = server["client"], server["scheduler"]
-    budget = server["cfg"].max_sequence_length - len(chat_ids(server, "the quick brown fox"))
+def test_a_client_that_leaves_mid_stream_frees_its_row(text_server):
+    client, sched = text_server["client"], text_server["scheduler"]
+    budget = text_server["cfg"].max_sequence_length - len(chat_ids(text_server, "the quick brown fox"))
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the quick brown fox"}],
                                             max_tokens=budget, temperature=0, stream=True,
                                             extra_body={"return_token_ids": True})
@@ -300,14 +295,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server):
     assert r.choices[0].finish_reason in ("stop", "length")                 # and the server serves on
 
 
-def test_entry_point_serves_a_checkpoint_and_refuses_bad_flags(server, tmp_path):
+def test_entry_point_serves_a_checkpoint_and_refuses_bad_flags(text_server, tmp_path):
     """`python -m lwm.serve` as a user runs it: bad flags are one line (exit 2); with a saved checkpoint it
     binds to loopback and answers the openai client."""
     import os
     import subprocess
     import sys
 
-    from _data_fixtures import free_port
     from lwm.checkpoint.formats import save_streaming
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -317,8 +311,8 @@ def test_entry_point_serves_a_checkpoint_and_refuses_bad_flags(server, tmp_path)
     bad = subprocess.run([sys.executable, "-m", "lwm.serve", "--decode_steps_per_call=0"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == "lwm.serve: error: --decode_steps_per_call=0: must be >= 1"
-    save_streaming(str(tmp_path / "params"), server["params"])
-    tok_file = server["tok_file"]
+    save_streaming(str(tmp_path / "params"), text_server["params"])
+    tok_file = text_server["tok_file"]
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lwm.serve", "--load_llama_config=tiny",
                              "--update_llama_config=dict(max_sequence_length=256)",
@@ -336,10 +330,10 @@ def test_entry_point_serves_a_checkpoint_and_refuses_bad_flags(server, tmp_path)
                 assert proc.poll() is None, proc.stdout.read()
                 assert time.time() < deadline, "the server did not come up"
                 time.sleep(0.5)
-        ids = chat_ids(server, "the quick brown fox")
+        ids = chat_ids(text_server, "the quick brown fox")
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the quick brown fox"}],
                                            max_tokens=NEW, temperature=0, extra_body={"return_token_ids": True})
-        assert r.choices[0].model_extra["token_ids"] == greedy(server, ids)    # the same weights, the same answer
+        assert r.choices[0].model_extra["token_ids"] == greedy(text_server, ids)    # the same weights, the same answer
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -479,7 +473,7 @@ def test_hold_keeps_a_request_for_the_next_round_only_when_the_running_round_end
     assert not sched._hold(now + 2 * sched.demand_window_s)           # the demand is forgotten: admitted
 
 
-def test_warmup_compiles_the_serving_shapes_before_the_first_request(server):
+def test_warmup_compiles_the_serving_shapes_before_the_first_request(text_server):
     """--warmup_prompt_lengths: after start(), requests of that length (alone, several at once, greedy and
     top-p) compile nothing more; a prompt of another bucket does (the counter sees compiles), and the tokens
     are the engine's greedy ones."""
@@ -489,7 +483,7 @@ def test_warmup_compiles_the_serving_shapes_before_the_first_request(server):
 
     from lwm.inference.engine import Engine
 
-    tok, src = server["tok"], server["engine"]
+    tok, src = text_server["tok"], text_server["engine"]
     engine = Engine(src.model, src.params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
     served = ServedModel(engine, tok, "tiny")
     with pytest.raises(ValueError, match="--warmup_prompt_lengths: 300 is not a prompt length"):

@@ -8,8 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from _data_fixtures import small_tokenizer
-from _serve_fixtures import running_server, tiny_text_model, tiny_vision_served
+from support.serving import running_server
 
 pytestmark = pytest.mark.slow
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -77,14 +76,10 @@ def open_page(driver, url):
     driver.execute_script(OBSERVE)
 
 
-def test_page_streams_the_answer(browser, tmp_path_factory):
-    from lwm.inference.engine import Engine
+def test_page_streams_the_answer(browser, text_engine):
     from lwm.serve import create_app
 
-    tok = small_tokenizer(tmp_path_factory.mktemp("tok"))
-    _, model, params = tiny_text_model()
-    engine = Engine(model, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
-    app = create_app(engine, tok, model_name="tiny")
+    app = create_app(text_engine["engine"], text_engine["tok"], model_name="tiny")
     with running_server(app) as url:
         open_page(browser, url)
         browser.execute_script("document.getElementById('max_tokens').value = '24';")
@@ -102,13 +97,12 @@ def test_page_streams_the_answer(browser, tmp_path_factory):
         assert state == "done"
 
 
-def test_page_uploads_an_image_to_a_vision_model(browser, tmp_path_factory):
+def test_page_uploads_an_image_to_a_vision_model(browser, vision_engine):
     from PIL import Image
 
     from lwm.serve import create_app
 
-    tmp = tmp_path_factory.mktemp("vision")
-    engine, tok, vqgan = tiny_vision_served(tmp)
+    tmp, engine, tok, vqgan = (vision_engine[k] for k in ("dir", "engine", "tok", "vqgan"))
     image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)
     path = tmp / "picture.png"
     Image.fromarray(image).save(path)

@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pytest
 
-from _serve_fixtures import running_server, tiny_vision_served
+from support.serving import running_server
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
@@ -27,15 +27,16 @@ def data_url(array, fmt="PNG"):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def vision_server(vision_engine):
+    """The tiny vision-language engine and VQGAN (tests/serve/conftest.py) served with at most 4 frames a video:
+    dict(url, client (openai), engine, tok, vqgan, app, tmp (a folder for test files))."""
     from lwm.serve import create_app
 
-    tmp = tmp_path_factory.mktemp("vision")
-    engine, tok, vqgan = tiny_vision_served(tmp)
+    engine, tok, vqgan = vision_engine["engine"], vision_engine["tok"], vision_engine["vqgan"]
     app = create_app(engine, tok, model_name="tiny-vision", vqgan=vqgan, max_n_frames=4)
     with running_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
-        yield dict(url=url, client=client, engine=engine, tok=tok, vqgan=vqgan, app=app, tmp=tmp)
+        yield dict(url=url, client=client, engine=engine, tok=tok, vqgan=vqgan, app=app, tmp=vision_engine["dir"])
 
 
 def image(seed=0, shape=(40, 48, 3)):
@@ -64,34 +65,34 @@ def reference(server, frames_uint8):
     return list(prompt.ids), result.tokens[0]
 
 
-def test_png_data_url_is_answered_like_vision_chat(server):
-    ids, want = reference(server, [image(0)])
-    r = ask(server, [{"type": "image_url", "image_url": {"url": data_url(image(0))}}])
+def test_png_data_url_is_answered_like_vision_chat(vision_server):
+    ids, want = reference(vision_server, [image(0)])
+    r = ask(vision_server, [{"type": "image_url", "image_url": {"url": data_url(image(0))}}])
     assert r.model_extra["prompt_token_ids"] == ids
     assert r.choices[0].model_extra["token_ids"] == want
-    assert r.choices[0].message.content == server["tok"].decode(want)
-    other = ask(server, [{"type": "image_url", "image_url": {"url": data_url(image(1))}}])
+    assert r.choices[0].message.content == vision_server["tok"].decode(want)
+    other = ask(vision_server, [{"type": "image_url", "image_url": {"url": data_url(image(1))}}])
     assert other.model_extra["prompt_token_ids"] != ids           # the image reaches the prompt (negative control)
 
 
-def test_jpeg_and_frames_and_mp4(server):
+def test_jpeg_and_frames_and_mp4(vision_server):
     from lwm.utils.vision_io import write_video
 
-    jpeg = ask(server, [{"type": "image_url", "image_url": {"url": data_url(image(2), "JPEG")}}])
+    jpeg = ask(vision_server, [{"type": "image_url", "image_url": {"url": data_url(image(2), "JPEG")}}])
     assert jpeg.choices[0].finish_reason in ("stop", "length")
     frames = [image(3), image(4)]
-    ids, want = reference(server, frames)
-    r = ask(server, [{"type": "image_url", "image_url": {"url": data_url(f)}} for f in frames])
+    ids, want = reference(vision_server, frames)
+    r = ask(vision_server, [{"type": "image_url", "image_url": {"url": data_url(f)}} for f in frames])
     assert r.model_extra["prompt_token_ids"] == ids and r.choices[0].model_extra["token_ids"] == want
-    path = server["tmp"] / "clip.mp4"
+    path = vision_server["tmp"] / "clip.mp4"
     write_video(str(path), np.stack([image(5, (32, 32, 3)), image(6, (32, 32, 3))]), fps=2)
     url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
-    video = ask(server, [{"type": "video_url", "video_url": {"url": url}}])
-    vq = server["vqgan"].config
+    video = ask(vision_server, [{"type": "video_url", "video_url": {"url": url}}])
+    vq = vision_server["vqgan"].config
     assert len(video.model_extra["prompt_token_ids"]) > 2 * (vq.codes_per_side ** 2 + 1)   # two frames read
 
 
-def test_bad_media_get_400_and_the_server_keeps_serving(server, tmp_path):
+def test_bad_media_get_400_and_the_server_keeps_serving(vision_server, tmp_path):
     path = tmp_path / "local.png"
     from PIL import Image
 
@@ -105,13 +106,13 @@ def test_bad_media_get_400_and_the_server_keeps_serving(server, tmp_path):
     ]
     for name, url, needle in cases:
         with pytest.raises(openai.BadRequestError) as e:
-            ask(server, [{"type": "image_url", "image_url": {"url": url}}])
+            ask(vision_server, [{"type": "image_url", "image_url": {"url": url}}])
         assert needle in e.value.message and "content[1]" in e.value.message, (name, e.value.message)
-        ok = ask(server, [{"type": "image_url", "image_url": {"url": data_url(image(0))}}])
+        ok = ask(vision_server, [{"type": "image_url", "image_url": {"url": data_url(image(0))}}])
         assert ok.choices[0].finish_reason in ("stop", "length")
 
 
-def test_local_media_behind_the_flag(server, tmp_path):
+def test_local_media_behind_the_flag(vision_server, tmp_path):
     from PIL import Image
 
     from lwm.serve.media import frames_from_parts
@@ -123,7 +124,7 @@ def test_local_media_behind_the_flag(server, tmp_path):
     assert frames.shape == (1, 32, 32, 3) and np.array_equal(frames, again)
 
 
-def test_image_generation_returns_the_direct_generation_as_png(server):
+def test_image_generation_returns_the_direct_generation_as_png(vision_server):
     import jax
     from PIL import Image
 
@@ -131,11 +132,11 @@ def test_image_generation_returns_the_direct_generation_as_png(server):
     from lwm.vision_generation import generation_prompts
     from lwm.utils.vision_io import to_uint8
 
-    r = server["client"].images.generate(model="tiny-vision", prompt="a red fox", extra_body={"seed": 3})
+    r = vision_server["client"].images.generate(model="tiny-vision", prompt="a red fox", extra_body={"seed": 3})
     png = base64.b64decode(r.data[0].b64_json)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     got = np.asarray(Image.open(io.BytesIO(png)))
-    vq, engine, tok = server["vqgan"], server["engine"], server["tok"]
+    vq, engine, tok = vision_server["vqgan"], vision_server["engine"], vision_server["tok"]
     side = vq.config.codes_per_side
     model = type(engine.model)(engine.config.replace(sample_mode="vision"))
     cond, _ = generation_prompts(tok, "a red fox", "image")
@@ -145,4 +146,4 @@ def test_image_generation_returns_the_direct_generation_as_png(server):
     want = to_uint8(vq.decode(np.asarray(codes)[:, 0, :-1].reshape(1, side, side)))[0]
     assert got.shape == (vq.config.resolution, vq.config.resolution, 3) and np.array_equal(got, want)
     with pytest.raises(openai.BadRequestError):
-        server["client"].images.generate(model="tiny-vision", prompt="a fox", size="1024x1024")
+        vision_server["client"].images.generate(model="tiny-vision", prompt="a fox", size="1024x1024")

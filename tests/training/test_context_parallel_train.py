@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from test_train_runs import corpus, losses, run_train, text_args, train_two_processes  # noqa: F401 (fixture)
+from support.train_runs import losses, run_train, text_args, train_two_processes
 
 pytestmark = pytest.mark.slow
 

@@ -7,14 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from _data_fixtures import sentence, small_tokenizer
+from support import sentence
 from lwm.training.dataset import DataFormatError, DatasetFactory, TextProcessor, VisionTextProcessor
 from lwm.text.tokenizer import get_tokenizer_config, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return small_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _data_fixtures import sentence, small_tokenizer
+from support import sentence
 from lwm.utils import safe_pickle
 from lwm.parallel.multihost import HostShard, global_batch, host_array, host_layout, host_shard_from_mesh
 from lwm.training.dataset import DatasetFactory, TextProcessor
 from lwm.training.packing import Example, PackBatcher, pack_rows
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return small_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,12 @@
-"""What the tests share, in one place: the relative error and the value-and-gradients helper of the attention
-tests, a small word list and random sentences from it, and a 400-piece sentencepiece tokenizer trained on 400
-of them (each module's `tok` fixture), a free loopback port and the environment of a CPU subprocess (the
-multi-process tests)."""
+"""Plain helpers the tests call (no fixtures, no tests: the fixtures are in tests/conftest.py and
+tests/<package>/conftest.py). tests/ is on sys.path (pytest puts the folder of tests/conftest.py there), so a
+test writes `from support import rel_err`.
+
+Here: the attention tests' parity measure and value-and-gradients helper; a small word list, random sentences
+from it and a 400-piece sentencepiece tokenizer trained on 400 of them (the `tok` fixture); the greedy prompts of
+the tiny engine (the `sampler` fixture); a free loopback port and the environment of a CPU subprocess (the
+multi-process tests). The server helpers are in support/serving.py, the `python -m lwm.train` subprocess
+helpers in support/train_runs.py."""
 import os
 import random
 import socket
@@ -14,9 +19,15 @@ from lwm.text.tokenizer import train_sentencepiece
 WORDS = ("the quick brown fox jumps over a lazy dog while world models read long videos and text "
          "in one million token context with ring attention packing").split()
 
+# The tiny engine of tests/conftest.py (`sampler`, `greedy_batch`): its end and pad ids, three prompts of
+# 5, 13 and 2 token ids (so a batch is left-padded), and how many tokens `greedy_batch` generates.
+EOS, PAD = 2, 0
+PROMPTS = [[1, 17, 250, 33, 9], [1, 300, 5, 77, 123, 99, 4, 8, 201, 6, 45, 11, 12], [1, 402]]
+NEW = 10
+
 
 def rel_err(a, b) -> float:
-    """||a - b|| / ||b|| in float64 (the attention tests' parity measure)."""
+    """||a - b|| / ||b|| in float64 (the parity measure of the attention and model tests)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -28,6 +39,7 @@ def value_and_grads(fn, q, k, v, do):
 
 
 def sentence(rng, lo=2, hi=30):
+    """lo..hi words of WORDS drawn with `rng` (a random.Random), joined by spaces."""
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 
 

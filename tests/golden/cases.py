@@ -2,14 +2,16 @@
 (issue 14) so that the refactored code can be shown to give the same tokens.
 
 Regenerate (only when an output is meant to change, and say why in the commit):
-    PYTHONPATH=$PWD python tests/golden_cases.py --write        # rewrites tests/golden/outputs.json
-    PYTHONPATH=$PWD python tests/golden_cases.py --write NAME   # rewrites one case (names: CASES below)
-tests/test_golden.py runs the same cases and compares them with the file, token for token.
+    PYTHONPATH=$PWD python tests/golden/cases.py --write        # rewrites tests/golden/outputs.json
+    PYTHONPATH=$PWD python tests/golden/cases.py --write NAME   # rewrites one case (names: CASES below)
+tests/inference/test_golden.py runs the same cases and compares them with the file, token for token; tests import
+this file as `from golden import cases` (tests/ is on their sys.path), and tests/conftest.py's `golden_workdir`
+fixture is make_workdir below.
 
 Every case runs the real entry point (`main(argv)`) with 8 simulated CPU devices (as tests/conftest.py
 sets), the tiny presets, one small sentencepiece tokenizer and, for text, a tiny random checkpoint on disk
-(lm_head scaled by 8 so that greedy choices are far from ties, as in tests/test_sampling.py); vision models
-use the entry points' own seeded random weights with initializer_range=0.1 (also well separated).
+(lm_head scaled by 8 so that greedy choices are far from ties, as in tests/conftest.py's `tiny_sharp_head`);
+vision models use the entry points' own seeded random weights with initializer_range=0.1 (also well separated).
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ import os
 import random
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-GOLDEN = os.path.join(HERE, "golden", "outputs.json")
+HERE = os.path.dirname(os.path.abspath(__file__))                      # tests/golden
+ROOT = os.path.dirname(os.path.dirname(HERE))                           # the repository
+GOLDEN = os.path.join(HERE, "outputs.json")
 
 WORDS = ("time market people idea startup money work company reason question problem answer city number "
          "river house thing world school friend night letter garden window paper fox dog picture video").split()
@@ -112,7 +114,9 @@ def text_chat(d: str) -> dict:
     return dict(interactive=answers, transcript=out.getvalue(), prompt=one)
 
 
-def _needle_flags(d: str, out: str, extra=()) -> list[str]:
+def needle_flags(d: str, out: str, extra=()) -> list[str]:
+    """Flags of lwm.eval_needle(_multi) on make_workdir(d)'s checkpoint and haystack: 2 lengths (200, 400 tokens)
+    x 2 depths, one round, 6 new tokens, results to `out`; `extra` appended."""
     return ["--load_llama_config=tiny", f"--load_checkpoint=params::{d}/params", f"--tokenizer={d}/tokenizer.model",
             f"--haystack_file={d}/haystack.jsonl", f"--output_file={out}", "--context_lengths_min=200",
             "--context_lengths_max=400", "--n_context_length_intervals=2", "--n_document_depth_intervals=2",
@@ -130,7 +134,7 @@ def eval_needle(d: str) -> list[dict]:
     out = os.path.join(d, "needle", "results.json")
     if os.path.exists(out):
         os.remove(out)
-    single.main(_needle_flags(d, out))
+    single.main(needle_flags(d, out))
     return _json_without_timings(out)
 
 
@@ -139,7 +143,7 @@ def eval_needle_multi(d: str) -> list[dict]:
     out = os.path.join(d, "multi", "results.json")
     if os.path.exists(out):
         os.remove(out)
-    multi.main(_needle_flags(d, out, ["--n_needles_total=2", "--n_needles_retrieve=2",
+    multi.main(needle_flags(d, out, ["--n_needles_total=2", "--n_needles_retrieve=2",
                                       "--n_document_depth_intervals=3", "--max_new_tokens=10"]))
     return _json_without_timings(out)
 
