@@ -67,7 +67,7 @@ def test_bad_input_is_one_line(capsys):
 def test_estimate_within_20_percent_of_xla(mode, mesh, batch):
     c = LLaMAConfig.load("tiny")
     plan = Plan(c, 2048, mesh, batch, 4)
-    xla = (memory.xla_train if mode == "train" else memory.xla_prefill)(plan)["peak"]
+    xla = (memory_planner.xla_train if mode == "train" else memory_planner.xla_prefill)(plan)["peak"]
     est = estimate(plan)["train" if mode == "train" else "inference"]["total"]
     assert abs(est / xla - 1) < 0.2, (est, xla)
 
@@ -80,13 +80,13 @@ def test_strategies_within_20_percent_of_xla(mode, mesh, strategy, balance):
     """The real strategy is compiled (the HLO's source metadata names its module, and not the other
     strategies' modules; all_gather reuses ring.py's block function) and the estimate holds."""
     plan = Plan(LLaMAConfig.load("tiny"), 2048, mesh, 1, 4, strategy, balance)
-    compiled = (memory.compile_train if mode == "train" else memory.compile_prefill)(plan)
+    compiled = (memory_planner.compile_train if mode == "train" else memory_planner.compile_prefill)(plan)
     text = compiled.as_text()
     modules = {"ring": "ring.py", "all_gather": "all_gather.py", "ulysses": "ulysses.py"}
     assert modules[strategy] in text
     others = {"ring": ("all_gather.py", "ulysses.py"), "all_gather": ("ulysses.py",),
               "ulysses": ("ring.py", "all_gather.py")}[strategy]
     assert not any(m in text for m in others), [m for m in others if m in text]
-    xla = memory._analysis(compiled)["peak"]
+    xla = memory_planner._analysis(compiled)["peak"]
     est = estimate(plan)["train" if mode == "train" else "inference"]["total"]
     assert abs(est / xla - 1) < 0.2, (est, xla)
