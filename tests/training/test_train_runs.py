@@ -8,82 +8,14 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from _data_fixtures import WORDS, free_port
 from lwm.checkpoint import manager as ckpt
 from lwm.training.metrics import read_metrics
+from support.train_runs import losses, run_train, text_args, train_two_processes
 
 pytestmark = pytest.mark.slow          # every test here runs lwm.train in subprocesses
-
-FAULT_WRAPPER = r'''
-import os, signal, sys
-from lwm.checkpoint import manager
-from lwm.training import metrics
-kill_after_step = int(os.environ.get("KILL_AFTER_STEP", "-1"))
-kill_in_save = int(os.environ.get("KILL_IN_SAVE", "-1"))
-log = metrics.MetricsLogger.log
-def log_then_maybe_die(self, row):
-    log(self, row)
-    if row.get("step") == kill_after_step:
-        os.kill(os.getpid(), signal.SIGKILL)
-metrics.MetricsLogger.log = log_then_maybe_die
-write_json = manager._write_json
-def write_json_or_die(path, obj, what):     # the marker is the last file of a save: all else is on disk
-    if path.endswith("checkpoint.json") and obj.get("step") == kill_in_save:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return write_json(path, obj, what)
-manager._write_json = write_json_or_die
-from lwm.train import cli
-sys.exit(cli())
-'''
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from lwm.text.tokenizer import train_sentencepiece
-
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    sentence = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))
-    train_sentencepiece([sentence() for _ in range(400)], str(d / "tokenizer.model"), vocab_size=300)
-    with open(d / "text.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": sentence()}) + "\n" for _ in range(300))
-    with open(d / "vision.jsonl", "w") as f:
-        for i in range(200):
-            start = rng.randrange(16)
-            f.write(json.dumps({"caption": " ".join(rng.choice(WORDS) for _ in range(6)),
-                                "vision": [(start + j) % 16 for j in range(8)],     # 2 frames of 4 codes
-                                "fields": "[caption],vision" if i % 2 else "vision,caption"}) + "\n")
-    (d / "fault_wrapper.py").write_text(FAULT_WRAPPER)
-    (d / "jax_cache").mkdir()
-    return d
-
-
-def run_train(corpus, args, devices=1, env=None, wrapper=False, check=True, timeout=300):
-    cmd = [sys.executable, str(corpus / "fault_wrapper.py")] if wrapper else [sys.executable, "-m", "lwm.train"]
-    full_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                    JAX_COMPILATION_CACHE_DIR=str(corpus / "jax_cache"),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **(env or {}))
-    proc = subprocess.run(cmd + args, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lwm.train exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def text_args(corpus, out, experiment, steps, seq=64, batch=2):
-    return ["--modality=text", "--load_llama_config=tiny", f"--tokenizer={corpus / 'tokenizer.model'}",
-            "--train_dataset.type=json", "--train_dataset.text_processor.fields=text",
-            f"--train_dataset.json_dataset.path={corpus / 'text.jsonl'}", "--train_dataset.json_dataset.mode=pack",
-            f"--train_dataset.json_dataset.seq_length={seq}", f"--train_dataset.json_dataset.batch_size={batch}",
-            "--optimizer.adamw_optimizer.lr=1e-2", "--optimizer.adamw_optimizer.lr_warmup_steps=2",
-            "--optimizer.adamw_optimizer.lr_decay_steps=100", f"--total_steps={steps}", "--log_freq=1",
-            f"--logger.output_dir={out}", f"--logger.experiment_id={experiment}", "--logger.append_uuid=False",
-            "--peak_flops=1e11"]
-
 
 REQUIRED = {"step", "loss", "accuracy", "tokens_per_second", "mfu", "learning_rate", "param_norm", "gradient_norm",
             "step_time", "dataset_total_tokens", "dataset_packing_efficiency"}
@@ -157,14 +89,6 @@ RING = ["--mesh_dim=1,1,1,4", "--llama.attention_impl=ring", "--llama.scan_query
 STEPS = 12
 
 
-def losses(folder) -> dict:
-    """step -> loss over every line of a run folder's metrics (a resumed run logs some steps twice: all must agree)."""
-    seen = {}
-    for row in read_metrics(str(folder)):
-        assert seen.setdefault(row["step"], row["loss"]) == row["loss"], f"step {row['step']} logged two losses"
-    return seen
-
-
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     """The uninterrupted run: 4 devices, the ring over sp=4, dropout on (so the RNG stream matters)."""
@@ -212,25 +136,6 @@ def test_sigkill_during_checkpoint_save_then_autoresume_is_bitwise_identical(cor
     run_train(corpus, text_args(corpus, tmp_path, "control", 5) + RING, devices=4)
     got = losses(control)
     assert sorted(got) == [3, 4] and got[3] != reference[3] and got[4] != reference[4]
-
-
-def train_two_processes(corpus, args, timeout=300):
-    """`python -m lwm.train args` as 2 processes x 2 simulated CPU devices joined by jax.distributed on a free
-    loopback port; asserts both exit 0 and that process 0 saw 2 processes."""
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        dist = ["--jax_distributed.initialize_jax_distributed=True",
-                f"--jax_distributed.coordinator_address=127.0.0.1:{port}", "--jax_distributed.num_processes=2",
-                f"--jax_distributed.process_id={pid}"]
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   JAX_COMPILATION_CACHE_DIR=str(corpus / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-        procs.append(subprocess.Popen([sys.executable, "-m", "lwm.train", *args, *dist], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=timeout) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-4000:]
-    assert "2 processes" in outputs[0][1]
 
 
 def test_two_processes_ring_across_hosts_match_single_process(corpus, tmp_path, reference):
