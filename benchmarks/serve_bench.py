@@ -162,7 +162,8 @@ def main(argv=None):
     import numpy as np
 
     from lwm.inference.engine import Engine
-    from lwm.inference.loader import param_shapes, random_params
+    from lwm.inference.loader import random_params
+    from lwm.model.shapes import param_shapes
     from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
     from lwm.serve import create_app
     from lwm.text.tokenizer import train_sentencepiece

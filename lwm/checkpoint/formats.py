@@ -35,7 +35,7 @@ import msgpack
 import numpy as np
 from flax.traverse_util import empty_node, flatten_dict, unflatten_dict
 
-from lwm.utils import dtypes
+from lwm.utils import dtypes, trees
 
 from lwm.parallel import multihost
 
@@ -166,13 +166,6 @@ def iter_streaming(path: str) -> Iterator[tuple[Key, Any]]:
             raise CheckpointError(f"{path}: truncated, the last record stops at byte {consumed} of {size}")
 
 
-def _leaf_shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
-    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-        return tuple(leaf.shape), np.dtype(leaf.dtype)
-    arr = np.asarray(leaf)
-    return arr.shape, arr.dtype
-
-
 def _flat_shardings(shardings: Any) -> dict[Key, Any]:
     if shardings is None:
         return {}
@@ -199,22 +192,15 @@ def _is_layer_index(part: str) -> bool:
     return part.isdigit()
 
 
-class TreeValidator:
-    """The one check of checkpoint entries against a target tree, shared by every format (streaming,
-    flax_params, orbax): each entry must be a target key with the target's shape (and a float where the
-    target is a float), no key twice, and `missing()` names what the checkpoint lacks. Errors are
-    CheckpointError lines `SOURCE: key/path: problem`, with a hint when the checkpoint was saved with the
-    other layer layout (`scan_layers`, `param_scan_axis`) or is a train state read as params."""
+class TreeValidator(trees.TreeValidator):
+    """The one tree validator (`lwm.utils.trees.TreeValidator`) for every checkpoint format (streaming,
+    flax_params, orbax, hf), raising CheckpointError lines `SOURCE: key/path: problem`, with a hint when the
+    checkpoint was saved with the other layer layout (`scan_layers`, `param_scan_axis`) or is a train state
+    read as params."""
 
-    def __init__(self, source: str, target: Any, prefix: Key = ()):
-        self.source, self.prefix = source, tuple(prefix)
-        self.expected = flatten_dict(flax.serialization.to_state_dict(target), keep_empty_nodes=True)
-        self.seen: set[Key] = set()
+    error = CheckpointError
 
-    def _where(self, key: Key) -> str:
-        return f"{self.source}: {_path_str(self.prefix + key)}"
-
-    def _layout_hint(self, key: Key) -> str:
+    def key_hint(self, key: Key) -> str:
         """Why `key` may be absent from the target: the other `scan_layers` layout, or a train state."""
         keys = [k for k, leaf in self.expected.items() if leaf is not empty_node]
         target_scanned = any("scan_decoder" in k for k in keys)
@@ -229,36 +215,13 @@ class TreeValidator:
             return _TRAIN_STATE_HINT
         return ""
 
-    def check(self, key: Key, shape: tuple[int, ...], dtype: Any = None) -> tuple[tuple[int, ...], np.dtype]:
-        """Validate one checkpoint entry; returns the target's (shape, dtype) for it."""
-        where, shape = self._where(key), tuple(shape)
-        if key not in self.expected or self.expected[key] is empty_node:
-            raise CheckpointError(f"{where}: unexpected key (shape {shape}) not in the target"
-                                  + self._layout_hint(key))
-        target_shape, target_dtype = _leaf_shape_dtype(self.expected[key])
-        if shape != target_shape:
-            hint = ""
-            swapped = len(shape) >= 2 and (shape[1], shape[0]) + shape[2:] == target_shape
-            if "scan_decoder" in key and swapped:
-                hint = ("; the layer axis is at the other position (saved with the other param_scan_axis): "
-                        "flip --llama.param_scan_axis (0 <-> 1)")
-            raise CheckpointError(f"{where}: checkpoint shape {shape} != target shape {target_shape}{hint}")
-        if dtype is not None and _is_float(dtype) != _is_float(target_dtype):
-            raise CheckpointError(f"{where}: checkpoint dtype {np.dtype(dtype)} != target dtype {target_dtype}")
-        if key in self.seen:
-            raise CheckpointError(f"{where}: key appears twice")
-        self.seen.add(key)
-        return target_shape, target_dtype
-
-    def missing(self) -> None:
-        """Raise for the first target leaf no entry was given for (empty containers are not stored)."""
-        for key, leaf in self.expected.items():
-            if leaf is not empty_node and key not in self.seen:
-                raise CheckpointError(f"{self._where(key)}: missing from the checkpoint "
-                                      f"(target shape {_leaf_shape_dtype(leaf)[0]})")
-
-    def empty_keys(self) -> list[Key]:
-        return [key for key, leaf in self.expected.items() if leaf is empty_node]
+    def shape_hint(self, key: Key, shape: tuple[int, ...], target_shape: tuple[int, ...]) -> str:
+        """The layer axis at the other position: saved with the other `param_scan_axis`."""
+        swapped = len(shape) >= 2 and (shape[1], shape[0]) + shape[2:] == target_shape
+        if "scan_decoder" in key and swapped:
+            return ("; the layer axis is at the other position (saved with the other param_scan_axis): "
+                    "flip --llama.param_scan_axis (0 <-> 1)")
+        return ""
 
 
 class _Assembler:
@@ -410,7 +373,7 @@ def load_hf(directory: str, target: Any = None, shardings: Any = None, float_dty
         if scan:
             norm = layers["scan_decoder"]["attention_norm"]["kernel"]
             num_layers = lwm_config_from_hf(directory).num_hidden_layers
-            axis = 0 if _leaf_shape_dtype(norm)[0][0] == num_layers else 1
+            axis = 0 if trees.leaf_shape_dtype(norm)[0][0] == num_layers else 1
     out = _Assembler(f"hf::{directory}", target, shardings, float_dtype)
     for key, value in iter_hf_params(directory, scan_layers=scan, param_scan_axis=axis):
         out.add(key, value)

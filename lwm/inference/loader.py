@@ -1,14 +1,16 @@
-"""The one model loader for inference, text and vision alike.
+"""The one model loader for inference, text and vision alike (no other inference module reads a checkpoint:
+tests/test_one_home.py::test_rule_holds[model_loader]).
 
     model, params = load_model(config, "params::/ckpt/params", jnp.bfloat16, mesh)
 
 `config` is a `LLaMAConfig` (text) or a `VisionLLaMAConfig` (vision-language); the model class follows from
-it. The parameter shapes come from `param_shapes` (one function for both), the checkpoint is read by
-`lwm.checkpoint.formats.load_checkpoint` (any `--load_checkpoint` spec: params::PATH, trainstate_params::PATH,
-flax_params::PATH, orbax::DIR), checked against those shapes, cast to `dtype` and, with a mesh, placed by
-the sharding table (lwm.parallel.sharding) one tensor at a time, so host memory never holds more than one tensor
-beyond the placed tree. An empty spec loads host-drawn random weights (`random_params`) only when asked
-(`random_if_empty=True`: demos and tests of the vision entry points); otherwise it raises.
+it. The parameter shapes come from `lwm.model.shapes.param_shapes` (the one parameter-shape tracer), the
+checkpoint is read by `lwm.checkpoint.formats.load_checkpoint` (any `--load_checkpoint` spec: params::PATH,
+trainstate_params::PATH, flax_params::PATH, orbax::DIR), checked against those shapes, cast to `dtype` and,
+with a mesh, placed by the sharding table (lwm.parallel.sharding) one tensor at a time, so host memory never
+holds more than one tensor beyond the placed tree. An empty spec loads host-drawn random weights
+(`random_params`) only when asked (`random_if_empty=True`: demos and tests of the vision entry points);
+otherwise it raises.
 """
 from __future__ import annotations
 
@@ -17,26 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
-from lwm.model.vision_llama import VisionLLaMAConfig, VisionLLaMAForCausalLM
-
-
-def model_class(config: LLaMAConfig):
-    """VisionLLaMAForCausalLM for a VisionLLaMAConfig, LLaMAForCausalLM for any other LLaMAConfig."""
-    return VisionLLaMAForCausalLM if isinstance(config, VisionLLaMAConfig) else LLaMAForCausalLM
-
-
-def param_shapes(config: LLaMAConfig, dtype=jnp.float32):
-    """The parameter tree of `config`'s model as jax.ShapeDtypeStruct leaves; nothing is allocated.
-
-    Traced through a twin of the model with plain dense attention and one token: parameter shapes do not
-    depend on the attention path, and a ring or a kernel cannot trace a single token."""
-    twin = config.shape_twin()
-    one = jnp.zeros((1, 1), jnp.int32)
-    cls = model_class(config)
-    model = cls(twin, dtype=dtype, param_dtype=dtype)
-    args = (one, one.astype(bool)) if cls is VisionLLaMAForCausalLM else (one,)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))["params"]
+from lwm.model.llama import LLaMAConfig
+from lwm.model.registry import model_class
+from lwm.model.shapes import param_shapes
 
 
 def param_shardings(shapes, config: LLaMAConfig, mesh):

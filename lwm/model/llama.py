@@ -184,6 +184,12 @@ class LLaMAConfig:
                             context_parallel_strategy=defaults["context_parallel_strategy"].default,
                             context_parallel_load_balance=defaults["context_parallel_load_balance"].default)
 
+    def shape_model(self, dtype: Any = jnp.float32):
+        """(model, example inputs) that the one parameter-shape tracer (`lwm.model.shapes.param_shapes`)
+        traces: the shape twin's LLaMAForCausalLM with `dtype` parameters, on one token (1, 1)."""
+        one = jnp.zeros((1, 1), jnp.int32)
+        return LLaMAForCausalLM(self.shape_twin(), dtype=dtype, param_dtype=dtype), (one,)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads

@@ -34,3 +34,8 @@ def model_config_class(modality: str) -> type:
 def build_model(modality: str, config: LLaMAConfig, dtype: Any = jnp.float32) -> nn.Module:
     """The causal LM of `modality` over `config`, computing in `dtype` (parameters stay float32)."""
     return _lookup(modality)[1](config, dtype=dtype)
+
+
+def model_class(config: LLaMAConfig) -> type:
+    """VisionLLaMAForCausalLM for a VisionLLaMAConfig, LLaMAForCausalLM for any other LLaMAConfig."""
+    return VisionLLaMAForCausalLM if isinstance(config, VisionLLaMAConfig) else LLaMAForCausalLM

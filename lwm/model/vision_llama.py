@@ -58,6 +58,12 @@ class VisionLLaMAConfig(LLaMAConfig):
     def from_text_config(cls, config: LLaMAConfig, **vision_fields) -> "VisionLLaMAConfig":
         return cls.from_dict({**config.to_dict(), **vision_fields})
 
+    def shape_model(self, dtype: Any = jnp.float32):
+        """(model, example inputs) for `lwm.model.shapes.param_shapes`: the shape twin's
+        VisionLLaMAForCausalLM with `dtype` parameters, on one text token (1, 1) and its vision mask."""
+        one = jnp.zeros((1, 1), jnp.int32)
+        return VisionLLaMAForCausalLM(self.shape_twin(), dtype=dtype, param_dtype=dtype), (one, one.astype(bool))
+
 
 def _embed(vocab_size: int, config: VisionLLaMAConfig, dtype, param_dtype, name: str) -> nn.Embed:
     return nn.Embed(vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,

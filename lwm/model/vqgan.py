@@ -74,6 +74,12 @@ class VQGANConfig:
         """Code-grid side h = w: 16 for the released model (256 / 2**4)."""
         return self.resolution // 2 ** (self.num_resolutions - 1)
 
+    def shape_model(self, dtype: Any = jnp.float32):
+        """(model, example inputs) for `lwm.model.shapes.param_shapes`: VQGANModel on one (1, R, R, C) image.
+        Its parameters are float32 whatever `dtype` (the model has no param_dtype)."""
+        image = jax.ShapeDtypeStruct((1, self.resolution, self.resolution, self.num_channels), jnp.float32)
+        return VQGANModel(self), (image,)
+
     def replace(self, **updates) -> "VQGANConfig":
         unknown = set(updates) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -347,6 +353,8 @@ def init_params(config: VQGANConfig, seed: int = 0) -> dict:
     takes several seconds to compile even for the tiny preset; this takes milliseconds (~3 s at 146M)."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
+    from lwm.model.shapes import param_shapes
+
     rng = np.random.default_rng(seed)
     params = {}
     for path, leaf in flatten_dict(param_shapes(config)).items():
@@ -363,30 +371,21 @@ def init_params(config: VQGANConfig, seed: int = 0) -> dict:
     return unflatten_dict(params)
 
 
-def param_shapes(config: VQGANConfig) -> dict:
-    """The parameter tree as ShapeDtypeStructs, without allocating or compiling (jax.eval_shape)."""
-    dummy = jax.ShapeDtypeStruct((1, config.resolution, config.resolution, config.num_channels), jnp.float32)
-    return jax.eval_shape(VQGANModel(config).init, jax.random.key(0), dummy)["params"]
-
-
 def _check_tree(params: dict, config: VQGANConfig, source: str) -> dict:
-    """Check `params` has exactly the paths and shapes `config` builds; return it as float32 jnp arrays."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
+    """Check `params` has exactly the paths and shapes `config` builds (the one tree validator,
+    lwm.utils.trees); return it as float32 jnp arrays. A {'params': ...} wrapper is unwrapped."""
+    from flax.traverse_util import unflatten_dict
+
+    from lwm.model.shapes import param_shapes
+    from lwm.utils.trees import TreeValidator
 
     if not isinstance(params, dict):
         raise ValueError(f"{source}: expected a nested dict of arrays, got {type(params).__name__}")
     if set(params) == {"params"}:
         params = params["params"]
-    got = flatten_dict(params, sep="/")
-    want = flatten_dict(param_shapes(config), sep="/")
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    wrong = [f"{k}: {np.shape(got[k])} != {want[k].shape}" for k in sorted(set(want) & set(got))
-             if tuple(np.shape(got[k])) != want[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{source}: parameters do not match this VQGANConfig "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}; "
-                         f"{len(missing)}/{len(unexpected)}/{len(wrong)} in all)")
-    return unflatten_dict({k: jnp.asarray(np.asarray(v), jnp.float32) for k, v in got.items()}, sep="/")
+    validator = TreeValidator(f"{source} (VQGAN parameters for this VQGANConfig)", param_shapes(config))
+    flat = validator.check_tree(params)
+    return unflatten_dict({k: jnp.asarray(np.asarray(v), jnp.float32) for k, v in flat.items()})
 
 
 class VQGAN:

@@ -76,7 +76,7 @@ def convert_to_hf(load_checkpoint: str, llama_config: str, output_dir: str, *, u
     config = Config.load(llama_config).replace(**(updates or {}))
     target = None
     if load_checkpoint.startswith("orbax::"):          # orbax needs the shapes
-        from lwm.model.registry import param_shapes
+        from lwm.model.shapes import param_shapes
 
         target = param_shapes(config)
     _, params = load(load_checkpoint, params_target=target)

@@ -298,15 +298,15 @@ def compile_prefill(plan: Plan):
 
     from lwm.inference.engine import Engine
     from lwm.model.llama import LLaMAForCausalLM
+    from lwm.model.shapes import param_shapes
     from lwm.parallel.sharding import batch_spec, make_mesh, param_shardings
 
     c = plan.model_config
     dtype = {4: jnp.float32, 2: jnp.bfloat16}[plan.dtype_bytes]
     mesh = make_mesh(_mesh_string(plan.mesh), jax.devices()[:math.prod(plan.mesh)])
     model = LLaMAForCausalLM(c, dtype=dtype, param_dtype=dtype)
-    shaper = LLaMAForCausalLM(c.shape_twin(), dtype=dtype, param_dtype=dtype)
     with jax.set_mesh(mesh):
-        shapes = jax.eval_shape(lambda: shaper.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+        shapes = param_shapes(c, dtype)
         shardings = param_shardings(shapes, c, mesh)
         params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
         bs = NamedSharding(mesh, batch_spec(mesh))

@@ -87,7 +87,8 @@ def test_bad_input_is_one_line(case, files, capsys):
 def test_one_shape_function_for_text_and_vision():
     import jax.numpy as jnp
 
-    from lwm.inference.loader import load_model, param_shapes
+    from lwm.inference.loader import load_model
+    from lwm.model.shapes import param_shapes
     from lwm.model.llama import LLaMAConfig
     from lwm.model.vision_llama import VisionLLaMAConfig
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from flax.traverse_util import flatten_dict
 
 from lwm.utils import safe_pickle
-from lwm.model.vqgan import VQGAN, VQGANConfig, decode_jit, encode_jit, param_shapes
+from lwm.model.shapes import param_shapes
+from lwm.model.vqgan import VQGAN, VQGANConfig, decode_jit, encode_jit
 
 CFG = VQGANConfig.load("tiny")  # 32x32 frames -> 8x8 codes, attention in two levels and the mid blocks
 
