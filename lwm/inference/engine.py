@@ -63,7 +63,7 @@ import numpy as np
 
 from lwm.parallel import sharding
 from lwm.parallel.multihost import host_array
-from lwm.model.llama import LLaMAForCausalLM, init_cache, sequence_multiple
+from lwm.model.llama import CacheMode, LLaMAForCausalLM, init_cache, sequence_multiple
 from lwm.inference.sampling import PromptTooLongError, SamplingConfig, bucket_length, left_pad, sample_rows
 from lwm.model.vision_llama import VisionLLaMAForCausalLM
 
@@ -167,9 +167,9 @@ class Engine:
         self._start_jit = jax.jit(self._start_impl, static_argnames=("rule",))
 
     # ---------------------------------------------------------------------------------- the model calls
-    def _hidden(self, params, ids, vision, position_ids, segment_ids, cache, cache_index):
+    def _hidden(self, params, ids, vision, position_ids, segment_ids, cache, cache_index, cache_mode):
         kw = dict(position_ids=position_ids, segment_ids=segment_ids, cache=cache, cache_index=cache_index,
-                  return_hidden=True)
+                  cache_mode=cache_mode, return_hidden=True)
         if self.vision:
             return self.model.apply({"params": params}, ids, vision, **kw)
         return self.model.apply({"params": params}, ids, **kw)
@@ -197,7 +197,7 @@ class Engine:
         """Left-padded prompts (R, T) -> (logits (R, V) at the last slot, cache with slots [0, T) filled).
         Logits are computed for the last slot only (hidden (R, T, D) -> (R, 1, V))."""
         cache = self._constrain_cache(init_cache(self.config, ids.shape[0], cache_len, self.cache_dtype))
-        hidden, cache = self._hidden(params, ids, vision, pos, seg, cache, 0)
+        hidden, cache = self._hidden(params, ids, vision, pos, seg, cache, 0, CacheMode.PREFILL)
         return self._logits(params, hidden[:, -1:])[:, 0], self._constrain_cache(cache)
 
     # ---------------------------------------------------------------------------------- the decode step
@@ -228,7 +228,7 @@ class Engine:
             live = st.active
             seg = live.astype(jnp.int32)[:, None]          # finished/free slots write an empty slot
             hidden, cache = self._hidden(params, jnp.where(live, st.token, self.pad_id)[:, None], None,
-                                         st.position[:, None], seg, st.cache, st.index)
+                                         st.position[:, None], seg, st.cache, st.index, CacheMode.DECODE)
             logits = self._logits(params, hidden)[:, 0]
             tok, steps, going = self._draw(logits, st.keys, st.steps, live, st.budget, st.temperature, st.top_k,
                                            st.top_p, st.stop_ids, rule)

@@ -12,6 +12,7 @@ With scan_layers=False the layers are `transformer/h/<i>/...` without the layer 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import json
 from typing import Any, Optional
@@ -287,7 +288,7 @@ class LLaMAAttention(nn.Module):
     config: LLaMAConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    cache_mode: Optional[str] = None  # None (training), 'prefill' (cache_index 0), 'decode'
+    cache_mode: Optional[str] = None  # None (training), CacheMode.PREFILL or CacheMode.DECODE
     deterministic: bool = True
 
     @nn.compact
@@ -426,7 +427,7 @@ class LLaMABlock(nn.Module):
 class LLaMABlockCollection(nn.Module):
     """`h`: the L decoder layers, scanned (`h/scan_decoder/...`) or unrolled (`h/<i>/...`).
     cache: None or dict(k=(L, B, K, S, H), v=(L, B, K, S, H), segment_ids=(B, S)) (`init_cache`).
-    Prefill (cache_index 0, a Python int) writes the prompt's keys/values at slots [0, T) once after the
+    Prefill (cache_mode PREFILL) writes the prompt's keys/values at slots [0, T) once after the
     layers; decode carries the whole cache through the layers and each layer writes its new rows in place
     at the rows' slots cache_index (scalar or (B,)), so no layer's cache is copied or stacked per step."""
     config: LLaMAConfig
@@ -492,16 +493,44 @@ def init_cache(config: LLaMAConfig, batch_size: int, max_length: int, dtype=jnp.
                 segment_ids=jnp.zeros((batch_size, max_length), jnp.int32))
 
 
-def positions_and_cache_mode(input_shape, position_ids, cache, cache_index):
+class CacheMode(str, enum.Enum):
+    """The one explicit choice between the two cached passes (no cache: training, or a plain forward).
+
+    PREFILL: the prompt (B, T) is attended causally and its keys/values are written at slots [0, T).
+    DECODE: each row's new token(s) attend to the cache and are written at the rows' slots cache_index
+      (scalar or (B,) int32, usually traced).
+    The engine (lwm.inference.engine) passes it on every cached call; kept so by
+    `tests/model/test_llama.py::test_cache_mode_is_explicit`. A str enum, so a flax module field holding it
+    compares equal to 'prefill' / 'decode'."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+def positions_and_cache_mode(input_shape, position_ids, cache, cache_index, cache_mode):
+    """(position_ids (B, T) int32, mode: CacheMode or None) of one model call; checks the mode is explicit.
+
+    Without a cache the mode is None and cache_mode must be None. With one, cache_mode must be given:
+    PREFILL takes cache_index None or 0 (it always fills slots [0, T)), DECODE needs a cache_index. Position
+    ids default to start + [0, T) with start 0 (no cache, prefill) or cache_index (decode). Raises
+    ValueError otherwise."""
     b, t = input_shape
     if cache is None:
+        if cache_mode is not None:
+            raise ValueError(f"cache_mode={cache_mode!r} without a cache: pass cache= (init_cache)")
         mode = None
-    elif isinstance(cache_index, int) and cache_index == 0:
-        mode = "prefill"
     else:
-        mode = "decode"
+        if cache_mode is None:
+            raise ValueError("a call with a cache needs cache_mode=CacheMode.PREFILL or CacheMode.DECODE")
+        mode = CacheMode(cache_mode)
+        at_zero = cache_index is None or (isinstance(cache_index, int) and cache_index == 0)
+        if mode is CacheMode.PREFILL and not at_zero:
+            raise ValueError(f"cache_mode=PREFILL fills slots [0, T): cache_index must be 0 or None, "
+                             f"got {cache_index!r}")
+        if mode is CacheMode.DECODE and cache_index is None:
+            raise ValueError("cache_mode=DECODE needs cache_index (the rows' slots, scalar or (B,) int32)")
     if position_ids is None:
-        start = jnp.zeros((b,), jnp.int32) if cache_index is None else jnp.broadcast_to(
+        start = jnp.zeros((b,), jnp.int32) if mode is not CacheMode.DECODE else jnp.broadcast_to(
             jnp.asarray(cache_index, jnp.int32), (b,))
         position_ids = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
     return position_ids, mode
@@ -528,9 +557,9 @@ class LLaMAModule(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, position_ids=None, segment_ids=None, cache=None, cache_index=None,
-                 deterministic=True):
+                 deterministic=True, cache_mode=None):
         cfg = self.config
-        position_ids, mode = positions_and_cache_mode(input_ids.shape, position_ids, cache, cache_index)
+        position_ids, mode = positions_and_cache_mode(input_ids.shape, position_ids, cache, cache_index, cache_mode)
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                      embedding_init=nn.initializers.normal(cfg.initializer_range), name="wte")(
             input_ids.astype(jnp.int32))
@@ -539,8 +568,9 @@ class LLaMAModule(nn.Module):
 
 class LLaMAForCausalLM(nn.Module):
     """The causal LM. apply(...) -> logits (B, T, V), or hidden (B, T, D) with return_hidden=True (the
-    training loss computes logits blockwise from hidden, see lwm.model.loss). With a cache, returns (out, cache):
-    cache_index=0 (a Python int) prefills slots [0, T); a traced index decodes at that slot."""
+    training loss computes logits blockwise from hidden, see lwm.model.loss). With a cache, returns (out, cache)
+    and cache_mode says which pass: CacheMode.PREFILL fills slots [0, T); CacheMode.DECODE writes at the
+    rows' slots cache_index."""
     config: LLaMAConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -561,9 +591,9 @@ class LLaMAForCausalLM(nn.Module):
         return constrain(out.astype(jnp.float32), ("batch", "seq", "vocab"))
 
     def __call__(self, input_ids, position_ids=None, segment_ids=None, cache=None, cache_index=None,
-                 deterministic=True, return_hidden=False):
+                 deterministic=True, return_hidden=False, cache_mode=None):
         hidden, new_cache = self.transformer(input_ids, position_ids, segment_ids, cache, cache_index,
-                                             deterministic)
+                                             deterministic, cache_mode)
         out = hidden if return_hidden else self.logits(hidden)
         return out if cache is None else (out, new_cache)
 

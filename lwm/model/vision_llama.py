@@ -79,9 +79,9 @@ class VisionLLaMAModule(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, vision_masks=None, position_ids=None, segment_ids=None, cache=None,
-                 cache_index=None, deterministic=True):
+                 cache_index=None, deterministic=True, cache_mode=None):
         cfg = self.config
-        position_ids, mode = positions_and_cache_mode(input_ids.shape, position_ids, cache, cache_index)
+        position_ids, mode = positions_and_cache_mode(input_ids.shape, position_ids, cache, cache_index, cache_mode)
         if vision_masks is None:
             if cfg.sample_mode == "all":
                 raise ValueError("vision_masks are required with sample_mode='all' (which positions are vision "
@@ -102,7 +102,7 @@ class VisionLLaMAModule(nn.Module):
 class VisionLLaMAForCausalLM(nn.Module):
     """apply(params, input_ids, vision_masks, ...) -> logits per `sample_mode`, or hidden (B, T, D) with
     return_hidden=True (for the blockwise two-head loss, see `output_head_kernels`). With a cache, returns
-    (out, cache); cache_index=0 (a Python int) prefills, a traced index decodes, as in `lwm.model.llama`."""
+    (out, cache); cache_mode (lwm.model.llama.CacheMode) says prefill or decode, as in `lwm.model.llama`."""
     config: VisionLLaMAConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -132,9 +132,9 @@ class VisionLLaMAForCausalLM(nn.Module):
         return self._logits(hidden, self.config.tie_vision_embeddings, "vte", getattr(self, "vision_head", None))
 
     def __call__(self, input_ids, vision_masks=None, position_ids=None, segment_ids=None, cache=None,
-                 cache_index=None, deterministic=True, return_hidden=False):
+                 cache_index=None, deterministic=True, return_hidden=False, cache_mode=None):
         hidden, new_cache = self.transformer(input_ids, vision_masks, position_ids, segment_ids, cache,
-                                             cache_index, deterministic)
+                                             cache_index, deterministic, cache_mode)
         mode = self.config.sample_mode
         if self.is_initializing():  # create both heads whatever is asked for
             self.text_logits(hidden), self.vision_logits(hidden)

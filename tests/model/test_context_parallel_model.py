@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lwm.model.llama import LLaMAForCausalLM, init_cache, sequence_layout
+from lwm.model.llama import CacheMode, LLaMAForCausalLM, init_cache, sequence_layout
 from lwm.inference.engine import Engine
 from lwm.parallel.sharding import make_mesh, param_shardings
 from golden.cases import needle_flags
@@ -42,7 +42,7 @@ def test_model_logits_and_prefill_cache_match_dense(tiny_sharp_head, packed, str
     ids, seg, pos = packed
     dense = LLaMAForCausalLM(cfg.replace(attention_impl="dense"))
     want, want_cache = dense.apply({"params": params}, ids, position_ids=pos, segment_ids=seg,
-                                   cache=init_cache(cfg, 2, 72), cache_index=0)
+                                   cache=init_cache(cfg, 2, 72), cache_mode=CacheMode.PREFILL)
     cp_cfg = cfg.replace(attention_impl="ring", context_parallel_strategy=strategy,
                          context_parallel_load_balance=balance, scan_query_chunk_size=8, scan_key_chunk_size=8)
     model = LLaMAForCausalLM(cp_cfg)
@@ -51,7 +51,7 @@ def test_model_logits_and_prefill_cache_match_dense(tiny_sharp_head, packed, str
         assert sequence_layout(cp_cfg) == (balance, 4)  # the layout is really applied inside
         placed = jax.device_put(params, param_shardings(params, cp_cfg, mesh))
         fn = jax.jit(lambda p, i, s, q: model.apply({"params": p}, i, position_ids=q, segment_ids=s,
-                                                     cache=init_cache(cp_cfg, 2, 72), cache_index=0))
+                                                     cache=init_cache(cp_cfg, 2, 72), cache_mode=CacheMode.PREFILL))
         got, got_cache = fn(placed, ids, seg, pos)
     assert rel_err(got, want) < 1e-5
     for name in ("k", "v"):  # the cache comes back in natural order

@@ -1,4 +1,5 @@
 """The LLaMA model: config, parameter tree names, shapes of every preset, and KV-cache decoding."""
+import functools
 import json
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from lwm.model.llama import PRESETS, LLaMAConfig, LLaMAForCausalLM, init_cache
+from lwm.model.llama import PRESETS, CacheMode, LLaMAConfig, LLaMAForCausalLM, init_cache
 from lwm.parallel.sharding import make_mesh
 
 
@@ -130,8 +131,9 @@ def test_scan_mlp_applies_to_any_length(tiny_chunk16):
 
 def _decode_token_by_token(model, params, cfg, ids, prompt_len, cache_len):
     cache = init_cache(cfg, ids.shape[0], cache_len)
-    logits, cache = model.apply({"params": params}, ids[:, :prompt_len], cache=cache, cache_index=0)
-    step = jax.jit(lambda p, tok, c, i: model.apply({"params": p}, tok, cache=c, cache_index=i))
+    logits, cache = model.apply({"params": params}, ids[:, :prompt_len], cache=cache, cache_mode=CacheMode.PREFILL)
+    step = jax.jit(lambda p, tok, c, i: model.apply({"params": p}, tok, cache=c, cache_index=i,
+                                                    cache_mode=CacheMode.DECODE))
     outs = [logits]
     for i in range(prompt_len, ids.shape[1]):
         logits, cache = step(params, ids[:, i:i + 1], cache, jnp.int32(i))
@@ -146,9 +148,32 @@ def test_kv_cache_decoding_equals_full_forward(tiny_chunk16):
     np.testing.assert_allclose(decoded, full, atol=2e-5)
     # Negative control: decoding with the wrong cache index must not match.
     cache = init_cache(cfg, 2, 48)
-    _, cache = model.apply({"params": params}, ids[:, :16], cache=cache, cache_index=0)
-    wrong, _ = model.apply({"params": params}, ids[:, 16:17], cache=cache, cache_index=jnp.int32(20))
+    _, cache = model.apply({"params": params}, ids[:, :16], cache=cache, cache_mode=CacheMode.PREFILL)
+    wrong, _ = model.apply({"params": params}, ids[:, 16:17], cache=cache, cache_index=jnp.int32(20),
+                           cache_mode=CacheMode.DECODE)
     assert float(jnp.abs(wrong[:, 0] - full[:, 16]).max()) > 1e-3
+
+
+def test_cache_mode_is_explicit(tiny_chunk16):
+    """The one prefill/decode switch is CacheMode, passed by the caller: a cached call without it, a prefill
+    at another slot, a decode without slots and a mode without a cache all raise one line (what used to be
+    guessed from isinstance(cache_index, int) is now an error). Prefill with cache_index None or 0 is the
+    same pass."""
+    cfg, model, params, ids = tiny_chunk16
+    apply = functools.partial(model.apply, {"params": params})
+    cache = init_cache(cfg, 2, 48)
+    with pytest.raises(ValueError, match="needs cache_mode=CacheMode.PREFILL or CacheMode.DECODE"):
+        apply(ids[:, :8], cache=cache, cache_index=0)
+    with pytest.raises(ValueError, match="cache_index must be 0 or None"):
+        apply(ids[:, :8], cache=cache, cache_index=jnp.int32(0), cache_mode=CacheMode.PREFILL)
+    with pytest.raises(ValueError, match="DECODE needs cache_index"):
+        apply(ids[:, :1], cache=cache, cache_mode=CacheMode.DECODE)
+    with pytest.raises(ValueError, match="without a cache"):
+        apply(ids[:, :1], cache_mode="decode")
+    a_logits, a_cache = apply(ids[:, :8], cache=cache, cache_mode=CacheMode.PREFILL)
+    b_logits, b_cache = apply(ids[:, :8], cache=cache, cache_index=0, cache_mode="prefill")
+    np.testing.assert_array_equal(a_logits, b_logits)
+    jax.tree.map(np.testing.assert_array_equal, a_cache, b_cache)
 
 
 def test_kv_cache_sharded_over_sp(tiny_chunk16):

@@ -10,7 +10,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 from jax.sharding import PartitionSpec as P
 
-from lwm.model.llama import PRESETS, LLaMAConfig, LLaMAForCausalLM, init_cache
+from lwm.model.llama import PRESETS, CacheMode, LLaMAConfig, LLaMAForCausalLM, init_cache
 from lwm.parallel.sharding import match_partition_rules
 from lwm.model.vision_llama import (END_OF_FRAME, END_OF_VISION, VisionLLaMAConfig, VisionLLaMAForCausalLM,
                               output_head_kernels)
@@ -103,8 +103,9 @@ def test_kv_cache_decoding_equals_full_forward(tiny_vision):
     prompt = 4
     cache = init_cache(cfg, B, 24)
     (vision_out, text_out), cache = model.apply({"params": params}, ids[:, :prompt], masks[:, :prompt],
-                                                cache=cache, cache_index=0)
-    step = jax.jit(lambda p, tok, m, c, i: model.apply({"params": p}, tok, m, cache=c, cache_index=i))
+                                                cache=cache, cache_mode=CacheMode.PREFILL)
+    step = jax.jit(lambda p, tok, m, c, i: model.apply({"params": p}, tok, m, cache=c, cache_index=i,
+                                                       cache_mode=CacheMode.DECODE))
     vision_steps, text_steps = [vision_out], [text_out]
     for i in range(prompt, T):
         (v, t), cache = step(params, ids[:, i:i + 1], masks[:, i:i + 1], cache, jnp.int32(i))
@@ -114,8 +115,9 @@ def test_kv_cache_decoding_equals_full_forward(tiny_vision):
     # Vision generation: no masks, sample_mode='vision' embeds every new token with vte (row 1 is vision
     # at positions 0..6); a decode step that wrongly uses the text table does not match.
     gen = VisionLLaMAForCausalLM(cfg.replace(sample_mode="vision"))
-    _, cache = gen.apply({"params": params}, ids[:, :5], cache=init_cache(cfg, B, 24), cache_index=0)
-    logits, _ = jax.jit(lambda p, tok, c, i: gen.apply({"params": p}, tok, cache=c, cache_index=i))(
+    _, cache = gen.apply({"params": params}, ids[:, :5], cache=init_cache(cfg, B, 24), cache_mode=CacheMode.PREFILL)
+    logits, _ = jax.jit(lambda p, tok, c, i: gen.apply({"params": p}, tok, cache=c, cache_index=i,
+                                                       cache_mode=CacheMode.DECODE))(
         params, ids[:, 5:6], cache, jnp.int32(5))
     np.testing.assert_allclose(logits[1, 0], vision_full[1, 5], atol=2e-5)
     (as_text, _), _ = step(params, ids[:, 5:6], jnp.zeros((B, 1), bool), cache, jnp.int32(5))
