@@ -234,6 +234,10 @@ RULES = [
     Rule("sharding_table", "lwm/parallel/sharding.py", _sharding_rule,
          'from jax.sharding import PartitionSpec as P\nRULES = ((r"wq/kernel$", P("fsdp", "tp")),)\n',
          dirs=("lwm", "benchmarks")),
+    Rule("logical_axes", "lwm/parallel/sharding.py",
+         lambda n: isinstance(n, ast.Dict) and {"batch", "seq"} <= {k.value for k in n.keys
+                                                                    if isinstance(k, ast.Constant)},
+         'AXES = {"batch": ("dp", "fsdp"), "seq": "sp", "heads": "tp"}\n', dirs=("lwm", "benchmarks")),
     Rule("train_step_shardings", "lwm/training/compile.py", refers_to("train_step", "eval_step", "init_train_state"),
          "import jax\nfrom lwm.training.steps import train_step\nstep = jax.jit(train_step, in_shardings=None)\n",
          allowed={"lwm/training/steps.py": "defines them"}),

@@ -4,7 +4,8 @@ benchmarks/: tests/test_one_home.py::test_rule_holds[sharding_table]), and logic
 Mesh axes, in this order everywhere: dp (data), fsdp (fully-sharded data), tp (tensor), sp (sequence: the
 ring). Parameters are sharded over ('fsdp', 'sp') on their model dimension and over 'tp' on heads / hidden
 units, as in the original LWM. Activations name their dimensions logically ('batch', 'seq', 'heads', ...)
-and `LOGICAL_AXES` maps those names to mesh axes in one place.
+and `LOGICAL_AXES` maps those names to mesh axes in one place (tests/test_one_home.py::
+test_rule_holds[logical_axes]).
 """
 from __future__ import annotations
 
