@@ -271,7 +271,7 @@ RULES = [
          "def load(p):\n    return np.asarray(Image.open(p).convert('RGB').resize((256, 256)))\n",
          allowed={"lwm/serve/media.py::_image_format": "Image.open(...).verify(): the format name, no pixels"}),
     Rule("tree_validator", "lwm/utils/trees.py", _validator_class,
-         "class ParamValidator:\n    def check(self, key, shape):\n        pass\n", include_home=False),
+         "class ParamValidator:\n    def check(self, key, shape):\n        pass\n"),
     Rule("task_registry", "lwm/evals/runner.py", _task_registry,
          "MY_TASKS = {}\ndef register(t):\n    MY_TASKS[t.name] = t\n"),
     Rule("flag_parser", "lwm/cli/command.py", _flag_parser,
