@@ -1,10 +1,10 @@
 """The one place the training step meets its shardings: `shard_train_step(task, tx, schedule, mesh)` returns
 the jitted train step, eval step and state initialisers of `lwm.training.steps` with their in/out shardings
 and donation, and the abstract state, from which `lower(batch_size, seq_len)` lowers the step for a batch
-shape. `lwm.train` (`lwm.training.loop`), the memory planner (`lwm.tools.memory_planner.compile_train`) and the
-sharded-parity test (`tests/parallel/test_sharding.py`) call it; no other module of lwm/ touches the step
-functions (tests/test_one_home.py::test_rule_holds[train_step_shardings]). `benchmarks/train_step_bench.py`
-still times a step of its own (its own loss and jit), not this one.
+shape. `lwm.train` (`lwm.training.loop`), the memory planner (`lwm.tools.memory_planner.compile_train`), the
+benchmark (`benchmarks/train_step_bench.py`) and the sharded-parity test (`tests/parallel/test_sharding.py`)
+call it; no other module of lwm/ or benchmarks/ touches the step functions
+(tests/test_one_home.py::test_rule_holds[train_step_shardings]).
 
     step = shard_train_step(task, tx, schedule, mesh)
     with jax.set_mesh(mesh):
