@@ -1,7 +1,8 @@
 """The one generation engine: prefill, a decode step over a batch of slots, and batched generation on top.
 
 Every inference front-end (text chat, the needle evals, vision chat, vision generation, the server, the
-benchmarks) calls this; there is no other prefill or decode loop in the package.
+benchmarks) calls this; there is no other prefill or decode loop in the package (no other module builds a
+cache or picks a CacheMode: tests/test_one_home.py::test_rule_holds[engine]).
 
     engine = Engine(model, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
 
