@@ -160,6 +160,7 @@ def test_ring_sampler_matches_single_device(tiny_sharp_head, greedy_batch):
 @pytest.mark.slow
 def test_text_chat_streams_the_answer(tiny_sharp_head, tmp_path):
     from lwm import text_chat
+    from lwm.inference.chat import turn_tokens
     from lwm.checkpoint.formats import save_streaming
     from lwm.text.tokenizer import train_sentencepiece
 
@@ -173,7 +174,7 @@ def test_text_chat_streams_the_answer(tiny_sharp_head, tmp_path):
              "--temperature=0", "--prompt=hello there"]
     (answer,) = text_chat.main(flags, stdout=out)
     assert out.getvalue() == f"ASSISTANT:{answer}\n" and answer           # streamed text == returned text
-    ids = text_chat.turn_tokens(tok, "hello there", first=True)
+    ids = turn_tokens(tok, "hello there", first=True)
     assert ids[0] == tok.bos_id and tok.decode(ids[1:]) == "You are a helpful assistant. USER: hello there ASSISTANT:"
     # The same greedy answer through the library: chat adds nothing but the template.
     ref = Engine(LLaMAForCausalLM(cfg.replace(max_sequence_length=2048)), params, eos_id=tok.eos_id,

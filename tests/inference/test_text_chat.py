@@ -8,6 +8,7 @@ import types
 import pytest
 
 from lwm import text_chat
+from lwm.inference import chat as chat_lib
 from lwm.inference.engine import Engine
 from lwm.inference.sampling import PromptTooLongError, SamplingConfig
 from lwm.text.tokenizer import load_tokenizer
@@ -33,7 +34,7 @@ class RecordingSampler:
 
 def _chat(tok, limit, max_new=4):
     notes = []
-    chat = text_chat.Chat(RecordingSampler(limit), tok, SamplingConfig(), max_new, notify=notes.append)
+    chat = chat_lib.Chat(RecordingSampler(limit), tok, SamplingConfig(), max_new, notify=notes.append)
     return chat, notes
 
 
@@ -41,8 +42,8 @@ def _expected(tok, turns, message):
     """The prompt the chat template gives for `turns` (message, answer) then `message`, built by hand."""
     ids = []
     for i, (m, a) in enumerate(turns):
-        ids += text_chat.turn_tokens(tok, m, first=i == 0) + a + [tok.eos_id]
-    return ids + text_chat.turn_tokens(tok, message, first=not turns)
+        ids += chat_lib.turn_tokens(tok, m, first=i == 0) + a + [tok.eos_id]
+    return ids + chat_lib.turn_tokens(tok, message, first=not turns)
 
 
 MESSAGES = ["the quick brown fox", "jumps over a lazy dog", "while world models read", "long videos and text",
