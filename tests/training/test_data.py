@@ -35,8 +35,8 @@ def write_lines(path, lines):
 # ------------------------------------------------------------------------------------------ tokenizer
 
 def test_tokenizer_layout_and_loading(tok, tmp_path):
-    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (tok.vocab_size, 1, 2, 1)
-    assert tok._sp.unk_id() == 0 and tok.vocab_size <= 400
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (400, 1, 2, 1)  # support.small_tokenizer: 400
+    assert tok._sp.unk_id() == 0 and tok._sp.get_piece_size() == tok.vocab_size
     text = "the quick  fox\n reads über-long videos 123"
     ids = tok.encode(text)
     assert ids and tok.bos_id not in ids and tok.eos_id not in ids  # encode adds no special tokens
