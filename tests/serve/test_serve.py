@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from support import WORDS, free_port
+from support.needs import import_or_fail
 from support.serving import running_server
 
-openai = pytest.importorskip("openai")
+openai = import_or_fail("openai", 'pip install -e ".[test]"')
 pytestmark = pytest.mark.slow
 
 KEY = "test-key"
@@ -257,7 +258,9 @@ def test_full_queue_answers_429_and_then_serves(text_server):
     finally:
         sched.max_queue = old
         release.set()
-    assert ask().choices[0].text is not None
+    tok = text_server["tok"]
+    want = tok.decode(greedy(text_server, [tok.bos_id] + tok.encode(PROMPT), 2))
+    assert want and ask().choices[0].text == want                          # served, and the right answer
 
 
 def test_stop_string_cuts_the_answer(text_server):
@@ -520,7 +523,8 @@ def test_warmup_compiles_the_serving_shapes_before_the_first_request(text_server
 
 def test_feeding_a_call_at_once_ends_answers_where_token_by_token_does():
     """Job.feed_many (one decode and one post per engine call) gives the tokens, text and finish reason of
-    feeding the same tokens one by one: EOS before, at and after the budget, a plain run, and stop strings."""
+    feeding the same tokens one by one: EOS before, at and after the budget, a plain run, and stop strings; the
+    stop-string answers are also checked against their expected tokens, text and finish reason."""
     from lwm.serve.jobs import Job, Sampling
 
     class Tok:
@@ -541,4 +545,12 @@ def test_feeding_a_call_at_once_ends_answers_where_token_by_token_does():
         many.feed_many(tokens[:2])
         many.feed_many(tokens[2:])
         assert (many.tokens, many.text, many.finish_reason) == (one.tokens, one.text, one.finish_reason), tokens
+    # With stop strings feed_many goes token by token through feed, so parity above compares feed with itself
+    # there: the stop cases are checked against their answers written out. Tok decodes 5..9 to 'fghij'.
+    for stop, tokens, text, reason in ((("hi",), [5, 6, 7, 8], "fg", "stop"), (("zz",), [5, 6, 7, 8, 9], "fghij", None),
+                                       (("gh", "f"), [5], "", "stop")):
+        job = Job([1], Sampling(max_tokens=10, stop=stop), Tok, None)
+        job.feed_many([5, 6])
+        job.feed_many([7, 8, 9])
+        assert (job.tokens, job.text, job.finish_reason) == (tokens, text, reason), stop
     assert Job([1], Sampling(max_tokens=10, stop=("hi",)), Tok, None).feed_many([7, 8, 9]) is True  # 'hi' stops

@@ -1,8 +1,8 @@
 """`lwm.serve` with a vision-language model (tiny preset, random weights, tiny VQGAN) and the `openai` client:
 an image sent as a PNG or JPEG data URL, frames as several image parts, and an mp4 data URL are each answered
 with the tokens the engine gives for the original LWM-Chat prompt (`lwm.text.chat_template.vision_chat_prompt`)
-of those pixels' VQGAN codes (the JPEG's and the mp4's pixels as decoded); non-image data in an image part is a 400 and the next request is served;
-local paths need --allow_local_media; /v1/images/generations returns a PNG equal to the direct generation."""
+of those pixels' VQGAN codes (the JPEG's and the mp4's pixels as decoded); non-image data in an image part is a
+400 and the next request is served; local paths need --allow_local_media; /v1/images/generations returns a PNG equal to the direct generation."""
 import base64
 import io
 
