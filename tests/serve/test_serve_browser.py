@@ -1,22 +1,23 @@
 """The chat page at `/` in a real headless browser (Debian's chromium + chromedriver, driven by selenium):
 load the page, send a message, watch the streamed answer arrive in pieces and equal the API's own greedy
-answer; upload an image to a vision model and get its answer. Skipped where chromium is not installed
-(.ci/run installs it)."""
+answer; upload an image to a vision model and get its answer, equal to the API's and non-empty. Skipped where
+chromium, chromedriver, selenium or openai is missing, except under CI (CI=true; .ci/run installs them), where
+that fails the run (support.needs)."""
 import base64
 import shutil
 
 import numpy as np
 import pytest
 
+from support.needs import import_or_fail, missing
 from support.serving import running_server
 
 pytestmark = pytest.mark.slow
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and DRIVER):
-    pytest.skip("chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)",
-                allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver")
-openai = pytest.importorskip("openai")
+    missing("chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)")
+webdriver = import_or_fail("selenium.webdriver", 'pip install -e ".[test]"')
+openai = import_or_fail("openai", 'pip install -e ".[test]"')
 from selenium.webdriver.common.by import By                      # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait          # noqa: E402
 
@@ -121,4 +122,5 @@ def test_page_uploads_an_image_to_a_vision_model(browser, vision_engine):
             model="tiny-vision", max_tokens=6, temperature=0,
             messages=[{"role": "user", "content": [{"type": "text", "text": "what is in the picture"},
                                                     {"type": "image_url", "image_url": {"url": data}}]}])
-        assert last_answer(browser) == want.choices[0].message.content
+        want = want.choices[0].message.content
+        assert last_answer(browser) == want and want
