@@ -89,18 +89,32 @@ def shape_check(config, modality: str, preset: str) -> int:
     return sum(x.size for x in jax.tree.leaves(shapes))
 
 
-NEEDLE_ENV = dict(lwm_text_checkpoint="/ckpt/params", haystack_file="/data/haystack.jsonl")
-VISION_7B = dict(llama_config="7b", update_llama_config="dict(theta=50000000,max_sequence_length=32768)",
-                 mesh_dim="!1,1,-1,1", lwm_checkpoint="/ckpt/params", llama_tokenizer_path="/t/tokenizer.model",
-                 vqgan_checkpoint="/ckpt/vqgan", vqgan_config="released")
+def placeholder_checkpoint(tmp_path) -> str:
+    """An empty file standing for the released checkpoint: --load_checkpoint's path must exist when the flags
+    are read (lwm.cli.values.check_checkpoint_spec); nothing here loads it."""
+    path = tmp_path / "ckpt" / "params"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    return str(path)
+
+
+def needle_env(ckpt: str) -> dict:
+    return dict(lwm_text_checkpoint=ckpt, haystack_file="/data/haystack.jsonl")
+
+
+def vision_7b(ckpt: str) -> dict:
+    return dict(llama_config="7b", update_llama_config="dict(theta=50000000,max_sequence_length=32768)",
+                mesh_dim="!1,1,-1,1", lwm_checkpoint=ckpt, llama_tokenizer_path="/t/tokenizer.model",
+                vqgan_checkpoint="/ckpt/vqgan", vqgan_config="released")
 
 
 @pytest.mark.parametrize("script, target", [("run_eval_needle.sh", "scripts/eval_needle.py"),
                                             ("run_eval_needle_multi.sh", "scripts/eval_needle_multi.py")])
 def test_needle_scripts_flags_and_7b_shapes(tmp_path, script, target):
-    module, flags = target, entry_call(recorded_calls(tmp_path, script, **NEEDLE_ENV), target)
+    ckpt = placeholder_checkpoint(tmp_path)
+    module, flags = target, entry_call(recorded_calls(tmp_path, script, **needle_env(ckpt)), target)
     config = parse_entry_flags(module, flags)
-    assert config.load_checkpoint == "params::/ckpt/params" and config.haystack_file == "/data/haystack.jsonl"
+    assert config.load_checkpoint == f"params::{ckpt}" and config.haystack_file == "/data/haystack.jsonl"
     n_params = shape_check(config, "text", "7b")
     assert abs(n_params - 6.738e9) < 0.01e9                    # LLaMA-2 7B: 6.74B parameters
     with pytest.raises(FlagError, match="unknown flag --context_length_max"):   # control: a misspelt flag
@@ -115,9 +129,10 @@ def test_vision_scripts_flags_and_shapes(tmp_path, script, target):
         (tmp_path / preset).mkdir()
     flags = entry_call(recorded_calls(tmp_path / "tiny", script, output_dir=str(tmp_path / "out")), target)
     shape_check(parse_entry_flags(target, flags), "vision,text", "tiny")      # the default: a tiny model
-    env = dict(VISION_7B, output_dir=str(tmp_path / "out"))
+    ckpt = placeholder_checkpoint(tmp_path)
+    env = dict(vision_7b(ckpt), output_dir=str(tmp_path / "out"))
     config = parse_entry_flags(target, entry_call(recorded_calls(tmp_path / "7b", script, **env), target))
-    assert config.load_checkpoint == "params::/ckpt/params" and config.vqgan_config == "released"
+    assert config.load_checkpoint == f"params::{ckpt}" and config.vqgan_config == "released"
     n_params = shape_check(config, "vision,text", "7b")
     assert abs(n_params - 6.738e9 - 2 * 8448 * 4096) < 0.01e9  # + the vision embedding and head
 
