@@ -80,7 +80,10 @@ def open_page(driver, url):
 def test_page_streams_the_answer(browser, text_engine):
     from lwm.serve import create_app
 
-    app = create_app(text_engine["engine"], text_engine["tok"], model_name="tiny")
+    # Two decode steps per engine call: 24 tokens leave the server as about 12 bursts, so the page must show
+    # the answer growing (with the default 16 steps an answer can arrive in one or two bursts that the browser
+    # reads at once, and the growth check would depend on timing).
+    app = create_app(text_engine["engine"], text_engine["tok"], model_name="tiny", decode_steps_per_call=2)
     with running_server(app) as url:
         open_page(browser, url)
         browser.execute_script("document.getElementById('max_tokens').value = '24';")
