@@ -209,14 +209,16 @@ def resumed(config, tok, n, cuts, host=None):
     return out
 
 
-@pytest.mark.parametrize("config", [
-    lambda p: text_config(p),                                              # the original's concatenation
-    lambda p: text_config(p, mode="pack", pack_overflow="split"),
-    lambda p: vision_config(p, mode="pad"),
-    lambda p: vision_config(p, mode="pack", loss_weighting="example", tokenizer_processes=2,
-                            tokenizer_parallel_batch_size=4, tokenizer_parallel_chunk_size=2),
+# (config, whether the batcher holds examples after 10 batches: pad mode emits as soon as its rows are full; the
+# vision pack holds one after 10 batches but none after 9)
+@pytest.mark.parametrize("config,buffers", [
+    (lambda p: text_config(p), True),                                      # the original's concatenation
+    (lambda p: text_config(p, mode="pack", pack_overflow="split"), True),
+    (lambda p: vision_config(p, mode="pad"), False),
+    (lambda p: vision_config(p, mode="pack", loss_weighting="example", tokenizer_processes=2,
+                             tokenizer_parallel_batch_size=4, tokenizer_parallel_chunk_size=2), True),
 ], ids=["text_no_pad", "text_pack_split", "vision_pad", "vision_pack_2proc"])
-def test_resume_gives_the_uninterrupted_batches(tok, data_file, config):
+def test_resume_gives_the_uninterrupted_batches(tok, data_file, config, buffers):
     cfg, n = config(data_file), 40
     straight = resumed(cfg, tok, n, cuts=())
     again = resumed(cfg, tok, n, cuts=(1, 9, 10, 23, 31))
@@ -227,18 +229,28 @@ def test_resume_gives_the_uninterrupted_batches(tok, data_file, config):
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {i} {key}")
         assert ma["dataset_total_tokens"] == mb["dataset_total_tokens"]
         assert ma["dataset_example_index"] == mb["dataset_example_index"]
-    # negative control: the file position alone, without the buffered examples, does not resume exactly
-    ds = DatasetFactory.load_dataset(cfg, tok)
-    for _ in zip(range(9), ds):  # range first: zip must not pull a 10th batch
-        pass
-    state = ds.get_state_dict()
-    buffers = state.pop("batcher")
-    buffered = [ex for key in ("parts", "pending") for ex in buffers.get(key, [])]
-    buffered += [ex for row in buffers.get("rows", []) for ex in row]
-    ds = DatasetFactory.load_dataset(cfg, tok)
-    ds.load_state_dict(state)
-    same = np.array_equal(next(iter(ds))[0]["input_tokens"], straight[9][0]["input_tokens"])
-    assert same == (not buffered)  # pad mode emits as soon as its rows are full: nothing is buffered
+    # negative controls: a wrong state fails the comparison above. In every mode, the state of one batch earlier;
+    # where the batcher holds examples at the cut, the file position alone, without them.
+    def state_after(batches):
+        ds = DatasetFactory.load_dataset(cfg, tok)
+        for _ in zip(range(batches), ds):  # range first: zip must not pull one batch more
+            pass
+        return ds.get_state_dict()
+
+    def next_batch_is_the_11th(state):
+        ds = DatasetFactory.load_dataset(cfg, tok)
+        ds.load_state_dict(state)
+        return np.array_equal(next(iter(ds))[0]["input_tokens"], straight[10][0]["input_tokens"])
+
+    assert next_batch_is_the_11th(state_after(10))  # control of the controls: the right state resumes exactly
+    assert not next_batch_is_the_11th(state_after(9))
+    state = state_after(10)
+    held = state.pop("batcher")
+    buffered = [ex for key in ("parts", "pending") for ex in held.get(key, [])]
+    buffered += [ex for row in held.get("rows", []) for ex in row]
+    assert bool(buffered) == buffers, buffered
+    if buffers:
+        assert not next_batch_is_the_11th(state)
 
 
 def test_resume_refuses_a_different_stream(tok, data_file):
