@@ -75,15 +75,23 @@ def test_kernel_wrong_segments_fail(kernels):
 @pytest.mark.parametrize("kernels", [pallas_gpu, pallas_tpu], ids=["gpu", "tpu"])
 def test_kernels_skip_future_key_blocks(kernels):
     """Key blocks past the causal diagonal are never read into the math: NaNs placed there would turn the
-    result into NaN (0 * NaN) if they were multiplied and then masked."""
+    result into NaN (0 * NaN) if they were multiplied and then masked. Checked on out, dq, and dk, dv of the
+    blocks read; negative control: without the causal mask the same NaNs reach out, dq, dk and dv."""
     q, k, v, do, _ = make_data(64, 16)
     q, do = q[:, :16], do[:, :16]
     k, v = k.at[:, 16:].set(jnp.nan), v.at[:, 16:].set(jnp.nan)
-    kw = dict(q_offset=0, k_offset=0, causal=True, q_chunk=16, k_chunk=16, interpret=True)
-    out, lse = jax.jit(lambda q, k, v: kernels.block_forward(q, k, v, **kw))(q, k, v)
+    finite = lambda x: bool(np.all(np.isfinite(np.asarray(x))))
+
+    def run(causal, k, v):
+        kw = dict(q_offset=0, k_offset=0, causal=causal, q_chunk=16, k_chunk=16, interpret=True)
+        out, lse = jax.jit(lambda q, k, v: kernels.block_forward(q, k, v, **kw))(q, k, v)
+        return (out, *jax.jit(lambda *a: kernels.block_backward(*a, **kw))(q, k, v, out, lse, do))
+
+    out, dq, dk, dv = run(True, k, v)
     assert rel_err(out, dense_attention(q, k[:, :16], v[:, :16])) < RTOL
-    dq, dk, dv = jax.jit(lambda *a: kernels.block_backward(*a, **kw))(q, k, v, out, lse, do)
-    assert np.all(np.isfinite(np.asarray(dq))) and np.all(np.isfinite(np.asarray(dk[:, :16])))
+    assert finite(out) and finite(dq) and finite(dk[:, :16]) and finite(dv[:, :16])
+    out, dq, dk, dv = run(False, k[:, :32], v[:, :32])   # reads every key block (one of NaNs): the NaNs show
+    assert not (finite(out) or finite(dq) or finite(dk[:, :16]) or finite(dv[:, :16]))
 
 
 def test_gpu_kernel_offsets_and_empty_rows():
