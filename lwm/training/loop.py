@@ -178,9 +178,12 @@ def _run(config: ConfigDict) -> dict:
                                      metadata, milestone=milestone)
 
         start_step = int(multihost.host_array(state.step))
-        logger.info("training %s steps %d..%d in %s (mesh %s, %d processes, peak %.3g FLOP/s)",
+        attention = model_config.attention_impl + (   # tests/training/test_context_parallel_train.py reads it
+            f" (strategy {model_config.context_parallel_strategy}, load balance "
+            f"{model_config.context_parallel_load_balance})" if model_config.context_parallel else "")
+        logger.info("training %s steps %d..%d in %s (mesh %s, %d processes, peak %.3g FLOP/s), attention %s",
                     config.modality, start_step, config.total_steps, output_dir, dict(mesh.shape),
-                    jax.process_count(), peak)
+                    jax.process_count(), peak, attention)
         data_iter = iter(dataset)
         eval_iter = iter(eval_dataset) if eval_dataset is not None else None
         bar = metrics.progress(total=config.total_steps, initial=start_step, desc="train", unit="step",

@@ -73,7 +73,7 @@ def losses(folder) -> dict:
 
 def train_two_processes(corpus, args, timeout=300):
     """`python -m lwm.train args` as 2 processes x 2 simulated CPU devices joined by jax.distributed on a free
-    loopback port; asserts both exit 0 and that process 0 saw 2 processes."""
+    loopback port; asserts both exit 0 and that process 0 saw 2 processes. Returns the two processes' stderr."""
     port = free_port()
     procs = []
     for pid in range(2):
@@ -88,3 +88,4 @@ def train_two_processes(corpus, args, timeout=300):
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
     assert "2 processes" in outputs[0][1]
+    return [err for _, err in outputs]
