@@ -8,11 +8,12 @@ spellings are aliases; --mesh_dim is one syntax (the planner refuses -1 with its
 import ast
 import os
 import pathlib
-import runpy
 import subprocess
 import sys
 
 import pytest
+
+from support import run_module
 
 from lwm.cli import values
 from lwm.cli.command import parse
@@ -49,21 +50,6 @@ def test_every_command_is_found():
 def _defaults(name: str):
     module = __import__("lwm.serve.__main__" if name == "lwm.serve" else name, fromlist=["get_default_config"])
     return module.get_default_config()
-
-
-def run_module(name, argv, capsys):
-    """(exit status, stdout, stderr) of `python -m name argv...`, in this process."""
-    old = sys.argv
-    sys.argv = [name] + list(argv)
-    try:
-        runpy.run_module(name, run_name="__main__", alter_sys=False)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("name", COMMANDS)

@@ -4,31 +4,16 @@ naming the flag or file, with no traceback, and exits 2. Also: the loader's one 
 and vision, and reads back a saved checkpoint."""
 import json
 import pathlib
-import runpy
-import sys
 
 import pytest
+
+from support import run_module
 
 # runpy warns that the module was imported before it ran as __main__ (other tests import it): harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package")
 
 ENTRY_POINTS = ["lwm.text_chat", "lwm.vision_chat", "lwm.vision_generation", "lwm.eval_needle",
                 "lwm.eval_needle_multi"]
-
-
-def run_module(name, argv, capsys):
-    """(exit status, stdout, stderr) of `python -m name argv...`, in this process."""
-    old = sys.argv
-    sys.argv = [name] + list(argv)
-    try:
-        runpy.run_module(name, run_name="__main__", alter_sys=False)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -62,3 +62,22 @@ def cpu_subprocess_env(workdir, devices: int) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                 NPROC="32", JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def run_module(name, argv, capsys):
+    """(exit status, stdout, stderr) of `python -m name argv...`, run in this process (runpy) with pytest's
+    capsys capturing its output."""
+    import runpy
+    import sys
+
+    old = sys.argv
+    sys.argv = [name] + list(argv)
+    try:
+        runpy.run_module(name, run_name="__main__", alter_sys=False)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
