@@ -1,5 +1,6 @@
 """The model with context parallelism: every strategy x load balance gives the dense model's logits, KV
-cache and greedy tokens, and the needle eval's answers under every strategy.
+cache and greedy tokens, and the needle eval's answers under every strategy (non-empty, varied reference answers;
+each run traced its own strategy).
 
 The layout is applied inside the model (lwm.model.llama.LLaMABlockCollection), so these checks feed natural-order
 batches and compare natural-order results, as every caller sees them. The model and engine fixtures
@@ -15,6 +16,7 @@ from lwm.inference.engine import Engine
 from lwm.parallel.sharding import make_mesh, param_shardings
 from golden.cases import needle_flags
 from support import EOS, NEW, PAD, PROMPTS, rel_err
+from support.cp_trace import layouts_of, strategies_of, traced_strategies
 
 STRATEGIES = ("ring", "all_gather", "ulysses")
 BALANCES = ("none", "zigzag", "striped")
@@ -74,17 +76,25 @@ def test_greedy_sampling_is_identical(tiny_sharp_head, greedy_batch, strategy, b
 @pytest.mark.slow
 def test_needle_eval_answers_are_identical_under_every_strategy(golden_workdir, tmp_path):
     """python -m lwm.eval_needle on 8 devices (fsdp=2, sp=4) under each strategy (with a balanced layout where
-    one applies) gives the single-device blockwise run's responses token for token."""
+    one applies) gives the single-device blockwise run's responses token for token. The reference responses are
+    non-empty and not all the same (all-empty answers would match under any attention), and each run traced its
+    own strategy and balance (support.cp_trace; the reference none)."""
     import json
 
     from lwm import eval_needle
 
     d = golden_workdir
-    ref = eval_needle.main(needle_flags(d, tmp_path / "ref.json"))
+    with traced_strategies() as seen:
+        ref = eval_needle.main(needle_flags(d, tmp_path / "ref.json"))
+    want = [r["response"] for r in ref]
+    assert all(want) and len(set(want)) >= 2, want
+    assert not strategies_of(seen), seen
     for strategy, balance in (("ring", "zigzag"), ("all_gather", "striped"), ("ulysses", "none")):
         extra = ["--mesh_dim=1,2,1,4", "--llama.attention_impl=ring",
                  f"--update_llama_config=dict(context_parallel_strategy='{strategy}',"
                  f"context_parallel_load_balance='{balance}')"]
-        got = eval_needle.main(needle_flags(d, tmp_path / f"{strategy}.json", extra))
-        assert [r["response"] for r in got] == [r["response"] for r in ref], strategy
+        with traced_strategies() as seen:
+            got = eval_needle.main(needle_flags(d, tmp_path / f"{strategy}.json", extra))
+        assert strategies_of(seen) == {(strategy, balance)} and balance in layouts_of(seen), (strategy, seen)
+        assert [r["response"] for r in got] == want, strategy
         assert json.loads((tmp_path / f"{strategy}.json").read_text())
