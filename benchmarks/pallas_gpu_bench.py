@@ -14,6 +14,17 @@ Parts (--parts, comma-separated; each prints its own table and never stops the o
           train_step, for attention impls pallas and blockwise: tokens/s and MFU against the bf16 matmul
           rate measured in the same run.
 Usage: python benchmarks/pallas_gpu_bench.py --parts check,attn --lengths 2048,8192,32768
+
+--check (alone; the device check of docs/ring_attention.md, a minute on an H100): the COMPILED Pallas kernel of
+this machine (GPU: pallas_gpu, Triton; TPU: pallas_tpu, Mosaic) against dense attention computed in float64,
+forward and gradients (out, dq, dk, dv), causal and not, with and without segment ids, GQA and a padded length;
+the kernel runs in float32 at 'highest' matmul precision. One line per case with its worst relative error
+||a - b|| / ||b|| over the four outputs, plus a negative control (shuffled segment ids must miss by > 5e-2).
+Exits 0 when every case is within --tol (default 2e-5), 1 when one is not, 2 when there is no GPU or TPU: then
+nothing is checked, unless --interpret, which runs BOTH kernels in Pallas interpret mode on tiny shapes (a
+smoke test of the checker on CPU, not a check of any compiled kernel).
+  python benchmarks/pallas_gpu_bench.py --check                 # on a GPU or TPU machine
+  python benchmarks/pallas_gpu_bench.py --check --interpret     # CPU: interpret mode, tiny shapes
 """
 from __future__ import annotations
 
@@ -163,6 +174,68 @@ def check_model():
                                             jnp.concatenate([x.ravel() for x in jax.tree.leaves(ref_grad)])), 1e-4)
 
 
+# (B, T, N, K, H, causal, segments, chunk) of --check. T=1000 pads to the block; K < N is GQA.
+DEVICE_CASES = [(2, 1024, 4, 2, 128, True, 0, 128), (2, 1024, 4, 2, 128, True, 4, 128),
+                (1, 1000, 4, 4, 128, True, 3, 128), (1, 512, 4, 1, 128, False, 0, 128),
+                (1, 512, 4, 2, 128, False, 3, 128)]
+INTERPRET_CASES = [(1, 64, 2, 1, 16, True, 0, 16), (1, 64, 2, 1, 16, True, 3, 16), (1, 40, 2, 2, 16, False, 2, 16)]
+
+
+def device_check(interpret: bool, tol: float) -> int:
+    """--check (module docstring). Returns the exit status: 0 all within tol, 1 a case above it, 2 no GPU/TPU."""
+    from lwm.attention import pallas_tpu
+
+    backend = jax.default_backend()
+    print(f"device check: jax {jax.__version__}, backend {backend!r}, devices {jax.devices()}", flush=True)
+    if interpret:
+        kernels, cases = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}, INTERPRET_CASES
+        print("  --interpret: both kernels in Pallas INTERPRET mode on tiny shapes; no compiled kernel runs",
+              flush=True)
+    elif backend in ("gpu", "cuda", "rocm"):
+        kernels, cases = {"pallas_gpu": pallas_gpu}, DEVICE_CASES
+    elif backend == "tpu":
+        kernels, cases = {"pallas_tpu": pallas_tpu}, DEVICE_CASES
+    else:
+        print(f"device check: NO GPU OR TPU PRESENT (backend {backend!r}): the compiled Pallas kernels cannot run "
+              "here and nothing was checked. Run it on a GPU or TPU machine, or pass --interpret for an "
+              "interpret-mode smoke test of this checker.", flush=True)
+        return 2
+    worst_all, failed = 0.0, []
+    for name, kernels_mod in kernels.items():
+        for B, T, N, K, H, causal, nseg, chunk in cases:
+            q, k, v, do, seg = make_qkv(B, T, N, K, H, jnp.float32, n_segments=nseg)
+            with jax.enable_x64(True):  # the reference in float64, from the same float32 values
+                ref = jax.jit(functools.partial(value_and_grads, functools.partial(dense_attention, causal=causal)))(
+                    *(jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, do)), seg)
+                ref = [np.asarray(r) for r in ref]
+            attend = functools.partial(kernels_mod.flash_attention, causal=causal, q_chunk=chunk, k_chunk=chunk,
+                                       interpret=interpret)
+            with jax.default_matmul_precision("highest"):
+                got = jax.jit(functools.partial(value_and_grads, attend))(q, k, v, do, seg)
+            errs = {o: rel_err(a, b) for o, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
+            worst = max(errs, key=errs.get)
+            ok = all(np.isfinite(e) and e <= tol for e in errs.values())
+            tag = f"{name} B{B} T{T} N{N} K{K} H{H} causal={causal} segments={nseg}"
+            print(f"  {'ok  ' if ok else 'FAIL'} {tag}: worst rel err {errs[worst]:.2e} ({worst}; "
+                  + ", ".join(f"{o} {e:.1e}" for o, e in errs.items()) + f") tol {tol:g}", flush=True)
+            worst_all = max(worst_all, errs[worst])
+            if not ok:
+                failed.append(tag)
+            if nseg:  # negative control: shuffled segment ids must fail the same comparison
+                bad = jnp.asarray(np.random.default_rng(1).permutation(np.asarray(seg), axis=1))
+                with jax.default_matmul_precision("highest"):
+                    wrong = jax.jit(functools.partial(attend, segment_ids=bad))(q, k, v)
+                miss = rel_err(wrong, ref[0])
+                print(f"  {'ok  ' if miss > 5e-2 else 'FAIL'} {tag} shuffled segment ids (negative control): "
+                      f"rel err {miss:.2e} (must be > 5e-2)", flush=True)
+                if not miss > 5e-2:
+                    failed.append(tag + " negative control")
+    print(f"device check: worst rel err {worst_all:.2e} over {len(kernels) * len(cases)} cases; "
+          f"{'FAILED: ' + '; '.join(failed) if failed else 'all within ' + format(tol, 'g')}"
+          f"{' (interpret mode only)' if interpret else ''}", flush=True)
+    return 1 if failed else 0
+
+
 def causal_flops(B, T, N, H, backward: bool) -> float:
     fwd = 4.0 * B * N * T * T * H / 2
     return fwd * 3.5 if backward else fwd  # backward: 5 matmuls to the forward's 2
@@ -304,7 +377,11 @@ def main():
     p.add_argument("--train_impls", default="pallas,blockwise")
     p.add_argument("--remat", default="nothing_saveable")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test of the script)")
+    p.add_argument("--check", action="store_true", help="the device check alone (module docstring); exit 0/1/2")
+    p.add_argument("--tol", type=float, default=2e-5, help="--check: largest relative error allowed")
     args = p.parse_args()
+    if args.check:
+        return device_check(args.interpret, args.tol)
     INTERPRET["interpret"] = args.interpret
     print(f"jax {jax.__version__}; devices {jax.devices()}", flush=True)
     parts = args.parts.split(",")
