@@ -1,8 +1,10 @@
 """The generation engine's slot API and generate options: continuous batching through slots gives the
 tokens of batched generation; per-row budgets, stop ids and cancellation from the stream callback; a bf16
-KV cache for an fp32 model; the length checks. (Decoding == full forward: tests/test_llama.py,
-tests/test_sampling.py; the cache over sp and 2 processes: tests/test_sampling.py,
-tests/test_engine_multihost.py.)"""
+KV cache for an fp32 model; the length checks; a row's tokens do not depend on its batch (exactly, non-empty).
+Elsewhere: decoding == full forward in tests/model/test_llama.py::test_kv_cache_decoding_equals_full_forward and
+tests/inference/test_sampling.py::test_greedy_with_cache_equals_repeated_full_forwards; the cache over sp in
+test_llama.py::test_kv_cache_sharded_over_sp and test_sampling.py::test_ring_sampler_matches_single_device; 2
+processes in tests/inference/test_engine_multihost.py."""
 import os
 
 os.environ.setdefault("NPROC", "32")
