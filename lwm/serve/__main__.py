@@ -38,6 +38,11 @@ def get_default_config() -> ConfigDict:
     c.warmup_prompt_lengths = ""               # e.g. '64,1024': compile these prompt lengths' shapes before serving
     c.default_max_tokens = 256                 # budget of a request that sets no max_tokens
     c.allow_local_media = False                # read plain file paths in image/video parts
+    c.max_body_bytes = 32 << 20                # larger request bodies get 413 (base64 makes images 4/3 larger)
+    c.header_timeout_s = 10.0                  # a connection's request headers must arrive within this
+    c.body_timeout_s = 60.0                    # a request body must arrive within this after its headers (408)
+    c.keep_alive_s = 5                         # an idle keep-alive connection is closed after this
+    c.max_connections = 512                    # open connections + running requests; beyond it 503 (0 = no cap)
     return c
 
 
@@ -45,6 +50,7 @@ def main(argv: Sequence[str]) -> None:
     import uvicorn
 
     from lwm.serve import create_app
+    from lwm.serve.edge import server_config
     from lwm.serve.loading import is_vision, load_served
 
     config = parse(argv, get_default_config())
@@ -65,10 +71,13 @@ def main(argv: Sequence[str]) -> None:
                      allow_local_media=config.allow_local_media, max_n_frames=config.max_n_frames,
                      default_max_tokens=config.default_max_tokens, mesh=mesh,
                      decode_steps_per_call=config.decode_steps_per_call, warmup_prompt_lengths=warmup,
-                     batch_wait_ms=config.batch_wait_ms)
+                     batch_wait_ms=config.batch_wait_ms, max_body_bytes=config.max_body_bytes,
+                     body_timeout_s=config.body_timeout_s)
     print(f"lwm.serve: {name} on http://{config.host}:{config.port}/ (OpenAI API under /v1)", file=sys.stderr,
           flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    uvicorn.Server(server_config(app, host=config.host, port=config.port, header_timeout_s=config.header_timeout_s,
+                                 keep_alive_s=config.keep_alive_s,
+                                 max_connections=config.max_connections or None)).run()
 
 
 if __name__ == "__main__":

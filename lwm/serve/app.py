@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import io
 import itertools
 import time
@@ -23,10 +22,11 @@ import uuid
 from importlib import resources
 from typing import Optional
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from lwm.serve.errors import APIError, install_handlers, sse
+from lwm.serve.edge import Edge
+from lwm.serve.errors import APIError, install_handlers, internal_error, sse
 from lwm.serve.jobs import Job, Sampling
 from lwm.serve.schemas import ChatCompletionRequest, CompletionRequest, ImageRequest
 
@@ -34,12 +34,15 @@ from lwm.serve.schemas import ChatCompletionRequest, CompletionRequest, ImageReq
 def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_key: Optional[str] = None,
                max_batch_size: int = 8, max_queue: int = 64, allow_local_media: bool = False,
                max_n_frames: int = 8, default_max_tokens: int = 256, mesh=None, scheduler=None,
-               decode_steps_per_call: int = 16, warmup_prompt_lengths=(), batch_wait_ms: float = 20.0) -> FastAPI:
+               decode_steps_per_call: int = 16, warmup_prompt_lengths=(), batch_wait_ms: float = 20.0,
+               max_body_bytes: int = 32 << 20, body_timeout_s: float = 60.0) -> FastAPI:
     """The app over `engine` (an `lwm.inference` engine, text or vision) and its `tokenizer`.
 
     model_name: the id clients send as `model`. vqgan: an `lwm.model.vqgan.VQGAN` for vision models (required
-    for image input and image generation). api_key: when set, /v1/* needs `Authorization: Bearer KEY` (401
-    otherwise). max_batch_size: rows decoded together; max_queue: requests waiting for the engine (429 when
+    for image input and image generation). api_key: when set, every path but `/` and `/health` (so /v1/*,
+    /openapi.json, /docs) needs `Authorization: Bearer KEY` (401 otherwise, before the body is read).
+    max_body_bytes: larger request bodies get 413 (Content-Length or counted while read); body_timeout_s: a
+    body must arrive within this many seconds (408) (`lwm.serve.edge.Edge`). max_batch_size: rows decoded together; max_queue: requests waiting for the engine (429 when
     full). allow_local_media: read plain file paths in media parts. max_n_frames: frames taken from a
     video. default_max_tokens: the budget of a request that sets none (capped by the context left).
     mesh: the device mesh the engine's arrays live on (its thread runs under `jax.set_mesh(mesh)`).
@@ -75,15 +78,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     app = FastAPI(title="LWM", version="0.2.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.served, app.state.scheduler = served, sched
     install_handlers(app)
-
-    async def check_key(request: Request) -> None:       # async: FastAPI runs a plain def in a thread pool
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
-                                "key the server was started with (--api_key)", code="invalid_api_key")
+    app.add_middleware(Edge, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
 
     def check_model(name: Optional[str]) -> None:
         if name is not None and name != served.name:
@@ -114,13 +109,11 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     async def health():
         return {"status": "ok", "model": served.name, "vision": served.is_vision, **sched.stats()}
 
-    v1 = [Depends(check_key)]
-
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [served.card()]}
 
-    @app.get("/v1/models/{name}", dependencies=v1)
+    @app.get("/v1/models/{name}")
     async def model(name: str):
         check_model(name)
         return served.card()
@@ -141,7 +134,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
                 except APIError as e:
                     yield sse(e.body())
                 except Exception as e:                             # the engine failed: tell, then close
-                    yield sse(APIError(500, f"generation failed: {type(e).__name__}: {e}").body())
+                    yield sse(internal_error(e, "generation").body())
                 finally:
                     job.cancel()                                   # a client that left frees its slot
                 yield sse("[DONE]")
@@ -163,12 +156,12 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
         except APIError:
             raise
         except Exception as e:
-            raise APIError(500, f"generation failed: {type(e).__name__}: {e}") from None
+            raise internal_error(e, "generation") from None
         finally:
             watcher.cancel()
         return reason
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         prompt = await asyncio.to_thread(served.chat_prompt, req.messages)
@@ -193,10 +186,10 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
                              "finish_reason": reason, "logprobs": None, **extra(job.tokens)}],
                 "usage": job.usage(), **ids_of(req, prompt)}
 
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        prompt = served.completion_prompt(req.prompt)
+        prompt = await asyncio.to_thread(served.completion_prompt, req.prompt)   # tokenized off the loop
         job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop(), req.return_token_ids)
         extra = lambda ids: {"token_ids": list(ids)} if req.return_token_ids else {}
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -220,12 +213,12 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
                 **ids_of(req, prompt)}
 
     # ------------------------------------------------------------------------------------------ images
-    @app.post("/v1/images/generations", dependencies=v1)
+    @app.post("/v1/images/generations")
     async def images(req: ImageRequest):
         check_model(req.model)
-        served.check_image_request(req)
+        prompts = await asyncio.to_thread(served.check_image_request, req)       # ids, off the engine thread
         seed = req.seed if req.seed is not None else next(seeds)
-        frames = await sched.call(lambda: served.generate_images(req.prompt, req.n, seed=seed,
+        frames = await sched.call(lambda: served.generate_images(prompts, req.n, seed=seed,
                                                                  temperature=req.temperature, top_k=req.top_k,
                                                                  cfg_scale=req.cfg_scale))
         data = []

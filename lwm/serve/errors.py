@@ -9,6 +9,8 @@ the shape the official `openai` client turns into `openai.BadRequestError`, `Aut
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -16,8 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+log = logging.getLogger("lwm.serve")
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
@@ -34,9 +38,21 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, close: bool = False) -> JSONResponse:
+        """The JSON response; close=True adds `Connection: close` (the server drops the connection after it,
+        e.g. when the request body was left unread)."""
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if close:
+            headers["Connection"] = "close"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
+
+
+def internal_error(exc: BaseException, where: Optional[str] = None) -> APIError:
+    """A fault of the server, not of the request: logged once with its traceback under a fresh id (logger
+    'lwm.serve'), answered as a 500 whose message names only that id (no exception text, paths or values)."""
+    ident = uuid.uuid4().hex[:12]
+    log.error("internal error %s%s", ident, f" in {where}" if where else "", exc_info=exc)
+    return APIError(500, f"internal server error (logged on the server as {ident})", code="internal_error")
 
 
 def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
@@ -105,15 +121,17 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+            # FastAPI's "error parsing the body": bytes that are not UTF-8, JSON nested too deeply
+            why = "not UTF-8" if isinstance(exc.__cause__, UnicodeError) else "nested too deeply" \
+                if isinstance(exc.__cause__, RecursionError) else "unreadable"
+            return bad_request(f"the request body is not valid JSON ({why})", None, "invalid_json").response()
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         return APIError(exc.status_code, message).response()
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):       # a bug, reported without a traceback
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+    # Any other exception goes on to lwm.serve.edge.Edge: one logged 500 (internal_error).
 
 
 def sse(data: Any) -> str:

@@ -10,9 +10,13 @@ def check_flags(config: ConfigDict) -> None:
     is_vision(config)
     if not 0 <= config.port < 65536:
         raise ValueError(f"--port={config.port}: must be in [0, 65535]")
-    for flag, low in (("max_batch_size", 1), ("max_queue", 0), ("max_n_frames", 1), ("default_max_tokens", 1)):
+    for flag, low in (("max_batch_size", 1), ("max_queue", 0), ("max_n_frames", 1), ("default_max_tokens", 1),
+                      ("max_body_bytes", 1), ("keep_alive_s", 1), ("max_connections", 0)):
         if config[flag] < low:
             raise ValueError(f"--{flag}={config[flag]}: must be >= {low}")
+    for flag in ("header_timeout_s", "body_timeout_s"):
+        if not config[flag] > 0:                       # NaN included
+            raise ValueError(f"--{flag}={config[flag]}: must be > 0 seconds")
 
 
 def is_vision(config: ConfigDict) -> bool:

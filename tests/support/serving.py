@@ -11,12 +11,20 @@ from support import free_port
 
 
 @contextlib.contextmanager
-def running_server(app):
-    """Serve `app` on 127.0.0.1:<free port> in a thread; yields the base URL ('http://127.0.0.1:PORT')."""
+def running_server(app, edge: dict | None = None):
+    """Serve `app` on 127.0.0.1:<free port> in a thread; yields the base URL ('http://127.0.0.1:PORT').
+    edge: when given, the server is `python -m lwm.serve`'s (`lwm.serve.edge.server_config(app, **edge)`:
+    header deadline, connection cap); otherwise plain uvicorn."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    if edge is None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    else:
+        from lwm.serve.edge import server_config
+
+        config = server_config(app, host="127.0.0.1", port=port, **edge)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
