@@ -11,6 +11,15 @@ written as MP4 (H.264) with PyAV, in-process (no ffmpeg subprocess). Pixels reac
 them: EXIF orientation (images) and display-matrix rotation (videos) applied, every mode and bit depth
 mapped to 8-bit RGB over its full range (`to_rgb8`), and the crop box computed before resampling
 (`crop_box`), so memory does not grow with the aspect ratio.
+
+Budgets, checked from the file's header before any pixel is decoded (a 158 KB PNG can declare 9000 x 9000
+16-bit pixels; an 83 KB mp4 can hold 1,500 1080p frames): an image's decoded bytes, width x height x bytes per
+pixel of the mode Pillow decodes it to (at least 3, the 8-bit RGB copy made of it), at most `max_image_bytes`
+(default MAX_IMAGE_BYTES, 128 MiB: a 44-megapixel 8-bit RGB photo); a video's frames x width x height at most
+`max_video_pixels` (default MAX_VIDEO_PIXELS, 2**30: about 520 frames of 1080p or 3,500 of 640x480), checked
+again while decoding in case the header is missing or lies; each video frame is held to `max_image_bytes`
+too. Over a budget raises `MediaTooLarge` (a ValueError) naming the size and the budget. Only the frames kept
+(`sample_frame_indices`) are converted to RGB.
 """
 from __future__ import annotations
 
@@ -20,12 +29,45 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+MAX_IMAGE_BYTES = 1 << 27      # bytes of one decoded image or video frame (module docstring)
+MAX_VIDEO_PIXELS = 1 << 30     # frames x width x height of one video
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_WRITE_EXTENSIONS = (".mp4",)
 
 
 def is_image_path(path: str) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+class MediaTooLarge(ValueError):
+    """An image or a video whose header declares more pixels than its budget (module docstring)."""
+
+
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+                    "I": 4, "F": 4}                       # others ('RGBA', 'CMYK', ...): 4; 'I;16*': 2
+
+
+def decoded_bytes_per_pixel(mode: str) -> int:
+    """Bytes per pixel of a Pillow mode's samples ('L' 1, 'I;16' 2, 'RGB' 3, 'RGBA' 4, 'I' and 'F' 4), at least
+    3: the 8-bit RGB copy `to_rgb8` makes of it."""
+    return max(2 if mode.startswith("I;16") else _BYTES_PER_PIXEL.get(mode, 4), 3)
+
+
+def check_image_budget(width: int, height: int, mode: str, max_image_bytes: int, source: str) -> None:
+    """MediaTooLarge naming `source` when width x height x `decoded_bytes_per_pixel(mode)` > max_image_bytes."""
+    need = int(width) * int(height) * decoded_bytes_per_pixel(mode)
+    if need > max_image_bytes:
+        raise MediaTooLarge(f"{source}: the image is {width} x {height} ({mode}), {need:,} bytes decoded, over the "
+                            f"budget of {max_image_bytes:,} bytes (max_image_bytes)")
+
+
+def check_video_budget(n_frames: int, width: int, height: int, max_video_pixels: int, source: str) -> None:
+    """MediaTooLarge naming `source` when n_frames x width x height > max_video_pixels."""
+    need = int(n_frames) * int(width) * int(height)
+    if need > max_video_pixels:
+        raise MediaTooLarge(f"{source}: the video has {n_frames} frames of {width} x {height} ({need:,} pixels), "
+                            f"over the budget of {max_video_pixels:,} pixels (max_video_pixels)")
 
 
 def sample_frame_indices(num_frames: int, max_n_frames: int) -> list[int]:
@@ -94,9 +136,12 @@ def to_rgb8(image: Image.Image, background: tuple[int, int, int] = (255, 255, 25
     if mode == "RGB":
         return image
     if mode in _SIXTEEN_BIT or mode == "F":
-        values = np.asarray(image, np.float64)
+        values = np.asarray(image)                           # its own dtype (uint16 / int32 / float32)
         scale = 65535.0 if mode != "F" else 1.0
-        grey = np.clip(np.round(values * (255.0 / scale)), 0, 255).astype(np.uint8)
+        grey = np.empty(values.shape, np.uint8)
+        rows = max(1, (1 << 20) // max(values.shape[1], 1))   # float64 temporaries of ~8 MB, not of the image
+        for r in range(0, values.shape[0], rows):
+            grey[r:r + rows] = np.clip(np.round(values[r:r + rows].astype(np.float64) * (255.0 / scale)), 0, 255)
         return Image.fromarray(grey, "L").convert("RGB")
     if mode in ("La", "RGBa"):
         image = image.convert(mode.upper())                   # undo premultiplied alpha
@@ -126,18 +171,22 @@ def to_uint8(frames) -> np.ndarray:
     return np.clip(np.round((np.asarray(frames, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def read_image(path: str) -> Image.Image:
+def read_image(path: str, max_image_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
     """The image at `path` (local or fsspec URL) in its own mode, turned upright by its EXIF orientation.
-    Raises FileNotFoundError, or ValueError naming the file when it is not a readable image."""
+    Raises FileNotFoundError, MediaTooLarge from the header when it decodes to more than `max_image_bytes`
+    (`check_image_budget`; nothing decoded), or ValueError naming the file when it is not a readable image."""
     import fsspec
 
     try:
         with fsspec.open(path, "rb") as f:
-            image = Image.open(f)
+            image = Image.open(f)                             # reads the header only
+            check_image_budget(*image.size, image.mode, max_image_bytes, str(path))
             image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such image file") from None
-    except (OSError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:                 # Pillow's own limit, past ours when ours is raised
+        raise MediaTooLarge(f"{path}: {e}") from None
+    except OSError as e:
         raise ValueError(f"{path}: cannot read as an image ({e})") from None
     return oriented(image)
 
@@ -153,9 +202,8 @@ def upright(frame: np.ndarray, rotation: float) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(frame, k=turns % 4)) if turns % 4 else frame
 
 
-def _decode_video(path: str) -> Iterator[np.ndarray]:
-    """Every frame of the first video stream of `path`, as uint8 (H, W, 3) in full-range RGB (PyAV's
-    conversion from the stream's pixel format and bit depth), turned upright (`upright`)."""
+def _open_video(path: str):
+    """(container, its first video stream); FileNotFoundError or ValueError naming `path`."""
     import av
 
     if "://" not in str(path) and not os.path.exists(path):
@@ -165,56 +213,96 @@ def _decode_video(path: str) -> Iterator[np.ndarray]:
     except av.error.FFmpegError as e:
         raise ValueError(f"{path}: cannot read as a video ({e}); images must end in one of "
                          f"{IMAGE_EXTENSIONS}") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{path}: has no video stream")
+    return container, container.streams.video[0]
+
+
+def video_header(path: str) -> tuple[int, int, int]:
+    """(frames, width, height) that the container declares, nothing decoded. frames: the stream's frame count,
+    else its duration x average frame rate (rounded up), else 0 when the header says neither."""
+    container, stream = _open_video(path)
     with container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: has no video stream")
-        stream = container.streams.video[0]
+        frames = int(stream.frames or 0)
+        if frames <= 0 and stream.average_rate:
+            if stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = (container.duration or 0) / 1e6          # microseconds (AV_TIME_BASE)
+            frames = int(np.ceil(seconds * float(stream.average_rate)))
+        ctx = stream.codec_context
+        return max(frames, 0), int(ctx.width or 0), int(ctx.height or 0)
+
+
+def _decode_video(path: str, max_video_pixels: int = MAX_VIDEO_PIXELS,
+                  max_image_bytes: int = MAX_IMAGE_BYTES) -> Iterator:
+    """Every frame of the first video stream of `path` as PyAV VideoFrames, decoded but not converted (the
+    caller converts the frames it keeps, `_to_rgb`). The pixels decoded so far are held to max_video_pixels
+    and each frame to max_image_bytes (MediaTooLarge), whatever the header said."""
+    import av
+
+    container, stream = _open_video(path)
+    with container:
+        pixels = 0
         try:
-            for frame in container.decode(stream):
-                yield upright(frame.to_ndarray(format="rgb24"), frame.rotation)
+            for i, frame in enumerate(container.decode(stream)):
+                pixels += frame.width * frame.height
+                if pixels > max_video_pixels:                     # the header had no count, or lied
+                    raise MediaTooLarge(f"{path}: the video decodes to more than {max_video_pixels:,} pixels "
+                                        f"by frame {i + 1} ({frame.width} x {frame.height}), over the budget "
+                                        "(max_video_pixels)")
+                check_image_budget(frame.width, frame.height, "RGB", max_image_bytes, str(path))
+                yield frame
         except av.error.FFmpegError as e:
             raise ValueError(f"{path}: video decoding failed ({e})") from None
 
 
-def _header_frame_count(path: str) -> int:
-    """Frame count the container declares (0 when it does not say)."""
-    import av
-
-    try:
-        with av.open(path) as container:
-            return int(container.streams.video[0].frames) if container.streams.video else 0
-    except av.error.FFmpegError:
-        return 0
+def _to_rgb(frame) -> np.ndarray:
+    """A PyAV VideoFrame -> uint8 (H, W, 3) full-range RGB (PyAV's conversion from the stream's pixel format and
+    bit depth), turned upright (`upright`)."""
+    return upright(frame.to_ndarray(format="rgb24"), frame.rotation)
 
 
-def read_video_frames(path: str, max_n_frames: int) -> list[np.ndarray]:
+def read_video_frames(path: str, max_n_frames: int, max_video_pixels: int = MAX_VIDEO_PIXELS,
+                      max_image_bytes: int = MAX_IMAGE_BYTES) -> list[np.ndarray]:
     """At most `max_n_frames` frames of a video, chosen by `sample_frame_indices`, as uint8 (H, W, 3) arrays.
-    Only the chosen frames are kept in memory. When the container's frame count is missing or wrong, the
-    frames are counted by decoding and the choice is made again."""
-    declared = _header_frame_count(path)
+    The header is checked against the budgets first (`video_header`, `check_video_budget`, `check_image_budget`:
+    MediaTooLarge before anything is decoded); only the chosen frames are converted to RGB and kept. When the
+    header's frame count is missing or wrong, the frames counted while decoding choose again, and a second pass
+    keeps those."""
+    declared, width, height = video_header(path)
+    check_image_budget(width, height, "RGB", max_image_bytes, str(path))
+    check_video_budget(declared, width, height, max_video_pixels, str(path))
+    total = 0
     if declared > 0:
         wanted = set(sample_frame_indices(declared, max_n_frames))
-        kept, total = [], 0
-        for i, frame in enumerate(_decode_video(path)):
+        kept = []
+        for i, frame in enumerate(_decode_video(path, max_video_pixels, max_image_bytes)):
             total = i + 1
             if i in wanted:
-                kept.append(frame)
+                kept.append(_to_rgb(frame))
         if total == declared:
             return kept
-    total = sum(1 for _ in _decode_video(path))
+    else:
+        total = sum(1 for _ in _decode_video(path, max_video_pixels, max_image_bytes))
     if total == 0:
         raise ValueError(f"{path}: the video has no frames")
     wanted = set(sample_frame_indices(total, max_n_frames))
-    return [frame for i, frame in enumerate(_decode_video(path)) if i in wanted]
+    return [_to_rgb(frame) for i, frame in enumerate(_decode_video(path, max_video_pixels, max_image_bytes))
+            if i in wanted]
 
 
-def load_frames(path: str, size: int, max_n_frames: int = 1) -> np.ndarray:
+def load_frames(path: str, size: int, max_n_frames: int = 1, max_image_bytes: int = MAX_IMAGE_BYTES,
+                max_video_pixels: int = MAX_VIDEO_PIXELS) -> np.ndarray:
     """An image file (by extension, IMAGE_EXTENSIONS) or a video -> float32 (T, size, size, 3) in [-1, 1],
-    each frame resized and centre-cropped (`resize_center_crop`); T = 1 for an image, <= max_n_frames else."""
+    each frame resized and centre-cropped (`resize_center_crop`); T = 1 for an image, <= max_n_frames else.
+    MediaTooLarge (a ValueError) from the header when over a budget (module docstring)."""
     if is_image_path(path):
-        frames = [resize_center_crop(read_image(path), size)]
+        frames = [resize_center_crop(read_image(path, max_image_bytes), size)]
     else:
-        frames = [resize_center_crop(f, size) for f in read_video_frames(path, max_n_frames)]
+        frames = [resize_center_crop(f, size)
+                  for f in read_video_frames(path, max_n_frames, max_video_pixels, max_image_bytes)]
     return to_model_range(np.stack(frames))
 
 
