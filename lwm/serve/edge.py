@@ -7,9 +7,11 @@
                --(an exception no handler took: one logged 500 without internals)
 
 uvicorn has settings for idle keep-alive connections and for the number of open connections, none for how long
-a client may take to send its headers or its body, and neither uvicorn nor Starlette bounds a request body; so
-`Edge` (a pure ASGI middleware) reads the body itself, counting bytes as they arrive (chunked bodies included),
-and `server_config` builds uvicorn's protocol with a header deadline. The flags are `python -m lwm.serve`'s
+a client may take to send its headers or its body; so `server_config` builds uvicorn's protocol with a header
+deadline, and `Edge` (a pure ASGI middleware) reads the body itself under a deadline, counting bytes as they
+arrive (chunked bodies included). Starlette >= 1.6 and recent FastAPI have a body cap of their own
+(`max_body_size`), but this project supports starlette >= 0.40 / fastapi >= 0.115 (pyproject.toml), which have
+none, and the body deadline needs the read here anyway. The flags are `python -m lwm.serve`'s
 (docs/serve.md, "Limits").
 """
 from __future__ import annotations
