@@ -27,6 +27,8 @@ def get_default_config() -> ConfigDict:
     runtime.vision_flags(c)                    # the model flags, --vqgan_*, --seed
     c.tokenizer = "LargeWorldModel/LWM-Text-Chat-1M"
     c.max_n_frames = 8                         # frames taken from a video
+    c.max_image_bytes = 1 << 27                # an image decoding to more bytes (W x H x bytes/pixel) is a 400
+    c.max_video_pixels = 1 << 30               # a video of more frames x width x height is a 400
     c.model_name = ""                          # the id clients send as `model`; '' = 'lwm-text' / 'lwm-vision'
     c.host = "127.0.0.1"
     c.port = 8000
@@ -72,7 +74,8 @@ def main(argv: Sequence[str]) -> None:
                      default_max_tokens=config.default_max_tokens, mesh=mesh,
                      decode_steps_per_call=config.decode_steps_per_call, warmup_prompt_lengths=warmup,
                      batch_wait_ms=config.batch_wait_ms, max_body_bytes=config.max_body_bytes,
-                     body_timeout_s=config.body_timeout_s)
+                     body_timeout_s=config.body_timeout_s, max_image_bytes=config.max_image_bytes,
+                     max_video_pixels=config.max_video_pixels)
     print(f"lwm.serve: {name} on http://{config.host}:{config.port}/ (OpenAI API under /v1)", file=sys.stderr,
           flush=True)
     uvicorn.Server(server_config(app, host=config.host, port=config.port, header_timeout_s=config.header_timeout_s,

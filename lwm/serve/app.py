@@ -35,7 +35,8 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
                max_batch_size: int = 8, max_queue: int = 64, allow_local_media: bool = False,
                max_n_frames: int = 8, default_max_tokens: int = 256, mesh=None, scheduler=None,
                decode_steps_per_call: int = 16, warmup_prompt_lengths=(), batch_wait_ms: float = 20.0,
-               max_body_bytes: int = 32 << 20, body_timeout_s: float = 60.0) -> FastAPI:
+               max_body_bytes: int = 32 << 20, body_timeout_s: float = 60.0, max_image_bytes: int = 1 << 27,
+               max_video_pixels: int = 1 << 30) -> FastAPI:
     """The app over `engine` (an `lwm.inference` engine, text or vision) and its `tokenizer`.
 
     model_name: the id clients send as `model`. vqgan: an `lwm.model.vqgan.VQGAN` for vision models (required
@@ -44,7 +45,9 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     max_body_bytes: larger request bodies get 413 (Content-Length or counted while read); body_timeout_s: a
     body must arrive within this many seconds (408) (`lwm.serve.edge.Edge`). max_batch_size: rows decoded together; max_queue: requests waiting for the engine (429 when
     full). allow_local_media: read plain file paths in media parts. max_n_frames: frames taken from a
-    video. default_max_tokens: the budget of a request that sets none (capped by the context left).
+    video. max_image_bytes / max_video_pixels: media refused (400) from their header when an image decodes to
+    more bytes / a video to more frames x width x height (`lwm.utils.vision_io`). default_max_tokens: the
+    budget of a request that sets none (capped by the context left).
     mesh: the device mesh the engine's arrays live on (its thread runs under `jax.set_mesh(mesh)`).
     decode_steps_per_call: decode steps per engine call while no request waits for a slot (one while some
     do, so they are admitted at the next step): fewer host round trips and server-sent events per token, at
@@ -60,7 +63,8 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     from lwm.serve.scheduler import Scheduler
 
     served = ServedModel(engine, tokenizer, model_name, vqgan=vqgan, allow_local_media=allow_local_media,
-                         max_n_frames=max_n_frames)
+                         max_n_frames=max_n_frames, max_image_bytes=max_image_bytes,
+                         max_video_pixels=max_video_pixels)
     own = scheduler is None
     sched = scheduler or Scheduler(served, max_batch_size=max_batch_size, max_queue=max_queue, mesh=mesh,
                                    steps_per_call=decode_steps_per_call, warmup_prompt_lengths=warmup_prompt_lengths,

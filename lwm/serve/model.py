@@ -31,7 +31,8 @@ class MediaPrompt:
 
 class ServedModel:
     def __init__(self, engine, tokenizer, name: str, *, vqgan=None, allow_local_media: bool = False,
-                 max_n_frames: int = 8):
+                 max_n_frames: int = 8, max_image_bytes: int = 1 << 27, max_video_pixels: int = 1 << 30):
+        self.media_budgets = dict(max_image_bytes=max_image_bytes, max_video_pixels=max_video_pixels)
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
         self.vqgan, self.allow_local_media, self.max_n_frames = vqgan, allow_local_media, max_n_frames
         self.config = engine.config
@@ -121,7 +122,8 @@ class ServedModel:
         turn = user_turn_text(last + "\n", first, system)
         if not turn.endswith(suffix):
             raise RuntimeError(f"lwm.text.chat_template's user turn no longer ends with {suffix!r}")
-        frames = frames_from_parts(media, self.vqgan.config.resolution, self.max_n_frames, self.allow_local_media)
+        frames = frames_from_parts(media, self.vqgan.config.resolution, self.max_n_frames, self.allow_local_media,
+                                   **self.media_budgets)
         self.check_length(len(head) + 2 + len(frames) * (self.vqgan.config.codes_per_side ** 2 + 1), 1)
         _, codes = self.vqgan.encode(frames)
         vision = [int(v) for v in vision_tokens(np.asarray(codes))]

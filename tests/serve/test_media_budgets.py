@@ -157,3 +157,46 @@ def test_the_default_video_budget_refuses_the_issue_clip():
     with pytest.raises(vision_io.MediaTooLarge, match="max_video_pixels"):
         vision_io.check_video_budget(1500, 1920, 1080, vision_io.MAX_VIDEO_PIXELS, "clip.mp4")
     vision_io.check_video_budget(8, 1920, 1080, vision_io.MAX_VIDEO_PIXELS, "clip.mp4")
+
+
+def test_the_server_passes_its_budgets_to_the_media(tmp_path):
+    """`create_app(max_image_bytes=...)` -> ServedModel -> frames_from_parts: a 2000 x 2000 16-bit image is a 400
+    naming the budget in a served model built with an 8 MB budget, and gets past the media step (to the VQGAN,
+    a stub that stops there) in one built with the default (control). The flag defaults are the library's."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    import io
+
+    from lwm.serve.__main__ import get_default_config
+    from lwm.serve.loading import check_flags
+    from lwm.serve.model import ServedModel
+    from support import small_tokenizer
+
+    class Reached(Exception):
+        pass
+
+    class StubVQGAN:
+        config = SimpleNamespace(resolution=32, codes_per_side=8)
+
+        def encode(self, frames):
+            raise Reached(frames.shape)
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((2000, 2000), np.uint16)).save(buf, format="PNG")
+    media = [("image", _data_url(buf.getvalue(), "image/png"), "messages[0].content[1]")]
+    plain = [{"role": "user", "content": "what is in the picture"}]
+    engine = SimpleNamespace(config=SimpleNamespace(vision_vocab_size=8, max_sequence_length=4096))
+    tok = small_tokenizer(tmp_path)
+    small = ServedModel(engine, tok, "m", vqgan=StubVQGAN(), max_image_bytes=8 << 20)
+    with pytest.raises(APIError, match=r"over the budget of 8,388,608 bytes \(max_image_bytes\)") as info:
+        small.vision_prompt(plain, media)
+    assert info.value.status == 400 and info.value.param == "messages[0].content[1]"
+    with pytest.raises(Reached, match=r"\(1, 32, 32, 3\)"):                     # control: the default budget
+        ServedModel(engine, tok, "m", vqgan=StubVQGAN()).vision_prompt(plain, media)
+
+    config = get_default_config()
+    assert (config.max_image_bytes, config.max_video_pixels) == (vision_io.MAX_IMAGE_BYTES, vision_io.MAX_VIDEO_PIXELS)
+    config.max_video_pixels = 0
+    with pytest.raises(ValueError, match=r"--max_video_pixels=0: must be >= 1"):
+        check_flags(config)
