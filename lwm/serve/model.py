@@ -5,7 +5,14 @@
                                vision model with media parts a vision prompt (ids + vision mask)
   completion_prompt(prompt)    text -> [BOS] + ids; token ids as given
   check_length(n, max_tokens)  400 'context_length_exceeded' naming max_sequence_length
+  check_chars(n_chars, param)  the same refusal from a text's length in characters, before tokenizing it
+  check_image_request(req)     vision models: the request's (cond, uncond) prompt ids, or a 400
   generate_images(...)         vision models: text -> (n, R, R, 3) uint8 frames
+
+Tokenizing is the caller's thread's work: the app runs `chat_prompt`, `completion_prompt` and
+`check_image_request` in a worker thread (sentencepiece releases the GIL while it encodes), never on the event
+loop nor on the engine thread, and a text too long for the context by its character count alone is refused
+before it is tokenized (`check_chars`).
 """
 from __future__ import annotations
 
@@ -30,6 +37,14 @@ class MediaPrompt:
 
 
 class ServedModel:
+    """max_chars_per_token: a text of more than max_chars_per_token * max_sequence_length characters is refused
+    without tokenizing it (`check_chars`). A token covers at most its vocabulary piece's characters (LLaMA's
+    longest pieces are 16 characters; byte-fallback tokens cover less than one), so the default 32 refuses
+    only texts that could not fit, unless the tokenizer's normalizer shrinks text (collapsing whitespace:
+    not LLaMA's)."""
+
+    max_chars_per_token = 32
+
     def __init__(self, engine, tokenizer, name: str, *, vqgan=None, allow_local_media: bool = False,
                  max_n_frames: int = 8, max_image_bytes: int = 1 << 27, max_video_pixels: int = 1 << 30):
         self.media_budgets = dict(max_image_bytes=max_image_bytes, max_video_pixels=max_video_pixels)
@@ -57,9 +72,23 @@ class ServedModel:
                                 f"prompt has {prompt_len} tokens{asked} = {need}; shorten the {param} or lower "
                                 f"max_tokens", param=param, code="context_length_exceeded")
 
+    def check_chars(self, n_chars: int, param: str = "messages") -> None:
+        """400 'context_length_exceeded' when a text of n_chars characters cannot fit the context however it
+        tokenizes (more than max_chars_per_token characters per token of max_sequence_length): the cheap bound
+        checked before tokenizing, so a 20 MB prompt costs its length, not its tokenization."""
+        limit = self.max_chars_per_token * self.max_sequence_length
+        if n_chars > limit:
+            raise APIError(400, f"this model's maximum context length (max_sequence_length) is "
+                                f"{self.max_sequence_length} tokens; the {param} has {n_chars} characters, more than "
+                                f"{limit} ({self.max_chars_per_token} per token) could ever fit; shorten the {param}",
+                           param=param, code="context_length_exceeded")
+
     # ------------------------------------------------------------------------------------------ prompts
     def completion_prompt(self, prompt) -> list[int]:
+        """Text -> [BOS] + ids (refused by its length first, `check_chars`); token ids are checked against
+        the vocabulary and returned as given. Tokenizes on the calling thread."""
         if isinstance(prompt, str):
+            self.check_chars(len(prompt), "prompt")
             return [self.tokenizer.bos_id] + list(self.tokenizer.encode(prompt))
         vocab = self.tokenizer.vocab_size
         bad = [i for i in prompt if not 0 <= i < vocab]
@@ -69,9 +98,12 @@ class ServedModel:
 
     def chat_prompt(self, messages: Sequence) -> object:
         """Pydantic ChatMessages -> prompt. Text parts of one message are joined with newlines; media parts
-        need a vision model and may sit in the last user message only."""
+        need a vision model and may sit in the last user message only. Refused by the texts' total length
+        before anything is tokenized (`check_chars`). Tokenizes on the calling thread."""
         from lwm.text.chat_template import conversation_ids
 
+        self.check_chars(sum(len(m.content) if isinstance(m.content, str) else
+                             sum(len(p.text) for p in m.content if p.type == "text") for m in messages))
         plain, media = [], []
         for i, m in enumerate(messages):
             if isinstance(m.content, str):
@@ -133,30 +165,43 @@ class ServedModel:
         return MediaPrompt(tuple(i for ids, _ in pieces for i in ids),
                            tuple(v for ids, v in pieces for _ in ids))
 
-    def check_image_request(self, req) -> None:
+    def check_image_request(self, req) -> tuple:
+        """The (cond, uncond) prompt ids of an image request (`image_prompts`), or a 400: not a vision model,
+        a size other than the VQGAN's, a prompt too long. Tokenizes on the calling thread (the app calls it in
+        a worker thread, so the engine thread that runs `generate_images` never tokenizes)."""
         if not self.is_vision or self.vqgan is None:
             raise bad_request(f"model {self.name!r} cannot generate images: start the server with a vision model "
                               "(--modality=vision) and its VQGAN", "model", "images_not_supported")
         side = self.vqgan.config.resolution
         if req.size is not None and req.size != f"{side}x{side}":
             raise bad_request(f"size: this model makes {side}x{side} images, not {req.size}", "size")
+        return self.image_prompts(req.prompt)
 
-    def generate_images(self, prompt: str, n: int, *, seed: int, temperature: float, top_k: int,
+    def image_prompts(self, prompt: str) -> tuple:
+        """(cond, uncond) ids of the original's text-to-image recipe (`lwm.text.chat_template.
+        vision_generation_prompts` of "Generate an image of {prompt}"), refused first by the prompt's length
+        in characters (`check_chars`), then by its tokens plus one frame (`check_length`)."""
+        from lwm.text.chat_template import vision_generation_prompts
+
+        self.check_chars(len(prompt), "prompt")
+        cond, uncond = vision_generation_prompts(self.tokenizer, f"Generate an image of {prompt}")
+        self.check_length(max(len(cond), len(uncond)), self.vqgan.config.codes_per_side ** 2 + 1, "prompt")
+        return cond, uncond
+
+    def generate_images(self, prompt, n: int, *, seed: int, temperature: float, top_k: int,
                         cfg_scale: float) -> list[np.ndarray]:
-        """n images for `prompt` by the original's text-to-image recipe (`lwm.inference.vision.generate_frames`:
+        """prompt: the (cond, uncond) ids of `image_prompts` (or a text, tokenized here). n images for it by the original's text-to-image recipe (`lwm.inference.vision.generate_frames`:
         "Generate an image of {prompt}" against "<vision>", classifier-free guidance when cfg_scale != 1,
         forced end-of-frame), then the VQGAN decode, on one image engine kept for the server's lifetime so
         requests after the first reuse its compiled steps. Returns n uint8 (R, R, 3) frames. Runs on the
         engine thread."""
-        from lwm.text.chat_template import vision_generation_prompts
         from lwm.inference.engine import Engine
         from lwm.inference.vision import FrameSampling, generate_frames
         from lwm.utils.vision_io import to_uint8
 
         side = self.vqgan.config.codes_per_side
         per_frame = side * side + 1
-        cond, uncond = vision_generation_prompts(self.tokenizer, f"Generate an image of {prompt}")
-        self.check_length(max(len(cond), len(uncond)), per_frame, "prompt")
+        cond, uncond = self.image_prompts(prompt) if isinstance(prompt, str) else prompt
         if self._image_engine is None:
             model = self.engine.model
             image_model = type(model)(self.config.replace(sample_mode="vision"), dtype=model.dtype,

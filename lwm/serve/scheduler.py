@@ -16,6 +16,10 @@ it at the next step.
 A job whose client left before it started is dropped from the queue. While nothing decodes, the first
 arrivals of a burst wait up to batch_wait_s for the rest (`_gather`); `warmup_prompt_lengths` compiles the
 serving shapes of those prompt lengths before `start()` returns (`_warmup`).
+Faults stay per request where they can be told apart: a batched prefill that fails is retried job by job
+(`_insert`), so only the job that fails alone gets the error; a fault in feeding one job its tokens ends that
+job alone (`_took`). Only a fault in a decode step itself (which serves every row at once) fails the jobs
+decoding, each with one 500 whose message holds no internals (the traceback goes to the server's log).
 """
 from __future__ import annotations
 
@@ -313,16 +317,7 @@ class Scheduler:
             for rows in self._chunks(len(members), sizes):
                 part = members[start:start + rows]
                 start += len(part)
-                try:
-                    pool[2] = self.served.insert_many(pool[3], pool[2], [s - pool[0] for s, _ in part],
-                                                      [j for _, j in part], rows, prefill_engine=pools[0][3])
-                except Exception as e:
-                    if not isinstance(e, APIError):
-                        traceback.print_exc()
-                        e = APIError(500, f"prefill failed: {type(e).__name__}: {e}")
-                    for slot, job in part:
-                        job.finish("error", e)
-                        self._release(slot)
+                self._insert(pools, pool, part, rows, sizes[0])
         with posts_batched():                             # one event-loop wake-up for all first tokens
             for pool in pools:
                 offset, size, state, engine = pool
@@ -334,6 +329,41 @@ class Scheduler:
                          if self._took(slot, job, [int(tokens[slot - offset])], bool(going[slot - offset]))]
                 if ended:
                     pool[2] = engine.free(pool[2], ended)
+
+    def _insert(self, pools, pool, part: list, rows: int, alone_rows: int) -> None:
+        """Prefill and insert the (slot, job) pairs `part` as one batch of `rows` rows; when that fails, each
+        job again alone (a batch of alone_rows rows, the ladder's smallest), so that a request that fails
+        inside a batched prefill fails alone and its neighbours are served. A job that fails alone finishes
+        with its error: an APIError as it is, anything else as one logged 500 whose message carries no
+        internals. Raises (the caller fails every running job) only when the failed call consumed the decode
+        state it was given (a fault inside the compiled insert, which donates the state)."""
+        import jax
+
+        def attempt(members, n_rows) -> Optional[BaseException]:
+            try:
+                pool[2] = self.served.insert_many(pool[3], pool[2], [s - pool[0] for s, _ in members],
+                                                  [j for _, j in members], n_rows, prefill_engine=pools[0][3])
+                return None
+            except Exception as e:
+                if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(pool[2])):
+                    raise
+                return e
+
+        error = attempt(part, rows)
+        if error is None:
+            return
+        tries = [(member, error) for member in part] if len(part) == 1 else \
+                [(member, attempt([member], alone_rows)) for member in part]
+        for (slot, job), e in tries:
+            if e is None:
+                continue
+            if not isinstance(e, APIError):
+                print(f"lwm.serve: the prefill of one request failed ({len(job.prompt)} prompt tokens):", flush=True)
+                traceback.print_exception(e)
+                e = APIError(500, "the server failed to prefill this request (logged on the server)",
+                             code="internal_error")
+            job.finish("error", e)
+            self._release(slot)
 
     def _consolidate(self, pools) -> None:
         """Jobs decoding in smaller states move (`Engine.move`) into the largest state that is decoding, when
@@ -359,8 +389,15 @@ class Scheduler:
         """Feed `job` (in decode slot `slot`) the tokens its slot drew; going: whether the engine keeps the
         slot on. A job that ends here (EOS, a stop string, its budget, its client gone) gives up its slot;
         returns True then, and the caller frees the row in the engine's state (`Engine.free`, one call for
-        all the rows that ended in a step)."""
-        job.feed_many(tokens)
+        all the rows that ended in a step). A fault in feeding the job (decoding its text) ends this job
+        alone, as one logged 500."""
+        try:
+            job.feed_many(tokens)
+        except Exception as e:                          # this job's fault (its text, its stop strings): its own
+            print("lwm.serve: one request failed while reading its tokens:", flush=True)
+            traceback.print_exception(e)
+            job.finish("error", APIError(500, "the server failed to read this request's tokens (logged on the "
+                                              "server)", code="internal_error"))
         if not job.finished and not going:              # the engine ended it: budget spent
             job.finish("length")
         if job.finished:
@@ -422,7 +459,8 @@ class Scheduler:
                 traceback.print_exc()
                 for slot, job in enumerate(self.running):
                     if job is not None:
-                        job.finish("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+                        job.finish("error", APIError(500, "the server failed while decoding (logged on the "
+                                                          "server)", code="internal_error"))
                         self._release(slot)
                 for pool in pools:
                     pool[2] = None

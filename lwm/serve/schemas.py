@@ -3,6 +3,18 @@
 Unknown fields are refused (`extra="forbid"`): a misspelt `max_token` is an error, not a silent default.
 Responses are plain dicts in the OpenAI shapes (built in `lwm.serve.app`).
 
+Every value is checked here, before any work, and a bad one is refused as one 400 line naming its field
+(`lwm.serve.errors.validation_error`):
+  - text fields (`Text`: message content and parts, prompt, stop, model, user, ...) must be valid Unicode: a
+    lone UTF-16 surrogate ("\\ud800", which JSON can carry but UTF-8 cannot) is refused, never handed to the
+    tokenizer;
+  - float fields (`Finite`: temperature, top_p, the penalties, cfg_scale) refuse NaN and +-infinity by name
+    (Python's JSON reader accepts `NaN` and `Infinity`);
+  - `seed` takes OpenAI's int64 range and is folded to the engine's uint32 seeds by `fold_seed`;
+  - OpenAI fields this server does not implement (`frequency_penalty`, `presence_penalty`, `logit_bias`,
+    `logprobs`, ...) are accepted at their neutral value (the one that changes nothing) and refused in one
+    line ("not supported") at any other.
+
 Accepted content of a chat message: a string, or a list of parts
     {"type": "text", "text": "..."}
     {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}      PNG or JPEG (or an mp4 video)
@@ -12,23 +24,107 @@ server runs with --allow_local_media.
 """
 from __future__ import annotations
 
-from typing import Annotated, List, Literal, Optional, Union
+import json
+import math
+import re
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
+                      field_validator)
 
-_STRICT = ConfigDict(extra="forbid")
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(value: str) -> str:
+    """Refuse a lone UTF-16 surrogate (U+D800..U+DFFF): JSON's "\\ud800" escape decodes to one, which no UTF-8
+    text (and so no tokenizer) can hold. One regex scan, no copy of the text."""
+    hit = _SURROGATE.search(value)
+    if hit is not None:
+        raise ValueError(f"contains a lone surrogate U+{ord(hit.group()):04X} at character {hit.start()}; text must "
+                         "be valid Unicode (a surrogate is only valid as half of a \\ud83d\\ude00-style pair)")
+    return value
+
+
+def _finite(value: Any) -> Any:
+    """Refuse NaN and +-infinity by name (before the range checks, which would call NaN 'not <= 2')."""
+    if isinstance(value, (float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            return value                          # not a number: pydantic's type check says so
+        if not math.isfinite(number):
+            raise ValueError(f"NaN and infinity are not accepted (got {value!r}); give a finite number")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_surrogates)]
+Finite = BeforeValidator(_finite)
+
+
+def fold_seed(seed: int) -> int:
+    """An OpenAI seed (int64, [-2**63, 2**63 - 1]) -> the engine's seed (uint32, [0, 2**32), what
+    `jax.random.PRNGKey` takes): the seed's 64-bit two's complement word w, then (w >> 32) XOR (w mod 2**32).
+    Seeds in [0, 2**32) are unchanged; -1 -> 0 (0xFFFFFFFF ^ 0xFFFFFFFF), 2**32 -> 1. Deterministic: one seed
+    always draws the same stream. Raises ValueError outside int64."""
+    if not INT64_MIN <= seed <= INT64_MAX:
+        raise ValueError(f"must be an integer in OpenAI's int64 range [-2**63, 2**63 - 1]; got {seed}")
+    word = seed % 2 ** 64
+    return (word >> 32) ^ (word & 0xFFFFFFFF)
+
+
+def _seed(value: Optional[int]) -> Optional[int]:
+    return None if value is None else fold_seed(value)
+
+
+Seed = Annotated[Optional[int], AfterValidator(_seed)]
+
+
+def _json(value) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _either(text, other):
+    """`text` for a JSON string, `other` for anything else: a union whose refusal reports only the branch the
+    value's JSON type picks (a plain Union reports the string branch's 'should be a valid string' for a list).
+    The tags hold a '-' so `lwm.serve.errors` leaves them out of the field's name."""
+    return Annotated[Union[Annotated[text, Tag("as-string")], Annotated[other, Tag("as-other")]],
+                     Discriminator(lambda v: "as-string" if isinstance(v, str) else "as-other")]
+
+
+def _neutral(*accepted, what: str):
+    """A validator for an OpenAI field this server does not implement: null and the values in `accepted` (its
+    neutral values, which change nothing) pass; any other is refused as 'not supported'."""
+    def check(value):
+        if value is None or any(value == a for a in accepted):
+            return value
+        raise ValueError(f"{_json(value)} is not supported by this server ({what}); leave it out or send "
+                         + " or ".join(_json(a) for a in accepted))
+    return AfterValidator(check)
+
+
+_NO_PENALTY = _neutral(0, what="it samples without repetition penalties")
+_NO_PENALTY = _neutral(0, what="it samples without repetition penalties")
+Penalty = Annotated[Optional[float], Finite, _NO_PENALTY]
+LogitBias = Annotated[Optional[Dict[str, float]], _neutral({}, what="it does not bias logits")]
+One = Annotated[int, _neutral(1, what="it returns one choice per request")]
 
 
 class MediaURL(BaseModel):
     model_config = _STRICT
-    url: str
+    url: Text
     detail: Optional[Literal["auto", "low", "high"]] = None      # accepted for compatibility; no effect
 
 
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(BaseModel):
@@ -43,14 +139,27 @@ class VideoPart(BaseModel):
     video_url: MediaURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+_PART_TYPES = ("text", "image_url", "video_url")
+
+
+def _part_tag(value):
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"part-{kind}" if kind in _PART_TYPES else None
+
+
+# Tagged 'part-...' (not by the bare "type", which would name a field 'content[0].text.text' in a refusal).
+ContentPart = Annotated[Union[Annotated[TextPart, Tag("part-text")], Annotated[ImagePart, Tag("part-image_url")],
+                              Annotated[VideoPart, Tag("part-video_url")]],
+                        Discriminator(_part_tag, custom_error_type="invalid_part_type",
+                                      custom_error_message="a content part's type must be 'text', 'image_url' or "
+                                                           "'video_url'")]
 
 
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "user", "assistant"]
-    content: Union[str, List[ContentPart]]
-    name: Optional[str] = None                                    # accepted; not part of the LWM template
+    content: _either(Text, List[ContentPart])
+    name: Optional[Text] = None                                   # accepted; not part of the LWM template
 
 
 class StreamOptions(BaseModel):
@@ -70,18 +179,22 @@ def _stops(value):
 
 
 class _Sampling(BaseModel):
-    """Fields both completion endpoints share. temperature 0 is greedy (argmax)."""
+    """Fields both completion endpoints share. temperature 0 is greedy (argmax). seed: int64, folded to the
+    engine's uint32 (`fold_seed`). The penalties, logit_bias and n: neutral values only."""
     model_config = _STRICT
-    model: str
+    model: Text
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Union[str, List[str], None] = None
-    seed: Optional[int] = None
+    temperature: Annotated[float, Finite] = Field(1.0, ge=0.0, le=2.0)
+    top_p: Annotated[float, Finite] = Field(1.0, gt=0.0, le=1.0)
+    stop: Optional[_either(Text, List[Text])] = None
+    seed: Seed = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    user: Optional[str] = None
+    n: One = 1
+    user: Optional[Text] = None
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
+    logit_bias: LogitBias = None
     return_token_ids: bool = False          # vLLM's extension: token ids beside the text (streamed per token)
 
     @field_validator("stop")
@@ -93,12 +206,21 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)      # the newer name of max_tokens
+    logprobs: Annotated[Optional[bool], _neutral(False, what="it returns no log-probabilities")] = None
+    top_logprobs: Annotated[Optional[int], _neutral(0, what="it returns no log-probabilities")] = None
+    response_format: Annotated[Optional[Dict[str, Any]],
+                               _neutral({"type": "text"}, what="it generates plain text only")] = None
+    tools: Annotated[Optional[List[Dict[str, Any]]], _neutral([], what="it does not call tools")] = None
+    tool_choice: Annotated[Optional[Text], _neutral("none", what="it does not call tools")] = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, List[int]]
+    prompt: _either(Text, List[int])
     max_tokens: Optional[int] = Field(16, ge=1)                   # OpenAI's default for /v1/completions
     echo: bool = False
+    best_of: Annotated[Optional[int], _neutral(1, what="it draws one answer per request")] = None
+    logprobs: Annotated[Optional[int], _neutral(0, what="it returns no log-probabilities")] = None
+    suffix: Annotated[Optional[Text], _neutral("", what="it does not fill in the middle")] = None
 
     @field_validator("prompt")
     @classmethod
@@ -110,13 +232,13 @@ class CompletionRequest(_Sampling):
 
 class ImageRequest(BaseModel):
     model_config = _STRICT
-    prompt: str = Field(min_length=1)
-    model: Optional[str] = None
+    prompt: Text = Field(min_length=1)
+    model: Optional[Text] = None
     n: int = Field(1, ge=1, le=4)
-    size: Optional[str] = None                                    # must be the VQGAN's "RxR" when given
+    size: Optional[Text] = None                                   # must be the VQGAN's "RxR" when given
     response_format: Literal["b64_json"] = "b64_json"
-    seed: Optional[int] = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    seed: Seed = None
+    temperature: Annotated[float, Finite] = Field(1.0, ge=0.0, le=2.0)
     top_k: int = Field(0, ge=0)                                   # 0 = every code
-    cfg_scale: float = Field(1.0, ge=0.0, le=50.0)               # classifier-free guidance; 1 = none
-    user: Optional[str] = None
+    cfg_scale: Annotated[float, Finite] = Field(1.0, ge=0.0, le=50.0)   # classifier-free guidance; 1 = none
+    user: Optional[Text] = None
