@@ -154,7 +154,14 @@ def iter_streaming(path: str) -> Iterator[tuple[Key, Any]]:
     with _open(path, "rb") as f:
         # raw=True: msgpack < 1.0 packed bytes as the str type; keys are decoded below, tensors stay bytes.
         unpacker = msgpack.Unpacker(f, read_size=_READ_SIZE, max_buffer_size=_MAX_RECORD_BYTES, raw=True)
-        for i, record in enumerate(unpacker):
+        for i in range(1 << 62):
+            try:
+                record = next(unpacker)
+            except StopIteration:
+                break
+            except Exception as e:      # msgpack's errors (bad bytes, a map key of the wrong type) name no file
+                raise CheckpointError(f"{path}: record {i} is unreadable ({type(e).__name__}: {e}); not a "
+                                      f"streaming checkpoint, or a corrupt one") from None
             if not (isinstance(record, list) and len(record) == 2 and isinstance(record[0], list)
                     and isinstance(record[1], bytes) and all(isinstance(k, bytes) for k in record[0])):
                 raise CheckpointError(
@@ -283,7 +290,13 @@ def load_streaming(path: str, target: Any = None, shardings: Any = None, float_d
 def load_flax_msgpack(path: str, target: Any = None, shardings: Any = None, float_dtype: Any = None) -> Any:
     """Read a whole-tree `flax.serialization.msgpack_serialize` file (the original's `flax_params::`)."""
     with _open(path, "rb") as f:
-        state = flax.serialization.msgpack_restore(f.read())
+        raw = f.read()
+    try:
+        state = flax.serialization.msgpack_restore(raw)
+    except Exception as e:      # msgpack's errors ("unpack(b) received extra data.") name no file
+        raise CheckpointError(f"{path}: not a flax msgpack file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: not a flax msgpack parameter tree (a {type(state).__name__})")
     out = _Assembler(path, target, shardings, float_dtype)
     for key, value in flatten_dict(state).items():
         out.add(key, value)

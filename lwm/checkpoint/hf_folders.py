@@ -33,6 +33,32 @@ _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _safe_open(path: str):
+    """safetensors' safe_open, with a header error (truncated, not safetensors) as ValueError naming `path`."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(e)}); truncated or "
+                         f"corrupt shard?") from None
+
+
+def _read_json(path: str) -> Any:
+    """json.load of a file, with a parse or decode error as ValueError naming `path`."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 class HFWeights(Mapping):
     """{HF tensor name: numpy array}, read one tensor at a time from a folder's weight files (a sharded
     index, one file, plus `vision.safetensors` if present). bf16 comes back as ml_dtypes.bfloat16."""
@@ -43,11 +69,10 @@ class HFWeights(Mapping):
         for index in _INDEXES:
             path = os.path.join(directory, index)
             if os.path.isfile(path):
-                with open(path) as f:
-                    try:
-                        weight_map = json.load(f)["weight_map"]
-                    except (json.JSONDecodeError, KeyError) as e:
-                        raise ValueError(f"{path}: not a weight index with a 'weight_map' ({e})") from None
+                index_json = _read_json(path)
+                weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"{path}: not a weight index with a 'weight_map' object")
                 files = {name: os.path.join(directory, fname) for name, fname in weight_map.items()}
                 break
         else:
@@ -71,18 +96,14 @@ class HFWeights(Mapping):
     @staticmethod
     def _names(path: str) -> list[str]:
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="numpy") as f:
+            with _safe_open(path) as f:
                 return list(f.keys())
         return list(_torch_load(path).keys())
 
     def _handle(self, path: str):
         if path not in self._open:
             if path.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self._open = {path: safe_open(path, framework="numpy")}     # one shard open at a time
+                self._open = {path: _safe_open(path)}     # one shard open at a time
             else:
                 self._open = {path: _torch_load(path)}
         return self._open[path]
@@ -91,8 +112,13 @@ class HFWeights(Mapping):
         path = self.files[name]
         handle = self._handle(path)
         if path.endswith(".safetensors"):
-            return handle.get_tensor(name)
+            try:
+                return handle.get_tensor(name)
+            except Exception as e:     # safetensors' errors name neither the file nor the tensor
+                raise ValueError(f"{path}: cannot read tensor {name!r} ({_first_line(e)}); truncated or "
+                                 f"corrupt shard?") from None
         return to_numpy(handle[name])
+
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
@@ -119,12 +145,15 @@ def read_hf_config(directory: str) -> tuple[Any, dict[str, Any]]:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: no config.json: not a Hugging Face model folder")
+    if not isinstance(_read_json(path), dict):       # transformers' own message is three lines
+        raise ValueError(f"{path}: expected a JSON object of config fields")
     hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
     fields = hf_config_to_lwm(hf_config, source=path)
     vision_path = os.path.join(directory, VISION_CONFIG_FILE)
     if os.path.isfile(vision_path):
-        with open(vision_path) as f:
-            vision = json.load(f)
+        vision = _read_json(vision_path)
+        if not isinstance(vision, dict) or "vision_vocab_size" not in vision:
+            raise ValueError(f"{vision_path}: expected a JSON object with 'vision_vocab_size'")
         fields.update(vision_vocab_size=int(vision["vision_vocab_size"]),
                       tie_vision_embeddings=bool(vision.get("tie_vision_embeddings", False)))
         fields["vqgan"] = vision.get("vqgan")

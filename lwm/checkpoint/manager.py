@@ -25,18 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwm.utils import safe_pickle
+from lwm.utils.atomic import fsync_dir as _fsync_dir, move_into_place
 from lwm.checkpoint.formats import CheckpointError, inner_params, is_local, parse_float_dtype, save_orbax, save_streaming
 
 _MARKER = "checkpoint.json"
 _DIR_RE = re.compile(r"^(?P<old>\.old-)?(?P<kind>step|milestone)_(?P<step>\d+)$")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _json_default(x: Any) -> Any:
@@ -113,8 +106,12 @@ def checkpoint_spec(checkpoint_dir: str) -> str:
 
 
 def read_metadata(checkpoint_dir: str) -> dict:
-    with open(os.path.join(checkpoint_dir, "metadata.json")) as f:
-        return json.load(f)
+    path = os.path.join(checkpoint_dir, "metadata.json")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_dataset_state(path: str) -> Any:
@@ -122,10 +119,18 @@ def read_dataset_state(path: str) -> Any:
     the original (read with the restricted unpickler: plain data only)."""
     if os.path.isdir(path):
         path = os.path.join(path, "dataset.json")
-    if path.endswith(".json"):
-        with fsspec.open(path, "r") as f:
-            return json.load(f)
-    return safe_pickle.load_path(path)
+    try:
+        if path.endswith(".json"):
+            with fsspec.open(path, "r") as f:
+                return json.load(f)
+        return safe_pickle.load_path(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:       # JSON, pickle or decode errors do not name the file
+        if path in str(e):
+            raise
+        raise CheckpointError(f"{path}: not a readable dataset state ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 class Checkpointer:
@@ -184,7 +189,7 @@ class Checkpointer:
                 _fsync_dir(tmp)
             _barrier(f"lwm_checkpoint_written_{name}")
             if self.is_writer:
-                self._move_into_place(tmp, final)
+                move_into_place(tmp, final)      # lwm.utils.atomic: old kept as .old-NAME until the new is in
                 self._prune()
         except BaseException:
             if self.is_writer:
@@ -200,15 +205,6 @@ class Checkpointer:
         # For the original's tools (`tux.load_pickle`); plain data only, so `safe_pickle` reads them back.
         _write_pickle(os.path.join(tmp, "metadata.pkl"), meta)
         _write_pickle(os.path.join(tmp, "dataset.pkl"), data)
-
-    def _move_into_place(self, tmp: str, final: str) -> None:
-        old = os.path.join(self.save_dir, f".old-{os.path.basename(final)}")
-        if os.path.exists(final):               # same step saved again: keep the old one until the new is in
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(self.save_dir)
-        shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
         regular = [path for step, current, milestone, path in _checkpoint_dirs(self.save_dir)

@@ -91,15 +91,19 @@ def iter_haystack_texts(path: str) -> Iterable[str]:
 
     if str(path).endswith(".txt"):
         with fsspec.open(path, "r", encoding="utf-8") as f:
-            yield f.read()
+            try:
+                text = f.read()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e}); a haystack is .txt or JSONL") from None
+        yield text
         return
-    with fsspec.open(path, "r") as f:
+    with fsspec.open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
+                record = json.loads(line.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f'{path}:{n}: expected an object with a string field "text"')

@@ -189,13 +189,16 @@ def load_results(path: str) -> list[dict]:
 def write_results(output_dir: str, records: Sequence[dict], run_info: dict, threshold: float = RULER_THRESHOLD,
                   plots: bool = True, xlabel: str = "context length (tokens)") -> dict:
     """results.json (run_info, summary, every record), summary.md and plots/<task>.png under output_dir;
-    returns the summary."""
-    os.makedirs(output_dir, exist_ok=True)
+    returns the summary. Written aside and renamed into place (lwm.utils.atomic.replace_dir): a folder that
+    held an earlier result holds it whole until the new one is complete, then the new one alone."""
+    from lwm.utils.atomic import replace_dir
+
     summary = summarize(records, threshold)
-    write_json(os.path.join(output_dir, "results.json"), dict(run=run_info, summary=summary, records=list(records)))
-    with open(os.path.join(output_dir, "summary.md"), "w") as f:
-        f.write(summary_table(summary) + "\n")
-    if plots:
-        for task in summary["tasks"]:
-            plot_task(records, task, os.path.join(output_dir, "plots", f"{task}.png"), xlabel=xlabel)
+    with replace_dir(output_dir) as tmp:
+        write_json(os.path.join(tmp, "results.json"), dict(run=run_info, summary=summary, records=list(records)))
+        with open(os.path.join(tmp, "summary.md"), "w") as f:
+            f.write(summary_table(summary) + "\n")
+        if plots:
+            for task in summary["tasks"]:
+                plot_task(records, task, os.path.join(tmp, "plots", f"{task}.png"), xlabel=xlabel)
     return summary

@@ -26,6 +26,7 @@ from lwm.attention import (ATTENTION_IMPLS, CONTEXT_PARALLEL_IMPLS, LOAD_BALANCE
                            cached_attention, layout)
 from lwm.attention.decode import write_segments
 from lwm.parallel.sharding import constrain, sequence_parallel_size
+from lwm.utils.fields import check_ranges, check_types
 
 _COMMON = dict(vocab_size=32000, initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
@@ -82,6 +83,11 @@ def _say_once(message: str) -> None:
         logging.getLogger(__name__).warning(message)
 
 
+_POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_sequence_length", "rope_original_max_position",
+                    "scan_query_chunk_size", "scan_key_chunk_size", "decode_chunk_size", "scan_mlp_chunk_size")
+
+
 @dataclasses.dataclass(frozen=True)
 class LLaMAConfig:
     vocab_size: int = 32000                    # V: token ids 0 .. V-1 (embedding rows and lm_head columns)
@@ -127,6 +133,16 @@ class LLaMAConfig:
     param_scan_axis: int = 0                   # where that layer axis sits in each scanned parameter (0 or 1)
 
     def __post_init__(self):
+        what = type(self).__name__
+        check_types(self, what)                 # each field against its annotation (lwm.utils.fields)
+        check_ranges(self, what, at_least={n: 1 for n in _POSITIVE_FIELDS} | {"bos_token_id": 0, "eos_token_id": 0},
+                     above={"rms_norm_eps": 0, "theta": 0, "rope_scaling_factor": 0, "rope_low_freq_factor": 0},
+                     unit_interval=("embd_pdrop", "resid_pdrop", "attn_pdrop"))
+        if self.initializer_range < 0:
+            raise ValueError(f"{what}.initializer_range={self.initializer_range}: must be >= 0")
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ValueError(f"{what}.{name}={getattr(self, name)}: must be < vocab_size={self.vocab_size}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
         if self.context_parallel_strategy not in STRATEGIES:
@@ -154,7 +170,9 @@ class LLaMAConfig:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.kv_heads}")
         if (self.hidden_size // self.num_attention_heads) % 2:
-            raise ValueError("head dim must be even for rotary embeddings")
+            raise ValueError(f"hidden_size={self.hidden_size} / num_attention_heads={self.num_attention_heads} = "
+                             f"head dim {self.hidden_size // self.num_attention_heads}: must be even (rotary "
+                             f"embeddings rotate pairs)")
         for name in ("remat_block", "remat_attention", "remat_mlp"):
             if getattr(self, name) not in REMAT_POLICIES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {list(REMAT_POLICIES)}")

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwm.utils import safe_pickle
+from lwm.utils.fields import check_ranges, check_types
 
 _GROUPS = 32  # GroupNorm groups, as in the original (flax's default); every block width must divide by it.
 
@@ -54,6 +55,14 @@ class VQGANConfig:
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+        check_types(self, "VQGANConfig")
+        check_ranges(self, "VQGANConfig", at_least={"resolution": 1, "num_channels": 1, "hidden_channels": 1,
+                                                    "num_res_blocks": 0, "z_channels": 1, "num_embeddings": 1,
+                                                    "quantized_embed_dim": 1, "commitment_cost": 0},
+                     unit_interval=("dropout",))
+        if any(m < 1 for m in self.channel_mult) or any(r < 1 for r in self.attn_resolutions):
+            raise ValueError(f"VQGANConfig.channel_mult={self.channel_mult} and attn_resolutions="
+                             f"{self.attn_resolutions}: every entry must be >= 1")
         if not self.channel_mult:
             raise ValueError("VQGANConfig.channel_mult must name at least one level")
         down = 2 ** (self.num_resolutions - 1)
@@ -94,7 +103,10 @@ class VQGANConfig:
 
             path = name[len("json::"):]
             with fsspec.open(path, "r") as f:
-                updates = json.load(f)
+                try:
+                    updates = json.load(f)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{path}: not valid JSON ({e})") from None
             if not isinstance(updates, dict):
                 raise ValueError(f"{path}: expected a JSON object of VQGANConfig fields")
             return cls().replace(**updates)

@@ -47,8 +47,9 @@ def convert_from_hf(hf_dir: str, output: str, config_out: str, *, dtype: str = "
         ckpt.save_streaming(path, tree)
     else:
         ckpt.save_orbax(path, tree)
-    with open(config_out, "w") as f:
+    with open(config_out + ".tmp", "w") as f:     # renamed into place: an earlier config is never half-written
         json.dump(config.to_dict(), f, indent=2)
+    os.replace(config_out + ".tmp", config_out)
     n = sum(v.size for v in jax.tree.leaves(tree))
     return (f"wrote {output} ({n / 1e6:.2f}M parameters, {config.num_hidden_layers} layers, "
             f"{'scanned' if scan_layers else 'unscanned'}) and {config_out} (--load_llama_config "
@@ -60,9 +61,12 @@ def convert_to_hf(load_checkpoint: str, llama_config: str, output_dir: str, *, u
                   tokenizer: str = "", dtype: str = "fp32", max_shard_size: str = "5GB") -> str:
     """Our checkpoint (any --load_checkpoint spec) of the model `llama_config` (+ `updates`) -> a Hugging Face
     folder `output_dir` (config, safetensors shards of at most max_shard_size, the tokenizer when given; a
-    vision model with its VQGAN config and params beside). Returns the summary line."""
+    vision model with its VQGAN config and params beside). The folder is written aside (`.tmp-NAME`) and
+    renamed into place: an earlier export there is replaced whole, and kept whole if this one fails.
+    Returns the summary line."""
     from lwm.checkpoint.formats import load_checkpoint as load
     from lwm.checkpoint.hf_folders import export_hf
+    from lwm.utils.atomic import replace_dir
 
     if vision:
         from lwm.model.vision_llama import VisionLLaMAConfig as Config
@@ -83,8 +87,9 @@ def convert_to_hf(load_checkpoint: str, llama_config: str, output_dir: str, *, u
     tree = params["params"]
     while set(tree.keys()) == {"params"}:
         tree = tree["params"]
-    summary = export_hf(tree, config, output_dir, tokenizer=tokenizer, dtype=np_dtype(dtype),
-                        max_shard_size=max_shard_size, vqgan_config=vqgan, vqgan_checkpoint=vqgan_checkpoint)
+    with replace_dir(output_dir) as tmp:    # a folder with an earlier export is replaced whole, never mixed
+        summary = export_hf(tree, config, tmp, tokenizer=tokenizer, dtype=np_dtype(dtype),
+                            max_shard_size=max_shard_size, vqgan_config=vqgan, vqgan_checkpoint=vqgan_checkpoint)
     return (f"wrote {output_dir}: {summary['parameters'] / 1e6:.2f}M parameters, "
             f"{config.num_hidden_layers} layers, dtype {summary['dtype']}, bos/eos "
             f"{summary['bos_token_id']}/{summary['eos_token_id']}"

@@ -55,7 +55,33 @@ def check_config(config: ConfigDict) -> None:
                         "--logger.append_uuid=False")
     if config.loss_chunk_size < 1:
         raise FlagError(f"--loss_chunk_size={config.loss_chunk_size} must be >= 1")
+    _check_optimizer_and_data(config)
     data_sharded_loader(config)
+
+
+def _check_optimizer_and_data(config: ConfigDict) -> None:
+    """Ranges of the optimizer's numbers and the sizes of every dataset section, as FlagError naming the
+    flag (ml_collections already refuses a value of the wrong type). The sizes against the mesh are checked
+    where the mesh is built (lwm.parallel.sharding.check_model_mesh and the batch divisibility check)."""
+    adamw = config.optimizer.adamw_optimizer
+    for name in ("lr", "init_lr", "end_lr", "weight_decay", "clip_gradient"):
+        value = adamw[name]
+        if not (math.isfinite(value) and value >= 0):
+            raise FlagError(f"--optimizer.adamw_optimizer.{name}={value} must be a finite number >= 0")
+    for name in ("b1", "b2"):
+        if not 0 <= adamw[name] < 1:
+            raise FlagError(f"--optimizer.adamw_optimizer.{name}={adamw[name]} must be in [0, 1)")
+    if adamw.lr_warmup_steps < 0:
+        raise FlagError(f"--optimizer.adamw_optimizer.lr_warmup_steps={adamw.lr_warmup_steps} must be >= 0")
+    if config.optimizer.accumulate_gradient_steps < 1:
+        raise FlagError(f"--optimizer.accumulate_gradient_steps={config.optimizer.accumulate_gradient_steps} "
+                        f"must be >= 1")
+    for group in ("train_dataset", "eval_dataset"):
+        for section in _DATASET_SECTIONS:
+            for name in ("batch_size", "seq_length"):
+                value = config[group][section].get(name)
+                if value is not None and value < 1:
+                    raise FlagError(f"--{group}.{section}.{name}={value} must be >= 1")
 
 
 def data_sharded_loader(config: ConfigDict) -> bool:

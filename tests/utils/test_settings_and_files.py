@@ -1,0 +1,207 @@
+"""Issue 27, training/conversion/evals: settings checked for type, range and size relations when a config is
+built (one line naming the field); every failed file read names the file; output folders written aside and
+renamed into place (lwm.utils.atomic), never left half old, half new. Each kind has a control that passes."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lwm.model.llama import LLaMAConfig
+from lwm.model.vision_llama import VisionLLaMAConfig
+from lwm.model.vqgan import VQGANConfig
+from lwm.utils.atomic import replace_dir
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+@pytest.mark.parametrize("updates, field", [
+    (dict(hidden_size="64"), "hidden_size"),             # type: JSON string
+    (dict(hidden_size=64.0), "hidden_size"),             # type: float where an int is meant
+    (dict(scan_layers=1), "scan_layers"),                # type: int where a bool is meant
+    (dict(theta=float("nan")), "theta"),                 # NaN named as such
+    (dict(num_hidden_layers=0), "num_hidden_layers"),    # range
+    (dict(num_key_value_heads=0), "num_key_value_heads"),
+    (dict(scan_query_chunk_size=-8), "scan_query_chunk_size"),
+    (dict(resid_pdrop=1.0), "resid_pdrop"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+    (dict(eos_token_id=512), "eos_token_id"),            # relation: id < vocab_size (tiny: 512)
+    (dict(hidden_size=60), "hidden_size"),               # relation: D % N (tiny: N = 4 -> H = 15, odd)
+    (dict(num_key_value_heads=3), "num_key_value_heads"),  # relation: N % K
+])
+def test_llama_config_names_the_bad_field(updates, field):
+    good = LLaMAConfig.load("tiny")
+    good.replace(hidden_size=good.hidden_size)            # control: the valid config passes replace()
+    with pytest.raises(ValueError) as e:
+        good.replace(**updates)
+    message = str(e.value)
+    assert field in message and "\n" not in message, message
+
+
+def test_every_preset_and_json_config_passes(tmp_path):
+    from lwm.model.llama import PRESETS
+    from lwm.model.vqgan import VQGAN_PRESETS
+
+    for name in PRESETS:                                 # control: the shipped presets are all valid
+        LLaMAConfig.load(name)
+        VisionLLaMAConfig.load(name)
+    for name in VQGAN_PRESETS:
+        VQGANConfig.load(name)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**LLaMAConfig.load("tiny").to_dict(), "intermediate_size": "128"}))
+    with pytest.raises(ValueError, match="intermediate_size='128': expected an integer"):
+        LLaMAConfig.load(f"json::{path}")
+
+
+@pytest.mark.parametrize("updates, field", [
+    (dict(resolution=0), "resolution"), (dict(channel_mult=(1, "2")), "channel_mult"),
+    (dict(num_embeddings=2.5), "num_embeddings"), (dict(dropout=-0.1), "dropout"),
+])
+def test_vqgan_and_vision_configs_name_the_bad_field(updates, field):
+    VQGANConfig.load("tiny").replace(resolution=VQGANConfig.load("tiny").resolution)     # control
+    with pytest.raises(ValueError, match=f"VQGANConfig.{field}"):
+        VQGANConfig.load("tiny").replace(**updates)
+    with pytest.raises(ValueError, match="VisionLLaMAConfig.sample_mode=3: expected a string"):
+        VisionLLaMAConfig.load("tiny").replace(sample_mode=3)
+
+
+# ------------------------------------------------------------------------------------------ files
+
+def _hf_folder(path, n=64):
+    from safetensors.numpy import save_file
+
+    os.makedirs(path)
+    save_file({"a": np.arange(n * n, dtype=np.float32).reshape(n, n)}, os.path.join(path, "model.safetensors"))
+    return os.path.join(path, "model.safetensors")
+
+
+def test_truncated_or_random_safetensors_names_the_file(tmp_path):
+    from lwm.checkpoint.hf_folders import HFWeights
+
+    shard = _hf_folder(str(tmp_path / "hf"))
+    weights = HFWeights(str(tmp_path / "hf"))
+    assert weights["a"].shape == (64, 64)                # control: the whole shard reads
+    data = open(shard, "rb").read()
+    for broken in (data[:len(data) // 2], os.urandom(300)):
+        with open(shard, "wb") as f:
+            f.write(broken)
+        with pytest.raises(ValueError) as e:
+            w = HFWeights(str(tmp_path / "hf"))
+            [w[k] for k in w]
+        assert shard in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_json_not_json_names_the_file(tmp_path):
+    from lwm.checkpoint.hf_folders import read_hf_config
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(b"{not json")
+    with pytest.raises(ValueError, match=f"{folder / 'config.json'}: not valid JSON"):
+        read_hf_config(str(folder))
+    with pytest.raises(ValueError, match="c.json: not valid JSON"):
+        bad = tmp_path / "c.json"
+        bad.write_bytes(os.urandom(64))
+        VQGANConfig.load(f"json::{bad}")
+
+
+def test_random_bytes_checkpoints_and_pickles_name_the_file(tmp_path):
+    import flax.serialization
+
+    from lwm.checkpoint.formats import CheckpointError, load_checkpoint
+    from lwm.checkpoint.manager import read_dataset_state
+
+    good = tmp_path / "good.msgpack"
+    good.write_bytes(flax.serialization.msgpack_serialize({"w": np.ones(3, np.float32)}))
+    _, params = load_checkpoint(f"flax_params::{good}")  # control: a real file loads
+    np.testing.assert_array_equal(params["params"]["w"], np.ones(3))
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(os.urandom(256))
+    for kind in ("params", "flax_params", "trainstate_params"):
+        with pytest.raises(CheckpointError, match=str(junk)):
+            load_checkpoint(f"{kind}::{junk}")
+    with pytest.raises(CheckpointError, match=f"{junk}: not a readable dataset state"):
+        read_dataset_state(str(junk))
+
+
+def test_binary_haystack_names_the_file(tmp_path):
+    from lwm.evals.needle import iter_haystack_texts
+
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"text": "a b c."}) + "\n")
+    assert list(iter_haystack_texts(str(ok))) == ["a b c."]          # control
+    for name in ("hay.jsonl", "hay.txt"):
+        path = tmp_path / name
+        path.write_bytes(b"\xff\xfe\x00" + os.urandom(500))
+        with pytest.raises(ValueError, match=str(path)):
+            list(iter_haystack_texts(str(path)))
+
+
+# ------------------------------------------------------------------------------------------ write aside
+
+def _tree(path):
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_replace_dir_swaps_whole_and_keeps_old_on_failure(tmp_path):
+    out = str(tmp_path / "out")
+    with replace_dir(out) as tmp:
+        open(os.path.join(tmp, "old_only.txt"), "w").write("old")
+        open(os.path.join(tmp, "both.txt"), "w").write("old")
+    assert _tree(out) == ["both.txt", "old_only.txt"]
+    with pytest.raises(RuntimeError):
+        with replace_dir(out) as tmp:                    # the writer fails midway
+            open(os.path.join(tmp, "both.txt"), "w").write("new")
+            raise RuntimeError("disk full")
+    assert _tree(out) == ["both.txt", "old_only.txt"] and open(os.path.join(out, "both.txt")).read() == "old"
+    with replace_dir(out) as tmp:
+        open(os.path.join(tmp, "both.txt"), "w").write("new")
+    assert _tree(out) == ["both.txt"] and open(os.path.join(out, "both.txt")).read() == "new"   # not mixed
+    assert os.listdir(tmp_path) == ["out"]               # no .tmp- / .old- left behind
+
+
+def test_eval_results_folder_replaced_whole(tmp_path, monkeypatch):
+    from lwm.evals import report
+
+    out = str(tmp_path / "eval")
+    os.makedirs(os.path.join(out, "plots"))
+    open(os.path.join(out, "plots", "stale_task.png"), "w").write("earlier run")
+    open(os.path.join(out, "results.json"), "w").write("[]")
+    record = dict(task="t", length=128, depth=50, score=100.0, points=[["t", 128, 50, 100.0]])
+    monkeypatch.setattr(report, "summarize", lambda records, threshold: {"tasks": []})
+    monkeypatch.setattr(report, "summary_table", lambda summary: "table")
+
+    def fail(*a, **k):
+        raise OSError("writer died")
+
+    monkeypatch.setattr(report, "write_json", fail)      # the writer fails midway: the earlier result stays whole
+    with pytest.raises(OSError):
+        report.write_results(out, [record], {"run": 1}, plots=False)
+    assert _tree(out) == ["plots/stale_task.png", "results.json"]
+    monkeypatch.undo()
+    monkeypatch.setattr(report, "summarize", lambda records, threshold: {"tasks": []})
+    monkeypatch.setattr(report, "summary_table", lambda summary: "table")
+    report.write_results(out, [record], {"run": 2}, plots=False)
+    assert _tree(out) == ["results.json", "summary.md"]  # the stale plot of the earlier run is gone
+    assert json.load(open(os.path.join(out, "results.json")))["run"] == {"run": 2}
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("optimizer.adamw_optimizer.lr", float("nan")), ("optimizer.adamw_optimizer.lr", -1e-3),
+    ("optimizer.adamw_optimizer.b2", 1.0), ("optimizer.accumulate_gradient_steps", 0),
+    ("train_dataset.json_dataset.seq_length", 0), ("eval_dataset.json_dataset.batch_size", -2),
+])
+def test_training_check_config_names_the_flag(flag, value):
+    from lwm.cli.flags import FlagError
+    from lwm.train import get_default_config
+    from lwm.training.loop import check_config
+
+    check_config(get_default_config())                   # control: the defaults pass
+    config = get_default_config()
+    node, _, leaf = flag.rpartition(".")
+    target = config
+    for part in node.split("."):
+        target = target[part]
+    target[leaf] = value
+    with pytest.raises(FlagError, match=f"--{flag}="):
+        check_config(config)
