@@ -211,7 +211,8 @@ class ChatCompletionRequest(_Sampling):
     response_format: Annotated[Optional[Dict[str, Any]],
                                _neutral({"type": "text"}, what="it generates plain text only")] = None
     tools: Annotated[Optional[List[Dict[str, Any]]], _neutral([], what="it does not call tools")] = None
-    tool_choice: Annotated[Optional[Text], _neutral("none", what="it does not call tools")] = None
+    tool_choice: Annotated[Optional[_either(Text, Dict[str, Any])],
+                           _neutral("none", what="it does not call tools")] = None
 
 
 class CompletionRequest(_Sampling):

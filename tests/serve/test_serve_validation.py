@@ -85,6 +85,10 @@ REFUSED = [   # (path, raw JSON body, param, words the message must hold)
     ("/v1/chat/completions", CHAT % ('"hi"', ', "response_format": {"type": "json_object"}'), "response_format",
      "not supported"),
     ("/v1/completions", '{"model": "tiny", "prompt": "hi", "best_of": 3}', "best_of", "not supported"),
+    ("/v1/chat/completions", CHAT % ('"hi"', ', "tool_choice": {"type": "function", "function": {"name": "f"}}'),
+     "tool_choice", "not supported"),
+    ("/v1/chat/completions", (CHAT % ('"hi"', ', "model": "\\ud800"')).replace('"model": "tiny", ', ''), "model",
+     "lone surrogate"),
 ]
 ACCEPTED = [  # the controls: the neutral values and the int64 seeds beside the refused ones are served
     ("/v1/completions", '{"model": "tiny", "prompt": "hi", "max_tokens": 4, "seed": 9223372036854775807}'),
