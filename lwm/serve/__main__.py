@@ -29,6 +29,7 @@ def get_default_config() -> ConfigDict:
     c.max_n_frames = 8                         # frames taken from a video
     c.max_image_bytes = 1 << 27                # an image decoding to more bytes (W x H x bytes/pixel) is a 400
     c.max_video_pixels = 1 << 30               # a video of more frames x width x height is a 400
+    c.max_chars_per_token = 32                 # a text of more characters than this x max_sequence_length is a 400 before tokenizing
     c.model_name = ""                          # the id clients send as `model`; '' = 'lwm-text' / 'lwm-vision'
     c.host = "127.0.0.1"
     c.port = 8000
@@ -75,7 +76,7 @@ def main(argv: Sequence[str]) -> None:
                      decode_steps_per_call=config.decode_steps_per_call, warmup_prompt_lengths=warmup,
                      batch_wait_ms=config.batch_wait_ms, max_body_bytes=config.max_body_bytes,
                      body_timeout_s=config.body_timeout_s, max_image_bytes=config.max_image_bytes,
-                     max_video_pixels=config.max_video_pixels)
+                     max_video_pixels=config.max_video_pixels, max_chars_per_token=config.max_chars_per_token)
     print(f"lwm.serve: {name} on http://{config.host}:{config.port}/ (OpenAI API under /v1)", file=sys.stderr,
           flush=True)
     uvicorn.Server(server_config(app, host=config.host, port=config.port, header_timeout_s=config.header_timeout_s,

@@ -36,7 +36,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
                max_n_frames: int = 8, default_max_tokens: int = 256, mesh=None, scheduler=None,
                decode_steps_per_call: int = 16, warmup_prompt_lengths=(), batch_wait_ms: float = 20.0,
                max_body_bytes: int = 32 << 20, body_timeout_s: float = 60.0, max_image_bytes: int = 1 << 27,
-               max_video_pixels: int = 1 << 30) -> FastAPI:
+               max_video_pixels: int = 1 << 30, max_chars_per_token: int = 32) -> FastAPI:
     """The app over `engine` (an `lwm.inference` engine, text or vision) and its `tokenizer`.
 
     model_name: the id clients send as `model`. vqgan: an `lwm.model.vqgan.VQGAN` for vision models (required
@@ -46,7 +46,9 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     body must arrive within this many seconds (408) (`lwm.serve.edge.Edge`). max_batch_size: rows decoded together; max_queue: requests waiting for the engine (429 when
     full). allow_local_media: read plain file paths in media parts. max_n_frames: frames taken from a
     video. max_image_bytes / max_video_pixels: media refused (400) from their header when an image decodes to
-    more bytes / a video to more frames x width x height (`lwm.utils.vision_io`). default_max_tokens: the
+    more bytes / a video to more frames x width x height (`lwm.utils.vision_io`). max_chars_per_token: a text of
+    more than this x max_sequence_length characters is a 400 before it is tokenized (`ServedModel.check_chars`).
+    default_max_tokens: the
     budget of a request that sets none (capped by the context left).
     mesh: the device mesh the engine's arrays live on (its thread runs under `jax.set_mesh(mesh)`).
     decode_steps_per_call: decode steps per engine call while no request waits for a slot (one while some
@@ -64,7 +66,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
 
     served = ServedModel(engine, tokenizer, model_name, vqgan=vqgan, allow_local_media=allow_local_media,
                          max_n_frames=max_n_frames, max_image_bytes=max_image_bytes,
-                         max_video_pixels=max_video_pixels)
+                         max_video_pixels=max_video_pixels, max_chars_per_token=max_chars_per_token)
     own = scheduler is None
     sched = scheduler or Scheduler(served, max_batch_size=max_batch_size, max_queue=max_queue, mesh=mesh,
                                    steps_per_call=decode_steps_per_call, warmup_prompt_lengths=warmup_prompt_lengths,

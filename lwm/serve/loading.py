@@ -11,7 +11,8 @@ def check_flags(config: ConfigDict) -> None:
     if not 0 <= config.port < 65536:
         raise ValueError(f"--port={config.port}: must be in [0, 65535]")
     for flag, low in (("max_batch_size", 1), ("max_queue", 0), ("max_n_frames", 1), ("default_max_tokens", 1),
-                      ("max_body_bytes", 1), ("max_image_bytes", 1), ("max_video_pixels", 1), ("keep_alive_s", 1),
+                      ("max_body_bytes", 1), ("max_image_bytes", 1), ("max_video_pixels", 1), ("max_chars_per_token", 1),
+                      ("keep_alive_s", 1),
                       ("max_connections", 0)):
         if config[flag] < low:
             raise ValueError(f"--{flag}={config[flag]}: must be >= {low}")

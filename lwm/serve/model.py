@@ -43,10 +43,10 @@ class ServedModel:
     only texts that could not fit, unless the tokenizer's normalizer shrinks text (collapsing whitespace:
     not LLaMA's)."""
 
-    max_chars_per_token = 32
-
     def __init__(self, engine, tokenizer, name: str, *, vqgan=None, allow_local_media: bool = False,
-                 max_n_frames: int = 8, max_image_bytes: int = 1 << 27, max_video_pixels: int = 1 << 30):
+                 max_n_frames: int = 8, max_image_bytes: int = 1 << 27, max_video_pixels: int = 1 << 30,
+                 max_chars_per_token: int = 32):
+        self.max_chars_per_token = max_chars_per_token
         self.media_budgets = dict(max_image_bytes=max_image_bytes, max_video_pixels=max_video_pixels)
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
         self.vqgan, self.allow_local_media, self.max_n_frames = vqgan, allow_local_media, max_n_frames

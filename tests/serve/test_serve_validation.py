@@ -317,3 +317,43 @@ def test_image_prompts_are_tokenized_off_the_engine_thread(vision_engine, monkey
             asyncio.run(sched.call(lambda: served.generate_images("red fox " * 1000, 1, seed=0, temperature=1.0,
                                                                   top_k=0, cfg_scale=1.0)))
         assert "lwm-serve-engine" in threads                # control: the recorder sees the engine thread
+
+
+def test_max_chars_per_token_flag_reaches_the_served_model(monkeypatch, tmp_path):
+    """`python -m lwm.serve --max_chars_per_token=2` (main, with the loading and the listening stubbed) builds
+    a ServedModel that refuses 300 characters on a 100-token context untokenized; the default 32 (control)
+    lets the same text through to the tokenizer. --max_chars_per_token=0 is one line naming the flag."""
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    from lwm.serve import __main__ as serve_main
+    from lwm.serve import loading
+    from lwm.serve.errors import APIError
+    from lwm.serve.loading import check_flags
+    from support import small_tokenizer
+
+    engine = SimpleNamespace(config=SimpleNamespace(max_sequence_length=100))
+    tok = small_tokenizer(tmp_path)
+    monkeypatch.setattr(loading, "load_served", lambda config: (engine, tok, None, None))
+    apps = []
+    monkeypatch.setattr(uvicorn, "Server", lambda config: SimpleNamespace(run=lambda: apps.append(config.app)))
+
+    def served(argv):
+        serve_main.main(argv)
+        app = apps.pop()
+        while not hasattr(app, "state"):            # the Edge middleware wraps the FastAPI app
+            app = app.app
+        return app.state.served
+
+    small, default = served(["--max_chars_per_token=2"]), served([])
+    assert (small.max_chars_per_token, default.max_chars_per_token) == (2, 32)
+    with pytest.raises(APIError, match=r"the prompt has 300 characters, more than 200 \(2 per token\)") as info:
+        small.completion_prompt("abc" * 100)
+    assert info.value.status == 400 and info.value.code == "context_length_exceeded"
+    assert len(default.completion_prompt("abc" * 100)) > 1          # control: tokenized under the default
+
+    config = serve_main.get_default_config()
+    config.max_chars_per_token = 0
+    with pytest.raises(ValueError, match=r"^--max_chars_per_token=0: must be >= 1$"):
+        check_flags(config)
