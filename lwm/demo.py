@@ -36,7 +36,7 @@ from typing import Sequence
 from ml_collections import ConfigDict
 
 from lwm.cli.command import cli, parse, require
-from lwm.cli.values import FlagError
+from lwm.cli.values import FlagError, parse_mesh_dim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,6 +90,9 @@ def parse_args(argv=None) -> ConfigDict:
     if not os.path.isfile(config.haystack_file):
         raise FlagError(f"--haystack_file={config.haystack_file}: no such file")
     parse_stages(config.stages)
+    if config.devices < 1:
+        raise FlagError(f"--devices={config.devices}: the training mesh is 1,1,1,devices; give at least 1")
+    parse_mesh_dim("eval_mesh_dim", config.eval_mesh_dim)     # syntax now, not after the training
     try:
         lo, hi, n = (int(x) for x in config.context_lengths.split(":"))
     except ValueError:
@@ -315,8 +318,7 @@ def main(argv=None) -> dict:
     summary = dict(results=results_path, heatmap=heatmap, checkpoint=checkpoint, tokenizer=tokenizer_path,
                    accuracy=report.mean_accuracy(results), trials=len(results),
                    train_seconds=round(train_s, 1), total_seconds=round(time.time() - start, 1))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    report.write_json(os.path.join(workdir, "summary.json"), summary)      # written aside, then renamed
     print(f"\n== demo done in {summary['total_seconds']:.0f} s (training {train_s:.0f} s)")
     print(report.summary_table(report.summarize(results)))
     for key in ("results", "heatmap", "checkpoint", "tokenizer"):

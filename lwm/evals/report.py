@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lwm.utils.atomic import replace_file
+
 RULER_THRESHOLD = 85.6
 
 
@@ -156,19 +158,20 @@ def plot_task(records: Sequence[dict], task: str, path: str, title: str = "", xl
     ax.set_xlabel(xlabel)
     ax.set_title(f"{title or task} (score {mean:.1f})")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with replace_file(path) as tmp:            # a reader never sees a half-written PNG
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_json(path: str, data) -> None:
-    """JSON to path, atomically (a partial file never replaces a good one); folders made."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    """JSON to path, atomically (lwm.utils.atomic.replace_file: a partial file never replaces a good one);
+    folders made."""
+    with replace_file(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
 
 
 def load_results(path: str) -> list[dict]:

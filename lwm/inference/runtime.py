@@ -79,7 +79,7 @@ def setup(config: ConfigDict, modality: str = "text", sample_mode: Optional[str]
     import jax
 
     from lwm.cli.flags import model_config_from_flags
-    from lwm.parallel.sharding import check_model_mesh, make_mesh
+    from lwm.parallel.sharding import MeshError, check_model_mesh, make_mesh
     from lwm.text.tokenizer import load_tokenizer
 
     distributed.initialize(distributed.config_from_flags(config.jax_distributed))
@@ -92,7 +92,12 @@ def setup(config: ConfigDict, modality: str = "text", sample_mode: Optional[str]
         model_config = model_config.replace(sample_mode=sample_mode)
     try:
         mesh = make_mesh(config.mesh_dim)
+    except MeshError:
+        raise                                   # names --mesh_dim=... and the device count already
     except (ValueError, AssertionError) as e:
         raise ValueError(f"--mesh_dim={config.mesh_dim!r} over {jax.device_count()} devices: {e}") from None
-    check_model_mesh(model_config, mesh)
+    try:
+        check_model_mesh(model_config, mesh)
+    except MeshError as e:                      # the model's heads, not the flag: say which flag to change
+        raise MeshError(f"--mesh_dim={config.mesh_dim!r}: {e}") from None
     return Runtime(tokenizer, dtype, mesh, model_config)

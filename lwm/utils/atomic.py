@@ -8,6 +8,7 @@ The swap is two renames on one file system (`final` -> `.old-NAME`, `tmp` -> `fi
 is removed; between the renames `final` is briefly absent, never mixed. A folder left as `.tmp-NAME` or
 `.old-NAME` by a killed process is removed by the next write. Local paths only (object stores have no
 rename). The training checkpointer (lwm/checkpoint/manager.py) moves its checkpoints with `move_into_place`.
+One file: `replace_file` (write `.tmp-NAME` beside it, then os.replace), for JSON results, heatmaps, summaries.
 """
 from __future__ import annotations
 
@@ -61,3 +62,23 @@ def replace_dir(final: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     move_into_place(tmp, final)
+
+
+@contextlib.contextmanager
+def replace_file(final: str) -> Iterator[str]:
+    """Yield a path beside the file `final` (`.tmp-NAME`, same suffix, so writers that go by the extension
+    such as matplotlib's savefig still work); on a clean exit it replaces `final` by os.replace (a reader
+    sees the old file whole or the new one whole), on an exception it is removed and `final` is left as it
+    was. Folders above `final` are made. Raises ValueError when `final` is a folder."""
+    final = os.path.abspath(final)
+    if os.path.isdir(final):
+        raise ValueError(f"{final}: is a folder; cannot write an output file there")
+    tmp = _sibling(final, ".tmp-")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, final)

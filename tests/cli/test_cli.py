@@ -151,6 +151,30 @@ def test_memory_refuses_minus_one_with_the_reason(capsys):
     assert code == 0 and "1,1,1,2" not in err and "| 256 | train |" in out, err
 
 
+@pytest.mark.parametrize("mesh, needle", [("1,1,1,16", "needs 16 devices but 8 are available"),
+                                           ("1,1,3,1", "needs 3 devices"),
+                                           ("1,1,4,2", "num_key_value_heads=2 is not divisible by tp=4"),
+                                           ("!1,1,-1,1", "is not divisible by tp=8"),
+                                           ("1,1,1,0", "sizes must be positive"), ("a,b,c,d", "integers")])
+def test_mesh_that_does_not_fit_is_one_line(mesh, needle, tok, capsys):
+    """Meshes the syntax check passes but the devices or the model's heads (tiny: 4 query, 2 KV) refuse, found
+    where the runtime builds the mesh: one line naming --mesh_dim once, no traceback."""
+    code, _, err = run_module("lwm.text_chat", ["--load_llama_config=tiny", f"--tokenizer={tok.source}", "--prompt=hi",
+                                                f"--mesh_dim={mesh}"], capsys)
+    _assert_one_line("lwm.text_chat", code, err, needle)
+    assert err.count("--mesh_dim") == 1, err
+
+
+def test_demo_checks_its_meshes_before_training(tmp_path, capsys):
+    haystack = tmp_path / "h.jsonl"
+    haystack.write_text('{"text": "a b c"}\n')
+    base = [f"--haystack_file={haystack}", f"--workdir={tmp_path / 'w'}"]
+    for argv, needle in ((["--eval_mesh_dim=1,2"], "--eval_mesh_dim='1,2'"), (["--devices=0"], "--devices=0")):
+        code, _, err = run_module("lwm.demo", base + argv, capsys)
+        _assert_one_line("lwm.demo", code, err, needle)
+    assert not (tmp_path / "w").exists()                 # refused before any work
+
+
 SPELLINGS = ["dict(num_hidden_layers=3, theta=50000.0)", "{'num_hidden_layers': 3, 'theta': 50000.0}",
              '{"num_hidden_layers": 3, "theta": 50000.0}']
 

@@ -10,7 +10,7 @@ import pytest
 from lwm.model.llama import LLaMAConfig
 from lwm.model.vision_llama import VisionLLaMAConfig
 from lwm.model.vqgan import VQGANConfig
-from lwm.utils.atomic import replace_dir
+from lwm.utils.atomic import replace_dir, replace_file
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -184,6 +184,59 @@ def test_eval_results_folder_replaced_whole(tmp_path, monkeypatch):
     report.write_results(out, [record], {"run": 2}, plots=False)
     assert _tree(out) == ["results.json", "summary.md"]  # the stale plot of the earlier run is gone
     assert json.load(open(os.path.join(out, "results.json")))["run"] == {"run": 2}
+
+
+def test_replace_file_keeps_old_on_failure(tmp_path):
+    path = str(tmp_path / "summary.json")
+    open(path, "w").write('{"old": 1}')
+    with pytest.raises(RuntimeError):
+        with replace_file(path) as tmp:                  # the writer dies after writing half
+            open(tmp, "w").write('{"ne')
+            raise RuntimeError("killed")
+    assert open(path).read() == '{"old": 1}' and os.listdir(tmp_path) == ["summary.json"]
+    with pytest.raises(RuntimeError):                    # control: writing the file in place leaves it torn
+        with open(path, "w") as f:
+            f.write('{"ne')
+            raise RuntimeError("killed")
+    assert open(path).read() == '{"ne'
+    with replace_file(path) as tmp:
+        open(tmp, "w").write('{"new": 2}')
+    assert open(path).read() == '{"new": 2}' and os.listdir(tmp_path) == ["summary.json"]
+    with pytest.raises(ValueError, match="is a folder"):
+        with replace_file(str(tmp_path)):
+            pass
+
+
+def test_heatmap_and_json_written_aside(tmp_path, monkeypatch):
+    """lwm.evals.report.plot_task (the eval_needle heatmap) and write_json (needle results, the demo's
+    summary.json): a writer dying midway leaves the earlier file whole; a clean write replaces it."""
+    import matplotlib.figure
+
+    from lwm.evals import report
+
+    record = dict(task="needle", length=128, depth=50, score=100.0, points=[["needle", 128, 50, 100.0]])
+    png, js = str(tmp_path / "needle.png"), str(tmp_path / "results.json")
+    report.plot_task([record], "needle", png)
+    report.write_json(js, [record])
+    good_png, good_js = open(png, "rb").read(), open(js).read()
+    assert good_png.startswith(b"\x89PNG") and json.loads(good_js) == [record]
+
+    def torn_savefig(self, fname, **kwargs):
+        open(fname, "wb").write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn_savefig)
+    with pytest.raises(OSError):
+        report.plot_task([record], "needle", png)
+    assert open(png, "rb").read() == good_png
+    monkeypatch.setattr(json, "dump", lambda obj, f, **k: (f.write("[{"), (_ for _ in ()).throw(OSError("full"))))
+    with pytest.raises(OSError):
+        report.write_json(js, [dict(record, score=0.0)])
+    assert open(js).read() == good_js
+    assert sorted(os.listdir(tmp_path)) == ["needle.png", "results.json"]       # no .tmp- left behind
+    monkeypatch.undo()
+    report.write_json(js, [dict(record, score=0.0)])
+    assert json.loads(open(js).read())[0]["score"] == 0.0
 
 
 @pytest.mark.parametrize("flag, value", [
