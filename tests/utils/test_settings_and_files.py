@@ -239,6 +239,101 @@ def test_heatmap_and_json_written_aside(tmp_path, monkeypatch):
     assert json.loads(open(js).read())[0]["score"] == 0.0
 
 
+# ------------------------------------------------------------------------- readers read what they need
+
+class _Counting:
+    """A binary file object that counts the bytes handed out (read, readline, iteration)."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def _count(self, data):
+        self.n += len(data)
+        return data
+
+    def read(self, *a):
+        return self._count(self.f.read(*a))
+
+    def readline(self, *a):
+        return self._count(self.f.readline(*a))
+
+    def __iter__(self):
+        return (self._count(line) for line in self.f)
+
+    def seek(self, *a):
+        return self.f.seek(*a)
+
+    def tell(self):
+        return self.f.tell()
+
+
+@pytest.fixture(scope="module")
+def big_jsonl(tmp_path_factory):
+    """A 50 MB JSONL file of 50,000 one-KB documents."""
+    path = tmp_path_factory.mktemp("big") / "haystack.jsonl"
+    line = (json.dumps({"text": "word " * 200}) + "\n").encode()
+    with open(path, "wb") as f:
+        f.write(line * (50 * 1024 * 1024 // len(line)))
+    assert os.path.getsize(path) > 49 * 1024 * 1024
+    return str(path)
+
+
+def _count_reads(monkeypatch):
+    import fsspec
+
+    opened = []
+    real = fsspec.open
+
+    def counting_open(path, mode="rb", **kwargs):
+        assert mode == "rb", mode
+        opened.append(_Counting(open(path, "rb")))
+        return opened[-1]
+
+    monkeypatch.setattr(fsspec, "open", counting_open)
+    return opened, real
+
+
+class _WordTokenizer:
+    def encode(self, text):
+        return [1] * len(text.split())
+
+
+def test_needle_haystack_reader_stops_after_what_it_needs(big_jsonl, monkeypatch):
+    from lwm.evals import needle
+
+    opened, _ = _count_reads(monkeypatch)
+    streams = needle.read_haystacks(big_jsonl, n_rounds=2, min_tokens=1000, tokenizer=_WordTokenizer())
+    assert [len(s) for s in streams] == [1000, 1000]          # 5 documents of 200 words per round
+    assert opened[0].n < 64 * 1024, opened[0].n               # of 50 MB
+    # Control: the counter sees a reader that needs the whole file.
+    opened.clear()
+    with pytest.raises(ValueError, match="ran out of text"):
+        needle.read_haystacks(big_jsonl, n_rounds=1, min_tokens=10 ** 9, tokenizer=_WordTokenizer())
+    assert opened[0].n == os.path.getsize(big_jsonl)
+
+
+def test_training_json_reader_stops_after_what_it_needs(big_jsonl, monkeypatch):
+    import itertools
+
+    from lwm.parallel.multihost import HostShard
+    from lwm.training import data_sources
+
+    opened, _ = _count_reads(monkeypatch)
+    records = data_sources.json_records(big_jsonl, lambda example, index: len(example["text"]), "test", 0, 0, 0,
+                                        HostShard())
+    got = list(itertools.islice(records, 10))
+    assert [r[:2] for r in got] == [("ok", 1000)] * 10
+    assert opened[0].n < 64 * 1024, opened[0].n
+    more = list(itertools.islice(records, 20000))             # control: reading on reads on
+    assert len(more) == 20000 and opened[0].n > 20000 * 1000
+
+
 @pytest.mark.parametrize("flag, value", [
     ("optimizer.adamw_optimizer.lr", float("nan")), ("optimizer.adamw_optimizer.lr", -1e-3),
     ("optimizer.adamw_optimizer.b2", 1.0), ("optimizer.accumulate_gradient_steps", 0),
