@@ -19,6 +19,8 @@ import json
 import os
 from typing import Callable
 
+from lwm.model.registry import MODALITIES     # the one list of modalities
+
 
 class FlagError(ValueError):
     """A command-line flag that does not exist or does not parse."""
@@ -102,7 +104,6 @@ def mesh_sizes(name: str, text: str) -> tuple[int, int, int, int]:
     return tuple(dims)
 
 
-MODALITIES = ("text", "vision,text")
 MODALITY_ALIASES = {"vision": "vision,text", "text,vision": "vision,text"}
 
 
