@@ -10,12 +10,9 @@ them). Package-local fixtures are in tests/<package>/conftest.py; plain helpers 
 """
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
-os.environ.setdefault("NPROC", "32")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from golden.cases import setup_env   # imports no JAX: the 8 devices, NPROC and offline hubs, set once here
+
+setup_env()
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # JAX's persistent compilation cache, shared by both xdist workers and every subprocess a test starts (they

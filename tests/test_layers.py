@@ -33,6 +33,8 @@ import ast
 import pathlib
 import sys
 
+from support.source import docstring_ids
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # Lower index = lower layer. Each member is a package (everything under it) or a module.
@@ -84,16 +86,6 @@ def _is_main_guard(node: ast.stmt) -> bool:
             and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
 
 
-def _docstring_nodes(tree: ast.Module) -> set[int]:
-    ids = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                ids.add(id(first.value))
-    return ids
-
-
 def wrapped_entry(name: str, tree: ast.Module) -> str | None:
     """The lwm entry point a wrapper script stands for (see rule 2), or None when `name` is no wrapper."""
     if not name.startswith("scripts."):
@@ -118,7 +110,7 @@ def read_graph(root: pathlib.Path):
             wrappers[name] = wrapped_entry(name, tree)
         if name.startswith("scripts.") or any(_is_main_guard(n) for n in tree.body):
             entries.add(name)
-        docstrings = _docstring_nodes(tree)
+        docstrings = docstring_ids(tree)
         for node in ast.walk(tree):
             targets = []
             if isinstance(node, ast.Import):

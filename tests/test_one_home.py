@@ -25,17 +25,9 @@ from typing import Callable
 
 import pytest
 
+from support.source import docstring_ids
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _docstring_ids(tree: ast.Module) -> set[int]:
-    ids = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                ids.add(id(first.value))
-    return ids
 
 
 def _with_parents(tree: ast.AST) -> None:
@@ -60,7 +52,7 @@ def sites(root: pathlib.Path, match: Callable[[ast.AST], bool], dirs=("lwm",)) -
         for path in sorted((root / d).rglob("*.py")):
             tree = ast.parse(path.read_text(), filename=str(path))
             _with_parents(tree)
-            skip = _docstring_ids(tree)
+            skip = docstring_ids(tree)
             for node in ast.walk(tree):
                 if id(node) not in skip and match(node):
                     out.append((path.relative_to(root).as_posix(), _function_of(node), node.lineno))

@@ -37,7 +37,8 @@ TOKENIZER_TEXTS = (
 
 
 def setup_env() -> None:
-    """The environment tests/conftest.py gives the tests (before JAX is imported)."""
+    """The environment of the tests, set before JAX is imported: tests/conftest.py calls this, and so does
+    `--write` here, so recorded and compared outputs run alike."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flag = "--xla_force_host_platform_device_count=8"
     if flag not in os.environ.get("XLA_FLAGS", ""):
