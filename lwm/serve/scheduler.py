@@ -455,7 +455,7 @@ class Scheduler:
                             bool(emitted[row].any()) and bool(emitted[row, -1]))]
                     if ended:
                         pool[2] = engine.free(pool[2], ended)
-            except Exception as e:
+            except Exception:
                 traceback.print_exc()
                 for slot, job in enumerate(self.running):
                     if job is not None:

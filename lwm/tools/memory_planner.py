@@ -34,11 +34,9 @@ so activations on TPU and GPU may be smaller; that is not checked here (docs/mem
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
-import sys
 from typing import Any
 
 from lwm.attention import LOAD_BALANCES, STRATEGIES as SP_STRATEGIES

@@ -11,7 +11,6 @@ from lwm import text_chat
 from lwm.inference import chat as chat_lib
 from lwm.inference.engine import Engine
 from lwm.inference.sampling import PromptTooLongError, SamplingConfig
-from lwm.text.tokenizer import load_tokenizer
 
 
 class RecordingSampler:

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 from lwm.model.llama import PRESETS, LLaMAConfig, LLaMAForCausalLM
 from lwm.parallel.sharding import (MeshError, activation_spec, batch_spec, cache_specs, data_parallel_size,
                           sequence_parallel_size, check_divisible, check_model_mesh, make_mesh, match_partition_rules,
-                          named_shardings, parse_mesh_dim, param_spec)
+                          parse_mesh_dim, param_spec)
 
 
 def test_parse_mesh_dim():
