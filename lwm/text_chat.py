@@ -11,6 +11,8 @@ conversation. When the history no longer fits max_sequence_length (with room for
 oldest turns are dropped, the system prompt kept, and the user is told once; a single message too long for
 the model is refused with one line and the chat goes on. Bad flags or files: one line, exit status 2.
 The conversation and the streaming printer are lwm.inference.chat (Chat, TokenPrinter).
+Leaving: type `exit` or `quit`, or end the input (Ctrl-D; Ctrl-Z then Enter on Windows); an empty line is
+ignored; Ctrl-C stops at once (exit status 130), also in the middle of an answer.
 """
 from __future__ import annotations
 
@@ -22,6 +24,13 @@ from ml_collections import ConfigDict
 from lwm.cli.command import cli, parse
 from lwm.inference import runtime
 from lwm.inference.chat import Chat, TokenPrinter
+
+
+EXIT_WORDS = ("exit", "quit")
+LEAVE_HINT = "[chat: type a message and press Enter; 'exit', 'quit' or Ctrl-D (end of input) leaves]"
+# The answer follows "ASSISTANT: " with a space: the tokenizer drops the word-start space of an answer's first
+# token when it decodes, so without it the transcript read "ASSISTANT:just We".
+ANSWER_PREFIX = "ASSISTANT: "
 
 
 def get_default_config() -> ConfigDict:
@@ -67,12 +76,18 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
         printer = TokenPrinter(tokenizer, stdout) if config.stream else None
         chat = Chat(engine, tokenizer, sampling, config.max_new_tokens, config.seed, printer, notify=say)
         messages = [config.prompt] if config.prompt else None
+        if messages is None:
+            say(LEAVE_HINT)
         while True:
             if messages is None:
                 stdout.write("USER: ")
                 stdout.flush()
                 line = stdin.readline()
-                if not line or line.strip() in ("exit", "quit"):
+                if not line:                                   # end of input (Ctrl-D): end the "USER: " line
+                    stdout.write("\n")
+                    stdout.flush()
+                    break
+                if line.strip() in EXIT_WORDS:
                     break
                 message = line.strip()
                 if not message:
@@ -87,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
                 except PromptTooLongError as e:
                     say(f"[message not sent: {e}]")
                     continue
-            stdout.write("ASSISTANT:")
+            stdout.write(ANSWER_PREFIX)
             stdout.flush()
             answer = chat.reply(message)
             if printer is None:

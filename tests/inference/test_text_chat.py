@@ -117,3 +117,60 @@ def test_entry_point_chats_past_the_context(tmp_path):
     assert len(answers) == len(MESSAGES)                          # every fitting message answered
     assert text.count("oldest turns are dropped") == 1
     assert text.count("[message not sent:") == 1 and "max_sequence_length=96" in text
+
+
+class _ScriptedEngine:
+    """Stands in for lwm.inference.engine.Engine in text_chat.main: every reply streams the ids of `text`
+    through the printer (step by step, as the decode loop's callback does) and returns them."""
+    text = "just We"
+
+    def __init__(self, model, params, *, eos_id, pad_id, vocab_size, cache_dtype=None):
+        self.config = types.SimpleNamespace(max_sequence_length=10_000)
+        self.eos_id, self.calls = eos_id, 0
+
+    check_length = Engine.check_length
+
+    def generate(self, prompts, max_new_tokens, *, sampling, seeds, stream=None):
+        self.calls += 1
+        ids = self.tokenizer.encode(self.text)
+        for step, t in enumerate(ids + [self.eos_id]):
+            if stream is not None:
+                stream(step, [t])
+        return types.SimpleNamespace(tokens=[ids])
+
+
+def _scripted_chat(tmp_path, monkeypatch, typed: str, extra=()):
+    """text_chat.main on the tiny preset with the engine and the weights stubbed out (no compile): the transcript
+    and the answers for the input `typed`."""
+    from support import small_tokenizer
+    from lwm.inference import engine as engine_lib, loader
+
+    tokenizer = small_tokenizer(tmp_path)
+    _ScriptedEngine.tokenizer = tokenizer
+    monkeypatch.setattr(engine_lib, "Engine", _ScriptedEngine)
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: (None, None))
+    out = io.StringIO()
+    answers = text_chat.main(["--load_llama_config=tiny", f"--tokenizer={tmp_path / 'tokenizer.model'}",
+                              "--mesh_dim=1,-1,1,1", *extra], stdin=io.StringIO(typed), stdout=out)
+    return out.getvalue(), answers
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_answers_print_after_a_space_and_the_chat_says_how_to_leave(tmp_path, monkeypatch, stream):
+    text, answers = _scripted_chat(tmp_path, monkeypatch, "hello\n", [f"--stream={stream}"])
+    # Control: the decoded answer itself starts without the space (the tokenizer drops the word-start space of
+    # the first piece), so the space in the transcript comes from the prefix.
+    assert answers == ["just We"]
+    assert "ASSISTANT: just We\n" in text and "ASSISTANT:just" not in text
+    assert text.startswith(text_chat.LEAVE_HINT + "\n") and "Ctrl-D" in text_chat.LEAVE_HINT
+    assert text.endswith("USER: \n")                  # end of input (Ctrl-D) closes the prompt's line
+
+
+def test_exit_and_quit_leave_empty_lines_are_ignored(tmp_path, monkeypatch):
+    for word in text_chat.EXIT_WORDS:
+        text, answers = _scripted_chat(tmp_path, monkeypatch, f"hello\n\n  \nsecond\n{word}\nnever read\n")
+        assert answers == ["just We", "just We"]       # the blank lines sent nothing; nothing after the word
+        assert text.count("USER: ") == 5 and text.count("ASSISTANT: ") == 2
+    # Control: without the exit word the line after it is answered too.
+    _, answers = _scripted_chat(tmp_path, monkeypatch, "hello\nnever read\n")
+    assert len(answers) == 2
