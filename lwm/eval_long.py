@@ -23,6 +23,7 @@ from ml_collections import ConfigDict
 
 
 def get_default_config() -> ConfigDict:
+    from lwm.evals.haystack import MAX_HAYSTACK_CHARS
     from lwm.inference import runtime
 
     c = ConfigDict()
@@ -32,6 +33,7 @@ def get_default_config() -> ConfigDict:
     c.n_samples = 2                           # per (task, length, depth); tasks without depth get as many per length
     c.seed = 0
     c.haystack_file = ""                      # JSONL with "text" (or .txt) for the essay haystack
+    c.haystack_max_chars = MAX_HAYSTACK_CHARS # read at most this many characters of it (64 M)
     c.threshold = 85.6                        # effective-length bar (RULER: Llama-2-7B at 4K)
     c.output_dir = "results/eval_long"
     c.max_tokens_per_batch = 32768
@@ -67,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if config.n_samples < 1 or config.max_tokens_per_batch < 1:
         raise ValueError("--n_samples and --max_tokens_per_batch must be >= 1")
     tasks = suite.select_tasks(config.tasks)
-    haystack = essay_haystack(config.haystack_file) if config.haystack_file else None
+    haystack = essay_haystack(config.haystack_file, max_chars=config.haystack_max_chars) \
+        if config.haystack_file else None
     if haystack is None and any(t.needs_essay for t in tasks):
         skipped = [t.name for t in tasks if t.needs_essay]
         if config.tasks != "all":

@@ -3,7 +3,8 @@
   noise   RULER's repeated filler, one unit per repetition:
           "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
   essay   the sentences of a haystack file (JSONL with a "text" field, e.g. the Paul Graham essays that
-          scripts/create_needle_data.py --source=essays writes, or any local text), read once; a sample
+          scripts/create_needle_data.py --source=essays writes, or any local text), read once up to
+          --haystack_max_chars (64 M characters by default); a sample
           starts at a seeded offset and wraps around.
 
 Sentences are split after a sentence end of any script ('.', '!', '?', '。', '！', '？', ...) followed by
@@ -45,15 +46,28 @@ def noise_haystack() -> Haystack:
     return Haystack([NOISE], "noise")
 
 
-def essay_haystack(path: str, max_documents: Optional[int] = None) -> Haystack:
-    """Sentences of the documents of a haystack file (JSONL with "text", or a plain .txt file)."""
+MAX_HAYSTACK_CHARS = 64_000_000   # --haystack_max_chars default: 64 M characters, about 16 M tokens
+
+
+def essay_haystack(path: str, max_documents: Optional[int] = None,
+                   max_chars: int = MAX_HAYSTACK_CHARS) -> Haystack:
+    """Sentences of the documents of a haystack file (JSONL with "text", or a plain .txt file read in
+    blocks), reading no more than the first max_documents documents and max_chars characters (the document
+    that crosses it is the last one read; a file under the bound is read whole). Says once on stdout when the
+    bound cut the file. Raises ValueError naming the file when it holds no text, or max_chars < 1."""
     from lwm.evals.needle import iter_haystack_texts
 
-    sentences = []
+    if max_chars < 1:
+        raise ValueError(f"--haystack_max_chars={max_chars} must be >= 1")
+    sentences, chars = [], 0
     for i, text in enumerate(iter_haystack_texts(path)):
-        if max_documents is not None and i >= max_documents:
+        if (max_documents is not None and i >= max_documents) or chars >= max_chars:
+            if chars >= max_chars:
+                print(f"haystack: read the first {chars:,} characters of {path} (--haystack_max_chars="
+                      f"{max_chars:,})")
             break
         sentences.extend(split_sentences(text))
+        chars += len(text)
     if not sentences:
         raise ValueError(f"--haystack_file={path}: no text in it")
     return Haystack(sentences, f"essay:{path}")

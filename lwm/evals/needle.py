@@ -84,19 +84,36 @@ def random_number(rng: random.Random, digits: int = NUMBER_DIGITS) -> str:
 
 # ------------------------------------------------------------------------------------------ haystacks
 
+TXT_BLOCK_BYTES = 1 << 20      # a .txt haystack is read (and yielded) in blocks of about this many bytes
+
+
 def iter_haystack_texts(path: str) -> Iterable[str]:
     """The "text" field of every line of a JSONL file (a bad line raises naming the file and line); a `.txt`
-    file is one document, read whole (UTF-8)."""
+    file as consecutive blocks of about TXT_BLOCK_BYTES (1 MiB) each, so a reader takes only the text it needs
+    of a large file: a block ends after its last newline byte, or, in a line longer than a block, before the
+    first byte of its last character (either way never inside a UTF-8 character). Raises ValueError naming
+    the file (and line) for text that is not UTF-8 or JSON."""
     import fsspec
 
     if str(path).endswith(".txt"):
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            try:
-                text = f.read()
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 text ({e}); a haystack is .txt or JSONL") from None
-        yield text
-        return
+        with fsspec.open(path, "rb") as f:
+            rest = b""
+            while True:
+                block = f.read(TXT_BLOCK_BYTES)
+                data = rest + block
+                cut = len(data) if not block else data.rfind(b"\n") + 1
+                if cut == 0:                            # a line longer than a block: cut before its last
+                    cut = len(data) - 1                 # character's first byte (never inside a character)
+                    while cut > 0 and data[cut] & 0xC0 == 0x80:
+                        cut -= 1
+                piece, rest = data[:cut], data[cut:]
+                if piece:
+                    try:
+                        yield piece.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{path}: not UTF-8 text ({e}); a haystack is .txt or JSONL") from None
+                if not block:
+                    return
     with fsspec.open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():

@@ -353,3 +353,43 @@ def test_training_check_config_names_the_flag(flag, value):
     target[leaf] = value
     with pytest.raises(FlagError, match=f"--{flag}="):
         check_config(config)
+
+
+@pytest.fixture(scope="module")
+def big_txt(tmp_path_factory):
+    """A 50 MB plain-text haystack: 500,000 lines of 100 bytes."""
+    path = tmp_path_factory.mktemp("bigtxt") / "haystack.txt"
+    line = ("Word " * 19 + "end.\n").encode()
+    assert len(line) == 100
+    with open(path, "wb") as f:
+        f.write(line * 500_000)
+    return str(path)
+
+
+def test_txt_haystack_readers_stop_after_what_they_need(big_txt, monkeypatch):
+    from lwm.evals import needle
+    from lwm.evals.haystack import essay_haystack
+
+    opened, _ = _count_reads(monkeypatch)
+    streams = needle.read_haystacks(big_txt, n_rounds=2, min_tokens=1000, tokenizer=_WordTokenizer())
+    assert [len(s) >= 1000 for s in streams] == [True, True]
+    assert opened[0].n <= 2 * needle.TXT_BLOCK_BYTES, opened[0].n       # 2 blocks of a 50 MB file
+    opened.clear()
+    hay = essay_haystack(big_txt, max_chars=3_000_000)
+    assert opened[0].n <= 4 * needle.TXT_BLOCK_BYTES and len(hay) == 3 * needle.TXT_BLOCK_BYTES // 100
+    # Control: without a bound that cuts it, the whole file is read.
+    opened.clear()
+    assert len(essay_haystack(big_txt, max_chars=10 ** 9)) == 500_000
+    assert opened[0].n == os.path.getsize(big_txt)
+
+
+def test_txt_blocks_never_split_a_character(tmp_path, monkeypatch):
+    from lwm.evals import needle
+
+    monkeypatch.setattr(needle, "TXT_BLOCK_BYTES", 7)
+    text = "héllo 你好世界\nab\n" + "日本語のテキスト" * 5
+    path = tmp_path / "h.txt"
+    path.write_text(text, encoding="utf-8")
+    blocks = list(needle.iter_haystack_texts(str(path)))
+    assert "".join(blocks) == text and len(blocks) > 5
+    assert all("\ufffd" not in b for b in blocks)
