@@ -1,7 +1,7 @@
 """The request edge: what a connection may cost before any route runs.
 
-    connection --(header_timeout_s: request headers complete in time, else closed)--> uvicorn
-               --(max_connections: uvicorn's limit_concurrency, 503 beyond it)-->
+    connection --(max_connections: beyond it a 503 `too_many_connections` JSON error, then closed, nothing read)--
+               --(header_timeout_s: request headers complete in time, else closed)--> uvicorn
     Edge (ASGI) --(API key, else 401, body unread)--(Content-Length or bytes read > max_body_bytes: 413)--
                --(whole body within body_timeout_s, else 408)--> FastAPI routes (JSON parsed only now)
                --(an exception no handler took: one logged 500 without internals)
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import http
+import json
 import time
 from typing import Optional
 
@@ -121,16 +123,36 @@ def _replay(body: bytes, receive):
 
 
 # --------------------------------------------------------------------------------------------- connections
-class _HeaderDeadline:
-    """Mixed into uvicorn's HTTP protocol: a connection whose next request's headers are not complete within
-    `header_timeout_s` of its opening (or of its previous response) is closed. The protocol makes a new
-    `self.cycle` when a request's headers are complete, so the deadline holds while `self.cycle` is the one
-    seen when it was armed."""
+def _canned(error: APIError) -> bytes:
+    """A whole HTTP/1.1 response carrying `error`'s JSON body (`APIError.body`), closing the connection."""
+    body = json.dumps(error.body()).encode()
+    reason = http.HTTPStatus(error.status).phrase
+    return (f"HTTP/1.1 {error.status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+            f"\r\nconnection: close\r\n\r\n").encode() + body
+
+
+class _ConnectionEdge:
+    """Mixed into uvicorn's HTTP protocol (httptools or h11, the same two hooks in both):
+
+    - the connection cap: a connection opened while `max_connections` others are open is answered with a 503
+      whose body is the API's error object (code `too_many_connections`) and closed before anything of it is
+      read (uvicorn's own `limit_concurrency` answers in plain text, so it is not used);
+    - the header deadline: a connection whose next request's headers are not complete within
+      `header_timeout_s` of its opening (or of its previous response) is closed. The protocol makes a new
+      `self.cycle` when a request's headers are complete, so the deadline holds while `self.cycle` is the one
+      seen when it was armed."""
 
     header_timeout_s = 10.0
+    max_connections: Optional[int] = 512
 
     def connection_made(self, transport):
         super().connection_made(transport)
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            transport.write(_canned(APIError(
+                503, f"the server has {self.max_connections} connections open (--max_connections); retry later",
+                code="too_many_connections")))
+            transport.close()
+            return
         self._arm()
 
     def on_response_complete(self):
@@ -161,15 +183,23 @@ class _HeaderDeadline:
 
 
 def server_config(app, *, host: str = "127.0.0.1", port: int = 8000, header_timeout_s: float = 10.0,
-                  keep_alive_s: int = 5, max_connections: Optional[int] = 512, log_level: str = "warning"):
-    """uvicorn.Config for `app`: uvicorn's own protocol (httptools when installed, else h11) with the header
-    deadline, idle keep-alive connections closed after keep_alive_s (uvicorn's timeout_keep_alive), and at
-    most max_connections open connections plus running requests (uvicorn's limit_concurrency: a request
-    beyond it gets uvicorn's plain-text 503; None = no cap)."""
+                  keep_alive_s: int = 5, max_connections: Optional[int] = 512, log_level: str = "warning",
+                  http_impl: str = "auto"):
+    """uvicorn.Config for `app`: uvicorn's own protocol (httptools when installed, else h11; http_impl 'h11' or
+    'httptools' names one) with the header deadline and the connection cap (`_ConnectionEdge`: at most max_connections open
+    connections, None = no cap), and idle keep-alive connections closed after keep_alive_s (uvicorn's
+    timeout_keep_alive). Running requests are bounded by the scheduler's queue (429 `queue_full`)."""
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    protocol = type("HeaderDeadlineProtocol", (_HeaderDeadline, AutoHTTPProtocol),
-                    {"header_timeout_s": float(header_timeout_s)})
+    base = AutoHTTPProtocol
+    if http_impl != "auto":
+        import importlib
+
+        module, name = {"h11": ("h11_impl", "H11Protocol"),
+                        "httptools": ("httptools_impl", "HttpToolsProtocol")}[http_impl]
+        base = getattr(importlib.import_module(f"uvicorn.protocols.http.{module}"), name)
+    protocol = type("EdgeProtocol", (_ConnectionEdge, base),
+                    {"header_timeout_s": float(header_timeout_s), "max_connections": max_connections})
     return uvicorn.Config(app, host=host, port=port, http=protocol, timeout_keep_alive=keep_alive_s,
-                          limit_concurrency=max_connections, log_level=log_level)
+                          log_level=log_level)

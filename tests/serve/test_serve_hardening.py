@@ -146,18 +146,31 @@ def test_slow_headers_closed_and_late_body_refused(url, app):
     assert status == 400 and body["error"]["code"] == "unknown_field"
 
 
-def test_connection_cap(url):
-    # max_connections=3: with three idle connections open, a fourth gets 503; once they close, it is served.
+@pytest.fixture(scope="module", params=["h11", "httptools"])
+def impl_url(request, app):
+    """The edge over each of uvicorn's two HTTP protocols (both installed: uvicorn[standard] in pyproject)."""
+    with running_server(app, edge=dict(header_timeout_s=0.6, max_connections=3, http_impl=request.param)) as u:
+        yield u
 
-    idle = [socket.create_connection(("127.0.0.1", _port(url)), timeout=2) for _ in range(3)]
+
+def test_connection_cap_and_header_deadline_on_both_protocols(impl_url):
+    # max_connections=3: with three idle connections open, a fourth gets a 503 with the API's error object;
+    # once they close, it is served.
+    idle = [socket.create_connection(("127.0.0.1", _port(impl_url)), timeout=2) for _ in range(3)]
     try:
         time.sleep(0.1)
-        assert _http(url + "/health")[0] == 503
+        status, body, _ = _raw(impl_url, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and body["error"]["code"] == "too_many_connections", (status, body)
+        # The idle connections are closed by the header deadline (0.6 s) without a request.
+        time.sleep(1.0)
+        for s in idle:
+            s.settimeout(1)
+            assert s.recv(1) == b""
     finally:
         for s in idle:
             s.close()
     time.sleep(0.2)
-    assert _http(url + "/health")[0] == 200
+    assert _http(impl_url + "/health")[0] == 200                 # control: under the cap it is served
 
 
 def test_docs_behind_key(url, text_engine):
