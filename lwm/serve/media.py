@@ -73,9 +73,9 @@ def _image_format(data: bytes, where: str, max_image_bytes: int) -> str | None:
             image.verify()
             return image.format
     except MediaTooLarge as e:
-        raise bad_request(str(e), where, "invalid_image") from None
+        raise bad_request(str(e), where, "media_too_large") from None
     except Image.DecompressionBombError as e:
-        raise bad_request(f"{where}: {e}", where, "invalid_image") from None
+        raise bad_request(f"{where}: {e}", where, "media_too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return None
 
@@ -102,7 +102,7 @@ def decode_media(data: bytes, where: str, size: int, max_n_frames: int, kind: st
             return load_frames(f.name, size, max_n_frames, max_image_bytes, max_video_pixels)
         except MediaTooLarge as e:
             text = str(e).replace(f"{f.name}: ", "")
-            raise bad_request(f"{where}: {text}", where, "invalid_image") from None
+            raise bad_request(f"{where}: {text}", where, "media_too_large") from None
         except (ValueError, OSError) as e:
             text = str(e).replace(f.name, "the data").replace(f.name.rsplit('/', 1)[-1], "the data")
             raise bad_request(f"{where}: cannot decode the media ({text})", where, "invalid_image") from None

@@ -69,6 +69,7 @@ def test_pixel_budget_refuses_and_its_control_decodes():
     data = buf.getvalue()
     err, seconds = _refused(lambda: decode_media(data, "p", 32, 1, "image", max_image_bytes=8 << 20))
     assert err.status == 400 and "over the budget of 8,388,608 bytes (max_image_bytes)" in err.message
+    assert err.code == "media_too_large"
     assert seconds < 0.5
     got = decode_media(data, "p", 32, 1, "image")                # control: under the default budget it decodes
     grey = np.clip(np.round(values.astype(np.float64) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
@@ -83,6 +84,7 @@ def test_decompression_bomb_is_a_400():
     data = _png(20000, 20000, rows=1, bit_depth=8)
     err, _ = _refused(lambda: decode_media(data, "p", 32, 1, "image", max_image_bytes=1 << 40))
     assert err.status == 400 and "decompression bomb" in err.message.lower() and "\n" not in err.message
+    assert err.code == "media_too_large"
     err, _ = _refused(lambda: decode_media(data, "p", 32, 1, "image"))
     assert err.status == 400 and err.message.startswith("p: ")
 
@@ -117,7 +119,7 @@ def test_frame_budget_refuses_from_the_header_and_its_control_decodes(clip, monk
     monkeypatch.setattr(vision_io, "_decode_video", lambda *a, **k: decoded.append(1) or real(*a, **k))
     err, seconds = _refused(lambda: frames_from_parts([("video", url, "v")], 32, 4, False,
                                                       max_video_pixels=5_000_000))
-    assert err.status == 400 and seconds < 0.5 and not decoded
+    assert err.status == 400 and seconds < 0.5 and not decoded and err.code == "media_too_large"
     assert err.message == ("v: the video has 120 frames of 320 x 240 (9,216,000 pixels), over the budget of "
                            "5,000,000 pixels (max_video_pixels)")
     # control: under a budget above it, the frames a plain PyAV decode gives at the sampled indices
