@@ -1,7 +1,8 @@
 """The layers of lwm/ and the rules between them, read from the source.
 
 Layers, lowest first (a module may import its own layer or a lower one, never a higher one):
-  foundation    lwm.utils, lwm.parallel (mesh axes, specs, multi-host arrays), lwm.text (tokenizer, chat template)
+  foundation    lwm.utils, lwm.parallel (mesh axes, specs, multi-host arrays), lwm.text (tokenizer, chat template),
+                lwm.data (synthetic data worlds)
   kernels       lwm.attention
   model         lwm.model
   formats       lwm.checkpoint (checkpoint formats, Hugging Face tensors), lwm.cli (the one command-line layer)
@@ -39,7 +40,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # Lower index = lower layer. Each member is a package (everything under it) or a module.
 LAYERS = (
-    ("foundation", {"lwm", "lwm.utils", "lwm.parallel", "lwm.text"}),
+    ("foundation", {"lwm", "lwm.utils", "lwm.parallel", "lwm.text", "lwm.data"}),
     ("kernels", {"lwm.attention"}),
     ("model", {"lwm.model"}),
     ("formats", {"lwm.checkpoint", "lwm.cli"}),
