@@ -8,6 +8,8 @@ and raises FlagError naming the flag and what is accepted. Values are parsed as 
     mesh_sizes("mesh_dim", "1,1,4,64")                              # (1, 1, 4, 64): no devices to fill a -1
     parse_modality("modality", "vision")                            # 'vision,text' (the canonical spelling)
     check_checkpoint_spec("load_checkpoint", "params::/ckpt/p")     # the text, if the file exists
+    parse_length_list("seq_len", "128K,1M")                         # [131072, 1048576]
+    parse_size("device_memory", "80GiB")                            # 85899345920.0; '80' is refused
 
 `FLAG_KINDS` maps flag names to these parsers; lwm.cli.flags.parse_flags applies them to every command's
 flags of that name, so `--mesh_dim` or `--update_llama_config` mean the same in every command.
@@ -159,6 +161,55 @@ def parse_int_list(name: str, text: str, minimum: int | None = None) -> list[int
         raise FlagError(f"--{name}={text!r}: give at least one value" + (f", each >= {minimum}" if minimum is not None
                                                                          else ""))
     return values
+
+
+_SUFFIX = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def parse_length(name: str, text: str, minimum: int = 1) -> int:
+    """A token count: '4096', '128K' (= 131072), '1M' (= 1048576), '1.5K'; K and M are powers of two
+    (2^10, 2^20), as context lengths are quoted. FlagError naming the flag otherwise, or below `minimum`."""
+    t = str(text).strip()
+    unit = t[-1:].lower() if t[-1:].isalpha() else ""
+    try:
+        value = float(t[:len(t) - len(unit)]) * _SUFFIX[unit]
+    except (KeyError, ValueError):
+        raise FlagError(f"--{name}={text!r}: expected a token count such as 4096, 128K or 1M") from None
+    if value != int(value) or value < minimum:
+        raise FlagError(f"--{name}={text!r}: expected a whole number of tokens >= {minimum}")
+    return int(value)
+
+
+def parse_length_list(name: str, text: str, minimum: int = 1) -> list[int]:
+    """'32K,128K,1M' -> [32768, 131072, 1048576] (parse_length of each); at least one value."""
+    values = [parse_length(name, x, minimum) for x in str(text).split(",") if x.strip()]
+    if not values:
+        raise FlagError(f"--{name}={text!r}: give at least one length (4096, 128K, 1M, comma-separated)")
+    return values
+
+
+_BYTE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+               "tib": 2**40}
+
+
+def parse_size(name: str, text: str, named: dict | None = None) -> float:
+    """Bytes from a size with its unit ('80GiB', '95GB', '512MiB', '1.5e9B') or a name in `named`
+    (name -> bytes, e.g. the memory planner's device table). A bare number is refused: '80' could be 80 bytes
+    or 80 GiB. Raises FlagError naming the flag, the units and the names."""
+    t = str(text).strip()
+    if named and t.lower() in named:
+        return float(named[t.lower()])
+    number = t.rstrip("bBkKmMgGtTiI ")
+    unit = t[len(number):].strip().lower()
+    names = f" or one of {', '.join(sorted(named))}" if named else ""
+    try:
+        value = float(number)
+    except ValueError:
+        value = None
+    if value is None or unit not in _BYTE_UNITS or value <= 0:
+        why = "a bare number has no unit; " if value is not None and not unit else ""
+        raise FlagError(f"--{name}={text!r}: {why}give a size with its unit (80GiB, 95GB, 512MiB){names}")
+    return value * _BYTE_UNITS[unit]
 
 
 def parse_choice(name: str, text: str, choices) -> str:

@@ -21,7 +21,8 @@ table) and the norms replicated, s the bytes of the compute dtype:
                  nothing_saveable  D (the layer input)
                  checkpoint_dots   the matmul outputs: 3 D + 2 K H / tp + 2 F / tp
   inference  parameters  P_dev * s
-             KV cache    2 * L * b * S * K * H * s / (sp * tp)   S the cache length (prompt + new tokens)
+             KV cache    2 * L * b * S * K * H * c / (sp * tp)   S the cache length (prompt + new tokens), c the
+                         cache dtype's bytes (--cache_dtype; the compute dtype's by default)
              activations n * PREFILL_WORKING_BYTES * D (one layer at a time, no backward) + score tiles
                + the last position's logits + with fsdp * sp > 1 the embedding table all-gathered (V D s / tp)
   sp > 1     the context-parallel strategy's extra (estimate(): ring the neighbour's K/V block, all_gather the
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 from lwm.attention import LOAD_BALANCES, STRATEGIES as SP_STRATEGIES
@@ -76,10 +76,21 @@ def TOP_LEVEL(d: int, h: int) -> int:
     return 6 * d + 2 * h
 
 
-DEVICES = {  # HBM per chip, bytes (vendor data sheets)
-    "tpu-v4": 32 * 2**30, "tpu-v5e": 16 * 2**30, "tpu-v5p": 95 * 2**30, "a100-40g": 40 * 2**30,
-    "a100-80g": 80 * 2**30, "h100": 80 * 2**30, "h200": 141 * 2**30,
+# Memory per chip (bytes) and where the figure comes from. GPUs: the total nvidia-smi reports for the card
+# (a little under the data sheet's "80GB"/"141GB"; public reports of nvidia-smi, not measured here); TPUs: the HBM per chip of the Cloud TPU system-architecture
+# pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e). A JAX process on a GPU takes 75% of it unless
+# XLA_PYTHON_CLIENT_MEM_FRACTION (or XLA_PYTHON_CLIENT_PREALLOCATE=false) says otherwise (docs/memory.md).
+DEVICE_TABLE = {
+    "h100": (81559 * 2**20, "NVIDIA H100 SXM 80GB: 81559 MiB (nvidia-smi); data sheet 80 GB HBM3"),
+    "h200": (143771 * 2**20, "NVIDIA H200 SXM: 143771 MiB (nvidia-smi); data sheet 141 GB HBM3e"),
+    "a100-80g": (81920 * 2**20, "NVIDIA A100 80GB: 81920 MiB (nvidia-smi); data sheet 80 GB HBM2e"),
+    "a100-40g": (40960 * 2**20, "NVIDIA A100 40GB: 40960 MiB (nvidia-smi); data sheet 40 GB HBM2"),
+    "tpu-v4": (32 * 2**30, "Cloud TPU v4: 32 GiB HBM2 per chip"),
+    "tpu-v5e": (16 * 2**30, "Cloud TPU v5e: 16 GiB HBM2 per chip"),
+    "tpu-v5p": (95 * 2**30, "Cloud TPU v5p: 95 GiB HBM2e per chip"),
+    "tpu-v6e": (32 * 2**30, "Cloud TPU v6e (Trillium): 32 GiB HBM per chip"),
 }
+DEVICES = {name: size for name, (size, _) in DEVICE_TABLE.items()}   # name -> bytes (lwm.cli.values.parse_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +107,7 @@ class Plan:
     bf16_momentum: bool = False
     loss_chunk_size: int = 1024
     new_tokens: int = 0                      # inference: cache slots beyond the prompt
+    cache_bytes: int = 0                     # inference: bytes per KV-cache element; 0 = dtype_bytes (--cache_dtype)
 
     def __post_init__(self):
         """Raises ValueError (one line) for a strategy, layout or mesh the real run would refuse: the checks
@@ -163,6 +175,11 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
         attn_extra = 2 * b * plan.seq_len * kv * h * (1 - 1 / sp)
     elif plan.sp_strategy == "ring":                      # the neighbour's K/V block in flight
         attn_extra = 2 * n * kv * h
+    elif plan.sp_strategy == "ulysses_ring":              # the group's all-to-all buffers (q, k, v, out over
+        from lwm.parallel.sharding import ulysses_kv_repeat        # u devices) + the ring's K/V block in flight:
+        u = plan.model_config.context_parallel_ulysses_size         # u n tokens of K r / u heads = n K r
+        r = ulysses_kv_repeat(c.num_attention_heads // tp, c.kv_heads // tp, u)
+        attn_extra = n * (2 * c.num_attention_heads / tp + 4 * kv * r) * h
     else:                                                 # ulysses: all-to-all buffers of q, k, v, out
         from lwm.parallel.sharding import ulysses_kv_repeat        # kv heads repeated to divide by sp
         attn_extra = n * (2 * c.num_attention_heads / tp + 2 * kv * ulysses_kv_repeat(
@@ -187,7 +204,7 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     batch = n * 13                                        # tokens, targets (int32), loss mask (f32), vision mask
     train = dict(parameters=p_dev * 4, optimizer=opt, gradients=grads,
                  activations=max(peak - grads, 0.0) + batch, kv_cache=0.0)
-    cache = 2 * L * b * (plan.seq_len + plan.new_tokens) * c.kv_heads * h * s / (sp * tp)
+    cache = 2 * L * b * (plan.seq_len + plan.new_tokens) * c.kv_heads * h * (plan.cache_bytes or s) / (sp * tp)
     heads = c.num_attention_heads / tp / (sp if plan.sp_strategy == "ulysses" else 1)   # per local kernel
     tiles = PREFILL_TILES * b * c.scan_query_chunk_size * kc_len(c, plan.seq_len) * heads * 4
     gathered = v_dev * d * s if fsdp * sp > 1 else 0.0   # the embedding table, all-gathered for the lookup
@@ -221,20 +238,95 @@ def max_context(plan: Plan, device_bytes: float, mode: str = "train", multiple: 
     return lo
 
 
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.I)
+# ---------------------------------------------------------------------------------------------------------
+# The hardware question: the fewest devices that fit, over meshes, sp strategies, remat policies, cache dtypes.
+
+SEARCH_REMATS = ("", "checkpoint_dots", "nothing_saveable")     # least recompute first: the preference order
+REMAT_COST = {"": "none", "checkpoint_dots": "matmul outputs kept", "nothing_saveable": "layer recomputed"}
 
 
-def parse_bytes(text: str) -> float:
-    """'95GiB', '80GB', '1.5e9' or a device name from DEVICES -> bytes. Raises ValueError."""
-    if text.lower() in DEVICES:
-        return float(DEVICES[text.lower()])
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"--device_memory={text!r}: give bytes with a unit (80GB, 95GiB) or one of {sorted(DEVICES)}")
-    unit = m.group(2).lower()
-    scale = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
-             "gib": 2**30, "tib": 2**40}[unit]
-    return float(m.group(1)) * scale
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """One configuration that fits: `plan` (its config carries the remat policy) on `devices` devices, with
+    `per_device` bytes of `mode` ('train' | 'inference') per device (estimate()'s total)."""
+    mode: str
+    devices: int
+    plan: Plan
+    per_device: float
+
+    @property
+    def remat(self) -> str:
+        return self.plan.config.remat_block
+
+    def flags(self) -> str:
+        """The flags of `lwm.train` (mode 'train') or of the inference commands (lwm.text_chat,
+        lwm.eval_needle, lwm.serve) that run this configuration."""
+        p = self.plan
+        updates = []
+        if self.mode == "train" and self.remat:
+            updates.append(f"remat_block='{self.remat}'")
+        if p.mesh[3] > 1:
+            mc = p.model_config
+            updates += [f"attention_impl='{mc.attention_impl}'", f"context_parallel_strategy='{p.sp_strategy}'"]
+            if p.load_balance != "none":
+                updates.append(f"context_parallel_load_balance='{p.load_balance}'")
+        dtype = "bf16" if p.dtype_bytes == 2 else "fp32"
+        out = f"--mesh_dim={','.join(map(str, p.mesh))} --dtype={dtype}"
+        if self.mode == "inference" and p.cache_bytes and p.cache_bytes != p.dtype_bytes:
+            out += " --cache_dtype=" + {2: "bf16", 4: "fp32"}[p.cache_bytes]
+        if self.mode == "train":
+            out += f" --train_dataset.json_dataset.seq_length={p.seq_len} --train_dataset.json_dataset.batch_size={p.batch_size}"
+        if updates:
+            out += ' --update_llama_config="dict(' + ",".join(updates) + ')"'
+        return out
+
+
+def meshes(n: int, batch_size: int = 1):
+    """Every (dp, fsdp, tp, sp) of powers of two whose product is n (a power of two) and whose dp * fsdp
+    divides batch_size. Order: dp, then fsdp, then tp ascending."""
+    k = n.bit_length() - 1
+    for a in range(k + 1):
+        for b in range(k + 1 - a):
+            if batch_size % 2 ** (a + b):
+                continue
+            for c in range(k + 1 - a - b):
+                yield (2 ** a, 2 ** b, 2 ** c, 2 ** (k - a - b - c))
+
+
+def search(config, seq_len: int, device_bytes: float, mode: str, *, batch_size: int = 1, dtype_bytes: int = 2,
+           strategies=None, load_balance: str = "none", remats=SEARCH_REMATS, cache_bytes=(0,),
+           max_devices: int = 2 ** 14, **plan_fields) -> list[Fit]:
+    """The configurations of `mode` ('train' | 'inference') whose estimate() total fits `device_bytes` per
+    device at the smallest power-of-two device count <= max_devices; [] when none does. Searched: every mesh
+    of `meshes(n, batch_size)` the real run accepts (Plan's checks: heads over tp, batch over dp * fsdp, the
+    sequence over sp and the chunk sizes), every context-parallel strategy in `strategies` (default: every
+    one lwm.attention has) when sp > 1, the remat policies `remats` (training only) and the cache element
+    sizes `cache_bytes` (inference only; 0 = the compute dtype's). Sorted by preference: least recompute,
+    then the smallest per-device total. `plan_fields`: the other Plan fields (optimizer_state, new_tokens, ...)."""
+    strategies = tuple(strategies or SP_STRATEGIES)
+    configs = [config.replace(remat_block=r) for r in (remats if mode == "train" else (config.remat_block,))]
+    caches = cache_bytes if mode == "inference" else (0,)
+    n = 1
+    while n <= max_devices:
+        fits = []
+        for mesh in meshes(n, batch_size):
+            for strategy in (strategies if mesh[3] > 1 else strategies[:1]):
+                for c in configs:
+                    for cb in caches:
+                        try:
+                            plan = Plan(c, seq_len, mesh, batch_size, dtype_bytes, strategy, load_balance,
+                                        cache_bytes=cb, **plan_fields)
+                        except ValueError:          # a mesh or strategy the real run refuses
+                            break
+                        total = estimate(plan)[mode]["total"]
+                        if total <= device_bytes:
+                            fits.append(Fit(mode, n, plan, total))
+        if fits:
+            rank = {r: i for i, r in enumerate(SEARCH_REMATS)}
+            return sorted(fits, key=lambda f: (rank.get(f.remat, len(rank)) if mode == "train" else 0,
+                                               f.per_device))
+        n *= 2
+    return []
 
 
 def gib(x: float) -> str:
