@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import sentencepiece as spm
 
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "get_tokenizer_config", "load_tokenizer",
-           "train_sentencepiece"]
+           "train_sentencepiece", "read_texts", "character_counts", "smallest_vocab_size", "choose_coverage"]
 
 
 class Tokenizer:
@@ -178,25 +178,164 @@ def load_tokenizer(spec: str | Mapping) -> Tokenizer:
     return _hf_auto(spec, local_files_only=True)
 
 
-def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int = 512) -> SentencePieceTokenizer:
-    """Train a small BPE model in the LLaMA layout (unk/bos/eos = 0/1/2, no pad, byte fallback, identity
-    normalisation, whitespace kept) and write it to `model_path`. Takes well under a second on a few
-    hundred KB of text; used by tests and the offline demo. `vocab_size` must exceed 259 (3 specials +
-    256 byte pieces); a corpus too small for it gives a smaller vocabulary rather than an error."""
-    if vocab_size < 260:
-        raise ValueError(f"vocab_size={vocab_size}: byte fallback needs at least 260 (3 specials + 256 bytes)")
+# The LLaMA sentencepiece layout: unk, bos, eos and 256 byte pieces (byte fallback) before any learned piece.
+META_PIECES = 3 + 256
+# Sentences longer than this (bytes) are skipped by sentencepiece's trainer; read_texts splits longer text.
+MAX_SENTENCE_BYTES = 1 << 16
+# character_coverage='auto' lowers the coverage (rare characters then fall back to bytes, as in LLaMA's own
+# 0.99995) to fit the vocabulary, but not below this.
+AUTO_COVERAGE_FLOOR = 0.9995
+
+
+def _chunks(text: str, limit: int = MAX_SENTENCE_BYTES - 1024):
+    """`text` as paragraphs (split on blank lines), each under `limit` UTF-8 bytes (long ones split at
+    line ends, then anywhere)."""
+    for para in text.split("\n\n"):
+        if not para.strip():
+            continue
+        if len(para.encode()) <= limit:
+            yield para
+            continue
+        piece = ""
+        for line in para.splitlines(keepends=True):
+            while len(line.encode()) > limit:          # one very long line: cut by characters
+                cut = limit // 4
+                yield line[:cut]
+                line = line[cut:]
+            if len((piece + line).encode()) > limit:
+                yield piece
+                piece = ""
+            piece += line
+        if piece.strip():
+            yield piece
+
+
+def read_texts(paths: Iterable[str], field: str = "text") -> Iterator[str]:
+    """The training text of `paths`: JSON lines (`.jsonl`, `.json`; the string `field` of each object) or
+    plain text files (anything else), as paragraphs under MAX_SENTENCE_BYTES. Raises ValueError naming the
+    file and line for a line that is not a JSON object with a string `field`, FileNotFoundError for a
+    missing file."""
+    import json
+
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if not path.endswith((".jsonl", ".json")):
+                yield from _chunks(f.read())
+                continue
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise ValueError(f"{path}:{i}: not a JSON object (JSON lines: one object per line)") from None
+                value = record.get(field) if isinstance(record, dict) else None
+                if not isinstance(value, str):
+                    raise ValueError(f"{path}:{i}: no string field {field!r} (--field names it)")
+                yield from _chunks(value)
+
+
+def character_counts(texts: Iterable[str]) -> "collections.Counter":
+    """Characters as sentencepiece's trainer counts them (identity normalisation, spaces as U+2581, and one
+    U+2581 more per text: the dummy prefix it puts in front of each).
+    Example: character_counts(["a b"]) == Counter({'\u2581': 2, 'a': 1, 'b': 1})."""
+    import collections
+
+    counts = collections.Counter()
+    for t in texts:
+        counts.update(t.replace(" ", "\u2581"))
+        counts["\u2581"] += 1
+    return counts
+
+
+def _cumulative(counts) -> "np.ndarray":
+    import numpy as np
+
+    freq = np.array(sorted(counts.values(), reverse=True), np.float64)
+    return np.concatenate([[0.0], np.cumsum(freq)]) / max(freq.sum(), 1.0)
+
+
+def required_characters(counts, coverage: float) -> int:
+    """How many characters sentencepiece makes pieces of at `coverage`: the most frequent ones, added while
+    the share covered so far (a float32 in sentencepiece's trainer_interface.cc) is below `coverage`."""
+    import numpy as np
+
+    cum = _cumulative(counts).astype(np.float32)
+    below = np.nonzero(cum[:-1] >= np.float32(coverage))[0]
+    return int(below[0]) if below.size else len(counts)
+
+
+def smallest_vocab_size(counts, coverage: float = 1.0) -> int:
+    """The smallest vocab_size sentencepiece accepts for a corpus with these character counts at `coverage`:
+    META_PIECES + required_characters (its check "Vocabulary size is smaller than required_chars")."""
+    return META_PIECES + required_characters(counts, coverage)
+
+
+def choose_coverage(counts, vocab_size: int, coverage: float | str = "auto") -> float:
+    """The character_coverage to train with: `coverage` itself when a number, else ('auto') 1.0 when every
+    character fits beside META_PIECES, else the coverage that keeps the vocab_size - META_PIECES most frequent
+    characters, if that is >= AUTO_COVERAGE_FLOOR. Raises ValueError (one line, naming --vocab_size and the
+    smallest size that works) otherwise.
+    Example: 274 distinct characters, vocab_size=512: 253 kept, coverage just above their share."""
+    import numpy as np
+
+    if coverage != "auto":
+        coverage = float(coverage)
+        if not 0 < coverage <= 1:
+            raise ValueError(f"--character_coverage={coverage}: expected a number in (0, 1] or auto")
+        need = smallest_vocab_size(counts, coverage)
+        if vocab_size < need:
+            raise ValueError(f"--vocab_size={vocab_size} is too small for this corpus at --character_coverage="
+                             f"{coverage}: the smallest that works is {need} ({META_PIECES} special and byte pieces "
+                             f"+ {need - META_PIECES} characters); raise --vocab_size or lower --character_coverage")
+        return coverage
+    full = smallest_vocab_size(counts, 1.0)
+    if vocab_size >= full:
+        return 1.0
+    keep = vocab_size - META_PIECES
+    cum = _cumulative(counts).astype(np.float32)
+    if keep >= 1 and cum[keep] >= np.float32(AUTO_COVERAGE_FLOOR):
+        target = float((np.float64(cum[keep - 1]) + np.float64(cum[keep])) / 2)   # keeps exactly `keep`
+        if required_characters(counts, target) == keep:
+            return target
+        return float(cum[keep])
+    floor = smallest_vocab_size(counts, AUTO_COVERAGE_FLOOR)
+    raise ValueError(f"--vocab_size={vocab_size} is too small for this corpus: the smallest that works is {floor} "
+                     f"({META_PIECES} special and byte pieces + {floor - META_PIECES} characters covering "
+                     f"{AUTO_COVERAGE_FLOOR:.2%} of the text; all {len(counts)} characters: {full})")
+
+
+def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int = 512,
+                        character_coverage: float | str = "auto") -> SentencePieceTokenizer:
+    """Train a BPE model in the LLaMA layout (unk/bos/eos = 0/1/2, no pad, byte fallback, identity
+    normalisation, whitespace kept, digits split) and write it to `model_path`. Well under a second on a few
+    hundred KB of text. `character_coverage`: see choose_coverage ('auto': every character when the vocabulary
+    has room, else the most frequent that fit, the rest as bytes). `vocab_size` is an upper bound: a corpus
+    with fewer merges gives a smaller vocabulary. Raises ValueError (one line) when `vocab_size` cannot hold
+    the corpus's characters, naming the smallest size that can (computed before sentencepiece runs)."""
+    if vocab_size < META_PIECES + 1:
+        raise ValueError(f"--vocab_size={vocab_size}: byte fallback needs at least {META_PIECES + 1} "
+                         f"(3 specials + 256 bytes + 1 character)")
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("train_sentencepiece: no non-empty text to train on")
+    coverage = choose_coverage(character_counts(texts), vocab_size, character_coverage)
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-        allow_whitespace_only_pieces=True, hard_vocab_limit=False, max_sentence_length=1 << 16,
-        num_threads=1, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=coverage,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+            allow_whitespace_only_pieces=True, hard_vocab_limit=False, max_sentence_length=MAX_SENTENCE_BYTES,
+            num_threads=1, minloglevel=2)
+    except RuntimeError as e:        # sentencepiece's own check, should ours have missed a case
+        raise ValueError(f"sentencepiece: {str(e).split('] ', 1)[-1]}".splitlines()[0]) from None
     d = os.path.dirname(os.path.abspath(model_path))
     os.makedirs(d, exist_ok=True)
     with open(model_path, "wb") as f:
         f.write(buf.getvalue())
-    return SentencePieceTokenizer(buf.getvalue(), source=model_path)
+    tok = SentencePieceTokenizer(buf.getvalue(), source=model_path)
+    tok.character_coverage = coverage
+    return tok

@@ -36,14 +36,14 @@ def _commands() -> list[str]:
 
 
 COMMANDS = _commands()
-SUBCOMMAND = {"lwm.convert": ["to_hf"]}              # flags follow the subcommand
+SUBCOMMAND = {"lwm.convert": ["to_hf"], "lwm.tokenizer": ["train"]}   # flags follow the subcommand
 BAD_CHECKPOINT = "params::/nowhere/params"
 
 
 def test_every_command_is_found():
     expected = {"lwm.train", "lwm.convert", "lwm.memory", "lwm.demo", "lwm.text_chat", "lwm.vision_chat",
                 "lwm.vision_generation", "lwm.eval_needle", "lwm.eval_needle_multi", "lwm.eval_long",
-                "lwm.eval_visual_needle", "lwm.serve"}
+                "lwm.eval_visual_needle", "lwm.serve", "lwm.tokenizer"}
     assert set(COMMANDS) == expected, set(COMMANDS) ^ expected
 
 
@@ -74,7 +74,7 @@ def _cases():
     out = []
     for name in COMMANDS:
         defaults = _defaults(name)
-        config = defaults["to_hf"] if isinstance(defaults, dict) else defaults
+        config = defaults[SUBCOMMAND[name][0]] if isinstance(defaults, dict) else defaults
         pre = SUBCOMMAND.get(name, [])
         flags = set(known_flags(config))
         out.append((name, pre + ["--no_such_flag=1"], "--no_such_flag"))
