@@ -99,6 +99,9 @@ class VisualNeedle(EvalTask):
     def prompt_length(self, sample: dict) -> Optional[int]:
         return None                            # known after the VQGAN; one frame count gives one length
 
+    def question(self, sample: dict) -> str:
+        return QUESTION
+
     def prompts(self, chunk):
         from lwm.inference.vision import vision_tokens
         from lwm.text.chat_template import vision_chat_prompt
@@ -106,7 +109,8 @@ class VisualNeedle(EvalTask):
         if self.vqgan is None or self.tokenizer is None:
             raise ValueError("visual_needle: set the VQGAN and tokenizer first (VisualNeedle.with_models)")
         _, codes = self.vqgan.encode(np.stack([s["frames"] for s in chunk]))              # (B, N, h, w)
-        prompts = [vision_chat_prompt(self.tokenizer, QUESTION, vision_tokens(np.asarray(c))) for c in codes]
+        prompts = [vision_chat_prompt(self.tokenizer, self.question(s), vision_tokens(np.asarray(c)))
+                   for s, c in zip(chunk, codes)]
         return [p.ids.tolist() for p in prompts], [p.vision for p in prompts]
 
     def record(self, sample, response, new_tokens, prompt) -> dict:
@@ -117,3 +121,100 @@ class VisualNeedle(EvalTask):
 
 
 VISUAL_NEEDLE = register(VisualNeedle(TASK, max_new_tokens=16))
+
+
+# ------------------------------------------------------------------------ ordering and counting needles
+# Two needles the long-video literature uses beside retrieval: which of two inserted frames came first
+# (ordering), and how many inserted frames show a given object (counting). The inserted frames are one-object
+# images of the synthetic world (lwm.data.world: a shape of a colour on a dark ground), so a model trained on
+# that world can name them; the haystack is `video_frames`' (synthetic or a local video).
+ORDER_TASK, COUNT_TASK = "visual_order", "visual_count"
+COUNT_WORDS = ("one", "two", "three", "four")
+
+
+def object_frame(shape: str, colour: str, size: int) -> np.ndarray:
+    """(size, size, 3) float32 in [-1, 1]: one large centred `colour` `shape` of the world on its ground."""
+    from lwm.data import world
+
+    scene = world.Scene((world.Obj(shape, colour, "large", 0.5, 0.5),), 1, 0, "test")
+    return world.render(scene, size)[0].astype(np.float32) / 127.5 - 1.0
+
+
+def _two_objects(rng: random.Random) -> list[tuple[str, str]]:
+    from lwm.data import world
+
+    shapes, colours = rng.sample(world.SHAPES, 2), rng.sample(world.COLOURS, 2)
+    return list(zip(shapes, colours))
+
+
+def build_order_samples(frame_counts: Sequence[int], depths: Sequence[float], n_samples: int, seed: int,
+                        size: int, video_file: str = "") -> list[dict]:
+    """Ordering: two object frames, the first at depth d of an N-frame video (needle_index) and the second
+    at a seeded later index (N >= 2); the question names both objects in a seeded order; the answer is the
+    one inserted first. A sample's `choices` are the two object names ("red circle", ...)."""
+    out = []
+    for n in frame_counts:
+        if n < 2:
+            raise ValueError(f"--frame_counts: the ordering needle needs >= 2 frames, got {n}")
+        for depth in depths:
+            for i in range(n_samples):
+                s_seed = sub_seed(seed, ORDER_TASK, int(n), float(depth), i)
+                rng = random.Random(s_seed)
+                (sa, ca), (sb, cb) = _two_objects(rng)
+                first = min(needle_index(n, depth), n - 2)
+                second = rng.randint(first + 1, n - 1)
+                frames = video_frames(n, size, s_seed, video_file).copy()
+                frames[first], frames[second] = object_frame(sa, ca, size), object_frame(sb, cb, size)
+                names = [f"{ca} {sa}", f"{cb} {sb}"]
+                asked = names if rng.random() < 0.5 else names[::-1]
+                question = (f"Two frames of this video show an object: the {asked[0]} and the {asked[1]}. "
+                            "Which one appears first?")
+                out.append(dict(task=ORDER_TASK, length=int(n), depth=float(depth), index=i, seed=s_seed,
+                                frames=frames, question=question, answers=[names[0]], choices=asked,
+                                needle_frames=[first, second]))
+    return out
+
+
+def build_count_samples(frame_counts: Sequence[int], n_samples: int, seed: int, size: int,
+                        video_file: str = "") -> list[dict]:
+    """Counting: k in 1..min(4, N) frames of one object (the target) and up to two frames of another (a
+    distractor) at seeded distinct indices of an N-frame video; the question asks how many frames show the
+    target; the answer is k as a word (COUNT_WORDS). Depth is not an axis (recorded as 0)."""
+    out = []
+    for n in frame_counts:
+        for i in range(n_samples):
+            s_seed = sub_seed(seed, COUNT_TASK, int(n), i)
+            rng = random.Random(s_seed)
+            (st, ct), (sd, cd) = _two_objects(rng)
+            k = rng.randint(1, min(len(COUNT_WORDS), n))
+            distract = rng.randint(0, min(2, n - k))
+            where = rng.sample(range(n), k + distract)
+            frames = video_frames(n, size, s_seed, video_file).copy()
+            for j, idx in enumerate(where):
+                frames[idx] = object_frame(st, ct, size) if j < k else object_frame(sd, cd, size)
+            question = f"How many frames of this video show the {ct} {st}? Answer with a number word."
+            out.append(dict(task=COUNT_TASK, length=int(n), depth=0.0, index=i, seed=s_seed, frames=frames,
+                            question=question, answers=[COUNT_WORDS[k - 1]],
+                            choices=list(COUNT_WORDS[:min(len(COUNT_WORDS), n)]), needle_frames=sorted(where[:k])))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualChoice(VisualNeedle):
+    """The ordering and counting needles: the sample's own question, scored by `lwm.evals.world.choice_score`
+    over the sample's choices (the first choice named in the answer must be the right one; 0-100)."""
+
+    def question(self, sample: dict) -> str:
+        return sample["question"]
+
+    def record(self, sample, response, new_tokens, prompt) -> dict:
+        from lwm.evals.world import choice_score
+
+        out = {k: v for k, v in sample.items() if k != "frames"}
+        out.update(response=response, score=choice_score(response, sample["choices"], sample["answers"][0]),
+                   prompt_tokens=len(prompt), new_tokens=len(new_tokens))
+        return out
+
+
+VISUAL_ORDER = register(VisualChoice(ORDER_TASK, max_new_tokens=8))
+VISUAL_COUNT = register(VisualChoice(COUNT_TASK, max_new_tokens=4))

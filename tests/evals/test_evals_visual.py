@@ -51,20 +51,48 @@ def test_entry_point_end_to_end_with_tiny_random_models(tmp_path):
     from lwm import eval_visual_needle
 
     tok = tmp_path / "tokenizer.model"
-    train_sentencepiece([visual.QUESTION + " You are a helpful assistant. USER: <vision></vision> ASSISTANT: 0123456789"] * 4,
-                        str(tok), 340)
+    train_sentencepiece([visual.QUESTION + " You are a helpful assistant. USER: <vision></vision> ASSISTANT: 0123456789"
+                         " How many frames show the red circle? Which one appears first? Two objects."] * 4,
+                        str(tok), 360)
     out = tmp_path / "out"
     summary = eval_visual_needle.main([
         "--load_llama_config=tiny", "--vqgan_config=tiny", f"--tokenizer={tok}", "--frame_counts=1,3",
-        "--depths=0,100", "--n_samples=1", "--max_new_tokens=4", f"--output_dir={out}", "--progress=False",
+        "--tasks=visual_needle,visual_order,visual_count", "--depths=0,100", "--n_samples=1", "--max_new_tokens=4", f"--output_dir={out}", "--progress=False",
         "--mesh_dim=1,-1,1,1"])
     saved = json.loads((out / "results.json").read_text())
-    assert len(saved["records"]) == 4 and saved["summary"] == json.loads(json.dumps(summary))
+    # needle: 2 counts x 2 depths; order: 3 frames only (1 is left out, said once) x 2 depths; count: 2 counts
+    assert [r["task"] for r in saved["records"]].count("visual_needle") == 4 and len(saved["records"]) == 8
+    assert saved["summary"] == json.loads(json.dumps(summary))
     for r in saved["records"]:
-        assert r["task"] == "visual_needle" and r["score"] in (0.0, 100.0) and isinstance(r["response"], str)
+        assert r["score"] in (0.0, 100.0) and isinstance(r["response"], str)
         assert r["prompt_tokens"] > r["length"] * 64                   # 8x8 codes per frame are in the prompt
     assert summary["lengths"] == [1, 3]
     assert (out / "plots" / "visual_needle.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_order_and_count_needles_are_right_by_construction():
+    from lwm.data import world
+
+    for s in visual.build_order_samples([2, 6], [0, 50, 100], 3, seed=1, size=32):
+        first, second = s["needle_frames"]
+        assert first < second and sorted(s["choices"]) == sorted({s["answers"][0], *s["choices"]})
+        colour, shape = s["answers"][0].split()                    # the object of the earlier frame
+        frame = np.round((s["frames"][first] + 1) * 127.5).astype(np.uint8)
+        assert (world.read_colour(frame), world.read_shape(frame)) == (colour, shape)
+        other = np.round((s["frames"][second] + 1) * 127.5).astype(np.uint8)
+        assert f"{world.read_colour(other)} {world.read_shape(other)}" != s["answers"][0]
+    for s in visual.build_count_samples([1, 4, 9], 4, seed=2, size=32):
+        colour, shape = s["question"].split("show the ")[1].split("?")[0].split()
+        shown = [np.round((f + 1) * 127.5).astype(np.uint8) for f in s["frames"]]
+        k = sum(world.read_colour(f) == colour and world.read_shape(f) == shape for f in shown)
+        assert visual.COUNT_WORDS[k - 1] == s["answers"][0] and s["answers"][0] in s["choices"]
+    # The scoring: the first choice named decides (lwm.evals.world.choice_score).
+    s = visual.build_count_samples([4], 1, seed=0, size=32)[0]
+    right = visual.VISUAL_COUNT.record(s, f"{s['answers'][0]} frames", [1], [1])["score"]
+    wrong = [c for c in s["choices"] if c != s["answers"][0]][0]
+    assert right == 100.0 and visual.VISUAL_COUNT.record(s, wrong, [1], [1])["score"] == 0.0
+    with pytest.raises(ValueError, match="needs >= 2 frames"):
+        visual.build_order_samples([1], [0], 1, seed=0, size=32)
 
 
 def test_haystack_frames_from_a_local_video(tmp_path):
