@@ -31,6 +31,7 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 from typing import Sequence
 
 from ml_collections import ConfigDict
@@ -183,15 +184,18 @@ def write_curriculum(path: str, stream: Sequence[int], tokenizer, n_examples: in
     bias 1 = uniform, < 1 favours long ones), where top grows from lengths[0] to lengths[1] over the first
     two thirds of the file (grow=False: top = lengths[1] throughout), so training sees short contexts first.
     Longer numbers than the eval's 7 digits give more copy targets."""
-    from tqdm import tqdm
-
     from lwm.evals.needle import period_token_ids
+    from lwm.utils.progress import progress as progress_bar      # no carriage-return redraws into a log
 
     rng = random.Random(seed)
     periods = period_token_ids(tokenizer)
     lo, hi = lengths
-    with open(path, "w") as f:
-        for i in tqdm(range(n_examples), desc=f"curriculum {os.path.basename(path)}", disable=not progress):
+    with open(path, "w") as f, warnings.catch_warnings():
+        # A passage of a few tokens (the first stage's short haystacks) often holds no sentence end; the needle
+        # then goes at a token boundary, which is what a training example needs: not worth a warning in the log.
+        warnings.filterwarnings("ignore", message="needle: the haystack has no sentence ends", category=UserWarning)
+        for i in progress_bar(range(n_examples), desc=f"curriculum {os.path.basename(path)}", unit="example",
+                              disable=not progress):
             if rng.random() < lm_fraction:
                 example = passage_example(rng, stream, rng.randint(64, 256), tokenizer)
             else:

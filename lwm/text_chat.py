@@ -28,9 +28,6 @@ from lwm.inference.chat import Chat, TokenPrinter
 
 EXIT_WORDS = ("exit", "quit")
 LEAVE_HINT = "[chat: type a message and press Enter; 'exit', 'quit' or Ctrl-D (end of input) leaves]"
-# The answer follows "ASSISTANT: " with a space: the tokenizer drops the word-start space of an answer's first
-# token when it decodes, so without it the transcript read "ASSISTANT:just We".
-ANSWER_PREFIX = "ASSISTANT: "
 
 
 def get_default_config() -> ConfigDict:
@@ -102,7 +99,9 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
                 except PromptTooLongError as e:
                     say(f"[message not sent: {e}]")
                     continue
-            stdout.write(ANSWER_PREFIX)
+            # A console label, not the prompt: with a space, since decoding drops the word-start space of the
+            # answer's first token (without it the transcript read "ASSISTANT:just We").
+            stdout.write("ASSISTANT: ")
             stdout.flush()
             answer = chat.reply(message)
             if printer is None:

@@ -25,6 +25,7 @@ from lwm.training import metrics
 from lwm.training import optimizer as optimizer_lib
 from lwm.training.dataset import DatasetFactory
 from lwm.training.loop import TrainingDiverged, train
+from lwm.utils.logs import quiet_absent_backends
 
 __all__ = ["get_default_config", "parse_flags", "main", "cli", "train", "TrainingDiverged"]
 
@@ -99,6 +100,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
     """`python -m lwm.train`: lwm.cli.command.cli (bad flags or files: one line, exit 2); a diverged run
     exits 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_absent_backends()          # no "Unable to initialize backend 'tpu'" line on machines without a TPU
     return command.cli("lwm.train", _run, get_default_config, __doc__, argv)
 
 

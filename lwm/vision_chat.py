@@ -87,8 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     stats["total_s"] = time.perf_counter() - start
     print(f"Question: {config.prompt}\nAnswer: {text}", flush=True)
     print(f"({stats['frames']} frame(s), {stats['prompt_tokens']} prompt tokens, {stats['new_tokens']} new tokens in "
-          f"{stats['generate_s']:.2f} s, the first after {stats['first_token_s']:.2f} s (compiling included); "
-          f"{stats['total_s']:.1f} s in all)",
+          f"{stats['run_s']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s) after {stats['compile_s']:.2f} s compiling "
+          f"(the first token after {stats['first_token_s']:.2f} s, compiling included); {stats['total_s']:.1f} s in all)",
           file=sys.stderr, flush=True)
     return dict(answer=text, tokens=ids, prompt=prompt, stats=stats)
 

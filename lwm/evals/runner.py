@@ -86,7 +86,7 @@ def run(samples: Sequence[dict], backend, tasks: TaskLike, *, max_tokens_per_bat
     to `results` (a new list by default) and returns it; `on_batch(results)` after every batch (e.g. to save
     the JSON). Raises the backend's error (lwm.inference.engine.PromptTooLongError on the JAX backend) before
     any compile when a prompt + budget exceeds the model's length."""
-    from tqdm import tqdm
+    from lwm.utils.progress import progress as progress_bar     # tqdm on a terminal, plain lines in a log
 
     task_of = (lambda s: tasks) if isinstance(tasks, EvalTask) else (lambda s: tasks[s["task"]])
     results = [] if results is None else results
@@ -103,7 +103,7 @@ def run(samples: Sequence[dict], backend, tasks: TaskLike, *, max_tokens_per_bat
             backend.check_length(longest, task.max_new_tokens)            # before any compile
         plan.append((task, length, [s for _, s in items], longest))
     data = backend.data_size
-    bar = tqdm(total=len(samples), desc=f"{desc} {backend.name}", unit="prompt", disable=not progress)
+    bar = progress_bar(total=len(samples), desc=f"{desc} {backend.name}", unit="prompt", disable=not progress)
     for task, length, group, longest in plan:
         budget = task.max_new_tokens
         padded = backend.padded_length(longest) if longest is not None else None

@@ -1,7 +1,8 @@
 """Vision pieces of inference shared by the vision entry points and the server: the vision-id layout of a
 prompt's frames (`vision_tokens`), the frame sampling settings and token rule (`FrameSampling`, `FrameRule`,
 `guided_logits`), text-to-frames generation over the engine (`generate_frames`) with its prompts
-(`generation_prompts`), and the answer to a question about frames (`answer`).
+(`generation_prompts`), the answer to a question about frames (`answer`), and the clock of the seconds JAX
+spends compiling inside a call (`CompileClock`), so that speeds are reported without them.
 
 Used by lwm.vision_chat, lwm.vision_generation and lwm.serve. Letters: B prompts, R rows (2B with guidance),
 T padded prompt length, W vision vocabulary, F tokens per frame (h*w + 1).
@@ -22,6 +23,38 @@ from lwm.inference.engine import Engine, mesh_sizes, seed_of
 from lwm.inference.runtime import check_budget
 from lwm.inference.sampling import SamplingConfig, sample_rows
 from lwm.model.vision_llama import END_OF_FRAME, END_OF_VISION, NUM_VISION_CODES, VisionLLaMAForCausalLM
+
+
+# jax.monitoring events that every jit compile records (jax._src.dispatch / pxla / compiler): tracing to a jaxpr,
+# lowering it to MLIR, and the backend (XLA) compile. A persistent-cache hit records none of the last.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+class CompileClock:
+    """`with CompileClock() as clock: ...` -> clock.seconds, the seconds JAX spent tracing, lowering and compiling
+    (COMPILE_EVENTS) while the block ran, measured by JAX itself through jax.monitoring. The listener is
+    process-wide: compiles of other threads in that time count too (the command-line front-ends run one)."""
+
+    def __enter__(self) -> "CompileClock":
+        self.seconds, self.compiles = 0.0, 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        if event in COMPILE_EVENTS:
+            self.seconds += duration
+            self.compiles += event == COMPILE_EVENTS[-1]
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def speed_stats(new_tokens: int, generate_s: float, compile_s: float) -> dict:
+    """{compile_s, run_s = generate_s - compile_s, tokens_per_s = new_tokens / run_s}: the speed without
+    compiling (seconds; run_s floored at 1 microsecond)."""
+    run_s = max(generate_s - compile_s, 1e-6)
+    return dict(compile_s=compile_s, run_s=run_s, tokens_per_s=new_tokens / run_s)
 
 
 def vision_tokens(codes: np.ndarray) -> np.ndarray:
@@ -94,8 +127,8 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     PromptTooLongError before compiling when a prompt + n_frames * F exceeds max_sequence_length. With an
     ambient mesh the rows are padded (with copies) to a multiple of dp*fsdp and T to a multiple of sp.
     `stats` (optional) receives first_token_s (prefill and the first draw: on a new engine this includes
-    compiling, which happens inside the first call and is not timed apart), generate_s (the whole call, s),
-    new_tokens (B * n_frames * F) and rows."""
+    compiling), generate_s (the whole call, s), compile_s (the seconds of it JAX spent compiling, CompileClock),
+    run_s (generate_s - compile_s), tokens_per_s (new_tokens / run_s), new_tokens (B * n_frames * F) and rows."""
     config = model.config
     if config.sample_mode != "vision":
         raise ValueError(f"generate_frames needs a model with sample_mode='vision', not {config.sample_mode!r}")
@@ -119,13 +152,14 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     seed0 = rng if isinstance(rng, int) else seed_of(rng)
     rule = FrameRule(tokens_per_frame, num_codes, float(sampling.cfg_scale), guided)
     t0 = time.perf_counter()
-    result = engine.generate([p.ids for p in rows], n_new, vision=[p.vision for p in rows], rule=rule,
-                             sampling=SamplingConfig(sampling.temperature, sampling.top_k),
-                             seeds=[seed0 + r % b_pad for r in range(len(rows))], stop_ids=())
+    with CompileClock() as clock:
+        result = engine.generate([p.ids for p in rows], n_new, vision=[p.vision for p in rows], rule=rule,
+                                 sampling=SamplingConfig(sampling.temperature, sampling.top_k),
+                                 seeds=[seed0 + r % b_pad for r in range(len(rows))], stop_ids=())
     t1 = time.perf_counter()
     if stats is not None:
         stats.update(first_token_s=result.stats["time_to_first_token_s"], generate_s=t1 - t0, new_tokens=b * n_new,
-                     rows=len(rows))
+                     rows=len(rows), **speed_stats(b * n_new, t1 - t0, clock.seconds))
     tokens = np.asarray(result.tokens[:b], np.int32)
     return tokens.reshape(b, n_frames, tokens_per_frame)
 
@@ -146,7 +180,9 @@ def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tok
     generation engine (the prompt's vision mask routes its embeddings). Raises ValueError for a model not in
     text mode or a bad budget, PromptTooLongError before compiling when len(prompt) + max_new_tokens >
     max_sequence_length. `stats` (optional) receives first_token_s (prefill and the first draw, compiling
-    included: the engine compiles inside this call), generate_s (s), prompt_tokens and new_tokens."""
+    included: the engine compiles inside this call), generate_s (s), compile_s (the seconds of it JAX spent
+    compiling, CompileClock), run_s and tokens_per_s (new tokens / run_s: without compiling), prompt_tokens
+    and new_tokens."""
     config = model.config
     if config.sample_mode != "text":
         raise ValueError(f"answer needs a model with sample_mode='text', not {config.sample_mode!r}")
@@ -154,11 +190,13 @@ def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tok
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 and temperature={temperature} >= 0")
     check_budget(len(prompt), max_new_tokens, config.max_sequence_length, f"--max_new_tokens={max_new_tokens}")
     engine = Engine(model, params, eos_id=eos_id, pad_id=pad_id, vocab_size=num_text, cache_dtype=cache_dtype)
-    result = engine.generate([prompt.ids.tolist()], max_new_tokens, vision=[prompt.vision],
-                             sampling=SamplingConfig(temperature=float(temperature)), seeds=seed_of(rng))
+    with CompileClock() as clock:
+        result = engine.generate([prompt.ids.tolist()], max_new_tokens, vision=[prompt.vision],
+                                 sampling=SamplingConfig(temperature=float(temperature)), seeds=seed_of(rng))
     (row,) = result.tokens
     if stats is not None:
         s = result.stats
-        stats.update(first_token_s=s["time_to_first_token_s"], generate_s=s["time_to_first_token_s"] + s["decode_s"],
-                     prompt_tokens=len(prompt), new_tokens=s["new_tokens"] + (result.finish[0] == "stop"))
+        generate_s, new_tokens = s["time_to_first_token_s"] + s["decode_s"], s["new_tokens"] + (result.finish[0] == "stop")
+        stats.update(first_token_s=s["time_to_first_token_s"], generate_s=generate_s, prompt_tokens=len(prompt),
+                     new_tokens=new_tokens, **speed_stats(new_tokens, generate_s, clock.seconds))
     return row
