@@ -13,7 +13,7 @@ export PYTHONPATH="$PYTHONPATH:$PROJECT_DIR"
 export LIBTPU_INIT_ARGS="--xla_tpu_megacore_fusion_allow_ags=false --xla_enable_async_collective_permute=true --xla_tpu_enable_ag_backward_pipelining=true --xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_parallel_opt_different_sized_ops=true --xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true"
 
 # Any of these may be set in the environment instead.
-export llama_tokenizer_path="${llama_tokenizer_path:-}"   # tokenizer.model, a folder, or a cached hub id; '' = demo
+export llama_tokenizer_path="${llama_tokenizer_path:-}"   # tokenizer.model, a folder, or a cached hub id; '' = see below
 export dataset_path="${dataset_path:-}"                   # JSON lines with a "text" field; '' = demo corpus
 export output_dir="${output_dir:-$HOME/experiment_output/lwm}"
 export llama_config="${llama_config:-tiny}"               # tiny | debug | 200m | 1b | 3b | 7b | 13b | 30b | 65b | json::path
@@ -21,12 +21,18 @@ export mesh_dim="${mesh_dim:-1,-1,1,1}"                   # dp, fsdp, tp, sp
 export seq_length="${seq_length:-512}"
 export batch_size="${batch_size:-4}"
 export total_steps="${total_steps:-200}"
+export tokenizer_vocab_size="${tokenizer_vocab_size:-4096}"  # when the tokenizer is trained from dataset_path
+# The run's folder is $output_dir/$experiment_id, and --autoresume continues it. '' = example-text-train for the
+# demo corpus, else a name derived from the data, tokenizer, config, seq_length and batch_size: other data
+# starts a new run, the same settings continue theirs.
+export experiment_id="${experiment_id:-}"
 
 export project_id='lwm'
 export experiment_note=''
-export experiment_id="${experiment_id:-example-text-train}"
+key() { python3 -c 'import hashlib, sys; print(hashlib.sha1(" ".join(sys.argv[1:]).encode()).hexdigest()[:8])' "$@"; }
+stem() { b="$(basename -- "$1")"; printf '%s' "${b%.*}" | tr -c 'A-Za-z0-9_.-' '-'; }
 
-if [ -z "$dataset_path" ] || [ -z "$llama_tokenizer_path" ]; then
+if [ -z "$dataset_path" ]; then
     demo_dir="$output_dir/demo_text_data"
     mkdir -p "$demo_dir"
     python3 - "$demo_dir" <<'EOF'
@@ -40,9 +46,23 @@ if not os.path.exists(f"{out}/tokenizer.model"):
 with open(f"{out}/text.jsonl", "w") as f:
     f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs)
 EOF
-    dataset_path="${dataset_path:-$demo_dir/text.jsonl}"
+    dataset_path="$demo_dir/text.jsonl"
+    tokenizer_source="${llama_tokenizer_path:+llama_tokenizer_path}"
     llama_tokenizer_path="${llama_tokenizer_path:-$demo_dir/tokenizer.model}"
+    tokenizer_source="${tokenizer_source:-the demo tokenizer, trained on the docs of this repository}"
+    experiment_id="${experiment_id:-example-text-train}"
+elif [ -z "$llama_tokenizer_path" ]; then
+    llama_tokenizer_path="$output_dir/tokenizers/$(stem "$dataset_path")-$(key "$(realpath -m -- "$dataset_path")")-$tokenizer_vocab_size/tokenizer.model"
+    tokenizer_source="trained from dataset_path by python -m lwm.tokenizer, vocab $tokenizer_vocab_size; llama_tokenizer_path=... uses another, as fine-tuning LLaMA or LWM weights must"
+    if [ ! -f "$llama_tokenizer_path" ]; then
+        python3 -m lwm.tokenizer train --input="$dataset_path" --output="$llama_tokenizer_path" \
+            --vocab_size="$tokenizer_vocab_size" || exit 2
+    fi
+else
+    tokenizer_source="llama_tokenizer_path"
 fi
+experiment_id="${experiment_id:-text-$(stem "$dataset_path")-$(key "$(realpath -m -- "$dataset_path")" "$llama_tokenizer_path" "$llama_config" "$seq_length" "$batch_size")}"
+echo "$(basename "$0"): data $dataset_path; tokenizer $llama_tokenizer_path ($tokenizer_source); run folder $output_dir/$experiment_id (continued if it exists; experiment_id=... names another)"
 
 # mesh_dim: dp, fsdp, tp, sp
 "${PYTHON:-python3}" -u -m lwm.train \

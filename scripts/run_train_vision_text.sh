@@ -14,7 +14,7 @@ export PYTHONPATH="$PYTHONPATH:$PROJECT_DIR"
 export LIBTPU_INIT_ARGS="--xla_tpu_megacore_fusion_allow_ags=false --xla_enable_async_collective_permute=true --xla_tpu_enable_ag_backward_pipelining=true --xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_parallel_opt_different_sized_ops=true --xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true"
 
 # Any of these may be set in the environment instead.
-export llama_tokenizer_path="${llama_tokenizer_path:-}"   # tokenizer.model, a folder, or a cached hub id; '' = demo
+export llama_tokenizer_path="${llama_tokenizer_path:-}"   # tokenizer.model, a folder, or a cached hub id; '' = demo (demo data only)
 export dataset_path="${dataset_path:-}"                   # JSON lines: "fields" and a "vision" list of VQ codes; '' = demo corpus
 export output_dir="${output_dir:-$HOME/experiment_output/lwm}"
 export llama_config="${llama_config:-tiny}"               # tiny | debug | 200m | 1b | 3b | 7b | 13b | 30b | 65b | json::path
@@ -25,9 +25,19 @@ export total_steps="${total_steps:-200}"
 
 export project_id='lwm'
 export experiment_note=''
-export experiment_id="${experiment_id:-example-vision-text-train}"
+# The run's folder is $output_dir/$experiment_id, and --autoresume continues it. '' = example-vision-text-train
+# for the demo corpus, else a name derived from the data, tokenizer, config, seq_length and batch_size: other
+# data starts a new run, the same settings continue theirs.
+export experiment_id="${experiment_id:-}"
+key() { python3 -c 'import hashlib, sys; print(hashlib.sha1(" ".join(sys.argv[1:]).encode()).hexdigest()[:8])' "$@"; }
+stem() { b="$(basename -- "$1")"; printf '%s' "${b%.*}" | tr -c 'A-Za-z0-9_.-' '-'; }
 
-if [ -z "$dataset_path" ] || [ -z "$llama_tokenizer_path" ]; then
+if [ -n "$dataset_path" ] && [ -z "$llama_tokenizer_path" ]; then
+    echo "$(basename "$0"): dataset_path is set but llama_tokenizer_path is not: name the tokenizer of your data (a tokenizer.model, e.g. from python -m lwm.tokenizer train, or the base model's)" >&2
+    exit 2
+fi
+tokenizer_source="llama_tokenizer_path"
+if [ -z "$dataset_path" ]; then
     demo_dir="$output_dir/demo_vision_text_data"
     mkdir -p "$demo_dir"
     python3 - "$demo_dir" <<'EOF'
@@ -48,9 +58,14 @@ with open(f"{out}/vision_text.jsonl", "w") as f:
         fields = "[caption],vision" if i % 2 else "vision,caption"
         f.write(json.dumps({"caption": p[:300], "vision": codes.tolist(), "fields": fields}) + "\n")
 EOF
-    dataset_path="${dataset_path:-$demo_dir/vision_text.jsonl}"
+    dataset_path="$demo_dir/vision_text.jsonl"
+    tokenizer_source="${llama_tokenizer_path:+llama_tokenizer_path}"
     llama_tokenizer_path="${llama_tokenizer_path:-$demo_dir/tokenizer.model}"
+    tokenizer_source="${tokenizer_source:-the demo tokenizer, trained on the docs of this repository}"
+    experiment_id="${experiment_id:-example-vision-text-train}"
 fi
+experiment_id="${experiment_id:-vision-text-$(stem "$dataset_path")-$(key "$(realpath -m -- "$dataset_path")" "$llama_tokenizer_path" "$llama_config" "$seq_length" "$batch_size")}"
+echo "$(basename "$0"): data $dataset_path; tokenizer $llama_tokenizer_path ($tokenizer_source); run folder $output_dir/$experiment_id (continued if it exists; experiment_id=... names another)"
 
 # mesh_dim: dp, fsdp, tp, sp
 "${PYTHON:-python3}" -u -m lwm.train \

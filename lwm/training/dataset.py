@@ -65,6 +65,16 @@ def _parse_field(field: str) -> tuple[str, float]:
     return field, 1.0
 
 
+class DatasetStateMismatch(ValueError):
+    """A saved dataset state whose `section`.`key` (path, seq_length, ...) differs from this run's: resuming
+    would not continue the same stream. lwm.training.loop adds which flag to change."""
+
+    def __init__(self, section: str, key: str, saved, current):
+        self.section, self.key, self.saved, self.current = section, key, saved, current
+        super().__init__(f"dataset state was saved with {section}.{key}={saved!r}, this run has {current!r}; "
+                         "resuming would not continue the same stream")
+
+
 class TextProcessor:
     """Example dict -> Example(tokens, loss_masks, vision_masks) following the field syntax (module doc).
 
@@ -367,8 +377,7 @@ class _BaseDataset:
         saved = state.get("config", {})
         for key in ("path", "seq_length", "batch_size", "mode", "pack_overflow", "loss_weighting"):
             if key in saved and saved[key] != self.config[key]:
-                raise ValueError(f"dataset state was saved with {self.section}.{key}={saved[key]!r}, "
-                                 f"this run has {self.config[key]!r}; resuming would not continue the same stream")
+                raise DatasetStateMismatch(self.section, key, saved[key], self.config[key])
         if "host" in state and state["host"] != self.host.to_dict():
             raise ValueError(f"dataset state was saved for host shard {state['host']}, this process is "
                              f"{self.host.to_dict()}")

@@ -29,7 +29,7 @@ from lwm.training import metrics
 from lwm.training import optimizer as optimizer_lib
 from lwm.training import steps as ts
 from lwm.training.compile import shard_train_step
-from lwm.training.dataset import DatasetFactory
+from lwm.training.dataset import DatasetFactory, DatasetStateMismatch
 
 logger = logging.getLogger("lwm.train")
 
@@ -126,7 +126,7 @@ def _restore(config, output_dir, dataset, eval_dataset, shapes, shardings):
         if state is None:
             logger.warning("%s holds parameters only (--checkpointer.save_optimizer_state=False): the optimizer "
                            "state starts afresh and the run will not repeat the uninterrupted one", resume_dir)
-        dataset.load_state_dict(multihost.process_state(read_dataset_state(resume_dir)))
+        _load_dataset_state(dataset, read_dataset_state(resume_dir), f"--autoresume continues {resume_dir}, whose")
         if eval_dataset is not None and meta.get("eval_dataset_state") is not None:
             eval_dataset.load_state_dict(multihost.process_state(meta["eval_dataset_state"]))
         return state, params, meta, resume_dir
@@ -135,8 +135,21 @@ def _restore(config, output_dir, dataset, eval_dataset, shapes, shardings):
         state, params = ckpt.load_checkpoint(config.load_checkpoint, train_state_target=shapes,
                                              train_state_shardings=shardings)
     if config.load_dataset_state:
-        dataset.load_state_dict(multihost.process_state(read_dataset_state(config.load_dataset_state)))
+        _load_dataset_state(dataset, read_dataset_state(config.load_dataset_state),
+                            f"--load_dataset_state={config.load_dataset_state}:")
     return state, params, {}, None
+
+
+def _load_dataset_state(dataset, state, source: str) -> None:
+    """dataset.load_state_dict(this process's part of `state`); a state saved for other data (path, length,
+    batch) is refused in one line naming the flags: a new --logger.experiment_id starts a new run."""
+    try:
+        dataset.load_state_dict(multihost.process_state(state))
+    except DatasetStateMismatch as e:
+        flag = f"--train_dataset.{e.section}.{e.key}"
+        raise FlagError(f"{source} dataset state has {flag}={e.saved!r}, this run {e.current!r}: to start a new run "
+                        f"on this data give it its own --logger.experiment_id (scripts/run_train_*.sh: "
+                        f"experiment_id=...), or set {flag} back to continue that run") from None
 
 
 def _evaluate(eval_fn, params, eval_iter, steps: int, to_global) -> dict:
