@@ -242,15 +242,32 @@ def hf_to_lwm_items(state_dict: Mapping[str, Any], config: Any, scan_layers: boo
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
-    """transformers' `rope_parameters` for an LWM config's theta and RoPE scaling fields."""
+    """transformers' `rope_parameters` for an LWM config's theta and RoPE scaling fields (the inverse of the
+    mapping in `hf_config_to_lwm`; 'dynamic' also needs max_position_embeddings = rope_original_max_position,
+    which `lwm_config_to_hf` writes). Optional yarn/longrope keys are written only when they differ from
+    transformers' defaults, so a base's own config.json comes back unchanged."""
     kind = _cfg(config, "rope_scaling_type", "") or ""
     out: dict[str, Any] = {"rope_type": kind or "default", "rope_theta": float(_cfg(config, "theta", 10000.0))}
     if kind:
         out["factor"] = float(_cfg(config, "rope_scaling_factor", 1.0))
+    if kind in ("llama3", "yarn", "longrope"):
+        out["original_max_position_embeddings"] = int(_cfg(config, "rope_original_max_position", 8192))
     if kind == "llama3":
         out.update(low_freq_factor=float(_cfg(config, "rope_low_freq_factor", 1.0)),
-                   high_freq_factor=float(_cfg(config, "rope_high_freq_factor", 4.0)),
-                   original_max_position_embeddings=int(_cfg(config, "rope_original_max_position", 8192)))
+                   high_freq_factor=float(_cfg(config, "rope_high_freq_factor", 4.0)))
+    if kind in ("yarn", "longrope") and _cfg(config, "rope_attention_factor", None) is not None:
+        out["attention_factor"] = float(_cfg(config, "rope_attention_factor", None))
+    if kind == "yarn":
+        out.update(beta_fast=float(_cfg(config, "rope_beta_fast", 32.0)),
+                   beta_slow=float(_cfg(config, "rope_beta_slow", 1.0)))
+        for ours, theirs in (("rope_mscale", "mscale"), ("rope_mscale_all_dim", "mscale_all_dim")):
+            if _cfg(config, ours, 0.0):
+                out[theirs] = float(_cfg(config, ours, 0.0))
+        if not _cfg(config, "rope_truncate", True):
+            out["truncate"] = False
+    if kind == "longrope":
+        out.update(short_factor=[float(v) for v in _cfg(config, "rope_short_factor", ())],
+                   long_factor=[float(v) for v in _cfg(config, "rope_long_factor", ())])
     return out
 
 
@@ -265,7 +282,9 @@ def lwm_config_to_hf(config: Any, bos_token_id: int | None = None, eos_token_id:
         vocab_size=dims["V"], hidden_size=dims["D"], intermediate_size=dims["F"], num_hidden_layers=dims["L"],
         num_attention_heads=dims["N"], num_key_value_heads=dims["K"], head_dim=dims["H"],
         rms_norm_eps=float(_cfg(config, "rms_norm_eps", 1e-6)), rope_parameters=rope_parameters(config),
-        max_position_embeddings=int(_cfg(config, "max_sequence_length", 4096)),
+        max_position_embeddings=int(_cfg(config, "rope_original_max_position", 8192)
+                                    if _cfg(config, "rope_scaling_type", "") == "dynamic"
+                                    else _cfg(config, "max_sequence_length", 4096)),
         tie_word_embeddings=bool(_cfg(config, "tie_word_embeddings", False)),
         bos_token_id=int(_cfg(config, "bos_token_id", 1) if bos_token_id is None else bos_token_id),
         eos_token_id=int(_cfg(config, "eos_token_id", 2) if eos_token_id is None else eos_token_id),
@@ -277,11 +296,57 @@ def lwm_config_to_hf(config: Any, bos_token_id: int | None = None, eos_token_id:
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _ROPE_FIELDS = {"default": set(), "linear": {"factor"},
-                "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
+                "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+                "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                         "mscale", "mscale_all_dim", "truncate"},
+                "dynamic": {"factor"},
+                "longrope": {"factor", "original_max_position_embeddings", "attention_factor", "short_factor",
+                             "long_factor"}}
+
+
+def _rope_fields(kind: str, rope: dict[str, Any], hf_config: Any, where) -> dict[str, Any]:
+    """The LLaMAConfig RoPE scaling fields of transformers' `rope_parameters` (`hf_config_to_lwm`). Missing
+    optional keys take transformers' defaults (modeling_rope_utils): yarn beta_fast 32, beta_slow 1, truncate
+    true; yarn/longrope factor = max_position_embeddings / original_max_position_embeddings when absent."""
+    get = lambda name, default=None: getattr(hf_config, name, default)
+    out: dict[str, Any] = {}
+    original = None
+    if kind in ("llama3", "yarn", "longrope"):
+        # transformers gives a top-level original_max_position_embeddings (Phi-3) priority over the rope dict's
+        original = get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        if original is None:
+            raise ValueError(f"{where('rope_parameters.original_max_position_embeddings')} is missing")
+        out["rope_original_max_position"] = int(original)
+    if kind == "dynamic":                # the NTK base grows above max_position_embeddings (transformers)
+        out["rope_original_max_position"] = int(hf_config.max_position_embeddings)
+    if kind != "default":
+        factor = rope.get("factor")
+        if factor is None and kind in ("yarn", "longrope"):
+            factor = hf_config.max_position_embeddings / original
+        if factor is None:
+            raise ValueError(f"{where('rope_parameters.factor')} is missing")
+        out["rope_scaling_factor"] = float(factor)
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]))
+    if kind in ("yarn", "longrope") and rope.get("attention_factor") is not None:
+        out["rope_attention_factor"] = float(rope["attention_factor"])
+    if kind == "yarn":
+        out.update(rope_beta_fast=float(rope.get("beta_fast") or 32), rope_beta_slow=float(rope.get("beta_slow") or 1),
+                   rope_mscale=float(rope.get("mscale") or 0.0),
+                   rope_mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+                   rope_truncate=bool(rope.get("truncate", True)))
+    if kind == "longrope":
+        for theirs, ours in (("short_factor", "rope_short_factor"), ("long_factor", "rope_long_factor")):
+            if not isinstance(rope.get(theirs), (list, tuple)):
+                raise ValueError(f"{where('rope_parameters.' + theirs)} must be a list of numbers")
+            out[ours] = [float(v) for v in rope[theirs]]
+    return out
 
 
 def hf_config_to_lwm(hf_config: Any, source: str = "HF config") -> dict[str, Any]:
-    """A transformers config of a LLaMA-family model (Llama 1-3.x, GQA, `linear`/`llama3` RoPE scaling, tied
+    """A transformers config of a LLaMA-family model (Llama 1-3.x, GQA, RoPE scaling of any type in
+    lwm.model.llama.ROPE_SCALING_TYPES (`linear`, `llama3`, `yarn`, `dynamic`, `longrope`), tied
     embeddings; Mistral without a sliding window shorter than its context) -> a dict of LLaMAConfig fields.
     Anything this model cannot run exactly raises ValueError naming `source` and the config field."""
     get = lambda name, default=None: getattr(hf_config, name, default)
@@ -312,8 +377,6 @@ def hf_config_to_lwm(hf_config: Any, source: str = "HF config") -> dict[str, Any
                          f"{sorted(_ROPE_FIELDS)})")
     if float(rope.get("partial_rotary_factor", get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
         raise ValueError(f"{where('partial_rotary_factor')} != 1: LWM rotates the whole head")
-    if kind == "llama3" and rope.get("original_max_position_embeddings") is None:
-        raise ValueError(f"{where('rope_parameters.original_max_position_embeddings')} is missing")
     out = dict(
         vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
         intermediate_size=hf_config.intermediate_size, num_hidden_layers=hf_config.num_hidden_layers,
@@ -322,12 +385,7 @@ def hf_config_to_lwm(hf_config: Any, source: str = "HF config") -> dict[str, Any
         rms_norm_eps=float(hf_config.rms_norm_eps), theta=float(rope.get("rope_theta", 10000.0)),
         max_sequence_length=int(context), tie_word_embeddings=bool(get("tie_word_embeddings", False)),
         rope_scaling_type="" if kind == "default" else kind)
-    if kind != "default":
-        out["rope_scaling_factor"] = float(rope["factor"])
-    if kind == "llama3":
-        out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
-                   rope_high_freq_factor=float(rope["high_freq_factor"]),
-                   rope_original_max_position=int(rope["original_max_position_embeddings"]))
+    out.update(_rope_fields(kind, rope, hf_config, where))
     for field in ("bos_token_id", "eos_token_id"):
         value = get(field)
         if isinstance(value, (list, tuple)):  # Llama 3.x lists several EOS ids; the first is the main one

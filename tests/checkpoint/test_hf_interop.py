@@ -115,7 +115,7 @@ def test_bf16_and_bin_folders(tmp_path):
 @pytest.mark.parametrize("change, field", [
     (dict(model_type="gemma"), "model_type"), (dict(sliding_window=32), "sliding_window"),
     (dict(attention_bias=True), "attention_bias"), (dict(head_dim=32), "head_dim"),
-    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)), "rope_type")])
+    (dict(rope_parameters=dict(rope_type="proportional", rope_theta=1e4, factor=4.0)), "rope_type")])
 def test_unsupported_configs_name_the_field(tmp_path, capsys, change, field):
     os.makedirs(tmp_path / "hf")
     fields = {**LLAMA3, "model_type": "llama", **change}
