@@ -50,7 +50,7 @@ class VQGANConfig:
     quantized_embed_dim: int = 64               # code-vector dimension E
     dropout: float = 0.0                        # kept for compatibility; inference only, never applied
     resample_with_conv: bool = True             # strided / post-upsample convolutions vs pooling only
-    commitment_cost: float = 0.25               # kept for compatibility; training loss weight
+    commitment_cost: float = 0.25               # beta of the commitment loss (lwm.train_vqgan)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -340,6 +340,33 @@ class VQGANModel(nn.Module):
     def __call__(self, pixels):
         """Round trip, used to create every parameter at init."""
         return self.decode(self.encode(pixels)[1])
+
+    # ---- training (lwm.training.vqgan); inference above never calls these
+
+    def encode_latents(self, pixels):
+        """(B, H, W, 3) -> encoder outputs z before quantization (B, h, w, E) float32: what the trainer
+        initialises the codebook from and restarts dead codes with."""
+        return self.quant_conv(self.encoder(pixels)).astype(jnp.float32)
+
+    def train_forward(self, pixels):
+        """(B, H, W, 3) in [-1, 1] -> dict of the training terms, with gradients to every parameter:
+
+        reconstruction (B, H, W, 3) float32, the decoder's output NOT clipped (a clipped loss would stop the
+        gradient of pixels outside [-1, 1]); z (B, h, w, E) the encoder outputs; codes (B, h, w) int32, the
+        same nearest entries `encode` picks; codebook_loss = mean ||sg(z) - e||^2 (moves the codebook only)
+        and commitment_loss = mean ||z - sg(e)||^2 (moves the encoder only; the trainer weighs it by
+        config.commitment_cost, beta = 0.25), means over B*h*w*E elements (van den Oord et al. 2017, "Neural
+        Discrete Representation Learning", eq. 3; taming-transformers' VectorQuantizer). The decoder reads
+        z + sg(e - z): e in value, the straight-through gradient to z."""
+        z = self.encode_latents(pixels)                                            # (B, h, w, E)
+        _, codes = self.quantize(z)
+        e = self.quantize.lookup(codes)                                            # (B, h, w, E)
+        codebook_loss = jnp.mean((jax.lax.stop_gradient(z) - e) ** 2)
+        commitment_loss = jnp.mean((z - jax.lax.stop_gradient(e)) ** 2)
+        z_q = z + jax.lax.stop_gradient(e - z)
+        reconstruction = self.decoder(self.post_quant_conv(z_q.astype(self.dtype))).astype(jnp.float32)
+        return dict(reconstruction=reconstruction, z=z, codes=codes, codebook_loss=codebook_loss,
+                    commitment_loss=commitment_loss)
 
 
 # ----------------------------------------------------------------------------------------------------------
