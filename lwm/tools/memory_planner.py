@@ -268,6 +268,8 @@ class Fit:
         if p.mesh[3] > 1:
             mc = p.model_config
             updates += [f"attention_impl='{mc.attention_impl}'", f"context_parallel_strategy='{p.sp_strategy}'"]
+            if p.sp_strategy == "ulysses_ring":
+                updates.append(f"context_parallel_ulysses_size={mc.context_parallel_ulysses_size}")
             if p.load_balance != "none":
                 updates.append(f"context_parallel_load_balance='{p.load_balance}'")
         dtype = "bf16" if p.dtype_bytes == 2 else "fp32"
@@ -293,6 +295,22 @@ def meshes(n: int, batch_size: int = 1):
                 yield (2 ** a, 2 ** b, 2 ** c, 2 ** (k - a - b - c))
 
 
+def _strategy_variants(config, strategy: str, sp: int) -> list:
+    """The configs to try for `strategy` over sp devices: `config` itself, or for 'ulysses_ring' one per inner
+    group size u = 2, 4, ..., sp / 2 (u = 1 is the ring, u = sp Ulysses); those the config refuses are left out."""
+    if strategy != "ulysses_ring" or sp < 4:
+        return [config] if strategy != "ulysses_ring" else []
+    out, u = [], 2
+    while u < sp:
+        try:
+            out.append(config.replace(attention_impl=config.attention_impl if config.context_parallel else "ring",
+                                      context_parallel_strategy=strategy, context_parallel_ulysses_size=u))
+        except (ValueError, TypeError):
+            pass
+        u *= 2
+    return out
+
+
 def search(config, seq_len: int, device_bytes: float, mode: str, *, batch_size: int = 1, dtype_bytes: int = 2,
            strategies=None, load_balance: str = "none", remats=SEARCH_REMATS, cache_bytes=(0,),
            max_devices: int = 2 ** 14, **plan_fields) -> list[Fit]:
@@ -300,7 +318,7 @@ def search(config, seq_len: int, device_bytes: float, mode: str, *, batch_size: 
     device at the smallest power-of-two device count <= max_devices; [] when none does. Searched: every mesh
     of `meshes(n, batch_size)` the real run accepts (Plan's checks: heads over tp, batch over dp * fsdp, the
     sequence over sp and the chunk sizes), every context-parallel strategy in `strategies` (default: every
-    one lwm.attention has) when sp > 1, the remat policies `remats` (training only) and the cache element
+    one lwm.attention has; 'ulysses_ring' with every inner group size, _strategy_variants) when sp > 1, the remat policies `remats` (training only) and the cache element
     sizes `cache_bytes` (inference only; 0 = the compute dtype's). Sorted by preference: least recompute,
     then the smallest per-device total. `plan_fields`: the other Plan fields (optimizer_state, new_tokens, ...)."""
     strategies = tuple(strategies or SP_STRATEGIES)
@@ -311,7 +329,7 @@ def search(config, seq_len: int, device_bytes: float, mode: str, *, batch_size: 
         fits = []
         for mesh in meshes(n, batch_size):
             for strategy in (strategies if mesh[3] > 1 else strategies[:1]):
-                for c in configs:
+                for c in (v for r in configs for v in _strategy_variants(r, strategy, mesh[3])):
                     for cb in caches:
                         try:
                             plan = Plan(c, seq_len, mesh, batch_size, dtype_bytes, strategy, load_balance,
