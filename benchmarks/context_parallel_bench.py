@@ -1,13 +1,15 @@
 """Context parallelism over sp: work balance, communication and memory of every strategy x load balance,
-and `lwm.train` tokens/s under each strategy.
+and `lwm.train` tokens/s under each strategy ('ulysses_ring' as ulysses_ring(u=U): inner groups of U devices).
 
 Purpose: the figures of docs/context_parallel.md. Hardware: any; the compiled memory and the train rows run
 on simulated CPU devices. Expected: plain causal ring ~(2 - 1/sp)x the even split; zigzag and striped
-within 1.10x of even at sp=4 and 8; all-gather and Ulysses balanced by construction.
+within 1.10x of even at sp=4 and 8; all-gather and Ulysses balanced by construction; ulysses_ring
+balanced like the ring over sp/U groups, with the ring's bytes divided by about U.
 Usage:
   python benchmarks/context_parallel_bench.py --part work            # seconds: FLOPs, critical path, bytes
   python benchmarks/context_parallel_bench.py --part memory --seq 8192   # compiles 27 programs
   python benchmarks/context_parallel_bench.py --part train --seq 8192,32768 --steps 3
+  python benchmarks/context_parallel_bench.py --part train --devices 8 --seq 8192 --only "ring (today),..."
 Part `work` counts the attention tiles every device executes, with the kernel's own skip rules (run pairs
 wholly in the future skipped, key chunks past the diagonal skipped; lwm/attention/{ring,blockwise}.py), so
 FLOPs are those executed, not the ideal. Bytes are counted from what each strategy sends (analytic).
@@ -24,20 +26,20 @@ import time
 
 import numpy as np
 
+from lwm.attention.layout import runs as _runs   # (num_runs, stride, run_len, starts(d)); group: 'ulysses_ring'
+
 STRATEGIES = ("ring", "all_gather", "ulysses")
 BALANCES = ("none", "zigzag", "striped")
+GROUPS = (2, 4)   # ulysses_ring's inner group sizes U benchmarked (those dividing sp with U < sp)
+
+
+def variants(sp):
+    """(name, strategy, U) of every strategy at this sp; ulysses_ring once per inner group size."""
+    return [(s, s, 0) for s in STRATEGIES] + [(f"ulysses_ring(u={u})", "ulysses_ring", u) for u in GROUPS
+                                              if u < sp and sp % u == 0]
 
 
 # ------------------------------------------------------------------------------------ work (analytic)
-
-def _runs(balance, sp, local):
-    """(num_runs, stride, run_len, starts(d)) as lwm.attention.layout.runs (kept numpy-only here)."""
-    if balance == "none" or sp == 1:
-        return 1, 1, local, lambda d: [d * local]
-    if balance == "striped":
-        return 1, sp, local, lambda d: [d]
-    c = local // 2
-    return 2, 1, c, lambda d: [d * c, (2 * sp - 1 - d) * c]
 
 
 def _tiles(n, k_offset, chunk, causal=True):
@@ -52,9 +54,10 @@ def _tiles(n, k_offset, chunk, causal=True):
     return fwd, bwd
 
 
-def block_work(balance, sp, local, d, e, chunk):
-    """Tiles (fwd, bwd) device d's queries spend on device e's key/value block."""
-    R, stride, n, starts = _runs(balance, sp, local)
+def block_work(balance, sp, local, d, e, chunk, group=1):
+    """Tiles (fwd, bwd) device d's queries spend on device e's key/value block (group > 1: inner group d's
+    queries on group e's block, `local` tokens each, as the ulysses_ring strategy's ring sees them)."""
+    R, stride, n, starts = _runs(balance, sp, local, group)
     fwd = bwd = 0
     for a in starts(d):
         for b in starts(e):
@@ -70,9 +73,17 @@ def work_table(T, sp, N, K, H, chunk, dtype_bytes):
     local = T // sp
     rows = []
     tile = lambda c, n: 4 * c * c * H * n, lambda c, n: 10 * c * c * H * n  # fwd 2 matmuls, bwd 5
-    for strategy in STRATEGIES:
+    for name, strategy, u in variants(sp):
         for balance in BALANCES:
-            if strategy == "ulysses":  # every device: the whole causal sequence for N/sp heads
+            if strategy == "ulysses_ring":  # the ring over R = sp/u groups of T/R tokens, N/u heads per device
+                R, r = sp // u, u // math.gcd(K, u)  # kv heads repeated r times to divide by u
+                c = min(chunk, _runs(balance, sp, T // R, u)[2])
+                w = [[block_work(balance, sp, T // R, g, e, chunk, u) for e in range(R)] for g in range(R)]
+                flops = lambda fb: tile[0](c, N // u) * fb[0] + tile[1](c, N // u) * fb[1]
+                per_group = [sum(flops(w[g][e]) for e in range(R)) for g in range(R)]
+                per_dev = [per_group[d // u] for d in range(sp)]
+                critical = sum(max(flops(w[g][(g - s) % R]) for g in range(R)) for s in range(R))
+            elif strategy == "ulysses":  # every device: the whole causal sequence for N/sp heads
                 c = min(chunk, T)
                 f, g = _tiles(T, 0, chunk)
                 per_dev = [(tile[0](c, N // sp) * f + tile[1](c, N // sp) * g)] * sp
@@ -94,11 +105,16 @@ def work_table(T, sp, N, K, H, chunk, dtype_bytes):
                 sent = (sp - 1) * (kv + seg) + (sp - 1) * (kv + seg) + sp * 2 * local * K * H * 4
             elif strategy == "all_gather":  # all-gather K, V, segment ids; reduce-scatter dK, dV
                 sent = (sp - 1) * (kv + seg) + (sp - 1) * kv
-            else:  # 4 all-to-alls forward (q, k, v, out) and 4 backward; kv heads repeated to divide by sp
+            elif strategy == "ulysses":  # 4 all-to-alls fwd (q, k, v, out) and 4 bwd; kv heads repeated to divide sp
                 r = sp // math.gcd(K, sp)
                 a2a = (sp - 1) / sp * local * H * dtype_bytes * (2 * N + 2 * K * r)
                 sent = 2 * a2a + (sp - 1) * seg
-            rows.append(dict(sp=sp, strategy=strategy, balance=balance, flops_dev_max=max(per_dev),
+            else:  # ulysses_ring: the group all-to-alls as Ulysses over u, then the ring of R groups on blocks
+                a2a = (u - 1) / u * local * H * dtype_bytes * (2 * N + 2 * K * r)   # of T/R tokens, K r / u heads
+                blk, blk_seg = 2 * (T // R) * (K * r // u) * H * dtype_bytes, (T // R) * 4
+                sent = (2 * a2a + (u - 1) * seg + 2 * (R - 1) * (blk + blk_seg)
+                        + R * 2 * (T // R) * (K * r // u) * H * 4)
+            rows.append(dict(sp=sp, strategy=name, balance=balance, flops_dev_max=max(per_dev),
                              critical=critical, even=even, ratio=critical / even, ideal=critical / ideal, bytes_dev=sent))
     return rows
 
@@ -134,23 +150,30 @@ def _memory_child(args) -> dict:
     kv = jax.ShapeDtypeStruct((1, T, args.kv_heads, args.head_dim), jnp.float32)
     out = {}
     with jax.set_mesh(mesh):
-        for strategy in STRATEGIES:
+        for name, strategy, u in _chosen(variants(sp), args):
             for balance in BALANCES:
                 f = lambda q, k, v: context_parallel_attention(q, k, v, strategy=strategy, load_balance=balance,
-                                                               q_chunk=args.chunk, k_chunk=args.chunk).sum()
+                                                               ulysses_size=u, q_chunk=args.chunk,
+                                                               k_chunk=args.chunk).sum()
                 compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
                 m = compiled.memory_analysis()
-                out[f"{strategy}/{balance}"] = (m.temp_size_in_bytes + m.argument_size_in_bytes
-                                                + m.output_size_in_bytes)
+                out[f"{name}/{balance}"] = (m.temp_size_in_bytes + m.argument_size_in_bytes
+                                            + m.output_size_in_bytes)
     return out
+
+
+def _chosen(rows, args):
+    """The rows whose name (first field) --only lists (all without --only)."""
+    only = [x for x in args.only.split(",") if x]
+    return [r for r in rows if not only or r[0] in only]
 
 
 def part_memory(args):
     print(f"compiled memory per device (XLA memory analysis: arguments + outputs + temporaries) of one "
           f"attention fwd+bwd, T={args.total}, N={args.heads} K={args.kv_heads} H={args.head_dim}, float32, "
           f"chunk {args.chunk}")
-    print("| sp | " + " | ".join(f"{s}/{b} MB" for s in STRATEGIES for b in BALANCES) + " |")
-    print("|---:|" + "---:|" * 9)
+    print("| sp | strategy | " + " | ".join(f"{b} MB" for b in BALANCES) + " |")
+    print("|---:|---|" + "---:|" * len(BALANCES))
     for sp in (2, 4, 8):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
         cmd = [sys.executable, __file__, *sys.argv[1:], "--sp_row", str(sp)]
@@ -160,8 +183,9 @@ def part_memory(args):
             print(f"| {sp} | failed: {(res.stderr.strip().splitlines() or ['?'])[-1][:100]} |")
             continue
         r = json.loads(lines[-1][7:])
-        print(f"| {sp} | " + " | ".join(f"{r[f'{s}/{b}'] / 1e6:.1f}" for s in STRATEGIES for b in BALANCES) + " |",
-              flush=True)
+        for name, _, _ in _chosen(variants(sp), args):
+            print(f"| {sp} | {name} | " + " | ".join(f"{r[f'{name}/{b}'] / 1e6:.1f}" for b in BALANCES) + " |",
+                  flush=True)
 
 
 # ------------------------------------------------------------------------------------ lwm.train tok/s
@@ -179,29 +203,31 @@ def part_train(args):
     with open(f"{tmp}/data.jsonl", "w") as f:
         for _ in range(3000):
             f.write(json.dumps({"text": sentence()}) + "\n")
-    configs = [("ring (today)", "ring", "none")] + [(f"{s}/{b}", s, b) for s in STRATEGIES for b in BALANCES
-                                                    if (s, b) != ("ring", "none")]
-    configs = [c for c in configs if not args.only or c[0] in args.only.split(",")]
-    print(f"lwm.train, preset {args.preset} (num_attention_heads=4), batch 1, mesh 1,1,1,4 on 4 simulated CPU "
-          f"devices, chunk {args.chunk}, {args.steps} timed steps (median; step 0 compiles); load average "
+    sp = args.devices
+    configs = [("ring (today)", "ring", "none", 0)] + [
+        (f"{name}/{b}", s, b, u) for name, s, u in variants(sp) for b in BALANCES if (s, b) != ("ring", "none")
+        and (s != "ulysses" or 4 % sp == 0)]   # plain Ulysses needs sp | 4 heads
+    configs = _chosen(configs, args)
+    print(f"lwm.train, preset {args.preset} (num_attention_heads=4), batch 1, mesh 1,1,1,{sp} on {sp} simulated "
+          f"CPU devices, chunk {args.chunk}, {args.steps} timed steps (median; step 0 compiles); load average "
           f"{os.getloadavg()[0]:.1f} at start")
     print("| seq | strategy/balance | tokens/s | vs ring (today) |")
     print("|---:|---|---:|---:|")
     for seq in [int(s) for s in args.seq.split(",")]:
         base = None
-        for name, strategy, balance in configs:
-            out = f"{tmp}/{seq}_{strategy}_{balance}"
+        for name, strategy, balance, u in configs:
+            out = f"{tmp}/{seq}_{strategy}{u}_{balance}"
             flags = ["--modality=text", f"--load_llama_config={args.preset}", f"--tokenizer={tmp}/tok.model",
                      "--train_dataset.type=json", "--train_dataset.text_processor.fields=text",
                      f"--train_dataset.json_dataset.path={tmp}/data.jsonl", "--train_dataset.json_dataset.mode=pack",
                      f"--train_dataset.json_dataset.seq_length={seq}", "--train_dataset.json_dataset.batch_size=1",
-                     "--mesh_dim=1,1,1,4", f"--total_steps={args.steps + 1}", "--log_freq=1", "--peak_flops=1e11",
+                     f"--mesh_dim=1,1,1,{sp}", f"--total_steps={args.steps + 1}", "--log_freq=1", "--peak_flops=1e11",
                      f"--logger.output_dir={out}", "--logger.experiment_id=run", "--logger.append_uuid=False",
                      "--llama.attention_impl=ring", f"--llama.scan_query_chunk_size={args.chunk}",
                      f"--llama.scan_key_chunk_size={args.chunk}", f"--llama.max_sequence_length={seq}",
                      "--llama.num_attention_heads=4", f"--llama.context_parallel_strategy={strategy}",
-                     f"--llama.context_parallel_load_balance={balance}"]
-            env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                     f"--llama.context_parallel_load_balance={balance}", f"--llama.context_parallel_ulysses_size={u}"]
+            env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={sp}", JAX_PLATFORMS="cpu",
                        NPROC="32")
             t0 = time.time()
             res = subprocess.run([sys.executable, "-m", "lwm.train", *flags], env=env, capture_output=True, text=True)
@@ -230,7 +256,9 @@ def main():
     p.add_argument("--seq", default="8192,32768", help="train: sequence lengths")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--preset", default="debug")
-    p.add_argument("--only", default="", help="train: comma-separated subset of strategy/balance names")
+    p.add_argument("--only", default="", help="memory: comma-separated strategy names (e.g. ulysses_ring(u=2)); "
+                   "train: strategy/balance names (e.g. 'ring (today),ulysses_ring(u=2)/zigzag')")
+    p.add_argument("--devices", type=int, default=4, help="train: simulated devices = sp (mesh 1,1,1,devices)")
     p.add_argument("--sp_row", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.sp_row is not None:

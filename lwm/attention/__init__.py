@@ -12,7 +12,8 @@
 
 'ring' and 'ring_pallas' are the original's names; they mean "context parallelism over 'sp' with the
 blockwise (resp. Pallas) kernel inside". How the sequence is split is chosen separately:
-`strategy` ('ring' = RingAttention, the default and the original's; 'all_gather'; 'ulysses') and
+`strategy` ('ring' = RingAttention, the default and the original's; 'all_gather'; 'ulysses';
+'ulysses_ring' = Ulysses inside groups of `ulysses_size` devices, the ring across the groups) and
 `load_balance` ('none' = contiguous shards, the default; 'zigzag'; 'striped'), see context_parallel.py.
 
 Nothing is chosen behind the caller's back: an unknown impl, strategy or balance, or 'pallas' on CPU
@@ -83,6 +84,7 @@ def attention(
     pallas_interpret: bool = False,
     strategy: str = "ring",
     load_balance: str = "none",
+    ulysses_size: int = 0,
 ):
     """Self-attention. q: (B, T, N, H); k, v: (B, T, K, H), N % K == 0 (grouped-query attention).
 
@@ -98,8 +100,9 @@ def attention(
     impl 'ring' / 'ring_pallas' run context parallelism (`context_parallel_attention`) under jax.shard_map
     over the ambient mesh (jax.set_mesh) with q/k/v sharded P(('dp','fsdp'), 'sp', 'tp', None) and segment
     ids P(('dp','fsdp'), 'sp'); they raise when no mesh with an 'sp' axis is set. strategy ('ring',
-    'all_gather', 'ulysses') and load_balance ('none', 'zigzag', 'striped': the layout q/k/v/segment_ids
-    are in, `lwm.attention.layout`) apply to them only; other impls raise if load_balance is not 'none'.
+    'all_gather', 'ulysses', 'ulysses_ring' with its inner group size `ulysses_size`) and load_balance
+    ('none', 'zigzag', 'striped': the layout q/k/v/segment_ids are in, `lwm.attention.layout`) apply to them
+    only; other impls raise if load_balance is not 'none'.
     """
     what = f"attention(impl={impl!r})"
     _check_impl(impl, "attention")
@@ -126,7 +129,7 @@ def attention(
     block_impl = "pallas" if impl == "ring_pallas" else "blockwise"
     return context_parallel_attention(
         q, k, v, segment_ids, strategy=strategy, load_balance=load_balance, causal=causal, block_impl=block_impl,
-        pallas_interpret=pallas_interpret, **chunks
+        pallas_interpret=pallas_interpret, ulysses_size=ulysses_size, **chunks
     )
 
 

@@ -52,11 +52,32 @@ def permutation(length: int, sp: int, balance: str) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[d], chunks[2 * sp - 1 - d]]) for d in range(sp)])
 
 
-def runs(balance: str, sp: int, local_len: int):
+def runs(balance: str, sp: int, local_len: int, group: int = 1):
     """(num_runs, stride, run_len, starts_of(d)): the run description of device d's shard.
 
     starts_of(d) works on Python ints and on traced int32 scalars (lax.axis_index) alike and returns a list
-    of num_runs start positions."""
+    of num_runs start positions.
+
+    group > 1 (the two-level 'ulysses_ring' strategy): describes instead the union of the shards of the
+    `group` consecutive devices g*group .. g*group+group-1 (inner group g of sp/group), as the inner
+    all-to-all concatenates them (member by member) and `to_group_order` then reorders them; local_len is
+    that union's length (group * T/sp) and starts_of takes the group index g. The layout stays the one of
+    sp devices; seen by groups it is:
+      none     the group holds [g*L, (g+1)*L), L = local_len: one run, as 'none' over sp/group
+      zigzag   chunks g*group .. g*group+group-1 and their mirrors: after `to_group_order`, two runs of
+               group*c tokens at g*group*c and (2*sp/group-1-g)*group*c, i.e. exactly 'zigzag' over
+               sp/group devices with chunks group times longer (as balanced as zigzag over sp/group)
+      striped  residues g*group + u (mod sp), u < group: `group` runs of stride sp, one per member (not
+               'striped' over sp/group, whose residues mod sp/group would differ); per query the causal
+               work differs between groups by at most one stripe
+    Example: T=16, sp=4, group=2, zigzag: devices hold [0 1|14 15], [2 3|12 13], [4 5|10 11], [6 7|8 9];
+    group 0 gathers [0 1 14 15 2 3 12 13], reordered to [0 1 2 3 | 12 13 14 15]: runs at 0 and 12, length 4.
+    """
+    if group > 1:
+        if balance == "striped":
+            n = local_len // group
+            return group, sp, n, lambda g: [g * group + u for u in range(group)]
+        return runs(balance, sp // group, local_len)
     if balance == "none" or sp == 1:
         return 1, 1, local_len, lambda d: [d * local_len]
     if balance == "striped":
@@ -65,6 +86,33 @@ def runs(balance: str, sp: int, local_len: int):
         c = local_len // 2
         return 2, 1, c, lambda d: [d * c, (2 * sp - 1 - d) * c]
     raise ValueError(f"context_parallel_load_balance={balance!r}; choose one of {LOAD_BALANCES}")
+
+
+def to_group_order(x, group: int, balance: str, axis: int = 1):
+    """The union of a group's shards (member-major, as the inner all-to-all concatenates them) -> the run
+    order of `runs(..., group=group)`. Only zigzag moves anything: (group, 2, c) -> (2, group, c) with the
+    second half's members reversed, so each half is one ascending run. Local (no communication);
+    differentiable, inverse `from_group_order`. Example: group 0 of T=16, sp=4, group=2:
+    [0 1 14 15 2 3 12 13] -> [0 1 2 3 12 13 14 15]."""
+    if balance != "zigzag" or group == 1:
+        return x
+    axis = axis % x.ndim
+    pre, post, L = x.shape[:axis], x.shape[axis + 1:], x.shape[axis]
+    y = jnp.swapaxes(x.reshape(*pre, group, 2, L // (2 * group), *post), axis, axis + 1)  # (.., 2, group, c, ..)
+    first, second = y[(slice(None),) * axis + (0,)], y[(slice(None),) * axis + (1,)]
+    return jnp.stack([first, jnp.flip(second, axis)], axis).reshape(x.shape)
+
+
+def from_group_order(x, group: int, balance: str, axis: int = 1):
+    """The inverse of `to_group_order`: run order -> member-major."""
+    if balance != "zigzag" or group == 1:
+        return x
+    axis = axis % x.ndim
+    pre, post, L = x.shape[:axis], x.shape[axis + 1:], x.shape[axis]
+    y = x.reshape(*pre, 2, group, L // (2 * group), *post)
+    first, second = y[(slice(None),) * axis + (0,)], y[(slice(None),) * axis + (1,)]
+    y = jnp.stack([first, jnp.flip(second, axis)], axis)  # (.., 2, group, c, ..)
+    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
 
 
 def to_layout(x, sp: int, balance: str, axis: int = 1):

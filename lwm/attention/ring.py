@@ -16,7 +16,10 @@ rotate together; each device adds its queries' contribution to the visiting bloc
 dv accumulators are back on the device that owns the block.
 
 `attend_block` / `grad_block` (one key/value block against the local queries) are shared with the
-all-gather strategy (`all_gather.py`). See docs/context_parallel.md and docs/ring_attention.md.
+all-gather strategy (`all_gather.py`). The two-level strategy 'ulysses_ring' (`ulysses.ulysses_ring_local`)
+runs this same ring over inner groups (`RingConfig.ulysses_size` = u > 1): ring member i is group i of
+devices i*u .. i*u+u-1, a hop goes from device d to d + u, and a member's positions are its group's runs
+(`layout.runs(..., group=u)`). See docs/context_parallel.md and docs/ring_attention.md.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class RingConfig:
     pallas_interpret: bool = False
     axis_name: str = SEQ_AXIS
     load_balance: str = "none"  # the layout q/k/v arrive in (lwm.attention.layout)
+    # 'ulysses_ring': the ring runs over the sp/ulysses_size inner groups of consecutive devices (group g =
+    # devices g*u .. g*u+u-1), each device holding its group's whole shard for 1/u of the heads (ulysses.py)
+    ulysses_size: int = 1
     # Testing only (negative controls, wrong on purpose): the layout the masks assume, when it differs
     # from the data's (None: the same); and global_offsets=False masks every block as the diagonal one.
     mask_balance: str | None = None
@@ -82,11 +88,21 @@ class Geometry:
     run_len: int
 
 
+def ring_size(cfg: RingConfig):
+    """Hops of the ring: sp, or the number of inner groups sp / ulysses_size."""
+    return lax.axis_size(cfg.axis_name) // cfg.ulysses_size
+
+
+def ring_index(cfg: RingConfig):
+    """This device's place on the ring (its inner group's index under 'ulysses_ring'): int32 scalar."""
+    return lax.axis_index(cfg.axis_name) // cfg.ulysses_size
+
+
 def geometry(cfg: RingConfig, local_len: int):
-    """(Geometry, starts(d) -> (R,) int32 run starts) of the layout the masks assume."""
+    """(Geometry, starts(i) -> (R,) int32 run starts of ring member i) of the layout the masks assume."""
     sp = lax.axis_size(cfg.axis_name)
     balance = cfg.load_balance if cfg.mask_balance is None else cfg.mask_balance
-    R, stride, n, starts_of = layout.runs(balance, sp, local_len)
+    R, stride, n, starts_of = layout.runs(balance, sp, local_len, group=cfg.ulysses_size)
     if not cfg.global_offsets:
         return Geometry(R, stride, n), lambda d: jnp.zeros((R,), jnp.int32)
     return Geometry(R, stride, n), lambda d: jnp.stack([jnp.asarray(x, jnp.int32) for x in starts_of(d)])
@@ -181,8 +197,10 @@ def grad_block(cfg, geo, q, seg, q_starts, o, lse, do, dq, k_blk, v_blk, seg_blk
 # ------------------------------------------------------------------------------------------------ the ring
 
 def _rotate(cfg: RingConfig, sp: int, *xs):
-    """Sends each array to the next device on the ring (device d -> d + 1 mod sp)."""
-    perm = [(j, (j + 1) % sp) for j in range(sp)]
+    """Sends each array to the next device on the ring (device d -> d + 1 mod sp); under 'ulysses_ring'
+    (u = ulysses_size > 1) to the same member of the next inner group (d -> d + u mod sp)."""
+    u = cfg.ulysses_size
+    perm = [(j, (j + u) % sp) for j in range(sp)]
     return tuple(None if x is None else lax.ppermute(x, cfg.axis_name, perm) for x in xs)
 
 
@@ -193,7 +211,7 @@ def _ring_forward(cfg: RingConfig, q, k, v, seg):
     B, T, N, H = q.shape
     sp = lax.axis_size(cfg.axis_name)
     geo, starts_of = geometry(cfg, T)
-    q_starts = blockwise.match_vma(starts_of(lax.axis_index(cfg.axis_name)), q)
+    q_starts = blockwise.match_vma(starts_of(ring_index(cfg)), q)
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
 
     def step_and_rotate(carry, _):
@@ -206,7 +224,7 @@ def _ring_forward(cfg: RingConfig, q, k, v, seg):
     lse0 = jnp.full((B, T, N), -jnp.inf, jnp.float32)
     o0, lse0 = blockwise.match_vma((o0, lse0), q, k)
     carry = (o0, lse0, k, v, seg, q_starts)
-    carry, _ = lax.scan(step_and_rotate, carry, None, length=sp - 1)
+    carry, _ = lax.scan(step_and_rotate, carry, None, length=ring_size(cfg) - 1)
     o, lse, k_blk, v_blk, seg_blk, k_starts = carry
     return attend_block(cfg, geo, q, seg, q_starts, o, lse, k_blk, v_blk, seg_blk, k_starts)
 
@@ -216,7 +234,7 @@ def _ring_backward(cfg: RingConfig, q, k, v, seg, o, lse, do):
     T = q.shape[1]
     sp = lax.axis_size(cfg.axis_name)
     geo, starts_of = geometry(cfg, T)
-    q_starts = blockwise.match_vma(starts_of(lax.axis_index(cfg.axis_name)), q)
+    q_starts = blockwise.match_vma(starts_of(ring_index(cfg)), q)
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
 
     def step_and_rotate(carry, _):
@@ -231,7 +249,7 @@ def _ring_backward(cfg: RingConfig, q, k, v, seg, o, lse, do):
         (jnp.zeros(q.shape, acc_dtype), jnp.zeros(k.shape, acc_dtype), jnp.zeros(v.shape, acc_dtype)), q, k
     )
     carry = (zeros[0], k, v, seg, q_starts, zeros[1], zeros[2])
-    carry, _ = lax.scan(step_and_rotate, carry, None, length=sp - 1)
+    carry, _ = lax.scan(step_and_rotate, carry, None, length=ring_size(cfg) - 1)
     dq, k_blk, v_blk, seg_blk, k_starts, dk_blk, dv_blk = carry
     dq, dk_i, dv_i = grad_block(cfg, geo, q, seg, q_starts, o, lse, do, dq, k_blk, v_blk, seg_blk, k_starts)
     dk, dv = _rotate(cfg, sp, dk_blk + dk_i, dv_blk + dv_i)  # the last hop brings dk, dv home

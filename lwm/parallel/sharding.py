@@ -275,6 +275,20 @@ def check_ulysses_heads(N: int, K: int, tp: int, sp: int) -> int:
     return ulysses_kv_repeat(n_local, k_local, sp)
 
 
+def check_ulysses_ring(N: int, K: int, tp: int, sp: int, u: int) -> int:
+    """Raises ValueError naming the numbers when 'ulysses_ring' cannot use inner groups of u devices (u must
+    divide sp and the tp-local query heads N/tp); returns the kv repeat inside a group (kv heads need not
+    divide: they are repeated, `ulysses_kv_repeat`)."""
+    if u < 1 or sp % u:
+        raise ValueError(f"context_parallel_ulysses_size={u} must be >= 1 and divide sp={sp} "
+                         "(context_parallel_strategy='ulysses_ring' splits sp into groups of that size)")
+    n_local, k_local = N // tp, K // tp
+    if n_local % u:
+        raise ValueError(f"context_parallel_ulysses_size={u} must divide the query heads per tp shard: "
+                         f"num_attention_heads={N} / tp={tp} = {n_local} heads")
+    return ulysses_kv_repeat(n_local, k_local, u)
+
+
 def check_model_mesh(config, mesh: Mesh, *, seq_len: int | None = None, batch_size: int | None = None) -> None:
     """Clear errors, before any compile, when the mesh does not divide the heads, batch or sequence."""
     tp, sp = mesh.shape["tp"], mesh.shape["sp"]
@@ -288,6 +302,12 @@ def check_model_mesh(config, mesh: Mesh, *, seq_len: int | None = None, batch_si
     if config.context_parallel and config.context_parallel_strategy == "ulysses" and sp > 1:
         try:
             check_ulysses_heads(config.num_attention_heads, config.kv_heads, tp, sp)
+        except ValueError as e:
+            raise MeshError(str(e)) from None
+    if config.context_parallel and config.context_parallel_strategy == "ulysses_ring" and sp > 1:
+        try:
+            check_ulysses_ring(config.num_attention_heads, config.kv_heads, tp, sp,
+                               config.context_parallel_ulysses_size)
         except ValueError as e:
             raise MeshError(str(e)) from None
     if seq_len is not None:
