@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import logging
 import json
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -62,7 +63,7 @@ _IGNORED_KEYS = frozenset({
     "output_hidden_states", "add_cross_attention", "_name_or_path", "rope_theta",
 })
 
-ROPE_SCALING_TYPES = ("", "linear", "llama3")
+ROPE_SCALING_TYPES = ("", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 REMAT_POLICIES = {
     "": None,
@@ -103,12 +104,22 @@ class LLaMAConfig:
     tie_word_embeddings: bool = False          # True: logits use the embedding (V, D) transposed; no lm_head
     # RoPE frequency scaling, transformers' `rope_type` (modeling_rope_utils): '' none, 'linear' (every
     # frequency / factor), 'llama3' (Llama 3.1: wavelengths above original_max/low_freq_factor / factor,
-    # below original_max/high_freq_factor kept, smooth in between). See `rope_inv_freq`.
-    rope_scaling_type: str = ""                # '', 'linear' or 'llama3'
-    rope_scaling_factor: float = 1.0           # the scaling factor of both types
+    # below original_max/high_freq_factor kept, smooth in between), 'yarn', 'dynamic' (NTK-aware, the base grows
+    # with the sequence), 'longrope' (per-frequency short/long factors). See `rope_inv_freq`, docs/llama.md.
+    rope_scaling_type: str = ""                # one of ROPE_SCALING_TYPES
+    rope_scaling_factor: float = 1.0           # the scaling factor s of every type (longrope: for the attention factor)
     rope_low_freq_factor: float = 1.0          # llama3: wavelengths above original_max / this are divided by factor
     rope_high_freq_factor: float = 4.0         # llama3: wavelengths below original_max / this are kept
-    rope_original_max_position: int = 8192     # llama3: the base model's trained context
+    rope_original_max_position: int = 8192     # llama3/yarn/longrope: the base's trained context; dynamic: the
+                                               # length above which the base grows (transformers' max_position_embeddings)
+    rope_attention_factor: Optional[float] = None  # yarn/longrope: cos and sin multiplier; None = derived from s
+    rope_beta_fast: float = 32.0               # yarn: rotations above which a frequency is kept (extrapolated)
+    rope_beta_slow: float = 1.0                # yarn: rotations below which a frequency is divided by s
+    rope_mscale: float = 0.0                   # yarn: with rope_mscale_all_dim (both > 0) the attention factor is
+    rope_mscale_all_dim: float = 0.0           # mscale(s, rope_mscale) / mscale(s, rope_mscale_all_dim)
+    rope_truncate: bool = True                 # yarn: round the ramp's bounds to whole dims (floor/ceil)
+    rope_short_factor: tuple[float, ...] = ()  # longrope: H/2 divisors of the frequencies up to original_max
+    rope_long_factor: tuple[float, ...] = ()   # longrope: H/2 divisors beyond original_max
     bos_token_id: int = 1                      # begin-of-sequence id, the LLaMA tokenizer's (the original said 0)
     eos_token_id: int = 2                      # end-of-sequence id (the original said 1); entry points set the tokenizer's
     embd_pdrop: float = 0.0                    # dropout on the embedding output (training only)
@@ -135,9 +146,13 @@ class LLaMAConfig:
 
     def __post_init__(self):
         what = type(self).__name__
+        for name in ("rope_short_factor", "rope_long_factor"):   # JSON / flags give lists: hashable tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         check_types(self, what)                 # each field against its annotation (lwm.utils.fields)
         check_ranges(self, what, at_least={n: 1 for n in _POSITIVE_FIELDS} | {"bos_token_id": 0, "eos_token_id": 0},
-                     above={"rms_norm_eps": 0, "theta": 0, "rope_scaling_factor": 0, "rope_low_freq_factor": 0},
+                     above={"rms_norm_eps": 0, "theta": 0, "rope_scaling_factor": 0, "rope_low_freq_factor": 0,
+                            "rope_attention_factor": 0, "rope_beta_slow": 0},
                      unit_interval=("embd_pdrop", "resid_pdrop", "attn_pdrop"))
         if self.initializer_range < 0:
             raise ValueError(f"{what}.initializer_range={self.initializer_range}: must be >= 0")
@@ -194,6 +209,7 @@ class LLaMAConfig:
         if self.rope_scaling_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
             raise ValueError(f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
                              f"rope_low_freq_factor={self.rope_low_freq_factor}")
+        _check_rope_fields(self, what)
         if self.param_scan_axis not in (0, 1):
             raise ValueError(f"param_scan_axis={self.param_scan_axis}; must be 0 or 1")
 
@@ -274,35 +290,148 @@ class RMSNorm(nn.Module):
         return x.astype(self.dtype) * jnp.asarray(weight, self.dtype)
 
 
-def rope_inv_freq(config: LLaMAConfig) -> np.ndarray:
-    """(H/2,) float32 inverse frequencies theta^(-2i/H), scaled per `rope_scaling_type`, computed in float32
-    exactly as transformers' `modeling_rope_utils` (`_compute_default/linear_scaling/llama3_parameters`)."""
+def _check_rope_fields(config: LLaMAConfig, what: str) -> None:
+    """The range checks of the yarn / longrope fields (one ValueError line naming the field)."""
+    check_ranges(config, what, at_least={"rope_mscale": 0, "rope_mscale_all_dim": 0})
+    kind, half = config.rope_scaling_type, config.head_dim // 2
+    if kind == "yarn" and not config.rope_beta_fast > config.rope_beta_slow:
+        raise ValueError(f"{what}.rope_beta_fast={config.rope_beta_fast}: must exceed "
+                         f"rope_beta_slow={config.rope_beta_slow}")
+    if kind == "longrope":
+        for name in ("rope_short_factor", "rope_long_factor"):
+            values = getattr(config, name)
+            if len(values) != half:
+                raise ValueError(f"{what}.{name} has {len(values)} values: longrope needs head_dim/2 = {half}")
+            if not all(v > 0 for v in values):
+                raise ValueError(f"{what}.{name}={list(values)}: every value must be > 0")
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature sqrt(1/t) = 0.1 * mscale * ln(s) + 1 (arXiv 2309.00071, Eq. 21); 1 for s <= 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_factor(config: LLaMAConfig) -> float:
+    """The factor that multiplies cos and sin (so q.k by its square), transformers' `attention_scaling`:
+    rope_attention_factor if set; else yarn: mscale(s) = 0.1 ln(s) + 1, or mscale(s, rope_mscale) /
+    mscale(s, rope_mscale_all_dim) when both are > 0 (arXiv 2309.00071 Eq. 21; DeepSeek's variant); longrope:
+    sqrt(1 + ln(s) / ln(original_max)) for s > 1, else 1 (arXiv 2402.13753, Phi-3); every other type 1."""
+    kind, s = config.rope_scaling_type, config.rope_scaling_factor
+    if kind not in ("yarn", "longrope"):
+        return 1.0
+    if config.rope_attention_factor is not None:
+        return float(config.rope_attention_factor)
+    if kind == "yarn":
+        if config.rope_mscale and config.rope_mscale_all_dim:
+            return _yarn_mscale(s, config.rope_mscale) / _yarn_mscale(s, config.rope_mscale_all_dim)
+        return _yarn_mscale(s)
+    return 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(config.rope_original_max_position))
+
+
+def _exponents(config: LLaMAConfig) -> np.ndarray:
+    """(H/2,) float32 2i/H, the exponent of theta per rotated pair."""
     h = config.head_dim
-    inv = (np.float32(1.0) / (np.float32(config.theta) ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h))))
-    kind, factor = config.rope_scaling_type, np.float32(config.rope_scaling_factor)
+    return np.arange(0, h, 2, dtype=np.float32) / np.float32(h)
+
+
+def _dynamic_inv_freq(config: LLaMAConfig, seq_len, xp=np):
+    """Dynamic NTK-aware scaling (transformers' `_compute_dynamic_ntk_parameters`, after the NTK-aware rule of
+    reddit r/LocalLLaMA 14lz7j5 / 14mrgpr): with L = max(seq_len, M), M = rope_original_max_position,
+    base = theta * (s L / M - (s - 1)) ^ (H / (H - 2)), inv_freq = base^(-2i/H); L <= M gives theta unchanged.
+    seq_len: (B,) ints (numpy or jax, per `xp`) -> (B, H/2) float32."""
+    h, f32 = config.head_dim, np.float32
+    m, s = f32(config.rope_original_max_position), f32(config.rope_scaling_factor)
+    length = xp.maximum(xp.asarray(seq_len).astype(f32), m)
+    base = f32(config.theta) * ((s * length / m) - (s - f32(1))) ** f32(h / (h - 2))        # (B,)
+    return (f32(1) / (base[:, None] ** xp.asarray(_exponents(config))[None])).astype(f32)
+
+
+def rope_inv_freq(config: LLaMAConfig, seq_len: Optional[int] = None) -> np.ndarray:
+    """(H/2,) float32 inverse frequencies theta^(-2i/H), scaled per `rope_scaling_type`, computed in float32
+    as transformers' `modeling_rope_utils` does (`_compute_{default,linear_scaling,llama3,yarn,dynamic_ntk,
+    longrope}_parameters`). seq_len (tokens the call covers, its largest position + 1) matters to 'dynamic' and
+    'longrope' only; None is transformers' value at load (dynamic: theta unscaled; longrope: short factors).
+    The model takes them per row from the positions, see `rope_frequencies`.
+      yarn (arXiv 2309.00071, "NTK-by-parts"): pair i rotates r_i = M / (2 pi theta^(2i/H)) times over the
+        original context M; with the ramp gamma_i = clip((i - lo) / (hi - lo), 0, 1), lo/hi the dims where
+        r = beta_fast / beta_slow (floor/ceil with rope_truncate), inv_freq_i = theta^(-2i/H) *
+        ((1 - gamma_i) + gamma_i / s): fast pairs are kept, slow ones divided by s.
+      longrope (arXiv 2402.13753): inv_freq_i = 1 / (f_i theta^(2i/H)), f = rope_long_factor when
+        seq_len > M, else rope_short_factor."""
+    kind, f32 = config.rope_scaling_type, np.float32
+    inv = (f32(1.0) / (f32(config.theta) ** _exponents(config))).astype(f32)
+    factor = f32(config.rope_scaling_factor)
     if kind == "linear":
-        return (inv / factor).astype(np.float32)
+        return (inv / factor).astype(f32)
     if kind == "llama3":
-        old = np.float32(config.rope_original_max_position)
-        low, high = np.float32(config.rope_low_freq_factor), np.float32(config.rope_high_freq_factor)
-        wavelen = np.float32(2 * np.pi) / inv
+        old = f32(config.rope_original_max_position)
+        low, high = f32(config.rope_low_freq_factor), f32(config.rope_high_freq_factor)
+        wavelen = f32(2 * np.pi) / inv
         scaled = np.where(wavelen > old / low, inv / factor, inv)
         smooth = (old / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
-    return inv.astype(np.float32)
+        return np.where(medium, smoothed, scaled).astype(f32)
+    if kind == "yarn":
+        h, base, m = config.head_dim, config.theta, config.rope_original_max_position
+        dim_of = lambda rotations: h * math.log(m / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        lo, hi = dim_of(config.rope_beta_fast), dim_of(config.rope_beta_slow)
+        if config.rope_truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, h - 1)
+        if lo == hi:
+            hi += 0.001                                   # transformers' guard against a zero-width ramp
+        ramp = np.clip((np.arange(h // 2, dtype=f32) - f32(lo)) / f32(hi - lo), 0, 1).astype(f32)
+        keep = f32(1) - ramp                              # 1: extrapolate (keep), 0: interpolate (/ s)
+        pos_freq = f32(config.theta) ** _exponents(config)
+        interpolated, extrapolated = f32(1) / (factor * pos_freq), f32(1) / pos_freq
+        return (interpolated * (f32(1) - keep) + extrapolated * keep).astype(f32)
+    if kind == "dynamic":
+        return _dynamic_inv_freq(config, np.asarray([seq_len or 0]))[0]
+    if kind == "longrope":
+        long = seq_len is not None and seq_len > config.rope_original_max_position
+        ext = np.asarray(config.rope_long_factor if long else config.rope_short_factor, f32)
+        return (f32(1) / (ext * f32(config.theta) ** _exponents(config))).astype(f32)
+    return inv
 
 
-def apply_rotary(x, positions, inv_freq):
+def rope_frequencies(config: LLaMAConfig, position_ids):
+    """(inv_freq, attention factor) of one model call, for `apply_rotary`. position_ids: (B, T) int.
+
+    inv_freq is (H/2,) numpy for the types that do not depend on the length, else (B, H/2) float32 computed
+    from each row's length L_b = max(position_ids[b]) + 1 ('dynamic': the NTK base at max(L_b, M); 'longrope':
+    the long factors when L_b > M). A prefill's L_b is its prompt length (left padding sits at position 0);
+    a decode step's is the new token's position + 1. So, as in transformers' generate (its
+    `dynamic_rope_update` takes max(position_ids) + 1 on every forward), each key is rotated by the frequencies
+    of the call that wrote it into the cache and is not re-rotated later. transformers takes the maximum over
+    the whole batch; ours is per row, so one request's frequencies do not depend on its batch neighbours (the
+    two agree for a batch of one or of rows of equal length)."""
+    scale = rope_attention_factor(config)
+    kind = config.rope_scaling_type
+    if kind not in ("dynamic", "longrope"):
+        return rope_inv_freq(config), scale
+    length = jnp.max(position_ids, axis=-1).astype(jnp.int32) + 1                     # (B,)
+    if kind == "dynamic":
+        return _dynamic_inv_freq(config, length, jnp), scale
+    short, long = rope_inv_freq(config), rope_inv_freq(config, config.rope_original_max_position + 1)
+    return jnp.where((length > config.rope_original_max_position)[:, None], long[None], short[None]), scale
+
+
+def apply_rotary(x, positions, inv_freq, scale: float = 1.0):
     """Rotate interleaved pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i], as the original LWM does (with
-    inv_freq[i] = theta^(-2i/H) unscaled; see `rope_inv_freq`). x: (B, T, N, H); positions: (B, T) int;
-    inv_freq: (H/2,). A float `inv_freq` is taken as theta (the unscaled form)."""
+    inv_freq[i] = theta^(-2i/H) unscaled; see `rope_inv_freq`), times `scale` (cos and sin are multiplied by it,
+    transformers' `attention_scaling`; `rope_attention_factor`). x: (B, T, N, H); positions: (B, T) int;
+    inv_freq: (H/2,) or per row (B, H/2). A float `inv_freq` is taken as theta (the unscaled form)."""
     h = x.shape[-1]
     if isinstance(inv_freq, (int, float)):
         inv_freq = 1.0 / (inv_freq ** (np.arange(0, h, 2, dtype=np.float32) / h))
-    angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # (B, T, H/2)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    if inv_freq.ndim == 2:
+        inv_freq = inv_freq[:, None, :]                                                 # (B, 1, H/2)
+    angle = positions.astype(jnp.float32)[..., None] * inv_freq                         # (B, T, H/2)
     cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    if scale != 1.0:
+        cos, sin = cos * jnp.float32(scale), sin * jnp.float32(scale)
     xf = x.astype(jnp.float32).reshape(*x.shape[:-1], h // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
@@ -329,9 +458,9 @@ class LLaMAAttention(nn.Module):
         q = dense_layer(n * h, cfg, self.dtype, self.param_dtype, "wq")(x).reshape(b, t, n, h)
         key = dense_layer(k * h, cfg, self.dtype, self.param_dtype, "wk")(x).reshape(b, t, k, h)
         val = dense_layer(k * h, cfg, self.dtype, self.param_dtype, "wv")(x).reshape(b, t, k, h)
-        inv_freq = rope_inv_freq(cfg)
-        q = apply_rotary(q, position_ids, inv_freq)
-        key = apply_rotary(key, position_ids, inv_freq)
+        inv_freq, rope_scale = rope_frequencies(cfg, position_ids)
+        q = apply_rotary(q, position_ids, inv_freq, rope_scale)
+        key = apply_rotary(key, position_ids, inv_freq, rope_scale)
         if cfg.attn_pdrop > 0 and not self.deterministic:
             raise ValueError(
                 f"attn_pdrop={cfg.attn_pdrop}: dropout on the attention probabilities is not implemented by the "
