@@ -17,7 +17,7 @@ Flags
   --device_memory  a device by name (h100, h200, a100-80g, a100-40g, tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e; a comma
                    list for several) or a size with its unit (80GiB, 95GB); a bare number is refused
   --mesh_dim       dp,fsdp,tp,sp (or dp:1,tp:4,...), as in every command, but no -1 (no devices to fill it);
-                   empty: search
+                   empty: search (with --device_memory; without it, the table of one device)
   --batch_size     global sequences per training step; dp*fsdp must divide it (the search keeps to that)
   --context_parallel_strategy, --remat_block, --cache_dtype: fixed when given; empty: the config's (table)
                    or every choice (search). --remat_block=none means no remat.
@@ -46,7 +46,7 @@ def get_default_config() -> ConfigDict:
     c.load_llama_config = "7b"                 # a preset (tiny, debug, 7b, ...) or json::path
     c.update_llama_config = ""                 # dict(key=value, ...), a {'key': value} literal or JSON
     c.seq_len = "32768"                        # tokens per sequence (4096, 128K, 1M); a comma list for several
-    c.mesh_dim = ""                            # dp,fsdp,tp,sp for one mesh's table; '' = search (needs --device_memory)
+    c.mesh_dim = ""                            # dp,fsdp,tp,sp for one mesh's table; '' = search with --device_memory
     c.context_parallel_strategy = ""           # ring | all_gather | ulysses over sp; '' = the config's / search all
     c.context_parallel_load_balance = ""       # none | zigzag | striped token layout over sp; '' = the config's
     c.dtype = "bf16"                           # fp32 | bf16: compute dtype (and inference weights)
@@ -86,9 +86,6 @@ def _check(config: ConfigDict) -> None:
         if config[flag] < 1:
             raise FlagError(f"--{flag}={config[flag]}: must be >= 1")
     devices = _devices(config)
-    if not config.mesh_dim and not devices:
-        raise FlagError("--device_memory is empty: give a device (h100, tpu-v5p, ...) or a size (80GiB) to find "
-                        "how many devices a length needs, or --mesh_dim=dp,fsdp,tp,sp for one mesh's table")
     if config.mesh_dim and len(devices) > 1:
         raise FlagError(f"--device_memory={config.device_memory!r}: one device with --mesh_dim (a list only "
                         "when searching, without --mesh_dim)")
@@ -120,7 +117,7 @@ def _plan_fields(config: ConfigDict) -> dict:
 def _plans(config: ConfigDict, model_config):
     from lwm.parallel.sharding import MeshError
 
-    mesh = mesh_sizes("mesh_dim", config.mesh_dim)
+    mesh = mesh_sizes("mesh_dim", config.mesh_dim or "1,1,1,1")
     shards = mesh[0] * mesh[1]
     if config.batch_size % shards:
         raise FlagError(f"--batch_size={config.batch_size} is not divisible by dp*fsdp={shards} of "
@@ -155,7 +152,7 @@ def table(config: ConfigDict, model_config) -> None:
     unit, scale = ("MiB", 2**20) if small else ("GiB", 2**30)
     fmt = lambda x: f"{x / scale:.2f}"
     cp = f"{plans[0].sp_strategy}/{plans[0].load_balance}, " if plans[0].mesh[3] > 1 else ""
-    print(f"# {config.load_llama_config}, mesh dp,fsdp,tp,sp = {config.mesh_dim}, {cp}{config.dtype}, "
+    print(f"# {config.load_llama_config}, mesh dp,fsdp,tp,sp = {config.mesh_dim or '1,1,1,1'}, {cp}{config.dtype}, "
           f"batch {config.batch_size}, remat '{plans[0].config.remat_block}'; {unit} per device")
     header = "| seq_len | mode | " + " | ".join(parts) + (" | XLA peak | estimate / XLA |" if config.check_xla else " |")
     print(header)
@@ -222,7 +219,13 @@ def main(argv=None) -> None:
     config = parse(sys.argv[1:] if argv is None else argv, get_default_config())
     _check(config)
     model_config = _model_config(config)
-    (table if config.mesh_dim else answer)(config, model_config)
+    if config.mesh_dim or not config.device_memory:
+        table(config, model_config)
+    else:
+        answer(config, model_config)
+    if not config.mesh_dim and not config.device_memory:
+        print("(one device, mesh 1,1,1,1: --device_memory=h100 (or a size, 80GiB) finds the fewest devices that "
+              "fit; --mesh_dim=dp,fsdp,tp,sp gives another mesh's table)")
 
 
 if __name__ == "__main__":

@@ -78,8 +78,11 @@ def test_refusals_are_one_line(capsys):
     assert "\n" not in err and "raise --batch_size to a multiple of 8 (--batch_size=8)" in err
     assert run("--llama_config=tiny", "--mesh_dim=1,8,1,1", "--batch_size=8", "--seq_len=1K") == 0   # control
     capsys.readouterr()
-    assert run("--llama_config=tiny") == 2
-    assert "--device_memory is empty" in capsys.readouterr().err
+    assert run("--llama_config=tiny") == 0                 # neither mesh nor device: one device's table, and how to ask
+    out = capsys.readouterr().out
+    assert "mesh dp,fsdp,tp,sp = 1,1,1,1" in out and "--device_memory=h100 (or a size, 80GiB) finds" in out
+    assert run("--llama_config=tiny", "--mesh_dim=1,1,1,2", "--device_memory=h100,h200") == 2
+    assert "one device with --mesh_dim" in capsys.readouterr().err
 
 
 def test_help_is_whole_and_the_default_remat_is_explained(capsys):
