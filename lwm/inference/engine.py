@@ -41,6 +41,13 @@ cache or picks a CacheMode: tests/test_one_home.py::test_rule_holds[engine]).
   budget; each slot keeps its own fill length and position, and a step costs what the longest filled slot
   holds, not the allocated length.
 
+(e) Log-probabilities (`token_logprobs`: the model's log_softmax over decodable ids, before temperature / top-k /
+top-p). The decode state carries each slot's last drawn token's logprob and its K = TOP_LOGPROBS likeliest
+alternatives; `step(state, logprobs=True)` returns them per step as TokenLogprobs ((R, n), (R, n, K) x 2; one
+more compiled step, whatever k a caller slices) and `drawn(state, logprobs=True)` the first token's.
+`score(prompts)` is the one log-likelihood scorer: one forward over every position, per prompt entry t = token
+t+1's logprob given the tokens before it, with its top K.
+
 (c) Host read-back (`lwm.parallel.multihost.host_array`, the one read-back) gathers arrays that span several processes before reading them, so the
 same code runs on one host or a multi-host pod. (d) `check_length` is the length check.
 
@@ -92,6 +99,21 @@ class DecodeState(NamedTuple):
     top_p: jax.Array            # (R,) float32
     keys: jax.Array             # (R, 2) uint32: per-slot PRNG key; step i draws with fold_in(key, i)
     stop_ids: jax.Array         # (n,) int32
+    logprob: jax.Array          # (R,) float32: log-probability of `token` (see `token_logprobs`)
+    top_ids: jax.Array          # (R, K) int32: the K = TOP_LOGPROBS most likely ids where `token` was drawn
+    top_logprobs: jax.Array     # (R, K) float32: their log-probabilities, descending
+
+
+TOP_LOGPROBS = 20   # K: alternatives kept per drawn token (OpenAI's largest top_logprobs); callers slice fewer
+
+
+class TokenLogprobs(NamedTuple):
+    """Log-probabilities of drawn tokens, from `Engine.step(..., logprobs=True)` (shapes (R, n), (R, n, K),
+    (R, n, K)), `Engine.drawn(state, logprobs=True)` ((R,), (R, K), (R, K)) and `Engine.score` (per prompt,
+    (P-1,), (P-1, K), (P-1, K)). Values are `token_logprobs` of the model's logits: natural log, float32."""
+    logprob: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
 
 
 class Prefix(NamedTuple):
@@ -134,6 +156,16 @@ def seed_of(rng) -> int:
     return int(np.asarray(rng).reshape(-1)[-1])
 
 
+def token_logprobs(logits: jax.Array, vocab_size: int) -> jax.Array:
+    """The log-probabilities the engine reports (..., V) -> (..., V) float32: log_softmax of the model's logits
+    over the ids the tokenizer can decode (ids >= vocab_size get -inf), before temperature, top-k and top-p:
+    the model's own distribution, whatever rule then draws from it (vLLM's default, 'raw' log-probabilities).
+    A token drawn at temperature 0.7 is reported with its probability under the model, not under the
+    sharpened distribution it was drawn from."""
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits.astype(jnp.float32), -jnp.inf)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
 def _replicated(x):
     if jax.sharding.get_abstract_mesh().empty:
         return x
@@ -162,7 +194,9 @@ class Engine:
         self.cache_dtype = jnp.dtype(parse_cache_dtype(cache_dtype) or model.dtype)
         self.last_stats: dict = {}
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
-        self._step_jit = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("rule", "n_steps"))
+        self._step_jit = jax.jit(self._step_impl, donate_argnums=(1,),
+                                 static_argnames=("rule", "n_steps", "logprobs"))
+        self._score_jit = jax.jit(self._score_impl)
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,), static_argnames=("rule",))
         self._move_jit = jax.jit(self._move_impl, donate_argnums=(0,))
         self._start_jit = jax.jit(self._start_impl, static_argnames=("rule",))
@@ -213,19 +247,33 @@ class Engine:
         steps = steps + live
         return tok, steps, live & ~(jnp.isin(tok, stop_ids) | (steps >= budget))
 
-    def _step_impl(self, params, state: DecodeState, keep, *, rule, n_steps: int):
+    def _logprobs(self, logits, tok):
+        """logits (R, V), drawn tok (R,) -> (logprob (R,), top_ids (R, K), top_logprobs (R, K)) of
+        `token_logprobs`. Dead code (removed by the compiler) where the caller does not keep them."""
+        lp = token_logprobs(logits, self.vocab_size)
+        k = min(TOP_LOGPROBS, lp.shape[-1])
+        top_lp, top_ids = jax.lax.top_k(lp, k)
+        if k < TOP_LOGPROBS:                                   # a vocabulary smaller than K: pad with -inf
+            pad = TOP_LOGPROBS - k
+            top_lp = jnp.pad(top_lp, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+            top_ids = jnp.pad(top_ids, ((0, 0), (0, pad)))
+        return jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
+
+    def _step_impl(self, params, state: DecodeState, keep, *, rule, n_steps: int, logprobs: bool = False):
         """Up to n_steps tokens for every active slot (a while_loop that ends early when none is active):
         each iteration writes the slot's drawn token to the cache and draws the next from the logits that
-        gives. Returns (state, tokens (R, n_steps) int32, emitted (R, n_steps) bool), tokens/emitted
-        replicated."""
+        gives. Returns (state, tokens (R, n_steps) int32, emitted (R, n_steps) bool, lp), tokens/emitted
+        replicated; lp: None, or with logprobs (static) the TokenLogprobs arrays (R, n_steps), (R, n_steps, K) x 2
+        of each drawn token (and the state's logprob fields follow the last one)."""
         r = state.index.shape[0]
+        kk = TOP_LOGPROBS
 
         def cond(carry):
             i, st, *_ = carry
             return (i < n_steps) & jnp.any(st.active)
 
         def body(carry):
-            i, st, toks, emitted = carry
+            i, st, toks, emitted, hist = carry
             live = st.active
             seg = live.astype(jnp.int32)[:, None]          # finished/free slots write an empty slot
             hidden, cache = self._hidden(params, jnp.where(live, st.token, self.pad_id)[:, None], None,
@@ -238,13 +286,22 @@ class Engine:
                              position=st.position + adv, steps=steps, active=going)
             toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], i, axis=1)
             emitted = jax.lax.dynamic_update_slice_in_dim(emitted, live[:, None], i, axis=1)
-            return i + 1, st, toks, emitted
+            if logprobs:
+                lp, top_ids, top_lp = self._logprobs(logits, tok)
+                st = st._replace(logprob=jnp.where(live, lp, st.logprob),
+                                 top_ids=jnp.where(live[:, None], top_ids, st.top_ids),
+                                 top_logprobs=jnp.where(live[:, None], top_lp, st.top_logprobs))
+                hist = tuple(jax.lax.dynamic_update_slice_in_dim(h, x[:, None], i, axis=1)
+                             for h, x in zip(hist, (lp, top_ids, top_lp)))
+            return i + 1, st, toks, emitted, hist
 
         state = state._replace(active=state.active & keep)
+        hist = ((jnp.zeros((r, n_steps), jnp.float32), jnp.zeros((r, n_steps, kk), jnp.int32),
+                 jnp.zeros((r, n_steps, kk), jnp.float32)) if logprobs else ())
         carry = (jnp.int32(0), state, jnp.full((r, n_steps), self.pad_id, jnp.int32),
-                 jnp.zeros((r, n_steps), bool))
-        _, state, toks, emitted = jax.lax.while_loop(cond, body, carry)
-        return state, _replicated(toks), _replicated(emitted)
+                 jnp.zeros((r, n_steps), bool), hist)
+        _, state, toks, emitted, hist = jax.lax.while_loop(cond, body, carry)
+        return state, _replicated(toks), _replicated(emitted), (_replicated(hist) if logprobs else None)
 
     # ------------------------------------------------------------------------------------------ checks
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -290,9 +347,11 @@ class Engine:
         r = index.shape[0]
         tok, steps, active = self._draw(logits, keys, jnp.zeros((r,), jnp.int32), budget > 0, budget, temperature,
                                         top_k, top_p, stop_ids, rule)
+        lp, top_ids, top_lp = self._logprobs(logits, tok)
         return DecodeState(cache=self._constrain_cache(cache), token=tok, index=index, position=position,
                            steps=steps, budget=budget, active=active, temperature=temperature, top_k=top_k,
-                           top_p=top_p, keys=keys, stop_ids=stop_ids)
+                           top_p=top_p, keys=keys, stop_ids=stop_ids, logprob=lp, top_ids=top_ids,
+                           top_logprobs=top_lp)
 
     def _state(self, cache, logits, index, position, budget, sampling, seeds, stop_ids, rule) -> DecodeState:
         f32, i32 = np.float32, np.int32
@@ -347,6 +406,7 @@ class Engine:
         keys = jax.vmap(jax.random.PRNGKey)(seeds)
         tok, steps, active = self._draw(logits, keys, jnp.zeros(slots.shape, jnp.int32), valid & (budget > 0),
                                         budget, temperature, top_k, top_p, state.stop_ids, rule)
+        lp, top_ids, top_lp = self._logprobs(logits, tok)
         at = jnp.where(valid, slots, n_rows)                 # out of range: dropped
         put = lambda arr, values: arr.at[at].set(values.astype(arr.dtype), mode="drop")
         return state._replace(
@@ -354,7 +414,8 @@ class Engine:
             index=put(state.index, jnp.full(slots.shape, length)), position=put(state.position, position),
             steps=put(state.steps, steps), budget=put(state.budget, budget), active=put(state.active, active),
             temperature=put(state.temperature, temperature), top_k=put(state.top_k, top_k),
-            top_p=put(state.top_p, top_p), keys=put(state.keys, keys))
+            top_p=put(state.top_p, top_p), keys=put(state.keys, keys), logprob=put(state.logprob, lp),
+            top_ids=put(state.top_ids, top_ids), top_logprobs=put(state.top_logprobs, top_lp))
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: Union[int, Sequence[int]], *,
                max_new_tokens: Union[int, Sequence[int]], sampling: Union[SamplingConfig, Sequence[SamplingConfig]] =
@@ -407,14 +468,20 @@ class Engine:
                                 rule=_FILTERED if filters else _GREEDY_OR_PLAIN)
 
     def step(self, state: DecodeState, n_steps: int = 1, rule: Optional[TokenRule] = None,
-             keep: Optional[np.ndarray] = None):
+             keep: Optional[np.ndarray] = None, logprobs: bool = False):
         """Up to n_steps tokens for every active slot. Returns (state, tokens (R, n) numpy int32, emitted
-        (R, n) numpy bool: whether slot r produced tokens[r, i]). keep: (R,) bool, False cancels a slot."""
+        (R, n) numpy bool: whether slot r produced tokens[r, i]). keep: (R,) bool, False cancels a slot.
+        logprobs=True (a second compiled step, shared by every request that asks; the default step computes
+        none) returns a fourth value, TokenLogprobs of each drawn token: (R, n), (R, n, K), (R, n, K),
+        K = TOP_LOGPROBS (callers slice the k they want)."""
         if rule is None:
             rule = _FILTERED if any(getattr(self, "_slot_filters", [True])) else _GREEDY_OR_PLAIN
         keep = np.ones(state.index.shape, bool) if keep is None else np.asarray(keep, bool)
-        state, toks, emitted = self._step_jit(self.params, state, keep, rule=rule, n_steps=int(n_steps))
-        return state, host_array(toks), host_array(emitted)
+        state, toks, emitted, lp = self._step_jit(self.params, state, keep, rule=rule, n_steps=int(n_steps),
+                                                  logprobs=bool(logprobs))
+        if not logprobs:
+            return state, host_array(toks), host_array(emitted)
+        return state, host_array(toks), host_array(emitted), TokenLogprobs(*(host_array(x) for x in lp))
 
     @staticmethod
     def _move_impl(dst: DecodeState, src: DecodeState, src_slot, dst_slot):
@@ -461,11 +528,59 @@ class Engine:
         return host_array(_replicated_fn(state.active))
 
     @staticmethod
-    def drawn(state: DecodeState) -> tuple[np.ndarray, np.ndarray]:
+    def drawn(state: DecodeState, logprobs: bool = False) -> tuple:
         """(tokens (R,), active (R,)) numpy: each slot's last drawn token (after `insert`, its first token,
-        which no `step` reports) and whether the slot goes on (False: a stop id, the budget spent, or free)."""
+        which no `step` reports) and whether the slot goes on (False: a stop id, the budget spent, or free).
+        logprobs=True adds a third value, that token's TokenLogprobs ((R,), (R, K), (R, K))."""
+        if logprobs:
+            token, active, *lp = _replicated_fn((state.token, state.active, state.logprob, state.top_ids,
+                                                 state.top_logprobs))
+            return host_array(token), host_array(active), TokenLogprobs(*(host_array(x) for x in lp))
         token, active = _replicated_fn((state.token, state.active))
         return host_array(token), host_array(active)
+
+    # --------------------------------------------------------------------------------------- scoring
+    def _score_impl(self, params, ids, vision, seg, pos):
+        """Left-padded prompts (R, T) through the model once, without a cache (the training forward, every
+        position's logits): returns (logprob (R, T-1) of ids[:, t+1] given ids[:, :t+1], top_ids (R, T-1, K),
+        top_logprobs (R, T-1, K)), `token_logprobs` of the logits (R, T, V) at positions 0..T-2."""
+        hidden = self._hidden(params, ids, vision, pos, seg, None, None, None)
+        lp = token_logprobs(self._logits(params, hidden[:, :-1]), self.vocab_size)         # (R, T-1, V)
+        nxt = jnp.take_along_axis(lp, ids[:, 1:, None], axis=-1)[..., 0]
+        k = min(TOP_LOGPROBS, lp.shape[-1])
+        top_lp, top_ids = jax.lax.top_k(lp, k)
+        if k < TOP_LOGPROBS:
+            pad = ((0, 0), (0, 0), (0, TOP_LOGPROBS - k))
+            top_lp, top_ids = jnp.pad(top_lp, pad, constant_values=-jnp.inf), jnp.pad(top_ids, pad)
+        return _replicated(nxt), _replicated(top_ids.astype(jnp.int32)), _replicated(top_lp)
+
+    def score(self, prompts: Sequence[Sequence[int]], vision: Optional[Sequence] = None,
+              padded_length: Optional[int] = None) -> list:
+        """Prompt log-probabilities: for each prompt p (P ids), TokenLogprobs of (P-1,), (P-1, K), (P-1, K):
+        entry t is token p[t+1] given p[:t+1] (`token_logprobs`: the model's distribution over decodable
+        ids) and the K most likely ids there. This is the log-likelihood scorer (lm-evaluation-harness's
+        `loglikelihood`: sum the entries of the continuation's tokens) and what the server's `echo` returns.
+        One forward over all positions (logits (R, T, V) float32 are materialised: R * T * V * 4 bytes), the
+        prompts batched left-padded to one bucket (`padded_length`, one compile per bucket and row count;
+        rows padded to whole dp*fsdp shards). Raises ValueError for an empty prompt, PromptTooLongError over
+        max_sequence_length."""
+        if not prompts:
+            return []
+        for p in prompts:
+            self.check_length(len(p), 0)
+        data, sp = mesh_sizes()
+        n = len(prompts)
+        longest = max(len(p) for p in prompts)
+        t = padded_length or self.padded_length(longest)
+        rows = list(prompts) + [prompts[0]] * (-n % data)
+        ids, seg, pos = left_pad(rows, t, self.pad_id)
+        vis = self._vision_rows(None if vision is None else list(vision) + [vision[0]] * (len(rows) - n), rows, t)
+        nxt, top_ids, top_lp = (host_array(x) for x in self._score_jit(self.params, ids, vis, seg, pos))
+        out = []
+        for r, p in enumerate(prompts):                  # row r's real tokens sit at slots [t - len(p), t)
+            a = t - len(p)
+            out.append(TokenLogprobs(nxt[r, a:], top_ids[r, a:], top_lp[r, a:]))
+        return out
 
     # -------------------------------------------------------------------------------- batched generate
     def _vision_rows(self, vision, prompts, t: int):
@@ -574,7 +689,7 @@ class Engine:
         t_first = time.perf_counter()
         take(first, np.arange(len(rows)) < n)
         while not all(f is not None for f in finish):
-            state, toks, emitted = self._step_jit(self.params, state, keep, rule=rule, n_steps=k)
+            state, toks, emitted, _ = self._step_jit(self.params, state, keep, rule=rule, n_steps=k)
             toks, emitted = host_array(toks), host_array(emitted)
             if not emitted.any():
                 break

@@ -4,8 +4,14 @@
     GET  /health                {"status": "ok", "model": ..., "waiting": n, "running": n}
     GET  /v1/models             the one served model
     POST /v1/chat/completions   messages -> answer (stream=true: server-sent events ending with `data: [DONE]`)
-    POST /v1/completions        prompt text (or token ids) -> continuation
+    POST /v1/completions        prompt text (or token ids, or a batch of either) -> continuation
     POST /v1/images/generations vision models: text -> PNG images (b64_json)
+    GET  /tokenizer_info        POST /tokenize, /detokenize: the served tokenizer, in vLLM's shapes (what
+                                lm-evaluation-harness's remote tokenizer reads)
+
+`n` choices are n jobs (choice i with seed s + i); `logprobs` come from the engine's decode state
+(`Engine.step(..., logprobs=True)`), an echoed prompt's from `Engine.score` on the engine thread
+(`Scheduler.call`); they are shaped by `lwm.serve.logprobs`.
 
 Requests are validated at the edge (`lwm.serve.schemas`), turned into token ids by `lwm.serve.model.ServedModel`
 (the chat template is `lwm.text.chat_template`), and queued on the `lwm.serve.scheduler.Scheduler`, whose one thread
@@ -26,9 +32,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from lwm.serve.edge import Edge
-from lwm.serve.errors import APIError, install_handlers, internal_error, sse
+from lwm.serve.errors import APIError, bad_request, install_handlers, internal_error, sse
 from lwm.serve.jobs import Job, Sampling
-from lwm.serve.schemas import ChatCompletionRequest, CompletionRequest, ImageRequest
+from lwm.serve.logprobs import chat_logprobs, completion_logprobs, merge_completion
+from lwm.serve.schemas import ChatCompletionRequest, CompletionRequest, ImageRequest, TokenizeRequest, \
+    DetokenizeRequest
 
 
 def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_key: Optional[str] = None,
@@ -91,13 +99,75 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
             raise APIError(404, f"model {name!r} does not exist; this server serves {served.name!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
 
-    def sampling(req, prompt) -> Sampling:
+    def sampling(req, prompt, seed=None) -> Sampling:
         budget = getattr(req, "max_completion_tokens", None) or req.max_tokens
         served.check_length(len(prompt), budget, "prompt" if isinstance(req, CompletionRequest) else "messages")
         if budget is None:
             budget = min(default_max_tokens, served.max_sequence_length - len(prompt))
-        seed = req.seed if req.seed is not None else next(seeds)
+        if seed is None:
+            seed = req.seed if req.seed is not None else next(seeds)
         return Sampling(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=seed, stop=req.stop or [])
+
+    def check_request(req, n_prompts: int) -> None:
+        """400s of the request as a whole: streaming with what is returned in one body only; more jobs
+        (prompts x n) than --max_queue could ever hold."""
+        try:
+            req.check_stream()
+        except ValueError as e:
+            raise bad_request(str(e), "stream") from None
+        if n_prompts * req.n > sched.max_queue:
+            raise bad_request(f"n={req.n} choices x {n_prompts} prompts = {n_prompts * req.n} generations, more "
+                              f"than this server queues at once (--max_queue={sched.max_queue}); lower n or send "
+                              "fewer prompts per request", "n")
+
+    def choice_seeds(req, n: int) -> list:
+        """Seeds of n choices: the request's folded seed s (or the server's counter), choice i s + i mod 2**32."""
+        base = req.seed if req.seed is not None else next(seeds)
+        return [(base + i) % 2 ** 32 for i in range(n)]
+
+    def submit_all(jobs) -> None:
+        """Queue every job, or none (a 429 cancels those already queued)."""
+        queued = []
+        try:
+            for job in jobs:
+                sched.submit(job)
+                queued.append(job)
+        except APIError:
+            for job in queued:
+                job.cancel()
+            raise
+
+    async def finish_all(request: Request, jobs) -> list:
+        """Wait for queued jobs (a client that leaves cancels them all); their finish reasons."""
+        async def watch():
+            while not all(j.done.is_set() for j in jobs):
+                if await request.is_disconnected():
+                    for j in jobs:
+                        j.cancel()
+                    return
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch())
+        reasons = []
+        try:
+            for job in jobs:
+                reason = None
+                async for kind, value in job.events():
+                    reason = value if kind == "done" else reason
+                reasons.append(reason)
+        except APIError:
+            raise
+        except Exception as e:
+            raise internal_error(e, "generation") from None
+        finally:
+            watcher.cancel()
+            for job in jobs:
+                job.cancel()
+        return reasons
+
+    def usage_of(prompts, jobs) -> dict:
+        n_prompt, n_new = sum(len(p) for p in prompts), sum(len(j.tokens) for j in jobs)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
 
     def ids_of(req, prompt) -> dict:
         if not req.return_token_ids:
@@ -123,6 +193,20 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     async def model(name: str):
         check_model(name)
         return served.card()
+
+    # ---------------------------------------------------------------------------- tokenizer (vLLM's API)
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return served.tokenizer_info()
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        ids = await asyncio.to_thread(served.tokenize, req.prompt, req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.max_sequence_length}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        return {"prompt": await asyncio.to_thread(served.detokenize, req.tokens)}
 
     # ------------------------------------------------------------------------------------- completions
     async def run(request: Request, job: Job, chunk, final, stream: bool, include_usage: bool):
@@ -170,10 +254,25 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
+        check_request(req, 1)
         prompt = await asyncio.to_thread(served.chat_prompt, req.messages)
-        job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop(), req.return_token_ids)
         extra = lambda ids: {"token_ids": list(ids)} if req.return_token_ids else {}
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.n > 1 or req.logprobs:
+            loop, k = asyncio.get_running_loop(), req.top_logprobs or 0
+            jobs = [Job(prompt, sampling(req, prompt, seed), tokenizer, loop, req.return_token_ids,
+                        logprobs=bool(req.logprobs)) for seed in choice_seeds(req, req.n)]
+            submit_all(jobs)
+            reasons = await finish_all(request, jobs)
+            choices = []
+            for i, (job, reason) in enumerate(zip(jobs, reasons)):
+                lp = (await asyncio.to_thread(chat_logprobs, tokenizer, job.tokens, job.token_logprobs, k)
+                      if req.logprobs else None)
+                choices.append({"index": i, "message": {"role": "assistant", "content": job.text},
+                                "finish_reason": reason, "logprobs": lp, **extra(job.tokens)})
+            return {"id": ident, "object": "chat.completion", "created": created, "model": served.name,
+                    "choices": choices, "usage": usage_of([prompt], jobs), **ids_of(req, prompt)}
+        job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop(), req.return_token_ids)
         head = dict(id=ident, object="chat.completion.chunk", created=created, model=served.name)
 
         def chunk(text, ids=()):
@@ -195,12 +294,16 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        prompt = await asyncio.to_thread(served.completion_prompt, req.prompt)   # tokenized off the loop
-        job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop(), req.return_token_ids)
+        batch = req.prompts()
+        check_request(req, len(batch))
         extra = lambda ids: {"token_ids": list(ids)} if req.return_token_ids else {}
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        echo = req.prompt if (req.echo and isinstance(req.prompt, str)) else ""
         head = dict(id=ident, object="text_completion", created=created, model=served.name)
+        if len(batch) > 1 or req.n > 1 or req.logprobs is not None or req.max_tokens == 0:
+            return await completions_batch(req, request, batch, head, extra)
+        prompt = await asyncio.to_thread(served.completion_prompt, req.prompt)   # tokenized off the loop
+        job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop(), req.return_token_ids)
+        echo = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt)) if req.echo else ""
 
         def chunk(text, ids=()):
             text = echo if text is None else text
@@ -217,6 +320,55 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
         return {**head, "choices": [{"index": 0, "text": echo + job.text, "finish_reason": reason,
                                      "logprobs": None, **extra(job.tokens)}], "usage": job.usage(),
                 **ids_of(req, prompt)}
+
+    async def completions_batch(req, request, batch, head, extra):
+        """The one-body answer for a batch of prompts, n choices each, log-probabilities, echo (choice index
+        prompt * n + i, as OpenAI orders them). max_tokens=0: no generation, the echoed prompt is the answer."""
+        prompts = [await asyncio.to_thread(served.completion_prompt, p) for p in batch]
+        loop, k = asyncio.get_running_loop(), req.logprobs or 0
+        want = req.logprobs is not None
+        jobs = []
+        if req.max_tokens != 0:
+            for prompt in prompts:
+                jobs += [Job(prompt, sampling(req, prompt, seed), tokenizer, loop, req.return_token_ids,
+                             logprobs=want) for seed in choice_seeds(req, req.n)]
+        else:
+            for prompt in prompts:
+                served.check_length(len(prompt), 0, "prompt")
+        submit_all(jobs)
+        scored = None
+        if req.echo and want:                       # the prompts' own log-probabilities, between decode steps
+            try:
+                scored = await sched.call(lambda: [served.engine.score([p])[0] for p in prompts])
+            except BaseException:
+                for job in jobs:
+                    job.cancel()
+                raise
+        reasons = await finish_all(request, jobs) if jobs else []
+        choices = []
+        for p, (raw, prompt) in enumerate(zip(batch, prompts)):
+            echo = (raw if isinstance(raw, str) else tokenizer.decode(prompt)) if req.echo else ""
+            echo_lp = None
+            if scored is not None:
+                rows = list(zip(*scored[p]))
+                echo_lp = await asyncio.to_thread(completion_logprobs, tokenizer, prompt, rows, k, 0, True)
+            for i in range(req.n):
+                if not jobs:
+                    choices.append({"index": p * req.n + i, "text": echo, "finish_reason": "length",
+                                    "logprobs": echo_lp})
+                    continue
+                job, reason = jobs[p * req.n + i], reasons[p * req.n + i]
+                lp = None
+                if want:
+                    lp = merge_completion(echo_lp, await asyncio.to_thread(
+                        completion_logprobs, tokenizer, job.tokens, job.token_logprobs, k, len(echo)))
+                choices.append({"index": p * req.n + i, "text": echo + job.text, "finish_reason": reason,
+                                "logprobs": lp, **extra(job.tokens)})
+        out = {**head, "choices": choices, "usage": usage_of(prompts, jobs)}
+        if req.return_token_ids:
+            out["prompt_token_ids"] = [[int(i) for i in p] for p in prompts] if len(prompts) > 1 else \
+                [int(i) for i in prompts[0]]
+        return out
 
     # ------------------------------------------------------------------------------------------ images
     @app.post("/v1/images/generations")

@@ -8,6 +8,10 @@ an incomplete character, and posts the new text to the request's asyncio queue. 
 
 Usage counts: prompt_tokens = len(prompt), completion_tokens = tokens produced, the EOS that ends an answer
 excluded (what `lwm.inference.sampling.Sampler.generate` returns).
+
+A job made with `logprobs=True` also keeps, per token of `tokens`, the engine's log-probability and its
+alternatives (`lwm.inference.engine.TokenLogprobs` rows: logprob, top ids (K,), top log-probabilities (K,)),
+in `token_logprobs`; the scheduler then steps its decode state with `Engine.step(..., logprobs=True)`.
 """
 from __future__ import annotations
 
@@ -65,8 +69,10 @@ class Job:
     """prompt: token ids (list[int]) for a text model, or an `lwm` vision prompt (ids + vision mask) with len()."""
 
     def __init__(self, prompt: Any, sampling: Sampling, tokenizer, loop: Optional[asyncio.AbstractEventLoop],
-                 every_token: bool = False):
+                 every_token: bool = False, logprobs: bool = False):
         self.prompt, self.sampling, self.tokenizer = prompt, sampling, tokenizer
+        self.logprobs = logprobs
+        self.token_logprobs: list = []  # with logprobs: (logprob, top_ids (K,), top_logprobs (K,)) per token
         self.loop = loop
         self.every_token = every_token  # post each token as it comes, even while its text is held back
         self.queue: Optional[asyncio.Queue] = asyncio.Queue() if loop is not None else None
@@ -95,8 +101,9 @@ class Job:
         self.cancelled.set()
 
     # ---------------------------------------------------------------------------------- scheduler thread
-    def feed(self, token: int) -> bool:
-        """One new token; returns True when the job is finished (EOS, a stop string, max_tokens, cancelled)."""
+    def feed(self, token: int, info=None) -> bool:
+        """One new token (info: its (logprob, top ids, top log-probabilities) when the job keeps them);
+        returns True when the job is finished (EOS, a stop string, max_tokens, cancelled)."""
         if self.finished:
             return True
         if self.t_first is None:
@@ -104,6 +111,8 @@ class Job:
         if token == self.tokenizer.eos_id:
             return self.finish("stop")
         self.tokens.append(int(token))
+        if self.logprobs:
+            self.token_logprobs.append(info)
         text = self.tokenizer.decode(self.tokens)
         cut = min((i for i in (text.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -115,15 +124,16 @@ class Job:
         self._post_text(final=False)
         return False
 
-    def feed_many(self, tokens: Sequence[int]) -> bool:
-        """The tokens of one engine call, in order; the same outcome as `feed` one by one (EOS, max_tokens and
-        stop strings end the answer at the same token), with one text decode and one post for them all.
-        Returns True when the job is finished."""
+    def feed_many(self, tokens: Sequence[int], infos: Optional[Sequence] = None) -> bool:
+        """The tokens of one engine call, in order (infos: one `feed` info per token, or None); the same
+        outcome as `feed` one by one (EOS, max_tokens and stop strings end the answer at the same token), with
+        one text decode and one post for them all. Returns True when the job is finished."""
         if self.finished:
             return True
+        infos = [None] * len(tokens) if infos is None else list(infos)
         if self.sampling.stop:             # where a stop string first appears needs the text token by token
-            for token in tokens:
-                if self.feed(token):
+            for token, info in zip(tokens, infos):
+                if self.feed(token, info):
                     return True
             return False
         if not tokens:
@@ -133,7 +143,10 @@ class Job:
         tokens = [int(t) for t in tokens]
         eos = tokens.index(self.tokenizer.eos_id) if self.tokenizer.eos_id in tokens else None
         room = self.sampling.max_tokens - len(self.tokens)
-        self.tokens.extend(tokens[:room if eos is None else min(eos, room)])
+        take = room if eos is None else min(eos, room)
+        self.tokens.extend(tokens[:take])
+        if self.logprobs:
+            self.token_logprobs.extend(infos[:take])
         self.text = self.tokenizer.decode(self.tokens)
         if eos is not None and eos < room:
             return self.finish("stop")

@@ -8,6 +8,7 @@
   check_chars(n_chars, param)  the same refusal from a text's length in characters, before tokenizing it
   check_image_request(req)     vision models: the request's (cond, uncond) prompt ids, or a 400
   generate_images(...)         vision models: text -> (n, R, R, 3) uint8 frames
+  tokenizer_info(), tokenize(text, add_special_tokens), detokenize(ids)   vLLM's tokenizer endpoints
 
 Tokenizing is the caller's thread's work: the app runs `chat_prompt`, `completion_prompt` and
 `check_image_request` in a worker thread (sentencepiece releases the GIL while it encodes), never on the event
@@ -82,6 +83,39 @@ class ServedModel:
                                 f"{self.max_sequence_length} tokens; the {param} has {n_chars} characters, more than "
                                 f"{limit} ({self.max_chars_per_token} per token) could ever fit; shorten the {param}",
                            param=param, code="context_length_exceeded")
+
+    # ---------------------------------------------------------------------------------------- tokenizer
+    SPECIAL = ("<s>", "</s>")          # LLaMA's names of BOS and EOS, read as their ids by `tokenize`
+
+    def tokenizer_info(self) -> dict:
+        """vLLM's GET /tokenizer_info: the special tokens' texts and the context length."""
+        return {"tokenizer_class": type(self.tokenizer).__name__, "bos_token": self.SPECIAL[0],
+                "eos_token": self.SPECIAL[1], "pad_token": None, "model_max_length": self.max_sequence_length,
+                "vocab_size": int(self.tokenizer.vocab_size)}
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """vLLM's POST /tokenize: the ids of `text`, with '<s>' and '</s>' read as BOS and EOS (as Hugging Face
+        tokenizers read their special tokens; `completion_prompt` does not), BOS first when
+        add_special_tokens. Refused by length first (`check_chars`)."""
+        import re
+
+        self.check_chars(len(text), "prompt")
+        tok, ids = self.tokenizer, []
+        special = dict(zip(self.SPECIAL, (self.tokenizer.bos_id, self.tokenizer.eos_id)))
+        for piece in re.split("(" + "|".join(map(re.escape, self.SPECIAL)) + ")", text):
+            if piece in special:
+                ids.append(int(special[piece]))
+            elif piece:
+                ids += [int(i) for i in tok.encode(piece)]
+        return ([int(tok.bos_id)] if add_special_tokens else []) + ids
+
+    def detokenize(self, ids) -> str:
+        """vLLM's POST /detokenize: the text of `ids` (400 for an id outside the vocabulary)."""
+        vocab = self.tokenizer.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise bad_request(f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+        return self.tokenizer.decode(ids)
 
     # ------------------------------------------------------------------------------------------ prompts
     def completion_prompt(self, prompt) -> list[int]:

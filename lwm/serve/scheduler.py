@@ -46,6 +46,19 @@ def _record(job) -> tuple:
     return job.finish_reason, len(job.tokens), ttft, latency
 
 
+def _infos(lp: list, row: int, emitted) -> Optional[list]:
+    """Per token of decode row `row`, (logprob, top ids (K,), top log-probabilities (K,)) from an engine call's
+    optional TokenLogprobs (`lp`: [] when not read, else [TokenLogprobs]); emitted: (n,) bool of a step's row,
+    or None for `Engine.drawn`'s one token."""
+    if not lp:
+        return None
+    x = lp[0]
+    if emitted is None:
+        return [(float(x.logprob[row]), x.top_ids[row], x.top_logprobs[row])]
+    return [(float(a), b, c) for a, b, c in zip(x.logprob[row][emitted], x.top_ids[row][emitted],
+                                                x.top_logprobs[row][emitted])]
+
+
 def _twin(engine):
     """A second engine over the same model and parameters: the slot API keeps per-slot sampling flags for the
     state an engine last initialised, so each decode state gets its own engine (and compiled steps)."""
@@ -324,9 +337,11 @@ class Scheduler:
                 new = [(slot, job) for slot, job in admit if offset <= slot < offset + size and not job.finished]
                 if not new:
                     continue
-                tokens, going = engine.drawn(state)
+                want = any(job.logprobs for _, job in new)   # log-probabilities: read only when asked
+                tokens, going, *lp = engine.drawn(state, logprobs=want)
                 ended = [slot - offset for slot, job in new
-                         if self._took(slot, job, [int(tokens[slot - offset])], bool(going[slot - offset]))]
+                         if self._took(slot, job, [int(tokens[slot - offset])], bool(going[slot - offset]),
+                                       _infos(lp, slot - offset, None))]
                 if ended:
                     pool[2] = engine.free(pool[2], ended)
 
@@ -385,14 +400,15 @@ class Scheduler:
                 with self.cond:
                     self.running[to], self.running[slot] = self.running[slot], None
 
-    def _took(self, slot: int, job, tokens: list, going: bool) -> bool:
-        """Feed `job` (in decode slot `slot`) the tokens its slot drew; going: whether the engine keeps the
-        slot on. A job that ends here (EOS, a stop string, its budget, its client gone) gives up its slot;
+    def _took(self, slot: int, job, tokens: list, going: bool, infos=None) -> bool:
+        """Feed `job` (in decode slot `slot`) the tokens its slot drew (infos: their log-probabilities, when
+        read, `_infos`); going: whether the engine keeps the slot on. A job that ends here (EOS, a stop string,
+        its budget, its client gone) gives up its slot;
         returns True then, and the caller frees the row in the engine's state (`Engine.free`, one call for
         all the rows that ended in a step). A fault in feeding the job (decoding its text) ends this job
         alone, as one logged 500."""
         try:
-            job.feed_many(tokens)
+            job.feed_many(tokens, infos)
         except Exception as e:                          # this job's fault (its text, its stop strings): its own
             print("lwm.serve: one request failed while reading its tokens:", flush=True)
             traceback.print_exception(e)
@@ -447,12 +463,13 @@ class Scheduler:
                     if state is None or all(j is None for j in jobs):
                         continue
                     keep = np.array([j is not None and not j.finished for j in jobs])
-                    pool[2], tokens, emitted = engine.step(state, n_steps=n_steps, keep=keep)
+                    want = any(j is not None and j.logprobs for j in jobs)   # the log-probability step
+                    pool[2], tokens, emitted, *lp = engine.step(state, n_steps=n_steps, keep=keep, logprobs=want)
                     self.batches += 1
                     with posts_batched():                 # one event-loop wake-up per step
                         ended = [row for row, job in enumerate(jobs) if job is not None and self._took(
                             offset + row, job, [int(t) for t in tokens[row][emitted[row]]],
-                            bool(emitted[row].any()) and bool(emitted[row, -1]))]
+                            bool(emitted[row].any()) and bool(emitted[row, -1]), _infos(lp, row, emitted[row]))]
                     if ended:
                         pool[2] = engine.free(pool[2], ended)
             except Exception:

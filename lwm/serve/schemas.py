@@ -12,8 +12,14 @@ Every value is checked here, before any work, and a bad one is refused as one 40
     (Python's JSON reader accepts `NaN` and `Infinity`);
   - `seed` takes OpenAI's int64 range and is folded to the engine's uint32 seeds by `fold_seed`;
   - OpenAI fields this server does not implement (`frequency_penalty`, `presence_penalty`, `logit_bias`,
-    `logprobs`, ...) are accepted at their neutral value (the one that changes nothing) and refused in one
-    line ("not supported") at any other.
+    `best_of`, ...) are accepted at their neutral value (the one that changes nothing) and refused in one
+    line ("not supported") at any other;
+  - log-probabilities and several choices, as OpenAI defines them: `n` (1..MAX_N choices per prompt);
+    completions: `logprobs` (0..MAX_COMPLETION_LOGPROBS alternatives per token), `echo` (the prompt and, with
+    `logprobs`, its log-probabilities), `max_tokens` 0 only with `echo` (scoring alone), `prompt` as one
+    text, one token-id list, or a list of either (a batch); chat: `logprobs` (bool) and `top_logprobs`
+    (0..MAX_CHAT_TOP_LOGPROBS, only with `logprobs: true`). Streaming with log-probabilities, echo scoring or
+    several choices is refused in one line (`check_stream`).
 
 Accepted content of a chat message: a string, or a list of parts
     {"type": "text", "text": "..."}
@@ -35,6 +41,9 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+MAX_N = 16                      # choices per prompt (each its own job: counted against --max_queue)
+MAX_COMPLETION_LOGPROBS = 5     # OpenAI's limit for /v1/completions `logprobs`
+MAX_CHAT_TOP_LOGPROBS = 20      # OpenAI's limit for chat `top_logprobs` (= lwm.inference.engine.TOP_LOGPROBS)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -109,10 +118,8 @@ def _neutral(*accepted, what: str):
 
 
 _NO_PENALTY = _neutral(0, what="it samples without repetition penalties")
-_NO_PENALTY = _neutral(0, what="it samples without repetition penalties")
 Penalty = Annotated[Optional[float], Finite, _NO_PENALTY]
 LogitBias = Annotated[Optional[Dict[str, float]], _neutral({}, what="it does not bias logits")]
-One = Annotated[int, _neutral(1, what="it returns one choice per request")]
 
 
 class MediaURL(BaseModel):
@@ -180,7 +187,8 @@ def _stops(value):
 
 class _Sampling(BaseModel):
     """Fields both completion endpoints share. temperature 0 is greedy (argmax). seed: int64, folded to the
-    engine's uint32 (`fold_seed`). The penalties, logit_bias and n: neutral values only."""
+    engine's uint32 (`fold_seed`). n: choices per prompt (choice i draws with seed (s + i) mod 2**32, s the
+    folded seed). The penalties and logit_bias: neutral values only."""
     model_config = _STRICT
     model: Text
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -190,7 +198,7 @@ class _Sampling(BaseModel):
     seed: Seed = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: One = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     user: Optional[Text] = None
     frequency_penalty: Penalty = None
     presence_penalty: Penalty = None
@@ -202,33 +210,97 @@ class _Sampling(BaseModel):
     def _check_stop(cls, value):
         return _stops(value)
 
+    def check_stream(self) -> None:
+        """ValueError (a 400 naming `stream`) when streaming is asked with what this server returns in one
+        body only: several choices, log-probabilities, echo."""
+        if not self.stream:
+            return
+        logprobs = getattr(self, "logprobs", None)
+        for field, on in (("n", self.n > 1), ("logprobs", logprobs not in (None, False)),
+                          ("max_tokens", self.max_tokens == 0)):
+            if on:
+                raise ValueError(f"stream=true with {field}={_json(getattr(self, field))} is not supported by "
+                                 f"this server (it returns that in one response body); send stream=false")
+
 
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)      # the newer name of max_tokens
-    logprobs: Annotated[Optional[bool], _neutral(False, what="it returns no log-probabilities")] = None
-    top_logprobs: Annotated[Optional[int], _neutral(0, what="it returns no log-probabilities")] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     response_format: Annotated[Optional[Dict[str, Any]],
                                _neutral({"type": "text"}, what="it generates plain text only")] = None
     tools: Annotated[Optional[List[Dict[str, Any]]], _neutral([], what="it does not call tools")] = None
     tool_choice: Annotated[Optional[_either(Text, Dict[str, Any])],
                            _neutral("none", what="it does not call tools")] = None
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError(f"top_logprobs={value} needs logprobs=true (as in OpenAI's API)")
+        return value
+
+
+def _prompt_kind(value):
+    """The branch of a completion prompt by its JSON shape: one text, one id list, or a batch of either."""
+    if isinstance(value, str):
+        return "as-string"
+    if isinstance(value, list) and value and isinstance(value[0], (list, str)):
+        return "as-batch-of-texts" if isinstance(value[0], str) else "as-batch-of-ids"
+    return "as-ids"
+
+
+CompletionPrompt = Annotated[Union[Annotated[Text, Tag("as-string")], Annotated[List[int], Tag("as-ids")],
+                                   Annotated[List[Text], Tag("as-batch-of-texts")],
+                                   Annotated[List[List[int]], Tag("as-batch-of-ids")]],
+                             Discriminator(_prompt_kind)]
+
 
 class CompletionRequest(_Sampling):
-    prompt: _either(Text, List[int])
-    max_tokens: Optional[int] = Field(16, ge=1)                   # OpenAI's default for /v1/completions
-    echo: bool = False
+    prompt: CompletionPrompt
+    max_tokens: Optional[int] = Field(16, ge=0)                   # OpenAI's default; 0 with echo: scoring only
+    echo: bool = Field(False, validate_default=True)
     best_of: Annotated[Optional[int], _neutral(1, what="it draws one answer per request")] = None
-    logprobs: Annotated[Optional[int], _neutral(0, what="it returns no log-probabilities")] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: Annotated[Optional[Text], _neutral("", what="it does not fill in the middle")] = None
 
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, value):
         if isinstance(value, list) and not value:
+            raise ValueError("a prompt list needs at least one token id (or one prompt)")
+        if isinstance(value, list) and isinstance(value[0], list) and any(not p for p in value):
             raise ValueError("a token-id prompt needs at least one id")
         return value
+
+    @field_validator("echo")
+    @classmethod
+    def _zero_needs_echo(cls, value, info):
+        if info.data.get("max_tokens") == 0 and not value:
+            raise ValueError("max_tokens=0 (scoring the prompt alone) needs echo=true")
+        return value
+
+    def prompts(self) -> list:
+        """The prompt as a batch: a list of texts or of token-id lists."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body (text only): ids of `prompt`; add_special_tokens prepends BOS."""
+    model_config = _STRICT
+    prompt: Text
+    model: Optional[Text] = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize body: the text of `tokens`."""
+    model_config = _STRICT
+    tokens: List[int]
+    model: Optional[Text] = None
 
 
 class ImageRequest(BaseModel):
