@@ -188,3 +188,30 @@ def test_tokenizer_endpoints_are_the_served_tokenizer(server):
     with urllib.request.urlopen(server["url"] + "/tokenizer_info", timeout=30) as r:
         info = json.loads(r.read())
     assert info["eos_token"] == "</s>" and info["model_max_length"] == 256
+
+
+def test_score_under_a_ring_mesh_equals_one_device(text_engine):
+    """`Engine.score` with ring attention over fsdp=2 x sp=4 (rows padded to whole shards, the sequence split
+    over sp) equals the one-device scores; control: another prompt's scores differ."""
+    import jax
+
+    from lwm.inference.engine import Engine
+    from lwm.model.llama import LLaMAForCausalLM
+    from lwm.parallel.sharding import make_mesh, match_partition_rules, named_shardings
+
+    engine, tok = text_engine["engine"], text_engine["tok"]
+    prompts = [[tok.bos_id] + tok.encode("the cat sat on the mat"), [tok.bos_id] + tok.encode("a bird")]
+    ref = engine.score(prompts)
+    cfg = text_engine["cfg"].replace(attention_impl="ring")
+    mesh = make_mesh("1,2,1,4")
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(text_engine["params"],
+                                named_shardings(match_partition_rules(text_engine["params"], cfg), mesh))
+        ring = Engine(LLaMAForCausalLM(cfg), placed, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                      vocab_size=tok.vocab_size)
+        got = ring.score(prompts)
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(b.logprob, a.logprob, atol=1e-5)
+        np.testing.assert_array_equal(b.top_ids[:, :3], a.top_ids[:, :3])
+    n = len(ref[1].logprob)
+    assert not np.allclose(got[0].logprob[:n], ref[1].logprob, atol=1e-5)
