@@ -1,14 +1,14 @@
-"""Context parallelism over the mesh's `sp` axis: one entry point, three strategies, three layouts.
+"""Context parallelism over the mesh's `sp` axis: one entry point, four strategies, three layouts.
 
     out = context_parallel_attention(q, k, v, seg, strategy="ring", load_balance="zigzag")   # under jax.set_mesh
 
-| strategy     | what moves                                   | per-device K/V memory  | module        |
-|--------------|----------------------------------------------|------------------------|---------------|
-| "ring"       | K/V blocks hop around the ring (sp-1 steps)  | 2 blocks of T/sp       | ring.py       |
-| "all_gather" | K/V all-gathered once; dK/dV reduce-scattered| the whole T            | all_gather.py |
-| "ulysses"    | q/k/v/out all-to-all: sequence <-> heads     | T for N/sp heads       | ulysses.py    |
-| "ulysses_ring" | all-to-all inside groups of u devices, then | 2 blocks of T/(sp/u)   | ulysses.py    |
-|              | the ring across the sp/u groups              | for N/u heads          | + ring.py     |
+| strategy       | what moves                                     | per-device K/V memory       | module        |
+|----------------|------------------------------------------------|-----------------------------|---------------|
+| "ring"         | K/V blocks hop around the ring (sp-1 steps)    | 2 blocks of T/sp            | ring.py       |
+| "all_gather"   | K/V all-gathered once; dK/dV reduce-scattered  | the whole T                 | all_gather.py |
+| "ulysses"      | q/k/v/out all-to-all: sequence <-> heads       | T for N/sp heads            | ulysses.py    |
+| "ulysses_ring" | all-to-all inside groups of u = ulysses_size   | 2 blocks of T/(sp/u) tokens | ulysses.py,   |
+|                | devices, the ring across the sp/u groups       | for N/u heads               | ring.py       |
 
 `load_balance` ('none', 'zigzag', 'striped') names the layout the global arrays are in
 (`lwm.attention.layout`; the model applies it once where a batch enters, `lwm.model.llama`). The kernel inside

@@ -86,6 +86,8 @@ def ulysses_ring_local(cfg: RingConfig, q, k, v, seg):
     cfg.load_balance of sp devices. Gradients: the ring's custom_vjp inside, autodiff of the all-to-alls
     (their transposes) and of the kv repeat (a sum over the copies) outside."""
     u = cfg.ulysses_size
+    if u == 1:  # groups of one device: the plain ring
+        return ring_local(cfg, q, k, v, seg)
     groups = _groups(cfg, u)
     k, v = _repeat_kv(q, k, v, u)
     balance = cfg.load_balance

@@ -46,7 +46,8 @@ def two_level(data, sp, u, balance, tp=1, **kw):
 
 CASES = [(4, 2, "zigzag"), (8, 4, "striped"),
          pytest.param(4, 2, "striped", marks=pytest.mark.slow), pytest.param(8, 2, "zigzag", marks=pytest.mark.slow),
-         pytest.param(8, 4, "zigzag", marks=pytest.mark.slow), pytest.param(4, 4, "none", marks=pytest.mark.slow)]
+         pytest.param(8, 4, "zigzag", marks=pytest.mark.slow), pytest.param(4, 4, "none", marks=pytest.mark.slow),
+         pytest.param(4, 1, "striped", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("sp,u,balance", CASES)
