@@ -19,6 +19,7 @@ from typing import Optional
 from ml_collections import ConfigDict
 
 from lwm.cli.command import cli, parse, require
+from lwm.cli.values import FlagError
 
 
 def get_default_config() -> ConfigDict:
@@ -38,6 +39,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     config = parse(sys.argv[1:] if argv is None else argv, get_default_config())
     require(config, "plan", why="a YAML or JSON plan of stages")
+    if not os.path.isfile(config.plan):
+        raise FlagError(f"--plan={config.plan}: no such file")
     plan = extension.load_plan(config.plan, config.data_dir)
     workdir = config.workdir or os.path.join("outputs", "extend", plan.name)
     print(f"extend: plan {plan.path} ({len(plan.stages)} stages: "

@@ -138,6 +138,7 @@ def load_plan(path: str, data_dir: str = "") -> Plan:
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise fail("", "stages", "required: a non-empty list of stages")
+    _check_shared_gates(shared_gates, stages_raw, fail, resolve)
     stages, names = [], set()
     for i, s in enumerate(stages_raw):
         stage = _stage(i, s, fail, shared_train, shared_data, shared_gates, resolve)
@@ -150,6 +151,22 @@ def load_plan(path: str, data_dir: str = "") -> Plan:
     for i, stage in enumerate(plan.stages):          # every flag through lwm.train's own parser and checks
         stage_config(plan, i, "/nonexistent-workdir", check_only=True)
     return plan
+
+
+def _check_shared_gates(shared: dict, stages_raw: list, fail, resolve) -> None:
+    """The plan-level `gates:` on their own, so that an error there names no stage (lengths are bounded by the
+    longest stage; a threshold left to the stages is checked with them)."""
+    seqs = [s.get("seq_length") for s in stages_raw if isinstance(s, dict)]
+    longest = max([n for n in seqs if isinstance(n, int) and not isinstance(n, bool)] or [2 ** 62])
+    for gate, settings in shared.items():
+        if gate not in GATES:
+            raise fail("", f"gates.{gate}", f"unknown gate; known: {', '.join(GATES)}")
+        merged = {**_GATE_DEFAULTS[gate], **_mapping(settings or {}, fail, "", f"gates.{gate}")}
+        bad = sorted(set(merged) - set(_GATE_DEFAULTS[gate]))
+        if bad:
+            raise fail("", f"gates.{gate}.{bad[0]}", f"unknown; known: {', '.join(_GATE_DEFAULTS[gate])}")
+        if merged[_THRESHOLD[gate]] is not None:
+            _gate(gate, merged, longest, fail, "", resolve)
 
 
 def _mapping(value, fail, where, field) -> dict:

@@ -145,8 +145,9 @@ BAD = [
     (lambda p: p["stages"][0].update(rope={"thetaa": 1.0}), "stage 0 (1k): field rope: "),
     (lambda p: p["stages"][0].update(stepz=3), "stage 0 (1k): field stepz: unknown"),
     (lambda p: p["stages"][1].update(warmup_steps=2), "stage 1 (4k): field warmup_steps: 2 must be below steps=2"),
-    (lambda p: p["gates"]["needle"].update(min_accuracy=1.5), "stage 0 (1k): field gates.needle.min_accuracy:"),
-    (lambda p: p["gates"]["suite"].update(tasks=["nope"]), "stage 0 (1k): field gates.suite.tasks: unknown"),
+    (lambda p: p["gates"]["needle"].update(min_accuracy=1.5), "tiny.yaml: field gates.needle.min_accuracy:"),
+    (lambda p: p["gates"]["suite"].update(tasks=["nope"]), "tiny.yaml: field gates.suite.tasks: unknown"),
+    (lambda p: p["stages"][2].update(gates={"suite": {"min_score": 101}}), "stage 2 (16k): field gates.suite.min_score:"),
     (lambda p: p["stages"][2].update(train={"total_steps": 9}), "stage 2 (16k): field train.total_steps: set by"),
     (lambda p: p["stages"][0].update(train={"optimizer.adamw_optimizer.b1": 2.0}), "stage 0 (1k): field train: "),
     (lambda p: p["data"].update({"json_dataset.path": "missing.jsonl"}), "field data.json_dataset.path: "),
@@ -162,7 +163,7 @@ def test_every_plan_field_is_checked_before_anything_runs(data, tmp_path, edit, 
     load_plan(PLAN, data)                                   # control: the plan as shipped is accepted
     plan = yaml.safe_load(open(PLAN))
     edit(plan)
-    path = tmp_path / "bad.yaml"
+    path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(plan))
     with pytest.raises(PlanError) as e:
         load_plan(str(path), data)
@@ -182,6 +183,8 @@ def test_a_bad_plan_is_one_line_and_exit_2(data, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"lwm.extend: error: plan {path}: stage 0 (1k): field lr: 'fast' is not a number"]
     assert not (tmp_path / "w").exists()                    # nothing ran
+    assert extend.cli("lwm.extend", extend.main, extend.get_default_config, "", [f"--plan={tmp_path / 'no.yaml'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"lwm.extend: error: --plan={tmp_path / 'no.yaml'}: no such file"
 
 
 def test_the_paper_plan_passes_every_check_but_its_files(data, tmp_path):
