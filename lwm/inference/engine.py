@@ -384,10 +384,10 @@ class Engine:
         return Prefix(cache=cache, logits=logits, length=t, position=len(prompt))
 
     def _insert_impl(self, state: DecodeState, cache, logits, slots, length, position, budget, temperature,
-                     top_k, top_p, seeds, *, rule):
+                     top_k, top_p, seeds, drawn, *, rule):
         """Prefix rows r with slots[r] >= 0 written into those decode slots (rows with slot -1 are left out),
-        and their first tokens drawn. cache: k, v (L, P, K, T, H), segment_ids (P, T); logits (P, V); the
-        rest (P,). One dynamic_update_slice per row (unrolled: P is a ladder size), in place on the donated
+        and their first tokens drawn, as draw number drawn[r] (0 for a new prompt). cache: k, v (L, P, K, T,
+        H), segment_ids (P, T); logits (P, V); the rest (P,). One dynamic_update_slice per row (unrolled: P is a ladder size), in place on the donated
         state."""
         n_rows, s_len = state.index.shape[0], state.cache["segment_ids"].shape[1]
         valid = slots >= 0
@@ -404,8 +404,8 @@ class Engine:
                 big = jax.lax.dynamic_update_slice(big, jnp.where(valid[r], row, old), start)
             new_cache[name] = big
         keys = jax.vmap(jax.random.PRNGKey)(seeds)
-        tok, steps, active = self._draw(logits, keys, jnp.zeros(slots.shape, jnp.int32), valid & (budget > 0),
-                                        budget, temperature, top_k, top_p, state.stop_ids, rule)
+        tok, steps, active = self._draw(logits, keys, drawn, valid & (budget > drawn), budget, temperature, top_k,
+                                        top_p, state.stop_ids, rule)
         lp, top_ids, top_lp = self._logprobs(logits, tok)
         at = jnp.where(valid, slots, n_rows)                 # out of range: dropped
         put = lambda arr, values: arr.at[at].set(values.astype(arr.dtype), mode="drop")
@@ -419,10 +419,16 @@ class Engine:
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: Union[int, Sequence[int]], *,
                max_new_tokens: Union[int, Sequence[int]], sampling: Union[SamplingConfig, Sequence[SamplingConfig]] =
-               SamplingConfig(), seed: Union[int, Sequence[int]] = 0) -> DecodeState:
+               SamplingConfig(), seed: Union[int, Sequence[int]] = 0,
+               drawn: Union[int, Sequence[int]] = 0) -> DecodeState:
         """Put prefilled prompts into decode slots (whatever they held is dropped) and draw each one's first
         token from its prefix logits (with its sampling settings and seed, as a step draws the next ones): read
         them with `drawn(state)` before the next `step`, which writes them to the cache and draws the second.
+
+        drawn: tokens a row already drew before (one for all rows, or one per row; default 0): the row
+        continues a generation whose state was lost, its prompt ending with those tokens. Its next draw is draw
+        number `drawn` (the same key fold_in(key, drawn) the lost state would have used, so the continuation
+        equals the uninterrupted run) and max_new_tokens still counts the whole generation.
 
         slot: an int (the prefix's first row goes there; `prefill` gives one row per data shard, all the same
         prompt), or one slot per prefix row (P of them; -1 leaves a row out), so a batched prefill
@@ -444,17 +450,19 @@ class Engine:
             raise ValueError(f"slots {used}: a slot may take one prefix row only")
         per_row = lambda v: [v] * p if np.isscalar(v) or isinstance(v, SamplingConfig) else list(v)
         budgets, samplings, seeds = per_row(max_new_tokens), per_row(sampling), per_row(seed)
-        positions = per_row(prefix.position)
-        if not len(budgets) == len(samplings) == len(seeds) == len(positions) == p:
-            raise ValueError(f"max_new_tokens, sampling, seed and prefix.position: give one, or one per prefix "
-                             f"row ({p})")
+        positions, done = per_row(prefix.position), per_row(drawn)
+        if not len(budgets) == len(samplings) == len(seeds) == len(positions) == len(done) == p:
+            raise ValueError(f"max_new_tokens, sampling, seed, drawn and prefix.position: give one, or one per "
+                             f"prefix row ({p})")
         for r, x in enumerate(slots):
             if x < 0:
                 continue
-            if prefix.length + budgets[r] > s:
-                raise ValueError(f"a prefix of {prefix.length} slots + max_new_tokens={budgets[r]} does not fit "
-                                 f"the state's cache_length={s}")
-            self.check_length(positions[r], budgets[r])
+            if not 0 <= done[r] <= budgets[r]:
+                raise ValueError(f"drawn={done[r]} must be in [0, max_new_tokens={budgets[r]}]")
+            if prefix.length + budgets[r] - done[r] > s:
+                raise ValueError(f"a prefix of {prefix.length} slots + max_new_tokens={budgets[r] - done[r]} does "
+                                 f"not fit the state's cache_length={s}")
+            self.check_length(positions[r], budgets[r] - done[r])
         for r, x in enumerate(slots):                      # only once every row passed the checks
             if x >= 0:
                 self._slot_filters[x] = self._uses_filters([samplings[r]])
@@ -465,7 +473,7 @@ class Engine:
                                 np.asarray([x.temperature for x in samplings], f32),
                                 np.asarray([x.top_k for x in samplings], i32),
                                 np.asarray([x.top_p for x in samplings], f32), np.asarray(seeds, np.uint32),
-                                rule=_FILTERED if filters else _GREEDY_OR_PLAIN)
+                                np.asarray(done, i32), rule=_FILTERED if filters else _GREEDY_OR_PLAIN)
 
     def step(self, state: DecodeState, n_steps: int = 1, rule: Optional[TokenRule] = None,
              keep: Optional[np.ndarray] = None, logprobs: bool = False):

@@ -87,6 +87,10 @@ class Job:
         self.t_submit = time.perf_counter()
         self.t_first: Optional[float] = None
         self.t_done: Optional[float] = None
+        # Scheduler's fault recovery: decode faults this job has been part of since its last good step, and
+        # whether it was resumed after one and has not yet completed a step (then it is admitted alone).
+        self.faults = 0
+        self.suspect = False
 
     @property
     def prompt_tokens(self) -> int:

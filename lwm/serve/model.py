@@ -277,12 +277,22 @@ class ServedModel:
         s = job.sampling
         return SamplingConfig(temperature=s.temperature, top_k=0, top_p=s.top_p)
 
+    @classmethod
+    def _prefill_input(cls, job):
+        """(ids, vision mask or None) to prefill for `job`: its prompt, followed by the tokens it has drawn
+        when it is resumed after a lost decode state (Scheduler: `job.tokens` non-empty at admission)."""
+        ids, vision = cls._split(job.prompt)
+        if job.tokens:
+            ids = ids + [int(t) for t in job.tokens]
+            vision = None if vision is None else vision + [False] * len(job.tokens)
+        return ids, vision
+
     def prefill_key(self, engine, job) -> tuple:
         """Jobs with equal keys can share one batched prefill: (padded length T, whether a vision mask)."""
-        ids, vision = self._split(job.prompt)
+        ids, vision = self._prefill_input(job)
         _, sp = engine.mesh_sizes()
         t = engine.padded_length(len(ids))
-        if t + job.sampling.max_tokens > self.cache_length:   # the bucket would not leave room: pad to sp only
+        if t + job.sampling.max_tokens - len(job.tokens) > self.cache_length:   # no room left: pad to sp only
             t = sp * math.ceil(len(ids) / sp)
         return t, vision is not None
 
@@ -292,11 +302,13 @@ class ServedModel:
         engine over the same model and parameters, so that one compiled prefill serves every decode state) and
         put job i into decode slot slots[i] of `engine`'s `state` with one `Engine.insert` (continuous
         batching). Each row is padded to the same length as a lone prefill of it, so a row's numbers do not
-        depend on its neighbours'. Returns the state."""
+        depend on its neighbours'. A job that already drew tokens (resumed after a lost decode state) prefills
+        its prompt and those tokens and goes on at its next draw (`Engine.insert(drawn=...)`). Returns the
+        state."""
         from lwm.inference.engine import Prefix
 
         t, has_vision = self.prefill_key(engine, jobs[0])
-        split = [self._split(job.prompt) for job in jobs]
+        split = [self._prefill_input(job) for job in jobs]
         split += [split[0]] * (rows - len(jobs))
         logits, cache = (prefill_engine or engine).prefill_batch([ids for ids, _ in split], t, t,
                                              [v for _, v in split] if has_vision else None)
@@ -305,5 +317,6 @@ class ServedModel:
                               state, list(slots) + [-1] * pad,
                               max_new_tokens=[j.sampling.max_tokens for j in jobs] + [1] * pad,
                               sampling=[self._sampling(j) for j in jobs] + [self._sampling(jobs[0])] * pad,
-                              seed=[j.sampling.seed or 0 for j in jobs] + [0] * pad)
+                              seed=[j.sampling.seed or 0 for j in jobs] + [0] * pad,
+                              drawn=[len(j.tokens) for j in jobs] + [0] * pad)
         return state

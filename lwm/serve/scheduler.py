@@ -18,8 +18,11 @@ arrivals of a burst wait up to batch_wait_s for the rest (`_gather`); `warmup_pr
 serving shapes of those prompt lengths before `start()` returns (`_warmup`).
 Faults stay per request where they can be told apart: a batched prefill that fails is retried job by job
 (`_insert`), so only the job that fails alone gets the error; a fault in feeding one job its tokens ends that
-job alone (`_took`). Only a fault in a decode step itself (which serves every row at once) fails the jobs
-decoding, each with one 500 whose message holds no internals (the traceback goes to the server's log).
+job alone (`_took`). A fault in a decode step itself (which serves every row at once, and may consume its
+donated state) drops the decode states and resumes every running job from the tokens it has (`_recover`:
+prefilled again, it goes on at its next draw, so its tokens equal an uninterrupted run's); a resumed job runs
+alone until it makes a step, and a job that a fault follows (more than fault_retries in a row) ends alone with
+one 500 whose message holds no internals (the traceback goes to the server's log).
 """
 from __future__ import annotations
 
@@ -68,10 +71,13 @@ def _twin(engine):
 
 class Scheduler:
     def __init__(self, served, *, max_batch_size: int = 8, max_queue: int = 64, mesh=None,
-                 steps_per_call: int = 16, warmup_prompt_lengths: Sequence[int] = (), batch_wait_s: float = 0.02):
-        if max_batch_size < 1 or max_queue < 0 or steps_per_call < 1 or batch_wait_s < 0:
+                 steps_per_call: int = 16, warmup_prompt_lengths: Sequence[int] = (), batch_wait_s: float = 0.02,
+                 fault_retries: int = 1):
+        if max_batch_size < 1 or max_queue < 0 or steps_per_call < 1 or batch_wait_s < 0 or fault_retries < 0:
             raise ValueError(f"max_batch_size={max_batch_size} and steps_per_call={steps_per_call} (--decode_steps_per_"
-                             f"call) must be >= 1, max_queue={max_queue} and batch_wait_s={batch_wait_s} >= 0")
+                             f"call) must be >= 1, max_queue={max_queue}, batch_wait_s={batch_wait_s} and "
+                             f"fault_retries={fault_retries} >= 0")
+        self.fault_retries = int(fault_retries)   # decode faults in a row a job is resumed after (_recover)
         for n in warmup_prompt_lengths:
             if int(n) < 1 or int(n) + 1 > served.max_sequence_length:
                 raise ValueError(f"--warmup_prompt_lengths: {n} is not a prompt length this model can serve (1 to "
@@ -439,10 +445,14 @@ class Scheduler:
                     call = self.waiting.popleft()
                 active = sum(j is not None for j in self.running)
                 jobs = []
-                held = self._hold(time.perf_counter())
+                held = self._hold(time.perf_counter()) or any(j is not None and j.suspect for j in self.running)
                 while (call is None and not held and self.waiting and not isinstance(self.waiting[0], tuple)
                        and active + len(jobs) < self.max_batch_size):
+                    if self.waiting[0].suspect and jobs:
+                        break                             # a job resumed after a fault is admitted alone
                     jobs.append(self.waiting.popleft())
+                    if jobs[-1].suspect:
+                        break
                 if jobs:
                     demand = self._demand(time.perf_counter(), active + len(jobs))
                     for slot, job in zip(self._targets(pools, len(jobs), demand), jobs):
@@ -466,21 +476,49 @@ class Scheduler:
                     want = any(j is not None and j.logprobs for j in jobs)   # the log-probability step
                     pool[2], tokens, emitted, *lp = engine.step(state, n_steps=n_steps, keep=keep, logprobs=want)
                     self.batches += 1
+                    for job in jobs:                      # a step went through: a resumed job is cleared
+                        if job is not None and job.suspect:
+                            job.suspect, job.faults = False, 0
                     with posts_batched():                 # one event-loop wake-up per step
                         ended = [row for row, job in enumerate(jobs) if job is not None and self._took(
                             offset + row, job, [int(t) for t in tokens[row][emitted[row]]],
                             bool(emitted[row].any()) and bool(emitted[row, -1]), _infos(lp, row, emitted[row]))]
                     if ended:
                         pool[2] = engine.free(pool[2], ended)
-            except Exception:
-                traceback.print_exc()
-                for slot, job in enumerate(self.running):
-                    if job is not None:
-                        job.finish("error", APIError(500, "the server failed while decoding (logged on the "
-                                                          "server)", code="internal_error"))
-                        self._release(slot)
-                for pool in pools:
-                    pool[2] = None
+            except Exception as e:
+                self._recover(pools, e)
+
+    def _recover(self, pools, error: BaseException) -> None:
+        """After a fault in a decode step or a compiled insert (either may have consumed its donated decode
+        state), every decode state is dropped and each running job is resumed: put back at the front of the
+        queue with the tokens it has, it is prefilled again with them (`ServedModel.insert_many`: recompute,
+        as vLLM's preemption by recomputation) and goes on at its next draw, so its tokens equal an
+        uninterrupted run's. A resumed job is admitted alone, with nothing else admitted until it has made a
+        step (`suspect`); one that is part of more than `fault_retries` faults in a row (a fault that follows
+        it) ends alone with one logged 500, and its neighbours, resumed again, are served."""
+        print(f"lwm.serve: a decode call failed; resuming the {sum(j is not None for j in self.running)} running "
+              f"requests from their tokens:", flush=True)
+        traceback.print_exception(error)
+        resumed = []
+        for slot, job in enumerate(self.running):
+            if job is None:
+                continue
+            job.faults += 1
+            if job.finished:
+                self._release(slot)
+            elif job.faults > self.fault_retries:
+                job.finish("error", APIError(500, "the server failed while decoding this request (logged on the "
+                                                  "server)", code="internal_error"))
+                self._release(slot)
+            else:
+                job.suspect = True
+                resumed.append(job)
+                with self.cond:
+                    self.running[slot] = None
+        for pool in pools:
+            pool[2] = None
+        with self.cond:
+            self.waiting.extendleft(reversed(resumed))
 
     def _release(self, slot: int) -> None:
         with self.cond:

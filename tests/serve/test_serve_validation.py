@@ -357,3 +357,95 @@ def test_max_chars_per_token_flag_reaches_the_served_model(monkeypatch, tmp_path
     config.max_chars_per_token = 0
     with pytest.raises(ValueError, match=r"^--max_chars_per_token=0: must be >= 1$"):
         check_flags(config)
+
+
+def _decode_run(served, jobs, **kwargs):
+    from lwm.serve.scheduler import Scheduler
+
+    sched = Scheduler(served, max_batch_size=4, batch_wait_s=0, steps_per_call=2, **kwargs)
+    for job in jobs:
+        sched.submit(job)
+    sched.start()
+    try:
+        assert all(job.done.wait(180) for job in jobs)
+    finally:
+        sched.stop()
+    return sched
+
+
+def test_a_decode_step_fault_resumes_the_jobs_and_one_that_it_follows_fails_alone(text_engine, monkeypatch):
+    """Three jobs decoding together (greedy, and two sampled with seeds). (1) One decode step fails after
+    consuming its donated state: every job is resumed from its tokens and ends with exactly the tokens of a run
+    without the fault. (2) Steps fail whenever one 'poison' job is active in them: it ends alone with a 500 that
+    names no internals, and the other two end with their fault-free tokens. Control: with fault_retries=0 (no
+    resumption, the old behaviour) the same single fault fails every job."""
+    from lwm.serve.errors import APIError
+    from lwm.serve.jobs import Job, Sampling
+    from lwm.serve.model import ServedModel
+
+    tok, engine = text_engine["tok"], text_engine["engine"]
+    served = ServedModel(engine, tok, "tiny")
+    prompts = [[tok.bos_id] + list(range(10, 17)), [tok.bos_id] + list(range(30, 37)),
+               [tok.bos_id] + list(range(50, 57))]
+    samplings = [Sampling(max_tokens=12, temperature=0.0), Sampling(max_tokens=12, temperature=1.0, seed=5),
+                 Sampling(max_tokens=12, temperature=0.8, top_p=0.9, seed=7)]
+
+    def jobs():
+        return [Job(p, s, tok, None) for p, s in zip(prompts, samplings)]
+
+    clean = jobs()
+    _decode_run(served, clean)
+    want = [list(j.tokens) for j in clean]
+    assert all(j.error is None and len(j.tokens) >= 3 for j in clean), [j.error for j in clean]
+
+    from lwm.inference.engine import Engine
+
+    real_step = Engine.step
+    calls = {"n": 0}
+
+    def step_fails_once(self, state, *a, **kw):
+        calls["n"] += 1
+        out = real_step(self, state, *a, **kw)          # the state is consumed (donated) ...
+        if calls["n"] == 2:
+            raise RuntimeError("XLA runtime fault (internal detail)")      # ... and then the call fails
+        return out
+
+    monkeypatch.setattr(Engine, "step", step_fails_once)
+    once = jobs()
+    _decode_run(served, once)
+    assert calls["n"] > 2
+    assert [j.error for j in once] == [None] * 3 and [list(j.tokens) for j in once] == want
+
+    calls["n"] = 0
+    control = jobs()
+    _decode_run(served, control, fault_retries=0)
+    assert all(j.finish_reason == "error" and j.error.status == 500 for j in control)
+
+    poison_prompt = [tok.bos_id] + list(range(70, 77))
+    state_jobs = {}
+
+    def step_fails_with_poison(self, state, *a, **kw):
+        out = real_step(self, state, *a, **kw)
+        if any(j is not None and j.prompt == poison_prompt and not j.finished for j in state_jobs["sched"].running):
+            raise RuntimeError("poisoned row (internal detail)")
+        return out
+
+    from lwm.serve.scheduler import Scheduler
+
+    monkeypatch.setattr(Engine, "step", step_fails_with_poison)
+    mixed = jobs()
+    poison = Job(poison_prompt, Sampling(max_tokens=12, temperature=0.0), tok, None)
+    mixed.insert(1, poison)
+    sched = Scheduler(served, max_batch_size=4, batch_wait_s=0, steps_per_call=2)
+    state_jobs["sched"] = sched
+    for job in mixed:
+        sched.submit(job)
+    sched.start()
+    try:
+        assert all(job.done.wait(180) for job in mixed)
+    finally:
+        sched.stop()
+    assert poison.finish_reason == "error" and isinstance(poison.error, APIError) and poison.error.status == 500
+    assert "internal detail" not in poison.error.message
+    others = [j for j in mixed if j is not poison]
+    assert [j.error for j in others] == [None] * 3 and [list(j.tokens) for j in others] == want
