@@ -1,7 +1,8 @@
 """`python -m lwm.extend` (lwm/tools/extension.py) on the tiny plan, docs/plans/tiny_cpu.yaml (1K -> 4K -> 16K, the
 tiny preset, a few steps a stage), as subprocesses on one simulated CPU device:
-  - a real SIGKILL between stages 1k and 4k, then a rerun: stage 1k is neither trained nor measured again, and
-    every stage passes its gates (this run is also the control of the failing gate: same plan, loose threshold);
+  - a real SIGKILL between stages 1k and 4k, a rerun SIGKILLed inside 4k after its first checkpoint, then a rerun
+    to the end: 1k is neither trained nor measured again, 4k continues through lwm.train's autoresume, and every
+    stage passes its gates (this run is also the control of the failing gate: same plan, loose threshold);
   - a failing gate (stage 4k's held-out loss must fall by 5 nats) stops the run after 4k with the gate, value
     and threshold named, and 16k never starts;
   - every plan field is checked before anything runs: one line naming the file, the stage and the field.
@@ -91,10 +92,39 @@ def killed(data, tmp_path_factory):
 
 
 @pytest.mark.slow
+def _kill_after_checkpoint(cmd, folder, step, timeout=600):
+    """Start cmd; SIGKILL it as soon as `folder` holds a complete checkpoint of `step` (lwm.checkpoint.manager)."""
+    from lwm.checkpoint.manager import latest
+
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            found = latest(folder) if os.path.isdir(folder) else None
+            if found and found.endswith(f"step_{step:08d}"):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"exited {proc.returncode} before the kill: {proc.stdout.read()[-3000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0]
+    return out
+
+
 def test_kill_between_stages_resumes_without_rerunning_the_finished_stage(killed, data):
+    """After the kill between 1k and 4k: a rerun killed again inside 4k (right after its step-1 checkpoint, of
+    two steps), then a rerun to the end. 1k is neither trained nor measured again; 4k continues from its step-1
+    checkpoint through lwm.train's autoresume (it logs step 0 once and step 1 once, where a restart from 1k's
+    checkpoint would log step 0 twice)."""
     work, _ = killed
     before = _tree(os.path.join(work, "stages", "1k"))
     needle_1k = os.stat(os.path.join(work, "gates", "1k", "needle.json")).st_mtime_ns
+    out = _kill_after_checkpoint(_cmd(PLAN, data, work), os.path.join(work, "stages", "4k"), 1)
+    assert "stage 0 (1k): trained earlier" in out and "stage 1 (4k): training" in out, out[-3000:]
+    assert not os.path.exists(os.path.join(work, "stages", "4k", "step_00000002"))   # killed inside the stage
+    assert "checkpoint" not in _state(work)["stages"]["4k"]
     proc = subprocess.run(_cmd(PLAN, data, work), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "stage 0 (1k): trained earlier" in proc.stdout
@@ -111,7 +141,7 @@ def test_kill_between_stages_resumes_without_rerunning_the_finished_stage(killed
     state = _state(work)["stages"]
     assert state["4k"]["gates"]["heldout_loss"]["previous_loss"] == state["1k"]["gates"]["heldout_loss"]["loss"]
     first = [json.loads(line) for line in open(os.path.join(work, "stages", "4k", "metrics.jsonl"))]
-    assert [r["step"] for r in first] == [0, 1]       # 4k counts its own 2 steps from 0 (fresh optimizer)
+    assert [r["step"] for r in first] == [0, 1]       # 4k's own 2 steps from 0 (fresh optimizer), each run once
     assert report["stages"][2]["gates"][1]["lengths"][0] > 15000     # the needle gate at the stage's length
     assert "| 16k | 16384 | suite |" in proc.stdout                   # the printed table
 
