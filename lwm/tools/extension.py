@@ -25,6 +25,10 @@ PlanError (start a new workdir).
 The held-out loss is lwm.train's own eval (the one loss_fn, eval_dataset.*, eval_steps batches) in a run of one
 step at learning rate 0 from the checkpoint: AdamW's update is lr * (...) = 0, so the parameters evaluated are
 the checkpoint's. For a base without a checkpoint it is the seeded random init that stage 0 starts from.
+Data mixes: a stage's `data.mix: [{path: a.jsonl, weight: 3}, {path: b.jsonl, weight: 1}]` (with
+`data.mix_examples`, default 0 = the sources' total lines) replaces `json_dataset.path`: the runner writes the
+mix once per stage (`write_mix`: each example drawn from a source by weight, seeded by the stage index) to
+workdir/stages/<name>.mix.jsonl and trains on it, since lwm.train reads one dataset per run.
 Plan fields: docs/context_extension.md ("Staged extension with gates").
 """
 from __future__ import annotations
@@ -239,7 +243,12 @@ def _stage(i, s, fail, shared_train, shared_data, shared_gates, resolve) -> Stag
     except FlagError as e:
         raise fail(where, "mesh", str(e)) from None
     train = {**shared_train, **_mapping(s.get("train", {}), fail, where, "train")}
-    data = {**shared_data, **_mapping(s.get("data", {}), fail, where, "data")}
+    own_data = _mapping(s.get("data", {}), fail, where, "data")
+    data = {**shared_data, **own_data}
+    if "mix" in own_data and "json_dataset.path" not in own_data:
+        data.pop("json_dataset.path", None)         # a stage's own mix replaces the plan's shared path
+    if "mix" in data:
+        data["mix"] = _mix(data, fail, where, resolve)
     for key in data:
         if key.endswith("path") and isinstance(data[key], str):
             data[key] = resolve(data[key])
@@ -265,6 +274,58 @@ def _stage(i, s, fail, shared_train, shared_data, shared_gates, resolve) -> Stag
                  mesh=mesh, batch_size=_number(s.get("batch_size", 1), fail, where, "batch_size", int, 1),
                  warmup_steps=warmup, save_every=_number(s.get("save_every", 0), fail, where, "save_every", int, 0),
                  rope=_mapping(s.get("rope", {}), fail, where, "rope"), data=data, train=train, gates=gates)
+
+
+def _mix(data: dict, fail, where: str, resolve) -> list:
+    """The checked `data.mix` of a stage: [{path, weight}, ...] (module docstring, "Data mixes")."""
+    mix = data["mix"]
+    if data.get("type", "json") != "json" or "json_dataset.path" in data:
+        raise fail(where, "data.mix", "a mix replaces json_dataset.path of a json dataset; give one of them")
+    if not isinstance(mix, list) or not mix:
+        raise fail(where, "data.mix", "expected a non-empty list of {path, weight}")
+    out = []
+    for j, item in enumerate(mix):
+        if not isinstance(item, dict) or set(item) != {"path", "weight"}:
+            raise fail(where, f"data.mix[{j}]", "expected exactly the keys path and weight")
+        path = resolve(str(item["path"]))
+        if not os.path.isfile(path):
+            raise fail(where, f"data.mix[{j}].path", f"{path}: no such file")
+        weight = item["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 \
+                or not math.isfinite(weight):
+            raise fail(where, f"data.mix[{j}].weight", f"{weight!r} must be a positive number")
+        out.append({"path": path, "weight": float(weight)})
+    examples = data.get("mix_examples", 0)
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        raise fail(where, "data.mix_examples", f"{examples!r} must be an integer >= 0 (0: the sources' total)")
+    return out
+
+
+def write_mix(mix: list, path: str, n_examples: int = 0, seed: int = 0) -> dict:
+    """Write the JSONL of a data mix: n_examples lines (0: as many as the sources hold in all), each copied
+    verbatim from source i with probability weight_i / sum(weights) (numpy's seeded generator), a source
+    starting over from its first line when it runs out, so each source's share of the examples is its
+    weight's share whatever the sources' sizes (ProLong-style mixes by weight). Written aside and renamed
+    (lwm.utils.atomic.replace_file). Returns {source path: examples taken}. Raises PlanError for an empty
+    source."""
+    import numpy as np
+
+    lines = []
+    for item in mix:
+        with open(item["path"], "rb") as f:
+            got = [line if line.endswith(b"\n") else line + b"\n" for line in f if line.strip()]
+        if not got:
+            raise PlanError(f"{item['path']}: a data.mix source with no lines")
+        lines.append(got)
+    n = n_examples or sum(len(x) for x in lines)
+    weights = np.asarray([item["weight"] for item in mix], np.float64)
+    picks = np.random.default_rng(seed).choice(len(mix), size=n, p=weights / weights.sum())
+    taken = [0] * len(mix)
+    with replace_file(path) as tmp, open(tmp, "wb") as f:
+        for i in picks:
+            f.write(lines[i][taken[i] % len(lines[i])])
+            taken[i] += 1
+    return {item["path"]: k for item, k in zip(mix, taken)}
 
 
 def _gate(gate: str, g: dict, seq: int, fail, where: str, resolve) -> dict:
@@ -350,7 +411,8 @@ def stage_flags(plan: Plan, i: int, init: str) -> list:
     stage = plan.stages[i]
     section = _dataset_section(stage.data)
     flags = [("train." + k, k, v) for k, v in stage.train.items()]
-    flags += [("data." + k, "train_dataset." + k, v) for k, v in stage.data.items()]
+    flags += [("data." + k, "train_dataset." + k, v) for k, v in stage.data.items()
+              if k not in ("mix", "mix_examples")]
     flags += [("seq_length", f"train_dataset.{section}.seq_length", stage.seq_length),
               ("batch_size", f"train_dataset.{section}.batch_size", stage.batch_size),
               ("steps", "total_steps", stage.steps), ("mesh", "mesh_dim", stage.mesh),
@@ -383,6 +445,14 @@ def stage_config(plan: Plan, i: int, workdir: str, init: Optional[str] = None, c
     _apply(config, [("train.checkpointer.save_optimizer_state", "checkpointer.save_optimizer_state", True),
                     ("save_every", "save_model_freq", save_every)], fail)
     _apply(config, stage_flags(plan, i, init), fail)
+    if "mix" in stage.data:               # the mix, written once per stage folder (check_only: not written)
+        mix_path = os.path.join(workdir, "stages", f"{stage.name}.mix.jsonl")
+        if not check_only and not os.path.isfile(mix_path):
+            os.makedirs(os.path.dirname(mix_path), exist_ok=True)
+            taken = write_mix(stage.data["mix"], mix_path, stage.data.get("mix_examples", 0), seed=i)
+            print(f"lwm.extend: stage {stage.name}: data mix {mix_path}: "
+                  + ", ".join(f"{os.path.basename(p)} {k}" for p, k in taken.items()), flush=True)
+        _apply(config, [("data.mix", "train_dataset.json_dataset.path", mix_path)], fail)
     _apply(config, [("name", "logger.output_dir", os.path.join(workdir, "stages")),
                     ("name", "logger.experiment_id", stage.name), ("name", "logger.append_uuid", False),
                     ("name", "autoresume", True)], fail)

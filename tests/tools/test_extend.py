@@ -183,6 +183,11 @@ BAD = [
     (lambda p: p["data"].update({"json_dataset.path": "missing.jsonl"}), "field data.json_dataset.path: "),
     (lambda p: p["stages"][1].update(name="1k"), "stage 1 (1k): field name: used by an earlier stage"),
     (lambda p: p["stages"][0].update(seq_length=300), "stage 0 (1k): field gates.needle.lengths: "),
+    (lambda p: p["stages"][0].update(data={"mix": [{"path": "train.jsonl", "weight": 0}]}),
+     "stage 0 (1k): field data.mix[0].weight: 0 must be a positive number"),
+    (lambda p: p["stages"][0].update(data={"mix": [{"path": "nope.jsonl", "weight": 1}]}),
+     "stage 0 (1k): field data.mix[0].path: "),
+    (lambda p: p["stages"][0].update(data={"mix": "train.jsonl"}), "stage 0 (1k): field data.mix: expected"),
 ]
 
 
@@ -265,3 +270,37 @@ def test_a_changed_stage_is_refused_on_resume(data, tmp_path, monkeypatch):
     extension.write_state(str(work), {"stages": {"1k": {"flags": recorded}}, "base_heldout_loss": 6.0})
     with pytest.raises(Reached, match="^1k$"):
         extension.run(plan, str(work), log=lambda *a: None)
+
+
+def test_a_data_mix_takes_each_source_by_its_weight(data, tmp_path):
+    """A stage's data.mix is written once into its folder, each example a verbatim line of a source, the
+    sources' shares their weights' shares (3:1 over 4000 examples: 3000 +- 3 sigma), a small source cycled; the
+    stage trains on the mix file (its json_dataset.path), replacing the plan's shared path."""
+    from lwm.tools.extension import load_plan, stage_config, write_mix
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": f"a{i}"}) + "\n" for i in range(50)))
+    b.write_text("".join(json.dumps({"text": f"b{i}"}) + "\n" for i in range(7)))
+    mix = [{"path": str(a), "weight": 3.0}, {"path": str(b), "weight": 1.0}]
+    out = tmp_path / "mix.jsonl"
+    taken = write_mix(mix, str(out), 4000, seed=0)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 4000 and sum(taken.values()) == 4000
+    n_a = sum(json.loads(x)["text"].startswith("a") for x in lines)
+    assert n_a == taken[str(a)] and abs(n_a - 3000) < 3 * (4000 * 0.25 * 0.75) ** 0.5
+    assert {json.loads(x)["text"] for x in lines} == {f"a{i}" for i in range(50)} | {f"b{i}" for i in range(7)}
+    assert write_mix(mix, str(tmp_path / "again.jsonl"), 4000, seed=0) == taken           # seeded
+    assert (tmp_path / "again.jsonl").read_text() == out.read_text()
+    # Control: equal weights give equal shares, not 3:1.
+    even = write_mix([dict(m, weight=1.0) for m in mix], str(tmp_path / "even.jsonl"), 4000, seed=0)
+    assert abs(even[str(a)] - 2000) < 3 * (4000 * 0.25) ** 0.5
+    plan = yaml.safe_load(open(PLAN))
+    plan["stages"][0]["data"] = {"mix": mix, "mix_examples": 64}
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    loaded = load_plan(str(path), data)
+    config = stage_config(loaded, 0, str(tmp_path / "work"), init="")
+    mixed = config.train_dataset.json_dataset.path
+    assert mixed.endswith("1k.mix.jsonl") and len(open(mixed).read().splitlines()) == 64
+    assert stage_config(loaded, 1, str(tmp_path / "work"), init="").train_dataset.json_dataset.path.endswith(
+        "train.jsonl")                                      # the other stages keep the shared path
