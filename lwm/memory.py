@@ -32,12 +32,15 @@ import sys
 from ml_collections import ConfigDict
 
 from lwm.cli.command import cli, parse
+from lwm.utils.dtypes import cache_names, parse_cache_dtype
 from lwm.cli.values import (FlagError, mesh_sizes, parse_choice, parse_length, parse_length_list, parse_literal_dict,
                             parse_size)
 from lwm.tools.memory_planner import (DEVICE_TABLE, DEVICES, LOAD_BALANCES, REMATS, SEARCH_REMATS, SP_STRATEGIES,
                                       Plan, estimate, max_context, search, xla_prefill, xla_train)
 
-CACHE_DTYPES = {"": 0, "fp32": 4, "bf16": 2, "fp16": 2}
+# --cache_dtype name -> bytes per element (0: --dtype's); int8 / fp8 add a float32 scale per token and kv head
+CACHE_DTYPES = {"": 0, **{n: parse_cache_dtype(n).itemsize for n in cache_names()
+                          if parse_cache_dtype(n).itemsize <= 4}}
 
 
 def get_default_config() -> ConfigDict:
@@ -50,7 +53,7 @@ def get_default_config() -> ConfigDict:
     c.context_parallel_strategy = ""           # ring | all_gather | ulysses over sp; '' = the config's / search all
     c.context_parallel_load_balance = ""       # none | zigzag | striped token layout over sp; '' = the config's
     c.dtype = "bf16"                           # fp32 | bf16: compute dtype (and inference weights)
-    c.cache_dtype = ""                         # inference KV cache: fp32 | bf16 | fp16; '' = --dtype's / search
+    c.cache_dtype = ""                         # inference KV cache: fp32|bf16|fp16|int8|fp8; '' = --dtype's / search
     c.batch_size = 1                           # global sequences per training step
     c.scan_query_chunk_size = 0                # 0: the config's
     c.scan_key_chunk_size = 0                  # 0: the config's
@@ -191,7 +194,7 @@ def answer(config: ConfigDict, model_config) -> None:
           f"estimated peak fits, {config.dtype} compute, training batch {config.batch_size}, inference batch 1 "
           f"(a prefill of the whole length); searched: meshes dp,fsdp,tp,sp, sp strategies "
           f"{'/'.join(strategies)}, remat {'/'.join(r or 'none' for r in remats)}, KV cache "
-          f"{'/'.join({0: config.dtype, 2: 'bf16', 4: 'fp32'}[c] for c in caches)}")
+          f"{'/'.join({0: config.dtype, 1: config.cache_dtype, 2: 'bf16', 4: 'fp32'}[c] for c in caches)}")
     for name, size in _devices(config):
         source = f" ({DEVICE_TABLE[name][1]})" if name in DEVICE_TABLE else ""
         print(f"# {name}: {size / 2**30:.1f} GiB per device{source}")

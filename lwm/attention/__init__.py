@@ -151,7 +151,8 @@ def cached_attention(
 
     q, k_new, v_new: (B, T, N|K, H) for each row's slots index[b] .. index[b]+T-1 (index: int, int32
     scalar or (B,) int32: each row has its own fill length).
-    cache_k, cache_v: (L, B, K, S, H), the layout decode reads (`lwm.attention.decode`); `layer` (int or
+    cache_k, cache_v: (L, B, K, S, H), the layout decode reads (`lwm.attention.decode`), or for an int8/fp8
+    cache the pairs (values (L, B, K, S, H), scale (L, B, K, S) float32), returned as pairs; `layer` (int or
     int32 scalar) picks the layer written and read, so the whole cache can be carried through the layers.
     cache_segment_ids: (B, S) int32 (0 = empty/padding), already holding the new tokens' ids
     (`decode.write_segments`); q_segment_ids: (B, T) int32 (None means all 1).
@@ -165,13 +166,13 @@ def cached_attention(
     _check_impl(impl, "cached_attention")
     _check_heads(what, q, k_new, v_new)
     B, T, _, H = q.shape
-    if cache_k.ndim != 5 or cache_k.shape != cache_v.shape or cache_k.shape[1] != B or \
-            cache_k.shape[2] != k_new.shape[2] or cache_k.shape[4] != H:
+    ck, cv = decode.cache_values(cache_k), decode.cache_values(cache_v)  # a quantized cache: (values, scale)
+    if ck.ndim != 5 or ck.shape != cv.shape or ck.shape[1] != B or ck.shape[2] != k_new.shape[2] or ck.shape[4] != H:
         raise ValueError(
-            f"{what}: cache_k {cache_k.shape} / cache_v {cache_v.shape} must be (L, B, K, S, H) "
+            f"{what}: cache_k {ck.shape} / cache_v {cv.shape} must be (L, B, K, S, H) "
             f"matching k_new {k_new.shape}"
         )
-    _check_segments(what, "cache_segment_ids", cache_segment_ids, (B, cache_k.shape[3]))
+    _check_segments(what, "cache_segment_ids", cache_segment_ids, (B, ck.shape[3]))
     if q_segment_ids is None:
         q_segment_ids = jnp.ones((B, T), cache_segment_ids.dtype)
     _check_segments(what, "q_segment_ids", q_segment_ids, (B, T))

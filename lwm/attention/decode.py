@@ -15,6 +15,12 @@ dp/fsdp, kv heads over tp). Each shard writes the new rows that fall into its sl
 chunks with the global slot offset shard * S_local, and the shards' partial results are merged with one
 reduction of the softmax statistics: a pmax of the running max and one psum of the rescaled (output, sum)
 pair -- no ring pass per token.
+
+Quantized cache (--cache_dtype int8 / fp8): each of cache_k, cache_v is then a pair (values (L, B, K, S, H)
+int8 or float8_e4m3fn, scale (L, B, K, S) float32), one scale per token and kv head (`quantize`). New rows
+are quantized as they are written; a chunk's values are converted to float32 inside the chunk loop and the
+scales are folded into the scores (s[r, c] = scale_k[c] * q[r] . k[c]) and into the probabilities
+(p[r, c] * scale_v[c]), so no full-precision copy of the cache is ever made.
 """
 
 from __future__ import annotations
@@ -27,6 +33,52 @@ from jax.sharding import PartitionSpec as P
 from lwm.parallel import sharding
 from lwm.attention import ring
 from lwm.attention.blockwise import match_vma
+
+
+def quantize(x, dtype):
+    """x (..., H) float -> (values (..., H) `dtype`, scale (...) float32), symmetric, one scale per vector:
+    scale = max|x| / qmax over H (qmax 127 for int8, 448 = finfo(float8_e4m3fn).max for fp8); values =
+    round(x / scale) (int8, clipped to [-127, 127]) or x / scale cast to fp8 (round to nearest). An all-zero
+    vector gets scale 0 and values 0. Round-trip error |dequantize - x| <= scale / 2 per element for int8
+    (absmax int8 quantization, e.g. LLM.int8(), Dettmers et al. 2022); for fp8 it is relative, <= 2^-4 |x|
+    for normals (3 mantissa bits).
+    Example (int8): x = [1.0, -0.5, 0.25] -> scale 1/127, values [127, -64, 32] (-63.5 rounds to even)."""
+    dtype = jnp.dtype(dtype)
+    x = x.astype(jnp.float32)
+    qmax = 127.0 if dtype == jnp.int8 else float(jnp.finfo(dtype).max)
+    scale = jnp.max(jnp.abs(x), axis=-1) / qmax
+    y = x / jnp.where(scale == 0, 1.0, scale)[..., None]
+    if dtype == jnp.int8:
+        y = jnp.clip(jnp.round(y), -127, 127)
+    return y.astype(dtype), scale
+
+
+def dequantize(values, scale):
+    """(values (..., H), scale (...)) -> float32 (..., H) = values * scale. For tests and checks: the
+    decode read never calls it on the whole cache (it folds the scales into the scores, chunk by chunk)."""
+    return values.astype(jnp.float32) * scale[..., None]
+
+
+def _as_bits(a):
+    """A float8 array as its uint8 bit patterns (a free bitcast), other arrays unchanged: XLA:CPU runs
+    scatters and slices of float8 arrays by converting the whole array to a wider float and back (50x the
+    cost of the same op on uint8), so the cache's fp8 values are written and sliced as bits."""
+    is_fp8 = jnp.dtype(a.dtype).itemsize == 1 and jnp.issubdtype(a.dtype, jnp.floating)
+    return lax.bitcast_convert_type(a, jnp.uint8) if is_fp8 else a
+
+
+def _from_bits(a, dtype):
+    return lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
+
+
+def is_quantized(cache) -> bool:
+    """True for a quantized cache array: the pair (values, scale)."""
+    return isinstance(cache, (tuple, list))
+
+
+def cache_values(cache):
+    """The values array (L, B, K, S, H) of a plain or quantized cache array."""
+    return cache[0] if is_quantized(cache) else cache
 
 
 def row_slots(index, batch: int, length: int):
@@ -46,22 +98,42 @@ def write_segments(cache_seg, q_seg, index):
 
 def write_kv(cache, new, layer, slots):
     """cache (L, B, K, S, H) with new (B, T, K, H) written at [layer, b, :, slots[b, t]]; slots outside
-    [0, S) are dropped (never wrapped). One scatter of B * T rows, in place on a donated/carried buffer."""
-    B, S = cache.shape[1], cache.shape[3]
+    [0, S) are dropped (never wrapped). One scatter of B * T rows, in place on a donated/carried buffer.
+    A quantized cache (values, scale (L, B, K, S)) gets the rows quantized (`quantize`) and their scales."""
+    values = cache_values(cache)
+    B, S = values.shape[1], values.shape[3]
     slots = jnp.where((slots >= 0) & (slots < S), slots, S)
-    return cache.at[layer, jnp.arange(B)[:, None], :, slots].set(new.astype(cache.dtype), mode="drop")
+    at = (layer, jnp.arange(B)[:, None], slice(None), slots)
+    if is_quantized(cache):
+        q, scale = quantize(new, values.dtype)  # (B, T, K, H), (B, T, K)
+        bits = _as_bits(values).at[at].set(_as_bits(q), mode="drop")
+        return (_from_bits(bits, values.dtype), cache[1].at[at].set(scale.astype(cache[1].dtype), mode="drop"))
+    return values.at[at].set(new.astype(values.dtype), mode="drop")
+
+
+def write_prefix(cache, new):
+    """cache (L, B, K, S, H) (or a quantized pair) with new (L, B, T, K, H) written at slots [0, T): one
+    dynamic_update_slice (the prefill's write), quantized per token and kv head for a quantized cache."""
+    if is_quantized(cache):
+        q, scale = quantize(new, cache[0].dtype)  # (L, B, T, K, H), (L, B, T, K)
+        bits = lax.dynamic_update_slice(_as_bits(cache[0]), _as_bits(jnp.swapaxes(q, 2, 3)), (0, 0, 0, 0, 0))
+        return (_from_bits(bits, cache[0].dtype),
+                lax.dynamic_update_slice(cache[1], jnp.swapaxes(scale, 2, 3).astype(cache[1].dtype), (0, 0, 0, 0)))
+    return lax.dynamic_update_slice(cache, jnp.swapaxes(new, 2, 3).astype(cache.dtype), (0, 0, 0, 0, 0))
 
 
 def attend_filled(q, cache_k, cache_v, layer, cache_seg, q_seg, q_slots, *, slot_offset=0, chunk: int = 512):
     """Attention of T queries per row to the filled chunks of one layer of the cache (online softmax).
 
-    q: (B, T, N, H); cache_k, cache_v: (L, B, K, S, H); cache_seg: (B, S); q_seg, q_slots: (B, T) global
-    slots of the queries. slot_offset: global slot of local slot 0 (a shard's offset).
+    q: (B, T, N, H); cache_k, cache_v: (L, B, K, S, H), or quantized pairs (values, scale (L, B, K, S)) read
+    as values * scale inside the loop; cache_seg: (B, S); q_seg, q_slots: (B, T) global slots of the queries.
+    slot_offset: global slot of local slot 0 (a shard's offset).
     Returns (out (B, T, N, H) float32 normalised over these keys, m (B, T, N) running max, l (B, T, N) sum
     of exp(score - m)); a row with no visible key has l = 0, m = -inf, out = 0.
     """
     B, T, N, H = q.shape
-    K, S = cache_k.shape[2], cache_k.shape[3]
+    K, S = cache_values(cache_k).shape[2], cache_values(cache_k).shape[3]
+    quantized = is_quantized(cache_k)
     G = N // K
     c = min(chunk, S)
     acc = jnp.promote_types(q.dtype, jnp.float32)
@@ -74,11 +146,18 @@ def attend_filled(q, cache_k, cache_v, layer, cache_seg, q_seg, q_slots, *, slot
     def body(j, carry):
         m, l, o = carry  # (B, K, R), (B, K, R), (B, K, R, H)
         start = jnp.minimum(j * c, S - c)  # the last chunk may overlap the one before: masked below
-        k_j = lax.dynamic_slice(cache_k, (layer, 0, 0, start, 0), (1, B, K, c, H))[0]  # (B, K, c, H)
-        v_j = lax.dynamic_slice(cache_v, (layer, 0, 0, start, 0), (1, B, K, c, H))[0]
+        chunk_of = lambda a: lax.dynamic_slice(a, (layer, 0, 0, start, 0), (1, B, K, c, H))[0]  # (B, K, c, H)
+        scale_of = lambda a: lax.dynamic_slice(a, (layer, 0, 0, start), (1, B, K, c))[0]  # (B, K, c)
         seg_j = lax.dynamic_slice_in_dim(cache_seg, start, c, axis=1)  # (B, c)
         local = start + jnp.arange(c)
-        s = jnp.einsum("bkrh,bkch->bkrc", qh.astype(k_j.dtype), k_j, preferred_element_type=acc)
+        if quantized:  # this chunk's values in float32; the scales fold into the scores and probabilities
+            dq = lambda a: _from_bits(chunk_of(_as_bits(a)), a.dtype).astype(acc)  # (B, K, c, H) float32
+            k_j, v_j = dq(cache_k[0]), dq(cache_v[0])
+            s = jnp.einsum("bkrh,bkch->bkrc", qh, k_j, preferred_element_type=acc)
+            s = s * scale_of(cache_k[1]).astype(acc)[:, :, None, :]
+        else:
+            k_j, v_j = chunk_of(cache_k), chunk_of(cache_v)
+            s = jnp.einsum("bkrh,bkch->bkrc", qh.astype(k_j.dtype), k_j, preferred_element_type=acc)
         mask = ((local + slot_offset)[None, None, :] <= q_slot_rows[:, :, None]) & (local >= j * c)[None, None, :]
         mask = mask & (seg_j[:, None, :] == q_seg_rows[:, :, None])  # (B, R, c)
         s = jnp.where(mask[:, None], s, -jnp.inf)
@@ -86,12 +165,13 @@ def attend_filled(q, cache_k, cache_v, layer, cache_seg, q_seg, q_slots, *, slot
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
         p = jnp.exp(s - m_safe[..., None])
         corr = jnp.exp(m - m_safe)
-        pv = jnp.einsum("bkrc,bkch->bkrh", p.astype(v_j.dtype), v_j, preferred_element_type=acc)
+        pw = p * scale_of(cache_v[1]).astype(acc)[:, :, None, :] if quantized else p
+        pv = jnp.einsum("bkrc,bkch->bkrh", pw.astype(v_j.dtype), v_j, preferred_element_type=acc)
         return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
 
     R = G * T
     init = (jnp.full((B, K, R), -jnp.inf, acc), jnp.zeros((B, K, R), acc), jnp.zeros((B, K, R, H), acc))
-    init = match_vma(init, qh, cache_k, cache_seg)
+    init = match_vma(init, qh, cache_values(cache_k), cache_seg)
     m, l, o = lax.fori_loop(0, n_chunks, body, init)
     o = o / jnp.where(l == 0, 1.0, l)[..., None]
 
@@ -130,13 +210,16 @@ def cached_attention_sharded(q, k_new, v_new, cache_k, cache_v, cache_seg, q_seg
     kv_spec, seg_spec = specs["k"], specs["segment_ids"]
     batch, heads = kv_spec[1], kv_spec[2]
     tok_spec, tok_seg_spec = sharding.token_spec(mesh), P(batch, None)
-    B, S = cache_k.shape[1], cache_k.shape[3]
+    values = cache_values(cache_k)
+    B, S = values.shape[1], values.shape[3]
     ring.check_divisible(mesh, "sharded cached_attention", B=(B, batch), S=(S, ring.SEQ_AXIS),
-                         N=(q.shape[2], heads), K=(cache_k.shape[2], heads))
+                         N=(q.shape[2], heads), K=(values.shape[2], heads))
+    if is_quantized(cache_k):  # the scales shard like their values
+        kv_spec = (kv_spec, specs["k_scale"])
     index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (B,))
 
     def local(q, k_new, v_new, cache_k, cache_v, cache_seg, q_seg, index, layer):
-        offset = lax.axis_index(ring.SEQ_AXIS) * cache_k.shape[3]
+        offset = lax.axis_index(ring.SEQ_AXIS) * cache_values(cache_k).shape[3]
         slots = row_slots(index, q.shape[0], q.shape[1])  # global
         cache_k = write_kv(cache_k, k_new, layer, slots - offset)
         cache_v = write_kv(cache_v, v_new, layer, slots - offset)

@@ -219,6 +219,18 @@ def parse_choice(name: str, text: str, choices) -> str:
     return text
 
 
+def check_cache_dtype(name: str, text: str) -> str:
+    """'' (the model's dtype) or a KV-cache dtype name: the float ones of check_dtype, or int8 / fp8
+    (lwm.utils.dtypes.parse_cache_dtype). Returns the text."""
+    from lwm.utils.dtypes import parse_cache_dtype
+
+    try:
+        parse_cache_dtype(str(text), what=f"--{name}")
+    except ValueError as e:
+        raise FlagError(str(e)) from None
+    return text
+
+
 # Flag name -> parser of its value (run as the flag is set, before anything is loaded or compiled).
 FLAG_KINDS: dict[str, Callable[[str, str], object]] = {
     "update_llama_config": _check_literal_dict,
@@ -227,7 +239,7 @@ FLAG_KINDS: dict[str, Callable[[str, str], object]] = {
     "modality": parse_modality,
     "load_checkpoint": check_checkpoint_spec,
     "dtype": check_dtype,
-    "cache_dtype": check_dtype,
+    "cache_dtype": check_cache_dtype,
 }
 
 # The original's (and older) spellings -> this codebase's flag; applied where the command has the target

@@ -25,8 +25,10 @@ import numpy as np
 
 from lwm.attention import (ATTENTION_IMPLS, CONTEXT_PARALLEL_IMPLS, LOAD_BALANCES, STRATEGIES, attention,
                            cached_attention, layout)
-from lwm.attention.decode import write_segments
+from lwm.attention.decode import write_prefix, write_segments
 from lwm.parallel.sharding import constrain, sequence_parallel_size
+from lwm.utils.dtypes import CACHE_SCALE_DTYPE
+from lwm.utils.dtypes import is_quantized as is_quantized_dtype
 from lwm.utils.fields import check_ranges, check_types
 
 _COMMON = dict(vocab_size=32000, initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -616,7 +618,7 @@ class LLaMABlockCollection(nn.Module):
             x, position_ids, segment_ids = (None if a is None else layout.to_layout(a, sp, balance)
                                             for a in (x, position_ids, segment_ids))
         if self.cache_mode == "decode":  # decode keeps the natural order (sequence_layout gives 'none')
-            x = (x, cache["k"], cache["v"])
+            x = (x, cache_pair(cache, "k"), cache_pair(cache, "v"))
             layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
         if cfg.scan_layers:
             scanned = nn.scan(
@@ -638,18 +640,37 @@ class LLaMABlockCollection(nn.Module):
         if cache is None:
             return x, None
         if self.cache_mode == "prefill":  # (L, B, T, K, H) -> the cache layout (L, B, K, T, H), one write at slot 0
-            write = lambda c, new: jax.lax.dynamic_update_slice(
-                c, jnp.swapaxes(new, 2, 3).astype(c.dtype), (0, 0, 0, 0, 0))
-            cache_k, cache_v = write(cache["k"], kv[0]), write(cache["v"], kv[1])
-        return x, dict(k=cache_k, v=cache_v, segment_ids=cache_seg)
+            cache_k, cache_v = (write_prefix(cache_pair(cache, "k"), kv[0]),
+                                write_prefix(cache_pair(cache, "v"), kv[1]))
+        return x, dict(**cache_entries("k", cache_k), **cache_entries("v", cache_v), segment_ids=cache_seg)
 
 
 def init_cache(config: LLaMAConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> dict:
     """An empty KV cache in the layout decode reads (`lwm.attention.decode`): k, v (L, B, K, S, H);
-    segment_ids (B, S) with 0 = empty/padding. `dtype` is the cache's own (e.g. bf16 for an fp32 model)."""
+    segment_ids (B, S) with 0 = empty/padding. `dtype` is the cache's own (e.g. bf16 for an fp32 model);
+    int8 or float8_e4m3fn (--cache_dtype int8 / fp8) add k_scale, v_scale (L, B, K, S) float32, one scale
+    per token and kv head (`lwm.attention.decode.quantize`). Every entry's row axis is CACHE_ROW_AXIS[name]."""
     shape = (config.num_hidden_layers, batch_size, config.kv_heads, max_length, config.head_dim)
-    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                segment_ids=jnp.zeros((batch_size, max_length), jnp.int32))
+    cache = dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 segment_ids=jnp.zeros((batch_size, max_length), jnp.int32))
+    if is_quantized_dtype(dtype):
+        scale = jnp.zeros(shape[:4], CACHE_SCALE_DTYPE)
+        cache.update(k_scale=scale, v_scale=scale)
+    return cache
+
+
+# The row (batch) axis of each cache entry: what copies a row between caches (Engine.insert / move) slices.
+CACHE_ROW_AXIS = {"k": 1, "v": 1, "k_scale": 1, "v_scale": 1, "segment_ids": 0}
+
+
+def cache_pair(cache: dict, name: str):
+    """cache[name] (L, B, K, S, H), or (values, scale) for a quantized cache (the form decode reads)."""
+    return (cache[name], cache[name + "_scale"]) if name + "_scale" in cache else cache[name]
+
+
+def cache_entries(name: str, value) -> dict:
+    """The inverse of cache_pair: {name: values} or {name: values, name_scale: scale}."""
+    return {name: value[0], name + "_scale": value[1]} if isinstance(value, tuple) else {name: value}
 
 
 class CacheMode(str, enum.Enum):

@@ -220,9 +220,11 @@ def token_spec(mesh=None) -> P:
 def cache_specs(mesh=None) -> dict:
     """KV cache dict(k, v: (L, B, K, S, H), segment_ids: (B, S)) (`lwm.model.llama.init_cache`, the layout decode
     reads) sharded along S over 'sp', B over ('dp', 'fsdp'), K over 'tp':
-    k, v P(None, ('dp', 'fsdp'), 'tp', 'sp', None); segment_ids P(('dp', 'fsdp'), 'sp')."""
+    k, v P(None, ('dp', 'fsdp'), 'tp', 'sp', None); segment_ids P(('dp', 'fsdp'), 'sp'). An int8/fp8 cache's
+    k_scale, v_scale (L, B, K, S) shard like their values: P(None, ('dp', 'fsdp'), 'tp', 'sp')."""
     kv = P(None, _batch(mesh), _axis(mesh, HEAD_AXIS), _axis(mesh, SEQ_AXIS), None)
-    return dict(k=kv, v=kv, segment_ids=batch_spec(mesh))
+    scale = P(*kv[:4])
+    return dict(k=kv, v=kv, k_scale=scale, v_scale=scale, segment_ids=batch_spec(mesh))
 
 
 def sequence_parallel_size(mesh=None) -> int:

@@ -21,8 +21,10 @@ table) and the norms replicated, s the bytes of the compute dtype:
                  nothing_saveable  D (the layer input)
                  checkpoint_dots   the matmul outputs: 3 D + 2 K H / tp + 2 F / tp
   inference  parameters  P_dev * s
-             KV cache    2 * L * b * S * K * H * c / (sp * tp)   S the cache length (prompt + new tokens), c the
-                         cache dtype's bytes (--cache_dtype; the compute dtype's by default)
+             KV cache    2 * L * b * S * K * (H * c + z) / (sp * tp)   S the cache length (prompt + new tokens),
+                         c the cache dtype's bytes (--cache_dtype; the compute dtype's by default), z the
+                         bytes of a quantized cache's scale per token and kv head (int8 / fp8: c = 1, z = 4
+                         (float32); else 0), lwm.utils.dtypes.cache_bytes_per_row
              activations n * PREFILL_WORKING_BYTES * D (one layer at a time, no backward) + score tiles
                + the last position's logits + with fsdp * sp > 1 the embedding table all-gathered (V D s / tp)
   sp > 1     the context-parallel strategy's extra (estimate(): ring the neighbour's K/V block, all_gather the
@@ -107,7 +109,8 @@ class Plan:
     bf16_momentum: bool = False
     loss_chunk_size: int = 1024
     new_tokens: int = 0                      # inference: cache slots beyond the prompt
-    cache_bytes: int = 0                     # inference: bytes per KV-cache element; 0 = dtype_bytes (--cache_dtype)
+    cache_bytes: int = 0                     # inference: bytes per KV-cache element; 0 = dtype_bytes (--cache_dtype);
+                                             # 1 = int8 / fp8, stored with a float32 scale per token and kv head
 
     def __post_init__(self):
         """Raises ValueError (one line) for a strategy, layout or mesh the real run would refuse: the checks
@@ -154,6 +157,14 @@ def _saved_per_layer(c, remat: str, tp: int) -> float:
     if remat in ("checkpoint_dots", "checkpoint_dots_with_no_batch_dims"):
         return 3 * d + 2 * kh / tp + 2 * f / tp
     return 11 * d + 2 * kh / tp + 6 * f / tp + n / tp + 4
+
+
+def kv_row_bytes(element_bytes: int, head_dim: int) -> int:
+    """Bytes of one token's keys (or values) for one kv head: H elements, plus a float32 scale when the
+    elements are 1 byte (int8 / fp8, lwm.attention.decode.quantize). Example: (2, 128) -> 256, (1, 128) -> 132."""
+    from lwm.utils.dtypes import CACHE_SCALE_DTYPE
+
+    return head_dim * element_bytes + (CACHE_SCALE_DTYPE.itemsize if element_bytes == 1 else 0)
 
 
 def estimate(plan: Plan) -> dict[str, dict[str, float]]:
@@ -204,7 +215,8 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     batch = n * 13                                        # tokens, targets (int32), loss mask (f32), vision mask
     train = dict(parameters=p_dev * 4, optimizer=opt, gradients=grads,
                  activations=max(peak - grads, 0.0) + batch, kv_cache=0.0)
-    cache = 2 * L * b * (plan.seq_len + plan.new_tokens) * c.kv_heads * h * (plan.cache_bytes or s) / (sp * tp)
+    cache = (2 * L * b * (plan.seq_len + plan.new_tokens) * c.kv_heads * kv_row_bytes(plan.cache_bytes or s, h)
+             / (sp * tp))
     heads = c.num_attention_heads / tp / (sp if plan.sp_strategy == "ulysses" else 1)   # per local kernel
     tiles = PREFILL_TILES * b * c.scan_query_chunk_size * kc_len(c, plan.seq_len) * heads * 4
     gathered = v_dev * d * s if fsdp * sp > 1 else 0.0   # the embedding table, all-gathered for the lookup
@@ -275,7 +287,7 @@ class Fit:
         dtype = "bf16" if p.dtype_bytes == 2 else "fp32"
         out = f"--mesh_dim={','.join(map(str, p.mesh))} --dtype={dtype}"
         if self.mode == "inference" and p.cache_bytes and p.cache_bytes != p.dtype_bytes:
-            out += " --cache_dtype=" + {2: "bf16", 4: "fp32"}[p.cache_bytes]
+            out += " --cache_dtype=" + {1: "int8", 2: "bf16", 4: "fp32"}[p.cache_bytes]
         if self.mode == "train":
             out += f" --train_dataset.json_dataset.seq_length={p.seq_len} --train_dataset.json_dataset.batch_size={p.batch_size}"
         if updates:
