@@ -8,6 +8,7 @@ scale per token and kv head, dequantized chunk by chunk inside the decode read.
   negative control: the same cache with the scales dropped (values rounded at scale 1) exceeds the bound;
 - with the cache's slot axis over sp = 2 (ring decode) the int8 cache gives the sp = 1 tokens;
 - the memory planner's KV bytes equal the arrays' nbytes (values + scales);
+- Engine.insert / move carry the scales with their rows;
 - one-line errors for an unknown name and for a backend that cannot compute the dtype.
 """
 import jax
@@ -151,3 +152,26 @@ def test_one_line_errors(monkeypatch, tiny_sharp_head):
     with pytest.raises(ValueError) as e:
         Engine(model, params, eos_id=2, pad_id=0, cache_dtype="fp8")
     assert "\n" not in str(e.value) and str(e.value).startswith("--cache_dtype=float8_e4m3fn: the cpu backend")
+
+
+def test_engine_insert_and_move_carry_the_scales(tiny_sharp_head):
+    """Engine.insert and Engine.move copy every cache entry by its row axis (CACHE_ROW_AXIS): an int8 prompt's
+    values and scales land in the slot it is inserted into and move with it; the other slots keep zero scales
+    (the control: a copy that left the scales out would leave them zero in the target slot too)."""
+    from lwm.inference.engine import Engine
+
+    _, model, params = tiny_sharp_head
+    engine = Engine(model, params, eos_id=2, pad_id=0, cache_dtype="int8")
+    prefix = engine.prefill([1, 17, 250, 33, 9])
+    t = prefix.length
+    state = engine.insert(prefix, engine.init_state(2, 32), 1, max_new_tokens=4)
+    for name in ("k", "v", "k_scale", "v_scale"):
+        np.testing.assert_array_equal(np.asarray(state.cache[name][:, 1, :, :t]),
+                                      np.asarray(prefix.cache[name][:, 0]))
+    assert float(jnp.abs(state.cache["k_scale"][:, 1, :, t - 1]).min()) > 0
+    assert float(jnp.abs(state.cache["k_scale"][:, 0]).max()) == 0
+    want = {name: np.asarray(state.cache[name][:, 1]) for name in ("k", "v", "k_scale", "v_scale")}
+    _, dst = engine.move(state, 1, engine.init_state(2, 32), 0)
+    for name, rows in want.items():
+        np.testing.assert_array_equal(np.asarray(dst.cache[name][:, 0]), rows)
+    assert float(jnp.abs(dst.cache["v_scale"][:, 1]).max()) == 0
