@@ -36,6 +36,7 @@ from ml_collections import ConfigDict
 from lwm.cli.command import cli, parse
 from lwm.inference import runtime
 from lwm.inference.runtime import check_budget
+from lwm.inference.engine import Engine
 from lwm.inference.vision import FrameSampling, generate_frames, generation_prompts, speed_stats
 from lwm.model.vision_llama import NUM_VISION_CODES
 
@@ -112,8 +113,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                    seed=config.seed)
         stats["load_model_s"] = time.perf_counter() - t0
         stats["params_m"] = sum(x.size for x in jax.tree.leaves(params)) / 1e6
+        engine = Engine(model, params, eos_id=-1, pad_id=tokenizer.pad_id, cache_dtype=config.cache_dtype,
+                        head="vision")                       # one engine: both calls share its compiled calls
         kw = dict(tokens_per_frame=per_frame, pad_id=tokenizer.pad_id, num_codes=vq_config.num_embeddings,
-                  cache_dtype=config.cache_dtype)
+                  engine=engine)
         first_stats, rest_stats = {}, {}
         tokens = generate_frames(model, params, [image_cond], [uncond] if image.cfg_scale != 1 else None,
                                  n_frames=1, sampling=image, rng=rng_image, stats=first_stats, **kw)[0]  # (1, F)

@@ -18,8 +18,9 @@ cache or picks a CacheMode: tests/test_one_home.py::test_rule_holds[engine]).
 
   max_new_tokens: int or one per row. stream(step, tokens) is called after every decode step with tokens[r]
   the new id of row r (None once row r has finished); it may return row indices to cancel. Vision-language
-  models (lwm.model.vision_llama, sample_mode 'text' or 'vision') take `vision=[mask per prompt]` (True where the
-  prompt id is a vision id); generated tokens are of the model's sample_mode. `rule` replaces per-row
+  models (lwm.model.vision_llama) take `vision=[mask per prompt]` (True where the prompt id is a vision id);
+  generated tokens are of the sampled head, `head='text'|'vision'` (a call argument of every prefill / insert /
+  step / generate / score, default the engine's `head`). `rule` replaces per-row
   sampling by a batch-level token rule (classifier-free guidance, forced end-of-frame tokens: see
   `TokenRule`). A prompt + budget longer than the model's max_sequence_length raises PromptTooLongError
   (naming the numbers) before anything is compiled.
@@ -51,6 +52,14 @@ t+1's logprob given the tokens before it, with its top K.
 (c) Host read-back (`lwm.parallel.multihost.host_array`, the one read-back) gathers arrays that span several processes before reading them, so the
 same code runs on one host or a multi-host pod. (d) `check_length` is the length check.
 
+(f) Stateless: the engine holds the model, its parameters and its compiled functions, nothing per slot or per
+request. Everything that differs per slot (sampling settings, key, fill, budget, flags) travels in the
+DecodeState; which head is sampled travels in the call (a static argument: one compile per head and shape).
+So one engine serves every decode state (the server keeps one for all of its states and its image
+generation) and `move` between two states needs no second engine. The top-k/top-p sort runs only in the
+steps where some live slot asks for it: the default rule picks it with a `lax.cond` on the state's per-slot
+settings (`_PerRow`), so an all-greedy step costs what it did with a separate greedy compile.
+
 Cache (lwm.model.llama.init_cache): k, v (L, B, K, S, H) in the layout decode reads, written in place (the
 decode state is donated); `cache_dtype` may differ from the model's (e.g. bf16 cache for an fp32 model).
 With ring attention under a mesh with 'sp', the cache is sharded along S and every step merges the shards
@@ -71,8 +80,7 @@ import numpy as np
 
 from lwm.parallel import sharding
 from lwm.parallel.multihost import host_array
-from lwm.utils.dtypes import check_cache_dtype_backend
-from lwm.model.llama import CACHE_ROW_AXIS, CacheMode, LLaMAForCausalLM, init_cache, sequence_multiple
+from lwm.model.llama import CacheMode, LLaMAForCausalLM, init_cache, sequence_multiple
 from lwm.inference.sampling import PromptTooLongError, SamplingConfig, bucket_length, left_pad, sample_rows
 from lwm.model.vision_llama import VisionLLaMAForCausalLM
 
@@ -140,12 +148,11 @@ def mesh_sizes() -> tuple[int, int]:
 
 
 def parse_cache_dtype(value):
-    """None / '' (the model's dtype), a float dtype, or a name ('fp32', 'bf16', 'fp16', or the quantized 'int8',
-    'fp8'; the --cache_dtype flag) of the one dtype table (lwm.utils.dtypes); raises ValueError naming
-    --cache_dtype."""
-    from lwm.utils import dtypes
+    """None / '' (the model's dtype), a float dtype, or a name ('fp32', 'bf16', 'fp16'; the --cache_dtype
+    flag) of the one dtype table (lwm.utils.dtypes); raises ValueError naming --cache_dtype."""
+    from lwm.utils.dtypes import parse_float_dtype
 
-    return dtypes.parse_cache_dtype(value, what="--cache_dtype")
+    return parse_float_dtype(value, what="--cache_dtype")
 
 
 def seed_of(rng) -> int:
@@ -174,49 +181,75 @@ def _replicated(x):
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
 
 
+HEADS = ("text", "vision")
+
+
 class Engine:
-    """See the module docstring. model: LLaMAForCausalLM, or VisionLLaMAForCausalLM with sample_mode
-    'text' or 'vision'; params already placed on the ambient mesh (if any). vocab_size: ids the tokenizer
-    can decode (a model vocabulary padded beyond it never emits the extra ids). cache_dtype: the KV cache's
-    dtype (default the model's)."""
+    """See the module docstring. model: LLaMAForCausalLM, or VisionLLaMAForCausalLM (any sample_mode: the
+    engine always passes the vision masks, so the model's sample_mode never chooses an embedding here);
+    params already placed on the ambient mesh (if any). head: the head sampled when a call names none, 'text'
+    (lm_head, V = vocab_size) or 'vision' (vision_head, V = vision_vocab_size; vision models only); default the
+    model config's `sample_mode` when that is 'text' or 'vision' (the old way of choosing it, still accepted),
+    else 'text'. vocab_size: ids the tokenizer can decode, a bound on the default head (a model vocabulary
+    padded beyond it never emits the extra ids); the other head is unbounded. cache_dtype: the KV cache's
+    dtype (default the model's). Raises ValueError for an unknown head or a vision head on a text model,
+    TypeError for another model class. The engine holds no per-slot or per-request state (module docstring
+    (f)): after construction only `last_stats` (generate's timings) changes."""
 
     def __init__(self, model, params, *, eos_id: int, pad_id: int, vocab_size: Optional[int] = None,
-                 cache_dtype=None):
+                 cache_dtype=None, head: Optional[str] = None):
         self.model, self.params, self.config = model, params, model.config
         self.vision = isinstance(model, VisionLLaMAForCausalLM)
-        if self.vision and self.config.sample_mode not in ("text", "vision"):
-            raise ValueError(f"Engine needs a vision model with sample_mode 'text' or 'vision', not "
-                             f"{self.config.sample_mode!r}")
         if not self.vision and not isinstance(model, LLaMAForCausalLM):
             raise TypeError(f"Engine: unsupported model {type(model).__name__}")
-        self.head_size = (self.config.vision_vocab_size if self.vision and self.config.sample_mode == "vision"
-                          else self.config.vocab_size)
+        if head is None:
+            head = getattr(self.config, "sample_mode", "text")
+            head = head if head in HEADS else "text"
+        self.head = self._check_head(head)
+        self.head_size = self._head_size(self.head)
         self.eos_id, self.pad_id = int(eos_id), int(pad_id)
         self.vocab_size = self.head_size if vocab_size is None else min(int(vocab_size), self.head_size)
         self.cache_dtype = jnp.dtype(parse_cache_dtype(cache_dtype) or model.dtype)
-        check_cache_dtype_backend(self.cache_dtype)  # int8 / fp8: one line before anything compiles
         self.last_stats: dict = {}
-        self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
+        self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("cache_len", "head"))
         self._step_jit = jax.jit(self._step_impl, donate_argnums=(1,),
-                                 static_argnames=("rule", "n_steps", "logprobs"))
-        self._score_jit = jax.jit(self._score_impl)
-        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,), static_argnames=("rule",))
+                                 static_argnames=("rule", "n_steps", "logprobs", "head"))
+        self._score_jit = jax.jit(self._score_impl, static_argnames=("head",))
+        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,), static_argnames=("rule", "head"))
         self._move_jit = jax.jit(self._move_impl, donate_argnums=(0,))
-        self._start_jit = jax.jit(self._start_impl, static_argnames=("rule",))
+        self._start_jit = jax.jit(self._start_impl, static_argnames=("rule", "head"))
+
+    def _check_head(self, head: Optional[str]) -> str:
+        """head or the engine's default; ValueError naming the choices, or a vision head on a text model."""
+        head = self.head if head is None else head
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}; choose one of {HEADS}")
+        if head == "vision" and not self.vision:
+            raise ValueError("head='vision' needs a vision-language model (VisionLLaMAForCausalLM)")
+        return head
+
+    def _head_size(self, head: str) -> int:
+        """V of the head: the model's text or vision vocabulary."""
+        return self.config.vision_vocab_size if head == "vision" else self.config.vocab_size
+
+    def _decodable(self, head: str) -> int:
+        """Ids of `head` that may be drawn: `vocab_size` for the default head, the whole head otherwise."""
+        return self.vocab_size if head == self.head else self._head_size(head)
 
     # ---------------------------------------------------------------------------------- the model calls
     def _hidden(self, params, ids, vision, position_ids, segment_ids, cache, cache_index, cache_mode):
+        """vision: (R, T) bool masks for a vision model (never None: the model's sample_mode is not read)."""
         kw = dict(position_ids=position_ids, segment_ids=segment_ids, cache=cache, cache_index=cache_index,
                   cache_mode=cache_mode, return_hidden=True)
         if self.vision:
             return self.model.apply({"params": params}, ids, vision, **kw)
         return self.model.apply({"params": params}, ids, **kw)
 
-    def _logits(self, params, hidden):
-        """(R, T, D) -> (R, T, V) float32 of the sampled head."""
+    def _logits(self, params, hidden, head: str):
+        """(R, T, D) -> (R, T, V) float32 of `head`."""
         if not self.vision:
             method = LLaMAForCausalLM.logits
-        elif self.config.sample_mode == "vision":
+        elif head == "vision":
             method = VisionLLaMAForCausalLM.vision_logits
         else:
             method = VisionLLaMAForCausalLM.text_logits
@@ -231,29 +264,31 @@ class Engine:
         spec = sharding.cache_specs()
         return {name: jax.lax.with_sharding_constraint(x, spec[name]) for name, x in cache.items()}
 
-    def _prefill_impl(self, params, ids, vision, seg, pos, *, cache_len):
+    def _prefill_impl(self, params, ids, vision, seg, pos, *, cache_len, head):
         """Left-padded prompts (R, T) -> (logits (R, V) at the last slot, cache with slots [0, T) filled).
         Logits are computed for the last slot only (hidden (R, T, D) -> (R, 1, V))."""
         cache = self._constrain_cache(init_cache(self.config, ids.shape[0], cache_len, self.cache_dtype))
         hidden, cache = self._hidden(params, ids, vision, pos, seg, cache, 0, CacheMode.PREFILL)
-        return self._logits(params, hidden[:, -1:])[:, 0], self._constrain_cache(cache)
+        return self._logits(params, hidden[:, -1:], head)[:, 0], self._constrain_cache(cache)
 
     # ---------------------------------------------------------------------------------- the decode step
-    def _draw(self, logits, keys, steps, live, budget, temperature, top_k, top_p, stop_ids, rule):
+    def _draw(self, logits, keys, steps, live, budget, temperature, top_k, top_p, stop_ids, rule, head):
         """Each live row's next token from its logits (R, V): the rule with key fold_in(key, steps) over the
-        ids the tokenizer can decode. Returns (tokens (R,) int32, pad_id where not live; steps (R,) after the
-        draw; whether each row goes on: live, not a stop id, budget not spent)."""
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)
+        ids `head` may draw (`_decodable`). Rows that are not live draw greedily (their token is dropped), so
+        a freed slot's settings never ask for the top-k/top-p sort. Returns (tokens (R,) int32, pad_id where
+        not live; steps (R,) after the draw; whether each row goes on: live, not a stop id, budget not spent)."""
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < self._decodable(head), logits, -jnp.inf)
         keys = jax.vmap(jax.random.fold_in)(keys, steps)
+        temperature = jnp.where(live, temperature, 0).astype(temperature.dtype)
         tok = rule(logits, keys, steps, temperature, top_k, top_p).astype(jnp.int32)
         tok = jnp.where(live, tok, self.pad_id)
         steps = steps + live
         return tok, steps, live & ~(jnp.isin(tok, stop_ids) | (steps >= budget))
 
-    def _logprobs(self, logits, tok):
+    def _logprobs(self, logits, tok, head):
         """logits (R, V), drawn tok (R,) -> (logprob (R,), top_ids (R, K), top_logprobs (R, K)) of
         `token_logprobs`. Dead code (removed by the compiler) where the caller does not keep them."""
-        lp = token_logprobs(logits, self.vocab_size)
+        lp = token_logprobs(logits, self._decodable(head))
         k = min(TOP_LOGPROBS, lp.shape[-1])
         top_lp, top_ids = jax.lax.top_k(lp, k)
         if k < TOP_LOGPROBS:                                   # a vocabulary smaller than K: pad with -inf
@@ -262,7 +297,8 @@ class Engine:
             top_ids = jnp.pad(top_ids, ((0, 0), (0, pad)))
         return jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
-    def _step_impl(self, params, state: DecodeState, keep, *, rule, n_steps: int, logprobs: bool = False):
+    def _step_impl(self, params, state: DecodeState, keep, *, rule, n_steps: int, logprobs: bool = False,
+                   head: str = "text"):
         """Up to n_steps tokens for every active slot (a while_loop that ends early when none is active):
         each iteration writes the slot's drawn token to the cache and draws the next from the logits that
         gives. Returns (state, tokens (R, n_steps) int32, emitted (R, n_steps) bool, lp), tokens/emitted
@@ -279,18 +315,19 @@ class Engine:
             i, st, toks, emitted, hist = carry
             live = st.active
             seg = live.astype(jnp.int32)[:, None]          # finished/free slots write an empty slot
-            hidden, cache = self._hidden(params, jnp.where(live, st.token, self.pad_id)[:, None], None,
+            vision = jnp.full((r, 1), head == "vision") if self.vision else None   # new tokens: of `head`
+            hidden, cache = self._hidden(params, jnp.where(live, st.token, self.pad_id)[:, None], vision,
                                          st.position[:, None], seg, st.cache, st.index, CacheMode.DECODE)
-            logits = self._logits(params, hidden)[:, 0]
+            logits = self._logits(params, hidden, head)[:, 0]
             tok, steps, going = self._draw(logits, st.keys, st.steps, live, st.budget, st.temperature, st.top_k,
-                                           st.top_p, st.stop_ids, rule)
+                                           st.top_p, st.stop_ids, rule, head)
             adv = live.astype(jnp.int32)
             st = st._replace(cache=cache, token=jnp.where(live, tok, st.token), index=st.index + adv,
                              position=st.position + adv, steps=steps, active=going)
             toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], i, axis=1)
             emitted = jax.lax.dynamic_update_slice_in_dim(emitted, live[:, None], i, axis=1)
             if logprobs:
-                lp, top_ids, top_lp = self._logprobs(logits, tok)
+                lp, top_ids, top_lp = self._logprobs(logits, tok, head)
                 st = st._replace(logprob=jnp.where(live, lp, st.logprob),
                                  top_ids=jnp.where(live[:, None], top_ids, st.top_ids),
                                  top_logprobs=jnp.where(live[:, None], top_lp, st.top_logprobs))
@@ -339,55 +376,55 @@ class Engine:
             raise ValueError(f"{len(seeds)} seeds for {n} rows; give one, or one per row")
         return sampling, seeds
 
-    @staticmethod
-    def _uses_filters(sampling) -> bool:
-        return any(s.temperature > 0 and (s.top_k > 0 or s.top_p < 1.0) for s in sampling)
-
     def _start_impl(self, cache, logits, index, position, budget, temperature, top_k, top_p, seeds, stop_ids, *,
-                    rule):
+                    rule, head):
         """A decode state whose rows (budget > 0) hold token 0, drawn from their prefill logits (R, V)."""
         keys = jax.vmap(jax.random.PRNGKey)(seeds)
         r = index.shape[0]
         tok, steps, active = self._draw(logits, keys, jnp.zeros((r,), jnp.int32), budget > 0, budget, temperature,
-                                        top_k, top_p, stop_ids, rule)
-        lp, top_ids, top_lp = self._logprobs(logits, tok)
+                                        top_k, top_p, stop_ids, rule, head)
+        lp, top_ids, top_lp = self._logprobs(logits, tok, head)
         return DecodeState(cache=self._constrain_cache(cache), token=tok, index=index, position=position,
                            steps=steps, budget=budget, active=active, temperature=temperature, top_k=top_k,
                            top_p=top_p, keys=keys, stop_ids=stop_ids, logprob=lp, top_ids=top_ids,
                            top_logprobs=top_lp)
 
-    def _state(self, cache, logits, index, position, budget, sampling, seeds, stop_ids, rule) -> DecodeState:
+    def _state(self, cache, logits, index, position, budget, sampling, seeds, stop_ids, rule,
+               head) -> DecodeState:
         f32, i32 = np.float32, np.int32
         return self._start_jit(cache, logits, np.asarray(index, i32), np.asarray(position, i32),
                                np.asarray(budget, i32), np.asarray([s.temperature for s in sampling], f32),
                                np.asarray([s.top_k for s in sampling], i32),
                                np.asarray([s.top_p for s in sampling], f32), np.asarray(seeds, np.uint32),
-                               np.asarray(list(stop_ids) or [-1], i32), rule=rule)
+                               np.asarray(list(stop_ids) or [-1], i32), rule=rule, head=head)
 
-    def init_state(self, slots: int, cache_length: int, stop_ids: Optional[Sequence[int]] = None) -> DecodeState:
+    def init_state(self, slots: int, cache_length: int, stop_ids: Optional[Sequence[int]] = None,
+                   head: Optional[str] = None) -> DecodeState:
         """`slots` free decode slots of `cache_length` cache slots each (a prompt's padded length plus its
-        budget must fit). stop_ids: default (eos_id,)."""
+        budget must fit). stop_ids: default (eos_id,). head: the head this state's slots sample (give the
+        same one to its prefill / insert / step; default the engine's)."""
+        head = self._check_head(head)
         data, sp = mesh_sizes()
         if slots % data or cache_length % sp:
             raise ValueError(f"slots={slots} must divide by dp*fsdp={data} and cache_length={cache_length} "
                              f"by sp={sp}")
-        self._slot_filters = [False] * slots
         cache = init_cache(self.config, slots, cache_length, self.cache_dtype)
-        logits = jnp.zeros((slots, self.head_size), jnp.float32)
+        logits = jnp.zeros((slots, self._head_size(head)), jnp.float32)
         stop_ids = (self.eos_id,) if stop_ids is None else stop_ids
         return self._state(cache, logits, [0] * slots, [0] * slots, [0] * slots, [SamplingConfig()] * slots,
-                           [0] * slots, stop_ids, _GREEDY_OR_PLAIN)
+                           [0] * slots, stop_ids, _PER_ROW, head)
 
-    def prefill(self, prompt: Sequence[int], vision: Optional[Sequence[bool]] = None) -> Prefix:
-        """Run one prompt; returns its Prefix (padded to its bucket, `padded_length`)."""
+    def prefill(self, prompt: Sequence[int], vision: Optional[Sequence[bool]] = None,
+                head: Optional[str] = None) -> Prefix:
+        """Run one prompt; returns its Prefix (padded to its bucket, `padded_length`) with `head`'s logits."""
         data, _ = mesh_sizes()
         t = self.padded_length(len(prompt))
         logits, cache = self.prefill_batch([prompt] * data, t, t,        # one row per data shard
-                                           None if vision is None else [vision] * data)
+                                           None if vision is None else [vision] * data, head=head)
         return Prefix(cache=cache, logits=logits, length=t, position=len(prompt))
 
     def _insert_impl(self, state: DecodeState, cache, logits, slots, length, position, budget, temperature,
-                     top_k, top_p, seeds, drawn, *, rule):
+                     top_k, top_p, seeds, drawn, *, rule, head):
         """Prefix rows r with slots[r] >= 0 written into those decode slots (rows with slot -1 are left out),
         and their first tokens drawn, as draw number drawn[r] (0 for a new prompt). cache: k, v (L, P, K, T,
         H), segment_ids (P, T); logits (P, V); the rest (P,). One dynamic_update_slice per row (unrolled: P is a ladder size), in place on the donated
@@ -397,8 +434,8 @@ class Engine:
         seg = jnp.zeros((cache["segment_ids"].shape[0], s_len), jnp.int32)
         seg = jax.lax.dynamic_update_slice(seg, cache["segment_ids"].astype(jnp.int32), (0, 0))
         new_cache = dict(state.cache)
-        for name, big in state.cache.items():           # k, v (and an int8/fp8 cache's scales), segment_ids
-            axis, rows = CACHE_ROW_AXIS[name], seg if name == "segment_ids" else cache[name]
+        for name, axis, rows in (("k", 1, cache["k"]), ("v", 1, cache["v"]), ("segment_ids", 0, seg)):
+            big = new_cache[name]
             for r in range(rows.shape[axis]):
                 row = jax.lax.index_in_dim(rows, r, axis, keepdims=True).astype(big.dtype)
                 start = [0] * big.ndim
@@ -408,8 +445,8 @@ class Engine:
             new_cache[name] = big
         keys = jax.vmap(jax.random.PRNGKey)(seeds)
         tok, steps, active = self._draw(logits, keys, drawn, valid & (budget > drawn), budget, temperature, top_k,
-                                        top_p, state.stop_ids, rule)
-        lp, top_ids, top_lp = self._logprobs(logits, tok)
+                                        top_p, state.stop_ids, rule, head)
+        lp, top_ids, top_lp = self._logprobs(logits, tok, head)
         at = jnp.where(valid, slots, n_rows)                 # out of range: dropped
         put = lambda arr, values: arr.at[at].set(values.astype(arr.dtype), mode="drop")
         return state._replace(
@@ -423,7 +460,7 @@ class Engine:
     def insert(self, prefix: Prefix, state: DecodeState, slot: Union[int, Sequence[int]], *,
                max_new_tokens: Union[int, Sequence[int]], sampling: Union[SamplingConfig, Sequence[SamplingConfig]] =
                SamplingConfig(), seed: Union[int, Sequence[int]] = 0,
-               drawn: Union[int, Sequence[int]] = 0) -> DecodeState:
+               drawn: Union[int, Sequence[int]] = 0, head: Optional[str] = None) -> DecodeState:
         """Put prefilled prompts into decode slots (whatever they held is dropped) and draw each one's first
         token from its prefix logits (with its sampling settings and seed, as a step draws the next ones): read
         them with `drawn(state)` before the next `step`, which writes them to the cache and draws the second.
@@ -436,8 +473,13 @@ class Engine:
         slot: an int (the prefix's first row goes there; `prefill` gives one row per data shard, all the same
         prompt), or one slot per prefix row (P of them; -1 leaves a row out), so a batched prefill
         (`prefill_batch`) is inserted in one call. max_new_tokens, sampling, seed: one for all rows, or one per
-        row. prefix.position: an int, or one per row. Raises ValueError (a slot out of range or used twice, a
-        row's prefix + budget over the state's cache_length) or PromptTooLongError."""
+        row. prefix.position: an int, or one per row. head: the state's (default the engine's). Raises
+        ValueError (a slot out of range or used twice, a row's prefix + budget over the state's cache_length,
+        prefix logits of another head's size) or PromptTooLongError."""
+        head = self._check_head(head)
+        if prefix.logits.shape[-1] != self._head_size(head):
+            raise ValueError(f"insert: the prefix has logits over {prefix.logits.shape[-1]} ids, head={head!r} "
+                             f"has {self._head_size(head)}; prefill with the same head")
         n_rows, s = state.index.shape[0], state.cache["segment_ids"].shape[1]
         p = prefix.logits.shape[0]
         if np.isscalar(slot) and not 0 <= slot < n_rows:
@@ -466,30 +508,27 @@ class Engine:
                 raise ValueError(f"a prefix of {prefix.length} slots + max_new_tokens={budgets[r] - done[r]} does "
                                  f"not fit the state's cache_length={s}")
             self.check_length(positions[r], budgets[r] - done[r])
-        for r, x in enumerate(slots):                      # only once every row passed the checks
-            if x >= 0:
-                self._slot_filters[x] = self._uses_filters([samplings[r]])
-        filters = self._uses_filters([samplings[r] for r, x in enumerate(slots) if x >= 0])
         f32, i32 = np.float32, np.int32
         return self._insert_jit(state, prefix.cache, prefix.logits, np.asarray(slots, i32), i32(prefix.length),
                                 np.asarray(positions, i32), np.asarray(budgets, i32),
                                 np.asarray([x.temperature for x in samplings], f32),
                                 np.asarray([x.top_k for x in samplings], i32),
                                 np.asarray([x.top_p for x in samplings], f32), np.asarray(seeds, np.uint32),
-                                np.asarray(done, i32), rule=_FILTERED if filters else _GREEDY_OR_PLAIN)
+                                np.asarray(done, i32), rule=_PER_ROW, head=head)
 
     def step(self, state: DecodeState, n_steps: int = 1, rule: Optional[TokenRule] = None,
-             keep: Optional[np.ndarray] = None, logprobs: bool = False):
+             keep: Optional[np.ndarray] = None, logprobs: bool = False, head: Optional[str] = None):
         """Up to n_steps tokens for every active slot. Returns (state, tokens (R, n) numpy int32, emitted
         (R, n) numpy bool: whether slot r produced tokens[r, i]). keep: (R,) bool, False cancels a slot.
         logprobs=True (a second compiled step, shared by every request that asks; the default step computes
         none) returns a fourth value, TokenLogprobs of each drawn token: (R, n), (R, n, K), (R, n, K),
-        K = TOP_LOGPROBS (callers slice the k they want)."""
-        if rule is None:
-            rule = _FILTERED if any(getattr(self, "_slot_filters", [True])) else _GREEDY_OR_PLAIN
+        K = TOP_LOGPROBS (callers slice the k they want). rule: default per-row sampling with each slot's
+        settings from the state (the top-k/top-p sort only in steps where a live slot uses it). head: the
+        state's (default the engine's)."""
+        rule = _PER_ROW if rule is None else rule
         keep = np.ones(state.index.shape, bool) if keep is None else np.asarray(keep, bool)
         state, toks, emitted, lp = self._step_jit(self.params, state, keep, rule=rule, n_steps=int(n_steps),
-                                                  logprobs=bool(logprobs))
+                                                  logprobs=bool(logprobs), head=self._check_head(head))
         if not logprobs:
             return state, host_array(toks), host_array(emitted)
         return state, host_array(toks), host_array(emitted), TokenLogprobs(*(host_array(x) for x in lp))
@@ -502,25 +541,24 @@ class Engine:
             start[axis] = dst_slot
             return jax.lax.dynamic_update_slice(big, piece, start)
 
-        cache = {name: row(dst.cache[name], src.cache[name], CACHE_ROW_AXIS[name]) for name in dst.cache}
+        cache = {name: row(dst.cache[name], src.cache[name], 1 if name in ("k", "v") else 0) for name in dst.cache}
         rest = {f: row(getattr(dst, f), getattr(src, f), 0) for f in DecodeState._fields
                 if f not in ("cache", "stop_ids")}
         return dst._replace(cache=cache, **rest)
 
-    def move(self, src: DecodeState, src_slot: int, dst: DecodeState, dst_slot: int, *,
-             src_engine: Optional["Engine"] = None) -> tuple[DecodeState, DecodeState]:
-        """Move a generating slot from state `src` (of `src_engine`, default this engine) to slot `dst_slot` of
-        this engine's state `dst`: its cache rows, drawn token, fill, position, budget, sampling and key, so it
-        goes on exactly as it would have. The states must have the same cache length and stop ids. Returns
-        (src with the slot freed, dst). Raises ValueError naming the mismatch."""
+    def move(self, src: DecodeState, src_slot: int, dst: DecodeState,
+             dst_slot: int) -> tuple[DecodeState, DecodeState]:
+        """Move a generating slot from state `src` to slot `dst_slot` of state `dst`: its cache rows, drawn
+        token, fill, position, budget, sampling settings, key and log-probabilities (everything per slot is in
+        the state), so it goes on exactly as it would have. The states must have the same cache length, stop
+        ids and head. Returns (src with the slot freed, dst). Raises ValueError naming the mismatch."""
         if src.cache["k"].shape[3] != dst.cache["k"].shape[3]:
             raise ValueError(f"move: cache lengths differ ({src.cache['k'].shape[3]} vs {dst.cache['k'].shape[3]})")
         for name, slot, st in (("src_slot", src_slot, src), ("dst_slot", dst_slot, dst)):
             if not 0 <= slot < st.index.shape[0]:
                 raise ValueError(f"move: {name}={slot} is not in [0, {st.index.shape[0]})")
-        self._slot_filters[dst_slot] = (src_engine or self)._slot_filters[src_slot]
         dst = self._move_jit(dst, src, np.int32(src_slot), np.int32(dst_slot))
-        return (src_engine or self).free(src, src_slot), dst
+        return self.free(src, src_slot), dst
 
     def free(self, state: DecodeState, slot: Union[int, Sequence[int]]) -> DecodeState:
         """Stop slot `slot` (or each of several, with one array op); they can take a new `insert`."""
@@ -530,8 +568,6 @@ class Engine:
             if not 0 <= x < mask.shape[0]:
                 raise ValueError(f"slot={x} is not in [0, {mask.shape[0]})")
             mask[x] = True
-            if x < len(getattr(self, "_slot_filters", ())):
-                self._slot_filters[x] = False           # a free slot no longer asks for the top-k/top-p rule
         return state._replace(active=state.active & ~mask)
 
     @staticmethod
@@ -551,12 +587,12 @@ class Engine:
         return host_array(token), host_array(active)
 
     # --------------------------------------------------------------------------------------- scoring
-    def _score_impl(self, params, ids, vision, seg, pos):
+    def _score_impl(self, params, ids, vision, seg, pos, *, head):
         """Left-padded prompts (R, T) through the model once, without a cache (the training forward, every
         position's logits): returns (logprob (R, T-1) of ids[:, t+1] given ids[:, :t+1], top_ids (R, T-1, K),
         top_logprobs (R, T-1, K)), `token_logprobs` of the logits (R, T, V) at positions 0..T-2."""
         hidden = self._hidden(params, ids, vision, pos, seg, None, None, None)
-        lp = token_logprobs(self._logits(params, hidden[:, :-1]), self.vocab_size)         # (R, T-1, V)
+        lp = token_logprobs(self._logits(params, hidden[:, :-1], head), self._decodable(head))  # (R, T-1, V)
         nxt = jnp.take_along_axis(lp, ids[:, 1:, None], axis=-1)[..., 0]
         k = min(TOP_LOGPROBS, lp.shape[-1])
         top_lp, top_ids = jax.lax.top_k(lp, k)
@@ -566,7 +602,7 @@ class Engine:
         return _replicated(nxt), _replicated(top_ids.astype(jnp.int32)), _replicated(top_lp)
 
     def score(self, prompts: Sequence[Sequence[int]], vision: Optional[Sequence] = None,
-              padded_length: Optional[int] = None) -> list:
+              padded_length: Optional[int] = None, head: Optional[str] = None) -> list:
         """Prompt log-probabilities: for each prompt p (P ids), TokenLogprobs of (P-1,), (P-1, K), (P-1, K):
         entry t is token p[t+1] given p[:t+1] (`token_logprobs`: the model's distribution over decodable
         ids) and the K most likely ids there. This is the log-likelihood scorer (lm-evaluation-harness's
@@ -574,9 +610,10 @@ class Engine:
         One forward over all positions (logits (R, T, V) float32 are materialised: R * T * V * 4 bytes), the
         prompts batched left-padded to one bucket (`padded_length`, one compile per bucket and row count;
         rows padded to whole dp*fsdp shards). Raises ValueError for an empty prompt, PromptTooLongError over
-        max_sequence_length."""
+        max_sequence_length. head: whose logits score (default the engine's)."""
         if not prompts:
             return []
+        head = self._check_head(head)
         for p in prompts:
             self.check_length(len(p), 0)
         data, sp = mesh_sizes()
@@ -585,8 +622,9 @@ class Engine:
         t = padded_length or self.padded_length(longest)
         rows = list(prompts) + [prompts[0]] * (-n % data)
         ids, seg, pos = left_pad(rows, t, self.pad_id)
-        vis = self._vision_rows(None if vision is None else list(vision) + [vision[0]] * (len(rows) - n), rows, t)
-        nxt, top_ids, top_lp = (host_array(x) for x in self._score_jit(self.params, ids, vis, seg, pos))
+        vis = self._vision_rows(None if vision is None else list(vision) + [vision[0]] * (len(rows) - n), rows, t,
+                                head)
+        nxt, top_ids, top_lp = (host_array(x) for x in self._score_jit(self.params, ids, vis, seg, pos, head=head))
         out = []
         for r, p in enumerate(prompts):                  # row r's real tokens sit at slots [t - len(p), t)
             a = t - len(p)
@@ -594,15 +632,15 @@ class Engine:
         return out
 
     # -------------------------------------------------------------------------------- batched generate
-    def _vision_rows(self, vision, prompts, t: int):
-        """Left-padded vision masks (R, T) bool, or None for a text model."""
+    def _vision_rows(self, vision, prompts, t: int, head: str):
+        """Left-padded vision masks (R, T) bool, or None for a text model; without masks every id is of `head`."""
         if not self.vision:
             if vision is not None:
                 raise ValueError("vision masks given to a text-only model")
             return None
         out = np.zeros((len(prompts), t), bool)
         if vision is None:
-            out[:] = self.config.sample_mode == "vision"
+            out[:] = head == "vision"
             return out
         if len(vision) != len(prompts):
             raise ValueError(f"{len(vision)} vision masks for {len(prompts)} prompts")
@@ -615,31 +653,34 @@ class Engine:
         return out
 
     def prefill_batch(self, prompts: Sequence[Sequence[int]], padded_length: int, cache_length: int,
-                      vision: Optional[Sequence] = None):
+                      vision: Optional[Sequence] = None, head: Optional[str] = None):
         """Left-padded prompts (lwm.inference.sampling.left_pad) through the model at once: returns (logits (R, V) of
-        each row's next token, cache of cache_length slots with [0, padded_length) filled). The number of
-        rows must divide by the mesh's dp*fsdp."""
+        each row's next token under `head` (default the engine's), cache of cache_length slots with
+        [0, padded_length) filled). The number of rows must divide by the mesh's dp*fsdp."""
+        head = self._check_head(head)
         ids, seg, pos = left_pad(prompts, padded_length, self.pad_id)
-        vis = self._vision_rows(vision, prompts, padded_length)
-        return self._prefill_jit(self.params, ids, vis, seg, pos, cache_len=cache_length)
+        vis = self._vision_rows(vision, prompts, padded_length, head)
+        return self._prefill_jit(self.params, ids, vis, seg, pos, cache_len=cache_length, head=head)
 
     def lower_prefill(self, ids, cache_length: int):
         """The prefill (`prefill_batch`) lowered for ids (R, T) int32 (arrays or jax.ShapeDtypeStruct, also as
         this engine's params), nothing run: for memory_analysis (lwm.memory). Text models only."""
         if self.vision:
             raise ValueError("Engine.lower_prefill: text models only (a vision prompt needs its vision mask)")
-        return self._prefill_jit.lower(self.params, ids, None, ids, ids, cache_len=cache_length)
+        return self._prefill_jit.lower(self.params, ids, None, ids, ids, cache_len=cache_length, head="text")
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Union[int, Sequence[int]], *,
                  sampling: Union[SamplingConfig, Sequence[SamplingConfig], None] = None,
                  seeds: Union[int, Sequence[int], None] = None, stop_ids: Optional[Sequence[int]] = None,
                  stream: Optional[Callable] = None, vision: Optional[Sequence] = None,
                  rule: Optional[TokenRule] = None, padded_length: Optional[int] = None,
-                 steps_per_call: Optional[int] = None) -> GenerateResult:
+                 steps_per_call: Optional[int] = None, head: Optional[str] = None) -> GenerateResult:
         """Batched generation (module docstring (a)). stop_ids default (eos_id,); steps_per_call: decode
-        steps per compiled call (default 1 with a stream callback, else 16)."""
+        steps per compiled call (default 1 with a stream callback, else 16); head: the head sampled, 'text' or
+        'vision' (default the engine's)."""
         if not prompts:
             return GenerateResult([], [], {})
+        head = self._check_head(head)
         n = len(prompts)
         budgets = [int(max_new_tokens)] * n if np.isscalar(max_new_tokens) else [int(b) for b in max_new_tokens]
         if len(budgets) != n or min(budgets) < 1:
@@ -656,17 +697,16 @@ class Engine:
         rows = list(prompts) + [prompts[0]] * extra
         cache_len = t + sp * math.ceil(max(budgets) / sp)
         stop_ids = (self.eos_id,) if stop_ids is None else tuple(stop_ids)
-        if rule is None:
-            rule = _FILTERED if self._uses_filters(sampling) else _GREEDY_OR_PLAIN
+        rule = _PER_ROW if rule is None else rule
         k = steps_per_call or (1 if stream is not None else 16)
 
         t0 = time.perf_counter()
         logits, cache = self.prefill_batch(rows, t, cache_len,
-                                           None if vision is None else list(vision) + [vision[0]] * extra)
+                                           None if vision is None else list(vision) + [vision[0]] * extra, head)
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
         state = self._state(cache, logits, [t] * len(rows), [len(p) for p in rows], budgets + [0] * extra,
-                            sampling + [sampling[0]] * extra, seeds + [0] * extra, stop_ids, rule)
+                            sampling + [sampling[0]] * extra, seeds + [0] * extra, stop_ids, rule, head)
         out = [[] for _ in range(n)]
         finish = [None] * n
         keep = np.ones(len(rows), bool)
@@ -700,7 +740,7 @@ class Engine:
         t_first = time.perf_counter()
         take(first, np.arange(len(rows)) < n)
         while not all(f is not None for f in finish):
-            state, toks, emitted, _ = self._step_jit(self.params, state, keep, rule=rule, n_steps=k)
+            state, toks, emitted, _ = self._step_jit(self.params, state, keep, rule=rule, n_steps=k, head=head)
             toks, emitted = host_array(toks), host_array(emitted)
             if not emitted.any():
                 break
@@ -721,13 +761,23 @@ def _replicated_fn(x):
     return _replicated(x)
 
 
+def uses_filters(temperature, top_k, top_p) -> jax.Array:
+    """(R,) each -> (R,) bool: the rows whose draw needs the top-k/top-p sort (sampled, with a filter on)."""
+    return (temperature > 0) & ((top_k > 0) | (top_p < 1.0))
+
+
 @dataclasses.dataclass(frozen=True)
 class _PerRow:
-    """Hashable default rule: per-row sampling; `filters` compiles the top-k/top-p sort in."""
-    filters: bool
+    """The default rule (hashable): per-row sampling, the top-k/top-p sort chosen at run time from the rows'
+    own settings (`lax.cond`: only the branch taken runs), so one compiled step serves greedy, plain and
+    filtered slots, and a step without filtered rows costs no sort. Rows that need no filter draw the same
+    token either way (sample_rows' filters leave them unchanged)."""
 
     def __call__(self, logits, keys, steps, temperature, top_k, top_p):
-        return per_row_sampling(logits, keys, steps, temperature, top_k, top_p, filters=self.filters)
+        return jax.lax.cond(
+            jnp.any(uses_filters(temperature, top_k, top_p)),
+            lambda: per_row_sampling(logits, keys, steps, temperature, top_k, top_p, filters=True),
+            lambda: per_row_sampling(logits, keys, steps, temperature, top_k, top_p, filters=False))
 
 
-_GREEDY_OR_PLAIN, _FILTERED = _PerRow(False), _PerRow(True)
+_PER_ROW = _PerRow()

@@ -75,7 +75,9 @@ def parse_dtype(name: str):
 def setup(config: ConfigDict, modality: str = "text", sample_mode: Optional[str] = None) -> Runtime:
     """jax.distributed (when --jax_distributed.* or LWM_* ask for it; before any other JAX call), the dtype,
     the tokenizer, the model config (--load_llama_config, --llama.*, --update_llama_config, the tokenizer's
-    ids; `sample_mode` for the vision model) and the mesh, checked against the model's heads."""
+    ids) and the mesh, checked against the model's heads. sample_mode ('text' | 'vision', the old way of
+    choosing the sampled head, still accepted): set on the vision model's config, where it only supplies an
+    Engine's default head (`Engine(head=...)` and the calls' `head=` choose it without rebuilding the model)."""
     import jax
 
     from lwm.cli.flags import model_config_from_flags

@@ -112,16 +112,18 @@ class FrameRule:
         return jnp.concatenate([tok, tok]) if self.guided else tok
 
 
-def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt],
+def generate_frames(model: Optional[VisionLLaMAForCausalLM], params, cond: Sequence[Prompt],
                     uncond: Optional[Sequence[Prompt]], *, n_frames: int, tokens_per_frame: int,
                     sampling: FrameSampling, rng, pad_id: int, num_codes: int = NUM_VISION_CODES,
                     stats: Optional[dict] = None, cache_dtype=None, engine: Optional[Engine] = None) -> np.ndarray:
     """Draw `n_frames` frames after each conditional prompt: with classifier-free guidance (scale
     sampling.cfg_scale) against `uncond` (one per cond prompt), or plain sampling when `uncond` is None,
-    through the generation engine with a `FrameRule`. The model must have sample_mode='vision'.
+    through the generation engine with a `FrameRule`, sampling its vision head (`head='vision'` of the call,
+    whatever the model config's sample_mode says).
     rng: a PRNG key, or an int seed; row r draws with seed `seed_of(rng)` + r (the unconditional rows' draws
-    are unused). engine: an `Engine` over this model (eos_id -1) to reuse, so that its compiled steps serve
-    several calls (the server keeps one); default a new one per call (then cache_dtype applies).
+    are unused). engine: the `Engine` to run on (then model and params may be None and cache_dtype does not
+    apply), so that its compiled calls serve several callers (the server passes its one engine, the same
+    that answers its text requests); default a new one over (model, params) per call.
 
     Returns (B, n_frames, F) int32 vision ids: F - 1 codes in [0, num_codes), then END_OF_FRAME. Raises
     PromptTooLongError before compiling when a prompt + n_frames * F exceeds max_sequence_length. With an
@@ -129,9 +131,7 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     `stats` (optional) receives first_token_s (prefill and the first draw: on a new engine this includes
     compiling), generate_s (the whole call, s), compile_s (the seconds of it JAX spent compiling, CompileClock),
     run_s (generate_s - compile_s), tokens_per_s (new_tokens / run_s), new_tokens (B * n_frames * F) and rows."""
-    config = model.config
-    if config.sample_mode != "vision":
-        raise ValueError(f"generate_frames needs a model with sample_mode='vision', not {config.sample_mode!r}")
+    config = (engine or model).config
     if not 0 < num_codes <= NUM_VISION_CODES:
         raise ValueError(f"num_codes={num_codes} must be in [1, {NUM_VISION_CODES}]")
     cond, guided = list(cond), uncond is not None
@@ -148,14 +148,14 @@ def generate_frames(model: VisionLLaMAForCausalLM, params, cond: Sequence[Prompt
     b_pad = per_half * math.ceil(b / per_half)
     rows = [p for half in halves for p in half + [half[0]] * (b_pad - b)]
     if engine is None:
-        engine = Engine(model, params, eos_id=-1, pad_id=pad_id, cache_dtype=cache_dtype)
+        engine = Engine(model, params, eos_id=-1, pad_id=pad_id, cache_dtype=cache_dtype, head="vision")
     seed0 = rng if isinstance(rng, int) else seed_of(rng)
     rule = FrameRule(tokens_per_frame, num_codes, float(sampling.cfg_scale), guided)
     t0 = time.perf_counter()
     with CompileClock() as clock:
         result = engine.generate([p.ids for p in rows], n_new, vision=[p.vision for p in rows], rule=rule,
                                  sampling=SamplingConfig(sampling.temperature, sampling.top_k),
-                                 seeds=[seed0 + r % b_pad for r in range(len(rows))], stop_ids=())
+                                 seeds=[seed0 + r % b_pad for r in range(len(rows))], stop_ids=(), head="vision")
     t1 = time.perf_counter()
     if stats is not None:
         stats.update(first_token_s=result.stats["time_to_first_token_s"], generate_s=t1 - t0, new_tokens=b * n_new,
@@ -172,27 +172,30 @@ def generation_prompts(tokenizer, caption: str, kind: str) -> tuple[Prompt, Prom
     return vision_generation_prompts(tokenizer, f"Generate {what} of {caption}")
 
 
-def answer(model: VisionLLaMAForCausalLM, params, prompt: Prompt, *, max_new_tokens: int, temperature: float,
-           rng: jax.Array, eos_id: int, pad_id: int, num_text: Optional[int] = None,
-           stats: Optional[dict] = None, cache_dtype=None) -> list[int]:
-    """New text ids after `prompt` (model with sample_mode='text'), up to and without EOS, drawn among the
-    first `num_text` ids (the tokenizer's vocabulary when the model's is padded; default all), through the
-    generation engine (the prompt's vision mask routes its embeddings). Raises ValueError for a model not in
-    text mode or a bad budget, PromptTooLongError before compiling when len(prompt) + max_new_tokens >
-    max_sequence_length. `stats` (optional) receives first_token_s (prefill and the first draw, compiling
+def answer(model: Optional[VisionLLaMAForCausalLM], params, prompt: Prompt, *, max_new_tokens: int,
+           temperature: float, rng: jax.Array, eos_id: int, pad_id: int, num_text: Optional[int] = None,
+           stats: Optional[dict] = None, cache_dtype=None, engine: Optional[Engine] = None) -> list[int]:
+    """New text ids after `prompt`, up to and without EOS, sampled from the text head (`head='text'` of the
+    call, whatever the model config's sample_mode says) among the first `num_text` ids (the tokenizer's
+    vocabulary when the model's is padded; default all), through the generation engine (the prompt's vision
+    mask routes its embeddings). engine: the `Engine` to run on, so that several questions share its compiled
+    calls (then model, params, eos_id, pad_id, num_text and cache_dtype are the engine's: its `vocab_size`
+    bounds a text head that is its default); default a new one per call. Raises ValueError for a bad budget,
+    PromptTooLongError before compiling when len(prompt) + max_new_tokens > max_sequence_length. `stats` (optional) receives first_token_s (prefill and the first draw, compiling
     included: the engine compiles inside this call), generate_s (s), compile_s (the seconds of it JAX spent
     compiling, CompileClock), run_s and tokens_per_s (new tokens / run_s: without compiling), prompt_tokens
     and new_tokens."""
-    config = model.config
-    if config.sample_mode != "text":
-        raise ValueError(f"answer needs a model with sample_mode='text', not {config.sample_mode!r}")
+    config = (engine or model).config
     if max_new_tokens < 1 or temperature < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 and temperature={temperature} >= 0")
     check_budget(len(prompt), max_new_tokens, config.max_sequence_length, f"--max_new_tokens={max_new_tokens}")
-    engine = Engine(model, params, eos_id=eos_id, pad_id=pad_id, vocab_size=num_text, cache_dtype=cache_dtype)
+    if engine is None:
+        engine = Engine(model, params, eos_id=eos_id, pad_id=pad_id, vocab_size=num_text, cache_dtype=cache_dtype,
+                        head="text")
     with CompileClock() as clock:
         result = engine.generate([prompt.ids.tolist()], max_new_tokens, vision=[prompt.vision],
-                                 sampling=SamplingConfig(temperature=float(temperature)), seeds=seed_of(rng))
+                                 sampling=SamplingConfig(temperature=float(temperature)), seeds=seed_of(rng),
+                                 head="text")
     (row,) = result.tokens
     if stats is not None:
         s = result.stats

@@ -40,7 +40,11 @@ class VisionLLaMAConfig(LLaMAConfig):
 
     sample_mode picks what `__call__` returns: 'text' -> text logits, 'vision' -> vision logits,
     'all' -> (vision logits, text logits) (the original's order). It is also the embedding used for every
-    position when no vision mask is given (generation of one modality); 'all' then requires masks."""
+    position when no vision mask is given (generation of one modality); 'all' then requires masks.
+    Generation does not need it: the engine (lwm.inference.engine.Engine) always passes the masks and takes
+    the sampled head as an argument (`head='text'|'vision'`, of the engine or of each call), so one model and
+    one set of parameters serve text answers and image generation. The key is still accepted (old configs,
+    --llama.sample_mode): 'text' or 'vision' only supplies the engine's default head."""
 
     vision_vocab_size: int = 8448
     tie_vision_embeddings: bool = False

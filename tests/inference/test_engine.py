@@ -169,15 +169,16 @@ def test_per_row_seeds_do_not_depend_on_the_batch(engine):
 
 def test_a_slot_moved_to_another_state_goes_on_unchanged(engine, batched):
     """Engine.move (the server moves a lone request into the bigger state others decode in): a slot that drew
-    three tokens in a one-slot state goes on in slot 2 of another engine's four-slot state and gives the
-    batched run's tokens; the source slot is freed and no other slot starts."""
-    other = Engine(engine.model, engine.params, eos_id=EOS, pad_id=PAD)
+    three tokens in a one-slot state goes on in slot 2 of a four-slot state and gives the batched run's tokens;
+    the source slot is freed and no other slot starts. Both states belong to one engine (no per-state engine:
+    everything per slot travels in the state)."""
+    other = engine
     small, big = engine.init_state(slots=1, cache_length=48), other.init_state(slots=4, cache_length=48)
     small = engine.insert(engine.prefill(PROMPTS[1]), small, 0, max_new_tokens=NEW)
     out = [int(engine.drawn(small)[0][0])]
     small, toks, emitted = engine.step(small, 2)
     out += [int(t) for t in toks[0][emitted[0]]]
-    small, big = other.move(small, 0, big, 2, src_engine=engine)
+    small, big = other.move(small, 0, big, 2)
     assert not engine.active(small)[0] and list(other.active(big)) == [False, False, True, False]
     while other.active(big).any():
         big, toks, emitted = other.step(big, 4)
@@ -185,4 +186,4 @@ def test_a_slot_moved_to_another_state_goes_on_unchanged(engine, batched):
         out += [int(t) for t in toks[2][emitted[2]]]
     assert (out[:out.index(EOS)] if EOS in out else out) == batched.tokens[1]
     with pytest.raises(ValueError, match="cache lengths differ"):
-        other.move(engine.init_state(slots=1, cache_length=32), 0, big, 0, src_engine=engine)
+        other.move(engine.init_state(slots=1, cache_length=32), 0, big, 0)
