@@ -80,7 +80,8 @@ import numpy as np
 
 from lwm.parallel import sharding
 from lwm.parallel.multihost import host_array
-from lwm.model.llama import CacheMode, LLaMAForCausalLM, init_cache, sequence_multiple
+from lwm.utils.dtypes import check_cache_dtype_backend
+from lwm.model.llama import CACHE_ROW_AXIS, CacheMode, LLaMAForCausalLM, init_cache, sequence_multiple
 from lwm.inference.sampling import PromptTooLongError, SamplingConfig, bucket_length, left_pad, sample_rows
 from lwm.model.vision_llama import VisionLLaMAForCausalLM
 
@@ -148,11 +149,12 @@ def mesh_sizes() -> tuple[int, int]:
 
 
 def parse_cache_dtype(value):
-    """None / '' (the model's dtype), a float dtype, or a name ('fp32', 'bf16', 'fp16'; the --cache_dtype
-    flag) of the one dtype table (lwm.utils.dtypes); raises ValueError naming --cache_dtype."""
-    from lwm.utils.dtypes import parse_float_dtype
+    """None / '' (the model's dtype), a float dtype, or a name ('fp32', 'bf16', 'fp16', or the quantized 'int8',
+    'fp8'; the --cache_dtype flag) of the one dtype table (lwm.utils.dtypes); raises ValueError naming
+    --cache_dtype."""
+    from lwm.utils import dtypes
 
-    return parse_float_dtype(value, what="--cache_dtype")
+    return dtypes.parse_cache_dtype(value, what="--cache_dtype")
 
 
 def seed_of(rng) -> int:
@@ -210,6 +212,7 @@ class Engine:
         self.eos_id, self.pad_id = int(eos_id), int(pad_id)
         self.vocab_size = self.head_size if vocab_size is None else min(int(vocab_size), self.head_size)
         self.cache_dtype = jnp.dtype(parse_cache_dtype(cache_dtype) or model.dtype)
+        check_cache_dtype_backend(self.cache_dtype)  # int8 / fp8: one line before anything compiles
         self.last_stats: dict = {}
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("cache_len", "head"))
         self._step_jit = jax.jit(self._step_impl, donate_argnums=(1,),
@@ -434,8 +437,8 @@ class Engine:
         seg = jnp.zeros((cache["segment_ids"].shape[0], s_len), jnp.int32)
         seg = jax.lax.dynamic_update_slice(seg, cache["segment_ids"].astype(jnp.int32), (0, 0))
         new_cache = dict(state.cache)
-        for name, axis, rows in (("k", 1, cache["k"]), ("v", 1, cache["v"]), ("segment_ids", 0, seg)):
-            big = new_cache[name]
+        for name, big in state.cache.items():           # k, v (and an int8/fp8 cache's scales), segment_ids
+            axis, rows = CACHE_ROW_AXIS[name], seg if name == "segment_ids" else cache[name]
             for r in range(rows.shape[axis]):
                 row = jax.lax.index_in_dim(rows, r, axis, keepdims=True).astype(big.dtype)
                 start = [0] * big.ndim
@@ -541,7 +544,7 @@ class Engine:
             start[axis] = dst_slot
             return jax.lax.dynamic_update_slice(big, piece, start)
 
-        cache = {name: row(dst.cache[name], src.cache[name], 1 if name in ("k", "v") else 0) for name in dst.cache}
+        cache = {name: row(dst.cache[name], src.cache[name], CACHE_ROW_AXIS[name]) for name in dst.cache}
         rest = {f: row(getattr(dst, f), getattr(src, f), 0) for f in DecodeState._fields
                 if f not in ("cache", "stop_ids")}
         return dst._replace(cache=cache, **rest)
