@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 import warnings
@@ -38,8 +37,7 @@ from ml_collections import ConfigDict
 
 from lwm.cli.command import cli, parse, require
 from lwm.cli.values import FlagError, parse_mesh_dim
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from lwm.tools.jobs import cpu_env, run_step
 
 # Model: the tiny preset with theta raised for long contexts (LWM itself raises theta as context grows).
 MODEL_UPDATES = dict(theta=1_000_000, max_sequence_length=16384, scan_query_chunk_size=128,
@@ -209,19 +207,11 @@ def write_curriculum(path: str, stream: Sequence[int], tokenizer, n_examples: in
 # ------------------------------------------------------------------------------------------ steps
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
-    # XLA:CPU runs concurrent collectives of the simulated devices on one thread pool sized by NPROC
-    # (default: the core count); with fewer threads than collectives in flight, they wait on each other.
-    env.setdefault("NPROC", str(max(16, 4 * devices)))
-    return env
+    return cpu_env(devices)          # the one subprocess environment of the main jobs (lwm.tools.jobs)
 
 
 def _run(cmd: list[str], env: dict, what: str) -> None:
-    print(f"\n== {what}\n   {' '.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, env=env, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"demo: {what} failed with exit code {proc.returncode}")
+    run_step(cmd, env, what, job="demo")
 
 
 def train_stage(i: int, stage, data: str, tokenizer_path: str, workdir: str, devices: int, init: str,

@@ -116,9 +116,17 @@ def vision_chat_prompt(tokenizer, question: str, vision_ids, system: str = SYSTE
     """The original's vision chat prompt, each text piece tokenized on its own:
         BOS "You are a helpful assistant. USER: {question}\\n" "<vision>" {vision ids} "</vision>" " ASSISTANT:"
     vision_ids (N,): the frames' codes with their end-of-frame / end-of-vision ids (lwm.vision_chat)."""
-    prompt = text_prompt(tokenizer, f"{system} USER: {question}\n")
+    head, tail = vision_chat_text(question, system)
+    prompt = text_prompt(tokenizer, head)
     prompt = prompt.extend(tokenizer.encode(VISION_OPEN), False).extend(vision_ids, True)
-    return prompt.extend(tokenizer.encode(VISION_CLOSE), False).extend(tokenizer.encode(" ASSISTANT:"), False)
+    return prompt.extend(tokenizer.encode(VISION_CLOSE), False).extend(tokenizer.encode(tail), False)
+
+
+def vision_chat_text(question: str, system: str = SYSTEM_PROMPT) -> tuple[str, str]:
+    """The text pieces of `vision_chat_prompt` around "<vision>...</vision>": (head, tail) =
+    ("You are a helpful assistant. USER: {question}\\n", " ASSISTANT:"). Training records that put these
+    pieces around their codes (lwm.tools.vision_demo) tokenize to the prompt the vision evaluations ask with."""
+    return f"{system} USER: {question}\n", " ASSISTANT:"
 
 
 def vision_generation_prompts(tokenizer, request: str) -> tuple[Prompt, Prompt]:

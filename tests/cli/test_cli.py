@@ -43,7 +43,8 @@ BAD_CHECKPOINT = "params::/nowhere/params"
 def test_every_command_is_found():
     expected = {"lwm.train", "lwm.convert", "lwm.memory", "lwm.demo", "lwm.text_chat", "lwm.vision_chat",
                 "lwm.vision_generation", "lwm.eval_needle", "lwm.eval_needle_multi", "lwm.eval_long",
-                "lwm.eval_visual_needle", "lwm.serve", "lwm.tokenizer", "lwm.extend", "lwm.train_vqgan"}
+                "lwm.eval_visual_needle", "lwm.serve", "lwm.tokenizer", "lwm.extend", "lwm.train_vqgan",
+                "lwm.vision_demo"}
     assert set(COMMANDS) == expected, set(COMMANDS) ^ expected
 
 

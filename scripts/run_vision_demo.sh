@@ -1,0 +1,24 @@
+#! /bin/bash
+# The second main job, offline on 2 CPU cores (16 minutes on a shared 2-core CPU): the synthetic video-language world, a VQGAN
+# trained on it, the vision-language LWM trained on its codes (masked sequence packing, loss weighting), then
+# world QA, text-to-image/video scored by pixel rules and the visual needles; prints where the results are.
+#   bash scripts/run_vision_demo.sh                          # outputs under outputs/vision_demo/
+#   OUT=/tmp/vd bash scripts/run_vision_demo.sh --size=small  # a few minutes (extra flags: lwm.vision_demo)
+set -euo pipefail
+SCRIPT_DIR="$( cd -- "$( dirname -- "${BASH_SOURCE[0]}" )" &> /dev/null && pwd )"
+PROJECT_DIR="$( cd -- "$( dirname -- "$SCRIPT_DIR" )" &> /dev/null && pwd )"
+cd "$PROJECT_DIR"
+OUT="${OUT:-outputs/vision_demo}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$OUT"
+
+echo "== install (pip install -e .)"
+if "$PYTHON" -c "import jax, flax, optax, orbax.checkpoint, sentencepiece, ml_collections, matplotlib, tqdm, fsspec, av, PIL" 2>/dev/null; then
+    # Dependencies are present: install the package alone, without touching the network.
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+else
+    "$PYTHON" -m pip install -q -e .
+fi
+
+JAX_PLATFORMS=cpu "$PYTHON" -m lwm.vision_demo --workdir="$OUT" "$@"
+echo "== wall time of the whole job: ${SECONDS} s"
