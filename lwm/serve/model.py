@@ -55,7 +55,6 @@ class ServedModel:
         self.is_vision = hasattr(self.config, "vision_vocab_size")
         self.max_sequence_length = int(self.config.max_sequence_length)
         self.created = int(time.time())
-        self._image_engine = None
 
     def card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "lwm",
@@ -226,28 +225,21 @@ class ServedModel:
                         cfg_scale: float) -> list[np.ndarray]:
         """prompt: the (cond, uncond) ids of `image_prompts` (or a text, tokenized here). n images for it by the original's text-to-image recipe (`lwm.inference.vision.generate_frames`:
         "Generate an image of {prompt}" against "<vision>", classifier-free guidance when cfg_scale != 1,
-        forced end-of-frame), then the VQGAN decode, on one image engine kept for the server's lifetime so
-        requests after the first reuse its compiled steps. Returns n uint8 (R, R, 3) frames. Runs on the
-        engine thread."""
-        from lwm.inference.engine import Engine
+        forced end-of-frame), then the VQGAN decode, on the server's one engine (the same model and parameters
+        that answer text; the vision head is an argument of the call), so requests after the first reuse its
+        compiled calls. Returns n uint8 (R, R, 3) frames. Runs on the engine thread."""
         from lwm.inference.vision import FrameSampling, generate_frames
         from lwm.utils.vision_io import to_uint8
 
         side = self.vqgan.config.codes_per_side
         per_frame = side * side + 1
         cond, uncond = self.image_prompts(prompt) if isinstance(prompt, str) else prompt
-        if self._image_engine is None:
-            model = self.engine.model
-            image_model = type(model)(self.config.replace(sample_mode="vision"), dtype=model.dtype,
-                                      param_dtype=model.param_dtype)
-            self._image_engine = Engine(image_model, self.engine.params, eos_id=-1, pad_id=self.tokenizer.pad_id,
-                                        cache_dtype=self.engine.cache_dtype)
         guided = cfg_scale != 1
-        codes = generate_frames(self._image_engine.model, self.engine.params, [cond] * n,
+        codes = generate_frames(None, None, [cond] * n,
                                 [uncond] * n if guided else None, n_frames=1, tokens_per_frame=per_frame,
                                 sampling=FrameSampling(temperature, top_k, float(cfg_scale)), rng=int(seed),
                                 pad_id=self.tokenizer.pad_id, num_codes=self.vqgan.config.num_embeddings,
-                                engine=self._image_engine)
+                                engine=self.engine)
         codes = np.asarray(codes, np.int32)[:, 0, :-1].reshape(n, side, side)
         return list(to_uint8(self.vqgan.decode(codes)))
 
@@ -296,12 +288,11 @@ class ServedModel:
             t = sp * math.ceil(len(ids) / sp)
         return t, vision is not None
 
-    def insert_many(self, engine, state, slots: list, jobs: list, rows: int, prefill_engine=None):
+    def insert_many(self, engine, state, slots: list, jobs: list, rows: int):
         """Prefill `jobs` (equal `prefill_key`) as one batch of `rows` rows (>= len(jobs), a multiple of the
-        mesh's dp*fsdp; the extra rows repeat the first prompt) on `prefill_engine` (default `engine`; any
-        engine over the same model and parameters, so that one compiled prefill serves every decode state) and
-        put job i into decode slot slots[i] of `engine`'s `state` with one `Engine.insert` (continuous
-        batching). Each row is padded to the same length as a lone prefill of it, so a row's numbers do not
+        mesh's dp*fsdp; the extra rows repeat the first prompt) and put job i into decode slot slots[i] of
+        `state` with one `Engine.insert` (continuous batching; one engine serves every decode state, so one
+        compiled prefill per shape serves them all). Each row is padded to the same length as a lone prefill of it, so a row's numbers do not
         depend on its neighbours'. A job that already drew tokens (resumed after a lost decode state) prefills
         its prompt and those tokens and goes on at its next draw (`Engine.insert(drawn=...)`). Returns the
         state."""
@@ -310,7 +301,7 @@ class ServedModel:
         t, has_vision = self.prefill_key(engine, jobs[0])
         split = [self._prefill_input(job) for job in jobs]
         split += [split[0]] * (rows - len(jobs))
-        logits, cache = (prefill_engine or engine).prefill_batch([ids for ids, _ in split], t, t,
+        logits, cache = engine.prefill_batch([ids for ids, _ in split], t, t,
                                              [v for _, v in split] if has_vision else None)
         pad = rows - len(jobs)                             # the repeated rows are left out (slot -1)
         state = engine.insert(Prefix(cache=cache, logits=logits, length=t, position=[len(ids) for ids, _ in split]),

@@ -6,9 +6,10 @@
 
 Continuous batching over the slot API of the one engine (`lwm.inference.engine.Engine`), as JetStream and
 vLLM do. A step costs every row of its decode state, active or not, so the scheduler keeps a ladder of states
-(1, 4, 16, ... rows up to max_batch_size, `_pools`), each on its own engine over the same parameters, and puts
-new jobs into the smallest one that holds the recent demand (`_targets`). Between decode steps, the jobs
-admitted together are prefilled in batches (`_admit`: one prefill per ladder size of rows for jobs of the same
+(1, 4, 16, ... rows up to max_batch_size, `_pools`: `Pool`s), all on the one engine (the engine is stateless:
+everything per slot is in the decode state, so one engine's compiled calls serve every state and the moves
+between them), and puts new jobs into the smallest one that holds the recent demand (`_targets`). Between
+decode steps, the jobs admitted together are prefilled in batches (`_admit`: one prefill per ladder size of rows for jobs of the same
 padded length) and inserted into free slots, which draws each job's first token from its prefill (handed to
 the job before any decode step); every step draws one more token for every active slot; a slot is
 freed as soon as its job ends (EOS, budget, a stop string, or its client left), and the next waiting job takes
@@ -30,6 +31,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -62,11 +64,17 @@ def _infos(lp: list, row: int, emitted) -> Optional[list]:
                                                 x.top_logprobs[row][emitted])]
 
 
-def _twin(engine):
-    """A second engine over the same model and parameters: the slot API keeps per-slot sampling flags for the
-    state an engine last initialised, so each decode state gets its own engine (and compiled steps)."""
-    return type(engine)(engine.model, engine.params, eos_id=engine.eos_id, pad_id=engine.pad_id,
-                        vocab_size=engine.vocab_size, cache_dtype=engine.cache_dtype)
+@dataclasses.dataclass
+class Pool:
+    """One decode state of the ladder: the scheduler's decode slots [offset, offset + size) (indices into
+    `Scheduler.running`) are rows [0, size) of `state`, a DecodeState of the one engine (None until first
+    used, and after `_recover` dropped it)."""
+    offset: int
+    size: int
+    state: Optional[object] = None
+
+    def holds(self, slot: int) -> bool:
+        return self.offset <= slot < self.offset + self.size
 
 
 class Scheduler:
@@ -91,7 +99,7 @@ class Scheduler:
         self._start_error: Optional[BaseException] = None
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
-        self.pools: list = []      # the decode states [offset, slots, state, engine], set by the engine thread
+        self.pools: list = []      # the decode states (Pool), set by the engine thread
         self._recent: collections.deque = collections.deque()   # (time, jobs decoding or admitted at once)
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -155,7 +163,7 @@ class Scheduler:
             try:
                 data, _ = self.served.engine.mesh_sizes()
                 pools = self.pools = self._pools(data)
-                self.running = [None] * sum(p[1] for p in pools)
+                self.running = [None] * sum(p.size for p in pools)
                 if self.warmup_prompt_lengths:
                     t0 = time.perf_counter()
                     self._warmup(pools)
@@ -171,39 +179,38 @@ class Scheduler:
         """Compile, before the first request, what serving a prompt of each length in warmup_prompt_lengths
         runs (as JetStream's model warmup and vLLM's start-up graph capture do), so no request waits for a
         compile: the batched prefill at every ladder size of rows, each decode state's insert of each size that
-        fits it, its decode step at 1 and steps_per_call steps, greedy and with top-p (two compiled sampling
-        rules), and the moves between states. Text prompts of a budget that fits their bucket
+        fits it, its decode step at 1 and steps_per_call steps (one compiled step serves greedy and top-p
+        slots; both are run), and the moves between states. Text prompts of a budget that fits their bucket
         (`ServedModel.prefill_key`); other shapes (vision prompts, a budget that forces sp-only padding) still
         compile on first use. Leaves every slot free."""
         from lwm.serve.jobs import Job, Sampling
 
-        served, tok = self.served, self.served.tokenizer
-        sizes = [p[1] for p in pools]
+        served, tok, engine = self.served, self.served.tokenizer, self.served.engine
+        sizes = [p.size for p in pools]
         rules = (Sampling(max_tokens=2, temperature=0.0), Sampling(max_tokens=2, temperature=1.0, top_p=0.9))
         for pool in pools:
-            if pool[2] is None:
-                pool[2] = pool[3].init_state(pool[1], served.cache_length)
+            if pool.state is None:
+                pool.state = engine.init_state(pool.size, served.cache_length)
         for n in self.warmup_prompt_lengths:
             prompt = [tok.bos_id] * n
             for pool in pools:
-                engine = pool[3]
-                for rows in (r for r in sizes if r <= pool[1]):
+                for rows in (r for r in sizes if r <= pool.size):
                     for sampling in rules:
                         job = Job(prompt, sampling, tok, None)
-                        pool[2] = served.insert_many(engine, pool[2], [0], [job], rows, prefill_engine=pools[0][3])
-                        engine.drawn(pool[2])
+                        pool.state = served.insert_many(engine, pool.state, [0], [job], rows)
+                        engine.drawn(pool.state)
                         for k in sorted({1, self.steps_per_call}):
-                            pool[2], _, _ = engine.step(pool[2], n_steps=k, keep=np.ones(pool[1], bool))
-                        pool[2] = engine.free(pool[2], 0)
+                            pool.state, _, _ = engine.step(pool.state, n_steps=k, keep=np.ones(pool.size, bool))
+                        pool.state = engine.free(pool.state, 0)
             for src in pools:                                  # moves between every two states
                 for dst in pools:
                     if src is dst:
                         continue
                     job = Job(prompt, rules[0], tok, None)
-                    src[2] = served.insert_many(src[3], src[2], [0], [job], sizes[0], prefill_engine=pools[0][3])
-                    src[2], dst[2] = dst[3].move(src[2], 0, dst[2], 0, src_engine=src[3])
-                    dst[2] = dst[3].free(dst[2], 0)
-                    dst[3].drawn(dst[2])
+                    src.state = served.insert_many(engine, src.state, [0], [job], sizes[0])
+                    src.state, dst.state = engine.move(src.state, 0, dst.state, 0)
+                    dst.state = engine.free(dst.state, 0)
+                    engine.drawn(dst.state)
 
     def _drop_cancelled(self) -> None:
         kept = collections.deque()
@@ -224,8 +231,8 @@ class Scheduler:
                 future.set_exception(e)
 
     def _pools(self, data: int) -> list:
-        """Decode states as [offset, slots, state, engine], a ladder of sizes data * (1, 4, 16, ...) up to
-        max_batch_size (rounded up to whole data shards). A step costs every row of its state whether active or
+        """Decode states (`Pool`), a ladder of sizes data * (1, 4, 16, ...) up to max_batch_size (rounded up to
+        whole data shards), all on the one engine. A step costs every row of its state whether active or
         not (debug preset on a CPU: about 4 ms at one row, 90 ms at 16), so requests go to the smallest state
         that holds the recent demand (`_targets`) and a step costs about the active rows."""
         big = data * math.ceil(self.max_batch_size / data)
@@ -235,8 +242,8 @@ class Scheduler:
             s *= 4
         sizes.append(big)
         pools, offset = [], 0
-        for i, size in enumerate(sizes):
-            pools.append([offset, size, None, self.served.engine if i == 0 else _twin(self.served.engine)])
+        for size in sizes:
+            pools.append(Pool(offset, size))
             offset += size
         return pools
 
@@ -246,11 +253,10 @@ class Scheduler:
         has free rows (then the next larger ones, then any), so that requests that arrive one after another
         under a steady load of 16 share the 16-row state instead of scattering over small ones, and a lone
         request's step costs one row."""
-        order = sorted(range(len(pools)), key=lambda i: (pools[i][1] < min(demand, pools[-1][1]), pools[i][1]))
+        order = sorted(range(len(pools)), key=lambda i: (pools[i].size < min(demand, pools[-1].size), pools[i].size))
         out = []
         for i in order:
-            offset, size = pools[i][0], pools[i][1]
-            for slot in range(offset, offset + size):
+            for slot in range(pools[i].offset, pools[i].offset + pools[i].size):
                 if len(out) < n and self.running[slot] is None:
                     out.append(slot)
         return out
@@ -317,41 +323,42 @@ class Scheduler:
         share one prefill of a ladder size of rows; then insert them into their slots, which draws each job's
         first token from its prefill, and hand those tokens to the jobs at once (before any decode step: the
         time to first token is the prefill's)."""
+        engine = self.served.engine
         groups: dict = {}
         for slot, job in admit:
-            p = next(k for k, q in enumerate(pools) if q[0] <= slot < q[0] + q[1])
+            p = next(k for k, q in enumerate(pools) if q.holds(slot))
             try:
-                key = (p, self.served.prefill_key(pools[p][3], job))
+                key = (p, self.served.prefill_key(engine, job))
             except APIError as e:
                 job.finish("error", e)
                 self._release(slot)
                 continue
             groups.setdefault(key, []).append((slot, job))
-        sizes = [q[1] for q in pools]
+        sizes = [q.size for q in pools]
         for (p, _), members in groups.items():
             pool = pools[p]
-            if pool[2] is None:
-                pool[2] = pool[3].init_state(pool[1], self.served.cache_length)
+            if pool.state is None:
+                pool.state = engine.init_state(pool.size, self.served.cache_length)
             start = 0
             for rows in self._chunks(len(members), sizes):
                 part = members[start:start + rows]
                 start += len(part)
-                self._insert(pools, pool, part, rows, sizes[0])
+                self._insert(pool, part, rows, sizes[0])
         with posts_batched():                             # one event-loop wake-up for all first tokens
             for pool in pools:
-                offset, size, state, engine = pool
-                new = [(slot, job) for slot, job in admit if offset <= slot < offset + size and not job.finished]
+                offset = pool.offset
+                new = [(slot, job) for slot, job in admit if pool.holds(slot) and not job.finished]
                 if not new:
                     continue
                 want = any(job.logprobs for _, job in new)   # log-probabilities: read only when asked
-                tokens, going, *lp = engine.drawn(state, logprobs=want)
+                tokens, going, *lp = engine.drawn(pool.state, logprobs=want)
                 ended = [slot - offset for slot, job in new
                          if self._took(slot, job, [int(tokens[slot - offset])], bool(going[slot - offset]),
                                        _infos(lp, slot - offset, None))]
                 if ended:
-                    pool[2] = engine.free(pool[2], ended)
+                    pool.state = engine.free(pool.state, ended)
 
-    def _insert(self, pools, pool, part: list, rows: int, alone_rows: int) -> None:
+    def _insert(self, pool, part: list, rows: int, alone_rows: int) -> None:
         """Prefill and insert the (slot, job) pairs `part` as one batch of `rows` rows; when that fails, each
         job again alone (a batch of alone_rows rows, the ladder's smallest), so that a request that fails
         inside a batched prefill fails alone and its neighbours are served. A job that fails alone finishes
@@ -362,11 +369,12 @@ class Scheduler:
 
         def attempt(members, n_rows) -> Optional[BaseException]:
             try:
-                pool[2] = self.served.insert_many(pool[3], pool[2], [s - pool[0] for s, _ in members],
-                                                  [j for _, j in members], n_rows, prefill_engine=pools[0][3])
+                pool.state = self.served.insert_many(self.served.engine, pool.state,
+                                                     [s - pool.offset for s, _ in members], [j for _, j in members],
+                                                     n_rows)
                 return None
             except Exception as e:
-                if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(pool[2])):
+                if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(pool.state)):
                     raise
                 return e
 
@@ -391,18 +399,19 @@ class Scheduler:
         it has free rows for all of them, so a round of decoding costs one step call: a step costs every row of
         its state, active or not. (A lone request starts in the one-row state; when others join in the
         16-row state it moves there instead of costing a one-row step every round.)"""
-        busy = [p for p in pools if any(j is not None for j in self.running[p[0]:p[0] + p[1]])]
+        busy = [p for p in pools if any(j is not None for j in self.running[p.offset:p.offset + p.size])]
         if len(busy) < 2:
             return
+        engine = self.served.engine
         big = busy[-1]                                      # the ladder is ordered by size
-        room = [s for s in range(big[0], big[0] + big[1]) if self.running[s] is None]
+        room = [s for s in range(big.offset, big.offset + big.size) if self.running[s] is None]
         for pool in busy[:-1]:
-            slots = [s for s in range(pool[0], pool[0] + pool[1]) if self.running[s] is not None]
+            slots = [s for s in range(pool.offset, pool.offset + pool.size) if self.running[s] is not None]
             if len(slots) > len(room):
                 continue
             for slot in slots:
                 to = room.pop(0)
-                pool[2], big[2] = big[3].move(pool[2], slot - pool[0], big[2], to - big[0], src_engine=pool[3])
+                pool.state, big.state = engine.move(pool.state, slot - pool.offset, big.state, to - big.offset)
                 with self.cond:
                     self.running[to], self.running[slot] = self.running[slot], None
 
@@ -467,14 +476,16 @@ class Scheduler:
                 self._consolidate(pools)
                 n_steps = 1 if many else self.steps_per_call
                 self.max_rows = max(self.max_rows, sum(j is not None and not j.finished for j in self.running))
+                engine = self.served.engine
                 for pool in pools:
-                    offset, size, state, engine = pool
-                    jobs = self.running[offset:offset + size]
-                    if state is None or all(j is None for j in jobs):
+                    offset = pool.offset
+                    jobs = self.running[offset:offset + pool.size]
+                    if pool.state is None or all(j is None for j in jobs):
                         continue
                     keep = np.array([j is not None and not j.finished for j in jobs])
                     want = any(j is not None and j.logprobs for j in jobs)   # the log-probability step
-                    pool[2], tokens, emitted, *lp = engine.step(state, n_steps=n_steps, keep=keep, logprobs=want)
+                    pool.state, tokens, emitted, *lp = engine.step(pool.state, n_steps=n_steps, keep=keep,
+                                                                   logprobs=want)
                     self.batches += 1
                     for job in jobs:                      # a step went through: a resumed job is cleared
                         if job is not None and job.suspect:
@@ -484,7 +495,7 @@ class Scheduler:
                             offset + row, job, [int(t) for t in tokens[row][emitted[row]]],
                             bool(emitted[row].any()) and bool(emitted[row, -1]), _infos(lp, row, emitted[row]))]
                     if ended:
-                        pool[2] = engine.free(pool[2], ended)
+                        pool.state = engine.free(pool.state, ended)
             except Exception as e:
                 self._recover(pools, e)
 
@@ -516,7 +527,7 @@ class Scheduler:
                 with self.cond:
                     self.running[slot] = None
         for pool in pools:
-            pool[2] = None
+            pool.state = None
         with self.cond:
             self.waiting.extendleft(reversed(resumed))
 

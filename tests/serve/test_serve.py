@@ -346,7 +346,7 @@ def test_state_ladder_and_prefill_chunks():
     """The scheduler's decode states are a ladder (1, 4, 16 rows for max_batch_size 16): jobs go to the smallest
     state that holds the recent demand, so a lone request's step costs one row and 4 steady requests four; the
     jobs admitted together are prefilled in batches of ladder sizes."""
-    from lwm.serve.scheduler import Scheduler
+    from lwm.serve.scheduler import Pool, Scheduler
 
     assert Scheduler._chunks(1, [1, 4, 16]) == [1]
     assert Scheduler._chunks(3, [1, 4, 16]) == [4]
@@ -355,7 +355,7 @@ def test_state_ladder_and_prefill_chunks():
     assert Scheduler._chunks(16, [1, 4, 16]) == [16]
     assert Scheduler._chunks(20, [1, 4, 16]) == [16, 4]
     sched = Scheduler(None, max_batch_size=16)
-    pools = [[0, 1], [1, 4], [5, 16]]
+    pools = [Pool(0, 1), Pool(1, 4), Pool(5, 16)]
     sched.running = [None] * 21
     assert sched._targets(pools, 1, 1) == [0]                       # alone: the one-row state
     assert sched._targets(pools, 3, 4) == [1, 2, 3]                 # demand 4: the 4-row state
@@ -368,20 +368,20 @@ def test_state_ladder_and_prefill_chunks():
 def test_lone_jobs_move_into_the_state_others_decode_in():
     """A round of decoding costs one step call per state with jobs, so jobs in smaller states move into the
     largest busy state when it has free rows for all of them (and stay when it has not)."""
-    from lwm.serve.scheduler import Scheduler
+    from types import SimpleNamespace
+
+    from lwm.serve.scheduler import Pool, Scheduler
 
     moves = []
 
     class Engine:                                  # records Engine.move(src, src_slot, dst, dst_slot)
-        def __init__(self, name):
-            self.name = name
-
-        def move(self, src, src_slot, dst, dst_slot, *, src_engine):
-            moves.append((src_engine.name, src_slot, self.name, dst_slot))
+        @staticmethod
+        def move(src, src_slot, dst, dst_slot):
+            moves.append((src, src_slot, dst, dst_slot))
             return src, dst
 
-    sched = Scheduler(None, max_batch_size=16)
-    pools = [[0, 1, "s1", Engine("1")], [1, 4, "s4", Engine("4")], [5, 16, "s16", Engine("16")]]
+    sched = Scheduler(SimpleNamespace(engine=Engine()), max_batch_size=16)
+    pools = [Pool(0, 1, "1"), Pool(1, 4, "4"), Pool(5, 16, "16")]
     sched.running = [None] * 21
     sched.running[0] = "lone"
     sched._consolidate(pools)
@@ -496,8 +496,8 @@ def test_warmup_compiles_the_serving_shapes_before_the_first_request(text_server
         assert sched.warmup_s is not None and sched.warmup_s > 0
 
         def compiled():
-            return sum(f._cache_size() for _, _, _, e in sched.pools
-                       for f in (e._prefill_jit, e._step_jit, e._insert_jit, e._move_jit))
+            e = sched.served.engine                  # the one engine of every decode state
+            return sum(f._cache_size() for f in (e._prefill_jit, e._step_jit, e._insert_jit, e._move_jit))
 
         def run(prompts, sampling):
             jobs = [Job(p, sampling, tok, None) for p in prompts]
