@@ -301,9 +301,10 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
         head = dict(id=ident, object="text_completion", created=created, model=served.name)
         if len(batch) > 1 or req.n > 1 or req.logprobs is not None or req.max_tokens == 0:
             return await completions_batch(req, request, batch, head, extra)
-        prompt = await asyncio.to_thread(served.completion_prompt, req.prompt)   # tokenized off the loop
+        one = batch[0]                  # the one prompt (a text or ids), also when sent as a batch of one
+        prompt = await asyncio.to_thread(served.completion_prompt, one)   # tokenized off the loop
         job = Job(prompt, sampling(req, prompt), tokenizer, asyncio.get_running_loop(), req.return_token_ids)
-        echo = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt)) if req.echo else ""
+        echo = (one if isinstance(one, str) else tokenizer.decode(prompt)) if req.echo else ""
 
         def chunk(text, ids=()):
             text = echo if text is None else text

@@ -1,5 +1,6 @@
 """lm-evaluation-harness against the server: its `local-completions` model (log-likelihood, a multiple-choice
-task) and its `local-chat-completions` model (generation, a generate_until task) on a tiny local task
+task; and generation, a generate_until task, which it sends as a batch of one prompt) and its
+`local-chat-completions` model (generation) on a tiny local task
 (tests/support/lm_eval_tiny: questions in a JSONL file, task YAMLs; nothing downloaded), and its scores equal
 the engine's own on the same examples.
 
@@ -17,7 +18,7 @@ import pytest
 
 from support.serving import running_server
 
-lm_eval = pytest.importorskip("lm_eval")      # the `test` extra installs it (.ci/run)
+import lm_eval  # noqa: F401  (the `test` extra installs it, .ci/run; missing, the file fails loudly)
 
 TASKS = pathlib.Path(__file__).parents[1] / "support" / "lm_eval_tiny"
 QUESTIONS = [json.loads(line) for line in (TASKS / "questions.jsonl").read_text().splitlines()]
@@ -123,3 +124,20 @@ def test_local_chat_completions_generation_equals_the_engines(server, tmp_path):
     # control: the same questions without the chat template answer otherwise
     plain = answers([[tok.bos_id] + tok.encode(q["question"]) for q in QUESTIONS])
     assert plain != got
+
+
+def test_local_completions_generation_equals_the_engines(server, tmp_path):
+    """generate_until through local-completions: the harness sends each context's ids (no BOS) as a batch of one
+    prompt; its answers equal the engine's greedy answers to the same ids, cut at the task's '.'."""
+    from lwm.inference.sampling import SamplingConfig
+
+    engine, tok = server["engine"], server["tok"]
+    out = engine.generate([tok.encode(q["question"]) for q in QUESTIONS], 6, sampling=SamplingConfig()).tokens
+    ref = [tok.decode(ids).split(".")[0] for ids in out]
+    golds = [a if i % 2 == 0 else a + " x" for i, a in enumerate(ref)]
+    write_task(tmp_path, "gen", [{"question": q["question"], "answer": g} for q, g in zip(QUESTIONS, golds)])
+    out = evaluate(tmp_path, "local-completions", server["url"] + "/v1/completions", "lwm_tiny_gen",
+                   tokenizer_backend="remote", tokenized_requests=True)
+    assert out["results"]["lwm_tiny_gen"]["exact_match,none"] == 0.5
+    got = [s["resps"][0][0] for s in sorted(out["samples"]["lwm_tiny_gen"], key=lambda s: s["doc_id"])]
+    assert got == ref

@@ -111,6 +111,31 @@ def test_generated_logprobs_are_the_models_not_the_tempered_ones(server):
     assert lp["text_offset"][len(prompt)] == len(text)
 
 
+def test_a_batch_of_one_prompt_is_the_prompt(server):
+    """lm-evaluation-harness's local-completions sends generate_until as a batch of one ([ids] or [text]),
+    with no echo or logprobs: the answer is the plain prompt's (it was a 500). Control: plain prompts."""
+    tok = server["tok"]
+    body = dict(model="tiny", max_tokens=5, temperature=0.0, return_token_ids=True)
+    ids = [tok.bos_id] + list(tok.encode("the bird"))
+    for plain, batched in (("the bird", ["the bird"]), (ids, [ids])):
+        status, want = post(server["url"], "/v1/completions", {**body, "prompt": plain})
+        assert status == 200, want
+        for stream in (False, True):
+            if stream:
+                req = urllib.request.Request(server["url"] + "/v1/completions", headers={
+                    "Content-Type": "application/json"}, data=json.dumps({**body, "prompt": batched,
+                                                                          "stream": True}).encode())
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    events = [json.loads(line[6:]) for line in r.read().decode().splitlines()
+                              if line.startswith("data: {")]
+                assert "".join(e["choices"][0]["text"] for e in events) == want["choices"][0]["text"]
+                continue
+            status, got = post(server["url"], "/v1/completions", {**body, "prompt": batched})
+            assert status == 200, got
+            assert got["choices"][0]["token_ids"] == want["choices"][0]["token_ids"]
+            assert got["choices"][0]["text"] == want["choices"][0]["text"]
+
+
 def test_n_choices_are_the_single_requests_of_their_seeds(server):
     """n=3 at seed 7 answers what three n=1 requests at seeds 7, 8, 9 answer; control: not all alike."""
     body = dict(model="tiny", prompt="the bird", max_tokens=6, temperature=1.0, seed=7, return_token_ids=True)
