@@ -3,8 +3,8 @@ VQGAN on it, encode it, train the vision-language LWM (masked sequence packing, 
 world QA, text-to-image/video by pixel rules and the visual needles; prints where the results, the PNG grid of
 generated frames and the MP4 are.
 
-Hardware: 2 CPU cores; `bash scripts/run_vision_demo.sh` took 16 minutes on a 2-core CPU shared with other jobs,
-`--size=small` a few minutes. The library is lwm/tools/vision_demo.py; docs/vision_demo.md has a run's figures.
+Hardware: 2 CPU cores; `bash scripts/run_vision_demo.sh` took 6 minutes on a quiet 2-core CPU (16 on one shared
+with other jobs), `--size=small` a few minutes. The library is lwm/tools/vision_demo.py; docs/vision_demo.md has a run's figures.
     python -m lwm.vision_demo --workdir=outputs/vision_demo
     python -m lwm.vision_demo --size=small --workdir=/tmp/vd
 """

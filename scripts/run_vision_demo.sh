@@ -1,7 +1,8 @@
 #! /bin/bash
-# The second main job, offline on 2 CPU cores (16 minutes on a shared 2-core CPU): the synthetic video-language world, a VQGAN
-# trained on it, the vision-language LWM trained on its codes (masked sequence packing, loss weighting), then
-# world QA, text-to-image/video scored by pixel rules and the visual needles; prints where the results are.
+# The second main job, offline on 2 CPU cores (6 min on a quiet machine, 16 on a shared one): the synthetic
+# video-language world, a VQGAN trained on it, the vision-language LWM trained on its codes (masked sequence
+# packing, loss weighting), then world QA, text-to-image/video scored by pixel rules and the visual needles;
+# prints where the results are.
 #   bash scripts/run_vision_demo.sh                          # outputs under outputs/vision_demo/
 #   OUT=/tmp/vd bash scripts/run_vision_demo.sh --size=small  # a few minutes (extra flags: lwm.vision_demo)
 set -euo pipefail

@@ -1,8 +1,8 @@
 """The second offline main job (`python -m lwm.vision_demo`, `bash scripts/run_vision_demo.sh`): the vision
 half of LWM trained end to end on a 2-core CPU from a seed, then evaluated.
 
-Hardware: 2 CPU cores; the default size took 16 minutes on a 2-core CPU shared with other jobs (4 min 39 s of CPU
-time; docs/vision_demo.md), `--size=small` 7 minutes there (1 min 46 s of CPU time), and
+Hardware: 2 CPU cores; the default size took 5.7 minutes on a quiet 2-core CPU, 16 on one shared with other jobs
+(docs/vision_demo.md), `--size=small` 7 minutes on the shared one, and
 tests/tools/test_vision_demo.py runs a smaller one still. Steps, each printing where its output is:
   1. the synthetic world (lwm.data.world) at 32 x 32: train videos (4 frames) and images (1 frame), and
      held-out test scenes (every one shows a (shape, colour) pair training never saw);
