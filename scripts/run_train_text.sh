@@ -81,7 +81,7 @@ echo "$(basename "$0"): data $dataset_path; tokenizer $llama_tokenizer_path ($to
     --optimizer.adamw_optimizer.weight_decay=0.1 \
     --optimizer.adamw_optimizer.lr=3e-3 \
     --optimizer.adamw_optimizer.end_lr=3e-4 \
-    --optimizer.adamw_optimizer.lr_warmup_steps=10 \
+    --optimizer.adamw_optimizer.lr_warmup_steps="$(( total_steps > 10 ? 10 : total_steps / 2 ))" \
     --optimizer.adamw_optimizer.lr_decay_steps="$total_steps" \
     --use_data_sharded_loader=True \
     --train_dataset.type='json' \
@@ -101,3 +101,9 @@ echo "$(basename "$0"): data $dataset_path; tokenizer $llama_tokenizer_path ($to
     --logger.output_dir="$output_dir" \
     --logger.wandb_dir="$HOME/experiment_output/$project_id" \
     "$@"
+status=$?
+last="$(ls -d "$output_dir/$experiment_id"/step_* 2>/dev/null | sort | tail -n 1)"
+if [ "$status" = 0 ] && [ -n "$last" ] && [ -f "$last/streaming_train_state" ]; then
+    echo "$(basename "$0"): checkpoint: --load_checkpoint=trainstate_params::$last/streaming_train_state"
+fi
+exit "$status"

@@ -404,6 +404,21 @@ def inner_params(params: Any) -> Any:
     return params
 
 
+def _folder_hint(kind: str, path: str) -> str:
+    """What to give instead of a checkpoint folder (lwm.train's step_N folders hold streaming_params and, with
+    the optimizer state saved, streaming_train_state)."""
+    inside = set(os.listdir(path))
+    if kind == "params" and "streaming_params" in inside:
+        return f"give the file inside it: params::{os.path.join(path, 'streaming_params')}"
+    if "streaming_train_state" in inside and kind != "params":
+        return f"give the file inside it: {kind}::{os.path.join(path, 'streaming_train_state')}"
+    if "streaming_train_state" in inside:
+        return f"it holds a train state: trainstate_params::{os.path.join(path, 'streaming_train_state')}"
+    if "streaming_params" in inside:
+        return f"it holds parameters: params::{os.path.join(path, 'streaming_params')}"
+    return "give the checkpoint file (streaming_params or streaming_train_state of an lwm.train step folder)"
+
+
 def load_checkpoint(spec: str, *, train_state_target: Any = None, train_state_shardings: Any = None,
                     params_target: Any = None, params_shardings: Any = None, float_dtype: Any = None,
                     disallow_trainstate: bool = False) -> tuple[Any, Any]:
@@ -419,6 +434,8 @@ def load_checkpoint(spec: str, *, train_state_target: Any = None, train_state_sh
         raise CheckpointError(f"--load_checkpoint {spec!r}: expected TYPE::PATH with TYPE one of params, "
                               "trainstate, trainstate_params, flax_params, orbax, hf")
     kind, path = spec.split("::", 1)
+    if kind in ("params", "trainstate", "trainstate_params") and os.path.isdir(path):
+        raise CheckpointError(f"--load_checkpoint {spec!r}: {path} is a folder; " + _folder_hint(kind, path))
     if params_target is None and train_state_target is not None:
         params_target = inner_params(train_state_target.params)
     if params_shardings is None and train_state_shardings is not None:

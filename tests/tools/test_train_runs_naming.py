@@ -57,6 +57,34 @@ def test_other_data_is_another_run_and_the_tokenizer_is_said(stub, script):
     assert named["--logger.experiment_id"] == "mine"
 
 
+@pytest.mark.parametrize("script", ["run_train_text.sh", "run_train_vision_text.sh"])
+def test_short_runs_fit_the_warmup_and_the_checkpoint_is_said(stub, script):
+    """total_steps <= 10 used to be refused for a warmup (10) the user never set: the warmup is now half of
+    such a run, and lwm.train's checks accept it (control: 200 steps keep 10). A finished run says its newest
+    checkpoint as the --load_checkpoint spec to pass on."""
+    from lwm.train import get_default_config
+    from lwm.training.loop import check_config
+
+    tok = str(stub / "tok.model")
+    for steps, warmup in (("5", "2"), ("1", "0"), ("200", "10")):
+        p, flags = run_script(stub, script, dataset_path=str(stub / "a.jsonl"), llama_tokenizer_path=tok,
+                              total_steps=steps, experiment_id=f"short{steps}-{script}")
+        assert p.returncode == 0, p.stderr
+        assert flags["--optimizer.adamw_optimizer.lr_warmup_steps"] == warmup
+        config = get_default_config()
+        config.total_steps = int(steps)
+        config.optimizer.adamw_optimizer.lr_warmup_steps = int(warmup)
+        config.optimizer.adamw_optimizer.lr_decay_steps = int(steps)
+        check_config(config)
+        assert "checkpoint:" not in p.stdout                      # the stub trained nothing
+    step = stub / "runs" / f"short5-{script}" / "step_00000005"
+    step.mkdir(parents=True)
+    (step / "streaming_train_state").write_bytes(b"")
+    p, _ = run_script(stub, script, dataset_path=str(stub / "a.jsonl"), llama_tokenizer_path=tok, total_steps="5",
+                      experiment_id=f"short5-{script}")
+    assert p.stdout.strip().endswith(f"checkpoint: --load_checkpoint=trainstate_params::{step}/streaming_train_state")
+
+
 def test_missing_tokenizer_is_one_line_through_lwm_train(stub, tmp_path, capsys):
     """The scripts pass llama_tokenizer_path to lwm.train as --tokenizer; lwm.train refuses a missing one in one
     line (docs/train.md), before any model is built."""

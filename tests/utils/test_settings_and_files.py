@@ -393,3 +393,22 @@ def test_txt_blocks_never_split_a_character(tmp_path, monkeypatch):
     blocks = list(needle.iter_haystack_texts(str(path)))
     assert "".join(blocks) == text and len(blocks) > 5
     assert all("\ufffd" not in b for b in blocks)
+
+
+def test_a_checkpoint_folder_names_the_file_to_give(tmp_path):
+    from lwm.checkpoint.formats import CheckpointError, load_checkpoint
+
+    step = tmp_path / "step_00000200"
+    step.mkdir()
+    (step / "streaming_train_state").write_bytes(b"")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(f"trainstate_params::{step}")
+    assert str(e.value).endswith(f"is a folder; give the file inside it: trainstate_params::{step}/streaming_train_state")
+    with pytest.raises(CheckpointError, match=f"it holds a train state: trainstate_params::{step}/streaming_train_state"):
+        load_checkpoint(f"params::{step}")
+    (step / "streaming_params").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"give the file inside it: params::{step}/streaming_params"):
+        load_checkpoint(f"params::{step}")
+    # Control: the file itself is read (an empty streaming file holds no tensors), not refused as a folder.
+    _, params = load_checkpoint(f"params::{step}/streaming_params")
+    assert params == {"params": {}}
