@@ -173,7 +173,7 @@ def test_text_chat_streams_the_answer(tiny_sharp_head, tmp_path):
              f"--tokenizer={tmp_path / 't.model'}", "--mesh_dim=1,-1,1,1", "--max_new_tokens=6",
              "--temperature=0", "--prompt=hello there"]
     (answer,) = text_chat.main(flags, stdout=out)
-    assert out.getvalue() == f"ASSISTANT:{answer}\n" and answer           # streamed text == returned text
+    assert out.getvalue() == f"ASSISTANT: {answer}\n" and answer          # streamed text == returned text
     ids = turn_tokens(tok, "hello there", first=True)
     assert ids[0] == tok.bos_id and tok.decode(ids[1:]) == "You are a helpful assistant. USER: hello there ASSISTANT:"
     # The same greedy answer through the library: chat adds nothing but the template.
