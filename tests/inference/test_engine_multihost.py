@@ -22,7 +22,8 @@ def test_two_processes_sample_what_one_process_samples(golden_workdir):
     cmd = [sys.executable, "-m", "lwm.text_chat", *flags, "--seed=3"]
     single = subprocess.run(cmd, env=cpu_subprocess_env(d, 4), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-4000:]
-    assert single.stdout.startswith("ASSISTANT:") and len(single.stdout.strip()) > len("ASSISTANT:")
+    head = "ASSISTANT: "                                        # lwm.text_chat's label, then the answer
+    assert single.stdout.startswith(head) and len(single.stdout.strip()) > len(head)
 
     port, procs = free_port(), []
     for pid in range(2):
@@ -36,11 +37,11 @@ def test_two_processes_sample_what_one_process_samples(golden_workdir):
         assert p.returncode == 0, err[-4000:]
     # Gloo (the CPU collectives) prints "[Gloo] Rank i is connected to ..." lines to stdout from several threads
     # while the answer is generated, and they interleave mid-line; the answer is written after them in one
-    # piece (--stream=False), so each process's stdout is "ASSISTANT:", those lines, then the answer.
-    answer = single.stdout[len("ASSISTANT:"):]
+    # piece (--stream=False), so each process's stdout is "ASSISTANT: ", those lines, then the answer.
+    answer = single.stdout[len(head):]
     for out, _ in outputs:
-        assert out.startswith("ASSISTANT:") and out.endswith(answer), (out, single.stdout)
-        between = out[len("ASSISTANT:"):len(out) - len(answer)]
+        assert out.startswith(head) and out.endswith(answer), (out, single.stdout)
+        between = out[len(head):len(out) - len(answer)]
         assert not between or between.startswith("[Gloo]"), between          # nothing but Gloo's lines
     # Negative control: another seed draws another answer (the comparison can fail).
     other = subprocess.run([*cmd[:-1], "--seed=4"], env=cpu_subprocess_env(d, 4), capture_output=True, text=True,
