@@ -140,15 +140,29 @@ def test_an_int64_seed_answers_as_its_folded_seed(server):
     assert len({tuple(t) for t in wide}) > 1, wide
 
 
-def _lone(served, scheduler_cls, jobs_of):
+def _serve_together(served, jobs, wait_s: float = 180, holder=None, **kwargs):
+    """Submit every job before the engine thread starts (so they are admitted together), run the scheduler
+    until all are done (asserted within wait_s each) and stop it. holder: a dict that gets the scheduler under
+    "sched" before it starts (for fault injectors that look at its running jobs)."""
+    from lwm.serve.scheduler import Scheduler
+
+    sched = Scheduler(served, max_batch_size=4, batch_wait_s=0, **kwargs)
+    if holder is not None:
+        holder["sched"] = sched
+    for job in jobs:
+        sched.submit(job)
+    sched.start()
+    try:
+        assert all(job.done.wait(wait_s) for job in jobs)
+    finally:
+        sched.stop()
+
+
+def _lone(served, jobs_of):
     """Token lists of each job of jobs_of() served on its own scheduler run."""
     out = []
     for job in jobs_of():
-        sched = scheduler_cls(served, max_batch_size=4, batch_wait_s=0)
-        sched.submit(job)
-        sched.start()
-        assert job.done.wait(120)
-        sched.stop()
+        _serve_together(served, [job], wait_s=120)
         assert job.error is None, job.error
         out.append(list(job.tokens))
     return out
@@ -163,7 +177,6 @@ def test_a_job_that_fails_in_a_batched_prefill_or_in_its_tokens_fails_alone(text
     from lwm.serve.errors import APIError
     from lwm.serve.jobs import Job, Sampling
     from lwm.serve.model import ServedModel
-    from lwm.serve.scheduler import Scheduler
 
     tok, engine = text_engine["tok"], text_engine["engine"]
     poison = tok.vocab_size - 1
@@ -188,7 +201,7 @@ def test_a_job_that_fails_in_a_batched_prefill_or_in_its_tokens_fails_alone(text
     def good_jobs():
         return [Job(p, sampling, tok, None) for p in good]
 
-    alone = _lone(served, Scheduler, good_jobs)
+    alone = _lone(served, good_jobs)
 
     batches = []
     real = engine.prefill_batch
@@ -204,14 +217,7 @@ def test_a_job_that_fails_in_a_batched_prefill_or_in_its_tokens_fails_alone(text
     bad_prefill = Job([tok.bos_id] + [poison] * 7, sampling, tok, None)
     bad_tokens = Job([tok.bos_id] + list(range(50, 57)), sampling, FailingDecode(tok), None)
     jobs = [jobs[0], bad_prefill, jobs[1], bad_tokens]
-    sched = Scheduler(served, max_batch_size=4, batch_wait_s=0)
-    for job in jobs:
-        sched.submit(job)
-    sched.start()
-    try:
-        assert all(job.done.wait(120) for job in jobs)
-    finally:
-        sched.stop()
+    _serve_together(served, jobs, wait_s=120)
 
     shared = [b for b in batches if any(poison in r for r in b) and any(r == good[0] for r in b)]
     assert shared, batches                              # control: the poison was batched with a good row
@@ -359,20 +365,6 @@ def test_max_chars_per_token_flag_reaches_the_served_model(monkeypatch, tmp_path
         check_flags(config)
 
 
-def _decode_run(served, jobs, **kwargs):
-    from lwm.serve.scheduler import Scheduler
-
-    sched = Scheduler(served, max_batch_size=4, batch_wait_s=0, steps_per_call=2, **kwargs)
-    for job in jobs:
-        sched.submit(job)
-    sched.start()
-    try:
-        assert all(job.done.wait(180) for job in jobs)
-    finally:
-        sched.stop()
-    return sched
-
-
 def test_a_decode_step_fault_resumes_the_jobs_and_one_that_it_follows_fails_alone(text_engine, monkeypatch):
     """Three jobs decoding together (greedy, and two sampled with seeds). (1) One decode step fails after
     consuming its donated state: every job is resumed from its tokens and ends with exactly the tokens of a run
@@ -394,7 +386,7 @@ def test_a_decode_step_fault_resumes_the_jobs_and_one_that_it_follows_fails_alon
         return [Job(p, s, tok, None) for p, s in zip(prompts, samplings)]
 
     clean = jobs()
-    _decode_run(served, clean)
+    _serve_together(served, clean, steps_per_call=2)
     want = [list(j.tokens) for j in clean]
     assert all(j.error is None and len(j.tokens) >= 3 for j in clean), [j.error for j in clean]
 
@@ -412,13 +404,13 @@ def test_a_decode_step_fault_resumes_the_jobs_and_one_that_it_follows_fails_alon
 
     monkeypatch.setattr(Engine, "step", step_fails_once)
     once = jobs()
-    _decode_run(served, once)
+    _serve_together(served, once, steps_per_call=2)
     assert calls["n"] > 2
     assert [j.error for j in once] == [None] * 3 and [list(j.tokens) for j in once] == want
 
     calls["n"] = 0
     control = jobs()
-    _decode_run(served, control, fault_retries=0)
+    _serve_together(served, control, steps_per_call=2, fault_retries=0)
     assert all(j.finish_reason == "error" and j.error.status == 500 for j in control)
 
     poison_prompt = [tok.bos_id] + list(range(70, 77))
@@ -430,21 +422,11 @@ def test_a_decode_step_fault_resumes_the_jobs_and_one_that_it_follows_fails_alon
             raise RuntimeError("poisoned row (internal detail)")
         return out
 
-    from lwm.serve.scheduler import Scheduler
-
     monkeypatch.setattr(Engine, "step", step_fails_with_poison)
     mixed = jobs()
     poison = Job(poison_prompt, Sampling(max_tokens=12, temperature=0.0), tok, None)
     mixed.insert(1, poison)
-    sched = Scheduler(served, max_batch_size=4, batch_wait_s=0, steps_per_call=2)
-    state_jobs["sched"] = sched
-    for job in mixed:
-        sched.submit(job)
-    sched.start()
-    try:
-        assert all(job.done.wait(180) for job in mixed)
-    finally:
-        sched.stop()
+    _serve_together(served, mixed, holder=state_jobs, steps_per_call=2)
     assert poison.finish_reason == "error" and isinstance(poison.error, APIError) and poison.error.status == 500
     assert "internal detail" not in poison.error.message
     others = [j for j in mixed if j is not poison]
