@@ -231,25 +231,7 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        async def watch():                                         # a client that left frees its slot
-            while not job.done.is_set():
-                if await request.is_disconnected():
-                    job.cancel()
-                    return
-                await asyncio.sleep(0.2)
-
-        watcher = asyncio.create_task(watch())
-        try:
-            reason = None
-            async for kind, value in job.events():
-                reason = value if kind == "done" else reason
-        except APIError:
-            raise
-        except Exception as e:
-            raise internal_error(e, "generation") from None
-        finally:
-            watcher.cancel()
-        return reason
+        return (await finish_all(request, [job]))[0]             # a client that left frees its slot
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
