@@ -33,6 +33,8 @@ def needle_frame(text: str, size: int, seed: int) -> np.ndarray:
     """(size, size, 3) float32 in [-1, 1]: `text` in large dark digits on a light background of a seeded tint."""
     from PIL import Image, ImageDraw, ImageFont
 
+    from lwm.utils.vision_io import to_model_range
+
     rng = random.Random(seed)
     background = tuple(rng.randint(200, 255) for _ in range(3))
     image = Image.new("RGB", (size, size), background)
@@ -41,7 +43,7 @@ def needle_frame(text: str, size: int, seed: int) -> np.ndarray:
     box = draw.textbbox((0, 0), text, font=font)
     xy = ((size - (box[2] - box[0])) / 2 - box[0], (size - (box[3] - box[1])) / 2 - box[1])
     draw.text(xy, text, fill=(10, 10, 10), font=font, stroke_width=max(1, size // 64), stroke_fill=(10, 10, 10))
-    return np.asarray(image, np.float32) / 127.5 - 1.0
+    return to_model_range(np.asarray(image))
 
 
 def synthetic_video(n: int, size: int, seed: int) -> np.ndarray:
@@ -135,9 +137,10 @@ COUNT_WORDS = ("one", "two", "three", "four")
 def object_frame(shape: str, colour: str, size: int) -> np.ndarray:
     """(size, size, 3) float32 in [-1, 1]: one large centred `colour` `shape` of the world on its ground."""
     from lwm.data import world
+    from lwm.utils.vision_io import to_model_range
 
     scene = world.Scene((world.Obj(shape, colour, "large", 0.5, 0.5),), 1, 0, "test")
-    return world.render(scene, size)[0].astype(np.float32) / 127.5 - 1.0
+    return to_model_range(world.render(scene, size)[0])
 
 
 def _two_objects(rng: random.Random) -> list[tuple[str, str]]:
