@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from lwm.evals.runner import EvalTask, register
-from lwm.evals.scoring import match_all
+from lwm.evals.scoring import choice_score, match_all
 from lwm.evals.tasks import sub_seed
 
 QUESTION = "One frame of this video shows a number. What is the number? Answer with the number only."
@@ -204,15 +204,13 @@ def build_count_samples(frame_counts: Sequence[int], n_samples: int, seed: int, 
 
 @dataclasses.dataclass(frozen=True)
 class VisualChoice(VisualNeedle):
-    """The ordering and counting needles: the sample's own question, scored by `lwm.evals.world.choice_score`
-    over the sample's choices (the first choice named in the answer must be the right one; 0-100)."""
+    """The ordering and counting needles: the sample's own question, scored by
+    `lwm.evals.scoring.choice_score` over the sample's choices (the first choice named in the answer must be the right one; 0-100)."""
 
     def question(self, sample: dict) -> str:
         return sample["question"]
 
     def record(self, sample, response, new_tokens, prompt) -> dict:
-        from lwm.evals.world import choice_score
-
         out = {k: v for k, v in sample.items() if k != "frames"}
         out.update(response=response, score=choice_score(response, sample["choices"], sample["answers"][0]),
                    prompt_tokens=len(prompt), new_tokens=len(new_tokens))

@@ -7,8 +7,8 @@ rendered, encoded by the VQGAN and asked their questions in the vision chat temp
 Tasks: `world_video_qa` (videos of WorldConfig.n_frames frames) and `world_image_qa` (one-frame scenes);
 the grid length of a sample is its frame count, so report.write_results gives one row per task.
 
-Scoring rule (`choice_score`): the answer set of each question is closed (lwm.data.world: SHAPES, COLOURS,
-DIRECTIONS, COUNTS, or the two events of a "what happened first" question). The response's choice is the
+Scoring rule (`lwm.evals.scoring.choice_score`): the answer set of each question is closed (lwm.data.world:
+SHAPES, COLOURS, DIRECTIONS, COUNTS, or the two events of a "what happened first" question). The response's choice is the
 one of the set that occurs first in it (case-insensitive, whole words); 100 when that is the answer, else 0
 (no choice in it: 0). Worked examples: choices (red, green, blue), answer "red": "Red." -> 100; "It is blue,
 not red" -> 0; "I don't know" -> 0. `summary_by_kind` gives the accuracy per question kind beside the
@@ -17,25 +17,13 @@ chance of a uniform random answerer (1 / size of the answer set).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from lwm.data import world
 from lwm.evals.runner import EvalTask, register
-
-
-def choice_score(response: str, choices: Sequence[str], answer: str) -> float:
-    """100.0 when the choice occurring first in `response` (whole words, case-insensitive) is `answer`,
-    else 0.0 (module docstring's rule and worked examples)."""
-    text = response.lower()
-    found = []
-    for c in choices:
-        m = re.search(r"(?<!\w)" + re.escape(c.lower()) + r"(?!\w)", text)
-        if m:
-            found.append((m.start(), -len(c), c))
-    return 100.0 if found and min(found)[2] == answer else 0.0
+from lwm.evals.scoring import choice_score
 
 
 def build_samples(n_scenes: int, seed: int, config: world.WorldConfig, image: bool = False,

@@ -86,7 +86,7 @@ def test_order_and_count_needles_are_right_by_construction():
         shown = [np.round((f + 1) * 127.5).astype(np.uint8) for f in s["frames"]]
         k = sum(world.read_colour(f) == colour and world.read_shape(f) == shape for f in shown)
         assert visual.COUNT_WORDS[k - 1] == s["answers"][0] and s["answers"][0] in s["choices"]
-    # The scoring: the first choice named decides (lwm.evals.world.choice_score).
+    # The scoring: the first choice named decides (lwm.evals.scoring.choice_score).
     s = visual.build_count_samples([4], 1, seed=0, size=32)[0]
     right = visual.VISUAL_COUNT.record(s, f"{s['answers'][0]} frames", [1], [1])["score"]
     wrong = [c for c in s["choices"] if c != s["answers"][0]][0]
