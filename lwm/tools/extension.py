@@ -306,24 +306,35 @@ def write_mix(mix: list, path: str, n_examples: int = 0, seed: int = 0) -> dict:
     verbatim from source i with probability weight_i / sum(weights) (numpy's seeded generator), a source
     starting over from its first line when it runs out, so each source's share of the examples is its
     weight's share whatever the sources' sizes (ProLong-style mixes by weight). Written aside and renamed
-    (lwm.utils.atomic.replace_file). Returns {source path: examples taken}. Raises PlanError for an empty
+    (lwm.utils.atomic.replace_file). Sources are streamed (a line count first, then each read in order), so
+    their size is not held in memory. Returns {source path: examples taken}. Raises PlanError for an empty
     source."""
+    import contextlib
+
     import numpy as np
 
-    lines = []
-    for item in mix:
+    def lines_of(source: str):
+        """The non-blank lines of a source, newline-ended, starting over at its end (streamed, never held)."""
+        while True:
+            with open(source, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        yield line if line.endswith(b"\n") else line + b"\n"
+
+    counts = []
+    for item in mix:                                   # one streaming pass per source: its line count
         with open(item["path"], "rb") as f:
-            got = [line if line.endswith(b"\n") else line + b"\n" for line in f if line.strip()]
-        if not got:
+            counts.append(sum(1 for line in f if line.strip()))
+        if not counts[-1]:
             raise PlanError(f"{item['path']}: a data.mix source with no lines")
-        lines.append(got)
-    n = n_examples or sum(len(x) for x in lines)
+    n = n_examples or sum(counts)
     weights = np.asarray([item["weight"] for item in mix], np.float64)
     picks = np.random.default_rng(seed).choice(len(mix), size=n, p=weights / weights.sum())
     taken = [0] * len(mix)
-    with replace_file(path) as tmp, open(tmp, "wb") as f:
+    with contextlib.ExitStack() as stack, replace_file(path) as tmp, open(tmp, "wb") as f:
+        readers = [stack.enter_context(contextlib.closing(lines_of(item["path"]))) for item in mix]
         for i in picks:
-            f.write(lines[i][taken[i] % len(lines[i])])
+            f.write(next(readers[i]))
             taken[i] += 1
     return {item["path"]: k for item, k in zip(mix, taken)}
 
