@@ -414,21 +414,34 @@ def read_direction(frames: np.ndarray) -> Optional[str]:
 def records(scene: Scene, codes: Sequence[int], kinds: Sequence[str] = ("text_to_video", "video_to_text", "qa"),
             qa_limit: Optional[int] = None) -> list:
     """The original's vision-text JSON examples of one scene (lwm.training.data_sources, `fields_from_example
-    ='fields'`): codes are the scene's VQGAN codes, flat (T * codes per frame). text_to_video: the caption,
-    then the video with loss on the video; video_to_text: the video, then the caption with loss on it; qa:
-    the video and a question, then the answer. Returns dicts with 'vision', text fields and 'fields'."""
+    ='fields'`), their text in the chat template the evaluations prompt with, so a record tokenizes to the
+    eval's prompt token for token (lwm.text.chat_template; the processor tokenizes each field on its own).
+    codes: the scene's VQGAN codes, flat (T * codes per frame).
+      text_to_video  {"vision", "prompt": user_turn_text("Generate a video of {caption}") (an image: "an
+                     image"), "fields": "[prompt],vision"}: loss on the video
+      video_to_text  {"vision", "head", "tail", "answer": caption, "fields": "[head],[vision],[tail],answer"},
+                     (head, tail) = vision_chat_text("Describe the video."): loss on the caption
+      qa             the same shape with the question's head and its answer, for each of questions(scene)
+                     (at most qa_limit)"""
+    from lwm.text.chat_template import user_turn_text, vision_chat_text
+
     codes = [int(c) for c in codes]
-    out = []
     media = "image" if scene.is_image else "video"
+    out = []
+
+    def answered(question: str, answer: str) -> dict:
+        head, tail = vision_chat_text(question)
+        return {"vision": codes, "head": head, "tail": tail, "answer": answer,
+                "fields": "[head],[vision],[tail],answer"}
+
     if "text_to_video" in kinds:
-        out.append({"vision": codes, "prompt": f"Generate a {media}: {caption(scene)}", "fields": "[prompt],vision"})
+        out.append({"vision": codes, "prompt": user_turn_text(f"Generate {'an' if scene.is_image else 'a'} "
+                                                              f"{media} of {caption(scene)}", first=True),
+                    "fields": "[prompt],vision"})
     if "video_to_text" in kinds:
-        out.append({"vision": codes, "prompt": f"Describe the {media}.", "caption": caption(scene),
-                    "fields": "[vision],[prompt],caption"})
+        out.append(answered(f"Describe the {media}.", caption(scene)))
     if "qa" in kinds:
-        for qa in questions(scene)[:qa_limit]:
-            out.append({"vision": codes, "question": qa.question, "answer": qa.answer,
-                        "fields": "[vision],[question],answer"})
+        out.extend(answered(qa.question, qa.answer) for qa in questions(scene)[:qa_limit])
     return out
 
 

@@ -9,7 +9,7 @@ tests/tools/test_vision_demo.py runs a smaller one still. Steps, each printing w
   2. a VQGAN (the tiny preset, 32 x 32 -> 8 x 8 codes, `codes` codewords) trained by lwm.training.vqgan on the
      train frames; PSNR on held-out test frames and codebook usage over the train codes are printed;
   3. every train scene encoded and written as the original's vision-text JSON (lwm.data.world.records), its
-     text put in the chat template the evaluations prompt with (`chat_record`): text-to-video,
+     text in the chat template the evaluations prompt with (world.records writes it so): text-to-video,
      video-to-text, image and video QA, shuffled together;
   4. a sentencepiece tokenizer on the text side;
   5. `lwm.train --modality=vision,text` (a subprocess) with masked sequence packing (`mode=pack`) and per-example
@@ -154,33 +154,12 @@ def encode(vqgan, frames: Sequence[np.ndarray], batch: int = 64) -> list:
     return out
 
 
-def chat_record(rec: dict, is_image: bool) -> dict:
-    """A world.records example with its text in the chat template the evaluations prompt with:
-    text-to-video '[prompt],vision' -> prompt "You are a helpful assistant. USER: Generate a video of
-    {caption} ASSISTANT:" (an image: "an image"), which `generation_prompt` continues with "<vision>";
-    video-to-text and QA '[vision],[question],answer' -> '[head],[vision],[tail],answer' with head
-    "You are a helpful assistant. USER: {question}\\n" and tail " ASSISTANT:", token for token
-    lwm.text.chat_template.vision_chat_prompt (the processor tokenizes each field on its own, and puts
-    "<vision>" / "</vision>" around the codes as that prompt does)."""
-    from lwm.text.chat_template import user_turn_text, vision_chat_text
-
-    if rec["fields"] == "[prompt],vision":
-        cap = rec["prompt"].split(": ", 1)[1]
-        what = "an image" if is_image else "a video"
-        return {"vision": rec["vision"], "prompt": user_turn_text(f"Generate {what} of {cap}", first=True),
-                "fields": "[prompt],vision"}
-    question, answer = (rec["prompt"], rec["caption"]) if "caption" in rec else (rec["question"], rec["answer"])
-    head, tail = vision_chat_text(question)
-    return {"vision": rec["vision"], "head": head, "tail": tail, "answer": answer,
-            "fields": "[head],[vision],[tail],answer"}
-
-
 def write_json_data(path: str, scenes: Sequence, codes: Sequence[np.ndarray], qa_per_scene: int, seed: int) -> dict:
-    """Every scene's records (world.records, chat_record), shuffled, one JSON per line; counts by kind."""
+    """Every scene's records (world.records: in the eval prompts' chat template), shuffled, one JSON per line;
+    counts by kind."""
     rows, kinds = [], {}
     for scene, c in zip(scenes, codes):
-        for rec in world.records(scene, np.asarray(c).reshape(-1), qa_limit=qa_per_scene):
-            row = chat_record(rec, scene.is_image)
+        for row in world.records(scene, np.asarray(c).reshape(-1), qa_limit=qa_per_scene):
             kind = ("image" if scene.is_image else "video") + "_" + (
                 "generation" if row["fields"] == "[prompt],vision" else
                 "caption" if row["head"].endswith("Describe the image.\n") or row["head"].endswith(
@@ -281,7 +260,8 @@ def score_frames(frames: np.ndarray, obj) -> dict:
 
 
 def generation_prompt(tokenizer, caption: str, image: bool):
-    """The chat_record generation prompt + "<vision>", tokenized piece by piece as training saw it."""
+    """The text-to-video record's prompt (lwm.data.world.records) + "<vision>", tokenized piece by piece as
+    training saw it."""
     from lwm.text.chat_template import VISION_OPEN, text_prompt, user_turn_text
 
     what = "an image" if image else "a video"

@@ -96,8 +96,8 @@ def test_records_read_by_the_vision_text_processor():
     per = 4
     codes = list(range(scene.n_frames * per))
     recs = w.records(scene, codes)
-    assert {r["fields"] for r in recs} == {"[prompt],vision", "[vision],[prompt],caption",
-                                           "[vision],[question],answer"}
+    assert {r["fields"] for r in recs} == {"[prompt],vision", "[head],[vision],[tail],answer"}
+    assert sum(r["fields"] == "[head],[vision],[tail],answer" for r in recs) == 1 + len(w.questions(scene))
     p = VisionTextProcessor({"fields_from_example": "fields", "n_tokens_per_frame": per}, _Tok())
     for r in recs:
         ex = p(r)

@@ -34,7 +34,7 @@ def test_chat_records_are_the_eval_prompts_token_for_token(tokenizer):
     proc = VisionTextProcessor(dict(fields_from_example="fields", n_tokens_per_frame=4), tokenizer)
     scene = world.sample_scene(3, vd.world_config(), "train")
     codes = np.arange(scene.n_frames * 4).reshape(scene.n_frames, 2, 2)
-    recs = [vd.chat_record(r, False) for r in world.records(scene, codes.reshape(-1))]
+    recs = world.records(scene, codes.reshape(-1))
     qa = [r for r in recs if r["fields"] == "[head],[vision],[tail],answer"]
     assert len(qa) >= 3
     for rec in qa:
