@@ -253,6 +253,8 @@ def _dataset_config(section: str, seq_length: int, batch_size: int, mode: str, u
     config.mode = mode  # no_pad | pad | pack
     config.pack_overflow = "truncate"  # truncate | split: an example longer than a row
     config.loss_weighting = "token"  # token | example (pad/pack only)
+    config.cross_example_attention = False  # pack only: True drops the mask between a row's examples (naive
+    #                                         packing, the ablation of masked packing; lwm.training.packing.pack_rows)
     config.text_loss_weight = 1.0  # how the trainer mixes per-modality losses
     config.vision_loss_weight = 1.0
     return update_locked(config, updates, section)
@@ -294,6 +296,8 @@ class _BaseDataset:
             raise ValueError(f"{self.section}.pack_overflow={c.pack_overflow!r}: expected one of {PACK_OVERFLOW}")
         if c.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"{self.section}.loss_weighting={c.loss_weighting!r}: expected one of {LOSS_WEIGHTINGS}")
+        if c.cross_example_attention and c.mode != "pack":
+            raise ValueError(f"{self.section}.cross_example_attention=True needs mode 'pack' (mode is {c.mode!r})")
         if c.loss_weighting == "example" and c.mode == "no_pad":
             raise ValueError(f"{self.section}.loss_weighting='example' needs mode 'pad' or 'pack' (no_pad has no "
                              "example boundaries)")
@@ -316,7 +320,8 @@ class _BaseDataset:
             return ConcatBatcher(self.local_batch_size, c.seq_length, self._tokenizer.bos_id, c.always_start_with_bos)
         return PackBatcher(self.local_batch_size, c.seq_length, self._tokenizer.pad_id,
                            max_per_row=1 if c.mode == "pad" else 0, overflow=c.pack_overflow,
-                           loss_weighting=c.loss_weighting, segments=c.mode == "pack")
+                           loss_weighting=c.loss_weighting, segments=c.mode == "pack",
+                           cross_example_attention=c.cross_example_attention)
 
     def _records(self):
         raise NotImplementedError
@@ -375,7 +380,8 @@ class _BaseDataset:
 
     def load_state_dict(self, state: Mapping) -> None:
         saved = state.get("config", {})
-        for key in ("path", "seq_length", "batch_size", "mode", "pack_overflow", "loss_weighting"):
+        for key in ("path", "seq_length", "batch_size", "mode", "pack_overflow", "loss_weighting",
+                    "cross_example_attention"):
             if key in saved and saved[key] != self.config[key]:
                 raise DatasetStateMismatch(self.section, key, saved[key], self.config[key])
         if "host" in state and state["host"] != self.host.to_dict():

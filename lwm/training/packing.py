@@ -137,7 +137,8 @@ def fit_to_length(ex: Example, seq_length: int, overflow: str) -> tuple[list[Exa
     raise ValueError(f"pack_overflow={overflow!r}: expected one of {PACK_OVERFLOW}")
 
 
-def pack_rows(rows: list[list[Example]], seq_length: int, pad_id: int, loss_weighting: str = "token") -> dict:
+def pack_rows(rows: list[list[Example]], seq_length: int, pad_id: int, loss_weighting: str = "token",
+              cross_example_attention: bool = False) -> dict:
     """Lay out rows of examples as one packed batch.
 
     Worked example, seq_length=8, one row holding two examples (tokens; loss mask; no vision):
@@ -154,6 +155,13 @@ def pack_rows(rows: list[list[Example]], seq_length: int, pad_id: int, loss_weig
     With `loss_weighting="example"` each example's target weights are divided by their sum, separately
     for text targets and vision targets, so a masked mean over the batch (per modality) is the mean over
     examples of each example's own mean loss.
+
+    `cross_example_attention=True` is naive packing (the ablation of masked packing, LWM paper sec. 3.2):
+    every example of a row gets segment id 1 and positions run on across the row, so an example attends to
+    the examples before it in its row as if the row were one sequence. For the row above:
+        segment_ids    1 1 1 1 1 0 0 0
+        position_ids   0 1 2 3 4 0 0 0
+    Loss masks and weights are unchanged.
     """
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss_weighting={loss_weighting!r}: expected one of {LOSS_WEIGHTINGS}")
@@ -184,8 +192,8 @@ def pack_rows(rows: list[list[Example]], seq_length: int, pad_id: int, loss_weig
             batch["loss_masks"][r, sl] = weights
             batch["input_vision_masks"][r, sl] = ex.vision_masks[:-1]
             batch["target_vision_masks"][r, sl] = target_vision
-            batch["segment_ids"][r, sl] = k + 1
-            batch["position_ids"][r, sl] = np.arange(n)
+            batch["segment_ids"][r, sl] = 1 if cross_example_attention else k + 1
+            batch["position_ids"][r, sl] = np.arange(start, start + n) if cross_example_attention else np.arange(n)
             start += n
         if start > seq_length:
             raise AssertionError(f"row {r} holds {start} tokens > seq_length {seq_length}")
@@ -200,10 +208,12 @@ class PackBatcher:
     example starts the next batch: examples keep their order of arrival within a row, none is split
     unless longer than a row (then `overflow` decides: `truncate` or `split`, both counted).
     `max_per_row=1` gives the `pad` mode (one example per row, padded), without segment/position ids.
+    `cross_example_attention=True` drops the mask between the examples of a row (`pack_rows`).
     """
 
     def __init__(self, batch_size: int, seq_length: int, pad_id: int, *, max_per_row: int = 0,
-                 overflow: str = "truncate", loss_weighting: str = "token", segments: bool = True):
+                 overflow: str = "truncate", loss_weighting: str = "token", segments: bool = True,
+                 cross_example_attention: bool = False):
         if overflow not in PACK_OVERFLOW:
             raise ValueError(f"pack_overflow={overflow!r}: expected one of {PACK_OVERFLOW}")
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -211,6 +221,7 @@ class PackBatcher:
         self.batch_size, self.seq_length, self.pad_id = batch_size, seq_length, pad_id
         self.max_per_row = max_per_row if max_per_row > 0 else seq_length
         self.overflow, self.loss_weighting, self.segments = overflow, loss_weighting, segments
+        self.cross_example_attention = cross_example_attention
         self._rows: list[list[Example]] = [[] for _ in range(batch_size)]
         self._used = [0] * batch_size
         self._pending: deque[Example] = deque()
@@ -243,7 +254,8 @@ class PackBatcher:
                    for u, row in zip(self._used, self._rows))
 
     def _emit(self) -> dict:
-        batch = pack_rows(self._rows, self.seq_length, self.pad_id, self.loss_weighting)
+        batch = pack_rows(self._rows, self.seq_length, self.pad_id, self.loss_weighting,
+                          self.cross_example_attention)
         self._stats["filled_slots"] += sum(self._used)
         self._stats["total_slots"] += self.batch_size * self.seq_length
         self._rows = [[] for _ in range(self.batch_size)]

@@ -192,6 +192,51 @@ def test_packed_batch_gives_each_example_its_own_loss_and_gradient(tok, data_fil
     assert max(moved) > 1e-3
 
 
+def test_cross_example_attention_drops_the_mask_and_the_default_keeps_it(tok, data_file):
+    """cross_example_attention=True (naive packing, the ablation of benchmarks/vision_recipe_ablation.py): one
+    segment per row, positions running on; the model then reads the row as one sequence (its loss equals the
+    loss with no segment ids at all), while the default batch's masked loss does not."""
+    from lwm.model.llama import LLaMAConfig, LLaMAForCausalLM
+
+    a = Example.of([1, 5, 6, 2], [0, 0, 1, 1])
+    b = Example.of([1, 7, 2], [0, 1, 1])
+    open_row = pack_rows([[a, b]], seq_length=8, pad_id=0, loss_weighting="example", cross_example_attention=True)
+    assert open_row["segment_ids"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
+    assert open_row["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 0, 0]]
+    masked = pack_rows([[a, b]], seq_length=8, pad_id=0, loss_weighting="example")
+    for k in ("input_tokens", "target_tokens", "loss_masks", "target_vision_masks"):
+        assert open_row[k].tolist() == masked[k].tolist()
+
+    cfg = vision_config(data_file, mode="pack", loss_weighting="example", seq_length=128)
+    default, _ = next(iter(DatasetFactory.load_dataset(cfg, tok)))
+    cfg["json_vision_dataset"]["cross_example_attention"] = True
+    naive, _ = next(iter(DatasetFactory.load_dataset(cfg, tok)))
+    assert max(len(np.unique(r[r > 0])) for r in default["segment_ids"]) >= 2     # the default keeps the mask
+    assert all(set(np.unique(r).tolist()) <= {0, 1} for r in naive["segment_ids"])
+    assert ((naive["segment_ids"] > 0) == (default["segment_ids"] > 0)).all()
+    for k in ("input_tokens", "target_tokens", "loss_masks", "input_vision_masks"):
+        assert (naive[k] == default[k]).all()
+    with pytest.raises(ValueError, match="cross_example_attention=True needs mode 'pack'"):
+        DatasetFactory.load_dataset(vision_config(data_file, mode="pad", cross_example_attention=True), tok)
+
+    model = LLaMAForCausalLM(LLaMAConfig.load("tiny").replace(attention_impl="dense"), dtype=jnp.float32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    tokens = jnp.asarray(np.where(default["input_vision_masks"], 7, default["input_tokens"]) % 256)
+
+    @jax.jit
+    def nll(x, position_ids, segment_ids, weights):
+        logits = model.apply({"params": params}, tokens, position_ids=position_ids, segment_ids=segment_ids)
+        targets = jnp.asarray(x % 256)
+        return jnp.sum(weights * -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0])
+
+    w = jnp.asarray(default["loss_masks"])
+    one_sequence = float(nll(default["target_tokens"], None, None, w))
+    assert float(nll(naive["target_tokens"], naive["position_ids"], naive["segment_ids"], w)) == pytest.approx(
+        one_sequence, abs=1e-4)
+    masked_loss = float(nll(default["target_tokens"], default["position_ids"], default["segment_ids"], w))
+    assert abs(masked_loss - one_sequence) > 1e-3                                   # control: the mask matters
+
+
 # ------------------------------------------------------------------------------------------- resume
 
 def resumed(config, tok, n, cuts, host=None):
