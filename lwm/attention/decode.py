@@ -59,7 +59,7 @@ def dequantize(values, scale):
     return values.astype(jnp.float32) * scale[..., None]
 
 
-def _as_bits(a):
+def as_bits(a):
     """A float8 array as its uint8 bit patterns (a free bitcast), other arrays unchanged: XLA:CPU runs
     scatters and slices of float8 arrays by converting the whole array to a wider float and back (50x the
     cost of the same op on uint8), so the cache's fp8 values are written and sliced as bits."""
@@ -67,7 +67,7 @@ def _as_bits(a):
     return lax.bitcast_convert_type(a, jnp.uint8) if is_fp8 else a
 
 
-def _from_bits(a, dtype):
+def from_bits(a, dtype):
     return lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
 
 
@@ -106,8 +106,8 @@ def write_kv(cache, new, layer, slots):
     at = (layer, jnp.arange(B)[:, None], slice(None), slots)
     if is_quantized(cache):
         q, scale = quantize(new, values.dtype)  # (B, T, K, H), (B, T, K)
-        bits = _as_bits(values).at[at].set(_as_bits(q), mode="drop")
-        return (_from_bits(bits, values.dtype), cache[1].at[at].set(scale.astype(cache[1].dtype), mode="drop"))
+        bits = as_bits(values).at[at].set(as_bits(q), mode="drop")
+        return (from_bits(bits, values.dtype), cache[1].at[at].set(scale.astype(cache[1].dtype), mode="drop"))
     return values.at[at].set(new.astype(values.dtype), mode="drop")
 
 
@@ -116,8 +116,8 @@ def write_prefix(cache, new):
     dynamic_update_slice (the prefill's write), quantized per token and kv head for a quantized cache."""
     if is_quantized(cache):
         q, scale = quantize(new, cache[0].dtype)  # (L, B, T, K, H), (L, B, T, K)
-        bits = lax.dynamic_update_slice(_as_bits(cache[0]), _as_bits(jnp.swapaxes(q, 2, 3)), (0, 0, 0, 0, 0))
-        return (_from_bits(bits, cache[0].dtype),
+        bits = lax.dynamic_update_slice(as_bits(cache[0]), as_bits(jnp.swapaxes(q, 2, 3)), (0, 0, 0, 0, 0))
+        return (from_bits(bits, cache[0].dtype),
                 lax.dynamic_update_slice(cache[1], jnp.swapaxes(scale, 2, 3).astype(cache[1].dtype), (0, 0, 0, 0)))
     return lax.dynamic_update_slice(cache, jnp.swapaxes(new, 2, 3).astype(cache.dtype), (0, 0, 0, 0, 0))
 
@@ -151,7 +151,7 @@ def attend_filled(q, cache_k, cache_v, layer, cache_seg, q_seg, q_slots, *, slot
         seg_j = lax.dynamic_slice_in_dim(cache_seg, start, c, axis=1)  # (B, c)
         local = start + jnp.arange(c)
         if quantized:  # this chunk's values in float32; the scales fold into the scores and probabilities
-            dq = lambda a: _from_bits(chunk_of(_as_bits(a)), a.dtype).astype(acc)  # (B, K, c, H) float32
+            dq = lambda a: from_bits(chunk_of(as_bits(a)), a.dtype).astype(acc)  # (B, K, c, H) float32
             k_j, v_j = dq(cache_k[0]), dq(cache_v[0])
             s = jnp.einsum("bkrh,bkch->bkrc", qh, k_j, preferred_element_type=acc)
             s = s * scale_of(cache_k[1]).astype(acc)[:, :, None, :]

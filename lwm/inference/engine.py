@@ -78,12 +78,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lwm.attention.decode import as_bits, from_bits
 from lwm.parallel import sharding
 from lwm.parallel.multihost import host_array
 from lwm.utils.dtypes import check_cache_dtype_backend
 from lwm.model.llama import CACHE_ROW_AXIS, CacheMode, LLaMAForCausalLM, init_cache, sequence_multiple
+from lwm.inference.prefix_cache import PrefixCache
 from lwm.inference.sampling import PromptTooLongError, SamplingConfig, bucket_length, left_pad, sample_rows
 from lwm.model.vision_llama import VisionLLaMAForCausalLM
+
+# Tokens per chunk of a chunked prefill when a prefix cache is given without --prefill_chunk.
+DEFAULT_PREFILL_CHUNK = 2048
 
 # (logits (R, V) float32, keys (R, 2) uint32, steps (R,) int32, temperature (R,), top_k (R,), top_p (R,))
 #   -> tokens (R,) int32. Must be hashable (it is a static argument of the compiled step).
@@ -128,12 +133,15 @@ class TokenLogprobs(NamedTuple):
 
 class Prefix(NamedTuple):
     """Prefilled prompts, ready for `insert`: cache rows (k, v (L, P, K, T, H), segment_ids (P, T)), each
-    row's next-token logits (P, V), the slot index T (the padded length) and the next position (the prompt
-    length: an int, or one per row)."""
+    row's next-token logits (P, V), `length` the slot the next token is written at (the padded length T of a
+    left-padded whole prefill; the prompt length of a chunked one, whose prompt starts at slot 0), the next
+    position (the prompt length: an int, or one per row) and `cached`, the prompt tokens taken from a prefix
+    cache."""
     cache: dict
     logits: jax.Array
     length: int
     position: Union[int, Sequence[int]]
+    cached: int = 0             # prompt tokens whose cache came from a prefix cache (not computed again)
 
 
 @dataclasses.dataclass
@@ -221,6 +229,10 @@ class Engine:
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,), static_argnames=("rule", "head"))
         self._move_jit = jax.jit(self._move_impl, donate_argnums=(0,))
         self._start_jit = jax.jit(self._start_impl, static_argnames=("rule", "head"))
+        self._chunk_jit = jax.jit(self._chunk_impl, donate_argnums=(1,), static_argnames=("head",))
+        self._empty_jit = jax.jit(self._empty_impl, static_argnames=("rows", "length"))
+        self._put_block_jit = jax.jit(self._put_block_impl, donate_argnums=(0,))
+        self._take_block_jit = jax.jit(self._take_block_impl, static_argnames=("size",))
 
     def _check_head(self, head: Optional[str]) -> str:
         """head or the engine's default; ValueError naming the choices, or a vision head on a text model."""
@@ -273,6 +285,37 @@ class Engine:
         cache = self._constrain_cache(init_cache(self.config, ids.shape[0], cache_len, self.cache_dtype))
         hidden, cache = self._hidden(params, ids, vision, pos, seg, cache, 0, CacheMode.PREFILL)
         return self._logits(params, hidden[:, -1:], head)[:, 0], self._constrain_cache(cache)
+
+    def _chunk_impl(self, params, cache, ids, vision, seg, pos, index, last, *, head):
+        """One chunk of a chunked prefill: ids (R, C) at slots [index, index + C) attend to the cache's
+        filled slots and causally to each other (the decode pass: lwm.attention.cached_attention), their keys
+        and values written in place. Returns (logits (R, V) of `head` at chunk entry `last`, the cache)."""
+        hidden, cache = self._hidden(params, ids, vision, pos, seg, cache, index, CacheMode.DECODE)
+        h = jax.lax.dynamic_index_in_dim(hidden, last, axis=1, keepdims=True)          # (R, 1, D)
+        return self._logits(params, h, head)[:, 0], self._constrain_cache(cache)
+
+    def _empty_impl(self, *, rows: int, length: int):
+        return self._constrain_cache(init_cache(self.config, rows, length, self.cache_dtype))
+
+    def _put_block_impl(self, cache, block, start):
+        """A prefix-cache block (k, v (L, 1, K, B, H) and an int8/fp8 cache's scales (L, 1, K, B)) copied into
+        every row of the cache at slots [start, start + B), marked filled (segment id 1)."""
+        out = dict(cache)
+        for name, piece in block.items():
+            big = cache[name]
+            piece = jnp.broadcast_to(piece, piece.shape[:1] + big.shape[1:2] + piece.shape[2:]).astype(big.dtype)
+            at = (0, 0, 0, start, 0)[:big.ndim]
+            out[name] = from_bits(jax.lax.dynamic_update_slice(as_bits(big), as_bits(piece), at), big.dtype)
+        seg = cache["segment_ids"]
+        size = next(iter(block.values())).shape[3]
+        out["segment_ids"] = jax.lax.dynamic_update_slice(seg, jnp.ones((seg.shape[0], size), seg.dtype), (0, start))
+        return self._constrain_cache(out)
+
+    @staticmethod
+    def _take_block_impl(cache, start, *, size):
+        """Row 0's slots [start, start + size) of every k, v (and scale) entry: one prefix-cache block."""
+        return {name: from_bits(jax.lax.dynamic_slice_in_dim(as_bits(x[:, :1]), start, size, axis=3), x.dtype)
+                for name, x in cache.items() if name != "segment_ids"}
 
     # ---------------------------------------------------------------------------------- the decode step
     def _draw(self, logits, keys, steps, live, budget, temperature, top_k, top_p, stop_ids, rule, head):
@@ -417,9 +460,114 @@ class Engine:
         return self._state(cache, logits, [0] * slots, [0] * slots, [0] * slots, [SamplingConfig()] * slots,
                            [0] * slots, stop_ids, _PER_ROW, head)
 
+    # ------------------------------------------------------------------- chunked and prefix-cached prefill
+    def prefix_cache(self, budget_bytes: Optional[int] = None, block_size: Optional[int] = None) -> PrefixCache:
+        """A PrefixCache for this engine's model and cache dtype (lwm.inference.prefix_cache). budget_bytes:
+        default `prefix_cache.default_budget_bytes()` (a quarter of the free device memory); block_size: slots
+        per block, default the model's decode_chunk_size, and a multiple of it (so a block is whole decode
+        chunks). Raises ValueError (one line naming --prefix_cache_mb / --prefix_cache_block) for a block size
+        that is not such a multiple, a budget that holds no block, or a RoPE whose frequencies depend on the
+        prompt's length (`check_chunking`)."""
+        from lwm.inference import prefix_cache as pc
+
+        self.check_chunking(None, True)
+        chunk = self.config.decode_chunk_size
+        block = chunk if block_size is None else int(block_size)
+        if block < 1 or block % chunk:
+            raise ValueError(f"--prefix_cache_block={block}: must be a positive multiple of the model's "
+                             f"decode_chunk_size={chunk}")
+        budget = pc.default_budget_bytes() if budget_bytes is None else int(budget_bytes)
+        return PrefixCache(block, budget, self.block_bytes(block))
+
+    def block_bytes(self, block_size: int) -> int:
+        """Bytes of one prefix-cache block of `block_size` slots: k and v (L, K, B, H) in the cache dtype, plus
+        an int8/fp8 cache's two float32 scales per token and kv head."""
+        c = self.config
+        n = c.num_hidden_layers * c.kv_heads * block_size
+        scales = 2 * n * 4 if jnp.dtype(self.cache_dtype).itemsize == 1 else 0
+        return 2 * n * c.head_dim * jnp.dtype(self.cache_dtype).itemsize + scales
+
+    def check_chunking(self, chunk: Optional[int], prefix_cache: bool = False) -> None:
+        """One-line ValueError, before anything compiles, for a prefill chunk that is not a positive multiple of
+        the mesh's sp (--prefill_chunk), or chunking / a prefix cache with rope_scaling_type 'dynamic' or
+        'longrope', whose frequencies depend on the whole prompt's length (a chunk, or a cached block, would
+        be rotated for another length than a whole prefill rotates it)."""
+        kind = self.config.rope_scaling_type
+        if (chunk is not None or prefix_cache) and kind in ("dynamic", "longrope"):
+            what = "--prefill_chunk" if chunk is not None else "--prefix_cache_mb"
+            raise ValueError(f"{what}: rope_scaling_type={kind!r} rotates keys by the prompt's whole length, so "
+                             "a chunk or a cached block would differ from a whole prefill; use a whole prefill "
+                             "(--prefill_chunk=0 --prefix_cache_mb=0) or a length-independent RoPE")
+        if chunk is not None:
+            _, sp = mesh_sizes()
+            if chunk < 1 or chunk % sp:
+                raise ValueError(f"--prefill_chunk={chunk}: must be a positive multiple of the mesh's sp={sp}")
+
+    def _chunked_prefill(self, prompt, vision, head: str, prefix_cache: Optional[PrefixCache],
+                         chunk: Optional[int]) -> Prefix:
+        """See `prefill`: the prompt from slot 0, its prefix from `prefix_cache` blocks, the rest in chunks."""
+        data, sp = mesh_sizes()
+        n = len(prompt)
+        t = self.padded_length(n)
+        ids = np.asarray(prompt, np.int32)
+        mask = self._vision_rows(None if vision is None else [vision], [prompt], n, head)
+        mask = None if mask is None else mask[0]
+        cache = self._empty_jit(rows=data, length=t)
+        keys, hit = [], 0
+        if prefix_cache is not None:
+            block = prefix_cache.block_size
+            keys = prefix_cache.keys(ids, mask)
+            usable = (n - 1) // block                          # leave one token at least: its logits
+            for j, blk in enumerate(prefix_cache.match(keys[:usable])):
+                cache = self._put_block_jit(cache, blk, np.int32(j * block))
+                hit = (j + 1) * block
+            if chunk is None:
+                chunk = block * max(1, DEFAULT_PREFILL_CHUNK // block)
+        chunk = chunk or DEFAULT_PREFILL_CHUNK
+        chunk = sp * math.ceil(chunk / sp)
+        logits = None
+        for start in range(hit, n, chunk):
+            end = min(start + chunk, n)
+            c_ids = np.full((data, chunk), self.pad_id, np.int32)
+            c_ids[:, :end - start] = ids[start:end]
+            seg = np.zeros((data, chunk), np.int32)
+            seg[:, :end - start] = 1
+            pos = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (data, chunk))
+            vis = None
+            if mask is not None:
+                vis = np.zeros((data, chunk), bool)
+                vis[:, :end - start] = mask[start:end]
+            logits, cache = self._chunk_jit(self.params, cache, c_ids, vis, seg, pos, np.int32(start),
+                                            np.int32(end - 1 - start), head=head)
+        if prefix_cache is not None:
+            for j in range(hit // prefix_cache.block_size, len(keys)):
+                if keys[j] not in prefix_cache:
+                    prefix_cache.put(keys[j], self._take_block_jit(cache, np.int32(j * prefix_cache.block_size),
+                                                                   size=prefix_cache.block_size))
+        return Prefix(cache=cache, logits=logits, length=n, position=n, cached=hit)
+
     def prefill(self, prompt: Sequence[int], vision: Optional[Sequence[bool]] = None,
-                head: Optional[str] = None) -> Prefix:
-        """Run one prompt; returns its Prefix (padded to its bucket, `padded_length`) with `head`'s logits."""
+                head: Optional[str] = None, *, prefix_cache: Optional[PrefixCache] = None,
+                chunk: Optional[int] = None) -> Prefix:
+        """Run one prompt; returns its Prefix with `head`'s logits (one cache row per data shard, `padded_length`
+        slots).
+
+        Default: one whole prefill, the prompt left-padded to its bucket. With `chunk` (tokens, a multiple of
+        sp) or a `prefix_cache`, the prompt sits at slots [0, n) instead and is prefilled in chunks of `chunk`
+        tokens (default DEFAULT_PREFILL_CHUNK, rounded to whole blocks), each attending to the cache so far
+        and causally to itself through the decode pass (`lwm.attention.cached_attention`: the cache's filled
+        chunks read in a loop, sharded over sp with one softmax merge), so the working memory is one chunk's,
+        not the prompt's. With a prefix cache, the longest run of its blocks that starts the prompt is copied
+        in first (at most n - 1 tokens: the last token's logits are computed) and only the rest is
+        prefilled; the new whole blocks are then stored. Equal to the whole prefill up to float rounding
+        (tests/inference/test_prefix_cache.py). Raises ValueError from `check_chunking`."""
+        head = self._check_head(head)
+        if prefix_cache is not None or chunk is not None:
+            self.check_chunking(chunk, prefix_cache is not None)
+            self.check_length(len(prompt), 0)
+            if not prompt:
+                raise ValueError("prefill: the prompt is empty; every prompt needs at least one token (e.g. BOS)")
+            return self._chunked_prefill(list(prompt), vision, head, prefix_cache, chunk)
         data, _ = mesh_sizes()
         t = self.padded_length(len(prompt))
         logits, cache = self.prefill_batch([prompt] * data, t, t,        # one row per data shard
@@ -677,10 +825,14 @@ class Engine:
                  seeds: Union[int, Sequence[int], None] = None, stop_ids: Optional[Sequence[int]] = None,
                  stream: Optional[Callable] = None, vision: Optional[Sequence] = None,
                  rule: Optional[TokenRule] = None, padded_length: Optional[int] = None,
-                 steps_per_call: Optional[int] = None, head: Optional[str] = None) -> GenerateResult:
+                 steps_per_call: Optional[int] = None, head: Optional[str] = None,
+                 prefix_cache: Optional[PrefixCache] = None, prefill_chunk: Optional[int] = None) -> GenerateResult:
         """Batched generation (module docstring (a)). stop_ids default (eos_id,); steps_per_call: decode
         steps per compiled call (default 1 with a stream callback, else 16); head: the head sampled, 'text' or
-        'vision' (default the engine's)."""
+        'vision' (default the engine's). prefix_cache / prefill_chunk: each prompt is prefilled alone by
+        `prefill(..., prefix_cache=, chunk=)` (its cached prefix reused, the rest in chunks) and inserted into
+        the batch's decode state; `stats['cached_tokens']` counts the reused tokens. Not with a batch-level
+        `rule` (it draws from every row's logits at once): ValueError."""
         if not prompts:
             return GenerateResult([], [], {})
         head = self._check_head(head)
@@ -703,13 +855,29 @@ class Engine:
         rule = _PER_ROW if rule is None else rule
         k = steps_per_call or (1 if stream is not None else 16)
 
+        cached = 0
         t0 = time.perf_counter()
-        logits, cache = self.prefill_batch(rows, t, cache_len,
-                                           None if vision is None else list(vision) + [vision[0]] * extra, head)
-        jax.block_until_ready(logits)
-        t1 = time.perf_counter()
-        state = self._state(cache, logits, [t] * len(rows), [len(p) for p in rows], budgets + [0] * extra,
-                            sampling + [sampling[0]] * extra, seeds + [0] * extra, stop_ids, rule, head)
+        if prefix_cache is not None or prefill_chunk is not None:
+            if rule is not _PER_ROW:
+                raise ValueError("generate: prefix_cache / prefill_chunk prefill each prompt alone, and a "
+                                 "batch-level token rule draws from every row's logits at once; drop one")
+            self.check_chunking(prefill_chunk, prefix_cache is not None)
+            state = self.init_state(len(rows), cache_len, stop_ids, head)
+            for r in range(n):
+                pre = self.prefill(prompts[r], None if vision is None else vision[r], head,
+                                   prefix_cache=prefix_cache, chunk=prefill_chunk)
+                state = self.insert(pre, state, slot=r, max_new_tokens=budgets[r], sampling=sampling[r],
+                                    seed=seeds[r], head=head)
+                cached += pre.cached
+            jax.block_until_ready(state.token)
+            t1 = time.perf_counter()
+        else:
+            logits, cache = self.prefill_batch(rows, t, cache_len,
+                                               None if vision is None else list(vision) + [vision[0]] * extra, head)
+            jax.block_until_ready(logits)
+            t1 = time.perf_counter()
+            state = self._state(cache, logits, [t] * len(rows), [len(p) for p in rows], budgets + [0] * extra,
+                                sampling + [sampling[0]] * extra, seeds + [0] * extra, stop_ids, rule, head)
         out = [[] for _ in range(n)]
         finish = [None] * n
         keep = np.ones(len(rows), bool)
@@ -755,7 +923,8 @@ class Engine:
         finish = [f or "length" for f in finish]
         self.last_stats = dict(prefill_s=t1 - t0, time_to_first_token_s=t_first - t0, decode_s=t2 - t_first,
                                prompt_tokens=int(sum(map(len, prompts))), new_tokens=int(sum(map(len, out))),
-                               steps=step, batch=len(rows), padded_length=t, cache_length=cache_len)
+                               steps=step, batch=len(rows), padded_length=t, cache_length=cache_len,
+                               cached_tokens=cached)
         return GenerateResult(out, finish, dict(self.last_stats))
 
 
