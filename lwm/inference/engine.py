@@ -503,48 +503,18 @@ class Engine:
             if chunk < 1 or chunk % sp:
                 raise ValueError(f"--prefill_chunk={chunk}: must be a positive multiple of the mesh's sp={sp}")
 
-    def _chunked_prefill(self, prompt, vision, head: str, prefix_cache: Optional[PrefixCache],
-                         chunk: Optional[int]) -> Prefix:
-        """See `prefill`: the prompt from slot 0, its prefix from `prefix_cache` blocks, the rest in chunks."""
-        data, sp = mesh_sizes()
-        n = len(prompt)
-        t = self.padded_length(n)
-        ids = np.asarray(prompt, np.int32)
-        mask = self._vision_rows(None if vision is None else [vision], [prompt], n, head)
-        mask = None if mask is None else mask[0]
-        cache = self._empty_jit(rows=data, length=t)
-        keys, hit = [], 0
-        if prefix_cache is not None:
-            block = prefix_cache.block_size
-            keys = prefix_cache.keys(ids, mask)
-            usable = (n - 1) // block                          # leave one token at least: its logits
-            for j, blk in enumerate(prefix_cache.match(keys[:usable])):
-                cache = self._put_block_jit(cache, blk, np.int32(j * block))
-                hit = (j + 1) * block
-            if chunk is None:
-                chunk = block * max(1, DEFAULT_PREFILL_CHUNK // block)
-        chunk = chunk or DEFAULT_PREFILL_CHUNK
-        chunk = sp * math.ceil(chunk / sp)
-        logits = None
-        for start in range(hit, n, chunk):
-            end = min(start + chunk, n)
-            c_ids = np.full((data, chunk), self.pad_id, np.int32)
-            c_ids[:, :end - start] = ids[start:end]
-            seg = np.zeros((data, chunk), np.int32)
-            seg[:, :end - start] = 1
-            pos = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (data, chunk))
-            vis = None
-            if mask is not None:
-                vis = np.zeros((data, chunk), bool)
-                vis[:, :end - start] = mask[start:end]
-            logits, cache = self._chunk_jit(self.params, cache, c_ids, vis, seg, pos, np.int32(start),
-                                            np.int32(end - 1 - start), head=head)
-        if prefix_cache is not None:
-            for j in range(hit // prefix_cache.block_size, len(keys)):
-                if keys[j] not in prefix_cache:
-                    prefix_cache.put(keys[j], self._take_block_jit(cache, np.int32(j * prefix_cache.block_size),
-                                                                   size=prefix_cache.block_size))
-        return Prefix(cache=cache, logits=logits, length=n, position=n, cached=hit)
+    def start_prefill(self, prompt: Sequence[int], vision: Optional[Sequence[bool]] = None,
+                      head: Optional[str] = None, *, prefix_cache: Optional[PrefixCache] = None,
+                      chunk: Optional[int] = None) -> "ChunkedPrefill":
+        """A chunked prefill run one chunk per `ChunkedPrefill.step()` call (a server interleaves them with
+        decode steps); `prefill(..., chunk=)` runs them all. The prefix-cache blocks are copied in here.
+        Raises ValueError (`check_chunking`, an empty prompt) or PromptTooLongError."""
+        head = self._check_head(head)
+        self.check_chunking(chunk, prefix_cache is not None)
+        if not len(prompt):
+            raise ValueError("prefill: the prompt is empty; every prompt needs at least one token (e.g. BOS)")
+        self.check_length(len(prompt), 0)
+        return ChunkedPrefill(self, list(prompt), vision, head, prefix_cache, chunk)
 
     def prefill(self, prompt: Sequence[int], vision: Optional[Sequence[bool]] = None,
                 head: Optional[str] = None, *, prefix_cache: Optional[PrefixCache] = None,
@@ -563,11 +533,7 @@ class Engine:
         (tests/inference/test_prefix_cache.py). Raises ValueError from `check_chunking`."""
         head = self._check_head(head)
         if prefix_cache is not None or chunk is not None:
-            self.check_chunking(chunk, prefix_cache is not None)
-            self.check_length(len(prompt), 0)
-            if not prompt:
-                raise ValueError("prefill: the prompt is empty; every prompt needs at least one token (e.g. BOS)")
-            return self._chunked_prefill(list(prompt), vision, head, prefix_cache, chunk)
+            return self.start_prefill(prompt, vision, head, prefix_cache=prefix_cache, chunk=chunk).run()
         data, _ = mesh_sizes()
         t = self.padded_length(len(prompt))
         logits, cache = self.prefill_batch([prompt] * data, t, t,        # one row per data shard
@@ -820,6 +786,16 @@ class Engine:
             raise ValueError("Engine.lower_prefill: text models only (a vision prompt needs its vision mask)")
         return self._prefill_jit.lower(self.params, ids, None, ids, ids, cache_len=cache_length, head="text")
 
+    def lower_prefill_chunk(self, rows: int, chunk: int, cache_length: int):
+        """One chunk of the chunked prefill (`start_prefill`) lowered for ids (rows, chunk) against a cache of
+        cache_length slots, nothing run: for memory_analysis (its temporaries are one chunk's; the cache is an
+        argument, donated). Text models only."""
+        if self.vision:
+            raise ValueError("Engine.lower_prefill_chunk: text models only (a vision prompt needs its vision mask)")
+        ids = jax.ShapeDtypeStruct((rows, chunk), jnp.int32)
+        cache = jax.eval_shape(lambda: init_cache(self.config, rows, cache_length, self.cache_dtype))
+        return self._chunk_jit.lower(self.params, cache, ids, None, ids, ids, np.int32(0), np.int32(0), head="text")
+
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Union[int, Sequence[int]], *,
                  sampling: Union[SamplingConfig, Sequence[SamplingConfig], None] = None,
                  seeds: Union[int, Sequence[int], None] = None, stop_ids: Optional[Sequence[int]] = None,
@@ -926,6 +902,80 @@ class Engine:
                                steps=step, batch=len(rows), padded_length=t, cache_length=cache_len,
                                cached_tokens=cached)
         return GenerateResult(out, finish, dict(self.last_stats))
+
+
+class ChunkedPrefill:
+    """One prompt's chunked, prefix-cached prefill in progress (`Engine.start_prefill`; the rule is in
+    `Engine.prefill`'s docstring). `cached`: prompt tokens copied from the prefix cache; `done`; `remaining`:
+    tokens still to prefill; `step()` prefills the next chunk (of `chunk` tokens; the last may be shorter);
+    `result()` (once done) stores the prompt's new whole blocks in the prefix cache and returns its Prefix."""
+
+    def __init__(self, engine: Engine, prompt: list, vision, head: str, prefix_cache: Optional[PrefixCache],
+                 chunk: Optional[int]):
+        self.engine, self.prompt, self.head, self.prefix_cache = engine, prompt, head, prefix_cache
+        self.data, sp = mesh_sizes()
+        n = len(prompt)
+        self.ids = np.asarray(prompt, np.int32)
+        mask = engine._vision_rows(None if vision is None else [vision], [prompt], n, head)
+        self.mask = None if mask is None else mask[0]
+        self.cache = engine._empty_jit(rows=self.data, length=engine.padded_length(n))
+        self.keys, self.cached = [], 0
+        if prefix_cache is not None:
+            block = prefix_cache.block_size
+            self.keys = prefix_cache.keys(self.ids, self.mask)
+            usable = (n - 1) // block                       # leave one token at least: its logits
+            for j, blk in enumerate(prefix_cache.match(self.keys[:usable])):
+                self.cache = engine._put_block_jit(self.cache, blk, np.int32(j * block))
+                self.cached = (j + 1) * block
+            if chunk is None:
+                chunk = block * max(1, DEFAULT_PREFILL_CHUNK // block)
+        chunk = chunk or DEFAULT_PREFILL_CHUNK
+        self.chunk = sp * math.ceil(chunk / sp)
+        self.pos, self.logits = self.cached, None
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.prompt)
+
+    @property
+    def remaining(self) -> int:
+        return max(0, len(self.prompt) - self.pos)
+
+    def step(self) -> None:
+        """Prefill the next chunk: ids (R, C) at slots [pos, pos + C), right-padded (segment id 0) past the
+        prompt's end."""
+        eng, c, start = self.engine, self.chunk, self.pos
+        end = min(start + c, len(self.prompt))
+        ids = np.full((self.data, c), eng.pad_id, np.int32)
+        ids[:, :end - start] = self.ids[start:end]
+        seg = np.zeros((self.data, c), np.int32)
+        seg[:, :end - start] = 1
+        pos = np.broadcast_to(np.arange(start, start + c, dtype=np.int32), (self.data, c))
+        vis = None
+        if self.mask is not None:
+            vis = np.zeros((self.data, c), bool)
+            vis[:, :end - start] = self.mask[start:end]
+        self.logits, self.cache = eng._chunk_jit(eng.params, self.cache, ids, vis, seg, pos, np.int32(start),
+                                                 np.int32(end - 1 - start), head=self.head)
+        self.pos = end
+
+    def result(self) -> Prefix:
+        if not self.done:
+            raise RuntimeError(f"ChunkedPrefill.result: {self.remaining} tokens are not prefilled yet")
+        pc = self.prefix_cache
+        if pc is not None:
+            for j in range(self.cached // pc.block_size, len(self.keys)):
+                if self.keys[j] not in pc:
+                    pc.put(self.keys[j], self.engine._take_block_jit(self.cache, np.int32(j * pc.block_size),
+                                                                     size=pc.block_size))
+        n = len(self.prompt)
+        return Prefix(cache=self.cache, logits=self.logits, length=n, position=n, cached=self.cached)
+
+    def run(self) -> Prefix:
+        """Every remaining chunk, then `result()`."""
+        while not self.done:
+            self.step()
+        return self.result()
 
 
 @jax.jit
