@@ -22,7 +22,10 @@ def runtime_flags(c: ConfigDict, *, tokenizer: str) -> ConfigDict:
     """Add the flags every inference entry point shares (the original's names and defaults) to `c`."""
     c.mesh_dim = "1,-1,1,1"                    # dp, fsdp, tp, sp (-1: the remaining devices)
     c.dtype = "fp32"                           # fp32 | bf16 | fp16 for the language model
-    c.cache_dtype = ""                         # KV cache dtype (fp32 | bf16 | fp16); '' = the model's (--dtype)
+    c.cache_dtype = ""                         # KV cache dtype (fp32 | bf16 | fp16 | int8 | fp8); '' = the model's
+    c.prefix_cache_mb = -1                     # prefix cache budget, MiB; -1: a quarter of free memory; 0: off
+    c.prefix_cache_block = 0                   # tokens per prefix-cache block; 0: the model's decode_chunk_size
+    c.prefill_chunk = 0                        # tokens per prefill chunk; 0: whole prompts (2048 with a prefix cache)
     c.load_llama_config = ""                   # preset ('tiny', 'debug', '7b', ...) or json::path
     c.update_llama_config = ""                 # "dict(theta=50000000, max_sequence_length=32768)": literals only
     c.load_checkpoint = ""                     # params::PATH, trainstate_params::, flax_params::, orbax::DIR
@@ -39,6 +42,31 @@ def vision_flags(c: ConfigDict) -> ConfigDict:
     c.vqgan_config = "released"                # VQGAN preset ('released', 'tiny') or json::path
     c.seed = 1234
     return runtime_flags(c, tokenizer="LargeWorldModel/LWM-Text-1M")
+
+
+def prefix_cache_from_flags(engine, config: ConfigDict):
+    """The PrefixCache that --prefix_cache_mb and --prefix_cache_block ask for on `engine`
+    (`Engine.prefix_cache`), or None for --prefix_cache_mb=0. Raises ValueError (one line naming the flag) for a
+    negative budget other than -1, a block that is not a multiple of decode_chunk_size, or a budget that holds
+    no block."""
+    mb = float(config.prefix_cache_mb)
+    if mb == 0:
+        return None
+    if mb < 0 and mb != -1:
+        raise ValueError(f"--prefix_cache_mb={config.prefix_cache_mb}: give MiB >= 0 (0 turns it off) or -1 "
+                         "(a quarter of the free device memory)")
+    block = int(config.prefix_cache_block) or None
+    return engine.prefix_cache(None if mb < 0 else int(mb * 2**20), block)
+
+
+def prefill_chunk_from_flags(engine, config: ConfigDict):
+    """--prefill_chunk as `Engine.prefill`'s chunk: None for 0 (whole prompts), else checked now (a positive
+    multiple of sp; ValueError naming the flag) so nothing compiles first."""
+    chunk = int(config.prefill_chunk)
+    if chunk == 0:
+        return None
+    engine.check_chunking(chunk)
+    return chunk
 
 
 def check_budget(prompt_len: int, new_tokens: int, max_sequence_length: int, what: str) -> None:
