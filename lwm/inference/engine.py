@@ -49,6 +49,14 @@ more compiled step, whatever k a caller slices) and `drawn(state, logprobs=True)
 `score(prompts)` is the one log-likelihood scorer: one forward over every position, per prompt entry t = token
 t+1's logprob given the tokens before it, with its top K.
 
+(g) Chunked and prefix-cached prefill (`prefill(..., chunk=, prefix_cache=)`, `start_prefill`, and
+`generate(..., prefill_chunk=, prefix_cache=)`): the prompt sits at slots [0, n) and is prefilled chunk by chunk
+through the decode pass, so a chunk attends to the cache so far and causally to itself and the working memory
+is one chunk's; a PrefixCache (lwm.inference.prefix_cache) supplies the prompt's longest cached prefix as KV
+blocks and only the rest is computed. `Engine.prefix_cache(budget_bytes, block_size)` makes one for this
+model and cache dtype; the --prefix_cache_mb / --prefix_cache_block / --prefill_chunk flags are
+lwm.inference.runtime's.
+
 (c) Host read-back (`lwm.parallel.multihost.host_array`, the one read-back) gathers arrays that span several processes before reading them, so the
 same code runs on one host or a multi-host pod. (d) `check_length` is the length check.
 

@@ -156,3 +156,13 @@ def test_one_line_errors_before_anything_compiles(setup):
     with jax.set_mesh(make_mesh("1,1,1,2", jax.devices()[:2])):
         with pytest.raises(ValueError, match=r"--prefill_chunk=7: .*sp=2"):
             engine.check_chunking(7)
+
+
+def test_int8_cache_blocks_carry_their_scales(setup):
+    """An int8 cache's blocks (values and scales) reused: the tokens of the same int8 engine without a cache."""
+    cfg, params, _, _ = setup
+    engine = Engine(LLaMAForCausalLM(cfg), params, eos_id=EOS, pad_id=PAD, cache_dtype="int8")
+    plain = [engine.generate([p], NEW).tokens[0] for p in (Q1, Q2)]
+    pc = engine.prefix_cache(1 << 24, BLOCK)
+    assert engine.block_bytes(BLOCK) == 2 * cfg.num_hidden_layers * cfg.kv_heads * BLOCK * (cfg.head_dim + 4)
+    assert _ask(engine, pc, [Q1, Q2]) == [(plain[0], 0), (plain[1], 64)]
