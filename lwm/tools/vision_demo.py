@@ -49,6 +49,9 @@ SIZES = {
 }
 RESOLUTION, N_FRAMES = 32, 4
 TEXT_LOSS_WEIGHT, VISION_LOSS_WEIGHT = 1.0, 0.5
+# The demo's recipe: fields of the json_vision dataset (lwm.training.dataset) that `train_lm` sets.
+RECIPE = dict(mode="pack", loss_weighting="example", text_loss_weight=TEXT_LOSS_WEIGHT,
+              vision_loss_weight=VISION_LOSS_WEIGHT)
 
 
 def get_default_config() -> ConfigDict:
@@ -198,9 +201,10 @@ def model_updates(sz: dict) -> str:
             f"scan_query_chunk_size=256, scan_key_chunk_size=256)")
 
 
-def train_lm(data: str, tokenizer_path: str, workdir: str, sz: dict, seed: int) -> str:
-    """`lwm.train --modality=vision,text` on the JSON (masked sequence packing, example loss weighting, the
-    text/vision loss weights); returns the params checkpoint spec it saved."""
+def train_lm(data: str, tokenizer_path: str, workdir: str, sz: dict, seed: int, recipe: Optional[dict] = None) -> str:
+    """`lwm.train --modality=vision,text` on the JSON with `recipe` (json_vision dataset fields; default RECIPE:
+    masked sequence packing, example loss weighting, the text/vision loss weights); returns the params checkpoint
+    spec it saved."""
     steps, lr = sz["lm_steps"], sz["lm_lr"]
     warmup = min(30, max(1, steps // 10))
     d = "--train_dataset.json_vision_dataset"
@@ -209,8 +213,7 @@ def train_lm(data: str, tokenizer_path: str, workdir: str, sz: dict, seed: int) 
            "--train_dataset.type=json_vision", "--train_dataset.vision_text_processor.fields_from_example=fields",
            f"--train_dataset.vision_text_processor.n_tokens_per_frame={(RESOLUTION // 4) ** 2}",
            f"{d}.path={data}", f"{d}.seq_length={sz['lm_seq']}", f"{d}.batch_size={sz['lm_batch']}",
-           f"{d}.mode=pack", f"{d}.loss_weighting=example", f"{d}.text_loss_weight={TEXT_LOSS_WEIGHT}",
-           f"{d}.vision_loss_weight={VISION_LOSS_WEIGHT}", f"--total_steps={steps}",
+           *(f"{d}.{k}={v}" for k, v in (RECIPE if recipe is None else recipe).items()), f"--total_steps={steps}",
            f"--log_freq={max(1, min(50, steps // 10))}", f"--optimizer.adamw_optimizer.lr={lr}",
            f"--optimizer.adamw_optimizer.lr_warmup_steps={warmup}",
            f"--optimizer.adamw_optimizer.lr_decay_steps={max(steps, warmup + 1)}",
@@ -219,7 +222,7 @@ def train_lm(data: str, tokenizer_path: str, workdir: str, sz: dict, seed: int) 
            "--logger.experiment_id=lm", "--logger.append_uuid=False", "--peak_flops=1e11", f"--seed={seed}",
            "--noautoresume"]
     run_step(cmd, cpu_env(1), f"training the vision-language model: {steps} steps of {sz['lm_batch']} x "
-             f"{sz['lm_seq']} packed tokens", job="vision_demo")
+             f"{sz['lm_seq']} tokens", job="vision_demo")
     from lwm.checkpoint.manager import checkpoint_spec, latest
 
     ckpt = latest(os.path.join(workdir, "train", "lm"))
@@ -326,9 +329,10 @@ def generation_summary(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def evaluate_qa_and_needles(flags: ConfigDict, vqgan, sz: dict, seed: int) -> tuple[list, list, list]:
-    """World QA on held-out scenes and the three visual needles, through the one runner.
-    Returns (QA records, QA summary by kind, needle records)."""
+def evaluate_qa_and_needles(flags: ConfigDict, vqgan, sz: dict, seed: int,
+                            needles: bool = True) -> tuple[list, list, list]:
+    """World QA on held-out scenes and (when `needles`) the three visual needles, through the one runner.
+    Returns (QA records, QA summary by kind, needle records; [] without needles)."""
     import jax
 
     from lwm.evals import runner, visual
@@ -343,17 +347,17 @@ def evaluate_qa_and_needles(flags: ConfigDict, vqgan, sz: dict, seed: int) -> tu
     tasks = {"world_video_qa": world_eval.WORLD_VIDEO_QA.with_models(vqgan, tok, 8),
              "world_image_qa": world_eval.WORLD_IMAGE_QA.with_models(vqgan, tok, 8)}
     counts = [int(x) for x in sz["frame_counts"].split(",")]
-    needles = (visual.build_samples(counts, [0, 50, 100], sz["needle_samples"], seed, RESOLUTION)
-               + visual.build_order_samples(counts, [0, 50], sz["needle_samples"], seed, RESOLUTION)
-               + visual.build_count_samples(counts, sz["needle_samples"] * 2, seed, RESOLUTION))
+    needle_samples = (visual.build_samples(counts, [0, 50, 100], sz["needle_samples"], seed, RESOLUTION)
+                      + visual.build_order_samples(counts, [0, 50], sz["needle_samples"], seed, RESOLUTION)
+                      + visual.build_count_samples(counts, sz["needle_samples"] * 2, seed, RESOLUTION))
     needle_tasks = {visual.TASK: visual.VISUAL_NEEDLE.with_models(vqgan, tok, 8),
                     visual.ORDER_TASK: visual.VISUAL_ORDER.with_models(vqgan, tok, 8),
                     visual.COUNT_TASK: visual.VISUAL_COUNT.with_models(vqgan, tok, 4)}
     with jax.set_mesh(backend.mesh):
         qa = runner.run(samples, backend, tasks, max_tokens_per_batch=None, max_rows=32, progress=False,
                         desc="world QA")
-        needle = runner.run(needles, backend, needle_tasks, max_tokens_per_batch=None, max_rows=16, progress=False,
-                            desc="visual needles")
+        needle = [] if not needles else runner.run(needle_samples, backend, needle_tasks, max_tokens_per_batch=None,
+                                                   max_rows=16, progress=False, desc="visual needles")
     return qa, world_eval.summary_by_kind(qa), needle
 
 
@@ -413,21 +417,18 @@ def lm_summary(metrics: Sequence[dict], last: int = 5) -> dict:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from lwm.evals import report
+def prepare(workdir: str, sz: dict, seed: int, times: dict) -> dict:
+    """Steps 1-4, shared by the demo and benchmarks/vision_recipe_ablation.py: the world, the VQGAN trained on
+    its train frames and its statistics, the train scenes encoded and written as vision-text JSON, the tokenizer.
+    Adds each step's seconds to `times`; returns dict(scenes, codes, vqgan, vqgan_weights, vqgan_last, vq_stats,
+    data, kinds, tokenizer, tokenizer_path)."""
     from lwm.model.vqgan import VQGAN, VQGANConfig
     from lwm.text.tokenizer import train_sentencepiece
-    from lwm.utils.vision_io import to_model_range, write_video
     from lwm.training.vqgan import psnr
-
-    config = parse(sys.argv[1:] if argv is None else argv, get_default_config())
-    sz = resolve(config)
-    start, times = time.time(), {}
-    workdir = os.path.abspath(config.workdir)
-    os.makedirs(workdir, exist_ok=True)
+    from lwm.utils.vision_io import to_model_range
 
     t0 = time.time()
-    scenes = train_scenes(sz["train_videos"], sz["train_images"], config.seed)
+    scenes = train_scenes(sz["train_videos"], sz["train_images"], seed)
     videos = [world.render(s, RESOLUTION) for s in scenes]
     frames = np.concatenate(videos)
     test = [world.render(world.sample_scene(i, world_config(), "test"), RESOLUTION)
@@ -440,7 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     t0 = time.time()
     print(f"\n== VQGAN: {sz['vqgan_steps']} steps of {sz['vqgan_batch']} frames, {sz['codes']} codes", flush=True)
     last = train_vqgan(frames, os.path.join(workdir, "vqgan"), sz["codes"], sz["vqgan_steps"], sz["vqgan_batch"],
-                       config.seed)
+                       seed)
     vq_config = VQGANConfig.load("tiny").replace(num_embeddings=sz["codes"], resolution=RESOLUTION)
     vqgan = VQGAN.load(last["weights"], vq_config)
     codes = encode(vqgan, videos)
@@ -458,12 +459,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     t0 = time.time()
     data = os.path.join(workdir, "vision_text.jsonl")
-    kinds = write_json_data(data, scenes, codes, sz["qa_per_scene"], config.seed)
+    kinds = write_json_data(data, scenes, codes, sz["qa_per_scene"], seed)
     tokenizer_path = os.path.join(workdir, "tokenizer.model")
-    tokenizer = train_sentencepiece(tokenizer_texts(scenes), tokenizer_path, config.vocab_size)
+    tokenizer = train_sentencepiece(tokenizer_texts(scenes), tokenizer_path, sz["vocab_size"])
     times["data_s"] = time.time() - t0
     print(f"vision_demo: {sum(kinds.values())} examples {kinds} -> {data}; tokenizer {tokenizer_path} "
           f"({tokenizer.vocab_size} pieces)", flush=True)
+    return dict(scenes=scenes, codes=codes, vqgan=vqgan, vqgan_weights=last["weights"], vqgan_last=last,
+                vq_stats=vq_stats, data=data, kinds=kinds, tokenizer=tokenizer, tokenizer_path=tokenizer_path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    from lwm.evals import report
+    from lwm.utils.vision_io import write_video
+
+    config = parse(sys.argv[1:] if argv is None else argv, get_default_config())
+    sz = resolve(config)
+    start, times = time.time(), {}
+    workdir = os.path.abspath(config.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    prep = prepare(workdir, dict(sz, vocab_size=config.vocab_size), config.seed, times)
+    vqgan, last, vq_stats, kinds = prep["vqgan"], prep["vqgan_last"], prep["vq_stats"], prep["kinds"]
+    data, tokenizer, tokenizer_path = prep["data"], prep["tokenizer"], prep["tokenizer_path"]
 
     t0 = time.time()
     checkpoint = train_lm(data, tokenizer_path, workdir, sz, config.seed)
@@ -494,7 +511,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     report.write_json(results, dict(summary=summary, qa_records=qa, generation_records=gen_rows,
                                     needle_records=needle))
     text = "\n\n".join([
-        f"VQGAN: PSNR {test_psnr:.2f} dB (held-out test frames), {len(used)}/{sz['codes']} codes used",
+        f"VQGAN: PSNR {vq_stats['test_psnr']:.2f} dB (held-out test frames), {vq_stats['codes_used']}/{sz['codes']} "
+        "codes used",
         f"LM: loss {lm_first['loss']:.3f} at the first log -> {lm['loss']:.3f} (text {lm['text_loss']:.3f}, vision "
         f"{lm['vision_loss']:.3f}; means of the last logs) at step {lm['step']}",
         "World QA, held-out scenes (accuracy %, chance %):\n" + table(qa_summary, ("task", "kind", "n", "accuracy",
