@@ -6,9 +6,10 @@ to numpy, and gathering each process's dataset state.
     dataset = DatasetFactory.load_dataset(config, tokenizer, host=host)
     batch = global_batch(local_batch, mesh, host)     # global (B, T) arrays, P(('dp', 'fsdp'), 'sp')
     loss = float(host_array(metrics["loss"]))         # numpy on every process
+    message = broadcast_bytes(blob if jax.process_index() == 0 else None)   # process 0's bytes everywhere
 
-Used by the training loop, the checkpoint writer and the engine; knows nothing of the model, the data
-pipeline or the step functions.
+Used by the training loop, the checkpoint writer, the engine and the server across hosts (`broadcast_bytes`);
+knows nothing of the model, the data pipeline or the step functions.
 """
 from __future__ import annotations
 
@@ -153,6 +154,36 @@ def gather_process_states(state: Any) -> Any:
     padded[:blob.size] = blob
     rows = np.asarray(multihost_utils.process_allgather(padded))
     return {"process_states": [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]}
+
+
+BROADCAST_INLINE = 4096   # bytes of the fixed first buffer of `broadcast_bytes` (an 8-byte length, then data)
+
+
+def broadcast_bytes(data: bytes | None) -> bytes:
+    """Process 0's `data` on every process (the others pass None): a collective, so every process calls it, in
+    the same order. One `multihost_utils.broadcast_one_to_all` of a fixed BROADCAST_INLINE-byte buffer (the
+    length, then the bytes when they fit), else a second one of the next power of two bytes, so only a few
+    shapes ever compile. One process: `data` as it is."""
+    if jax.process_count() == 1:
+        return bytes(data or b"")
+    from jax.experimental import multihost_utils
+
+    source = jax.process_index() == 0
+    if source and data is None:
+        raise ValueError("broadcast_bytes: process 0 is the source and must pass the bytes")
+    head = np.zeros(BROADCAST_INLINE, np.uint8)
+    if source:
+        head[:8] = np.frombuffer(np.uint64(len(data)).tobytes(), np.uint8)
+        if len(data) <= BROADCAST_INLINE - 8:
+            head[8:8 + len(data)] = np.frombuffer(data, np.uint8)
+    head = np.asarray(multihost_utils.broadcast_one_to_all(head))
+    n = int(np.frombuffer(head[:8].tobytes(), np.uint64)[0])
+    if n <= BROADCAST_INLINE - 8:
+        return head[8:8 + n].tobytes()
+    body = np.zeros(1 << (n - 1).bit_length(), np.uint8)
+    if source:
+        body[:n] = np.frombuffer(data, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(body))[:n].tobytes()
 
 
 def process_state(state: Any) -> Any:

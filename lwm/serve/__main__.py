@@ -9,9 +9,14 @@ Model flags are the chat entry points' (lwm.text_chat, lwm.vision_chat: --load_l
 --update_llama_config, --load_checkpoint, --tokenizer, --mesh_dim, --dtype, --vqgan_*); the server binds to
 127.0.0.1 unless --host says otherwise. Then open http://127.0.0.1:8000/ for the chat page, or point any
 OpenAI client at http://127.0.0.1:8000/v1. Bad flags or files: one line, exit status 2.
+
+Across hosts (docs/serve.md, "Across hosts"): start the same command on every process with the
+--jax_distributed.* flags (each its own process_id); process 0 serves HTTP and schedules, the others run the
+same engine calls on their shards of the mesh (lwm.serve.replicated) and return when process 0 stops.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Sequence
 
@@ -50,6 +55,7 @@ def get_default_config() -> ConfigDict:
 
 
 def main(argv: Sequence[str]) -> None:
+    import jax
     import uvicorn
 
     from lwm.serve import create_app
@@ -68,6 +74,20 @@ def main(argv: Sequence[str]) -> None:
         raise ValueError(f"--warmup_prompt_lengths={config.warmup_prompt_lengths!r}: give comma-separated prompt "
                          "lengths in tokens, e.g. 64,1024") from None
     engine, tokenizer, vqgan, mesh = load_served(config)
+    leader = None
+    if jax.process_count() > 1:
+        from lwm.serve.replicated import ReplicatedEngine, serve_follower
+
+        if jax.process_index() != 0:                  # --host/--port are process 0's; here they are unused
+            print(f"lwm.serve: process {jax.process_index()} of {jax.process_count()} runs process 0's engine "
+                  "calls", file=sys.stderr, flush=True)
+            with jax.set_mesh(mesh):
+                calls = serve_follower(engine)
+            print(f"lwm.serve: process {jax.process_index()}: process 0 stopped after {calls} engine calls",
+                  file=sys.stderr, flush=True)
+            return
+        engine = leader = ReplicatedEngine(engine)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)   # as Ctrl-C: uvicorn stops, then `finally`
     name = config.model_name or ("lwm-vision" if is_vision(config) else "lwm-text")
     app = create_app(engine, tokenizer, model_name=name, vqgan=vqgan, api_key=config.api_key or None,
                      max_batch_size=config.max_batch_size, max_queue=config.max_queue,
@@ -79,9 +99,13 @@ def main(argv: Sequence[str]) -> None:
                      max_video_pixels=config.max_video_pixels, max_chars_per_token=config.max_chars_per_token)
     print(f"lwm.serve: {name} on http://{config.host}:{config.port}/ (OpenAI API under /v1)", file=sys.stderr,
           flush=True)
-    uvicorn.Server(server_config(app, host=config.host, port=config.port, header_timeout_s=config.header_timeout_s,
-                                 keep_alive_s=config.keep_alive_s,
-                                 max_connections=config.max_connections or None)).run()
+    try:
+        uvicorn.Server(server_config(app, host=config.host, port=config.port,
+                                     header_timeout_s=config.header_timeout_s, keep_alive_s=config.keep_alive_s,
+                                     max_connections=config.max_connections or None)).run()
+    finally:
+        if leader is not None:                        # across hosts: the followers return
+            leader.close()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ def load_served(config: ConfigDict):
     vision = is_vision(config)
     rt = runtime.setup(config, modality="vision,text" if vision else "text",
                        sample_mode="text" if vision else None)
+    if jax.process_count() > 1:                   # across hosts: every process's flags are process 0's
+        from lwm.serve.replicated import check_same_flags
+
+        check_same_flags(config)
     vqgan = None
     with jax.set_mesh(rt.mesh):
         model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, rt.mesh,

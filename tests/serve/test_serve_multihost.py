@@ -1,0 +1,156 @@
+"""`python -m lwm.serve` across hosts (lwm.serve.replicated): two processes of two CPU devices each over loopback
+(--jax_distributed.*; process 0 serves HTTP, process 1 follows its engine calls) answer greedy completions
+with the same token ids as one process of four devices, with --mesh_dim=1,1,1,4 and ring attention: the KV
+cache is sharded over sp across the two processes, and the long prompt's tokens sit in both halves of it.
+Negative controls: a follower whose prompt ids are shifted (patched in its process) makes process 0 answer
+other tokens, so the comparison can fail and the follower's shards matter; a follower started with another
+flag is refused by both processes in one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from support import cpu_subprocess_env, free_port
+
+# Two prompts padded to 512 slots of the 772-slot cache (max_sequence_length 512 + the bucket slack): their
+# tokens sit in slots 212..511 and 232..511, across the cut at 386 between the processes' sp shards.
+PROMPTS = {"a": [3 + (7 * i) % 390 for i in range(300)], "b": [3 + (11 * i) % 390 for i in range(280)]}
+MAX_TOKENS = 8
+# A follower whose engine sees every prompt id shifted by one (the same flags, a patched message decode).
+TAMPER = """
+import sys
+from lwm.serve import replicated
+from lwm.serve.__main__ import get_default_config, main, __doc__ as doc
+from lwm.cli.command import cli
+_decode = replicated.decode
+def shifted(x, values):
+    out = _decode(x, values)
+    if isinstance(out, list) and out and isinstance(out[0], list) and out[0] and isinstance(out[0][0], list):
+        out[0] = [[(i + 1) % 390 + 3 for i in row] for row in out[0]]      # prefill_batch's prompts
+    return out
+replicated.decode = shifted
+sys.exit(cli("lwm.serve", main, get_default_config, doc))
+"""
+
+
+def flags(d, port):
+    return ["--load_llama_config=tiny", "--mesh_dim=1,1,1,4",
+            "--update_llama_config=dict(attention_impl='ring', max_sequence_length=512)",
+            f"--load_checkpoint=params::{d}/params", f"--tokenizer={d}/tokenizer.model", f"--port={port}",
+            "--max_batch_size=1", f"--decode_steps_per_call={MAX_TOKENS}"]   # few shapes: few compiles
+
+
+def dist(port, pid):
+    return ["--jax_distributed.initialize_jax_distributed=True", f"--jax_distributed.coordinator_address=127.0.0.1:{port}",
+            "--jax_distributed.num_processes=2", f"--jax_distributed.process_id={pid}"]
+
+
+def start(cmd, d, devices):
+    return subprocess.Popen(cmd, env=cpu_subprocess_env(d, devices), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_healthy(port, procs, timeout=240):
+    end = time.time() + timeout
+    while time.time() < end:
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"a server exited with {p.returncode}: {p.stderr.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError("the server did not come up")
+
+
+def complete(port, prompt):
+    body = json.dumps({"model": "lwm-text", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                       "return_token_ids": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=240) as r:
+            return json.loads(r.read())["choices"][0]["token_ids"]
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"{e}: {e.read()[:2000]}") from None
+
+
+def answers(port):
+    """{prompt name: the token ids of its greedy completion}, one request after the other."""
+    return {k: complete(port, p) for k, p in PROMPTS.items()}
+
+
+def stop(procs):
+    """SIGTERM to process 0: it stops as on Ctrl-C (exit status 130) and its followers return (0) by themselves."""
+    procs[0].send_signal(signal.SIGTERM)
+    errs = []
+    for p, status in zip(procs, (130, 0)):
+        _, err = p.communicate(timeout=120)
+        errs.append(err)
+        assert p.returncode == status, err[-3000:]
+    return errs
+
+
+def pair(d, follower_cmd=None):
+    http, coord = free_port(), free_port()
+    cmd = [sys.executable, "-m", "lwm.serve", *flags(d, http)]
+    procs = [start(cmd + dist(coord, 0), d, 2),
+             start((follower_cmd or cmd) + dist(coord, 1), d, 2)]
+    return http, procs
+
+
+@pytest.mark.slow
+def test_two_processes_answer_what_one_process_answers(golden_workdir):
+    d = golden_workdir
+    t0 = time.time()
+    one_port = free_port()
+    one = start([sys.executable, "-m", "lwm.serve", *flags(d, one_port)], d, 4)
+    http, procs = pair(d)
+    try:
+        wait_healthy(one_port, [one])
+        wait_healthy(http, procs)
+        single, multi = answers(one_port), answers(http)
+    except BaseException:
+        for p in [one, *procs]:
+            p.kill()
+        raise
+    one.kill()
+    one.wait()
+    errs = stop(procs)
+    assert [len(v) for v in single.values()] == [MAX_TOKENS] * len(PROMPTS), single
+    assert multi == single, (multi, single)
+    assert single["a"] != single["b"]
+    assert "process 0 stopped after" in errs[1] and "after 0 engine calls" not in errs[1], errs[1][-2000:]
+
+    # Negative control: the follower's own prompt ids feed its shards of the cache; shifted, the answer moves.
+    http, procs = pair(d, [sys.executable, "-c", TAMPER, *flags(d, free_port())])
+    try:
+        wait_healthy(http, procs)
+        tampered = answers(http)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    stop(procs)
+    assert tampered["a"] != single["a"] and tampered["b"] != single["b"], tampered
+    print(f"two servers and the control: {time.time() - t0:.1f} s")
+
+
+def test_a_follower_with_other_flags_is_refused_in_one_line(golden_workdir):
+    d = golden_workdir
+    http, coord = free_port(), free_port()
+    cmd = [sys.executable, "-m", "lwm.serve", *flags(d, http)]
+    procs = [start(cmd + dist(coord, 0), d, 2), start(cmd + ["--seed=5"] + dist(coord, 1), d, 2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 2, err[-3000:]
+        lines = [x for x in err.strip().splitlines() if not x.startswith(("[Gloo]", "WARNING", "I0000", "E0000"))]
+        assert len(lines) == 1 and "process 1: --seed" in lines[0] and "Traceback" not in err, err[-3000:]
