@@ -1,0 +1,71 @@
+"""lwm.serve.replicated in one process (broadcast_bytes is then the identity, so every call still goes through the
+message encoding and the registry of device values): the server over a ReplicatedEngine answers the engine's
+greedy tokens; messages round-trip bit for bit and refuse what cannot cross processes; handles are released
+when dropped; unreplicated engine methods and calls after close() raise. Two processes: test_serve_multihost.py."""
+import gc
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from support.serving import running_server
+
+
+def test_messages_round_trip_and_refuse_what_cannot_cross():
+    from lwm.inference.engine import Prefix
+    from lwm.inference.sampling import SamplingConfig
+    from lwm.serve.replicated import Handle, decode, encode
+
+    args = [np.array([[1.5, np.nan], [-0.0, 3e-39]], np.float32), np.array([True, False]), np.arange(3, dtype=np.uint32),
+            (1, 2.5, "x", None, True), {"k": [np.int64(7)]}, SamplingConfig(0.7, 5, 0.9),
+            Prefix(cache=Handle(4, None), logits=Handle(5, None), length=64, position=[3, 9])]
+    values = {4: "cache of 4", 5: "logits of 5"}
+    back = decode(json.loads(json.dumps(encode(args))), values)
+    assert back[0].dtype == np.float32 and back[0].tobytes() == args[0].tobytes()       # bit for bit
+    assert back[1].dtype == bool and back[1].tolist() == [True, False] and back[2].dtype == np.uint32
+    assert back[3] == (1, 2.5, "x", None, True) and back[4] == {"k": [7]} and back[5] == SamplingConfig(0.7, 5, 0.9)
+    assert back[6] == Prefix(cache="cache of 4", logits="logits of 5", length=64, position=[3, 9])
+    for bad in (jax.numpy.zeros(2), lambda: 0, np.array(["a"]), object()):
+        with pytest.raises(TypeError, match="cannot be sent"):
+            encode([bad])
+    with pytest.raises(ValueError, match="released"):
+        decode({"h": 99}, values)
+    with pytest.raises(ValueError, match="unknown tag"):
+        decode({"pickle": "..."}, values)
+
+
+def test_the_server_over_a_replicated_engine_answers_the_engines_tokens(text_engine):
+    from lwm.serve import create_app
+    from lwm.serve.replicated import Handle, ReplicatedEngine
+
+    engine, tok = text_engine["engine"], text_engine["tok"]
+    ids = [tok.bos_id] + tok.encode("world models read long videos and text " * 5)
+    want = engine.generate([ids], 6).tokens[0]
+    proxy = ReplicatedEngine(engine, keepalive_s=0)
+    app = create_app(proxy, tok, model_name="tiny", max_batch_size=2)
+    with running_server(app) as url:
+        import urllib.request
+
+        req = urllib.request.Request(url + "/v1/completions", json.dumps(
+            {"model": "tiny", "prompt": ids, "max_tokens": 6, "temperature": 0, "return_token_ids": True}).encode(),
+            {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            got = json.loads(r.read())["choices"][0]["token_ids"]
+    assert got == want and proxy._seq > 3                      # the scheduler's calls went through messages
+
+    # Device values come back as handles; a dropped handle is released (here and, across hosts, everywhere)
+    # with the next message.
+    state = proxy.init_state(1, 128)
+    assert isinstance(state, Handle) and not state.is_deleted() and state.id in proxy._values
+    held, dropped = len(proxy._values), state.id
+    del state
+    gc.collect()
+    proxy.drawn(proxy.init_state(1, 128))
+    assert dropped not in proxy._values and len(proxy._values) <= held
+    assert proxy.padded_length(40) == engine.padded_length(40)           # host-side attributes: the engine's
+    with pytest.raises(AttributeError, match="not replicated"):
+        proxy.lower_prefill
+    proxy.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        proxy.init_state(1, 128)
