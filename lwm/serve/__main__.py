@@ -44,6 +44,7 @@ def get_default_config() -> ConfigDict:
     c.decode_steps_per_call = 16               # decode steps per engine call while every recent client decodes (docs/serve.md)
     c.batch_wait_ms = 20.0                     # an idle engine waits this long for the rest of a burst (0 = never)
     c.warmup_prompt_lengths = ""               # e.g. '64,1024': compile these prompt lengths' shapes before serving
+    c.max_step_tokens = 0                      # decode + prefill-chunk tokens per scheduler step; 0 = --prefill_chunk + --max_batch_size
     c.default_max_tokens = 256                 # budget of a request that sets no max_tokens
     c.allow_local_media = False                # read plain file paths in image/video parts
     c.max_body_bytes = 32 << 20                # larger request bodies get 413 (base64 makes images 4/3 larger)
@@ -60,7 +61,7 @@ def main(argv: Sequence[str]) -> None:
 
     from lwm.serve import create_app
     from lwm.serve.edge import server_config
-    from lwm.serve.loading import is_vision, load_served
+    from lwm.serve.loading import is_vision, load_served, prefill_settings
 
     config = parse(argv, get_default_config())
     for flag in ("max_batch_size", "decode_steps_per_call"):
@@ -74,6 +75,7 @@ def main(argv: Sequence[str]) -> None:
         raise ValueError(f"--warmup_prompt_lengths={config.warmup_prompt_lengths!r}: give comma-separated prompt "
                          "lengths in tokens, e.g. 64,1024") from None
     engine, tokenizer, vqgan, mesh = load_served(config)
+    prefix_cache, prefill_chunk, max_step_tokens = prefill_settings(engine, config, mesh)
     leader = None
     if jax.process_count() > 1:
         from lwm.serve.replicated import ReplicatedEngine, serve_follower
@@ -96,7 +98,8 @@ def main(argv: Sequence[str]) -> None:
                      decode_steps_per_call=config.decode_steps_per_call, warmup_prompt_lengths=warmup,
                      batch_wait_ms=config.batch_wait_ms, max_body_bytes=config.max_body_bytes,
                      body_timeout_s=config.body_timeout_s, max_image_bytes=config.max_image_bytes,
-                     max_video_pixels=config.max_video_pixels, max_chars_per_token=config.max_chars_per_token)
+                     max_video_pixels=config.max_video_pixels, max_chars_per_token=config.max_chars_per_token,
+                     prefix_cache=prefix_cache, prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens)
     print(f"lwm.serve: {name} on http://{config.host}:{config.port}/ (OpenAI API under /v1)", file=sys.stderr,
           flush=True)
     try:

@@ -44,7 +44,8 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
                max_n_frames: int = 8, default_max_tokens: int = 256, mesh=None, scheduler=None,
                decode_steps_per_call: int = 16, warmup_prompt_lengths=(), batch_wait_ms: float = 20.0,
                max_body_bytes: int = 32 << 20, body_timeout_s: float = 60.0, max_image_bytes: int = 1 << 27,
-               max_video_pixels: int = 1 << 30, max_chars_per_token: int = 32) -> FastAPI:
+               max_video_pixels: int = 1 << 30, max_chars_per_token: int = 32, prefix_cache=None,
+               prefill_chunk: Optional[int] = None, max_step_tokens: Optional[int] = None) -> FastAPI:
     """The app over `engine` (an `lwm.inference` engine, text or vision) and its `tokenizer`.
 
     model_name: the id clients send as `model`. vqgan: an `lwm.model.vqgan.VQGAN` for vision models (required
@@ -65,6 +66,12 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     comes from the prefill). warmup_prompt_lengths: prompt lengths whose shapes are compiled at start-up,
     before the app takes requests (`Scheduler._warmup`); others compile on first use. batch_wait_ms: how long
     an idle engine waits for the rest of a burst before prefilling (`Scheduler._gather`; 0 = never).
+    prefix_cache: the server's one `lwm.inference.prefix_cache.PrefixCache` (`Engine.prefix_cache`; None: none):
+    every prompt reuses the longest prefix it holds, and a response's usage.prompt_tokens_details.cached_tokens
+    counts those tokens. prefill_chunk: tokens per prefill chunk (None: whole prompts, or the scheduler's default
+    chunk with a prefix cache); max_step_tokens: decode plus prefill-chunk tokens per scheduler step (None: one
+    chunk + max_batch_size): a long prompt's chunks share steps with the streams already answering
+    (`lwm.serve.scheduler`).
     scheduler: a ready `Scheduler` (tests and benchmarks); by default one is built and started here and
     stopped at shutdown."""
     from contextlib import asynccontextmanager
@@ -78,7 +85,8 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
     own = scheduler is None
     sched = scheduler or Scheduler(served, max_batch_size=max_batch_size, max_queue=max_queue, mesh=mesh,
                                    steps_per_call=decode_steps_per_call, warmup_prompt_lengths=warmup_prompt_lengths,
-                                   batch_wait_s=batch_wait_ms / 1e3)
+                                   batch_wait_s=batch_wait_ms / 1e3, prefix_cache=prefix_cache,
+                                   prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens)
     seeds = itertools.count(int(time.time()))
 
     @asynccontextmanager
@@ -166,8 +174,13 @@ def create_app(engine, tokenizer, *, model_name: str = "lwm", vqgan=None, api_ke
         return reasons
 
     def usage_of(prompts, jobs) -> dict:
+        """Usage of a request's jobs (n per prompt, in prompt order): each prompt counted once, its cached
+        tokens those of its first choice."""
         n_prompt, n_new = sum(len(p) for p in prompts), sum(len(j.tokens) for j in jobs)
-        return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
+        per = len(jobs) // len(prompts) if jobs else 0
+        cached = sum(jobs[i * per].cached_tokens for i in range(len(prompts))) if per else 0
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new,
+                "prompt_tokens_details": {"cached_tokens": int(cached)}}
 
     def ids_of(req, prompt) -> dict:
         if not req.return_token_ids:

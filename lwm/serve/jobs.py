@@ -7,7 +7,9 @@ an incomplete character, and posts the new text to the request's asyncio queue. 
 `Job.events()` and may `cancel()` (client gone).
 
 Usage counts: prompt_tokens = len(prompt), completion_tokens = tokens produced, the EOS that ends an answer
-excluded (what `lwm.inference.sampling.Sampler.generate` returns).
+excluded (what `lwm.inference.sampling.Sampler.generate` returns); prompt_tokens_details.cached_tokens = the
+prompt tokens whose KV cache came from the server's prefix cache (`Job.cached_tokens`, set by the scheduler
+when it starts the job's prefill; OpenAI's field of the same name).
 
 A job made with `logprobs=True` also keeps, per token of `tokens`, the engine's log-probability and its
 alternatives (`lwm.inference.engine.TokenLogprobs` rows: logprob, top ids (K,), top log-probabilities (K,)),
@@ -91,6 +93,7 @@ class Job:
         # whether it was resumed after one and has not yet completed a step (then it is admitted alone).
         self.faults = 0
         self.suspect = False
+        self.cached_tokens = 0          # prompt tokens taken from the prefix cache (the scheduler sets it)
 
     @property
     def prompt_tokens(self) -> int:
@@ -217,4 +220,5 @@ class Job:
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
-                "total_tokens": self.prompt_tokens + len(self.tokens)}
+                "total_tokens": self.prompt_tokens + len(self.tokens),
+                "prompt_tokens_details": {"cached_tokens": int(self.cached_tokens)}}

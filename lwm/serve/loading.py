@@ -12,7 +12,7 @@ def check_flags(config: ConfigDict) -> None:
         raise ValueError(f"--port={config.port}: must be in [0, 65535]")
     for flag, low in (("max_batch_size", 1), ("max_queue", 0), ("max_n_frames", 1), ("default_max_tokens", 1),
                       ("max_body_bytes", 1), ("max_image_bytes", 1), ("max_video_pixels", 1), ("max_chars_per_token", 1),
-                      ("keep_alive_s", 1),
+                      ("keep_alive_s", 1), ("max_step_tokens", 0),
                       ("max_connections", 0)):
         if config[flag] < low:
             raise ValueError(f"--{flag}={config[flag]}: must be >= {low}")
@@ -55,3 +55,29 @@ def load_served(config: ConfigDict):
     engine = Engine(model, params, eos_id=rt.tokenizer.eos_id, pad_id=rt.tokenizer.pad_id,
                     vocab_size=rt.tokenizer.vocab_size, cache_dtype=config.cache_dtype or None)
     return engine, rt.tokenizer, vqgan, rt.mesh
+
+
+def prefill_settings(engine, config: ConfigDict, mesh=None) -> tuple:
+    """(prefix_cache, prefill_chunk, max_step_tokens) for the scheduler from --prefix_cache_mb,
+    --prefix_cache_block, --prefill_chunk and --max_step_tokens (`lwm.inference.runtime.prefix_cache_from_flags`,
+    `prefill_chunk_from_flags`): None, None, None for a whole batched prefill. Checked under the server's mesh
+    (a chunk must divide by its sp), after the weights are read and before anything compiles; ValueError, one
+    line naming the flag (a budget that holds no block, a block that is not a multiple of decode_chunk_size, a
+    chunk that is not a multiple of sp). Across hosts (jax.process_count() > 1) the scheduler's chunked
+    prefill is not replicated yet (lwm.serve.replicated): the default -1 turns the prefix cache off there, and
+    asking for it or for chunks is refused in one line."""
+    import contextlib
+
+    import jax
+
+    from lwm.inference import runtime
+
+    if jax.process_count() > 1:
+        if float(config.prefix_cache_mb) in (0, -1) and int(config.prefill_chunk) == 0:
+            return None, None, None
+        raise ValueError("--prefix_cache_mb / --prefill_chunk: the server's prefix cache and chunked prefill run "
+                         "in one process only for now; across hosts give --prefix_cache_mb=0 --prefill_chunk=0")
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        cache = runtime.prefix_cache_from_flags(engine, config)
+        chunk = runtime.prefill_chunk_from_flags(engine, config)
+    return cache, chunk, int(config.max_step_tokens) or None

@@ -288,6 +288,31 @@ class ServedModel:
             t = sp * math.ceil(len(ids) / sp)
         return t, vision is not None
 
+    def start_prefill(self, engine, job, prefix_cache=None, chunk: int = 2048):
+        """`Engine.start_prefill` of `job`'s prefill input (`_prefill_input`: its prompt, and the tokens it drew
+        when resumed), its prompt at cache slots [0, n), the longest run of `prefix_cache`'s blocks that starts
+        it copied in: a `ChunkedPrefill` whose `step()` prefills one chunk. The chunk is `chunk` tokens (a
+        multiple of sp), or less for a short remainder: the bucket (`Engine.padded_length`) of the tokens left
+        after the cached blocks, so a 20-token prompt runs a 32-wide chunk, not a 2048-wide one (one compile
+        per bucket below `chunk`, as the whole prefill compiles one per bucket)."""
+        ids, vision = self._prefill_input(job)
+        cached = 0
+        if prefix_cache is not None:                 # the blocks a lookup will find (looked up, not touched)
+            block = prefix_cache.block_size
+            for key in prefix_cache.keys(ids, vision, limit=(len(ids) - 1) // block):
+                if key not in prefix_cache:
+                    break
+                cached += block
+        width = min(int(chunk), engine.padded_length(max(1, len(ids) - cached)))
+        return engine.start_prefill(ids, vision, prefix_cache=prefix_cache, chunk=width)
+
+    def insert_prefilled(self, engine, state, slot: int, job, prefix):
+        """Put `job`'s finished chunked prefill (`prefix`, from `ChunkedPrefill.result()`) into decode slot
+        `slot` of `state` (`Engine.insert`, drawing its first token, or its next one when resumed). Returns the
+        state."""
+        return engine.insert(prefix, state, slot, max_new_tokens=job.sampling.max_tokens,
+                             sampling=self._sampling(job), seed=job.sampling.seed or 0, drawn=len(job.tokens))
+
     def insert_many(self, engine, state, slots: list, jobs: list, rows: int):
         """Prefill `jobs` (equal `prefill_key`) as one batch of `rows` rows (>= len(jobs), a multiple of the
         mesh's dp*fsdp; the extra rows repeat the first prompt) and put job i into decode slot slots[i] of

@@ -14,6 +14,15 @@ padded length) and inserted into free slots, which draws each job's first token 
 the job before any decode step); every step draws one more token for every active slot; a slot is
 freed as soon as its job ends (EOS, budget, a stop string, or its client left), and the next waiting job takes
 it at the next step.
+With a prefix cache or a prefill chunk (`prefix_cache=`, `prefill_chunk=`: `--prefix_cache_mb`, `--prefill_chunk`),
+each admitted job is prefilled alone and in chunks instead (`_start_prefills`, `_prefill_work`: `ServedModel.
+start_prefill`, `Engine.start_prefill`): its prompt at cache slots [0, n), the longest prefix the cache holds copied
+in (`Job.cached_tokens`, the response's usage.prompt_tokens_details.cached_tokens), the rest prefilled one chunk at
+a time. Its slot is held meanwhile (`prefilling`), and every scheduler step runs the decode step of the streams
+already answering (one step while a prefill is part-way) and as many chunks as fit `max_step_tokens` less the
+step's decode tokens (one chunk at least, so a prefill always advances; the prompt with the fewest tokens left
+first; Sarathi-Serve's and vLLM's chunked prefill under a token budget): the streams keep answering while a long document arrives, each of their
+tokens waiting for about one chunk. A finished prefill is inserted into its slot, which draws its first token.
 A job whose client left before it started is dropped from the queue. While nothing decodes, the first
 arrivals of a burst wait up to batch_wait_s for the rest (`_gather`); `warmup_prompt_lengths` compiles the
 serving shapes of those prompt lengths before `start()` returns (`_warmup`).
@@ -23,7 +32,9 @@ job alone (`_took`). A fault in a decode step itself (which serves every row at 
 donated state) drops the decode states and resumes every running job from the tokens it has (`_recover`:
 prefilled again, it goes on at its next draw, so its tokens equal an uninterrupted run's); a resumed job runs
 alone until it makes a step, and a job that a fault follows (more than fault_retries in a row) ends alone with
-one 500 whose message holds no internals (the traceback goes to the server's log).
+one 500 whose message holds no internals (the traceback goes to the server's log). A job part-way through a
+chunked prefill was in no decode call: it goes back to the front of the queue as it was. A fault in one job's
+chunk ends that job alone.
 """
 from __future__ import annotations
 
@@ -80,11 +91,30 @@ class Pool:
 class Scheduler:
     def __init__(self, served, *, max_batch_size: int = 8, max_queue: int = 64, mesh=None,
                  steps_per_call: int = 16, warmup_prompt_lengths: Sequence[int] = (), batch_wait_s: float = 0.02,
-                 fault_retries: int = 1):
+                 fault_retries: int = 1, prefix_cache=None, prefill_chunk: Optional[int] = None,
+                 max_step_tokens: Optional[int] = None):
+        """prefix_cache: a `lwm.inference.prefix_cache.PrefixCache` of the served engine (None: none);
+        prefill_chunk: tokens per prefill chunk (a multiple of sp; None: whole prompts without a prefix cache,
+        `default_chunk` with one). Either one makes every prompt prefilled alone, in chunks (module docstring).
+        max_step_tokens: tokens one scheduler step may run, decode rows x steps plus prefill chunk tokens
+        (None: `default_max_step_tokens`). Raises ValueError naming the setting."""
         if max_batch_size < 1 or max_queue < 0 or steps_per_call < 1 or batch_wait_s < 0 or fault_retries < 0:
             raise ValueError(f"max_batch_size={max_batch_size} and steps_per_call={steps_per_call} (--decode_steps_per_"
                              f"call) must be >= 1, max_queue={max_queue}, batch_wait_s={batch_wait_s} and "
                              f"fault_retries={fault_retries} >= 0")
+        self.prefix_cache = prefix_cache
+        self.chunked = prefix_cache is not None or prefill_chunk is not None
+        if prefill_chunk is not None and int(prefill_chunk) < 1:
+            raise ValueError(f"--prefill_chunk={prefill_chunk}: must be >= 1 (0: whole prompts)")
+        self.prefill_chunk = int(prefill_chunk) if prefill_chunk is not None else self.default_chunk(prefix_cache)
+        if max_step_tokens is not None and int(max_step_tokens) < 1:
+            raise ValueError(f"--max_step_tokens={max_step_tokens}: must be >= 1 (0: the default, one prefill "
+                             "chunk + max_batch_size)")
+        self.max_step_tokens = (int(max_step_tokens) if max_step_tokens else
+                                self.default_max_step_tokens(self.prefill_chunk, max_batch_size))
+        self.prefilling: dict = {}  # decode slot -> ChunkedPrefill of the job there
+        self.prefill_chunks = 0     # chunks run
+        self.decodes_amid_prefill = 0   # decode calls run while a prefill was part-way (between two of its chunks)
         self.fault_retries = int(fault_retries)   # decode faults in a row a job is resumed after (_recover)
         for n in warmup_prompt_lengths:
             if int(n) < 1 or int(n) + 1 > served.max_sequence_length:
@@ -110,6 +140,25 @@ class Scheduler:
         # submit(), so without HTTP (the benchmark prints them beside what its client sees)
         self.finished = collections.deque(maxlen=1024)
 
+    @staticmethod
+    def default_chunk(prefix_cache=None) -> int:
+        """The chunk when only a prefix cache asks for chunking: `Engine`'s DEFAULT_PREFILL_CHUNK (2048) in
+        whole blocks, as `Engine.prefill` rounds it."""
+        from lwm.inference.engine import DEFAULT_PREFILL_CHUNK
+
+        if prefix_cache is None:
+            return DEFAULT_PREFILL_CHUNK
+        block = prefix_cache.block_size
+        return block * max(1, DEFAULT_PREFILL_CHUNK // block)
+
+    @staticmethod
+    def default_max_step_tokens(chunk: int, max_batch_size: int) -> int:
+        """--max_step_tokens=0: one prefill chunk plus one decode token per slot, so a step runs the streams'
+        decode step and one chunk of a waiting prompt: each stream's next token waits for at most one chunk,
+        and a long prompt still advances a chunk per step (a larger budget prefills faster and delays the
+        streams' tokens more; vLLM's max_num_batched_tokens is the same knob)."""
+        return int(chunk) + int(max_batch_size)
+
     # ---------------------------------------------------------------------------------- any thread
     def _check_room(self) -> None:
         if len(self.waiting) >= self.max_queue:
@@ -133,7 +182,8 @@ class Scheduler:
     def stats(self) -> dict:
         with self.cond:
             return {"waiting": len(self.waiting), "running": sum(j is not None for j in self.running),
-                    "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
+                    "prefilling": len(self.prefilling), "max_batch_size": self.max_batch_size,
+                    "max_queue": self.max_queue}
 
     def start(self) -> "Scheduler":
         """Start the engine thread; returns once its warmup (if any) is done, and raises what the warmup
@@ -182,7 +232,8 @@ class Scheduler:
         fits it, its decode step at 1 and steps_per_call steps (one compiled step serves greedy and top-p
         slots; both are run), and the moves between states. Text prompts of a budget that fits their bucket
         (`ServedModel.prefill_key`); other shapes (vision prompts, a budget that forces sp-only padding) still
-        compile on first use. Leaves every slot free."""
+        compile on first use. With chunked prefills, each length's chunk of a prefix-cache miss (a hit's shorter
+        remainder, and the block copies, compile on first use). Leaves every slot free."""
         from lwm.serve.jobs import Job, Sampling
 
         served, tok, engine = self.served, self.served.tokenizer, self.served.engine
@@ -191,13 +242,19 @@ class Scheduler:
         for pool in pools:
             if pool.state is None:
                 pool.state = engine.init_state(pool.size, served.cache_length)
+        def insert(state, job, rows):
+            if not self.chunked:
+                return served.insert_many(engine, state, [0], [job], rows)
+            prefix = served.start_prefill(engine, job, None, self.prefill_chunk).run()
+            return served.insert_prefilled(engine, state, 0, job, prefix)
+
         for n in self.warmup_prompt_lengths:
             prompt = [tok.bos_id] * n
             for pool in pools:
-                for rows in (r for r in sizes if r <= pool.size):
+                for rows in (r for r in sizes if r <= pool.size and not (self.chunked and r != sizes[0])):
                     for sampling in rules:
                         job = Job(prompt, sampling, tok, None)
-                        pool.state = served.insert_many(engine, pool.state, [0], [job], rows)
+                        pool.state = insert(pool.state, job, rows)
                         engine.drawn(pool.state)
                         for k in sorted({1, self.steps_per_call}):
                             pool.state, _, _ = engine.step(pool.state, n_steps=k, keep=np.ones(pool.size, bool))
@@ -207,7 +264,7 @@ class Scheduler:
                     if src is dst:
                         continue
                     job = Job(prompt, rules[0], tok, None)
-                    src.state = served.insert_many(engine, src.state, [0], [job], sizes[0])
+                    src.state = insert(src.state, job, sizes[0])
                     src.state, dst.state = engine.move(src.state, 0, dst.state, 0)
                     dst.state = engine.free(dst.state, 0)
                     engine.drawn(dst.state)
@@ -322,7 +379,10 @@ class Scheduler:
         """Prefill the admitted (slot, job) pairs, batched: jobs in the same state with the same prefill key
         share one prefill of a ladder size of rows; then insert them into their slots, which draws each job's
         first token from its prefill, and hand those tokens to the jobs at once (before any decode step: the
-        time to first token is the prefill's)."""
+        time to first token is the prefill's). With chunked prefills, only starts each job's (`_start_prefills`)."""
+        if self.chunked:
+            self._start_prefills(admit)
+            return
         engine = self.served.engine
         groups: dict = {}
         for slot, job in admit:
@@ -344,6 +404,11 @@ class Scheduler:
                 part = members[start:start + rows]
                 start += len(part)
                 self._insert(pool, part, rows, sizes[0])
+        self._first_tokens(pools, admit)
+
+    def _first_tokens(self, pools, admit: list) -> None:
+        """Hand the (slot, job) pairs just inserted their first tokens (drawn by the insert), at once."""
+        engine = self.served.engine
         with posts_batched():                             # one event-loop wake-up for all first tokens
             for pool in pools:
                 offset = pool.offset
@@ -357,6 +422,77 @@ class Scheduler:
                                        _infos(lp, slot - offset, None))]
                 if ended:
                     pool.state = engine.free(pool.state, ended)
+
+    def _failed_alone(self, slot: int, job, e: BaseException, what: str) -> None:
+        """`job` (in `slot`) ends with its own error: an APIError as it is, anything else as one logged 500 whose
+        message carries no internals."""
+        if not isinstance(e, APIError):
+            print(f"lwm.serve: the {what} of one request failed ({len(job.prompt)} prompt tokens):", flush=True)
+            traceback.print_exception(e)
+            e = APIError(500, f"the server failed to {what} this request (logged on the server)",
+                         code="internal_error")
+        job.finish("error", e)
+        self._release(slot)
+
+    def _start_prefills(self, admit: list) -> None:
+        """Start the chunked prefill of each admitted (slot, job) (`ServedModel.start_prefill`: the prefix
+        cache's blocks copied in, `Job.cached_tokens` set); `_prefill_work` runs their chunks."""
+        for slot, job in admit:
+            try:
+                cp = self.served.start_prefill(self.served.engine, job, self.prefix_cache, self.prefill_chunk)
+            except Exception as e:
+                self._failed_alone(slot, job, e, "prefill")
+                continue
+            if not job.tokens:                      # a resumed job keeps what its first prefill found
+                job.cached_tokens = int(cp.cached)
+            self.prefilling[slot] = cp
+
+    def _prefill_work(self, pools, decode_tokens: int) -> None:
+        """Run prefill chunks, the job with the fewest tokens left first (a short prompt that arrives during a
+        long one's prefill gets its first token after one chunk, not after the long prompt), while they fit
+        max_step_tokens - decode_tokens (one chunk at least); insert each finished prefill into its slot and
+        hand its job the first token.
+        A job whose client left is dropped; a fault in one job's chunk ends that job alone; a fault in an
+        insert that consumed its decode state raises (the caller resumes every job, `_recover`)."""
+        budget, ran, done = self.max_step_tokens - decode_tokens, 0, []
+        engine = self.served.engine
+        for slot in sorted(self.prefilling, key=lambda s: self.prefilling[s].remaining):
+            cp, job = self.prefilling[slot], self.running[slot]
+            if job.finished:
+                del self.prefilling[slot]
+                if not job.done.is_set():
+                    job.finish("cancelled")
+                self._release(slot)
+                continue
+            try:
+                while not cp.done and (ran == 0 or min(cp.chunk, cp.remaining) <= budget):
+                    budget -= min(cp.chunk, cp.remaining)
+                    cp.step()
+                    ran += 1
+                    self.prefill_chunks += 1
+                prefix = cp.result() if cp.done else None
+            except Exception as e:
+                del self.prefilling[slot]
+                self._failed_alone(slot, job, e, "prefill")
+                continue
+            if prefix is None:
+                break                                       # the budget is spent
+            del self.prefilling[slot]
+            pool = next(q for q in pools if q.holds(slot))
+            if pool.state is None:
+                pool.state = engine.init_state(pool.size, self.served.cache_length)
+            try:
+                pool.state = self.served.insert_prefilled(engine, pool.state, slot - pool.offset, job, prefix)
+            except Exception as e:
+                import jax
+
+                if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(pool.state)):
+                    raise
+                self._failed_alone(slot, job, e, "prefill")
+                continue
+            done.append((slot, job))
+        if done:
+            self._first_tokens(pools, done)
 
     def _insert(self, pool, part: list, rows: int, alone_rows: int) -> None:
         """Prefill and insert the (slot, job) pairs `part` as one batch of `rows` rows; when that fails, each
@@ -398,15 +534,16 @@ class Scheduler:
         """Jobs decoding in smaller states move (`Engine.move`) into the largest state that is decoding, when
         it has free rows for all of them, so a round of decoding costs one step call: a step costs every row of
         its state, active or not. (A lone request starts in the one-row state; when others join in the
-        16-row state it moves there instead of costing a one-row step every round.)"""
-        busy = [p for p in pools if any(j is not None for j in self.running[p.offset:p.offset + p.size])]
+        16-row state it moves there instead of costing a one-row step every round.) A slot whose job is still
+        prefilling (chunked) holds no row yet and stays."""
+        busy = [p for p in pools if any(self._decoding(s) for s in range(p.offset, p.offset + p.size))]
         if len(busy) < 2:
             return
         engine = self.served.engine
         big = busy[-1]                                      # the ladder is ordered by size
         room = [s for s in range(big.offset, big.offset + big.size) if self.running[s] is None]
         for pool in busy[:-1]:
-            slots = [s for s in range(pool.offset, pool.offset + pool.size) if self.running[s] is not None]
+            slots = [s for s in range(pool.offset, pool.offset + pool.size) if self._decoding(s)]
             if len(slots) > len(room):
                 continue
             for slot in slots:
@@ -414,6 +551,10 @@ class Scheduler:
                 pool.state, big.state = engine.move(pool.state, slot - pool.offset, big.state, to - big.offset)
                 with self.cond:
                     self.running[to], self.running[slot] = self.running[slot], None
+
+    def _decoding(self, slot: int) -> bool:
+        """Whether decode slot `slot` holds a job that has a row in its decode state (not one still prefilling)."""
+        return self.running[slot] is not None and slot not in self.prefilling
 
     def _took(self, slot: int, job, tokens: list, going: bool, infos=None) -> bool:
         """Feed `job` (in decode slot `slot`) the tokens its slot drew (infos: their log-probabilities, when
@@ -473,13 +614,18 @@ class Scheduler:
                 continue
             try:
                 self._admit(pools, admit)
+                if self.prefilling:                       # chunks under the step's token budget
+                    rows = sum(self._decoding(s) and not self.running[s].finished for s in range(len(self.running)))
+                    self._prefill_work(pools, rows)
                 self._consolidate(pools)
-                n_steps = 1 if many else self.steps_per_call
+                n_steps = 1 if many or self.prefilling else self.steps_per_call
                 self.max_rows = max(self.max_rows, sum(j is not None and not j.finished for j in self.running))
                 engine = self.served.engine
+                amid = bool(self.prefilling)              # a prefill is part-way: this step sits between chunks
                 for pool in pools:
                     offset = pool.offset
-                    jobs = self.running[offset:offset + pool.size]
+                    jobs = [j if self._decoding(offset + row) else None
+                            for row, j in enumerate(self.running[offset:offset + pool.size])]
                     if pool.state is None or all(j is None for j in jobs):
                         continue
                     keep = np.array([j is not None and not j.finished for j in jobs])
@@ -487,6 +633,7 @@ class Scheduler:
                     pool.state, tokens, emitted, *lp = engine.step(pool.state, n_steps=n_steps, keep=keep,
                                                                    logprobs=want)
                     self.batches += 1
+                    self.decodes_amid_prefill += amid
                     for job in jobs:                      # a step went through: a resumed job is cleared
                         if job is not None and job.suspect:
                             job.suspect, job.faults = False, 0
@@ -506,13 +653,19 @@ class Scheduler:
         as vLLM's preemption by recomputation) and goes on at its next draw, so its tokens equal an
         uninterrupted run's. A resumed job is admitted alone, with nothing else admitted until it has made a
         step (`suspect`); one that is part of more than `fault_retries` faults in a row (a fault that follows
-        it) ends alone with one logged 500, and its neighbours, resumed again, are served."""
+        it) ends alone with one logged 500, and its neighbours, resumed again, are served. A job part-way
+        through a chunked prefill (in no decode call) goes back to the queue as it was, ahead of the waiting."""
         print(f"lwm.serve: a decode call failed; resuming the {sum(j is not None for j in self.running)} running "
               f"requests from their tokens:", flush=True)
         traceback.print_exception(error)
-        resumed = []
+        resumed, again = [], []
         for slot, job in enumerate(self.running):
             if job is None:
+                continue
+            if slot in self.prefilling:
+                again.append(job)
+                with self.cond:
+                    self.running[slot] = None
                 continue
             job.faults += 1
             if job.finished:
@@ -526,10 +679,11 @@ class Scheduler:
                 resumed.append(job)
                 with self.cond:
                     self.running[slot] = None
+        self.prefilling.clear()
         for pool in pools:
             pool.state = None
         with self.cond:
-            self.waiting.extendleft(reversed(resumed))
+            self.waiting.extendleft(reversed(resumed + again))
 
     def _release(self, slot: int) -> None:
         with self.cond:

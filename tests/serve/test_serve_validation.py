@@ -352,7 +352,7 @@ def test_max_chars_per_token_flag_reaches_the_served_model(monkeypatch, tmp_path
             app = app.app
         return app.state.served
 
-    small, default = served(["--max_chars_per_token=2"]), served([])
+    small, default = served(["--max_chars_per_token=2", "--prefix_cache_mb=0"]), served(["--prefix_cache_mb=0"])
     assert (small.max_chars_per_token, default.max_chars_per_token) == (2, 32)
     with pytest.raises(APIError, match=r"the prompt has 300 characters, more than 200 \(2 per token\)") as info:
         small.completion_prompt("abc" * 100)

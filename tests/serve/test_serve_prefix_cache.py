@@ -1,0 +1,220 @@
+"""The server's prefix cache and chunked prefill (lwm.serve.scheduler, docs/serve.md), on the tiny text model.
+
+Checked: a second request sharing a prefix reports usage.prompt_tokens_details.cached_tokens (whole blocks,
+streamed final usage chunk too) and answers the tokens of a server without the cache; concurrent requests
+sharing a prefix answer those tokens too; a long prompt prefilled in chunks while other streams decode gives
+the tokens of a whole prefill and the streams get decode steps between its chunks (control: a token budget
+that fits every chunk in one step leaves none between them); bad flags are one line before anything compiles.
+"""
+import concurrent.futures
+import json
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from support.needs import import_or_fail
+from support.serving import running_server
+
+openai = import_or_fail("openai", 'pip install -e ".[test]"')
+pytestmark = pytest.mark.slow
+
+BLOCK = 128       # the tiny preset's decode_chunk_size: the smallest prefix-cache block
+NEW = 6
+
+
+def _prompt(tail: int, n: int = 150):
+    """A completion prompt of token ids: n shared ids (one whole block and some), then `tail` distinct ids."""
+    rng = np.random.RandomState(0)
+    shared = [1] + [int(x) for x in rng.randint(5, 390, n - 1)]
+    return shared + [int(x) for x in np.random.RandomState(tail).randint(5, 390, 6)]
+
+
+def _complete(url, prompt, stream=False):
+    """(token ids, usage) of one greedy /v1/completions request sent with urllib (streamed: the final usage
+    chunk's usage)."""
+    body = dict(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0, return_token_ids=True, stream=stream)
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        if not stream:
+            out = json.loads(r.read())
+            return out["choices"][0]["token_ids"], out["usage"]
+        ids, usage = [], None
+        for line in r.read().decode().splitlines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk.get("choices", []):
+                ids += c.get("token_ids") or []
+        return ids, usage
+
+
+@pytest.fixture(scope="module")
+def servers(text_engine):
+    """Two apps over the one tiny engine: 'cache' with a prefix cache of 64 blocks, 'plain' without (the batched
+    whole prefill). Yields dict(cache=url, plain=url, pc=the PrefixCache)."""
+    from lwm.serve import create_app
+
+    engine, tok = text_engine["engine"], text_engine["tok"]
+    pc = engine.prefix_cache(64 * engine.block_bytes(BLOCK), BLOCK)
+    cached = create_app(engine, tok, model_name="tiny", max_batch_size=4, prefix_cache=pc)
+    plain = create_app(engine, tok, model_name="tiny", max_batch_size=4)
+    with running_server(cached) as a, running_server(plain) as b:
+        yield dict(cache=a, plain=b, pc=pc)
+
+
+def test_a_second_request_sharing_a_prefix_hits_and_answers_the_no_cache_tokens(servers):
+    first, second = _prompt(1), _prompt(2)
+    want = [_complete(servers["plain"], p)[0] for p in (first, second)]
+    ids1, usage1 = _complete(servers["cache"], first)
+    ids2, usage2 = _complete(servers["cache"], second)
+    ids3, usage3 = _complete(servers["cache"], second, stream=True)
+    assert usage1["prompt_tokens_details"]["cached_tokens"] == 0          # control: a cold cache
+    assert usage2["prompt_tokens_details"]["cached_tokens"] == BLOCK      # the shared whole block
+    assert usage3["prompt_tokens_details"]["cached_tokens"] == BLOCK      # the streamed usage chunk
+    assert (ids1, ids2, ids3) == (want[0], want[1], want[1])
+    assert len(want[0]) == NEW and want[0] != want[1]                     # the tails matter
+    plain = _complete(servers["plain"], second)[1]
+    assert plain["prompt_tokens_details"]["cached_tokens"] == 0           # no cache, no hits
+
+
+def test_concurrent_requests_sharing_a_prefix_answer_the_no_cache_tokens(servers):
+    prompts = [_prompt(10 + i, n=140 + 3 * i) for i in range(4)]
+    want = [_complete(servers["plain"], p)[0] for p in prompts]
+    for _ in range(2):                                  # cold (every one misses), then warm (every one hits)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: _complete(servers["cache"], p), prompts))
+        assert [ids for ids, _ in got] == want
+    assert all(u["prompt_tokens_details"]["cached_tokens"] == BLOCK for _, u in got)
+
+
+def _jobs(tok, long_len=200):
+    """Three short greedy streams of 60 tokens, then one long prompt of long_len ids."""
+    from lwm.serve.jobs import Job, Sampling
+
+    short = [Job([tok.bos_id] + list(range(10 + i, 20 + i)), Sampling(max_tokens=60, temperature=0.0), tok, None)
+             for i in range(3)]
+    ids = [tok.bos_id] + [int(x) for x in np.random.RandomState(7).randint(5, 390, long_len - 1)]
+    return short + [Job(ids, Sampling(max_tokens=8, temperature=0.0), tok, None)]
+
+
+def _serve_long_last(served, jobs, **kwargs):
+    """The short jobs start decoding; once each has a token, the long one arrives. Returns the scheduler."""
+    from lwm.serve.scheduler import Scheduler
+
+    sched = Scheduler(served, max_batch_size=4, batch_wait_s=0, steps_per_call=1, **kwargs)
+    for job in jobs[:-1]:
+        sched.submit(job)
+    sched.start()
+    try:
+        deadline = time.time() + 300
+        while not all(j.tokens for j in jobs[:-1]):
+            assert time.time() < deadline
+            time.sleep(0.001)
+        sched.submit(jobs[-1])
+        assert all(job.done.wait(300) for job in jobs)
+    finally:
+        sched.stop()
+    assert all(j.error is None for j in jobs)
+    return sched
+
+
+def test_a_chunked_long_prompt_interleaves_with_decoding_streams_and_keeps_the_tokens(text_engine):
+    """200-token prompt in chunks of 16 (13 chunks) under the default budget (16 + 4 tokens per step: one chunk
+    per step) while 3 streams decode: every job's tokens equal the whole-prefill scheduler's, and decode calls
+    ran between the long prompt's chunks while the streams were still short of their budget. Control: a budget
+    of 10,000 tokens runs all 13 chunks in one step, with no decode call between them."""
+    from lwm.serve.model import ServedModel
+
+    tok = text_engine["tok"]
+    served = ServedModel(text_engine["engine"], tok, "tiny")
+    whole = _jobs(tok)
+    _serve_long_last(served, whole)
+    chunked = _jobs(tok)
+    sched = _serve_long_last(served, chunked, prefill_chunk=16)
+    assert [j.tokens for j in chunked] == [j.tokens for j in whole]
+    assert sched.max_step_tokens == 16 + 4 and sched.prefill_chunks == 3 + 13
+    assert sched.decodes_amid_prefill >= 12, sched.decodes_amid_prefill       # one between every two chunks
+    assert all(len(j.tokens) == 60 for j in chunked[:3])
+    control = _jobs(tok)
+    sched = _serve_long_last(served, control, prefill_chunk=16, max_step_tokens=10_000)
+    assert [j.tokens for j in control] == [j.tokens for j in whole]
+    assert sched.decodes_amid_prefill == 0
+
+
+def test_bad_prefill_flags_are_one_line_before_anything_compiles(text_engine, monkeypatch):
+    """`python -m lwm.serve`'s main with the model loaded (load_served stubbed with the tiny model on a fresh
+    engine, sp = 2): a budget too small for one block, a block that is not a multiple of decode_chunk_size, a
+    chunk that sp does not divide, a negative --max_step_tokens: each one line naming the flag, and nothing of
+    the engine compiled. Control: good flags reach the server (stubbed uvicorn) with the cache and chunk."""
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    from lwm.inference.engine import Engine
+    from lwm.parallel.sharding import make_mesh
+    from lwm.serve import __main__ as serve_main
+    from lwm.serve import loading
+
+    tok = text_engine["tok"]
+    engine = Engine(text_engine["model"], text_engine["params"], eos_id=tok.eos_id, pad_id=tok.pad_id,
+                    vocab_size=tok.vocab_size)
+    mesh = make_mesh("1,-1,1,2")
+    monkeypatch.setattr(loading, "load_served", lambda config: (engine, tok, None, mesh))
+    apps = []
+    monkeypatch.setattr(uvicorn, "Server", lambda config: SimpleNamespace(run=lambda: apps.append(config.app)))
+    cases = {("--prefix_cache_mb=1", "--prefix_cache_block=2560"):     # 1.25 MiB a block
+             r"^--prefix_cache_mb=1 holds no block: one block of 2560 tokens takes 1\.25 MiB",
+             ("--prefix_cache_block=100",): r"^--prefix_cache_block=100: must be a positive multiple of the model's "
+                                            r"decode_chunk_size=128$",
+             ("--prefill_chunk=33",): r"^--prefill_chunk=33: must be a positive multiple of the mesh's sp=2$",
+             ("--max_step_tokens=-1",): r"^--max_step_tokens=-1: must be >= "}
+    for flags, message in cases.items():
+        with pytest.raises(ValueError, match=message) as info:
+            serve_main.main(list(flags))
+        assert "\n" not in str(info.value)
+    assert not apps
+    config = serve_main.get_default_config()
+    config.max_step_tokens = -1                     # the real load_served checks it before loading anything
+    with pytest.raises(ValueError, match=r"^--max_step_tokens=-1: must be >= 0$"):
+        loading.check_flags(config)
+    jits = (engine._prefill_jit, engine._chunk_jit, engine._step_jit, engine._insert_jit, engine._empty_jit)
+    assert all(f._cache_size() == 0 for f in jits)
+    serve_main.main(["--prefix_cache_mb=1", "--prefill_chunk=32", "--max_step_tokens=40"])
+    app = apps.pop()
+    while not hasattr(app, "state"):                # the Edge middleware wraps the FastAPI app
+        app = app.app
+    sched = app.state.scheduler
+    assert sched.prefix_cache.budget_bytes == 2 ** 20 and sched.prefill_chunk == 32 and sched.max_step_tokens == 40
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_prompts_chunks(text_engine):
+    """A 200-token prompt (13 chunks of 16) and a 11-token prompt admitted in the same step, the long one first
+    in the queue: the short one's one chunk runs first (fewest tokens left first), so its first token comes
+    before the long prompt's, and both answer the whole-prefill tokens. (In arrival order, the default budget
+    of 20 tokens a step would hold the short chunk back until the long prompt's 13 chunks were done.)"""
+    from lwm.serve.model import ServedModel
+    from lwm.serve.scheduler import Scheduler
+
+    tok = text_engine["tok"]
+    served = ServedModel(text_engine["engine"], tok, "tiny")
+    jobs = _jobs(tok)
+    pair = [jobs[3], jobs[0]]                           # long first, then short
+    sched = Scheduler(served, max_batch_size=4, batch_wait_s=0, steps_per_call=1, prefill_chunk=16)
+    for job in pair:
+        sched.submit(job)
+    sched.start()
+    try:
+        assert all(job.done.wait(300) for job in pair)
+    finally:
+        sched.stop()
+    assert pair[1].t_first < pair[0].t_first
+    whole = _jobs(tok)
+    _serve_long_last(served, whole)
+    assert [j.tokens for j in pair] == [whole[3].tokens, whole[0].tokens]
