@@ -58,7 +58,9 @@ _DTYPE_KINDS = "biuf"     # numpy arrays a message may carry: bool, ints, unsign
 
 
 def _dataclasses() -> dict:
-    """The dataclasses a message may carry, by name (a frame rule only when vision is importable)."""
+    """The dataclasses a message may carry, by name: the sampling settings and the frame rule of image
+    generation (lwm.inference.vision.FrameRule). A new engine call whose arguments hold another type is
+    refused by `encode` until it is added here (and its method to REPLICATED)."""
     out = {"SamplingConfig": SamplingConfig}
     from lwm.inference.vision import FrameRule
 

@@ -6,6 +6,7 @@ Negative controls: the follower's engine sees the third prompt's ids shifted by 
 wrapped in its process; the other prompts pass unchanged), and process 0 answers that prompt with other tokens
 than one process does, so the comparison can fail and the follower's shards feed the answer; a follower
 started with another flag is refused by both processes in one line."""
+import concurrent.futures
 import json
 import os
 import signal
@@ -121,7 +122,8 @@ def test_two_processes_answer_what_one_process_answers(golden_workdir):
     try:
         wait_healthy(one_port, [one])
         wait_healthy(http, procs)
-        single, multi = answers(one_port), answers(http)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:         # both compile at once
+            single, multi = pool.map(answers, (one_port, http))
     except BaseException:
         for p in [one, *procs]:
             p.kill()
