@@ -256,3 +256,33 @@ def test_a_decode_fault_amid_a_chunked_prefill_resumes_every_job(text_engine, mo
     assert calls["failed"] == 1
     assert all(j.finish_reason == "error" and j.error.status == 500 for j in control[:3])
     assert control[3].error is None and control[3].tokens == want[3].tokens
+
+
+def test_a_vision_prompt_hits_blocks_that_hold_its_image_codes(vision_engine):
+    """A chat with a system prompt, a question and three images (3 x 65 vision ids from the tiny VQGAN) asked
+    twice of a server with a prefix cache: the second time its first two blocks (256 tokens, the images' codes
+    among them) come from the cache, and both answers are a server without the cache's."""
+    from lwm.serve import create_app
+
+    engine, tok, vqgan = vision_engine["engine"], vision_engine["tok"], vision_engine["vqgan"]
+    from test_serve_vision import data_url, image
+
+    pc = engine.prefix_cache(16 * engine.block_bytes(BLOCK), BLOCK)
+    content = [{"type": "text", "text": "what is in the pictures"}] + [
+        {"type": "image_url", "image_url": {"url": data_url(image(seed))}} for seed in range(3)]
+    messages = [{"role": "system", "content": "you describe pictures for a world model " * 3},
+                {"role": "user", "content": content}]
+    apps = [create_app(engine, tok, model_name="v", vqgan=vqgan, max_n_frames=4, max_batch_size=1, prefix_cache=c)
+            for c in (pc, None)]
+    with running_server(apps[0]) as cached, running_server(apps[1]) as plain:
+        out = []
+        for url in (plain, cached, cached):
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+            r = client.chat.completions.create(model="v", messages=messages, max_tokens=NEW, temperature=0,
+                                               extra_body={"return_token_ids": True})
+            out.append((r.choices[0].model_extra["token_ids"], r.usage.prompt_tokens_details.cached_tokens,
+                        len(r.model_extra["prompt_token_ids"])))
+    (want, plain_hits, n), (first, hits1, _), (second, hits2, _) = out
+    assert n > 2 * BLOCK and n - 3 * 65 < 2 * BLOCK      # fewer text ids than 256: the second block holds codes
+    assert (plain_hits, hits1, hits2) == (0, 0, 2 * BLOCK)
+    assert first == want and second == want and len(want) > 0
