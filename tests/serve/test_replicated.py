@@ -1,7 +1,8 @@
 """lwm.serve.replicated in one process (broadcast_bytes is then the identity, so every call still goes through the
 message encoding and the registry of device values): the server over a ReplicatedEngine answers the engine's
-greedy tokens; messages round-trip bit for bit and refuse what cannot cross processes; handles are released
-when dropped; unreplicated engine methods and calls after close() raise. Two processes: test_serve_multihost.py."""
+greedy tokens; image generation (the vision path's arguments) gives the plain engine's frames; messages
+round-trip bit for bit and refuse what cannot cross processes; handles are released when dropped; unreplicated
+engine methods and calls after close() raise. Two processes: test_serve_multihost.py."""
 import gc
 import json
 
@@ -69,3 +70,19 @@ def test_the_server_over_a_replicated_engine_answers_the_engines_tokens(text_eng
     proxy.close()
     with pytest.raises(RuntimeError, match="closed"):
         proxy.init_state(1, 128)
+
+
+def test_image_generation_crosses_as_one_message(vision_engine):
+    """The vision path's arguments (numpy ids and vision masks, the guided FrameRule, SamplingConfig) travel as a
+    message and give the plain engine's frames; another seed gives other frames (the check can fail)."""
+    from lwm.serve.model import ServedModel
+    from lwm.serve.replicated import ReplicatedEngine
+
+    engine, tok, vqgan = vision_engine["engine"], vision_engine["tok"], vision_engine["vqgan"]
+    proxy = ReplicatedEngine(engine, keepalive_s=0)
+    plain, replicated = (ServedModel(e, tok, "v", vqgan=vqgan) for e in (engine, proxy))
+    kw = dict(temperature=1.0, top_k=0, cfg_scale=3.0)
+    want = plain.generate_images("a red fox", 1, seed=3, **kw)[0]
+    got = replicated.generate_images("a red fox", 1, seed=3, **kw)[0]
+    assert np.array_equal(got, want) and proxy._seq == 1
+    assert not np.array_equal(replicated.generate_images("a red fox", 1, seed=4, **kw)[0], want)
