@@ -104,6 +104,13 @@ def stop(procs):
     return errs
 
 
+def kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def pair(d):
     """Process 0 (`python -m lwm.serve`) and its follower (TAMPER), each with two CPU devices."""
     http, coord = free_port(), free_port()
@@ -116,21 +123,21 @@ def pair(d):
 def test_two_processes_answer_what_one_process_answers(golden_workdir):
     d = golden_workdir
     t0 = time.time()
-    one_port = free_port()
-    one = start([sys.executable, "-m", "lwm.serve", *flags(d, one_port)], d, 4)
-    http, procs = pair(d)
-    try:
+    one_port, procs = free_port(), []
+    try:                                                # every server is killed if anything fails
+        one = start([sys.executable, "-m", "lwm.serve", *flags(d, one_port)], d, 4)
+        procs.append(one)
+        http, two = pair(d)
+        procs += two
         wait_healthy(one_port, [one])
-        wait_healthy(http, procs)
+        wait_healthy(http, two)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:         # both compile at once
             single, multi = pool.map(answers, (one_port, http))
-    except BaseException:
-        for p in [one, *procs]:
-            p.kill()
-        raise
-    one.kill()
-    one.wait()
-    errs = stop(procs)
+        one.kill()
+        one.wait()
+        errs = stop(two)
+    finally:
+        kill(procs)
     assert [len(v) for v in single.values()] == [MAX_TOKENS] * len(PROMPTS), single
     assert multi["a"] == single["a"] and multi["b"] == single["b"], (multi, single)
     assert single["a"] != single["b"]
@@ -144,8 +151,11 @@ def test_a_follower_with_other_flags_is_refused_in_one_line(golden_workdir):
     http, coord = free_port(), free_port()
     cmd = [sys.executable, "-m", "lwm.serve", *flags(d, http)]
     procs = [start(cmd + dist(coord, 0), d, 2), start(cmd + ["--seed=5"] + dist(coord, 1), d, 2)]
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 2, err[-3000:]
-        lines = [x for x in err.strip().splitlines() if not x.startswith(("[Gloo]", "WARNING", "I0000", "E0000"))]
-        assert len(lines) == 1 and "process 1: --seed" in lines[0] and "Traceback" not in err, err[-3000:]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            assert p.returncode == 2, err[-3000:]
+            lines = [x for x in err.strip().splitlines() if not x.startswith(("[Gloo]", "WARNING", "I0000", "E0000"))]
+            assert len(lines) == 1 and "process 1: --seed" in lines[0] and "Traceback" not in err, err[-3000:]
+    finally:
+        kill(procs)
