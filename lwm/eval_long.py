@@ -11,6 +11,9 @@ for 7B at 128K+ (use --update_llama_config="dict(attention_impl='ring')" with --
     python -m lwm.eval_long --hf_model=/models/llama-2-7b-chat --lengths=4096,8192 --output_dir=results/hf
 Tasks needing the essay haystack (niah_*_essay*) need --haystack_file; --tasks=all (default) runs every task,
 or give a comma list (--tasks=vt,cwe,niah_single_noise).
+On the JAX path the prefix cache (--prefix_cache_mb, default -1: on where the mesh has dp = fsdp = 1) reuses each
+haystack's KV blocks across the depths of its needles; the runner orders the prompts so that it does
+(lwm.evals.runner); the records are those of a run without it.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ def _ints(flag: str, text: str) -> list[int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     from lwm.evals import backends, report, runner, suite
+    from lwm.inference import runtime
     from lwm.cli.command import parse
     from lwm.evals.haystack import essay_haystack
 
@@ -81,6 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if config.cache_dtype or config.load_checkpoint:
             raise ValueError("--cache_dtype and --load_checkpoint are for the LWM JAX path; --hf_model runs "
                              "the PyTorch path (its --dtype sets the model's dtype)")
+        runtime.unused_cache_flags(config, "the PyTorch path (--hf_model)")
         backend = backends.TorchBackend(config.hf_model, config.dtype, config.device, config.tokenizer)
     else:
         if not config.load_checkpoint or not config.tokenizer:
@@ -99,6 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return {}
     summary = report.write_results(config.output_dir, records, info, config.threshold, config.plots)
     print(report.summary_table(summary))
+    if getattr(backend, "prefix_cache", None) is not None:
+        print(backends.prefix_cache_line(backend.prefix_cache))
     print(f"results: {os.path.abspath(os.path.join(config.output_dir, 'results.json'))}")
     return summary
 

@@ -7,6 +7,8 @@ by context length and depth next to it (--heatmap_file, default: output_file wit
     python -m lwm.eval_needle --load_llama_config=7b --load_checkpoint=params::/ckpt/streaming_params \
         --tokenizer=/ckpt/tokenizer.model --haystack_file=data/pg19.jsonl --output_file=results/needle.json \
         --update_llama_config="dict(theta=10000000,max_sequence_length=131072)" --context_lengths_max=128000
+The haystack before the needle is reused across depths through the prefix cache (--prefix_cache_mb, default -1:
+on where the mesh has dp = fsdp = 1, e.g. --mesh_dim=1,1,1,-1; docs/long_context.md); the results are the same.
 An existing --output_file is resumed: trials already in it are skipped. Several hosts: the same command on
 each, with --jax_distributed.coordinator_address, num_processes and process_id (docs/needle.md).
 """

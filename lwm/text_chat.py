@@ -11,6 +11,10 @@ conversation. When the history no longer fits max_sequence_length (with room for
 oldest turns are dropped, the system prompt kept, and the user is told once; a single message too long for
 the model is refused with one line and the chat goes on. Bad flags or files: one line, exit status 2.
 The conversation and the streaming printer are lwm.inference.chat (Chat, TokenPrinter).
+Each turn's prompt begins with the turns before it, so the prefix cache (--prefix_cache_mb, default -1: a quarter
+of the free memory; 0: off) lets turn 2 reuse turn 1's KV blocks and prefill only the rest (--prefill_chunk
+tokens at a time); --show_stats prints, after each answer, its prompt tokens, how many came from the prefix
+cache, and the time to the first token (docs/long_context.md, "Prefix cache and chunked prefill").
 Leaving: type `exit` or `quit`, or end the input (Ctrl-D; Ctrl-Z then Enter on Windows); an empty line is
 ignored; Ctrl-C stops at once (exit status 130), also in the middle of an answer.
 """
@@ -23,7 +27,7 @@ from ml_collections import ConfigDict
 
 from lwm.cli.command import cli, parse
 from lwm.inference import runtime
-from lwm.inference.chat import Chat, TokenPrinter
+from lwm.inference.chat import Chat, TokenPrinter, stats_line
 
 
 EXIT_WORDS = ("exit", "quit")
@@ -40,6 +44,7 @@ def get_default_config() -> ConfigDict:
     c.top_p = 0.9
     c.seed = 0
     c.stream = True
+    c.show_stats = False            # after each answer: prompt tokens, prefix-cache hits, time to first token
     c.lock()
     return c
 
@@ -70,8 +75,11 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
         model, params = load_model(rt.model_config, config.load_checkpoint, rt.dtype, rt.mesh)
         engine = Engine(model, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                         vocab_size=tokenizer.vocab_size, cache_dtype=config.cache_dtype)
+        prefix_cache = runtime.prefix_cache_from_flags(engine, config)
+        chunk = runtime.prefill_chunk_from_flags(engine, config)
         printer = TokenPrinter(tokenizer, stdout) if config.stream else None
-        chat = Chat(engine, tokenizer, sampling, config.max_new_tokens, config.seed, printer, notify=say)
+        chat = Chat(engine, tokenizer, sampling, config.max_new_tokens, config.seed, printer, notify=say,
+                    prefix_cache=prefix_cache, prefill_chunk=chunk)
         messages = [config.prompt] if config.prompt else None
         if messages is None:
             say(LEAVE_HINT)
@@ -111,6 +119,8 @@ def main(argv: Optional[Sequence[str]] = None, stdin=None, stdout=None) -> list[
             else:
                 stdout.write("\n" + answer)
             stdout.write("\n")
+            if config.show_stats:
+                stdout.write(stats_line(chat.last_stats) + "\n")
             stdout.flush()
             answers.append(answer)
     return answers

@@ -95,6 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     side = vq_config.codes_per_side
     per_frame = side * side + 1                                  # 257 for the released VQGAN
     rt = runtime.setup(config, modality="vision,text", sample_mode="vision")
+    runtime.unused_cache_flags(config, "lwm.vision_generation (its frame rule draws from every row's logits at "
+                               "once, so its prompts are prefilled together, whole)")
     tokenizer, dtype, mesh, llama_config = rt.tokenizer, rt.dtype, rt.mesh, rt.model_config
     image = FrameSampling(config.temperature_image, config.top_k_image, config.cfg_scale_image)
     video = FrameSampling(config.temperature_video, config.top_k_video, config.cfg_scale_video)

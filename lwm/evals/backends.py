@@ -9,10 +9,14 @@ A backend has
   generate(prompts, max_new_tokens, *, padded_length=None, vision=None) -> new token ids per prompt
                   greedy, cut before EOS, at most max_new_tokens each (B prompts in, B lists out)
 
+  prefix_cache    optional: a PrefixCache (lwm.inference.prefix_cache) the backend reuses prompt prefixes
+                  with, or None; the runner orders a group's prompts by prefix when it is set
+
   JaxBackend    an LWM checkpoint through the generation engine (lwm.inference.engine.Engine) under the
                 ('dp','fsdp','tp','sp') mesh; long prompts use the model config's attention_impl ('ring' and
                 the other sequence-parallel strategies over the mesh's sp axis); vision inputs for the
-                vision-language model.
+                vision-language model; the prefix cache and chunked prefill of --prefix_cache_mb and
+                --prefill_chunk (`JaxBackend.from_flags`).
   TorchBackend  any local Hugging Face causal LM through transformers' PyTorch classes (a directory saved
                 with save_pretrained; nothing is downloaded), batched with left padding and an attention mask.
 """
@@ -25,10 +29,18 @@ from typing import Optional, Sequence
 class JaxBackend:
     """An LWM model through the engine. Build with `from_flags` (the one runtime set-up, lwm.inference.runtime:
     the original's flags --load_llama_config, --update_llama_config, --llama.*, --load_checkpoint, --tokenizer,
-    --mesh_dim, --dtype, --cache_dtype, --jax_distributed.*, and the one loader), or from an engine."""
+    --mesh_dim, --dtype, --cache_dtype, --prefix_cache_mb, --prefix_cache_block, --prefill_chunk,
+    --jax_distributed.*, and the one loader), or from an engine.
 
-    def __init__(self, engine, tokenizer, mesh, name: str, config=None):
+    prefix_cache (a PrefixCache of the engine) / prefill_chunk (tokens): given to `Engine.generate`, which then
+    prefills each prompt alone, reusing the cached blocks of the prompts before it (the haystack before a
+    needle, across depths) and prefilling the rest in chunks; the answers are those of the batched whole
+    prefill (lwm.inference.engine). None for both: one batched whole prefill per call."""
+
+    def __init__(self, engine, tokenizer, mesh, name: str, config=None, prefix_cache=None,
+                 prefill_chunk: Optional[int] = None):
         self.engine, self.tokenizer, self.mesh, self.name, self.config = engine, tokenizer, mesh, name, config
+        self.prefix_cache, self.prefill_chunk = prefix_cache, prefill_chunk
 
     @property
     def data_size(self) -> int:
@@ -56,7 +68,10 @@ class JaxBackend:
             model, params = load_model(rt.model_config, flags.load_checkpoint, rt.dtype, rt.mesh, **extra)
         engine = Engine(model, params, eos_id=rt.tokenizer.eos_id, pad_id=rt.tokenizer.pad_id,
                         vocab_size=rt.tokenizer.vocab_size, cache_dtype=flags.cache_dtype or None)
-        return cls(engine, rt.tokenizer, rt.mesh, f"lwm:{flags.load_checkpoint or 'random'}", rt.model_config)
+        with jax.set_mesh(rt.mesh):
+            prefix_cache, chunk = prefix_cache_settings(engine, flags)
+        return cls(engine, rt.tokenizer, rt.mesh, f"lwm:{flags.load_checkpoint or 'random'}", rt.model_config,
+                   prefix_cache, chunk)
 
     def padded_length(self, n: int) -> int:
         return self.engine.padded_length(n)
@@ -71,7 +86,29 @@ class JaxBackend:
 
         with jax.set_mesh(self.mesh):
             return self.engine.generate(prompts, max_new_tokens, sampling=SamplingConfig(), vision=vision,
-                                        padded_length=padded_length).tokens
+                                        padded_length=padded_length, prefix_cache=self.prefix_cache,
+                                        prefill_chunk=self.prefill_chunk).tokens
+
+
+def prefix_cache_settings(engine, flags, say=print):
+    """(PrefixCache or None, prefill chunk or None) for an eval's engine from --prefix_cache_mb,
+    --prefix_cache_block and --prefill_chunk (lwm.inference.runtime), under the ambient mesh.
+
+    The engine's prefix-cached prefill runs one prompt at a time over every data shard (dp x fsdp rows of the
+    same prompt), where the batched whole prefill gives each shard its own prompts: with dp x fsdp > 1 the
+    default (--prefix_cache_mb=-1) leaves the cache off and says so once (`say`), since a whole haystack
+    recomputed per shard costs more than the blocks save; an explicit --prefix_cache_mb > 0 or --prefill_chunk
+    (e.g. for the chunk's smaller working memory) is used as given. Raises the flags' one-line ValueErrors."""
+    from lwm.inference import runtime
+
+    data, _ = engine.mesh_sizes()
+    chunk = runtime.prefill_chunk_from_flags(engine, flags)
+    if float(flags.prefix_cache_mb) == -1 and data > 1:
+        say(f"prefix cache: off by default under a mesh with dp x fsdp = {data} (each prompt would be prefilled "
+            f"alone on all {data} data shards; the batched prefill is faster); give --prefix_cache_mb=N to use "
+            "it anyway, or a mesh with dp = fsdp = 1 (e.g. --mesh_dim=1,1,1,-1)")
+        return None, chunk
+    return runtime.prefix_cache_from_flags(engine, flags), chunk
 
 
 class TorchBackend:
@@ -131,3 +168,11 @@ class TorchBackend:
         for row in out[:, t:].tolist():
             outs.append(row[:row.index(eos)] if eos in row else row)
         return outs
+
+
+def prefix_cache_line(pc) -> str:
+    """One line of a prefix cache's counters (lwm.inference.prefix_cache.PrefixCache.stats)."""
+    st = pc.stats()
+    return (f"prefix cache: {st['hit_tokens']} prompt tokens reused over {st['lookups']} prompts; {st['blocks']} "
+            f"blocks of {st['block_size']} tokens held ({st['bytes'] / 2**20:.1f} of {st['budget_bytes'] / 2**20:.0f} "
+            f"MiB), {st['evictions']} evicted")

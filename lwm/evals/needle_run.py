@@ -1,7 +1,10 @@
 """The library of the two needle entry points (`lwm.eval_needle`, `lwm.eval_needle_multi`): their flags
 and `run`, which builds the trials of the original protocol (lwm.evals.needle), runs them as a task of the
 one runner (lwm.evals.runner) on the JAX backend, saves the JSON after every batch (resuming an existing
---output_file), then writes the heatmap and prints the summary table of the one report (lwm.evals.report)."""
+--output_file), then writes the heatmap and prints the summary table of the one report (lwm.evals.report). The haystack before a
+needle is the same at every depth: with the prefix cache (--prefix_cache_mb, lwm.evals.backends.JaxBackend) the
+runner orders each length's prompts so that its KV blocks are computed once and reused; the results are those
+of a run without it, and a last line says how many prompt tokens were reused."""
 from __future__ import annotations
 
 import os
@@ -55,7 +58,7 @@ def run(config: ConfigDict, multi: bool) -> list:
     import jax
 
     from lwm.evals import needle, report, runner
-    from lwm.evals.backends import JaxBackend
+    from lwm.evals.backends import JaxBackend, prefix_cache_line
 
     check_flags(config)
     if multi and not 1 <= config.n_needles_retrieve <= config.n_needles_total:
@@ -100,5 +103,7 @@ def run(config: ConfigDict, multi: bool) -> list:
             report.plot_task(results, task.name, heatmap, title=title)
             print(report.summary_table(report.summarize(results)))
         print(f"overall accuracy {report.mean_accuracy(results):.3f} over {len(results)} trials")
+        if backend.prefix_cache is not None:
+            print(prefix_cache_line(backend.prefix_cache))
         print(f"results: {os.path.abspath(config.output_file)}\nheatmap: {os.path.abspath(heatmap)}")
     return results

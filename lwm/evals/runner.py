@@ -19,6 +19,15 @@ PyTorch) and the optional `max_rows` cap:
 Worked example: max_tokens_per_batch=3000, P=416, M=16, data=2, n=9 -> 3000 // 432 = 6 -> b = 6; the last
 batch of 3 prompts is padded to 6 rows with copies of its first prompt (their answers are dropped).
 
+Order. With a backend that reuses prompt prefixes (`backend.prefix_cache` set: the JAX backend's KV-block cache,
+lwm.inference.prefix_cache), each group runs in the order of `task.prefix_order(sample)`: by default the prompt's
+token ids, sorted, so prompts that share a prefix run one after another (a depth-first walk of their prefix tree,
+as SGLang's radix cache schedules): a needle eval's prompts of one haystack go from the needle at the start to
+the needle at the end, and each reuses the haystack blocks before its needle that the one before it stored (a
+shallower needle's prompt never has its needle where a deeper one has haystack, so nothing is recomputed that
+an unbounded cache holds). Only the order of the calls changes: the records come back in sample order, each
+prompt gets the answer it gets alone, and without a prefix cache the order is the samples'.
+
 Add an eval: write a task (a subclass of `EvalTask`, or of `lwm.evals.tasks.Task` for a text task fitted to
 token lengths by `lwm.evals.suite`), then `register(MyTask("my_task"))`; docs/evals.md walks through it.
 """
@@ -44,6 +53,12 @@ class EvalTask:
     def prompt_length(self, sample: dict) -> Optional[int]:
         """Prompt tokens known before the batch is built, or None (then each call pads to its own longest)."""
         return len(sample["prompt"])
+
+    def prefix_order(self, sample: dict):
+        """Sort key of the sample within its group when the backend caches prefixes (module docstring): its
+        prompt ids; None (for every sample of a group) keeps the samples' order, as for prompts built per
+        batch."""
+        return list(sample["prompt"]) if "prompt" in sample else None
 
     def prompts(self, chunk: Sequence[dict]) -> tuple[list[list[int]], Optional[list]]:
         """(token ids per sample, vision inputs per sample or None), built inside the timed section."""
@@ -90,18 +105,25 @@ def run(samples: Sequence[dict], backend, tasks: TaskLike, *, max_tokens_per_bat
 
     task_of = (lambda s: tasks) if isinstance(tasks, EvalTask) else (lambda s: tasks[s["task"]])
     results = [] if results is None else results
+    start = len(results)
     groups: dict = defaultdict(list)
-    for s in samples:
+    for i, s in enumerate(samples):
         task = task_of(s)
-        groups[(task.name, task.length(s))].append((task, s))
+        groups[(task.name, task.length(s))].append((task, i, s))
     plan = []
+    reorder = getattr(backend, "prefix_cache", None) is not None
     for (_, length), items in groups.items():
         task = items[0][0]
-        known = [task.prompt_length(s) for _, s in items]
+        known = [task.prompt_length(s) for _, _, s in items]
         longest = None if None in known else max(known)
         if longest is not None:
             backend.check_length(longest, task.max_new_tokens)            # before any compile
-        plan.append((task, length, [s for _, s in items], longest))
+        if reorder:
+            keys = [task.prefix_order(s) for _, _, s in items]
+            if None not in keys:
+                items = [items[j] for j in sorted(range(len(items)), key=keys.__getitem__)]
+        plan.append((task, length, [(i, s) for _, i, s in items], longest))
+    index = []                                                             # sample index of each new record
     data = backend.data_size
     bar = progress_bar(total=len(samples), desc=f"{desc} {backend.name}", unit="prompt", disable=not progress)
     for task, length, group, longest in plan:
@@ -109,7 +131,8 @@ def run(samples: Sequence[dict], backend, tasks: TaskLike, *, max_tokens_per_bat
         padded = backend.padded_length(longest) if longest is not None else None
         b = batch_rows(max_tokens_per_batch, padded or length, budget, data, len(group), max_rows)
         for i in range(0, len(group), b):
-            chunk = group[i:i + b]
+            index += [j for j, _ in group[i:i + b]]
+            chunk = [s for _, s in group[i:i + b]]
             t0 = time.perf_counter()
             prompts, vision = task.prompts(chunk)
             fill = b - len(chunk)                                          # one shape for the last batch too
@@ -125,4 +148,5 @@ def run(samples: Sequence[dict], backend, tasks: TaskLike, *, max_tokens_per_bat
             bar.update(len(chunk))
             bar.set_postfix(task=task.name, length=length)
     bar.close()
+    results[start:] = [r for _, r in sorted(zip(index, results[start:]), key=lambda x: x[0])]   # sample order
     return results

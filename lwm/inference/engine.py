@@ -846,6 +846,9 @@ class Engine:
                 raise ValueError("generate: prefix_cache / prefill_chunk prefill each prompt alone, and a "
                                  "batch-level token rule draws from every row's logits at once; drop one")
             self.check_chunking(prefill_chunk, prefix_cache is not None)
+            # Each prefill's cache has its own bucket (padded_length under the mesh), which a caller's
+            # padded_length (a valid one, e.g. taken outside the mesh) may undercut: room for the largest.
+            cache_len = max(t, self.padded_length(longest)) + sp * math.ceil(max(budgets) / sp)
             state = self.init_state(len(rows), cache_len, stop_ids, head)
             for r in range(n):
                 pre = self.prefill(prompts[r], None if vision is None else vision[r], head,

@@ -69,6 +69,16 @@ def prefill_chunk_from_flags(engine, config: ConfigDict):
     return chunk
 
 
+def unused_cache_flags(config: ConfigDict, why: str, say=print) -> None:
+    """Say once (one line through `say`) that --prefix_cache_mb / --prefix_cache_block / --prefill_chunk, where
+    given other than their defaults, do not apply to this command; `why` names what, e.g. "the PyTorch path
+    (--hf_model)" or "frame generation (its guidance rule draws from every row's logits at once)"."""
+    given = [f"--{name}={config[name]}" for name, default in (("prefix_cache_mb", -1), ("prefix_cache_block", 0),
+                                                               ("prefill_chunk", 0)) if config[name] != default]
+    if given:
+        say(f"{', '.join(given)}: not used by {why}")
+
+
 def check_budget(prompt_len: int, new_tokens: int, max_sequence_length: int, what: str) -> None:
     """PromptTooLongError (naming `what`, e.g. the flags) unless prompt + new tokens fit the model's
     positions; the entry points call it before anything is loaded or compiled."""

@@ -1,15 +1,19 @@
 """Vision pieces of inference shared by the vision entry points and the server: the vision-id layout of a
 prompt's frames (`vision_tokens`), the frame sampling settings and token rule (`FrameSampling`, `FrameRule`,
 `guided_logits`), text-to-frames generation over the engine (`generate_frames`) with its prompts
-(`generation_prompts`), the answer to a question about frames (`answer`), and the clock of the seconds JAX
-spends compiling inside a call (`CompileClock`), so that speeds are reported without them.
+(`generation_prompts`), the answer to a question about frames (`answer`), several questions about one image or
+video as one conversation (`VisionChat`, its frames encoded once by `CodesCache`, their KV blocks prefilled once
+through the prefix cache), and the clock of the seconds JAX spends compiling inside a call (`CompileClock`), so
+that speeds are reported without them.
 
 Used by lwm.vision_chat, lwm.vision_generation and lwm.serve. Letters: B prompts, R rows (2B with guidance),
 T padded prompt length, W vision vocabulary, F tokens per frame (h*w + 1).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import math
 import time
 from typing import Optional, Sequence
@@ -18,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm.text.chat_template import Prompt, vision_generation_prompts
+from lwm.text.chat_template import Prompt, user_turn_ids, vision_chat_prompt, vision_generation_prompts
 from lwm.inference.engine import Engine, mesh_sizes, seed_of
 from lwm.inference.runtime import check_budget
 from lwm.inference.sampling import SamplingConfig, sample_rows
@@ -174,7 +178,8 @@ def generation_prompts(tokenizer, caption: str, kind: str) -> tuple[Prompt, Prom
 
 def answer(model: Optional[VisionLLaMAForCausalLM], params, prompt: Prompt, *, max_new_tokens: int,
            temperature: float, rng: jax.Array, eos_id: int, pad_id: int, num_text: Optional[int] = None,
-           stats: Optional[dict] = None, cache_dtype=None, engine: Optional[Engine] = None) -> list[int]:
+           stats: Optional[dict] = None, cache_dtype=None, engine: Optional[Engine] = None,
+           prefix_cache=None, prefill_chunk: Optional[int] = None) -> list[int]:
     """New text ids after `prompt`, up to and without EOS, sampled from the text head (`head='text'` of the
     call, whatever the model config's sample_mode says) among the first `num_text` ids (the tokenizer's
     vocabulary when the model's is padded; default all), through the generation engine (the prompt's vision
@@ -183,8 +188,10 @@ def answer(model: Optional[VisionLLaMAForCausalLM], params, prompt: Prompt, *, m
     bounds a text head that is its default); default a new one per call. Raises ValueError for a bad budget,
     PromptTooLongError before compiling when len(prompt) + max_new_tokens > max_sequence_length. `stats` (optional) receives first_token_s (prefill and the first draw, compiling
     included: the engine compiles inside this call), generate_s (s), compile_s (the seconds of it JAX spent
-    compiling, CompileClock), run_s and tokens_per_s (new tokens / run_s: without compiling), prompt_tokens
-    and new_tokens."""
+    compiling, CompileClock), run_s and tokens_per_s (new tokens / run_s: without compiling), prompt_tokens,
+    new_tokens and cached_tokens (prompt tokens whose KV came from `prefix_cache`, a PrefixCache of the engine:
+    its blocks are keyed on the ids and the vision mask, so the same frames map to the same blocks;
+    prefill_chunk: tokens per prefill chunk; both as `Engine.generate`)."""
     config = (engine or model).config
     if max_new_tokens < 1 or temperature < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 and temperature={temperature} >= 0")
@@ -195,11 +202,88 @@ def answer(model: Optional[VisionLLaMAForCausalLM], params, prompt: Prompt, *, m
     with CompileClock() as clock:
         result = engine.generate([prompt.ids.tolist()], max_new_tokens, vision=[prompt.vision],
                                  sampling=SamplingConfig(temperature=float(temperature)), seeds=seed_of(rng),
-                                 head="text")
+                                 head="text", prefix_cache=prefix_cache, prefill_chunk=prefill_chunk)
     (row,) = result.tokens
     if stats is not None:
         s = result.stats
         generate_s, new_tokens = s["time_to_first_token_s"] + s["decode_s"], s["new_tokens"] + (result.finish[0] == "stop")
         stats.update(first_token_s=s["time_to_first_token_s"], generate_s=generate_s, prompt_tokens=len(prompt),
-                     new_tokens=new_tokens, **speed_stats(new_tokens, generate_s, clock.seconds))
+                     new_tokens=new_tokens, cached_tokens=s.get("cached_tokens", 0),
+                     **speed_stats(new_tokens, generate_s, clock.seconds))
     return row
+
+
+class CodesCache:
+    """VQGAN codes of frames already encoded, so several questions (or requests) about one image or video
+    encode it once: `codes(vqgan, frames)` -> numpy (T, h, w) int32. Keyed by the VQGAN object and a BLAKE2b
+    hash of the frames' dtype, shape and bytes (the pixels themselves, not the file name: an edited file is a
+    miss); the `size` most recently used entries are kept. `hits` / `misses` count the calls."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.hits, self.misses = int(size), 0, 0
+        self._codes: "collections.OrderedDict[tuple, np.ndarray]" = collections.OrderedDict()
+
+    @staticmethod
+    def key(vqgan, frames: np.ndarray) -> tuple:
+        frames = np.ascontiguousarray(frames)
+        h = hashlib.blake2b(f"{frames.dtype.str}{frames.shape}".encode(), digest_size=16)
+        h.update(frames.tobytes())
+        return id(vqgan), h.digest()
+
+    def codes(self, vqgan, frames) -> np.ndarray:
+        """frames (T, S, S, 3) in [-1, 1] (lwm.utils.vision_io.load_frames) -> codes (T, h, w) int32."""
+        key = self.key(vqgan, np.asarray(frames))
+        if key in self._codes:
+            self.hits += 1
+            self._codes.move_to_end(key)
+            return self._codes[key]
+        self.misses += 1
+        _, codes = vqgan.encode(frames)
+        self._codes[key] = np.asarray(codes, np.int32)
+        while len(self._codes) > self.size:
+            self._codes.popitem(last=False)
+        return self._codes[key]
+
+
+class VisionChat:
+    """Several questions about one image or video, as one conversation over the engine.
+
+    The first question is the original's vision chat prompt (lwm.text.chat_template.vision_chat_prompt: the
+    question, then the frames' vision ids); each later one is a follow-up turn appended to it, as the text
+    chat appends turns: previous prompt + previous answer + EOS + "USER: {question} ASSISTANT:". So every
+    prompt begins with the one before it, and with a prefix cache (`prefix_cache`, keyed on the ids and the
+    vision mask) the frames' KV blocks are prefilled once: question 2 copies them and prefills only the
+    first answer and the new question (plus the tail of question 1's prompt short of a whole block).
+    (The template puts the question before the frames, so independent questions, each alone with the frames,
+    would share no block after the question: the conversation is what lets them share the video.)
+
+    vision_ids (N,): the frames' vision tokens (`vision_tokens`); question i draws with seed + i at
+    `temperature` (0: greedy). `ask(question, stats)` -> the answer's text ids (no EOS); raises
+    PromptTooLongError (naming --max_new_tokens and max_sequence_length) before compiling when the
+    conversation + max_new_tokens no longer fits, leaving the conversation as it was. `prompt`: the last
+    question's prompt (a chat_template.Prompt), `answers`: the answers so far."""
+
+    def __init__(self, engine: Engine, tokenizer, vision_ids, *, max_new_tokens: int, temperature: float,
+                 seed: int = 0, prefix_cache=None, prefill_chunk: Optional[int] = None):
+        self.engine, self.tokenizer, self.vision_ids = engine, tokenizer, np.asarray(vision_ids, np.int32)
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+        self.prefix_cache, self.prefill_chunk = prefix_cache, prefill_chunk
+        self.prompt: Optional[Prompt] = None
+        self.answers: list[list[int]] = []
+
+    def prompt_for(self, question: str) -> Prompt:
+        """The prompt that asks `question` next (changes nothing)."""
+        if self.prompt is None:
+            return vision_chat_prompt(self.tokenizer, question, self.vision_ids)
+        return (self.prompt.extend(self.answers[-1] + [self.tokenizer.eos_id], False)
+                .extend(user_turn_ids(self.tokenizer, question, first=False), False))
+
+    def ask(self, question: str, stats: Optional[dict] = None) -> list[int]:
+        prompt = self.prompt_for(question)
+        ids = answer(None, None, prompt, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                     rng=jax.random.PRNGKey(self.seed + len(self.answers)), eos_id=self.engine.eos_id,
+                     pad_id=self.engine.pad_id, stats=stats, engine=self.engine, prefix_cache=self.prefix_cache,
+                     prefill_chunk=self.prefill_chunk)
+        self.prompt = prompt
+        self.answers.append(list(ids))
+        return ids

@@ -236,3 +236,27 @@ def test_eval_needle_multi_script_end_to_end(workdir):
     assert (d / "multi" / "results.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="n_needles_retrieve"):
         eval_needle_multi.main(_script_flags(d, out, ["--n_needles_total=2", "--n_needles_retrieve=3"]))
+
+
+@pytest.mark.slow
+def test_eval_needle_with_the_prefix_cache_gives_the_same_results(workdir, capsys):
+    """lwm.eval_needle on a mesh with dp = fsdp = 1 (sp over the 8 simulated devices), 3 depths, 32-token
+    prefix-cache blocks: the same records as with --prefix_cache_mb=0, and the haystack's blocks were reused
+    (hits > 0); the answers are not all alike, so a wrong prefix would show."""
+    import eval_needle
+
+    d, _ = workdir
+    small = ["--mesh_dim=1,1,1,-1", "--n_document_depth_intervals=3", "--max_new_tokens=6",
+             "--update_llama_config=dict(decode_chunk_size=32)"]
+
+    def run(name, *extra):
+        out = d / name / "results.json"
+        eval_needle.main(_script_flags(d, out, small + list(extra)))
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads(out.read_text())]
+
+    plain = run("plain", "--prefix_cache_mb=0")
+    assert "prefix cache:" not in capsys.readouterr().out
+    cached = run("cached", "--prefix_cache_block=32", "--prefix_cache_mb=64")
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("prefix cache:")]
+    assert cached == plain and len(plain) == 6 and len({r["response"] for r in plain}) > 1
+    assert len(line) == 1 and int(line[0].split()[2]) > 0, line           # "prefix cache: N prompt tokens reused"

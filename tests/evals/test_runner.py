@@ -82,6 +82,36 @@ def test_one_shape_per_group_and_records_in_sample_order():
         runner.run(samples, Recorder(Digits()), EchoTask("echo", max_new_tokens=990), progress=False)
 
 
+class PrefixRecorder(Recorder):
+    """A Recorder that says it caches prefixes, and records the prompts of each call in order."""
+    prefix_cache = object()
+
+    def generate(self, prompts, max_new_tokens, *, padded_length=None, vision=None):
+        self.prompts = getattr(self, "prompts", []) + [list(p) for p in prompts]
+        return super().generate(prompts, max_new_tokens, padded_length=padded_length, vision=vision)
+
+
+def test_a_prefix_caching_backend_gets_each_group_in_prefix_order_and_records_stay_in_sample_order():
+    """Prompts of one haystack with the needle (9) at three depths, two haystacks (1.. and 2..), in sample order
+    depth-major: a prefix-caching backend gets each group sorted by prompt ids (the prompts sharing a haystack
+    one after another), the records come back in sample order with the answers the plain backend gives."""
+    task = EchoTask("echo", max_new_tokens=2)
+    samples = []
+    for depth in (0, 1, 2):
+        for hay in (1, 2):
+            ids = [hay * 10 + k for k in range(4)]
+            samples.append(dict(task="echo", length=10, depth=depth, hay=hay, want=0,
+                                prompt=[5] + ids[:depth] + [9] + ids[depth:]))
+    plain, cached = Recorder(Digits()), PrefixRecorder(Digits())
+    want = runner.run(samples, plain, task, max_tokens_per_batch=None, progress=False)
+    got = runner.run(samples, cached, task, max_tokens_per_batch=None, max_rows=2, progress=False)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in got] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in want]
+    assert cached.prompts == sorted(s["prompt"] for s in samples)
+    assert [p[1] // 10 for p in cached.prompts if p[1] != 9] == [1, 1, 2, 2]       # a haystack's prompts together
+    assert [s["prompt"] for s in samples] != cached.prompts                          # control: the order changed
+
+
 def test_a_registered_task_runs_through_the_runner_into_the_report(tmp_path):
     from lwm.evals import needle, suite, visual  # noqa: F401  (importing a task module registers its tasks)
 
@@ -141,3 +171,37 @@ def test_one_runner_is_the_only_batching_loop():
                   "    out = engine.generate(prompts, 16)\n")
     assert second_loops("lwm/evals/visual.py", old_visual) == ["lwm/evals/visual.py: perf_counter",
                                                                "lwm/evals/visual.py: generate"]
+
+
+def test_prefix_cache_settings_follow_the_flags_and_say_once_what_does_not_apply():
+    from ml_collections import ConfigDict
+
+    from lwm.evals.backends import prefix_cache_settings
+    from lwm.inference import runtime
+
+    class Engine:                                     # stands in for lwm.inference.engine.Engine
+        def __init__(self, data):
+            self.mesh_sizes = lambda: (data, 1)
+
+        def check_chunking(self, chunk, prefix_cache=False):
+            pass
+
+        def prefix_cache(self, budget_bytes=None, block_size=None):
+            return ("cache", budget_bytes, block_size)
+
+    def flags(**kw):
+        c = runtime.runtime_flags(ConfigDict(), tokenizer="")
+        c.update(kw)
+        return c
+
+    said = []
+    assert prefix_cache_settings(Engine(1), flags(), said.append) == (("cache", None, None), None) and not said
+    assert prefix_cache_settings(Engine(8), flags(), said.append) == (None, None)
+    assert len(said) == 1 and "dp x fsdp = 8" in said[0] and "--prefix_cache_mb" in said[0]
+    assert prefix_cache_settings(Engine(8), flags(prefix_cache_mb=16, prefill_chunk=64), said.append) == \
+        (("cache", 16 << 20, None), 64) and len(said) == 1
+    assert prefix_cache_settings(Engine(8), flags(prefix_cache_mb=0), said.append) == (None, None)
+    runtime.unused_cache_flags(flags(), "the PyTorch path", said.append)
+    assert len(said) == 1                                        # the defaults: nothing to say
+    runtime.unused_cache_flags(flags(prefill_chunk=64, prefix_cache_mb=0), "the PyTorch path", said.append)
+    assert said[1] == "--prefix_cache_mb=0, --prefill_chunk=64: not used by the PyTorch path"

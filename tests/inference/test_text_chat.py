@@ -24,11 +24,12 @@ class RecordingSampler:
 
     check_length = Engine.check_length
 
-    def generate(self, prompts, max_new_tokens, *, sampling, seeds, stream=None):
+    def generate(self, prompts, max_new_tokens, *, sampling, seeds, stream=None, prefix_cache=None,
+                 prefill_chunk=None):
         (prompt,) = prompts
         assert len(prompt) + max_new_tokens <= self.config.max_sequence_length
         self.calls.append((list(prompt), max_new_tokens))
-        return types.SimpleNamespace(tokens=[list(self.ANSWER)])
+        return types.SimpleNamespace(tokens=[list(self.ANSWER)], stats={})
 
 
 def _chat(tok, limit, max_new=4):
@@ -130,13 +131,17 @@ class _ScriptedEngine:
 
     check_length = Engine.check_length
 
-    def generate(self, prompts, max_new_tokens, *, sampling, seeds, stream=None):
+    def prefix_cache(self, budget_bytes=None, block_size=None):
+        return None
+
+    def generate(self, prompts, max_new_tokens, *, sampling, seeds, stream=None, prefix_cache=None,
+                 prefill_chunk=None):
         self.calls += 1
         ids = self.tokenizer.encode(self.text)
         for step, t in enumerate(ids + [self.eos_id]):
             if stream is not None:
                 stream(step, [t])
-        return types.SimpleNamespace(tokens=[ids])
+        return types.SimpleNamespace(tokens=[ids], stats={})
 
 
 def _scripted_chat(tmp_path, monkeypatch, typed: str, extra=()):
@@ -174,3 +179,35 @@ def test_exit_and_quit_leave_empty_lines_are_ignored(tmp_path, monkeypatch):
     # Control: without the exit word the line after it is answered too.
     _, answers = _scripted_chat(tmp_path, monkeypatch, "hello\nnever read\n")
     assert len(answers) == 2
+
+
+def test_turn_two_reuses_turn_one_through_the_prefix_cache(tok, tiny_sharp_head):
+    """Three greedy turns on the real engine with a prefix cache (16-token blocks) give the tokens of the same
+    turns without one; turn 2 and 3 take their earlier turns' blocks from the cache (cached_tokens > 0, whole
+    blocks of the previous prompt), turn 1 none. Control: each turn's answer differs, so a wrong prefix shows."""
+    from lwm.model.llama import LLaMAForCausalLM
+
+    cfg, _, params = tiny_sharp_head
+    cfg = cfg.replace(max_sequence_length=256, decode_chunk_size=8)
+    engine = Engine(LLaMAForCausalLM(cfg), params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+    messages = ["the quick brown fox jumps over a lazy dog", "while world models read long videos",
+                "and text in one million token context"]
+
+    def turns(**kw):
+        chat = chat_lib.Chat(engine, tok, SamplingConfig(), max_new_tokens=6, **kw)
+        out = []
+        for m in messages:
+            chat.reply(m)
+            out.append((list(chat.turns[-1][1]), chat.last_stats["cached_tokens"], chat.last_stats["prompt_tokens"]))
+        return out
+
+    plain = turns()
+    pc = engine.prefix_cache(1 << 24, 16)
+    cached = turns(prefix_cache=pc)
+    assert [a for a, _, _ in cached] == [a for a, _, _ in plain]
+    assert len({tuple(a) for a, _, _ in plain}) == 3
+    assert [c for _, c, _ in plain] == [0, 0, 0] and cached[0][1] == 0
+    for (_, c, _), (_, _, before) in zip(cached[1:], cached[:-1]):
+        assert c == before // 16 * 16 > 0                   # every whole block of the previous turn's prompt
+    # Chunked without a cache: the same tokens, nothing cached.
+    assert [(a, c) for a, c, _ in turns(prefill_chunk=8)] == [(a, 0) for a, _, _ in plain]

@@ -2,6 +2,7 @@
 template, and the entry point answering on an image and on a short video, each answer checked against a
 cache-free forward pass over the prompt (with its vision tokens) and the answer."""
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
@@ -110,10 +111,10 @@ def _check_greedy_answer(tok_path, result, seed):
     return np.mean(chosen >= logits[:len(answer), :tok.vocab_size].max(axis=1) - 1e-4)
 
 
-def _chat(tok_path, input_file, *extra):
+def _chat(tok_path, input_file, *extra, stdin=None):
     return vc.main(["--load_llama_config=tiny", "--vqgan_config=tiny", f"--tokenizer={tok_path}",
                     f"--input_file={input_file}", f"--prompt={QUESTION}", "--temperature=0", "--max_new_tokens=8",
-                    "--seed=5", "--update_llama_config=dict(initializer_range=0.1)", *extra])
+                    "--seed=5", "--update_llama_config=dict(initializer_range=0.1)", *extra], stdin=stdin)
 
 
 @pytest.mark.slow
@@ -146,3 +147,48 @@ def test_chat_budget_error_names_the_flags(chat_tok_path, media):
               "--update_llama_config=dict(max_sequence_length=200)")
     with pytest.raises(ValueError, match="--input_file is required"):
         vc.main(["--prompt=hi"])
+
+
+@pytest.mark.slow
+def test_follow_up_questions_reuse_the_frames_blocks(chat_tok_path, media):
+    """Two questions about one image (--interactive: the second typed): with the prefix cache (16-token blocks)
+    the second question copies the first prompt's whole blocks, the image's vision tokens included, and both
+    answers equal those of the same run without the cache; the follow-up's answer is also the greedy
+    continuation of a cache-free forward pass over the whole conversation (checked with other weights too:
+    the check can fail)."""
+    small = "--update_llama_config=dict(initializer_range=0.1, decode_chunk_size=16)"
+
+    def ask(*extra):
+        return _chat(chat_tok_path, media / "picture.png", "--interactive=True", small, *extra,
+                     stdin=io.StringIO("And the colour of it?\nexit\n"))["turns"]
+
+    plain, cached = ask("--prefix_cache_mb=0"), ask("--prefix_cache_block=16")
+    assert [t["tokens"] for t in cached] == [t["tokens"] for t in plain] and len(plain) == 2
+    assert [t["stats"]["cached_tokens"] for t in plain] == [0, 0] and cached[0]["stats"]["cached_tokens"] == 0
+    first = cached[0]["prompt"]
+    last_vision = int(np.flatnonzero(first.vision)[-1])
+    assert cached[1]["stats"]["cached_tokens"] == len(first) // 16 * 16 > last_vision    # the image's blocks
+    follow_up = cached[1]["prompt"]
+    np.testing.assert_array_equal(follow_up.ids[:len(first)], first.ids)                 # one conversation
+    assert _check_greedy_answer(chat_tok_path, cached[1], seed=5) == 1.0
+    assert _check_greedy_answer(chat_tok_path, cached[1], seed=6) < 1.0
+
+
+def test_codes_cache_encodes_each_frame_set_once():
+    class Counting:                                  # stands in for a VQGAN: codes = the frame's mean, counted
+        calls = 0
+
+        def encode(self, frames):
+            Counting.calls += 1
+            return None, np.asarray(frames).mean(axis=(1, 2, 3)).astype(np.int32)[:, None, None]
+
+    cache, vq = iv.CodesCache(size=2), Counting()
+    a, b, c = (np.full((2, 4, 4, 3), v, np.float32) for v in (1, 2, 3))
+    np.testing.assert_array_equal(cache.codes(vq, a), [[[1]], [[1]]])
+    np.testing.assert_array_equal(cache.codes(vq, a.copy()), [[[1]], [[1]]])    # same pixels, another array: hit
+    assert Counting.calls == 1 and (cache.hits, cache.misses) == (1, 1)
+    cache.codes(vq, b), cache.codes(vq, c)                                       # a is evicted (size 2)
+    cache.codes(vq, a)
+    assert Counting.calls == 4
+    cache.codes(vq, a[:1])                                                        # another shape: a miss
+    assert Counting.calls == 5
