@@ -185,7 +185,7 @@ class _Mirror:
         """Run one decoded message on this process's engine; returns its result through `_keep`."""
         if message["n"] != self._seq:
             raise OutOfStep(f"lwm.serve: message {message['n']} arrived where {self._seq} was due; the "
-                               "processes are out of step")
+                            "processes are out of step")
         self._seq += 1
         for i in message["r"]:
             self._values.pop(i, None)
@@ -228,18 +228,16 @@ class ReplicatedEngine(_Mirror):
 
     def _handle(self, i: int) -> Handle:
         handle = Handle(i, self)
-        weakref.finalize(handle, self._released.append, i)   # (any thread) released everywhere with the next message
+        weakref.finalize(handle, self._released.append, i)   # (any thread) released with the next message
         return handle
 
     def _send(self, name: str, args=(), kwargs=None):
         """(Lock held.) Broadcast one message and run it here, from the very bytes the followers decode."""
         if self._closed:
             raise RuntimeError("ReplicatedEngine: closed (the followers have stopped)")
-        released = []
-        while self._released:
-            released.append(self._released.popleft())
-        message = {"n": self._seq, "m": name, "a": encode(list(args)), "k": encode(dict(kwargs or {})),
-                   "r": released}
+        message = {"n": self._seq, "m": name, "a": encode(list(args)), "k": encode(dict(kwargs or {})), "r": []}
+        while self._released:                             # after encode: a TypeError there loses no release
+            message["r"].append(self._released.popleft())
         blob = broadcast_bytes(json.dumps(message).encode())
         self._last = time.monotonic()
         if name == _STOP:

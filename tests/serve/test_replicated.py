@@ -18,7 +18,8 @@ def test_messages_round_trip_and_refuse_what_cannot_cross():
     from lwm.inference.sampling import SamplingConfig
     from lwm.serve.replicated import Handle, decode, encode
 
-    args = [np.array([[1.5, np.nan], [-0.0, 3e-39]], np.float32), np.array([True, False]), np.arange(3, dtype=np.uint32),
+    args = [np.array([[1.5, np.nan], [-0.0, 3e-39]], np.float32), np.array([True, False]),
+            np.arange(3, dtype=np.uint32),
             (1, 2.5, "x", None, True), {"k": [np.int64(7)]}, SamplingConfig(0.7, 5, 0.9),
             Prefix(cache=Handle(4, None), logits=Handle(5, None), length=64, position=[3, 9])]
     values = {4: "cache of 4", 5: "logits of 5"}

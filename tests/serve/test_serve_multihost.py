@@ -52,7 +52,8 @@ def flags(d, port):
 
 
 def dist(port, pid):
-    return ["--jax_distributed.initialize_jax_distributed=True", f"--jax_distributed.coordinator_address=127.0.0.1:{port}",
+    return ["--jax_distributed.initialize_jax_distributed=True",
+            f"--jax_distributed.coordinator_address=127.0.0.1:{port}",
             "--jax_distributed.num_processes=2", f"--jax_distributed.process_id={pid}"]
 
 
