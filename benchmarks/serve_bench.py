@@ -49,6 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--steps_per_call", type=int, default=16,
                    help="the server's --decode_steps_per_call (decode steps per engine call while no request waits)")
     p.add_argument("--batch_wait_ms", type=float, default=20.0, help="the server's --batch_wait_ms")
+    p.add_argument("--prefix_cache_mb", type=int, default=0,
+                   help="the server's --prefix_cache_mb (0: off, prompts prefilled whole and batched, as the figures "
+                        "of docs/serve.md up to issue 23; -1: `python -m lwm.serve`'s default, every prompt "
+                        "prefilled alone, in chunks, through a prefix cache)")
     p.add_argument("--blocks", type=int, default=4,
                    help="each level's timed requests run as this many blocks, one after another, with the direct "
                         "references timed before the first, between blocks and after the last")
@@ -215,7 +219,15 @@ def main(argv=None):
 
     import uvicorn
 
-    app = create_app(engine, tok, model_name="bench", max_batch_size=top, max_queue=4 * n_max,
+    cache = None
+    if args.prefix_cache_mb:
+        from ml_collections import ConfigDict
+
+        from lwm.inference.runtime import prefix_cache_from_flags
+
+        cache = prefix_cache_from_flags(engine, ConfigDict(dict(prefix_cache_mb=args.prefix_cache_mb,
+                                                                prefix_cache_block=0)))
+    app = create_app(engine, tok, model_name="bench", max_batch_size=top, max_queue=4 * n_max, prefix_cache=cache,
                      default_max_tokens=args.new_tokens, decode_steps_per_call=args.steps_per_call,
                      warmup_prompt_lengths=[args.prompt_tokens], batch_wait_ms=args.batch_wait_ms)
     import socket
