@@ -264,12 +264,20 @@ def test_a_vision_prompt_hits_blocks_that_hold_its_image_codes(vision_engine):
     among them) come from the cache, and both answers are a server without the cache's."""
     from lwm.serve import create_app
 
-    engine, tok, vqgan = vision_engine["engine"], vision_engine["tok"], vision_engine["vqgan"]
-    from test_serve_vision import data_url, image
+    import base64
+    import io
 
+    from PIL import Image
+
+    def png_url(seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 48, 3), np.uint8)).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    engine, tok, vqgan = vision_engine["engine"], vision_engine["tok"], vision_engine["vqgan"]
     pc = engine.prefix_cache(16 * engine.block_bytes(BLOCK), BLOCK)
     content = [{"type": "text", "text": "what is in the pictures"}] + [
-        {"type": "image_url", "image_url": {"url": data_url(image(seed))}} for seed in range(3)]
+        {"type": "image_url", "image_url": {"url": png_url(seed)}} for seed in range(3)]
     messages = [{"role": "system", "content": "you describe pictures for a world model " * 3},
                 {"role": "user", "content": content}]
     apps = [create_app(engine, tok, model_name="v", vqgan=vqgan, max_n_frames=4, max_batch_size=1, prefix_cache=c)
