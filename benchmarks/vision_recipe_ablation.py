@@ -1,8 +1,9 @@
 """The packing ablation in miniature (issue 24): the vision demo's model trained with four data recipes, three seeds
 each, on one world, one VQGAN and one token budget, then scored by the demo's evaluations.
 
-Hardware: 2-core CPU. The default size took about 40 minutes on this workplace's shared 2-core machine
-(docs/vision_demo.md, "The packing ablation"); `--quick` is a smoke run of a few minutes whose numbers mean nothing.
+Hardware: 2-core CPU. The default size took 35 minutes (2,082 s) on this workplace's 2-core machine shared with
+other jobs (load 10-20; docs/vision_demo.md, "The packing ablation"); there every variant was at chance on world QA.
+`--quick` is a smoke run of a few minutes (7 with --seeds 0,1 on the loaded machine) whose numbers mean nothing.
 Run: python benchmarks/vision_recipe_ablation.py --out outputs/vision_ablation [--quick] [--seeds 0,1,2]
      [--variants a,b,c,d] [--lm_steps 200 --lm_seq 512 --lm_batch 2 ...] (every size field of SIZES is a flag)
 
@@ -199,7 +200,7 @@ def markdown(rows: list, ref: dict, sz: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['variant']}: {r['name']}"]
-        cells += [f"{r[k]['mean']:.1f} ± {r[k]['std']:.1f} ({r[k]['min']:.0f}-{r[k]['max']:.0f})" for k, _ in cols]
+        cells += [f"{r[k]['mean']:.1f} ± {r[k]['std']:.1f} ({r[k]['min']:.1f}-{r[k]['max']:.1f})" for k, _ in cols]
         cells += [f"{r['tokens_per_s']['mean']:.0f} ± {r['tokens_per_s']['std']:.0f}",
                   f"{100 * r['fill']['mean']:.0f}", f"{r['examples_per_step']['mean']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
