@@ -4,14 +4,14 @@ whole against one chunk; (c) exactness, chunked prefill logits against whole pre
 with the cache against without.
 
 Hardware: any; the defaults (`debug` preset, fp32, 1 device, random weights, documents of random ids) took
-13 minutes on this workplace's 2-core CPU under load ~15, most of it the 32K prefills; --quick (tiny preset)
-is compile-bound, about a minute.
+10-13 minutes on this workplace's 2-core CPU under load ~15, most of it the 32K prefills; --quick (tiny preset)
+is compile-bound: 96 s under load ~14, less on an idle machine.
     python benchmarks/long_context_bench.py                 # 16K and 32K documents; memory at 16K, 64K, 128K
     python benchmarks/long_context_bench.py --quick         # tiny preset: a 1K document; memory at 2K, 8K
     python benchmarks/long_context_bench.py --skip=memory,exactness     # (a) only
 Expected (debug, CPU; docs/long_context.md "Benchmarks: prefix cache and chunked prefill"): turn 2 / turn 1
-time to first token ~0.04 (16K) and ~0.01 (32K) with the prefix cache and turn 2 prefilled in chunks of one
-block (128), ~0.3 / ~0.08 with turn 2 in chunks of 2048 (the chunked prefill pads the last chunk to the whole
+time to first token ~0.04 (16K) and ~0.03 (32K) with the prefix cache and turn 2 prefilled in chunks of one
+block (128), ~0.2 / ~0.14 with turn 2 in chunks of 2048 (the chunked prefill pads the last chunk to the whole
 chunk), ~1 without the cache; chunked prefill temporaries flat in T (16 MiB; the cache, a donated argument,
 grows), whole prefill temporaries linear in T (137 MiB at 16K, 1090 MiB at 128K); chunked logits within 1e-6
 of whole; turn 2's tokens identical with and without the cache.
@@ -23,9 +23,10 @@ prefix cache per conversation (turn 1 misses and stores the blocks, turn 2 reuse
 (no cache, one whole prefill per turn). Time to first token is generate's `stats['time_to_first_token_s']`
 (wall: prefill + drawing token 0); "cpu" is this process's CPU seconds over each turn's whole generate call
 (prefill + token 0 + the other --new_tokens - 1 decode steps), with one XLA thread (--threads=1, the default)
-less sensitive than wall time to the other jobs on a shared machine. Compile time is excluded: each mode first runs the whole conversation
-once over another random document of the same length (same shapes, so every compile happens there; its times
-are printed as "warm-up", compile included), then the measured conversation over a fresh document.
+less sensitive than wall time to the other jobs on a shared machine. Compile time is excluded: each mode first
+runs the whole conversation once over another random document of the same length (same shapes, so every
+compile happens there; its times are printed as "warm-up", compile included), then the measured conversation
+over a fresh document.
 (b) `Engine.lower_prefill` (one prompt of T, cache of T slots) and `Engine.lower_prefill_chunk` (one chunk of
 `--chunk` tokens against a cache of T slots, the cache donated), compiled only, never run:
 memory_analysis()'s temp, argument and output sizes and the bytes of the output aliased to an argument.
@@ -44,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="debug")
     p.add_argument("--docs", default="16384,32768", help="document lengths (tokens) of the conversations")
     p.add_argument("--memory_lengths", default="16384,65536,131072", help="prompt lengths T of the memory table")
-    p.add_argument("--chunk", type=int, default=2048, help="--prefill_chunk of the chunked prefill")
+    p.add_argument("--chunk", type=int, default=2048, help="--prefill_chunk of the chunked prefill; 0: (a) passes "
+                   "none (the engine's default with a prefix cache), (b) and (c) use 2048")
     p.add_argument("--tail_chunk", type=int, default=0, help="(a) also runs turn 2 with this --prefill_chunk "
                    "(the tokens after the cached prefix are prefilled in chunks of it; 0: the prefix cache block)")
     p.add_argument("--question", type=int, default=16, help="tokens per question")
@@ -52,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--budget_mb", type=float, default=1024, help="the prefix cache's budget")
     p.add_argument("--block", type=int, default=0, help="prefix cache block (slots; 0: the decode chunk)")
     p.add_argument("--threads", type=int, default=1, choices=(0, 1),
-                   help="1: one XLA CPU thread (CPU seconds ~ work, robust to a shared machine's load); 0: XLA's default")
+                   help="1: one XLA CPU thread (CPU seconds ~ work, robust to a shared machine's load); "
+                   "0: XLA's default")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: conversation, memory, exactness")
     p.add_argument("--quick", action="store_true", help="small sizes: --preset=tiny "
                    "--docs=1024 --memory_lengths=2048,8192 --chunk=256 (< 1 minute)")
@@ -64,8 +67,8 @@ def parse_args(argv=None):
         args.memory_lengths = [int(x) for x in args.memory_lengths.split(",") if x]
     except ValueError:
         p.error("--docs / --memory_lengths: comma-separated integers")
-    if min(args.docs + args.memory_lengths + [args.chunk, args.question, args.new_tokens]) < 1:
-        p.error("--docs, --memory_lengths, --chunk, --question, --new_tokens: each must be >= 1")
+    if min(args.docs + args.memory_lengths + [args.question, args.new_tokens]) < 1 or args.chunk < 0:
+        p.error("--docs, --memory_lengths, --question, --new_tokens: each must be >= 1; --chunk >= 0")
     args.skip = {x for x in args.skip.split(",") if x}
     if args.skip - {"conversation", "memory", "exactness"}:
         p.error(f"--skip={','.join(sorted(args.skip))}: choose among conversation, memory, exactness")
@@ -79,7 +82,8 @@ def conversation(engine, doc, questions, new_tokens, pc, chunks):
     seconds of turn 1's generate call, [the same of turn 2's per chunk])."""
     def turn(prompt, chunk):
         t0 = time.process_time()
-        r = engine.generate([prompt], new_tokens, **(dict(prefix_cache=pc, prefill_chunk=chunk) if pc is not None else {}))
+        kw = dict(prefix_cache=pc, prefill_chunk=chunk) if pc is not None else {}
+        r = engine.generate([prompt], new_tokens, **kw)
         return r, time.process_time() - t0
 
     turn1 = doc + questions[0]
@@ -112,7 +116,7 @@ def main(argv=None):
     block = args.block or cfg.decode_chunk_size
     print(f"preset {args.preset}: L={cfg.num_hidden_layers} D={cfg.hidden_size} N={cfg.num_attention_heads} "
           f"K={cfg.kv_heads} H={cfg.head_dim}, fp32, {jax.device_count()} {jax.default_backend()} device(s), "
-          f"attention {cfg.attention_impl}, prefill chunk {args.chunk}, prefix cache block {block}, "
+          f"attention {cfg.attention_impl}, prefill chunk {args.chunk or 'default'}, prefix cache block {block}, "
           f"{args.question}-token questions, {args.new_tokens}-token answers, "
           f"{'1 XLA thread' if args.threads else 'XLA default threads'}", flush=True)
 
@@ -130,18 +134,20 @@ def main(argv=None):
             ref = None
             for mode in ("no cache", "cache"):
                 make = (lambda: engine.prefix_cache(int(args.budget_mb * 2**20), block)) if mode == "cache" else None
-                chunks = [args.chunk, tail]
+                chunks = [args.chunk or None, tail]
                 w1, w2, *_ = conversation(engine, warm, questions, args.new_tokens, make and make(), chunks)
                 t1, t2, cached, answers, c1, c2 = conversation(engine, doc, questions, args.new_tokens,
                                                                make and make(), chunks)
                 ref = ref or answers[0]
-                names = ["whole prefill"] if mode == "no cache" else [f"prefix cache, chunk {c}" for c in chunks]
+                names = ["whole prefill"] if mode == "no cache" else [f"prefix cache, chunk {c or 'default'}"
+                                                                      for c in chunks]
                 for i, name in enumerate(names):
                     same = "" if mode == "no cache" else ("identical" if answers[i] == ref else "DIFFER")
                     print(f"{n:>7} {name:>24} {w1:>9.2f} {w2[i]:>9.2f} {t1:>8.3f} {t2[i]:>8.3f} "
                           f"{t2[i] / t1:>7.3f} {c1:>7.2f} {c2[i]:>7.2f} {c2[i] / c1:>6.3f} {cached[i]:>7} {same:>14}",
                           flush=True)
 
+    args.chunk = args.chunk or 2048
     if "memory" not in args.skip:
         print(f"\n(b) compiled prefill memory (MiB, XLA memory_analysis, nothing run): whole prompt of T against "
               f"one chunk of {args.chunk} with a T-slot cache")
