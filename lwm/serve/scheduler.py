@@ -242,6 +242,7 @@ class Scheduler:
         for pool in pools:
             if pool.state is None:
                 pool.state = engine.init_state(pool.size, served.cache_length)
+
         def insert(state, job, rows):
             if not self.chunked:
                 return served.insert_many(engine, state, [0], [job], rows)

@@ -294,3 +294,42 @@ def test_a_vision_prompt_hits_blocks_that_hold_its_image_codes(vision_engine):
     assert n > 2 * BLOCK and n - 3 * 65 < 2 * BLOCK      # fewer text ids than 256: the second block holds codes
     assert (plain_hits, hits1, hits2) == (0, 0, 2 * BLOCK)
     assert first == want and second == want and len(want) > 0
+
+
+def test_warmup_compiles_the_chunked_serving_shapes(text_engine):
+    """--warmup_prompt_lengths with chunked prefills: after start(), 20-token prompts (alone and four at once,
+    greedy and top-p) compile nothing more (the chunk, insert, step and move counters of a fresh engine stay);
+    a prompt of another bucket does (control); the tokens are the engine's greedy ones."""
+    from lwm.inference.engine import Engine
+    from lwm.serve.jobs import Job, Sampling
+    from lwm.serve.model import ServedModel
+    from lwm.serve.scheduler import Scheduler
+
+    tok, src = text_engine["tok"], text_engine["engine"]
+    engine = Engine(src.model, src.params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+    sched = Scheduler(ServedModel(engine, tok, "tiny"), max_batch_size=4, steps_per_call=2, prefill_chunk=16,
+                      warmup_prompt_lengths=[20]).start()
+    try:
+        def compiled():
+            return sum(f._cache_size() for f in (engine._chunk_jit, engine._empty_jit, engine._step_jit,
+                                                 engine._insert_jit, engine._move_jit, engine._prefill_jit))
+
+        def run(prompts, sampling):
+            jobs = [Job(p, sampling, tok, None) for p in prompts]
+            for job in jobs:
+                sched.submit(job)
+            assert all(job.done.wait(120) and job.error is None for job in jobs)
+            return jobs
+
+        rng = np.random.default_rng(0)
+        prompts = [[tok.bos_id] + rng.integers(3, tok.vocab_size, 19).tolist() for _ in range(4)]
+        before = compiled()
+        assert before > 0
+        alone = run(prompts[:1], Sampling(max_tokens=NEW, temperature=0.0))
+        run(prompts, Sampling(max_tokens=NEW, temperature=1.0, top_p=0.9, seed=3))
+        assert compiled() == before
+        assert alone[0].tokens == src.generate(prompts[:1], NEW).tokens[0]
+        run([[tok.bos_id] * 90], Sampling(max_tokens=NEW, temperature=0.0))   # another bucket: compiles
+        assert compiled() > before
+    finally:
+        sched.stop()
