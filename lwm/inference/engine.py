@@ -532,7 +532,8 @@ class Engine:
 
         Default: one whole prefill, the prompt left-padded to its bucket. With `chunk` (tokens, a multiple of
         sp) or a `prefix_cache`, the prompt sits at slots [0, n) instead and is prefilled in chunks of `chunk`
-        tokens (default DEFAULT_PREFILL_CHUNK, rounded to whole blocks), each attending to the cache so far
+        tokens (default DEFAULT_PREFILL_CHUNK, rounded to whole blocks, or the bucket of the tokens the
+        prefix cache does not hold when that is less), each attending to the cache so far
         and causally to itself through the decode pass (`lwm.attention.cached_attention`: the cache's filled
         chunks read in a loop, sharded over sp with one softmax merge), so the working memory is one chunk's,
         not the prompt's. With a prefix cache, the longest run of its blocks that starts the prompt is copied
@@ -938,8 +939,9 @@ class ChunkedPrefill:
             for j, blk in enumerate(prefix_cache.match(self.keys[:usable])):
                 self.cache = engine._put_block_jit(self.cache, blk, np.int32(j * block))
                 self.cached = (j + 1) * block
-            if chunk is None:
-                chunk = block * max(1, DEFAULT_PREFILL_CHUNK // block)
+            if chunk is None:           # whole blocks, or the bucket of a shorter remainder (a short turn 2
+                chunk = min(block * max(1, DEFAULT_PREFILL_CHUNK // block),      # after a long turn 1: not a
+                            engine.padded_length(n - self.cached))               # 2048-wide chunk for 40 tokens)
         chunk = chunk or DEFAULT_PREFILL_CHUNK
         self.chunk = sp * math.ceil(chunk / sp)
         self.pos, self.logits = self.cached, None

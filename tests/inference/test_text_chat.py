@@ -199,6 +199,7 @@ def test_turn_two_reuses_turn_one_through_the_prefix_cache(tok, tiny_sharp_head)
         for m in messages:
             chat.reply(m)
             out.append((list(chat.turns[-1][1]), chat.last_stats["cached_tokens"], chat.last_stats["prompt_tokens"]))
+        turns.chat = chat
         return out
 
     plain = turns()
@@ -209,5 +210,10 @@ def test_turn_two_reuses_turn_one_through_the_prefix_cache(tok, tiny_sharp_head)
     assert [c for _, c, _ in plain] == [0, 0, 0] and cached[0][1] == 0
     for (_, c, _), (_, _, before) in zip(cached[1:], cached[:-1]):
         assert c == before // 16 * 16 > 0                   # every whole block of the previous turn's prompt
+    # A follow-up's prefill runs one chunk of the uncached rest's bucket, not of the whole prompt's.
+    follow = turns.chat.history + chat_lib.turn_tokens(tok, "one more", first=False)
+    run = engine.start_prefill(follow, prefix_cache=pc)
+    assert run.cached > 0 and run.chunk == engine.padded_length(len(follow) - run.cached) < \
+        engine.padded_length(len(follow))
     # Chunked without a cache: the same tokens, nothing cached.
     assert [(a, c) for a, c, _ in turns(prefill_chunk=8)] == [(a, 0) for a, _, _ in plain]
