@@ -10,28 +10,29 @@ is compile-bound: 96 s under load ~14, less on an idle machine.
     python benchmarks/long_context_bench.py --quick         # tiny preset: a 1K document; memory at 2K, 8K
     python benchmarks/long_context_bench.py --skip=memory,exactness     # (a) only
 Expected (debug, CPU; docs/long_context.md "Benchmarks: prefix cache and chunked prefill"): turn 2 / turn 1
-time to first token ~0.04 (16K) and ~0.03 (32K) with the prefix cache and turn 2 prefilled in chunks of one
-block (128), ~0.2 / ~0.14 with turn 2 in chunks of 2048 (the chunked prefill pads the last chunk to the whole
-chunk), ~1 without the cache; chunked prefill temporaries flat in T (16 MiB; the cache, a donated argument,
-grows), whole prefill temporaries linear in T (137 MiB at 16K, 1090 MiB at 128K); chunked logits within 1e-6
-of whole; turn 2's tokens identical with and without the cache.
+time to first token ~0.04 (16K) and ~0.03 (32K) with the prefix cache and the engine's default chunk (or turn 2
+in chunks of one block, 128), ~0.2 / ~0.14 with an explicit --chunk=2048 (every chunk is computed at the full
+width: turn 2's 36 new tokens cost a 2048-token chunk), ~1 without the cache; chunked prefill temporaries flat
+in T (16 MiB; the cache, a donated argument, grows), whole prefill temporaries linear in T (137 MiB at 16K,
+1090 MiB at 128K); chunked logits within 1e-6 of whole; turn 2's tokens identical with and without the cache.
 
 (a) Turn 1 = document + question 1, `--new_tokens` greedy tokens (answer 1); turn 2 = document + question 1 +
 answer 1 + question 2. "prefix cache" runs `Engine.generate(..., prefix_cache=pc, prefill_chunk=C)` with a fresh
 prefix cache per conversation (turn 1 misses and stores the blocks, turn 2 reuses them), turn 1 with C =
---chunk, turn 2 once with C = --chunk and once more with C = --tail_chunk; "whole prefill" is the default
-(no cache, one whole prefill per turn). Time to first token is generate's `stats['time_to_first_token_s']`
-(wall: prefill + drawing token 0); "cpu" is this process's CPU seconds over each turn's whole generate call
-(prefill + token 0 + the other --new_tokens - 1 decode steps), with one XLA thread (--threads=1, the default)
-less sensitive than wall time to the other jobs on a shared machine. Compile time is excluded: each mode first
-runs the whole conversation once over another random document of the same length (same shapes, so every
-compile happens there; its times are printed as "warm-up", compile included), then the measured conversation
-over a fresh document.
+--chunk (0: none given, the engine's default), turn 2 once with C = --chunk and once more with C =
+--tail_chunk; "whole prefill" is the default (no cache, one whole prefill per turn). Time to first token is
+generate's `stats['time_to_first_token_s']` (wall: prefill + drawing token 0); "cpu" is this process's CPU
+seconds over each turn's whole generate call (prefill + token 0 + the other --new_tokens - 1 decode steps),
+with XLA's Eigen multithreading off (--threads=1, the default; XLA still ran up to 2 threads here), less
+sensitive than wall time to the other jobs on a shared machine. Compile time is excluded: each mode first runs
+the whole conversation once over another random document of the same length (same shapes, so every compile
+happens there; its times are printed as "warm-up", compile included), then the measured conversation over a
+fresh document.
 (b) `Engine.lower_prefill` (one prompt of T, cache of T slots) and `Engine.lower_prefill_chunk` (one chunk of
-`--chunk` tokens against a cache of T slots, the cache donated), compiled only, never run:
+`--chunk` tokens, 2048 for 0, against a cache of T slots, the cache donated), compiled only, never run:
 memory_analysis()'s temp, argument and output sizes and the bytes of the output aliased to an argument.
-(c) Max |logit difference| of `Engine.prefill(prompt, chunk=C)` against `Engine.prefill(prompt)` (turn 1's
-prompt, fp32) at each document length.
+(c) Max |logit difference| of `Engine.prefill(prompt, chunk=C)` (C = --chunk, 2048 for 0) against
+`Engine.prefill(prompt)` (turn 1's prompt, fp32) at each document length.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="debug")
     p.add_argument("--docs", default="16384,32768", help="document lengths (tokens) of the conversations")
     p.add_argument("--memory_lengths", default="16384,65536,131072", help="prompt lengths T of the memory table")
-    p.add_argument("--chunk", type=int, default=2048, help="--prefill_chunk of the chunked prefill; 0: (a) passes "
+    p.add_argument("--chunk", type=int, default=0, help="--prefill_chunk of the chunked prefill; 0: (a) passes "
                    "none (the engine's default with a prefix cache), (b) and (c) use 2048")
     p.add_argument("--tail_chunk", type=int, default=0, help="(a) also runs turn 2 with this --prefill_chunk "
                    "(the tokens after the cached prefix are prefilled in chunks of it; 0: the prefix cache block)")
@@ -54,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--budget_mb", type=float, default=1024, help="the prefix cache's budget")
     p.add_argument("--block", type=int, default=0, help="prefix cache block (slots; 0: the decode chunk)")
     p.add_argument("--threads", type=int, default=1, choices=(0, 1),
-                   help="1: one XLA CPU thread (CPU seconds ~ work, robust to a shared machine's load); "
-                   "0: XLA's default")
+                   help="1: XLA's Eigen multithreading off (CPU seconds ~ work, robust to a shared machine's "
+                   "load); 0: XLA's default")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: conversation, memory, exactness")
     p.add_argument("--quick", action="store_true", help="small sizes: --preset=tiny "
                    "--docs=1024 --memory_lengths=2048,8192 --chunk=256 (< 1 minute)")
@@ -118,7 +119,7 @@ def main(argv=None):
           f"K={cfg.kv_heads} H={cfg.head_dim}, fp32, {jax.device_count()} {jax.default_backend()} device(s), "
           f"attention {cfg.attention_impl}, prefill chunk {args.chunk or 'default'}, prefix cache block {block}, "
           f"{args.question}-token questions, {args.new_tokens}-token answers, "
-          f"{'1 XLA thread' if args.threads else 'XLA default threads'}", flush=True)
+          f"{'Eigen threads off' if args.threads else 'XLA default threads'}", flush=True)
 
     exact_prompts = {}
     if "conversation" not in args.skip:
