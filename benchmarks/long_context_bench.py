@@ -5,7 +5,7 @@ with the cache against without.
 
 Hardware: any; the defaults (`debug` preset, fp32, 1 device, random weights, documents of random ids) took
 10-13 minutes on this workplace's 2-core CPU under load ~15, most of it the 32K prefills; --quick (tiny preset)
-is compile-bound: 96 s under load ~14, less on an idle machine.
+is compile-bound: 24 s at load ~2, 96 s at load ~14.
     python benchmarks/long_context_bench.py                 # 16K and 32K documents; memory at 16K, 64K, 128K
     python benchmarks/long_context_bench.py --quick         # tiny preset: a 1K document; memory at 2K, 8K
     python benchmarks/long_context_bench.py --skip=memory,exactness     # (a) only
