@@ -2,13 +2,13 @@
 attending to the cache so far and causally to themselves through the decode pass) against the whole prefill
 (one left-padded forward with the configured kernel and sp strategy), fp32: the next-token logits within 1e-5
 (and the cache's keys and values), and the greedy tokens of `generate(..., prefill_chunk=C)` equal to
-`generate`'s, for every attention_impl that
-runs on CPU (dense, blockwise, pallas in interpret mode, ring) and every context-parallel strategy and load
-balance (ring / all_gather / ulysses / ulysses_ring; none / zigzag / striped) under sp = 2 or 4 of the 8
-simulated devices; the int8 cache (chunking does not change what is read: chunk C equals chunk 1 within 1e-5;
-against the whole prefill, which attends in full precision, within test_quantized_cache's int8 bound).
-Negative controls: the same chunk loop with the later chunks' positions shifted by one, or each chunk given an empty
-cache (attending to itself only), misses the whole prefill's logits by over 100x the tolerance.
+`generate`'s, for every attention_impl that runs on CPU (dense, blockwise, pallas in interpret mode, ring) and
+every context-parallel strategy and load balance (ring / all_gather / ulysses / ulysses_ring; none / zigzag /
+striped) under sp = 2 or 4 of the 8 simulated devices; the int8 cache (chunking does not change what is read:
+chunk C equals chunk 1 within 1e-5; against the whole prefill, which attends in full precision, within
+test_quantized_cache's int8 bound). Negative controls: the same chunk loop with the later chunks' positions
+shifted by one, or each chunk given an empty cache (attending to itself only), misses the whole prefill's
+logits by over 100x the tolerance.
 
 Tiny preset (sharp head: greedy choices far from ties), a 53-token prompt (not a multiple of the chunk or of
 sp: the last chunk is padded), chunk 16, decode chunks of 8 slots, 6 new tokens."""
