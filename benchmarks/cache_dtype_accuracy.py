@@ -88,15 +88,19 @@ def differing(answers: dict, base: dict) -> str:
     return f"{sum(answers[k] != base.get(k) for k in answers)}/{len(answers)}"
 
 
+def demo_summary(workdir: str) -> tuple[dict, str]:
+    """(the demo's summary.json, the absolute workdir); SystemExit in one line when the demo has not run."""
+    sys.path.insert(0, ROOT)
+    summary_path = os.path.join(workdir, "summary.json")
+    if not os.path.isfile(summary_path):
+        raise SystemExit(f"--workdir={workdir}: no summary.json; run `bash scripts/run_demo.sh` first")
+    with open(summary_path) as f:
+        return json.load(f), os.path.abspath(workdir)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
-    summary_path = os.path.join(args.workdir, "summary.json")
-    if not os.path.isfile(summary_path):
-        raise SystemExit(f"--workdir={args.workdir}: no summary.json; run `bash scripts/run_demo.sh` first")
-    with open(summary_path) as f:
-        summary = json.load(f)
-    workdir = os.path.abspath(args.workdir)
+    summary, workdir = demo_summary(args.workdir)
     out_root = os.path.abspath(args.output_dir or os.path.join(workdir, "cache_dtype_accuracy"))
     dtypes = [d.strip() for d in args.cache_dtypes.split(",") if d.strip()]
     rows = []

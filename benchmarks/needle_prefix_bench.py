@@ -20,15 +20,13 @@ does better), so the prefill work falls 1.43x at most; the decode and the compil
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cache_dtype_accuracy import needle_cmd, needle_scores, run  # noqa: E402  (the demo's eval command)
+from cache_dtype_accuracy import demo_summary, needle_cmd, needle_scores, run  # noqa: E402  (the demo's eval command)
 
 
 def parse_args(argv=None):
@@ -59,13 +57,7 @@ def command(summary, workdir, out, lengths, depths, cache_mb):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
-    summary_path = os.path.join(args.workdir, "summary.json")
-    if not os.path.isfile(summary_path):
-        raise SystemExit(f"--workdir={args.workdir}: no summary.json; run `bash scripts/run_demo.sh` first")
-    with open(summary_path) as f:
-        summary = json.load(f)
-    workdir = os.path.abspath(args.workdir)
+    summary, workdir = demo_summary(args.workdir)
     out_root = os.path.abspath(args.output_dir or os.path.join(workdir, "needle_prefix_bench"))
     lengths = [int(x) for x in args.lengths.split(",")]
     settings = [("off", 0), ("on", -1)]
