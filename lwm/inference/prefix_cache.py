@@ -39,7 +39,7 @@ def default_budget_bytes(fraction: float = 0.25) -> int:
     fraction of the host's available memory (/proc/meminfo MemAvailable), at most 4 GiB."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}   # this process's (another host's has no stats here)
     if "bytes_limit" in stats:
         return int(fraction * max(0, stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
     available = 0

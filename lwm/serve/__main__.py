@@ -89,6 +89,12 @@ def main(argv: Sequence[str]) -> None:
                   file=sys.stderr, flush=True)
             return
         engine = leader = ReplicatedEngine(engine)
+        if prefix_cache is not None:                  # one on every process, with process 0's budget
+            try:
+                prefix_cache = leader.prefix_cache(prefix_cache.budget_bytes, prefix_cache.block_size)
+            except BaseException:
+                leader.close()                        # the followers return
+                raise
         signal.signal(signal.SIGTERM, signal.default_int_handler)   # as Ctrl-C: uvicorn stops, then `finally`
     name = config.model_name or ("lwm-vision" if is_vision(config) else "lwm-text")
     app = create_app(engine, tokenizer, model_name=name, vqgan=vqgan, api_key=config.api_key or None,

@@ -63,20 +63,15 @@ def prefill_settings(engine, config: ConfigDict, mesh=None) -> tuple:
     `prefill_chunk_from_flags`): None, None, None for a whole batched prefill. Checked under the server's mesh
     (a chunk must divide by its sp), after the weights are read and before anything compiles; ValueError, one
     line naming the flag (a budget that holds no block, a block that is not a multiple of decode_chunk_size, a
-    chunk that is not a multiple of sp). Across hosts (jax.process_count() > 1) the scheduler's chunked
-    prefill is not replicated yet (lwm.serve.replicated): the default -1 turns the prefix cache off there, and
-    asking for it or for chunks is refused in one line."""
+    chunk that is not a multiple of sp). Across hosts (jax.process_count() > 1) every process checks the same
+    flags here alike; process 0 then makes the cache on every process (`ReplicatedEngine.prefix_cache` with
+    this cache's budget and block, lwm.serve.__main__) and the followers drop theirs."""
     import contextlib
 
     import jax
 
     from lwm.inference import runtime
 
-    if jax.process_count() > 1:
-        if float(config.prefix_cache_mb) in (0, -1) and int(config.prefill_chunk) == 0:
-            return None, None, None
-        raise ValueError("--prefix_cache_mb / --prefill_chunk: the server's prefix cache and chunked prefill run "
-                         "in one process only for now; across hosts give --prefix_cache_mb=0 --prefill_chunk=0")
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         cache = runtime.prefix_cache_from_flags(engine, config)
         chunk = runtime.prefill_chunk_from_flags(engine, config)

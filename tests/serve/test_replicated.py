@@ -2,7 +2,10 @@
 message encoding and the registry of device values): the server over a ReplicatedEngine answers the engine's
 greedy tokens; image generation (the vision path's arguments) gives the plain engine's frames; messages
 round-trip bit for bit and refuse what cannot cross processes; handles are released when dropped; unreplicated
-engine methods and calls after close() raise. Two processes: test_serve_multihost.py."""
+engine methods and calls after close() raise; the server with a prefix cache and small prefill chunks over a
+ReplicatedEngine answers the plain engine's tokens, reports cached tokens on a request sharing a prefix, and
+its chunked prefills and cache are held under ids (process 0's own copies). Two processes:
+test_serve_multihost.py."""
 import gc
 import json
 
@@ -87,3 +90,52 @@ def test_image_generation_crosses_as_one_message(vision_engine):
     got = replicated.generate_images("a red fox", 1, seed=3, **kw)[0]
     assert np.array_equal(got, want) and proxy._seq == 1
     assert not np.array_equal(replicated.generate_images("a red fox", 1, seed=4, **kw)[0], want)
+
+
+def test_the_prefix_cache_and_chunked_prefill_go_through_messages(text_engine):
+    """The scheduler's chunked, prefix-cached path over a ReplicatedEngine: the PrefixCache is made by a
+    replicated call (process 0 gets its own copy, the real object, registered under an id), each prefill is a
+    RemotePrefill whose step()/result() are messages, and the tokens equal the plain engine's greedy tokens.
+    Control: the first request finds nothing cached, the second (sharing one 128-token block) finds it."""
+    from lwm.inference.prefix_cache import PrefixCache
+    from lwm.serve import create_app
+    from lwm.serve.replicated import RemotePrefill, ReplicatedEngine, encode
+
+    engine, tok = text_engine["engine"], text_engine["tok"]
+    rng = np.random.RandomState(0)
+    shared = [tok.bos_id] + [int(x) for x in rng.randint(5, 390, 149)]
+    prompts = [shared + [int(x) for x in np.random.RandomState(t).randint(5, 390, 6)] for t in (1, 2)]
+    want = [engine.generate([p], 6).tokens[0] for p in prompts]
+    proxy = ReplicatedEngine(engine, keepalive_s=0)
+    block = engine.config.decode_chunk_size
+    pc = proxy.prefix_cache(8 * engine.block_bytes(block), block)
+    assert type(pc) is PrefixCache and proxy._values[proxy._shared[id(pc)]] is pc
+    with pytest.raises(TypeError, match="cannot be sent"):          # a cache of process 0 alone is refused
+        encode([engine.prefix_cache(8 * engine.block_bytes(block), block)], proxy._shared)
+    app = create_app(proxy, tok, model_name="tiny", max_batch_size=2, prefix_cache=pc, prefill_chunk=32)
+    got, cached = [], []
+    with running_server(app) as url:
+        import urllib.request
+
+        for p in prompts:
+            req = urllib.request.Request(url + "/v1/completions", json.dumps(
+                {"model": "tiny", "prompt": p, "max_tokens": 6, "temperature": 0, "return_token_ids": True}).encode(),
+                {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                out = json.loads(r.read())
+            got.append(out["choices"][0]["token_ids"])
+            cached.append(out["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert got == want and cached == [0, block], (got, want, cached)
+    assert pc.stats()["blocks"] == 1 and pc.hit_tokens == block    # process 0's copy is the one that was used
+    seq = proxy._seq
+    cp = proxy.start_prefill(prompts[0], prefix_cache=pc, chunk=32)
+    assert isinstance(cp, RemotePrefill) and cp.cached == block and cp.chunk == 32 and not cp.done
+    assert cp.remaining == len(prompts[0]) - block
+    cp.step()                                                   # 28 tokens left: one chunk
+    assert cp.done and cp.remaining == 0 and proxy._seq == seq + 2      # one message a chunk
+    prefix = cp.run()
+    assert prefix.cached == block and prefix.length == len(prompts[0]) and proxy._seq == seq + 3
+    assert all(proxy._values[h.id] is not None for h in (prefix.cache, prefix.logits))
+    with pytest.raises(ValueError, match="not a call this server replicates"):
+        proxy._call("__init__", (), {}, on=cp.id)
+    proxy.close()

@@ -2,9 +2,12 @@
 (--jax_distributed.*; process 0 serves HTTP, process 1 follows its engine calls) answer greedy completions
 with the same token ids as one process of four devices, with --mesh_dim=1,1,1,4 and ring attention: the KV
 cache is sharded over sp across the two processes, and the long prompt's tokens sit in both halves of it.
-Negative controls: the follower's engine sees the third prompt's ids shifted by one (its message decode
-wrapped in its process; the other prompts pass unchanged), and process 0 answers that prompt with other tokens
-than one process does, so the comparison can fail and the follower's shards feed the answer; a follower
+Both servers run with the default prefix cache (--prefix_cache_mb=-1: every prompt is prefilled in chunks,
+each process holding its own copy of the cache, process 0's budget): a prompt that shares 260 tokens with an
+earlier one reports the same cached_tokens (two 128-token blocks) from both and the same tokens.
+Negative controls: the follower's engine sees the last prompt's ids shifted by one (its engine's prefill entry
+points wrapped in its process; the other prompts pass unchanged), and process 0 answers that prompt with other
+tokens than one process does, so the comparison can fail and the follower's shards feed the answer; a follower
 started with another flag is refused by both processes in one line."""
 import concurrent.futures
 import json
@@ -22,24 +25,27 @@ from support import cpu_subprocess_env, free_port
 
 # Two prompts padded to 512 slots of the 772-slot cache (max_sequence_length 512 + the bucket slack): their
 # tokens sit in slots 212..511 and 232..511, across the cut at 386 between the processes' sp shards.
+# "shared" repeats a's first 260 tokens (two whole blocks of the prefix cache); "control" comes last (the
+# follower's shifted copy of it stores other blocks than process 0's: no later prompt may look them up).
 PROMPTS = {"a": [3 + (7 * i) % 390 for i in range(300)], "b": [3 + (11 * i) % 390 for i in range(280)],
+           "shared": [3 + (7 * i) % 390 for i in range(260)] + [3 + (17 * i) % 390 for i in range(30)],
            "control": [2] + [3 + (13 * i) % 390 for i in range(290)]}     # id 2 first: the follower shifts it
+BLOCK = 128                   # the tiny preset's decode_chunk_size: the default prefix-cache block
 MAX_TOKENS = 8
-# The follower: lwm.serve with the same flags, its message decode wrapped so that a prefill of prompts that
-# start with id 2 sees every id shifted by one (only "control" does; "a" and "b" pass as they are).
+# The follower: lwm.serve with the same flags, its engine's prefills wrapped so that a prompt that starts with
+# id 2 is prefilled with every id shifted by one (only "control" does; the others pass as they are).
 TAMPER = """
 import sys
-from lwm.serve import replicated
+from lwm.inference.engine import Engine
 from lwm.serve.__main__ import get_default_config, main, __doc__ as doc
 from lwm.cli.command import cli
-_decode = replicated.decode
-def shifted(x, values):
-    out = _decode(x, values)
-    if isinstance(out, list) and out and isinstance(out[0], list) and out[0] and isinstance(out[0][0], list):
-        if out[0][0] and out[0][0][0] == 2:                                 # prefill_batch's prompts
-            out[0] = [[(i + 1) % 390 + 3 for i in row] for row in out[0]]
-    return out
-replicated.decode = shifted
+shift = lambda ids: [(i + 1) % 390 + 3 for i in ids]
+_batch, _start = Engine.prefill_batch, Engine.start_prefill
+def prefill_batch(self, prompts, *a, **k):                      # the whole, batched prefill
+    return _batch(self, [shift(p) if p and p[0] == 2 else p for p in prompts], *a, **k)
+def start_prefill(self, prompt, *a, **k):                       # the chunked prefill (with the prefix cache)
+    return _start(self, shift(prompt) if prompt and prompt[0] == 2 else prompt, *a, **k)
+Engine.prefill_batch, Engine.start_prefill = prefill_batch, start_prefill
 sys.exit(cli("lwm.serve", main, get_default_config, doc))
 """
 
@@ -84,13 +90,15 @@ def complete(port, prompt):
                                  {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=240) as r:
-            return json.loads(r.read())["choices"][0]["token_ids"]
+            out = json.loads(r.read())
+            return out["choices"][0]["token_ids"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
     except urllib.error.HTTPError as e:
         raise AssertionError(f"{e}: {e.read()[:2000]}") from None
 
 
 def answers(port):
-    """{prompt name: the token ids of its greedy completion}, one request after the other."""
+    """{prompt name: (the token ids of its greedy completion, its cached prompt tokens)}, one request after the
+    other."""
     return {k: complete(port, p) for k, p in PROMPTS.items()}
 
 
@@ -139,10 +147,12 @@ def test_two_processes_answer_what_one_process_answers(golden_workdir):
         errs = stop(two)
     finally:
         kill(procs)
-    assert [len(v) for v in single.values()] == [MAX_TOKENS] * len(PROMPTS), single
-    assert multi["a"] == single["a"] and multi["b"] == single["b"], (multi, single)
-    assert single["a"] != single["b"]
-    assert multi["control"] != single["control"], (multi, single)     # the follower's shards matter
+    assert [len(v[0]) for v in single.values()] == [MAX_TOKENS] * len(PROMPTS), single
+    for k in ("a", "b", "shared"):
+        assert multi[k] == single[k], (k, multi, single)             # tokens and cached tokens alike
+    assert single["a"][0] != single["b"][0] and single["a"][1] == 0   # control: a cold cache
+    assert single["shared"][1] == 2 * BLOCK, single                   # the prefix cache is on and hits
+    assert multi["control"][0] != single["control"][0], (multi, single)   # the follower's shards matter
     assert "process 0 stopped after" in errs[1] and "after 0 engine calls" not in errs[1], errs[1][-2000:]
     print(f"one server and a pair: {time.time() - t0:.1f} s")
 
