@@ -98,6 +98,15 @@ from lwm.model.vision_llama import VisionLLaMAForCausalLM
 # Tokens per chunk of a chunked prefill when a prefix cache is given without --prefill_chunk.
 DEFAULT_PREFILL_CHUNK = 2048
 
+
+def default_prefill_chunk(block_size: Optional[int] = None) -> int:
+    """The chunk of a chunked prefill given none: DEFAULT_PREFILL_CHUNK tokens, rounded down to whole blocks of a
+    prefix cache of `block_size`-slot blocks (at least one block). The server's scheduler budgets its steps
+    with it."""
+    if block_size is None:
+        return DEFAULT_PREFILL_CHUNK
+    return block_size * max(1, DEFAULT_PREFILL_CHUNK // block_size)
+
 # (logits (R, V) float32, keys (R, 2) uint32, steps (R,) int32, temperature (R,), top_k (R,), top_p (R,))
 #   -> tokens (R,) int32. Must be hashable (it is a static argument of the compiled step).
 TokenRule = Callable[..., jax.Array]
@@ -532,8 +541,9 @@ class Engine:
 
         Default: one whole prefill, the prompt left-padded to its bucket. With `chunk` (tokens, a multiple of
         sp) or a `prefix_cache`, the prompt sits at slots [0, n) instead and is prefilled in chunks of `chunk`
-        tokens (default DEFAULT_PREFILL_CHUNK, rounded to whole blocks, or the bucket of the tokens the
-        prefix cache does not hold when that is less), each attending to the cache so far
+        tokens (default `default_prefill_chunk`: 2048, rounded to whole blocks; whichever the chunk, the
+        bucket (`padded_length`) of the tokens the prefix cache does not hold when that is less), each
+        attending to the cache so far
         and causally to itself through the decode pass (`lwm.attention.cached_attention`: the cache's filled
         chunks read in a loop, sharded over sp with one softmax merge), so the working memory is one chunk's,
         not the prompt's. With a prefix cache, the longest run of its blocks that starts the prompt is copied
@@ -939,10 +949,11 @@ class ChunkedPrefill:
             for j, blk in enumerate(prefix_cache.match(self.keys[:usable])):
                 self.cache = engine._put_block_jit(self.cache, blk, np.int32(j * block))
                 self.cached = (j + 1) * block
-            if chunk is None:           # whole blocks, or the bucket of a shorter remainder (a short turn 2
-                chunk = min(block * max(1, DEFAULT_PREFILL_CHUNK // block),      # after a long turn 1: not a
-                            engine.padded_length(n - self.cached))               # 2048-wide chunk for 40 tokens)
-        chunk = chunk or DEFAULT_PREFILL_CHUNK
+        if chunk is None:
+            chunk = default_prefill_chunk(None if prefix_cache is None else prefix_cache.block_size)
+        # A rest shorter than the chunk runs as one chunk of its own bucket (a 40-token turn 2 after a long turn 1:
+        # not a 2048-wide chunk; one compile per bucket, as the whole prefill has).
+        chunk = min(int(chunk), engine.padded_length(n - self.cached))
         self.chunk = sp * math.ceil(chunk / sp)
         self.pos, self.logits = self.cached, None
 

@@ -291,20 +291,11 @@ class ServedModel:
     def start_prefill(self, engine, job, prefix_cache=None, chunk: int = 2048):
         """`Engine.start_prefill` of `job`'s prefill input (`_prefill_input`: its prompt, and the tokens it drew
         when resumed), its prompt at cache slots [0, n), the longest run of `prefix_cache`'s blocks that starts
-        it copied in: a `ChunkedPrefill` whose `step()` prefills one chunk. The chunk is `chunk` tokens (a
-        multiple of sp), or less for a short remainder: the bucket (`Engine.padded_length`) of the tokens left
-        after the cached blocks, so a 20-token prompt runs a 32-wide chunk, not a 2048-wide one (one compile
-        per bucket below `chunk`, as the whole prefill compiles one per bucket)."""
+        it copied in: a `ChunkedPrefill` whose `step()` prefills one chunk of `chunk` tokens (a multiple of sp;
+        the engine runs a shorter rest as one chunk of its own bucket, so a 20-token prompt runs a 32-wide
+        chunk, not a 2048-wide one)."""
         ids, vision = self._prefill_input(job)
-        cached = 0
-        if prefix_cache is not None:                 # the blocks a lookup will find (looked up, not touched)
-            block = prefix_cache.block_size
-            for key in prefix_cache.keys(ids, vision, limit=(len(ids) - 1) // block):
-                if key not in prefix_cache:
-                    break
-                cached += block
-        width = min(int(chunk), engine.padded_length(max(1, len(ids) - cached)))
-        return engine.start_prefill(ids, vision, prefix_cache=prefix_cache, chunk=width)
+        return engine.start_prefill(ids, vision, prefix_cache=prefix_cache, chunk=chunk)
 
     def insert_prefilled(self, engine, state, slot: int, job, prefix):
         """Put `job`'s finished chunked prefill (`prefix`, from `ChunkedPrefill.result()`) into decode slot

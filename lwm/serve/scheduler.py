@@ -142,14 +142,11 @@ class Scheduler:
 
     @staticmethod
     def default_chunk(prefix_cache=None) -> int:
-        """The chunk when only a prefix cache asks for chunking: `Engine`'s DEFAULT_PREFILL_CHUNK (2048) in
-        whole blocks, as `Engine.prefill` rounds it."""
-        from lwm.inference.engine import DEFAULT_PREFILL_CHUNK
+        """The chunk when only a prefix cache asks for chunking: the engine's (`default_prefill_chunk`, 2048 in
+        whole blocks)."""
+        from lwm.inference.engine import default_prefill_chunk
 
-        if prefix_cache is None:
-            return DEFAULT_PREFILL_CHUNK
-        block = prefix_cache.block_size
-        return block * max(1, DEFAULT_PREFILL_CHUNK // block)
+        return default_prefill_chunk(None if prefix_cache is None else prefix_cache.block_size)
 
     @staticmethod
     def default_max_step_tokens(chunk: int, max_batch_size: int) -> int:
