@@ -13,13 +13,8 @@ OUT="${OUT:-outputs/vision_demo}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
 
-echo "== install (pip install -e .)"
-if "$PYTHON" -c "import jax, flax, optax, orbax.checkpoint, sentencepiece, ml_collections, matplotlib, tqdm, fsspec, av, PIL" 2>/dev/null; then
-    # Dependencies are present: install the package alone, without touching the network.
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation -e .
-else
-    "$PYTHON" -m pip install -q -e .
-fi
+source "$SCRIPT_DIR/install_package.sh"
+install_package "jax, flax, optax, orbax.checkpoint, sentencepiece, ml_collections, matplotlib, tqdm, fsspec, av, PIL"
 
 JAX_PLATFORMS=cpu "$PYTHON" -m lwm.vision_demo --workdir="$OUT" "$@"
 echo "== wall time of the whole job: ${SECONDS} s"
